@@ -1,0 +1,58 @@
+"""A preallocated static KV cache (gpt-fast style) for a batch whose rows have different lengths.
+
+Layout per layer: K and V of shape [B, n_kv_heads, max_len, head_dim], written in place at each row's own
+positions. `pos` [B] (a device tensor) is the next free position of every row; `span` (a host int) is an
+upper bound on max(pos), so that attention reads only the first `span` slots without a host sync.
+
+A batch of prompts of different lengths is prefilled right-padded in one call (`n_new` gives each row's
+real length). The padding writes garbage K/V past a row's end, but those slots are never visible (keys are
+masked by position, j <= p) and are overwritten by the row's next tokens.
+"""
+
+import torch
+
+
+class KVCache:
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
+                 *, dtype: torch.dtype, device: torch.device | str):
+        shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch_size, device=device)[:, None]  # [B, 1] for row-wise writes
+        self.span = 0
+        self.max_len = max_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    def positions(self, n_tokens: int) -> torch.Tensor:
+        """Absolute positions [B, n_tokens] of the next n_tokens of every row."""
+        if self.span + n_tokens > self.max_len:
+            raise ValueError(f"KV cache overflow: {self.span} positions used + {n_tokens} new > max_len "
+                             f"{self.max_len}; allocate a larger cache")
+        return self.pos[:, None] + torch.arange(n_tokens, device=self.pos.device)
+
+    def write(self, layer: int, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Store k/v [B, T, Hkv, D] at positions q_pos [B, T]; return this layer's K, V for the first
+        `span + T` slots as [B, Hkv, S, D] views."""
+        self.k[layer][self.rows, :, q_pos] = k
+        self.v[layer][self.rows, :, q_pos] = v
+        s = self.span + q_pos.shape[1]
+        return self.k[layer, :, :, :s], self.v[layer, :, :, :s]
+
+    def advance(self, n_tokens: int, n_new: torch.Tensor | None = None) -> None:
+        """After a forward of n_tokens per row, of which n_new[b] were real (default: all)."""
+        self.pos += n_tokens if n_new is None else n_new
+        self.span += n_tokens
+
+    def trim(self, length: int) -> None:
+        """Forget every position >= length in every row (e.g. to reuse a shared prompt prefix)."""
+        if length < 0:
+            raise ValueError(f"trim length must be >= 0, got {length}")
+        self.pos.clamp_(max=length)
+        self.span = min(self.span, length)
+
+    def reset(self) -> None:
+        self.trim(0)

@@ -1,0 +1,275 @@
+"""Model configuration.
+
+Three dataclasses: `DecoderConfig` (the Qwen2.5 language model), `VisionConfig` (the Qwen2-VL NaViT
+encoder) and `ModelConfig` (both, plus the projector, which has no free parameters of its own).
+
+Two on-disk vocabularies are read:
+- the released POINTS-1.5 `config.json`: `llm_config` in WeChat's CustomLlama field names
+  (`ffn_hidden_size`, `num_kv_heads`, `layernorm_epsilon`, `rotary_emb_base`, ...) or, for later POINTS
+  releases, in Qwen2 names (`intermediate_size`, `num_key_value_heads`, `rms_norm_eps`, `rope_theta`);
+  `vision_config` in transformers' `Qwen2VLVisionConfig` names. Absent fields take the defaults of the
+  class that wrote them, exactly as the reference code would.
+- the project's own layout (written by `weights_convert.py`): `{"format": "points", "decoder": {...},
+  "vision": {...}}` with every field spelled out; nothing is defaulted there.
+
+Anything this implementation cannot honour (a LayerNorm decoder, another activation, partial rotary,
+sliding windows, RoPE scaling) raises `CheckpointError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from points.errors import CheckpointError
+
+FORMAT = "points"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_size: int
+    norm_eps: float
+    rope_theta: float
+    rope_scale: float  # positions are multiplied by this before the angles (CustomLlama rotary_compress)
+    max_seq_len: int
+    qkv_bias: bool
+    out_bias: bool
+    ffn_up_bias: bool  # bias of the fused gate/up projection
+    ffn_down_bias: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    def __post_init__(self):
+        _validate(self, "decoder")
+        if self.hidden_size % self.n_heads:
+            raise CheckpointError(
+                f"decoder: hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise CheckpointError(
+                f"decoder: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise CheckpointError(f"decoder: head_dim {self.head_dim} must be even for rotary embeddings")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    depth: int
+    embed_dim: int
+    n_heads: int
+    mlp_ratio: float
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    in_channels: int
+    norm_eps: float = 1e-6  # fixed in Qwen2-VL's vision blocks, not a config field there
+    rope_theta: float = 10000.0  # fixed in Qwen2-VL's VisionRotaryEmbedding
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.n_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:  # one row of pixel_values: (c, t, y, x)
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    def __post_init__(self):
+        _validate(self, "vision")
+        if self.embed_dim % self.n_heads:
+            raise CheckpointError(
+                f"vision: embed_dim {self.embed_dim} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 4:
+            raise CheckpointError(f"vision: head_dim {self.head_dim} must be a multiple of 4 (2-D rotary)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    decoder: DecoderConfig
+    vision: VisionConfig
+
+    @property
+    def merge_dim(self) -> int:  # projector input: one spatial-merge window of vision features
+        return self.vision.embed_dim * self.vision.spatial_merge_size ** 2
+
+    def to_dict(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION,
+                "decoder": dataclasses.asdict(self.decoder), "vision": dataclasses.asdict(self.vision)}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = "config") -> "ModelConfig":
+        """The project's own layout: every field present, nothing defaulted."""
+        if d.get("format_version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"{where}: format_version {d.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+        return cls(decoder=_exact(DecoderConfig, d, "decoder", where),
+                   vision=_exact(VisionConfig, d, "vision", where))
+
+
+def _exact(kind, d: dict, key: str, where: str):
+    section = d.get(key)
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{where}: missing section {key!r}")
+    names = {f.name for f in dataclasses.fields(kind)}
+    missing = sorted(names - section.keys())
+    if missing:
+        raise CheckpointError(f"{where}: {key} is missing required field(s) {', '.join(missing)}")
+    unknown = sorted(section.keys() - names)
+    if unknown:
+        raise CheckpointError(f"{where}: {key} has unknown field(s) {', '.join(unknown)}")
+    return kind(**section)
+
+
+def _validate(cfg, section: str) -> None:
+    """Type and range checks, so that a bad value names its field instead of failing deep in a module."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        want = f.type if isinstance(f.type, str) else f.type.__name__
+        ok = {"int": isinstance(v, int) and not isinstance(v, bool) and v > 0,
+              "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+              "bool": isinstance(v, bool)}[want]
+        if not ok:
+            expected = {"int": "a positive integer", "float": "a positive number", "bool": "true or false"}[want]
+            raise CheckpointError(f"{section}: field {f.name} = {v!r}, expected {expected}")
+
+
+# --------------------------------------------------------------------------- the released config.json
+
+# CustomLlamaConfig class defaults (configuration_llama.py of the release): used for absent fields only.
+CUSTOM_LLAMA_DEFAULTS = dict(
+    vocab_size=102400, hidden_size=2560, num_layers=32, num_attention_heads=20, num_kv_heads=4,
+    ffn_hidden_size=10240, hidden_act="swiglu", rotary_pct=1.0, rotary_emb_base=10000,
+    rotary_compress=1.0, max_position_embeddings=4096, layernorm_epsilon=1e-5, norm_type="layer_norm",
+    qkv_proj_bias=True, out_proj_bias=True, mlp_fc1_bias=True, mlp_fc2_bias=True,
+)
+
+# transformers Qwen2Config class defaults (4.x field names), for llm_configs written in Qwen2 naming.
+QWEN2_DEFAULTS = dict(
+    vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=None, hidden_act="silu", max_position_embeddings=32768,
+    rms_norm_eps=1e-6, rope_theta=10000.0, use_sliding_window=False, rope_scaling=None,
+)
+
+# transformers Qwen2VLVisionConfig class defaults.
+QWEN2VL_VISION_DEFAULTS = dict(
+    depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_act="quick_gelu", in_channels=3,
+    patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+)
+
+POINTS_MODEL_TYPES = ("pointsv1.5_chat",)
+
+
+def _require(field: str, value: Any, allowed: tuple, where: str, absent: bool) -> None:
+    if value not in allowed:
+        note = " (the class default, the field is absent)" if absent else ""
+        raise CheckpointError(f"{where}: {field} = {value!r}{note} is not supported; expected one of {allowed}")
+
+
+def _custom_llama(llm: dict, where: str) -> DecoderConfig:
+    get = lambda k: llm.get(k, CUSTOM_LLAMA_DEFAULTS[k])  # noqa: E731
+    norm_type = get("norm_type")
+    if "rms_norm" in llm and llm["rms_norm"] is not None:  # boolean override of the config class
+        norm_type = "rms_norm" if llm["rms_norm"] else "layer_norm"
+    _require("norm_type", norm_type, ("rms_norm",), where, "norm_type" not in llm and "rms_norm" not in llm)
+    _require("hidden_act", get("hidden_act"), ("swiglu",), where, "hidden_act" not in llm)
+    _require("rotary_pct", float(get("rotary_pct")), (1.0,), where, "rotary_pct" not in llm)
+    # the config class builds its layers from num_layers and overwrites num_hidden_layers with it
+    n_layers = llm.get("num_layers", llm.get("num_hidden_layers", CUSTOM_LLAMA_DEFAULTS["num_layers"]))
+    return DecoderConfig(
+        vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), n_layers=n_layers,
+        n_heads=get("num_attention_heads"), n_kv_heads=get("num_kv_heads"), ffn_size=get("ffn_hidden_size"),
+        norm_eps=get("layernorm_epsilon"), rope_theta=float(get("rotary_emb_base")),
+        rope_scale=float(get("rotary_compress")), max_seq_len=get("max_position_embeddings"),
+        qkv_bias=get("qkv_proj_bias"), out_bias=get("out_proj_bias"),
+        ffn_up_bias=get("mlp_fc1_bias"), ffn_down_bias=get("mlp_fc2_bias"))
+
+
+def _qwen2(llm: dict, where: str) -> DecoderConfig:
+    get = lambda k: llm.get(k, QWEN2_DEFAULTS[k])  # noqa: E731
+    _require("hidden_act", get("hidden_act"), ("silu",), where, "hidden_act" not in llm)
+    _require("use_sliding_window", get("use_sliding_window"), (False,), where, False)
+    theta = get("rope_theta")
+    rope = llm.get("rope_parameters") or {}  # transformers 5 spelling
+    theta = rope.get("rope_theta", theta)
+    _require("rope_type", rope.get("rope_type", "default"), ("default",), where, False)
+    _require("rope_scaling", get("rope_scaling"), (None,), where, False)
+    heads = get("num_attention_heads")
+    return DecoderConfig(
+        vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), n_layers=get("num_hidden_layers"),
+        n_heads=heads, n_kv_heads=get("num_key_value_heads") or heads, ffn_size=get("intermediate_size"),
+        norm_eps=get("rms_norm_eps"), rope_theta=float(theta), rope_scale=1.0,
+        max_seq_len=get("max_position_embeddings"), qkv_bias=True, out_bias=False,
+        ffn_up_bias=False, ffn_down_bias=False)
+
+
+def _vision(vc: dict, where: str) -> VisionConfig:
+    get = lambda k: vc.get(k, QWEN2VL_VISION_DEFAULTS[k])  # noqa: E731
+    _require("hidden_act", get("hidden_act"), ("quick_gelu",), where, "hidden_act" not in vc)
+    return VisionConfig(
+        depth=get("depth"), embed_dim=get("embed_dim"), n_heads=get("num_heads"),
+        mlp_ratio=float(get("mlp_ratio")), patch_size=get("patch_size"),
+        temporal_patch_size=get("temporal_patch_size"), spatial_merge_size=get("spatial_merge_size"),
+        in_channels=vc.get("in_channels", vc.get("in_chans", QWEN2VL_VISION_DEFAULTS["in_channels"])))
+
+
+def llm_naming(llm: dict) -> str:
+    """'custom_llama' (the 7B release) or 'qwen2' (later POINTS releases), from the llm_config."""
+    mt = llm.get("model_type")
+    if mt in ("custom_llama", "qwen2"):
+        return mt
+    if mt is None:
+        return "qwen2" if "intermediate_size" in llm else "custom_llama"
+    raise CheckpointError(f"llm_config.model_type = {mt!r} is not supported; expected 'custom_llama' or 'qwen2'")
+
+
+def from_hf_dict(d: dict, where: str = "config.json") -> ModelConfig:
+    """The released POINTS-1.5 config.json (a POINTSV15ChatConfig dump)."""
+    mt = d.get("model_type")
+    if mt is not None and mt not in POINTS_MODEL_TYPES:
+        raise CheckpointError(f"{where}: model_type {mt!r} is not a POINTS-1.5 model; expected {POINTS_MODEL_TYPES}")
+    for key in ("llm_config", "vision_config"):
+        if not isinstance(d.get(key), dict):
+            raise CheckpointError(f"{where}: missing required section {key!r} (a POINTS-1.5 config has both "
+                                  "llm_config and vision_config)")
+    llm = d["llm_config"]
+    decoder = (_custom_llama if llm_naming(llm) == "custom_llama" else _qwen2)(llm, f"{where}: llm_config")
+    return ModelConfig(decoder=decoder, vision=_vision(d["vision_config"], f"{where}: vision_config"))
+
+
+def read_config(directory: str | Path) -> tuple[ModelConfig, str]:
+    """Read `config.json` of a checkpoint directory.
+
+    Returns the config and the tensor naming the directory uses: 'points' (our layout),
+    'custom_llama' (the released 7B checkpoint) or 'qwen2' (later POINTS releases).
+    """
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not found; a POINTS checkpoint directory holds config.json")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object at the top level")
+    if d.get("format") == FORMAT:
+        return ModelConfig.from_dict(d, str(path)), "points"
+    try:
+        cfg = from_hf_dict(d, str(path))
+    except TypeError as e:  # a field of the wrong JSON type reaching arithmetic
+        raise CheckpointError(f"{path}: {e}") from None
+    return cfg, llm_naming(d["llm_config"])

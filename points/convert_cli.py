@@ -1,0 +1,23 @@
+"""`weights_convert.py SRC DST [--dtype D]`: a released POINTS-1.5 checkpoint -> this project's layout."""
+
+import argparse
+import sys
+
+from points.checkpoint import DTYPES, MAX_SHARD_BYTES, convert
+from points.errors import CheckpointError
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="weights_convert.py", description=__doc__)
+    p.add_argument("src", help="checkpoint directory (released layout, or ours)")
+    p.add_argument("dst", help="output directory; must not exist (written atomically)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: keep the checkpoint's dtype")
+    p.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1e9, help="largest shard (default 5)")
+    args = p.parse_args(argv)
+    try:
+        out = convert(args.src, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9))
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0

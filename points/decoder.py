@@ -1,0 +1,129 @@
+"""The language model: Qwen2.5 math (the released checkpoint calls it CustomLlama).
+
+    tokens [B, T] -> embed [B, T, H]
+      -> n_layers x ( x + Attention(RMSNorm(x)),  x + SwiGLU(RMSNorm(x)) )
+      -> RMSNorm -> lm_head -> logits [B, T, vocab] in float32
+
+Attention: grouped-query (n_heads query heads share n_kv_heads K/V heads in consecutive groups), q/k/v
+with bias, output projection without, 1-D RoPE in float32. Positions are 0..L-1 over the whole sequence
+(image tokens included); with a KV cache each row continues from its own length.
+
+Fused projections (our layout): `attn.qkv` rows are [q; k; v], `mlp.gate_up` rows are [gate; up].
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from points.attention import grouped_attention, position_mask
+from points.cache import KVCache
+from points.config import DecoderConfig
+from points.rope import apply_rotary, inv_freq, rotary_tables
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back to x's dtype, then times the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.out = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
+        self.split = (q_dim, kv_dim, kv_dim)
+
+    def forward(self, x, cos, sin, q_pos, mask, cache: KVCache | None, layer: int):
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), cos, sin)  # [B, T, Hq, D]
+        k = apply_rotary(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # [B, T, Hkv, D]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        if cache is None:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
+        else:
+            k, v = cache.write(layer, q_pos, k, v)  # [B, Hkv, S, D]
+        y = grouped_attention(q.transpose(1, 2), k, v, mask)  # [B, Hq, T, D]
+        return self.out(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_size, bias=cfg.ffn_up_bias)
+        self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=cfg.ffn_down_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, cos, sin, q_pos, mask, cache, layer):
+        x = x + self.attn(self.attn_norm(x), cos, sin, q_pos, mask, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A cache on this model's device and dtype; max_len defaults to the context length."""
+        w = self.embed.weight
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, self.cfg.head_dim,
+                       max_len or self.cfg.max_seq_len, dtype=w.dtype, device=w.device)
+
+    def forward(self, tokens: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
+                cache: KVCache | None = None, n_new: torch.Tensor | None = None,
+                last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits in float32.
+
+        tokens [B, T] (or embeds [B, T, H], e.g. with image features spliced in).
+        cache: continue each row from cache.pos and store the new K/V; without a cache the sequence
+            starts at position 0 and nothing is kept.
+        n_new [B]: real tokens per row when rows are right-padded to T (cache only; default all T).
+        last [B]: return only the logits at index last[b] of each row -> [B, vocab]; default [B, T, vocab].
+        """
+        x = self.embed(tokens) if embeds is None else embeds
+        B, T, _ = x.shape
+        if cache is None:
+            q_pos = torch.arange(T, device=x.device).expand(B, T)
+            kv_len = T
+        else:
+            q_pos = cache.positions(T)
+            kv_len = cache.span + T
+        cos, sin = rotary_tables(q_pos, inv_freq(self.cfg.head_dim, self.cfg.rope_theta, x.device),
+                                 self.cfg.rope_scale)
+        cos, sin = cos[:, :, None], sin[:, :, None]  # [B, T, 1, D]: broadcast over heads
+        mask = position_mask(q_pos, kv_len, self.cfg.n_heads // self.cfg.n_kv_heads)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, q_pos, mask, cache, i)
+        if cache is not None:
+            cache.advance(T, n_new)
+        if last is not None:
+            x = x[torch.arange(B, device=x.device), last]  # [B, H]
+        return self.lm_head(self.norm(x)).float()

@@ -1,0 +1,136 @@
+"""The reference side of the parity tests: transformers modules with random weights, written to disk in the
+released checkpoint layout by code that follows the spec independently of `points.checkpoint`.
+
+Every parameter is re-drawn (biases non-zero, norm weights away from one) so that any mapping mistake,
+a swapped K/V, [up; gate] read as [gate; up], a dropped bias, changes the logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger, Qwen2VisionTransformerPretrainedModel
+
+# The released 7B config.json values (points15.md §1.3, §1.4), as CustomLlama / Qwen2VLVision fields.
+REAL_LLM_CONFIG = dict(
+    model_type="custom_llama", architectures=["CustomLlamaForCausalLM"], vocab_size=152064, hidden_size=3584,
+    ffn_hidden_size=18944, hidden_act="swiglu", num_attention_heads=28, num_layers=28, num_hidden_layers=28,
+    num_kv_heads=4, norm_type="rms_norm", layernorm_epsilon=1e-5, max_position_embeddings=16384,
+    rotary_pct=1.0, rotary_emb_base=1000000, rotary_compress=1.0, qkv_proj_bias=True, out_proj_bias=False,
+    mlp_fc1_bias=False, mlp_fc2_bias=False, bos_token_id=0, eos_token_id=[2, 3], initializer_range=0.02,
+    tie_word_embeddings=True, do_sample=False, num_beams=1, max_length=20,
+)
+REAL_VISION_CONFIG = dict(
+    model_type="qwen2_vl", depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu", mlp_ratio=4,
+    num_heads=16, in_chans=3, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+)
+
+# Tiny shapes derived from the real ones: the same 7:1 query/KV head grouping, ffn/hidden ~ 5.3,
+# RMSNorm eps 1e-5 and theta 1e6 from the release; 2 layers, a 1000-token vocabulary.
+TINY_LLM = dict(REAL_LLM_CONFIG, vocab_size=1000, hidden_size=224, ffn_hidden_size=1184, num_attention_heads=14,
+                num_layers=2, num_hidden_layers=2, num_kv_heads=2)
+TINY_VISION = dict(REAL_VISION_CONFIG, depth=2, embed_dim=64, hidden_size=224, num_heads=4)
+
+
+def hf_config(llm: dict = TINY_LLM, vision: dict = TINY_VISION) -> dict:
+    return {"architectures": ["POINTSV15ChatModel"], "model_type": "pointsv1.5_chat",
+            "llm_config": dict(llm), "vision_config": dict(vision), "torch_dtype": "float32"}
+
+
+def _redraw(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name or "ln_q" in name:
+                p.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(0.05 * noise)
+
+
+def reference_decoder(llm: dict = TINY_LLM, seed: int = 0) -> Qwen2ForCausalLM:
+    """transformers' Qwen2ForCausalLM with the release's eps and theta (not Qwen2.5's defaults)."""
+    cfg = Qwen2Config(
+        vocab_size=llm["vocab_size"], hidden_size=llm["hidden_size"], intermediate_size=llm["ffn_hidden_size"],
+        num_hidden_layers=llm["num_layers"], num_attention_heads=llm["num_attention_heads"],
+        num_key_value_heads=llm["num_kv_heads"], rms_norm_eps=llm["layernorm_epsilon"],
+        max_position_embeddings=llm["max_position_embeddings"], tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": float(llm["rotary_emb_base"])},
+        attn_implementation="eager")
+    model = Qwen2ForCausalLM(cfg).eval()
+    _redraw(model, seed)
+    return model
+
+
+def reference_vision(vision: dict = TINY_VISION, seed: int = 1):
+    """The Qwen2-VL vision tower (whose own merger POINTS never runs) and POINTS' separate projector."""
+    cfg = Qwen2VLVisionConfig(**{k: v for k, v in vision.items() if k not in ("model_type", "in_chans")})
+    encoder = Qwen2VisionTransformerPretrainedModel(cfg).eval()
+    projector = PatchMerger(dim=vision["hidden_size"], context_dim=vision["embed_dim"]).eval()
+    _redraw(encoder, seed)
+    _redraw(projector, seed + 1)
+    return encoder, projector
+
+
+def custom_llama_tensors(model: Qwen2ForCausalLM) -> dict[str, torch.Tensor]:
+    """Qwen2 weights in CustomLlama naming and packing (points15.md §2.3), written out longhand."""
+    sd = model.state_dict()
+    n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    out = {"llm.lm.embed_in.weight": sd["model.embed_tokens.weight"],
+           "llm.lm.final_layer_norm.weight": sd["model.norm.weight"],
+           "llm.embed_out.weight": sd["lm_head.weight"]}
+    for i in range(n_layers):
+        p, o = f"model.layers.{i}.", f"llm.lm.layers.{i}."
+        out[o + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"]
+        out[o + "post_attention_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        for kind in ("weight", "bias"):
+            out[o + f"attention.query_dense.{kind}"] = sd[p + f"self_attn.q_proj.{kind}"]
+            k, v = sd[p + f"self_attn.k_proj.{kind}"], sd[p + f"self_attn.v_proj.{kind}"]
+            rows = []
+            for g in range(n_kv):  # [K_0; V_0; K_1; V_1; ...]
+                rows += [k[g * hd:(g + 1) * hd], v[g * hd:(g + 1) * hd]]
+            out[o + f"attention.key_value_dense.{kind}"] = torch.cat(rows)
+        out[o + "attention.dense.weight"] = sd[p + "self_attn.o_proj.weight"]
+        out[o + "mlp.dense_h_to_4h.weight"] = torch.cat([sd[p + "mlp.up_proj.weight"], sd[p + "mlp.gate_proj.weight"]])
+        out[o + "mlp.dense_4h_to_h.weight"] = sd[p + "mlp.down_proj.weight"]
+    return out
+
+
+def qwen2_tensors(model: Qwen2ForCausalLM) -> dict[str, torch.Tensor]:
+    """The Qwen2 naming of later POINTS releases: `llm.` + transformers' own names."""
+    return {f"llm.{k}": v for k, v in model.state_dict().items()}
+
+
+def vision_tensors(encoder, projector) -> dict[str, torch.Tensor]:
+    out = {f"vision_encoder.{k}": v for k, v in encoder.state_dict().items()}
+    out.update({f"vision_projector.{k}": v for k, v in projector.state_dict().items()})
+    return out
+
+
+def write_checkpoint(directory: Path, config: dict, tensors: dict[str, torch.Tensor], *, shards: int = 3,
+                     dtype: torch.dtype | None = None) -> Path:
+    """A checkpoint directory: config.json plus `shards` safetensors files and their index (or one
+    model.safetensors when shards == 1)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in tensors.items()}
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return directory
+    weight_map = {}
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[s::shards]
+        save_file({k: tensors[k] for k in part}, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, fname))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory

@@ -1,0 +1,254 @@
+"""The checkpoint mapping and the converter: strictness, round trip, atomic writes, clear errors."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import points
+import reference
+from points.checkpoint import TensorFiles, to_hf_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _all_tensors(directory: Path) -> dict:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_round_trip_official_to_ours_to_official_is_bit_identical(official_dir):
+    cfg, ours = points.load_state_dict(official_dir)
+    back = to_hf_state_dict(ours, cfg)
+    original = {k: v for k, v in _all_tensors(official_dir).items() if not k.startswith("vision_encoder.merger.")}
+    assert back.keys() == original.keys()
+    for k, v in original.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+
+
+def test_round_trip_through_qwen2_naming(qwen2_dir):
+    cfg, ours = points.load_state_dict(qwen2_dir)
+    back = to_hf_state_dict(ours, cfg, naming="qwen2")
+    original = {k: v for k, v in _all_tensors(qwen2_dir).items() if not k.startswith("vision_encoder.merger.")}
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[k], v) for k, v in original.items())
+
+
+def test_all_three_layouts_give_the_same_state(official_dir, qwen2_dir, converted_dir):
+    _, a = points.load_state_dict(official_dir)
+    _, b = points.load_state_dict(qwen2_dir)
+    _, c = points.load_state_dict(converted_dir)
+    assert a.keys() == b.keys() == c.keys()
+    assert all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+
+
+def test_converted_layout(converted_dir, official_dir):
+    files = sorted(p.name for p in converted_dir.iterdir())
+    shards = [f for f in files if f.endswith(".safetensors")]
+    assert len(shards) > 1 and "model.safetensors.index.json" in files and "config.json" in files
+    for s in shards:  # at most the limit, unless one tensor alone is larger (the 896 kB embedding)
+        with safe_open(str(converted_dir / s), "pt") as f:
+            sizes = [f.get_tensor(k).nbytes for k in f.keys()]
+        assert sum(sizes) <= 400_000 or len(sizes) == 1
+    index = json.loads((converted_dir / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards)
+    config = json.loads((converted_dir / "config.json").read_text())
+    assert config["format"] == "points" and config["dtype"] == "float32"
+    assert config["decoder"]["norm_eps"] == 1e-5 and config["decoder"]["rope_theta"] == 1e6
+    assert not any(k.startswith("vision_encoder.merger") for k in index["weight_map"])
+    assert not list(converted_dir.parent.glob(".*partial*"))
+
+
+def test_convert_to_bf16_and_tokenizer_carried(official_dir, tmp_path):
+    (official_dir / "tokenizer.json").write_text("{}")
+    try:
+        out = points.convert(official_dir, tmp_path / "bf16", dtype="bfloat16")
+    finally:
+        (official_dir / "tokenizer.json").unlink()
+    assert (out / "tokenizer.json").read_text() == "{}"
+    cfg, state = points.load_state_dict(out)
+    assert all(t.dtype == torch.bfloat16 for t in state.values())
+    _, ref = points.load_state_dict(official_dir)
+    assert all(torch.equal(state[k], ref[k].to(torch.bfloat16)) for k in ref)
+
+
+def test_convert_command_line(official_dir, tmp_path):
+    dst = tmp_path / "cli"
+    run = subprocess.run([sys.executable, str(ROOT / "weights_convert.py"), str(official_dir), str(dst),
+                          "--dtype", "float16"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr == ""  # not a terminal: no progress display
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "float16"
+    again = subprocess.run([sys.executable, str(ROOT / "weights_convert.py"), str(official_dir), str(dst)],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_interrupted_conversion_leaves_nothing(official_dir, tmp_path, monkeypatch):
+    calls = []
+
+    def failing_save(tensors, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-way
+        save_file(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(points.checkpoint, "save_file", failing_save)
+    with pytest.raises(KeyboardInterrupt):
+        points.convert(official_dir, tmp_path / "dst", max_shard_bytes=400_000)
+    assert len(calls) == 2
+    assert list(tmp_path.iterdir()) == []  # neither DST nor the temporary directory
+
+
+def test_progress_display_counts_tensors_and_bytes(official_dir, tmp_path, capsys):
+    points.convert(official_dir, tmp_path / "p", progress=True)
+    err = capsys.readouterr().err
+    n = len(points.checkpoint.plan(*points.read_config(official_dir)))
+    assert f"{n}/{n} tensors" in err and "GB" in err and "100%" in err
+
+
+def test_load_decoder_dtype_and_device(official_dir):
+    model = points.load_decoder(official_dir, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in model.parameters())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+def test_unsupported_dtype(official_dir):
+    with pytest.raises(points.CheckpointError, match="dtype.*int8.*not supported"):
+        points.load_state_dict(official_dir, dtype="int8")
+
+
+# --------------------------------------------------------------------------- bad input
+
+@pytest.fixture
+def broken(official_dir, tmp_path):
+    """A fresh, writable copy of the official checkpoint to damage."""
+    dst = tmp_path / "ckpt"
+    shutil.copytree(official_dir, dst)
+    return dst
+
+
+def _index(d):
+    return json.loads((d / "model.safetensors.index.json").read_text())
+
+
+def _rewrite_shard(d: Path, shard: str, edit):
+    path = d / shard
+    tensors = load_file(path)
+    edit(tensors)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def _shard_of(d, name):
+    return _index(d)["weight_map"][name]
+
+
+def test_missing_shard(broken):
+    (broken / "model-00002-of-00003.safetensors").unlink()
+    with pytest.raises(points.CheckpointError, match=r"model-00002-of-00003.safetensors: shard listed in .* is missing"):
+        points.load_decoder(broken)
+
+
+def test_truncated_safetensors(broken):
+    path = broken / "model-00001-of-00003.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(points.CheckpointError, match=r"model-00001-of-00003.safetensors: not a readable safetensors file.*truncated"):
+        points.load_decoder(broken)
+
+
+def test_missing_tensor(broken):
+    name = "llm.lm.layers.1.attention.key_value_dense.bias"
+    shard = _shard_of(broken, name)
+    _rewrite_shard(broken, shard, lambda t: t.pop(name))
+    index = _index(broken)
+    del index["weight_map"][name]
+    (broken / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(points.CheckpointError, match=r"missing tensor\(s\) llm.lm.layers.1.attention.key_value_dense.bias.*shape \[64\]"):
+        points.load_decoder(broken)
+
+
+def test_tensor_listed_in_index_but_not_in_shard(broken):
+    name = "llm.lm.final_layer_norm.weight"
+    _rewrite_shard(broken, _shard_of(broken, name), lambda t: t.pop(name))
+    with pytest.raises(points.CheckpointError, match=r"tensor llm.lm.final_layer_norm.weight is listed there"):
+        points.load_decoder(broken)
+
+
+def test_extra_tensor(broken):
+    shard = _shard_of(broken, "llm.embed_out.weight")
+    _rewrite_shard(broken, shard, lambda t: t.update({"llm.lm.layers.0.attention.dense.bias": torch.zeros(224)}))
+    with pytest.raises(points.CheckpointError, match=r"unexpected tensor\(s\) llm.lm.layers.0.attention.dense.bias"):
+        points.load_decoder(broken)
+
+
+def test_dropped_tensors_are_accepted(official_dir):
+    """The unused Qwen2-VL merger is in the fixture (as in the release) and is dropped, not loaded."""
+    with TensorFiles(official_dir) as files:
+        assert any(n.startswith("vision_encoder.merger.") for n in files.names)
+    _, state = points.load_state_dict(official_dir)
+    assert not any("merger" in k for k in state)
+
+
+def test_wrong_shape(broken):
+    name = "llm.lm.layers.0.mlp.dense_h_to_4h.weight"
+    _rewrite_shard(broken, _shard_of(broken, name), lambda t: t.update({name: torch.zeros(2368, 200)}))
+    with pytest.raises(points.CheckpointError, match=r"tensor llm.lm.layers.0.mlp.dense_h_to_4h.weight has shape \[2368, 200\], expected \[2368, 224\]"):
+        points.load_decoder(broken)
+
+
+def test_integer_tensor(broken):
+    name = "llm.lm.final_layer_norm.weight"
+    _rewrite_shard(broken, _shard_of(broken, name), lambda t: t.update({name: torch.zeros(224, dtype=torch.int32)}))
+    with pytest.raises(points.CheckpointError, match=r"final_layer_norm.weight is not a floating tensor"):
+        points.load_decoder(broken)
+
+
+def test_config_with_missing_required_section(broken):
+    cfg = json.loads((broken / "config.json").read_text())
+    del cfg["llm_config"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(points.CheckpointError, match=r"config.json: missing required section 'llm_config'"):
+        points.load_decoder(broken)
+
+
+def test_converted_config_with_missing_required_field(converted_dir, tmp_path):
+    dst = tmp_path / "c"
+    shutil.copytree(converted_dir, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    del cfg["decoder"]["n_kv_heads"]
+    (dst / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(points.CheckpointError, match=r"config.json: decoder is missing required field\(s\) n_kv_heads"):
+        points.load_decoder(dst)
+
+
+def test_not_a_checkpoint_directory(tmp_path):
+    with pytest.raises(points.CheckpointError, match=r"config.json: not found"):
+        points.load_decoder(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(reference.hf_config()))
+    with pytest.raises(points.CheckpointError, match=r"no model.safetensors or model.safetensors.index.json"):
+        points.load_decoder(tmp_path)
+
+
+def test_shape_error_for_config_mismatch(broken):
+    """A config that disagrees with the weights is reported on the first tensor it disagrees with."""
+    cfg = json.loads((broken / "config.json").read_text())
+    cfg["llm_config"]["vocab_size"] = 1024
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(points.CheckpointError, match=r"llm.lm.embed_in.weight has shape \[1000, 224\], expected \[1024, 224\]"):
+        points.load_decoder(broken)
+
+
+def test_lazy_headers_only_for_unrequested_parts(official_dir):
+    """Loading the decoder alone reads no vision tensor data but still checks the vision tensors' shapes."""
+    _, state = points.load_state_dict(official_dir, parts=("decoder",))
+    assert state and all(k.startswith("decoder.") for k in state)

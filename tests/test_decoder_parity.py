@@ -1,0 +1,50 @@
+"""Decoder logits against transformers' Qwen2ForCausalLM, with weights that went through our mapping."""
+
+import pytest
+import torch
+
+import points
+
+LENGTHS = [1, 7, 40]
+
+
+@pytest.fixture(scope="module", params=["official_dir", "qwen2_dir", "converted_dir"])
+def decoder(request):
+    return points.load_decoder(request.getfixturevalue(request.param))
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_logits_match_transformers(decoder, ref_decoder, length):
+    tokens = torch.randint(0, decoder.cfg.vocab_size, (2, length), generator=torch.Generator().manual_seed(length))
+    with torch.no_grad():
+        expected = ref_decoder(tokens).logits
+        got = decoder(tokens)
+    assert got.dtype == torch.float32
+    assert got.shape == (2, length, decoder.cfg.vocab_size)
+    torch.testing.assert_close(got, expected)
+
+
+def test_right_padded_rows_match_transformers(decoder, ref_decoder):
+    """Rows of different lengths in one batch: real positions equal transformers with its padding mask."""
+    lengths = [23, 9]
+    tokens = torch.randint(0, decoder.cfg.vocab_size, (2, 23), generator=torch.Generator().manual_seed(3))
+    mask = torch.tensor([[1] * n + [0] * (23 - n) for n in lengths])
+    with torch.no_grad():
+        expected = ref_decoder(tokens, attention_mask=mask).logits
+        got = decoder(tokens)
+    for row, n in enumerate(lengths):
+        torch.testing.assert_close(got[row, :n], expected[row, :n])
+
+
+def test_last_selects_each_rows_logits(decoder):
+    tokens = torch.randint(0, decoder.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = decoder(tokens)
+        picked = decoder(tokens, last=torch.tensor([11, 5]))
+    torch.testing.assert_close(picked, torch.stack([full[0, 11], full[1, 5]]))
+
+
+def test_embeds_input_equals_tokens(decoder):
+    tokens = torch.randint(0, decoder.cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(embeds=decoder.embed(tokens)), decoder(tokens), rtol=0, atol=0)

@@ -1,0 +1,9 @@
+#!/usr/bin/env python3
+"""Convert a POINTS-1.5 checkpoint into this project's layout. See `points/checkpoint.py`."""
+
+import sys
+
+from points.convert_cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
