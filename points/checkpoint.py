@@ -53,8 +53,11 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 # --------------------------------------------------------------------------- reading tensor files
 
 class TensorFiles:
-    """The tensors of a checkpoint directory (one `model.safetensors`, or an index and its shards),
-    opened memory-mapped. Headers are read at once; tensor data only on `get`."""
+    """The tensors of a checkpoint directory (one `model.safetensors`, or an index and its shards).
+
+    Headers are read and validated (by the safetensors library) at once; tensor data is read only on
+    `get`, straight from the file into a fresh tensor with one `readinto`, so that loading never holds
+    a mapped copy of the file beside the weights (a memory map's touched pages count as resident)."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -69,57 +72,59 @@ class TensorFiles:
             weight_map, files = None, [SINGLE]
         else:
             raise CheckpointError(f"{self.directory}: no {SINGLE} or {INDEX} found")
-        self._handles, self._file_of = {}, {}
-        try:
-            for f in files:
-                path = self.directory / f
-                if not path.is_file():
-                    raise CheckpointError(f"{path}: shard listed in {index.name} is missing")
-                try:
-                    handle = safe_open(str(path), framework="pt")
-                except SafetensorError as e:
-                    raise CheckpointError(f"{path}: not a readable safetensors file ({e}); "
-                                          "is it truncated or still downloading?") from None
-                self._handles[f] = handle
-                for name in handle.keys():
-                    self._file_of[name] = f
-            for name, f in (weight_map or {}).items():
-                if self._file_of.get(name) != f:
-                    raise CheckpointError(f"{self.directory / f}: tensor {name} is listed there by {INDEX} "
-                                          "but the shard does not hold it")
-        except CheckpointError:
-            self.close()
-            raise
+        self._info = {}  # name -> (file, dtype string, shape, absolute byte offset, byte count)
+        for f in files:
+            path = self.directory / f
+            if not path.is_file():
+                raise CheckpointError(f"{path}: shard listed in {index.name} is missing")
+            try:
+                with safe_open(str(path), framework="pt"):  # full header validation, truncation included
+                    pass
+            except SafetensorError as e:
+                raise CheckpointError(f"{path}: not a readable safetensors file ({e}); "
+                                      "is it truncated or still downloading?") from None
+            with open(path, "rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(n))
+            header.pop("__metadata__", None)
+            for name, h in header.items():
+                begin, end = h["data_offsets"]
+                self._info[name] = (f, h["dtype"], tuple(h["shape"]), 8 + n + begin, end - begin)
+        for name, f in (weight_map or {}).items():
+            if name not in self._info or self._info[name][0] != f:
+                raise CheckpointError(f"{self.directory / f}: tensor {name} is listed there by {INDEX} "
+                                      "but the shard does not hold it")
 
     @property
     def names(self) -> set[str]:
-        return set(self._file_of)
-
-    def _slice(self, name: str):
-        return self._handles[self._file_of[name]].get_slice(name)
+        return set(self._info)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return self._info[name][2]
 
     def dtype(self, name: str) -> torch.dtype | None:
-        return _SAFETENSORS_DTYPES.get(self._slice(name).get_dtype())
+        """The torch dtype of a floating tensor; None for any other (integer, bool, fp8) tensor."""
+        return _SAFETENSORS_DTYPES.get(self._info[name][1])
+
+    def dtype_name(self, name: str) -> str:
+        return self._info[name][1]
 
     def get(self, name: str) -> torch.Tensor:
-        return self._handles[self._file_of[name]].get_tensor(name)
+        f, _, shape, offset, nbytes = self._info[name]
+        out = torch.empty(shape, dtype=self.dtype(name))
+        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        with open(self.directory / f, "rb", buffering=0) as fh:
+            fh.seek(offset)
+            done = 0
+            while done < nbytes:
+                got = fh.readinto(buf[done:])
+                if not got:
+                    raise CheckpointError(f"{self.directory / f}: tensor {name} ends past the end of the file")
+                done += got
+        return out
 
     def where(self, name: str) -> Path:
-        return self.directory / self._file_of[name]
-
-    def close(self) -> None:
-        for h in self._handles.values():
-            h.__exit__(None, None, None)
-        self._handles = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        return self.directory / self._info[name][0]
 
 
 # --------------------------------------------------------------------------- the plan
@@ -287,7 +292,7 @@ def check(entries: list[Entry], files: TensorFiles) -> None:
                                   f"expected {list(shape)} from config.json")
         if files.dtype(name) is None:
             raise CheckpointError(f"{files.where(name)}: tensor {name} is not a floating tensor "
-                                  f"({files._slice(name).get_dtype()}); expected float32, float16 or bfloat16")
+                                  f"({files.dtype_name(name)}); expected float32, float16 or bfloat16")
 
 
 def _few(names: list[str], n: int = 5) -> str:
@@ -309,12 +314,8 @@ def resolve_dtype(dtype: torch.dtype | str | None, files: TensorFiles, entries: 
 def _open(directory: str | Path) -> tuple[ModelConfig, TensorFiles, list[Entry]]:
     cfg, naming = read_config(directory)
     files = TensorFiles(directory)
-    try:
-        entries = plan(cfg, naming, files.names)
-        check(entries, files)
-    except CheckpointError:
-        files.close()
-        raise
+    entries = plan(cfg, naming, files.names)
+    check(entries, files)
     return cfg, files, entries
 
 
@@ -334,16 +335,15 @@ def load_state_dict(directory: str | Path, *, parts: tuple[str, ...] = ("decoder
     from the memory-mapped files and moved to `device`/`dtype` at once, so the peak is the model plus one
     tensor in flight."""
     cfg, files, entries = _open(directory)
-    with files:
-        dtype = resolve_dtype(dtype, files, entries)
-        chosen = [e for e in entries if e.target.split(".", 1)[0] in parts]
-        state = {}
-        bar = Progress(f"loading {Path(directory).name}", len(chosen),
-                       sum(_nbytes(e.shape, dtype) for e in chosen), enabled=progress)
-        for e in chosen:
-            state[e.target] = _build(e, files, dtype, device)
-            bar.update(_nbytes(e.shape, dtype))
-        bar.close()
+    dtype = resolve_dtype(dtype, files, entries)
+    chosen = [e for e in entries if e.target.split(".", 1)[0] in parts]
+    state = {}
+    bar = Progress(f"loading {Path(directory).name}", len(chosen),
+                   sum(_nbytes(e.shape, dtype) for e in chosen), enabled=progress)
+    for e in chosen:
+        state[e.target] = _build(e, files, dtype, device)
+        bar.update(_nbytes(e.shape, dtype))
+    bar.close()
     return cfg, state
 
 
@@ -388,23 +388,22 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | str | None
     cfg, files, entries = _open(src)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     try:
-        with files:
-            dtype = resolve_dtype(dtype, files, entries)
-            shards = _shard(entries, dtype, max_shard_bytes)
-            total = sum(_nbytes(e.shape, dtype) for e in entries)
-            tmp.mkdir(parents=True)
-            bar = Progress(f"converting {src.name}", len(entries), total, enabled=progress)
-            weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                tensors = {}
-                for e in shard:
-                    tensors[e.target] = _build(e, files, dtype, "cpu")
-                    weight_map[e.target] = fname
-                    bar.update(_nbytes(e.shape, dtype))
-                save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-                del tensors
-            bar.close()
+        dtype = resolve_dtype(dtype, files, entries)
+        shards = _shard(entries, dtype, max_shard_bytes)
+        total = sum(_nbytes(e.shape, dtype) for e in entries)
+        tmp.mkdir(parents=True)
+        bar = Progress(f"converting {src.name}", len(entries), total, enabled=progress)
+        weight_map = {}
+        for i, shard in enumerate(shards):  # one shard's tensors in memory at a time
+            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            tensors = {}
+            for e in shard:
+                tensors[e.target] = _build(e, files, dtype, "cpu")
+                weight_map[e.target] = fname
+                bar.update(_nbytes(e.shape, dtype))
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+            del tensors
+        bar.close()
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
         config = cfg.to_dict() | {"dtype": str(dtype).removeprefix("torch.")}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))

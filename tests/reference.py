@@ -46,7 +46,7 @@ def _redraw(module: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
+            noise = torch.randn(p.shape, generator=g, device="cpu").to(p.device)
             if "norm" in name or "ln_q" in name:
                 p.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
             elif name.endswith("bias"):

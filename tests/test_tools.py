@@ -1,0 +1,18 @@
+"""The GPU check script's CPU dry run and the precision tool keep working without a GPU."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_check_dry_run(tmp_path):
+    run = subprocess.run(["bash", str(ROOT / "tools/gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
+                         env={"OUT": str(tmp_path), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "== points gpu_check (cpu) ==" in run.stdout and "tests collected" in run.stdout
+    rows = json.loads((tmp_path / "precision.json").read_text())["rows"]
+    assert [r["dtype"] for r in rows] == ["float32", "bfloat16", "float16"]
+    assert rows[0]["max_abs"] < 1e-4 and rows[1]["transformers_own"] > 0

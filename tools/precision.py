@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Measure the decoder's bf16 / fp16 logit gap against the fp32 transformers reference, on the same weights.
+
+    python tools/precision.py --preset tiny --device cpu
+    python tools/precision.py --preset 7b-width --device cuda      # real widths, 2 layers (a GPU run)
+
+The reference (`Qwen2ForCausalLM`, random weights re-drawn as in the tests) is written to disk in the
+released CustomLlama layout and loaded back through `points.load_decoder`, exactly as in the parity suite.
+Prints one table row per dtype: max |error|, error relative to max |logit|, transformers' own gap in the
+same dtype, argmax agreement. `--json PATH` also writes the rows.
+"""
+
+import argparse
+import copy
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import reference  # noqa: E402
+
+import points  # noqa: E402
+
+PRESETS = {
+    "tiny": (reference.TINY_LLM, 64),
+    # the released widths (hidden 3584, ffn 18944, 28 query / 4 KV heads, vocab 152064), 2 layers
+    "7b-width": (dict(reference.REAL_LLM_CONFIG, num_layers=2, num_hidden_layers=2), 512),
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokens", type=int, help="sequence length (batch 1); default by preset")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    llm, length = PRESETS[args.preset]
+    length = args.tokens or length
+    dev = torch.device(args.device)
+    t0 = time.perf_counter()
+    with torch.device(dev):
+        ref = reference.reference_decoder(llm)
+    vision = dict(reference.TINY_VISION, hidden_size=llm["hidden_size"])
+    tensors = reference.custom_llama_tensors(ref) | reference.vision_tensors(*reference.reference_vision(vision))
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = reference.write_checkpoint(Path(tmp) / "ckpt", reference.hf_config(llm, vision),
+                                          {k: v.cpu() for k, v in tensors.items()})
+        del tensors
+        tokens = torch.randint(0, llm["vocab_size"], (1, length), generator=torch.Generator().manual_seed(0)).to(dev)
+        rows = []
+        with torch.no_grad():
+            expected = ref(tokens).logits.float()
+            scale = expected.abs().max().item()
+            for dtype in (torch.float32, torch.bfloat16, torch.float16):
+                model = points.load_decoder(ckpt, dtype=dtype, device=dev)
+                got = model(tokens)
+                del model
+                theirs = None
+                if dtype != torch.float32:
+                    ref_low = copy.deepcopy(ref).to(dtype)
+                    theirs = (ref_low(tokens).logits.float() - expected).abs().max().item()
+                    del ref_low
+                err = (got - expected).abs().max().item()
+                agree = (got.argmax(-1) == expected.argmax(-1)).float().mean().item()
+                rows.append(dict(dtype=str(dtype).removeprefix("torch."), max_abs=err, rel=err / scale,
+                                 transformers_own=theirs, argmax_agree=agree, max_abs_logit=scale))
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    print(f"\ndecoder logit gap vs fp32 transformers, preset {args.preset}, {length} tokens, {name}, "
+          f"torch {torch.__version__}, {time.perf_counter() - t0:.0f} s")
+    print(f"{'dtype':9} {'max abs err':>12} {'rel':>9} {'transformers own':>17} {'argmax agree':>13}")
+    for r in rows:
+        own = "-" if r["transformers_own"] is None else f"{r['transformers_own']:.3g}"
+        print(f"{r['dtype']:9} {r['max_abs']:12.3g} {r['rel']:9.2e} {own:>17} {r['argmax_agree']:13.4f}")
+    if args.json:
+        args.json.write_text(json.dumps({"preset": args.preset, "device": name, "tokens": length, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
