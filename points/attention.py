@@ -1,31 +1,37 @@
 """Attention dispatch: the one place the decoder (and later the vision encoder) calls into a kernel.
 
 Grouped-query attention is computed without repeating K/V: the `rep` query heads that share one KV head
-are folded into the query-length axis, so each KV head meets one [rep * T, D] block of queries.
+are folded into the query-length axis, so each KV head meets one [rep * T, D] block of queries. Queries
+are processed in chunks so that no mask larger than [B, 1, rep * QUERY_CHUNK, S] is ever built (a 16k-token
+prefill would otherwise need a 1.9 GB mask), and each chunk reads only the keys it can see.
 """
 
 import torch
 import torch.nn.functional as F
 
-
-def position_mask(q_pos: torch.Tensor, kv_len: int, rep: int) -> torch.Tensor:
-    """Boolean mask [B, 1, rep * T, kv_len]: key j is visible to the query at position p iff j <= p.
-
-    q_pos [B, T] holds each query's absolute position (rows may differ). Built once per forward and
-    shared by every layer. Cache slots past a row's length are never visible, whatever they hold.
-    """
-    keys = torch.arange(kv_len, device=q_pos.device)
-    mask = keys <= q_pos[..., None]  # [B, T, S]
-    return mask[:, None].repeat(1, 1, rep, 1)  # query index r * T + t sees mask[t]
+QUERY_CHUNK = 512
 
 
-def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """q [B, Hq, T, D], k/v [B, Hkv, S, D], mask from `position_mask` -> [B, Hq, T, D].
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, past: int) -> torch.Tensor:
+    """q [B, Hq, T, D]; k/v [B, Hkv, S, D] with S = past + T; q_pos [B, T] absolute positions -> [B, Hq, T, D].
 
-    Query head h uses KV head h // (Hq / Hkv), as in transformers' repeat_kv. Scale 1/sqrt(D); the fused
-    SDPA kernels accumulate the softmax in float32 for every input dtype.
+    Key j is visible to the query at position p iff j <= p; rows may sit at different positions (a
+    ragged batch), `past` (a host int) bounds every row's position before this call. Query head h uses
+    KV head h // (Hq / Hkv), as transformers' repeat_kv. Scale 1/sqrt(D); the SDPA kernels accumulate the
+    softmax in float32 for every input dtype.
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
-    out = F.scaled_dot_product_attention(q.reshape(B, Hkv, (Hq // Hkv) * T, D), k, v, attn_mask=mask)
-    return out.view(B, Hq, T, D)
+    rep = Hq // Hkv
+    q = q.view(B, Hkv, rep, T, D)
+    out = []
+    for start in range(0, T, QUERY_CHUNK):
+        end = min(start + QUERY_CHUNK, T)
+        n = past + end  # no query of this chunk sits past position past + end - 1
+        visible = torch.arange(n, device=q.device) <= q_pos[:, start:end, None]  # [B, t, n]
+        mask = visible[:, None].repeat(1, 1, rep, 1)  # [B, 1, rep * t, n]: row r * t + i sees visible[i]
+        qc = q[:, :, :, start:end].reshape(B, Hkv, rep * (end - start), D)
+        y = F.scaled_dot_product_attention(qc, k[:, :, :n], v[:, :, :n], attn_mask=mask)
+        out.append(y.reshape(B, Hkv, rep, end - start, D))  # CUDA kernels may return other strides
+    y = out[0] if len(out) == 1 else torch.cat(out, dim=3)
+    return y.reshape(B, Hq, T, D)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from points.attention import grouped_attention, position_mask
+from points.attention import causal_attention
 from points.cache import KVCache
 from points.config import DecoderConfig
 from points.rope import apply_rotary, inv_freq, rotary_tables
@@ -44,7 +44,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
         self.split = (q_dim, kv_dim, kv_dim)
 
-    def forward(self, x, cos, sin, q_pos, mask, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, q_pos, past: int, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), cos, sin)  # [B, T, Hq, D]
@@ -54,7 +54,7 @@ class Attention(nn.Module):
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
         else:
             k, v = cache.write(layer, q_pos, k, v)  # [B, Hkv, S, D]
-        y = grouped_attention(q.transpose(1, 2), k, v, mask)  # [B, Hq, T, D]
+        y = causal_attention(q.transpose(1, 2), k, v, q_pos, past)  # [B, Hq, T, D]
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -77,8 +77,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, q_pos, mask, cache, layer):
-        x = x + self.attn(self.attn_norm(x), cos, sin, q_pos, mask, cache, layer)
+    def forward(self, x, cos, sin, q_pos, past, cache, layer):
+        x = x + self.attn(self.attn_norm(x), cos, sin, q_pos, past, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -111,17 +111,14 @@ class Decoder(nn.Module):
         x = self.embed(tokens) if embeds is None else embeds
         B, T, _ = x.shape
         if cache is None:
-            q_pos = torch.arange(T, device=x.device).expand(B, T)
-            kv_len = T
+            q_pos, past = torch.arange(T, device=x.device).expand(B, T), 0
         else:
-            q_pos = cache.positions(T)
-            kv_len = cache.span + T
+            q_pos, past = cache.positions(T), cache.span
         cos, sin = rotary_tables(q_pos, inv_freq(self.cfg.head_dim, self.cfg.rope_theta, x.device),
                                  self.cfg.rope_scale)
         cos, sin = cos[:, :, None], sin[:, :, None]  # [B, T, 1, D]: broadcast over heads
-        mask = position_mask(q_pos, kv_len, self.cfg.n_heads // self.cfg.n_kv_heads)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, q_pos, mask, cache, i)
+            x = layer(x, cos, sin, q_pos, past, cache, i)
         if cache is not None:
             cache.advance(T, n_new)
         if last is not None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import points
+import points.attention
 
 LENGTHS = [1, 7, 40]
 
@@ -22,6 +23,17 @@ def test_logits_match_transformers(decoder, ref_decoder, length):
     assert got.dtype == torch.float32
     assert got.shape == (2, length, decoder.cfg.vocab_size)
     torch.testing.assert_close(got, expected)
+
+
+def test_query_chunks_match_transformers(decoder, ref_decoder, monkeypatch):
+    """Long inputs are attended in query chunks (each reading only the keys it can see)."""
+    monkeypatch.setattr(points.attention, "QUERY_CHUNK", 4)
+    tokens = torch.randint(0, decoder.cfg.vocab_size, (2, 18), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(tokens), ref_decoder(tokens).logits)
+        cache = decoder.new_cache(2, max_len=32)
+        decoder(tokens[:, :3], cache=cache)
+        torch.testing.assert_close(decoder(tokens[:, 3:], cache=cache), ref_decoder(tokens).logits[:, 3:])
 
 
 def test_right_padded_rows_match_transformers(decoder, ref_decoder):
