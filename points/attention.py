@@ -35,3 +35,18 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
         out.append(y.reshape(B, Hkv, rep, end - start, D))  # CUDA kernels may return other strides
     y = out[0] if len(out) == 1 else torch.cat(out, dim=3)
     return y.reshape(B, Hq, T, D)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """Non-causal attention over packed sequences: q/k/v [L, H, D] -> [L, H, D].
+
+    `bounds` is cu_seqlens as a host list (0, end of segment 1, ..., L); token i attends only to tokens of
+    its own segment. Each segment runs through SDPA on its own, so memory grows with the largest segment,
+    never with L x L. Scale 1/sqrt(D).
+    """
+    out = torch.empty_like(q)
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        # [1, H, n, D]: the fused (flash) kernels take 4-D inputs only; 3-D falls back to materialised scores
+        seg = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]
+        out[start:end] = F.scaled_dot_product_attention(*seg)[0].transpose(0, 1)
+    return out

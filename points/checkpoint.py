@@ -347,15 +347,33 @@ def load_state_dict(directory: str | Path, *, parts: tuple[str, ...] = ("decoder
     return cfg, state
 
 
+def materialize(factory: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], prefix: str):
+    """Build a module without allocating its parameters (meta device), then adopt the loaded tensors
+    named `prefix` + its own names; every parameter must be filled (strict)."""
+    with torch.device("meta"):
+        module = factory()
+    module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)},
+                           strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
 def load_decoder(directory: str | Path, *, dtype=None, device="cpu", progress: bool | None = None):
     """The language model alone, from any supported checkpoint layout."""
     from points.decoder import Decoder
 
     cfg, state = load_state_dict(directory, parts=("decoder",), dtype=dtype, device=device, progress=progress)
-    with torch.device("meta"):
-        model = Decoder(cfg.decoder)
-    model.load_state_dict({k.removeprefix("decoder."): v for k, v in state.items()}, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    return materialize(lambda: Decoder(cfg.decoder), state, "decoder.")
+
+
+def load_vision(directory: str | Path, *, dtype=None, device="cpu", progress: bool | None = None):
+    """The vision encoder and the projector, from any supported checkpoint layout."""
+    from points.projector import PatchMerger
+    from points.vision import VisionEncoder
+
+    cfg, state = load_state_dict(directory, parts=("vision", "projector"), dtype=dtype, device=device,
+                                 progress=progress)
+    return (materialize(lambda: VisionEncoder(cfg.vision), state, "vision."),
+            materialize(lambda: PatchMerger(cfg), state, "projector."))
 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,

@@ -21,8 +21,12 @@ def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor, scale: float 
     pos = positions.float()
     if scale != 1.0:
         pos = pos * scale
-    angles = pos[..., None] * inv_freq  # [..., D/2]
-    angles = torch.cat((angles, angles), dim=-1)  # [..., D]
+    return cos_sin(pos[..., None] * inv_freq)  # angles [..., D/2]
+
+
+def cos_sin(angles: torch.Tensor):
+    """Angles [..., D/2] (one per rotating pair) -> cos, sin [..., D] (pair j = channels j and j + D/2)."""
+    angles = torch.cat((angles, angles), dim=-1)
     return angles.cos(), angles.sin()
 
 

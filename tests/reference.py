@@ -34,7 +34,8 @@ REAL_VISION_CONFIG = dict(
 # RMSNorm eps 1e-5 and theta 1e6 from the release; 2 layers, a 1000-token vocabulary.
 TINY_LLM = dict(REAL_LLM_CONFIG, vocab_size=1000, hidden_size=224, ffn_hidden_size=1184, num_attention_heads=14,
                 num_layers=2, num_hidden_layers=2, num_kv_heads=2)
-TINY_VISION = dict(REAL_VISION_CONFIG, depth=2, embed_dim=64, hidden_size=224, num_heads=4)
+# vision: the release's head_dim 80 (two heads), 2 blocks
+TINY_VISION = dict(REAL_VISION_CONFIG, depth=2, embed_dim=160, hidden_size=224, num_heads=2)
 
 
 def hf_config(llm: dict = TINY_LLM, vision: dict = TINY_VISION) -> dict:

@@ -16,3 +16,5 @@ def test_gpu_check_dry_run(tmp_path):
     rows = json.loads((tmp_path / "precision.json").read_text())["rows"]
     assert [r["dtype"] for r in rows] == ["float32", "bfloat16", "float16"]
     assert rows[0]["max_abs"] < 1e-4 and rows[1]["transformers_own"] > 0
+    vision = json.loads((tmp_path / "vision.json").read_text())
+    assert vision["patches"] == 1024 and vision["time_min_s"] > 0 and vision["floor_s"] > 0

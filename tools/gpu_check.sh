@@ -12,9 +12,9 @@ py=python3
 command -v "$py" >/dev/null || py=python
 
 if [ "${1:-}" = "--dry-run" ]; then
-    device=cpu preset=tiny pytest_args=(--collect-only -q)
+    device=cpu preset=tiny pytest_args=(--collect-only -q) vision_args=(--images 448x448 --depth 2)
 else
-    device=cuda preset=7b-width pytest_args=(-q -x -rs)
+    device=cuda preset=7b-width pytest_args=(-q -x -rs) vision_args=(--dtype bfloat16 --repeat 5)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 fi
 "$py" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"
@@ -29,9 +29,15 @@ start=$(date +%s)
 "$py" tools/precision.py --preset "$preset" --device "$device" --json "$out/precision.json" > "$out/precision.log" 2>&1 || status=1
 precision_s=$(( $(date +%s) - start ))
 
+start=$(date +%s)
+"$py" tools/bench_vision.py --device "$device" "${vision_args[@]}" --json "$out/vision.json" > "$out/vision.log" 2>&1 || status=1
+vision_s=$(( $(date +%s) - start ))
+
 echo
 echo "== points gpu_check ($device) =="
 echo "tests: $(tail -n 1 "$out/pytest.log") [${tests_s}s]"
 cat "$out/precision.log"
 echo "[precision ${precision_s}s]"
+cat "$out/vision.log"
+echo "[vision ${vision_s}s]"
 exit $status

@@ -1,0 +1,144 @@
+"""The vision encoder: Qwen2-VL's NaViT ViT, run as POINTS runs it (no final norm, no merger).
+
+    pixel_values [L, 1176]  (rows from the image processor: one 2x14x14 RGB patch each, (c, t, y, x) order)
+      -> patch_embed (the Conv3d kernel [1280, 3, 2, 14, 14] as one Linear 1176 -> 1280, no bias)
+      -> 32 x ( x + Attn(LayerNorm(x)),  x + MLP(LayerNorm(x)) )
+      -> [L, 1280]
+
+Any number of images (or t-frame videos) of any size are packed into one sequence; `grid_thw` [n, 3] gives
+each one's (t, h, w) in 14-px patches. Attention is block-diagonal: each frame of each image attends only to
+itself. Rows of one image come in 2x2 spatial-merge order (windows in raster order, patches in raster
+order inside a window), which the 2-D rotary embedding follows: channels 0..19 and 40..59 of a head turn
+with the patch's row, 20..39 and 60..79 with its column (theta 10000, float32).
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from points.attention import varlen_attention
+from points.config import VisionConfig
+from points.rope import apply_rotary, cos_sin, inv_freq
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 and rounded once to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(),
+                            self.eps).to(x.dtype)
+
+
+def patch_positions(grid_thw: list[tuple[int, int, int]], merge: int, device=None) -> torch.Tensor:
+    """[L, 2] (row, column) of every patch, in the processor's spatial-merge order, frames repeated."""
+    out = []
+    for t, h, w in grid_thw:
+        rows = torch.arange(h, device=device)[:, None].expand(h, w)
+        cols = torch.arange(w, device=device)[None, :].expand(h, w)
+        # (h, w) -> (h/m, m, w/m, m) -> (h/m, w/m, m, m): windows in raster order, raster inside each
+        rc = torch.stack((rows, cols), dim=-1).reshape(h // merge, merge, w // merge, merge, 2)
+        out.append(rc.transpose(1, 2).reshape(h * w, 2).repeat(t, 1))
+    return torch.cat(out)
+
+
+def rotary_angles(grid_thw: list[tuple[int, int, int]], cfg: VisionConfig, device=None) -> torch.Tensor:
+    """[L, head_dim / 2] float32: the row angles (head_dim / 4 of them), then the column angles."""
+    freqs = inv_freq(cfg.head_dim // 2, cfg.rope_theta, device)  # [head_dim / 4]
+    pos = patch_positions(grid_thw, cfg.spatial_merge_size, device)
+    return (pos.float()[..., None] * freqs).flatten(1)
+
+
+def frame_bounds(grid_thw: list[tuple[int, int, int]]) -> list[int]:
+    """cu_seqlens as a host list: 0, then the running end of every frame of every image."""
+    bounds = [0]
+    for t, h, w in grid_thw:
+        for _ in range(t):
+            bounds.append(bounds[-1] + h * w)
+    return bounds
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)  # rows [q; k; v]
+        self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
+
+    def forward(self, x, cos, sin, bounds):
+        L = x.shape[0]
+        q, k, v = self.qkv(x).view(L, 3, self.n_heads, self.head_dim).unbind(1)  # [L, H, D] each
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return self.proj(varlen_attention(q, k, v, bounds).reshape(L, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(cfg.embed_dim, cfg.mlp_dim, bias=True)
+        self.fc2 = nn.Linear(cfg.mlp_dim, cfg.embed_dim, bias=True)
+
+    def forward(self, x):
+        x = self.fc1(x)
+        return self.fc2(x * torch.sigmoid(1.702 * x))  # QuickGELU
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.norm1 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.attn = VisionAttention(cfg)
+        self.norm2 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(self, x, cos, sin, bounds):
+        x = x + self.attn(self.norm1(x), cos, sin, bounds)
+        return x + self.mlp(self.norm2(x))
+
+
+class VisionEncoder(nn.Module):
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = nn.Linear(cfg.patch_dim, cfg.embed_dim, bias=False)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+        """pixel_values [L, patch_dim] (any float dtype; cast to the encoder's), grid_thw [n, 3] -> [L, embed_dim]."""
+        grid = check_inputs(pixel_values, grid_thw, self.cfg, self.patch_embed.weight)
+        x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [L, E]
+        cos, sin = cos_sin(rotary_angles(grid, self.cfg, x.device))  # [L, head_dim] float32
+        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
+        bounds = frame_bounds(grid)
+        for block in self.blocks:
+            x = block(x, cos, sin, bounds)
+        return x
+
+
+def check_inputs(pixel_values: torch.Tensor, grid_thw: torch.Tensor, cfg: VisionConfig,
+                 weight: torch.Tensor) -> list[tuple[int, int, int]]:
+    """Validate the encoder's inputs; return grid_thw as a host list of (t, h, w)."""
+    if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 2 or pixel_values.shape[1] != cfg.patch_dim:
+        shape = list(pixel_values.shape) if isinstance(pixel_values, torch.Tensor) else type(pixel_values).__name__
+        raise ValueError(f"pixel_values: expected a tensor [L, {cfg.patch_dim}] (one {cfg.in_channels}x"
+                         f"{cfg.temporal_patch_size}x{cfg.patch_size}x{cfg.patch_size} patch per row), got {shape}")
+    if not pixel_values.is_floating_point():
+        raise ValueError(f"pixel_values: expected a floating tensor, got {pixel_values.dtype}")
+    if pixel_values.device != weight.device:
+        raise ValueError(f"pixel_values is on {pixel_values.device} but the vision encoder is on {weight.device}")
+    if (not isinstance(grid_thw, torch.Tensor) or grid_thw.dim() != 2 or grid_thw.shape[1] != 3
+            or grid_thw.is_floating_point() or grid_thw.shape[0] == 0):
+        shape = list(grid_thw.shape) if isinstance(grid_thw, torch.Tensor) else type(grid_thw).__name__
+        raise ValueError(f"grid_thw: expected an integer tensor [n_images, 3] of (t, h, w) rows, got {shape}")
+    grid = [tuple(row) for row in grid_thw.tolist()]
+    m = cfg.spatial_merge_size
+    for i, (t, h, w) in enumerate(grid):
+        if t < 1 or h < 1 or w < 1:
+            raise ValueError(f"grid_thw[{i}] = {[t, h, w]}: every entry must be >= 1")
+        if h % m or w % m:
+            raise ValueError(f"grid_thw[{i}] = {[t, h, w]}: h and w must be divisible by the spatial merge "
+                             f"size {m}")
+    total = sum(t * h * w for t, h, w in grid)
+    if total != pixel_values.shape[0]:
+        raise ValueError(f"grid_thw describes {total} patches (sum of t*h*w) but pixel_values has "
+                         f"{pixel_values.shape[0]} rows")
+    return grid

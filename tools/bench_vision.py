@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Time and peak memory of the vision encoder on a packed batch, at the released shapes.
+
+    python tools/bench_vision.py                      # 4 images of 1024x1024: 4 x 74 x 74 = 21,904 patches
+    python tools/bench_vision.py --images 448x448 --dtype bfloat16 --repeat 3
+
+Random weights of the real shapes (32 blocks, 1280 wide, 16 heads of 80); image sizes go through the
+processor's resize rule (factor 28, max 12,845,056 pixels). Reports the time per encode (min and median of
+--repeat runs after a warm-up), the floor (the encode's FLOPs over this machine's measured matmul rate in
+the same dtype) and the fraction of it reached, the process's peak resident memory next to the weights'
+size, and what one dense [L, L] attention mask or score matrix would have needed. A benchmark, not a test: run it on a quiet
+machine and compare within one run.
+"""
+
+import argparse
+import json
+import math
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import reference  # noqa: E402
+
+from points.config import from_hf_dict  # noqa: E402
+from points.vision import VisionEncoder  # noqa: E402
+
+MAX_PIXELS = 12_845_056
+
+
+def resized_grid(height: int, width: int, factor: int = 28) -> tuple[int, int, int]:
+    """(1, h, w) in 14-px patches after the processor's rounding (the image-processor issue owns the full rule)."""
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > MAX_PIXELS:
+        beta = math.sqrt(height * width / MAX_PIXELS)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    return 1, h // 14, w // 14
+
+
+def encode_flops(cfg, grid: list) -> float:
+    """Matmul FLOPs of one encode: patch embed, per-block projections and MLP, per-frame attention."""
+    E, M = cfg.embed_dim, cfg.mlp_dim
+    L = sum(t * h * w for t, h, w in grid)
+    per_token = 2 * (E * 3 * E + E * E + 2 * E * M)
+    attention = sum(t * 4 * (h * w) ** 2 * E for t, h, w in grid)  # QK^T and PV over every frame
+    return 2 * L * cfg.patch_dim * E + cfg.depth * (L * per_token + attention)
+
+
+def matmul_rate(n: int, k: int, m: int, dtype, device) -> float:
+    """FLOP/s of one [n, k] x [k, m] product on this machine (best of 3 after a warm-up)."""
+    a, b = torch.randn(n, k, device=device, dtype=dtype), torch.randn(m, k, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(4):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.nn.functional.linear(a, b)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * k * m / best
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports kB
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", nargs="+", default=["1024x1024"] * 4, help="HxW of each packed image")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--depth", type=int, default=32, help="blocks (32 = the release)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    cfg = from_hf_dict(reference.hf_config(reference.REAL_LLM_CONFIG,
+                                           dict(reference.REAL_VISION_CONFIG, depth=args.depth))).vision
+    base = peak_rss_gb()
+    with torch.device(args.device):
+        encoder = VisionEncoder(cfg).to(dtype).eval().requires_grad_(False)
+    weights = sum(t.numel() * t.element_size() for t in encoder.parameters()) / 1e9
+    grid = torch.tensor([resized_grid(*map(int, s.split("x"))) for s in args.images])
+    n = int(grid.prod(-1).sum())
+    pixels = torch.randn(n, cfg.patch_dim, device=args.device)
+
+    def run():
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            encoder(pixels, grid)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    times = [run() for _ in range(args.repeat + (1 if args.repeat > 1 else 0))]
+    times = times[1:] if args.repeat > 1 else times  # first run is the warm-up when repeating
+    flops = encode_flops(cfg, grid.tolist())
+    rate = matmul_rate(min(n, 8192), cfg.embed_dim, cfg.mlp_dim, dtype, args.device)
+    seg_sq = sum(int(t) * int(h * w) ** 2 for t, h, w in grid.tolist())
+    row = dict(images=args.images, grid=grid.tolist(), patches=n, dtype=args.dtype, device=args.device,
+               depth=args.depth, threads=torch.get_num_threads(), torch=torch.__version__,
+               time_min_s=min(times), time_median_s=statistics.median(times), weights_gb=weights,
+               tflop=flops / 1e12, matmul_gflops=rate / 1e9, floor_s=flops / rate,
+               peak_rss_gb=peak_rss_gb(), rss_before_model_gb=base,
+               dense_mask_gb=n * n / 1e9, dense_scores_fp32_gb=n * n * 4 * cfg.n_heads / 1e9,
+               per_image_scores_fp32_gb=seg_sq * 4 * cfg.n_heads / 1e9)
+    if args.device.startswith("cuda"):
+        row["peak_cuda_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    print(f"vision encoder, {len(args.images)} images packed = {n} patches, {args.dtype} on {args.device} "
+          f"({row['threads']} threads), {args.depth} blocks")
+    print(f"  time per encode: min {row['time_min_s']:.2f} s, median {row['time_median_s']:.2f} s")
+    print(f"  floor: {row['tflop']:.2f} TFLOP at the measured matmul rate {row['matmul_gflops']:.0f} GFLOP/s = "
+          f"{row['floor_s']:.2f} s; reached {row['floor_s'] / row['time_min_s']:.0%} of it")
+    print(f"  peak resident memory {row['peak_rss_gb']:.2f} GB (process, {base:.2f} GB before the model); "
+          f"weights {weights:.2f} GB")
+    print(f"  for comparison: one dense [L, L] bool mask {row['dense_mask_gb']:.2f} GB; dense fp32 scores over "
+          f"{cfg.n_heads} heads {row['dense_scores_fp32_gb']:.1f} GB; per-image fp32 scores "
+          f"{row['per_image_scores_fp32_gb']:.1f} GB (never materialised here either)")
+    if args.json:
+        args.json.write_text(json.dumps(row, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
