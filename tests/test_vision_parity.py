@@ -105,7 +105,7 @@ def test_low_precision_gap(official_dir, ref_vision, dtype, device):
     got = ours_proj(ours_enc(pixels.to(device), grid)).float().cpu()
     err = (got - expected).abs().max().item()
     low = [copy.deepcopy(m).to(device=device, dtype=dtype) for m in (enc, proj)]
-    theirs = (low[1](low[0](pixels.to(device, dtype), grid).last_hidden_state).float().cpu()
+    theirs = (low[1](low[0](pixels.to(device, dtype), grid.to(device)).last_hidden_state).float().cpu()
               - expected).abs().max().item()
     scale = expected.abs().max().item()
     print(f"\nvision+projector {dtype} on {device}: max |error| ours {err:.4g}, transformers' own {theirs:.4g}, "
