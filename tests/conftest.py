@@ -50,3 +50,48 @@ def converted_dir(tmp_path_factory, official_dir):
     import points
 
     return points.convert(official_dir, tmp_path_factory.mktemp("converted") / "out", max_shard_bytes=400_000)
+
+
+# --------------------------------------------------------------------------- end to end
+
+E2E_LLM = dict(reference.TINY_LLM, vocab_size=152064, hidden_size=112, ffn_hidden_size=592, num_attention_heads=7,
+               num_kv_heads=1)
+E2E_VISION = dict(reference.TINY_VISION, hidden_size=112)
+E2E_MAX_PIXELS = 28 * 28 * 64  # at most 64 LLM tokens per image keeps the tests fast
+
+
+@pytest.fixture(scope="session")
+def tokenizer_json(tmp_path_factory):
+    import tokenizer_fixture
+
+    return tokenizer_fixture.build_tokenizer_json(tmp_path_factory.mktemp("tok") / "tokenizer.json")
+
+
+@pytest.fixture(scope="session")
+def e2e_reference():
+    """transformers' pieces at the e2e shapes: Qwen2ForCausalLM (real vocabulary size), vision, PatchMerger."""
+    return reference.reference_decoder(E2E_LLM, seed=5), *reference.reference_vision(E2E_VISION, seed=6)
+
+
+@pytest.fixture(scope="session")
+def e2e_dir(tmp_path_factory, e2e_reference, tokenizer_json):
+    """A complete POINTS-1.5 directory in the released layout: config, shards, tokenizer, processor config."""
+    import json
+    import shutil
+
+    decoder, encoder, projector = e2e_reference
+    tensors = reference.custom_llama_tensors(decoder) | reference.vision_tensors(encoder, projector)
+    d = reference.write_checkpoint(tmp_path_factory.mktemp("e2e"), reference.hf_config(E2E_LLM, E2E_VISION), tensors)
+    shutil.copy(tokenizer_json, d / "tokenizer.json")
+    (d / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": E2E_MAX_PIXELS,
+        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    return d
+
+
+@pytest.fixture(scope="session")
+def pipe(e2e_dir):
+    import points
+
+    return points.load(e2e_dir)

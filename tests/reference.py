@@ -135,3 +135,45 @@ def write_checkpoint(directory: Path, config: dict, tensors: dict[str, torch.Ten
         weight_map.update(dict.fromkeys(part, fname))
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return directory
+
+
+def splice_reference(decoder, encoder, projector, input_ids, pixel_values, grid_thw, image_id: int = 151655):
+    """POINTS' generate(): embed, then overwrite the j-th maximal run of <|image_pad|> with projector rows
+    [S_j, S_j+1), S the running sum of h * w / 4 (points15.md §4.3), written out as runs."""
+    embeds = decoder.model.embed_tokens(input_ids)
+    if pixel_values is None:
+        return embeds
+    features = projector(encoder(pixel_values, grid_thw).last_hidden_state)
+    counts = (grid_thw[:, 1] * grid_thw[:, 2] // 4).tolist()
+    row = input_ids[0].tolist()
+    runs, i = [], 0
+    while i < len(row):
+        if row[i] == image_id:
+            j = i
+            while j < len(row) and row[j] == image_id:
+                j += 1
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    assert [b - a for a, b in runs] == counts
+    embeds = embeds.clone()
+    start = 0
+    for (a, b), n in zip(runs, counts):
+        embeds[0, a:b] = features[start:start + n]
+        start += n
+    return embeds
+
+
+@torch.no_grad()
+def greedy_reference(decoder, embeds, steps: int, stop_ids: tuple[int, ...]) -> list[int]:
+    """transformers' own KV-cache loop, greedy, stopping at a stop id (not included)."""
+    out = decoder(inputs_embeds=embeds, use_cache=True)
+    tokens = []
+    for _ in range(steps):
+        nxt = int(out.logits[0, -1].argmax())
+        if nxt in stop_ids:
+            break
+        tokens.append(nxt)
+        out = decoder(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens

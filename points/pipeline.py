@@ -1,0 +1,65 @@
+"""The public entry point: `points.load(path)` -> `Pipeline` (model, tokenizer, image processor)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from points.chat import build_prompt
+from points.checkpoint import load_state_dict, materialize
+from points.errors import CheckpointError
+from points.generation import GenerationConfig, chat, chat_stream
+from points.model import POINTSModel
+from points.processor import ImageProcessor
+from points.tokenizer import Tokenizer
+
+
+@dataclass
+class Encoded:
+    input_ids: torch.Tensor  # [1, L] int64
+    pixel_values: torch.Tensor | None  # [N, 1176] float32
+    grid_thw: torch.Tensor | None  # [n_images, 3] int64
+
+
+class Pipeline:
+    def __init__(self, model: POINTSModel, tokenizer: Tokenizer, processor: ImageProcessor):
+        self.model, self.tokenizer, self.processor = model, tokenizer, processor
+
+    def encode(self, messages: list[dict]) -> Encoded:
+        """The reference's prompt for `messages`, tokenized, with its images processed."""
+        prompt = build_prompt(messages, self.processor)
+        ids = torch.tensor([self.tokenizer.encode(prompt.text)], dtype=torch.long)
+        return Encoded(ids, prompt.pixel_values, prompt.grid_thw)
+
+    def chat(self, messages: list[dict], *, stream: bool = False, **gen) -> str | Iterator[str]:
+        """The reply to one conversation; with stream=True an iterator of text pieces."""
+        cfg = GenerationConfig.from_kwargs(**gen)
+        if stream:
+            return chat_stream(self.model, self.tokenizer, self.processor, messages, cfg)
+        return chat(self.model, self.tokenizer, self.processor, [messages], cfg)[0]
+
+    def chat_batch(self, conversations: list[list[dict]], **gen) -> list[str]:
+        """One reply per conversation, run as one batch (rows of different lengths and image counts)."""
+        if not isinstance(conversations, list) or not conversations:
+            raise ValueError("chat_batch: expected a non-empty list of conversations")
+        return chat(self.model, self.tokenizer, self.processor, conversations, GenerationConfig.from_kwargs(**gen))
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+         progress: bool | None = None) -> Pipeline:
+    """A POINTS-1.5 checkpoint directory (released layout or ours) -> Pipeline, on `device` in `dtype`
+    (None keeps the checkpoint's dtype)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"device {device!r} is not a valid torch device ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(f"device {device} requested but CUDA is not available on this machine")
+    tokenizer = Tokenizer(path)
+    processor = ImageProcessor.from_dir(path)
+    cfg, state = load_state_dict(path, dtype=dtype, device=device, progress=progress)
+    model = materialize(lambda: POINTSModel(cfg, tokenizer.image_pad_id), state, "")
+    return Pipeline(model, tokenizer, processor)

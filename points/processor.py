@@ -1,0 +1,122 @@
+"""The image processor (POINTS' `Qwen2ImageProcessorForPOINTSV15`), with pillow and numpy only.
+
+    image (path | pathlib.Path | PIL.Image | bytes)
+      -> RGB (PIL convert: alpha dropped, not composited, as the reference's chat() does)
+      -> smart_resize to multiples of 28 within [min_pixels, max_pixels], bicubic on uint8
+      -> x / 255 (float64, then float32) -> (x - CLIP mean) / CLIP std (float32), channels first
+      -> two identical frames (temporal patch 2) -> rows of 2x2 merge windows
+      -> pixel_values [gh * gw, 1176] float32, grid (1, gh, gw)
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MIN_PIXELS = 56 * 56  # Qwen2VLImageProcessor class defaults, used where preprocessor_config.json is absent
+MAX_PIXELS = 28 * 28 * 1280
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MIN_PIXELS,
+                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
+
+    POINTS' version: sides under `factor` do not raise (a side may round to 0; the min_pixels branch then
+    grows it). Python's round (banker's rounding), as the reference."""
+    if min(height, width) < 1:
+        raise ValueError(f"image size {width}x{height}: both sides must be at least 1 pixel")
+    if min(height, width) >= factor and max(height, width) / min(height, width) > 200:
+        raise ValueError(f"image size {width}x{height}: aspect ratio {max(height, width) / min(height, width):.1f} "
+                         "is over 200, which the model cannot take")
+    h = round(height / factor) * factor
+    w = round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = math.floor(height / beta / factor) * factor
+        w = math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h = math.ceil(height * beta / factor) * factor
+        w = math.ceil(width * beta / factor) * factor
+    if h < factor or w < factor:
+        raise ValueError(f"image size {width}x{height}: resizes to {w}x{h}, which holds no whole "
+                         f"{factor}x{factor} window (aspect ratio too extreme)")
+    return h, w
+
+
+def open_image(image) -> Image.Image:
+    """A path, pathlib.Path, bytes or PIL image -> PIL image (first frame of an animation), RGB."""
+    if isinstance(image, Image.Image):
+        img = image
+    elif isinstance(image, (str, Path, bytes, bytearray)):
+        source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
+        name = "image bytes" if isinstance(image, (bytes, bytearray)) else str(image)
+        try:
+            img = Image.open(source)
+            img.load()
+        except FileNotFoundError:
+            raise ValueError(f"{name}: file not found") from None
+        except (OSError, Image.DecompressionBombError, SyntaxError) as e:
+            raise ValueError(f"{name}: not a readable image ({e})") from None
+    else:
+        raise ValueError(f"image: expected a path, pathlib.Path, bytes or PIL.Image.Image, got {type(image).__name__}")
+    if img.mode == "I;16" or img.mode.startswith("I;16"):
+        img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    min_pixels: int = MIN_PIXELS
+    max_pixels: int = MAX_PIXELS
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    @classmethod
+    def from_dir(cls, directory: str | Path) -> "ImageProcessor":
+        """From `preprocessor_config.json` when present (min/max pixels, mean, std), else the defaults."""
+        path = Path(directory) / "preprocessor_config.json"
+        if not path.is_file():
+            return cls()
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        size = d.get("size") or {}
+        return cls(min_pixels=int(d.get("min_pixels", size.get("shortest_edge", MIN_PIXELS))),
+                   max_pixels=int(d.get("max_pixels", size.get("longest_edge", MAX_PIXELS))),
+                   patch_size=int(d.get("patch_size", 14)), temporal_patch_size=int(d.get("temporal_patch_size", 2)),
+                   merge_size=int(d.get("merge_size", 2)), mean=tuple(d.get("image_mean", CLIP_MEAN)),
+                   std=tuple(d.get("image_std", CLIP_STD)))
+
+    def __call__(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """One image -> pixel_values [gh * gw, 3 * 2 * 14 * 14] float32 and its grid (1, gh, gw)."""
+        img = open_image(image)
+        factor = self.patch_size * self.merge_size
+        h, w = smart_resize(img.height, img.width, factor, self.min_pixels, self.max_pixels)
+        if (img.height, img.width) != (h, w):
+            img = img.resize((w, h), resample=Image.Resampling.BICUBIC)
+        x = (np.asarray(img, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
+        x = (x - np.array(self.mean, dtype=np.float32)) / np.array(self.std, dtype=np.float32)
+        x = x.transpose(2, 0, 1)  # [3, h, w]
+        p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
+        gh, gw = h // p, w // p
+        x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # [gh/m, gw/m, m, m, 3, p, p]
+        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], tp, p, p))  # the frame, repeated in time
+        return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * tp * p * p)), (1, gh, gw)
+
+    def tokens(self, grid: tuple[int, int, int]) -> int:
+        """LLM tokens for one image: one per merge window."""
+        return grid[1] * grid[2] // self.merge_size ** 2

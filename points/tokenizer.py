@@ -1,0 +1,74 @@
+"""The tokenizer: a thin wrapper over `tokenizers.Tokenizer` reading the checkpoint's tokenizer.json.
+
+Special tokens are looked up by their strings, never by hard-coded ids. Decoding drops only the tokens
+tokenizer.json marks `special` (as the reference's skip_special_tokens does): in Qwen2.5, <tool_call> ..
+<|file_sep|> are added but not special, so they stay in the text.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tokenizers import Tokenizer as _Tokenizer
+
+from points.errors import CheckpointError
+
+IM_START, IM_END, END_OF_TEXT = "<|im_start|>", "<|im_end|>", "<|endoftext|>"
+VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
+REQUIRED = (IM_START, IM_END, END_OF_TEXT, VISION_START, VISION_END, IMAGE_PAD)
+
+
+class Tokenizer:
+    def __init__(self, path: str | Path):
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: not found; the checkpoint directory must hold tokenizer.json")
+        try:
+            self._tok = _Tokenizer.from_file(str(path))
+        except Exception as e:  # the tokenizers library raises its own exception types
+            raise CheckpointError(f"{path}: not a readable tokenizer.json ({e})") from None
+        missing = [s for s in REQUIRED if self._tok.token_to_id(s) is None]
+        if missing:
+            raise CheckpointError(f"{path}: has no token(s) {', '.join(missing)}; not a Qwen2.5 tokenizer")
+        self.ids = {s: self._tok.token_to_id(s) for s in REQUIRED}
+        self.im_end_id, self.eos_id = self.ids[IM_END], self.ids[END_OF_TEXT]
+        self.image_pad_id = self.ids[IMAGE_PAD]
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> ids; special-token strings in the text become their ids; no BOS is added."""
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+    def stream(self) -> "StreamDecoder":
+        return StreamDecoder(self)
+
+
+class StreamDecoder:
+    """Incremental decoding: `push(id)` returns the newly completed text. A multi-byte character split over
+    several tokens is held back until it is whole (never a replacement character), so the pieces concatenate
+    to `decode(all ids)`."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.prefix = self.read = 0  # ids[prefix:read] is the context already emitted
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        done = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        if len(text) > len(done) and not text.endswith("\ufffd"):
+            self.prefix, self.read = self.read, len(self.ids)
+            return text[len(done):]
+        return ""
+
+    def flush(self) -> str:
+        """Whatever is left (an incomplete character at the very end decodes as the reference would)."""
+        done = self.tok.decode(self.ids[self.prefix:self.read])
+        text = self.tok.decode(self.ids[self.prefix:])
+        self.prefix = self.read = len(self.ids)
+        return text[len(done):]

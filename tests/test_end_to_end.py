@@ -1,0 +1,196 @@
+"""End to end: `points.load` of a tiny checkpoint in the released layout (real Qwen2.5 vocabulary) against
+a reference composed from transformers' pieces and a prompt written from the spec."""
+
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tokenizers import Tokenizer as HFTokenizer
+
+import points
+import reference
+from points.generation import GenerationConfig, penalize
+
+PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+PAD = "<|image_pad|>"
+
+
+def _gradient(w, h):
+    y, x = np.mgrid[0:h, 0:w]
+    return Image.fromarray(np.stack([x * 255 // max(w - 1, 1), y * 255 // max(h - 1, 1), (x + y) % 256], -1).astype(np.uint8))
+
+
+def _image_block(n_tokens):
+    return f"<|vision_start|>{PAD * n_tokens}<|vision_end|>\n"
+
+
+def conversations():
+    """(messages, the reference prompt written out by hand from points15.md §4.2)."""
+    photo, grad = Image.open(PHOTO), _gradient(300, 200)
+    n_photo, n_grad = _tokens(photo), _tokens(grad)
+    return {
+        "single_image": ([{"role": "user", "content": [{"type": "image", "image": str(PHOTO)},
+                                                       {"type": "text", "text": "What is in this picture?"}]}],
+                         f"<|im_start|>user\n{_image_block(n_photo)}What is in this picture?<|im_end|>\n<|im_start|>assistant\n"),
+        "two_images": ([{"role": "user", "content": [{"type": "text", "text": "Compare "},
+                                                     {"type": "image", "image": photo},
+                                                     {"type": "text", "text": "and"},
+                                                     {"type": "image", "image": grad}]}],
+                       f"<|im_start|>user\nCompare {_image_block(n_photo)}and{_image_block(n_grad)}<|im_end|>\n"
+                       "<|im_start|>assistant\n"),
+        "text_only": ([{"role": "user", "content": "你好！Write one line of Python."}],
+                      "<|im_start|>user\n你好！Write one line of Python.<|im_end|>\n<|im_start|>assistant\n"),
+        "multi_turn": ([{"role": "user", "content": [{"type": "image", "image": grad}, {"type": "text", "text": "Colours?"}]},
+                        {"role": "assistant", "content": "Red and green."},
+                        {"role": "user", "content": [{"type": "text", "text": "And blue?"}]}],
+                       f"<|im_start|>user\n{_image_block(n_grad)}Colours?<|im_end|>\n<|im_start|>assistant\nRed and green."
+                       "<|im_end|>\n<|im_start|>user\nAnd blue?<|im_end|>\n<|im_start|>assistant\n"),
+    }
+
+
+def _tokens(img):
+    _, (t, h, w) = points.ImageProcessor(max_pixels=28 * 28 * 64)(img)
+    return h * w // 4
+
+
+CONVERSATIONS = ["single_image", "two_images", "text_only", "multi_turn"]
+
+
+@pytest.fixture(scope="module")
+def convs():
+    return conversations()
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_input_ids_identical(pipe, convs, tokenizer_json, name):
+    messages, prompt = convs[name]
+    enc = pipe.encode(messages)
+    expected = HFTokenizer.from_file(str(tokenizer_json)).encode(prompt, add_special_tokens=False).ids
+    assert enc.input_ids.tolist() == [expected]
+    n_pad = expected.count(151655)
+    assert (enc.grid_thw is None and n_pad == 0) or int((enc.grid_thw[:, 1] * enc.grid_thw[:, 2]).sum()) == 4 * n_pad
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+@torch.no_grad()
+def test_logits_match_reference(pipe, convs, e2e_reference, name):
+    enc = pipe.encode(convs[name][0])
+    expected = e2e_reference[0](inputs_embeds=reference.splice_reference(
+        *e2e_reference, enc.input_ids, enc.pixel_values, enc.grid_thw)).logits
+    got = pipe.model(enc.input_ids, enc.pixel_values, enc.grid_thw)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("name", CONVERSATIONS)
+def test_greedy_32_tokens_match_reference(pipe, convs, e2e_reference, name):
+    enc = pipe.encode(convs[name][0])
+    with torch.no_grad():
+        embeds = reference.splice_reference(*e2e_reference, enc.input_ids, enc.pixel_values, enc.grid_thw)
+    tokens = reference.greedy_reference(e2e_reference[0], embeds, 32, (151645, 151643))
+    assert pipe.chat(convs[name][0], max_new_tokens=32) == pipe.tokenizer.decode(tokens)
+    assert len(tokens) == 32  # random weights: no stop token came up, all 32 steps were compared
+
+
+def test_batch_equals_single_runs(pipe, convs):
+    batch = [convs[n][0] for n in CONVERSATIONS]
+    singles = [pipe.chat(m, max_new_tokens=12) for m in batch]
+    assert pipe.chat_batch(batch, max_new_tokens=12) == singles
+
+
+def test_model_card_call(pipe, convs):
+    messages = convs["single_image"][0]
+    card = {"max_new_tokens": 10, "temperature": 0.0, "top_p": 0.0, "num_beams": 1}
+    assert pipe.model.chat(messages, pipe.tokenizer, pipe.processor, card) == pipe.chat(messages, max_new_tokens=10)
+
+
+def test_stream_concatenates_to_reply(pipe, convs):
+    messages = convs["text_only"][0]
+    pieces = list(pipe.chat(messages, stream=True, max_new_tokens=20))
+    assert len(pieces) > 1 and "".join(pieces) == pipe.chat(messages, max_new_tokens=20)
+
+
+def test_stop_strings(pipe, convs):
+    messages = convs["text_only"][0]
+    full = pipe.chat(messages, max_new_tokens=20)
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = full[:full.find(stop)]
+    assert pipe.chat(messages, max_new_tokens=20, stop=[stop]) == cut
+    assert "".join(pipe.chat(messages, max_new_tokens=20, stop=stop, stream=True)) == cut
+
+
+def test_sampling_is_seeded(pipe, convs):
+    messages = convs["text_only"][0]
+    a = pipe.chat(messages, max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=1)
+    assert a == pipe.chat(messages, max_new_tokens=8, temperature=1.0, top_p=0.9, top_k=50, seed=1)
+    others = {pipe.chat(messages, max_new_tokens=8, temperature=1.0, seed=s) for s in range(2, 6)}
+    assert len(others | {a}) > 1
+    assert pipe.chat(messages, max_new_tokens=8, temperature=0.7, top_k=1, seed=3) == pipe.chat(messages, max_new_tokens=8)
+
+
+def test_repetition_penalty():
+    logits = torch.tensor([[2.0, -2.0, 1.0]])
+    seen = torch.tensor([[True, True, False]])
+    assert penalize(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0]]
+
+
+def test_repetition_penalty_changes_greedy_reply(pipe, convs):
+    messages = convs["text_only"][0]
+    assert pipe.chat(messages, max_new_tokens=16, repetition_penalty=50.0) != pipe.chat(messages, max_new_tokens=16)
+
+
+def test_context_limit(pipe, convs):
+    with pytest.raises(ValueError, match=r"prompt of \d+ tokens \+ max_new_tokens 16380 exceeds the context of 16384"):
+        pipe.chat(convs["text_only"][0], max_new_tokens=16380)
+
+
+@pytest.mark.parametrize("gen, message", [
+    ({"max_new_tokens": 0}, r"max_new_tokens = 0: expected an integer >= 1"),
+    ({"temperature": -1.0}, r"temperature = -1.0: expected a number >= 0"),
+    ({"top_p": 0.0}, r"top_p = 0.0: expected a number in \(0, 1\]"),
+    ({"top_p": 1.5}, r"top_p = 1.5"),
+    ({"top_k": -1}, r"top_k = -1"),
+    ({"repetition_penalty": 0}, r"repetition_penalty = 0"),
+    ({"beams": 2}, r"unknown generation argument\(s\) beams"),
+])
+def test_bad_generation_arguments(pipe, convs, gen, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.chat(convs["text_only"][0], **gen)
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([], r"messages: expected a non-empty list"),
+    ([{"role": "robot", "content": "hi"}], r"messages\[0\].role = 'robot'"),
+    ([{"role": "user"}], r"messages\[0\]: expected a dict with 'role' and 'content'"),
+    ([{"role": "user", "content": [{"type": "video", "video": "x"}]}], r"messages\[0\].content\[0\]: expected"),
+    ([{"role": "user", "content": [{"type": "image"}]}], r"messages\[0\].content\[0\]: an image item needs an image"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}], r"last message must come from the user"),
+])
+def test_bad_messages(pipe, messages, message):
+    with pytest.raises(ValueError, match=message):
+        pipe.chat(messages)
+
+
+def test_system_message_is_an_extension(pipe):
+    enc = pipe.encode([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}])
+    assert pipe.tokenizer.decode(enc.input_ids[0].tolist()) == "system\nBe brief.\nuser\nHi\nassistant\n"
+    assert enc.input_ids[0, :3].tolist() == [151644, 8948, 198]
+
+
+def test_image_count_mismatch_is_a_clear_error(pipe, convs):
+    enc = pipe.encode(convs["single_image"][0])
+    with pytest.raises(ValueError, match=r"the prompt has \d+ <\|image_pad\|> tokens but the images give 0 features"):
+        pipe.model(enc.input_ids)
+
+
+def test_load_options(e2e_dir):
+    p = points.load(e2e_dir, dtype=torch.bfloat16)
+    assert p.model.decoder.embed.weight.dtype == torch.bfloat16
+    assert isinstance(p.chat([{"role": "user", "content": "hi"}], max_new_tokens=3), str)
+    with pytest.raises(points.CheckpointError, match="dtype"):
+        points.load(e2e_dir, dtype=torch.int8)
+    with pytest.raises(points.CheckpointError, match="not a valid torch device"):
+        points.load(e2e_dir, device="gpu9")

@@ -1,0 +1,135 @@
+"""The image processor against transformers' PIL processor, and smart_resize against the spec."""
+
+import io
+import math
+import os
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from points.processor import ImageProcessor, smart_resize
+
+PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"  # a real photograph (512 x 600)
+
+
+def _photo():
+    return Image.open(PHOTO)
+
+
+def _ref(img: Image.Image, **kw):
+    """transformers' processor on the image after PIL's convert('RGB') (what POINTS' chat() feeds it)."""
+    out = Qwen2VLImageProcessorPil(**kw)(images=[img.convert("RGB")], return_tensors="pt")
+    return out["pixel_values"], tuple(out["image_grid_thw"][0].tolist())
+
+
+CASES = {
+    "photo": lambda: _photo(),
+    "photo_large_hits_max_pixels": lambda: _photo().resize((4000, 3400), Image.Resampling.LANCZOS),
+    "photo_crop_odd": lambda: _photo().crop((13, 7, 13 + 301, 7 + 157)),
+    "grayscale": lambda: _photo().convert("L"),
+    "rgba": lambda: Image.merge("RGBA", (*_photo().split(), Image.linear_gradient("L").resize((512, 600)))),
+    "palette": lambda: _photo().convert("P", palette=Image.Palette.ADAPTIVE),
+    "thin_30x900": lambda: _photo().resize((30, 900)),
+}
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_matches_transformers(name):
+    img = CASES[name]()
+    expected, grid = _ref(img)
+    got, our_grid = ImageProcessor()(img)
+    assert our_grid == grid
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_max_pixels_branch_taken():
+    img = CASES["photo_large_hits_max_pixels"]()
+    _, (t, h, w) = ImageProcessor()(img)
+    assert h * w * 196 <= 28 * 28 * 1280 < round(3400 / 28) * round(4000 / 28) * 784
+
+
+def test_alpha_is_dropped_not_composited():
+    """PIL convert('RGB') keeps the stored colour of transparent pixels (the reference); no white matte."""
+    img = Image.new("RGBA", (56, 56), (10, 200, 30, 0))
+    pv, grid = ImageProcessor()(img)
+    expected, _ = ImageProcessor()(Image.new("RGB", (56, 56), (10, 200, 30)))
+    assert torch.equal(pv, expected)
+
+
+@pytest.mark.parametrize("size, grid", [((1, 1), (1, 4, 4)), ((20, 15), (1, 4, 6)), ((900, 30), (1, 2, 64))])
+def test_tiny_sides_do_not_raise(size, grid):
+    """Sides under 28 px go through the min_pixels branch (PIL sizes are width x height)."""
+    _, got = ImageProcessor()(Image.new("RGB", size, (1, 2, 3)))
+    assert got == grid
+    h, w = _spec_resize(size[1], size[0])
+    assert got == (1, h // 14, w // 14)
+
+
+def test_inputs_path_pathlib_bytes_pil_agree(tmp_path):
+    path = tmp_path / "p.png"
+    _photo().save(path)
+    outs = [ImageProcessor()(x)[0] for x in (str(path), path, path.read_bytes(), Image.open(path))]
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+
+
+def test_preprocessor_config_is_read(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text('{"min_pixels": 3136, "max_pixels": 50176}')
+    proc = ImageProcessor.from_dir(tmp_path)
+    assert (proc.min_pixels, proc.max_pixels) == (3136, 50176)
+    _, grid = proc(_photo())
+    assert grid[1] * grid[2] * 196 <= 50176
+    assert ImageProcessor.from_dir(tmp_path / "absent") == ImageProcessor()
+
+
+def test_aspect_ratio_over_200_is_refused():
+    with pytest.raises(ValueError, match="aspect ratio 201.0 is over 200"):
+        smart_resize(28, 28 * 201)
+
+
+def test_unreadable_images_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="image bytes: not a readable image"):
+        ImageProcessor()(b"not an image")
+    with pytest.raises(ValueError, match="nope.png: file not found"):
+        ImageProcessor()(tmp_path / "nope.png")
+    with pytest.raises(ValueError, match="expected a path, pathlib.Path, bytes or PIL.Image.Image, got int"):
+        ImageProcessor()(3)
+
+
+def _spec_resize(H, W, factor=28, lo=3136, hi=1003520):
+    h, w = round(H / factor) * factor, round(W / factor) * factor
+    if h * w > hi:
+        b = math.sqrt(H * W / hi)
+        h, w = math.floor(H / b / factor) * factor, math.floor(W / b / factor) * factor
+    elif h * w < lo:
+        b = math.sqrt(lo / (H * W))
+        h, w = math.ceil(H * b / factor) * factor, math.ceil(W * b / factor) * factor
+    return h, w
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(28, 6000), st.integers(28, 6000))
+def test_smart_resize_properties(H, W):
+    if max(H, W) / min(H, W) > 200:
+        return
+    h, w = smart_resize(H, W)
+    assert (h, w) == _spec_resize(H, W)
+    assert h % 28 == 0 and w % 28 == 0 and h >= 28 and w >= 28
+    assert h * w <= 1003520
+    if H * W >= 3136:
+        assert h * w >= 3136 or min(h, w) == 28  # only a side pinned at one window can fall short
+    assert abs(h / w - H / W) <= (H / W) * (28 / min(h, w)) + 28 / min(h, w)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 300), st.integers(1, 300))
+def test_output_shape_matches_grid(H, W):
+    pv, (t, gh, gw) = ImageProcessor()(Image.new("RGB", (W, H)))
+    assert t == 1 and gh % 2 == 0 and gw % 2 == 0
+    assert pv.shape == (gh * gw, 1176)
