@@ -1,0 +1,5 @@
+import sys
+
+from points.cli import main
+
+sys.exit(main())

@@ -1,0 +1,77 @@
+"""The `points` command (also `python -m points`): chat with a checkpoint, convert one."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from points import convert_cli
+
+
+def _chat(args) -> int:
+    import points
+
+    try:
+        pipe = points.load(args.model, device=args.device, dtype=args.dtype)
+    except (points.CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    images = list(args.image or [])
+    messages: list[dict] = []
+
+    def ask(text: str) -> bool:
+        content = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": text}]
+        images.clear()  # an image belongs to the turn that introduced it
+        messages.append({"role": "user", "content": content})
+        reply = ""
+        try:
+            for piece in pipe.chat(messages, stream=True, **gen):
+                reply += piece
+                print(piece, end="", flush=True)
+        except ValueError as e:
+            messages.pop()
+            print(f"error: {e}", file=sys.stderr)
+            return False
+        print()
+        messages.append({"role": "assistant", "content": reply})
+        return True
+
+    if args.prompt is not None:
+        return 0 if ask(args.prompt) else 2
+    print("points chat: /image PATH adds an image to your next message, /reset forgets the conversation, "
+          "/quit leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if line in ("/quit", "/exit"):
+            return 0
+        if line == "/reset":
+            messages.clear()
+            images.clear()
+        elif line.startswith("/image "):
+            images.append(line[len("/image "):].strip())
+        elif line:
+            ask(line)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="points", description="POINTS-1.5 in plain PyTorch")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("chat", help="chat with a checkpoint (streams the reply; interactive without --prompt)")
+    c.add_argument("--model", required=True, help="checkpoint directory (released layout or ours)")
+    c.add_argument("--image", action="append", help="an image for the (first) message; repeatable")
+    c.add_argument("--prompt", help="one question; without it an interactive multi-turn session")
+    c.add_argument("--max-new-tokens", type=int, default=1024)
+    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    v = sub.add_parser("convert", help="convert a checkpoint into this project's layout (atomic)", add_help=False)
+    v.add_argument("rest", nargs=argparse.REMAINDER)
+    args = p.parse_args(argv)
+    if args.command == "convert":
+        return convert_cli.main(args.rest)
+    return _chat(args)
