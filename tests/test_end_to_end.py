@@ -194,3 +194,17 @@ def test_load_options(e2e_dir):
         points.load(e2e_dir, dtype=torch.int8)
     with pytest.raises(points.CheckpointError, match="not a valid torch device"):
         points.load(e2e_dir, device="gpu9")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_pipeline_matches_cpu(e2e_dir, pipe, convs):
+    gpu = points.load(e2e_dir, device="cuda")
+    messages = convs["two_images"][0]
+    enc = pipe.encode(messages)
+    with torch.no_grad():
+        torch.testing.assert_close(gpu.model(enc.input_ids, enc.pixel_values, enc.grid_thw).cpu(),
+                                   pipe.model(enc.input_ids, enc.pixel_values, enc.grid_thw), rtol=1e-5, atol=1e-5)
+    assert gpu.chat_batch([m for m, _ in convs.values()], max_new_tokens=8) == \
+        [pipe.chat(m, max_new_tokens=8) for m, _ in convs.values()]
+    assert gpu.chat(messages, max_new_tokens=8, temperature=1.0, seed=0) == \
+        gpu.chat(messages, max_new_tokens=8, temperature=1.0, seed=0)
