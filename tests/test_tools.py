@@ -1,6 +1,7 @@
 """The GPU check script's CPU dry run and the precision tool keep working without a GPU."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_gpu_check_dry_run(tmp_path):
     run = subprocess.run(["bash", str(ROOT / "tools/gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
-                         env={"OUT": str(tmp_path), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
+                         env={**os.environ, "OUT": str(tmp_path),
+                              "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")})
     assert run.returncode == 0, run.stdout + run.stderr
     assert "== points gpu_check (cpu) ==" in run.stdout and "tests collected" in run.stdout
     rows = json.loads((tmp_path / "precision.json").read_text())["rows"]
