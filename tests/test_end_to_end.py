@@ -12,6 +12,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 import points
 import reference
+from conftest import E2E_MAX_PIXELS
 from points.generation import GenerationConfig, penalize
 
 PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
@@ -52,7 +53,7 @@ def conversations():
 
 
 def _tokens(img):
-    _, (t, h, w) = points.ImageProcessor(max_pixels=28 * 28 * 64)(img)
+    _, (t, h, w) = points.ImageProcessor(max_pixels=E2E_MAX_PIXELS)(img)
     return h * w // 4
 
 

@@ -14,7 +14,6 @@ machine and compare within one run.
 
 import argparse
 import json
-import math
 import resource
 import statistics
 import sys
@@ -27,17 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import reference  # noqa: E402
 
 from points.config import from_hf_dict  # noqa: E402
+from points.processor import smart_resize  # noqa: E402
 from points.vision import VisionEncoder  # noqa: E402
 
 MAX_PIXELS = 12_845_056
 
 
-def resized_grid(height: int, width: int, factor: int = 28) -> tuple[int, int, int]:
-    """(1, h, w) in 14-px patches after the processor's rounding (the image-processor issue owns the full rule)."""
-    h, w = round(height / factor) * factor, round(width / factor) * factor
-    if h * w > MAX_PIXELS:
-        beta = math.sqrt(height * width / MAX_PIXELS)
-        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+def resized_grid(height: int, width: int) -> tuple[int, int, int]:
+    """(1, h, w) in 14-px patches, as the image processor resizes an image of that size."""
+    h, w = smart_resize(height, width, max_pixels=MAX_PIXELS)
     return 1, h // 14, w // 14
 
 
