@@ -6,10 +6,30 @@ are processed in chunks so that no mask larger than [B, 1, rep * QUERY_CHUNK, S]
 prefill would otherwise need a 1.9 GB mask), and each chunk reads only the keys it can see.
 """
 
+import importlib.util
+import os
+
 import torch
 import torch.nn.functional as F
 
 QUERY_CHUNK = 512
+BACKENDS = ("auto", "sdpa", "triton")
+
+
+def use_triton(backend: str, device: torch.device) -> bool:
+    """'auto': Triton on CUDA when it is installed, SDPA otherwise; 'sdpa' / 'triton' force one.
+    Forcing Triton without it (or without CUDA, outside Triton's CPU interpreter) is a clear error."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attn = {backend!r}: expected one of {BACKENDS}")
+    have_triton = importlib.util.find_spec("triton") is not None
+    if backend == "triton":
+        if not have_triton:
+            raise ValueError("attn = 'triton' but Triton is not installed (pip install 'points[triton]')")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(f"attn = 'triton' needs CUDA tensors, got {device} (or set TRITON_INTERPRET=1 to "
+                             "run the kernels in Triton's CPU interpreter)")
+        return True
+    return backend == "auto" and device.type == "cuda" and have_triton
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, past: int) -> torch.Tensor:
@@ -37,13 +57,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     return y.reshape(B, Hq, T, D)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int],
+                     backend: str = "auto") -> torch.Tensor:
     """Non-causal attention over packed sequences: q/k/v [L, H, D] -> [L, H, D].
 
     `bounds` is cu_seqlens as a host list (0, end of segment 1, ..., L); token i attends only to tokens of
-    its own segment. Each segment runs through SDPA on its own, so memory grows with the largest segment,
-    never with L x L. Scale 1/sqrt(D).
+    its own segment. Triton path: one launch of the varlen flash kernel over every segment. SDPA path: each
+    segment on its own. Either way memory grows with the largest segment, never with L x L. Scale 1/sqrt(D).
     """
+    if use_triton(backend, q.device):
+        from points.kernels.flash_varlen import flash_attn_varlen
+
+        cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        return flash_attn_varlen(q, k, v, cu, cu, longest)
     out = torch.empty_like(q)
     for start, end in zip(bounds[:-1], bounds[1:]):
         # [1, H, n, D]: the fused (flash) kernels take 4-D inputs only; 3-D falls back to materialised scores

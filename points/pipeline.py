@@ -8,6 +8,7 @@ from typing import Iterator
 
 import torch
 
+from points.attention import use_triton
 from points.chat import build_prompt
 from points.checkpoint import load_state_dict, materialize
 from points.errors import CheckpointError
@@ -49,17 +50,20 @@ class Pipeline:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-         progress: bool | None = None) -> Pipeline:
+         progress: bool | None = None, attn: str = "auto") -> Pipeline:
     """A POINTS-1.5 checkpoint directory (released layout or ours) -> Pipeline, on `device` in `dtype`
-    (None keeps the checkpoint's dtype)."""
+    (None keeps the checkpoint's dtype). `attn`: "auto" (Triton kernels on CUDA when Triton is installed,
+    PyTorch SDPA otherwise), "sdpa" or "triton"."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise CheckpointError(f"device {device!r} is not a valid torch device ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"device {device} requested but CUDA is not available on this machine")
+    use_triton(attn, device)  # a forced backend that cannot run fails here, before any loading
     tokenizer = Tokenizer(path)
     processor = ImageProcessor.from_dir(path)
     cfg, state = load_state_dict(path, dtype=dtype, device=device, progress=progress)
     model = materialize(lambda: POINTSModel(cfg, tokenizer.image_pad_id), state, "")
+    model.vision.attn_backend = attn
     return Pipeline(model, tokenizer, processor)

@@ -64,11 +64,11 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)  # rows [q; k; v]
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
 
-    def forward(self, x, cos, sin, bounds):
+    def forward(self, x, cos, sin, bounds, backend):
         L = x.shape[0]
         q, k, v = self.qkv(x).view(L, 3, self.n_heads, self.head_dim).unbind(1)  # [L, H, D] each
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.proj(varlen_attention(q, k, v, bounds).reshape(L, -1))
+        return self.proj(varlen_attention(q, k, v, bounds, backend).reshape(L, -1))
 
 
 class VisionMLP(nn.Module):
@@ -90,8 +90,8 @@ class VisionBlock(nn.Module):
         self.norm2 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x, cos, sin, bounds):
-        x = x + self.attn(self.norm1(x), cos, sin, bounds)
+    def forward(self, x, cos, sin, bounds, backend):
+        x = x + self.attn(self.norm1(x), cos, sin, bounds, backend)
         return x + self.mlp(self.norm2(x))
 
 
@@ -99,6 +99,7 @@ class VisionEncoder(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
+        self.attn_backend = "auto"  # "auto" | "sdpa" | "triton", see points.attention.use_triton
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.embed_dim, bias=False)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
 
@@ -110,7 +111,7 @@ class VisionEncoder(nn.Module):
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
         bounds = frame_bounds(grid)
         for block in self.blocks:
-            x = block(x, cos, sin, bounds)
+            x = block(x, cos, sin, bounds, self.attn_backend)
         return x
 
 

@@ -1,10 +1,14 @@
 """Shared fixtures: the transformers reference models and checkpoints written from them."""
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; must precede any Triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 import reference  # noqa: E402
