@@ -32,22 +32,24 @@ def use_triton(backend: str, device: torch.device) -> bool:
     return backend == "auto" and device.type == "cuda" and have_triton
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, past: int) -> torch.Tensor:
-    """q [B, Hq, T, D]; k/v [B, Hkv, S, D] with S = past + T; q_pos [B, T] absolute positions -> [B, Hq, T, D].
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+    """q [B, Hq, T, D]; k/v [B, Hkv, S, D]; q_pos [B, T] absolute positions -> [B, Hq, T, D].
 
     Key j is visible to the query at position p iff j <= p; rows may sit at different positions (a
-    ragged batch), `past` (a host int) bounds every row's position before this call. Query head h uses
+    ragged batch). S bounds every position + 1; slots past a row's position are masked whatever they
+    hold. With several query chunks, chunk c reads only the first S - T + end_c keys. Query head h uses
     KV head h // (Hq / Hkv), as transformers' repeat_kv. Scale 1/sqrt(D); the SDPA kernels accumulate the
     softmax in float32 for every input dtype.
     """
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     rep = Hq // Hkv
+    S = k.shape[2]
     q = q.view(B, Hkv, rep, T, D)
     out = []
     for start in range(0, T, QUERY_CHUNK):
         end = min(start + QUERY_CHUNK, T)
-        n = past + end  # no query of this chunk sits past position past + end - 1
+        n = S if end == T else S - T + end  # every query of this chunk sits below position S - T + end
         visible = torch.arange(n, device=q.device) <= q_pos[:, start:end, None]  # [B, t, n]
         mask = visible[:, None].repeat(1, 1, rep, 1)  # [B, 1, rep * t, n]: row r * t + i sees visible[i]
         qc = q[:, :, :, start:end].reshape(B, Hkv, rep * (end - start), D)

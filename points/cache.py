@@ -14,7 +14,7 @@ import torch
 
 class KVCache:
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, head_dim: int, max_len: int,
-                 *, dtype: torch.dtype, device: torch.device | str):
+                 *, dtype: torch.dtype, device: torch.device | str, block: int = 1):
         shape = (n_layers, batch_size, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -22,6 +22,7 @@ class KVCache:
         self.rows = torch.arange(batch_size, device=device)[:, None]  # [B, 1] for row-wise writes
         self.span = 0
         self.max_len = max_len
+        self.block = block  # attention reads whole blocks of slots: fewer distinct shapes for compiled steps
 
     @property
     def batch_size(self) -> int:
@@ -34,13 +35,17 @@ class KVCache:
                              f"{self.max_len}; allocate a larger cache")
         return self.pos[:, None] + torch.arange(n_tokens, device=self.pos.device)
 
-    def write(self, layer: int, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def visible(self, n_tokens: int) -> int:
+        """How many slots the next n_tokens must read: span + n_tokens, rounded up to whole blocks."""
+        need = self.span + n_tokens
+        return min(self.max_len, -(-need // self.block) * self.block)
+
+    def write(self, layer: int, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
         """Store k/v [B, T, Hkv, D] at positions q_pos [B, T]; return this layer's K, V for the first
-        `span + T` slots as [B, Hkv, S, D] views."""
+        kv_len slots as [B, Hkv, kv_len, D] views."""
         self.k[layer][self.rows, :, q_pos] = k
         self.v[layer][self.rows, :, q_pos] = v
-        s = self.span + q_pos.shape[1]
-        return self.k[layer, :, :, :s], self.v[layer, :, :, :s]
+        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
 
     def advance(self, n_tokens: int, n_new: torch.Tensor | None = None) -> None:
         """After a forward of n_tokens per row, of which n_new[b] were real (default: all)."""

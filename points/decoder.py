@@ -44,7 +44,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
         self.split = (q_dim, kv_dim, kv_dim)
 
-    def forward(self, x, cos, sin, q_pos, past: int, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, q_pos, kv_len: int, cache: KVCache | None, layer: int):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), cos, sin)  # [B, T, Hq, D]
@@ -53,8 +53,8 @@ class Attention(nn.Module):
         if cache is None:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
         else:
-            k, v = cache.write(layer, q_pos, k, v)  # [B, Hkv, S, D]
-        y = causal_attention(q.transpose(1, 2), k, v, q_pos, past)  # [B, Hq, T, D]
+            k, v = cache.write(layer, q_pos, k, v, kv_len)  # [B, Hkv, kv_len, D]
+        y = causal_attention(q.transpose(1, 2), k, v, q_pos)  # [B, Hq, T, D]
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -77,8 +77,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, q_pos, past, cache, layer):
-        x = x + self.attn(self.attn_norm(x), cos, sin, q_pos, past, cache, layer)
+    def forward(self, x, cos, sin, q_pos, kv_len, cache, layer):
+        x = x + self.attn(self.attn_norm(x), cos, sin, q_pos, kv_len, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -92,10 +92,12 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """A cache on this model's device and dtype; max_len defaults to the context length."""
+        """A cache on this model's device and dtype; max_len defaults to the context length. A compiled
+        model reads its keys in blocks of 256 slots, so that its step compiles once per block size."""
         w = self.embed.weight
         return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, self.cfg.head_dim,
-                       max_len or self.cfg.max_seq_len, dtype=w.dtype, device=w.device)
+                       max_len or self.cfg.max_seq_len, dtype=w.dtype, device=w.device,
+                       block=256 if self._compiled_step is not None else 1)
 
     def forward(self, tokens: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
                 cache: KVCache | None = None, n_new: torch.Tensor | None = None,
@@ -111,16 +113,42 @@ class Decoder(nn.Module):
         x = self.embed(tokens) if embeds is None else embeds
         B, T, _ = x.shape
         if cache is None:
-            q_pos, past = torch.arange(T, device=x.device).expand(B, T), 0
+            logits = self.run(x, torch.arange(T, device=x.device).expand(B, T), None, T, last)
         else:
-            q_pos, past = cache.positions(T), cache.span
+            logits = self.run(x, cache.positions(T), cache, cache.visible(T), last)
+            cache.advance(T, n_new)
+        return logits
+
+    def run(self, x: torch.Tensor, q_pos: torch.Tensor, cache: KVCache | None, kv_len: int,
+            last: torch.Tensor | None) -> torch.Tensor:
+        """The layers on embeddings x [B, T, H] at positions q_pos [B, T], reading the first kv_len cache
+        slots; touches no host state (the compile target)."""
+        B, T, _ = x.shape
         cos, sin = rotary_tables(q_pos, inv_freq(self.cfg.head_dim, self.cfg.rope_theta, x.device),
                                  self.cfg.rope_scale)
         cos, sin = cos[:, :, None], sin[:, :, None]  # [B, T, 1, D]: broadcast over heads
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, q_pos, past, cache, i)
-        if cache is not None:
-            cache.advance(T, n_new)
+            x = layer(x, cos, sin, q_pos, kv_len, cache, i)
         if last is not None:
             x = x[torch.arange(B, device=x.device), last]  # [B, H]
         return self.lm_head(self.norm(x)).float()
+
+    _compiled_step = None
+
+    def _step(self, tokens: torch.Tensor, q_pos: torch.Tensor, cache: KVCache, kv_len: int) -> torch.Tensor:
+        return self.run(self.embed(tokens), q_pos, cache, kv_len, None)[:, -1]
+
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One token per row: tokens [B, 1] -> logits [B, vocab]. Runs the compiled step after `compile()`."""
+        step = self._compiled_step or self._step
+        logits = step(tokens, cache.positions(1), cache, cache.visible(1))
+        cache.advance(1)
+        return logits
+
+    def compile(self, mode: str | None = None, backend="inductor") -> "Decoder":
+        """Compile the one-token decode step into one graph (static shapes: one graph per key-block count).
+        mode defaults to "reduce-overhead" (CUDA graphs) on CUDA. Caches made afterwards use key blocks."""
+        if mode is None and self.embed.weight.device.type == "cuda":
+            mode = "reduce-overhead"
+        self._compiled_step = torch.compile(self._step, mode=mode, backend=backend, fullgraph=True, dynamic=False)
+        return self

@@ -143,7 +143,7 @@ def _steps(model, tokenizer, prompts, ids, cfg: GenerationConfig) -> Iterator[li
         if seen is not None:
             seen[torch.arange(B, device=device), nxt] = True
         with torch.inference_mode():
-            logits = model.decoder(nxt[:, None], cache=cache)[:, -1]
+            logits = model.decoder.decode_step(nxt[:, None], cache)
 
 
 class _Reply:
