@@ -27,13 +27,15 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
-def _fwd(Q, K, V, O, cu_q, cu_k, scale,
+def _fwd(Q, K, V, O, cu_q, cu_k, used_k, scale,
          sq_l, sq_h, sk_l, sk_h, sv_l, sv_h, so_l, so_h,
-         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr, USED_K: tl.constexpr,
          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     m_block, seq, head = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q0, k0 = tl.load(cu_q + seq), tl.load(cu_k + seq)
     n_q, n_k = tl.load(cu_q + seq + 1) - q0, tl.load(cu_k + seq + 1) - k0
+    if USED_K:  # keys actually used by this sequence (a KV cache's rows are longer than their content)
+        n_k = tl.load(used_k + seq)
     if m_block * BLOCK_M >= n_q:
         return
     kv_head = head // GROUP
@@ -80,12 +82,34 @@ def _fwd(Q, K, V, O, cu_q, cu_k, scale,
              mask=row_ok[:, None] & dim_ok[None, :])
 
 
+def flash_attn_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, used: torch.Tensor,
+                     causal: bool = True) -> torch.Tensor:
+    """Prefill against a KV cache without copying it: q [B, T, Hq, D] (rows right-padded to T), one layer's
+    k/v cache [B, Hkv, max_len, D], used [B] = keys each row holds after this write (its position + T).
+    -> [B, T, Hq, D]. The cache is read in place through a strided view whose sequence b starts at slot
+    b * Hkv * max_len (in units of one head vector)."""
+    B, T, H, D = q.shape
+    _, Hkv, max_len, _ = k_cache.shape
+    if k_cache.stride() != (Hkv * max_len * D, max_len * D, D, 1) or v_cache.stride() != k_cache.stride():
+        raise ValueError("flash_attn_cache: the caches must be contiguous [B, Hkv, max_len, D]")
+    rows = (B - 1) * Hkv * max_len + max_len  # the last row's last head ends exactly at the storage end
+    k = k_cache.as_strided((rows, Hkv, D), (D, max_len * D, 1))
+    v = v_cache.as_strided((rows, Hkv, D), (D, max_len * D, 1))
+    dev = q.device
+    cu_q = torch.arange(B + 1, device=dev, dtype=torch.int32) * T
+    cu_k = torch.arange(B + 1, device=dev, dtype=torch.int32) * (Hkv * max_len)
+    out = flash_attn_varlen(q.reshape(B * T, H, D), k, v, cu_q, cu_k, T, causal=causal,
+                            seqused_k=used.to(torch.int32))
+    return out.view(B, T, H, D)
+
+
 def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                       cu_seqlens_k: torch.Tensor, max_seqlen_q: int, causal: bool = False,
                       scale: float | None = None, block_m: int = 64, block_n: int = 64,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      out: torch.Tensor | None = None, seqused_k: torch.Tensor | None = None) -> torch.Tensor:
     """q [Lq, Hq, D], k/v [Lk, Hkv, D] (last dim contiguous), int32 cu_seqlens [n + 1] -> [Lq, Hq, D]
-    (written into `out` when given). Scale defaults to 1/sqrt(D)."""
+    (written into `out` when given). Scale defaults to 1/sqrt(D). `seqused_k` (int32 [n], optional): sequence
+    i uses only its first seqused_k[i] keys (flash-attn's argument of that name)."""
     if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or q.shape[2] != k.shape[2]:
         raise ValueError(f"flash_attn_varlen: expected q [Lq, Hq, D] and k, v [Lk, Hkv, D], got {list(q.shape)}, "
                          f"{list(k.shape)}, {list(v.shape)}")
@@ -93,6 +117,8 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
         raise ValueError(f"flash_attn_varlen: {q.shape[1]} query heads are not a multiple of {k.shape[1]} KV heads")
     if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_k.dtype != torch.int32 or cu_seqlens_q.shape != cu_seqlens_k.shape:
         raise ValueError("flash_attn_varlen: cu_seqlens_q and cu_seqlens_k must be int32 tensors of the same length")
+    if seqused_k is not None and (seqused_k.dtype != torch.int32 or seqused_k.shape[0] != cu_seqlens_k.shape[0] - 1):
+        raise ValueError("flash_attn_varlen: seqused_k must be an int32 tensor with one entry per sequence")
     if not (q.stride(-1) == k.stride(-1) == v.stride(-1) == 1):
         raise ValueError("flash_attn_varlen: the head dimension of q, k, v must be contiguous")
     L, H, D = q.shape
@@ -101,10 +127,11 @@ def flash_attn_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     if n == 0 or L == 0:
         return out
     grid = (triton.cdiv(max(max_seqlen_q, 1), block_m), n, H)
-    _fwd[grid](q, k, v, out, cu_seqlens_q, cu_seqlens_k, scale if scale is not None else 1 / math.sqrt(D),
+    _fwd[grid](q, k, v, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_k if seqused_k is None else seqused_k, scale if scale is not None else 1 / math.sqrt(D),
                q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
                out.stride(0), out.stride(1),
                GROUP=H // k.shape[1], HEAD_DIM=D, CAUSAL=causal, UPCAST=INTERPRETED and q.dtype == torch.bfloat16,
+               USED_K=seqused_k is not None,
                BLOCK_M=block_m, BLOCK_N=block_n,
                BLOCK_D=max(16, triton.next_power_of_2(D)))
     return out

@@ -59,6 +59,21 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     return y.reshape(B, Hq, T, D)
 
 
+def triton_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, cache, layer: int):
+    """Causal attention of a prefill (T > 1) on the Triton varlen kernel: q [B, T, Hq, D], k/v [B, T, Hkv, D]
+    -> [B, T, Hq, D]. With a cache (k/v already written into it) the kernel reads the cache in place, each
+    row using its first position + T slots; GQA without repeated K/V either way."""
+    from points.kernels.flash_varlen import flash_attn_cache, flash_attn_varlen
+
+    B, T, H, D = q.shape
+    if cache is None:
+        cu = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
+        out = flash_attn_varlen(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+                                cu, cu, T, causal=True)
+        return out.view(B, T, H, D)
+    return flash_attn_cache(q, cache.k[layer], cache.v[layer], q_pos[:, -1] + 1)
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int],
                      backend: str = "auto") -> torch.Tensor:
     """Non-causal attention over packed sequences: q/k/v [L, H, D] -> [L, H, D].

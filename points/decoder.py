@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from points.attention import causal_attention
+from points.attention import causal_attention, triton_prefill, use_triton
 from points.cache import KVCache
 from points.config import DecoderConfig
 from points.rope import apply_rotary, inv_freq, rotary_tables
@@ -44,12 +44,16 @@ class Attention(nn.Module):
         self.out = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
         self.split = (q_dim, kv_dim, kv_dim)
 
-    def forward(self, x, cos, sin, q_pos, kv_len: int, cache: KVCache | None, layer: int):
+    def forward(self, x, cos, sin, q_pos, kv_len: int, cache: KVCache | None, layer: int, fast: bool):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), cos, sin)  # [B, T, Hq, D]
         k = apply_rotary(k.view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # [B, T, Hkv, D]
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
+        if fast:  # prefill on the Triton kernel
+            if cache is not None:
+                cache.write(layer, q_pos, k, v, kv_len)
+            return self.out(triton_prefill(q, k, v, q_pos, cache, layer).reshape(B, T, -1))
         if cache is None:
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
         else:
@@ -77,8 +81,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, q_pos, kv_len, cache, layer):
-        x = x + self.attn(self.attn_norm(x), cos, sin, q_pos, kv_len, cache, layer)
+    def forward(self, x, cos, sin, q_pos, kv_len, cache, layer, fast):
+        x = x + self.attn(self.attn_norm(x), cos, sin, q_pos, kv_len, cache, layer, fast)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -86,6 +90,7 @@ class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
+        self.attn_backend = "auto"  # prefill attention: "auto" | "sdpa" | "triton" (points.attention.use_triton)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
@@ -127,8 +132,9 @@ class Decoder(nn.Module):
         cos, sin = rotary_tables(q_pos, inv_freq(self.cfg.head_dim, self.cfg.rope_theta, x.device),
                                  self.cfg.rope_scale)
         cos, sin = cos[:, :, None], sin[:, :, None]  # [B, T, 1, D]: broadcast over heads
+        fast = T > 1 and use_triton(self.attn_backend, x.device)  # one-token steps stay on SDPA
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, q_pos, kv_len, cache, i)
+            x = layer(x, cos, sin, q_pos, kv_len, cache, i, fast)
         if last is not None:
             x = x[torch.arange(B, device=x.device), last]  # [B, H]
         return self.lm_head(self.norm(x)).float()

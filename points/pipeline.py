@@ -52,8 +52,8 @@ class Pipeline:
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
          progress: bool | None = None, attn: str = "auto", compile: bool = False) -> Pipeline:
     """A POINTS-1.5 checkpoint directory (released layout or ours) -> Pipeline, on `device` in `dtype`
-    (None keeps the checkpoint's dtype). `attn`: "auto" (Triton kernels on CUDA when Triton is installed,
-    PyTorch SDPA otherwise), "sdpa" or "triton". `compile=True` compiles the one-token decode step
+    (None keeps the checkpoint's dtype). `attn` (vision attention and decoder prefill): "auto" (Triton
+    kernels on CUDA when Triton is installed, PyTorch SDPA otherwise), "sdpa" or "triton". `compile=True` compiles the one-token decode step
     (`torch.compile`, CUDA graphs on CUDA)."""
     try:
         device = torch.device(device)
@@ -66,7 +66,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     processor = ImageProcessor.from_dir(path)
     cfg, state = load_state_dict(path, dtype=dtype, device=device, progress=progress)
     model = materialize(lambda: POINTSModel(cfg, tokenizer.image_pad_id), state, "")
-    model.vision.attn_backend = attn
+    model.vision.attn_backend = model.decoder.attn_backend = attn
     if compile:
         model.decoder.compile()
     return Pipeline(model, tokenizer, processor)

@@ -99,3 +99,33 @@ def test_vision_encoder_on_the_triton_path(official_dir):
     sdpa = enc(pixels, grid)
     enc.attn_backend = "triton"
     torch.testing.assert_close(enc(pixels, grid), sdpa, rtol=5e-3, atol=5e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@torch.no_grad()
+def test_decoder_prefill_on_the_triton_path(official_dir, dtype):
+    """No cache, a ragged cached prefill, a second cached chunk, then steps: Triton prefill == SDPA prefill."""
+    ref = points.load_decoder(official_dir, dtype=dtype, device=DEVICE)
+    fast = points.load_decoder(official_dir, dtype=dtype, device=DEVICE)
+    fast.attn_backend = "triton"
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    g = torch.Generator().manual_seed(9)
+    tokens = torch.randint(0, 1000, (2, 21), generator=g).to(DEVICE)
+    torch.testing.assert_close(fast(tokens), ref(tokens), **tol)
+    caches = [m.new_cache(2, max_len=48) for m in (ref, fast)]
+    n_new = torch.tensor([21, 8], device=DEVICE)
+    outs = [m(tokens, cache=c, n_new=n_new, last=n_new - 1) for m, c in zip((ref, fast), caches)]
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    more = torch.randint(0, 1000, (2, 5), generator=g).to(DEVICE)
+    outs = [m(more, cache=c) for m, c in zip((ref, fast), caches)]
+    torch.testing.assert_close(outs[1], outs[0], **tol)
+    step = torch.tensor([[3], [4]], device=DEVICE)
+    torch.testing.assert_close(fast.decode_step(step, caches[1]), ref.decode_step(step, caches[0]), **tol)
+
+
+def test_forced_triton_without_cuda_is_a_clear_error(e2e_dir, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if CUDA:
+        pytest.skip("CUDA present")
+    with pytest.raises(ValueError, match="attn = 'triton' needs CUDA tensors, got cpu"):
+        points.load(e2e_dir, attn="triton")
