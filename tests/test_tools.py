@@ -20,3 +20,6 @@ def test_gpu_check_dry_run(tmp_path):
     assert rows[0]["max_abs"] < 1e-4 and rows[1]["transformers_own"] > 0
     vision = json.loads((tmp_path / "vision.json").read_text())
     assert vision["patches"] == 1024 and vision["time_min_s"] > 0 and vision["floor_s"] > 0
+    kernels = json.loads((tmp_path / "kernels.json").read_text())
+    assert set(kernels["decode_s_per_token"]) == {"points eager", "points compiled", "transformers"}
+    assert kernels["vision"]["triton"]["min_s"] > 0

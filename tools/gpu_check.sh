@@ -12,9 +12,9 @@ py=python3
 command -v "$py" >/dev/null || py=python
 
 if [ "${1:-}" = "--dry-run" ]; then
-    device=cpu preset=tiny pytest_args=(--collect-only -q) vision_args=(--images 448x448 --depth 2)
+    device=cpu preset=tiny pytest_args=(--collect-only -q) vision_args=(--images 448x448 --depth 2) kernel_args=(--preset tiny)
 else
-    device=cuda preset=7b-width pytest_args=(-q -rs --continue-on-collection-errors) vision_args=(--dtype bfloat16 --repeat 5)
+    device=cuda preset=7b-width pytest_args=(-q -rs --continue-on-collection-errors) vision_args=(--dtype bfloat16 --repeat 5) kernel_args=(--preset 7b)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 fi
 "$py" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"
@@ -33,6 +33,10 @@ start=$(date +%s)
 "$py" tools/bench_vision.py --device "$device" "${vision_args[@]}" --json "$out/vision.json" > "$out/vision.log" 2>&1 || status=1
 vision_s=$(( $(date +%s) - start ))
 
+start=$(date +%s)
+"$py" tools/bench_kernels.py --device "$device" "${kernel_args[@]}" --json "$out/kernels.json" > "$out/kernels.log" 2>&1 || status=1
+kernels_s=$(( $(date +%s) - start ))
+
 echo
 echo "== points gpu_check ($device) =="
 echo "tests: $(tail -n 1 "$out/pytest.log") [${tests_s}s]"
@@ -40,4 +44,6 @@ cat "$out/precision.log"
 echo "[precision ${precision_s}s]"
 cat "$out/vision.log"
 echo "[vision ${vision_s}s]"
+tail -n 6 "$out/kernels.log"
+echo "[kernels ${kernels_s}s]"
 exit $status

@@ -1,0 +1,166 @@
+#!/usr/bin/env python3
+"""The kernels issue's two figures, each against its baseline in the same run:
+
+1. vision attention: the Triton varlen kernel vs PyTorch SDPA looped per image, 4 images x 4096 patches
+   packed, 16 heads x 80, bf16; effective TFLOP/s (4 * sum(n^2) * H * D FLOPs).
+2. decode: tokens/s at batch 1 after a 512-token prompt, our eager step, our compiled step, and
+   transformers' Qwen2ForCausalLM.generate on the same weights (random, the released shapes); the floor
+   is the weights' bytes over the device's measured copy bandwidth.
+
+    python tools/bench_kernels.py                       # on a GPU: the real shapes
+    python tools/bench_kernels.py --preset tiny --no-compile   # anywhere (CPU: Triton's interpreter)
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # Triton's CPU interpreter; must be set before anything imports Triton
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import reference  # noqa: E402
+
+from points.checkpoint import materialize, to_hf_state_dict  # noqa: E402
+from points.config import from_hf_dict  # noqa: E402
+from points.decoder import Decoder  # noqa: E402
+
+PRESETS = {  # vision (images, patches each, heads, head dim), decoder llm config, prompt, new tokens
+    "7b": ((4, 4096, 16, 80), reference.REAL_LLM_CONFIG, 512, 128),
+    "tiny": ((2, 64, 2, 80), reference.TINY_LLM, 16, 8),
+}
+
+
+def timed(fn, device, repeat=5):
+    fn()  # warm-up (compilation, autotuning, CUDA graph capture)
+    times = []
+    for _ in range(repeat):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return min(times), statistics.median(times)
+
+
+def bench_vision_attention(shape, dtype, device):
+    from points.attention import varlen_attention
+
+    n_img, n, h, d = shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(n_img * n, h, d, generator=g).to(device, dtype) for _ in range(3))
+    bounds = [i * n for i in range(n_img + 1)]
+    flops = 4 * n_img * n * n * h * d
+    rows = {}
+    for backend in ("sdpa", "triton"):
+        best, med = timed(lambda: varlen_attention(q, k, v, bounds, backend), device)
+        rows[backend] = dict(min_s=best, median_s=med, tflops=flops / best / 1e12)
+    return rows
+
+
+def copy_bandwidth(device) -> float:
+    """Bytes read + written per second for a large device copy."""
+    x = torch.empty(256 * 2**20 if device.type == "cuda" else 32 * 2**20, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    best, _ = timed(lambda: y.copy_(x), device)
+    return 2 * x.numel() / best
+
+
+def bench_decode(llm, prompt_len, new, dtype, device, compile_step):
+    cfg = from_hf_dict(reference.hf_config(llm, dict(reference.TINY_VISION, hidden_size=llm["hidden_size"])))
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Decoder(cfg.decoder).to(dtype).eval().requires_grad_(False)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    prompt = torch.randint(0, cfg.decoder.vocab_size, (1, prompt_len), device=device)
+
+    def ours(m, steps):
+        def run():
+            cache = m.new_cache(1, max_len=prompt_len + steps + 1)
+            with torch.inference_mode():
+                nxt = m(prompt, cache=cache)[:, -1].argmax(-1, keepdim=True)
+                for _ in range(steps):
+                    nxt = m.decode_step(nxt, cache).argmax(-1, keepdim=True)
+        return run
+
+    rows = {}
+
+    def per_token(make):
+        full, _ = timed(make(new), device, repeat=3)
+        prefill, _ = timed(make(0), device, repeat=3)
+        return max(full - prefill, 1e-9) / new
+
+    rows["points eager"] = per_token(lambda s: ours(model, s))
+    if compile_step:
+        model.compile()
+        rows["points compiled"] = per_token(lambda s: ours(model, s))
+        model._compiled_step = None
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    d = cfg.decoder
+    hf_cfg = Qwen2Config(vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.ffn_size,
+                         num_hidden_layers=d.n_layers, num_attention_heads=d.n_heads, num_key_value_heads=d.n_kv_heads,
+                         rms_norm_eps=d.norm_eps, max_position_embeddings=d.max_seq_len, tie_word_embeddings=False,
+                         rope_parameters={"rope_type": "default", "rope_theta": d.rope_theta})
+    with torch.device("meta"):
+        hf = Qwen2ForCausalLM(hf_cfg)
+    state = {f"decoder.{k}": v for k, v in model.state_dict().items()}  # the same tensors, shared, not copied
+    hf_state = {k.removeprefix("llm."): v for k, v in to_hf_state_dict(state, cfg, naming="qwen2").items()}
+    hf.load_state_dict(hf_state, strict=True, assign=True)
+    with torch.device(device):  # its rotary table is a non-persistent buffer: build it for real
+        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg)
+    hf.eval()
+
+    def theirs(steps):
+        def run():
+            with torch.inference_mode():
+                hf.generate(prompt, max_new_tokens=steps + 1, min_new_tokens=steps + 1, do_sample=False,
+                            pad_token_id=0)
+        return run
+
+    rows["transformers"] = per_token(theirs)
+    return rows, weights
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="7b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    vision_shape, llm, prompt_len, new = PRESETS[args.preset]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    vis = bench_vision_attention(vision_shape, torch.bfloat16 if device.type == "cuda" else torch.float16, device)
+    dec, weights = bench_decode(llm, prompt_len, new, dtype, device, not args.no_compile)
+    bw = copy_bandwidth(device)
+    floor = weights / bw
+    print(f"\npoints kernels, preset {args.preset}, {name}, torch {torch.__version__}")
+    n_img, n, h, d = vision_shape
+    print(f"vision attention ({n_img} x {n} patches, {h} heads x {d}): SDPA per image {vis['sdpa']['min_s'] * 1e3:.3f} ms"
+          f" ({vis['sdpa']['tflops']:.1f} TFLOP/s), Triton {vis['triton']['min_s'] * 1e3:.3f} ms "
+          f"({vis['triton']['tflops']:.1f} TFLOP/s): {vis['sdpa']['min_s'] / vis['triton']['min_s']:.2f}x")
+    print(f"decode, batch 1, {prompt_len}-token prompt, {str(dtype).removeprefix('torch.')}, weights {weights / 1e9:.2f} GB, "
+          f"copy bandwidth {bw / 1e12:.2f} TB/s -> floor {1 / floor:.0f} tokens/s")
+    for label, s in dec.items():
+        print(f"  {label:16} {1 / s:8.1f} tokens/s  ({dec['transformers'] / s:.2f}x transformers, "
+              f"{floor / s:.0%} of the floor)")
+    if args.json:
+        args.json.write_text(json.dumps(dict(preset=args.preset, device=name, torch=torch.__version__, vision=vis,
+                                             decode_s_per_token=dec, weights_bytes=weights, copy_bytes_per_s=bw), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
