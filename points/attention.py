@@ -14,10 +14,13 @@ import torch.nn.functional as F
 
 QUERY_CHUNK = 512
 BACKENDS = ("auto", "sdpa", "triton")
+# "auto" picks Triton on CUDA only once the kernels have passed tools/gpu_check.sh on a GPU; until then
+# (they are tested in Triton's CPU interpreter only) "auto" means SDPA and Triton is opt-in with "triton".
+AUTO_TRITON = False
 
 
 def use_triton(backend: str, device: torch.device) -> bool:
-    """'auto': Triton on CUDA when it is installed, SDPA otherwise; 'sdpa' / 'triton' force one.
+    """'auto': Triton on CUDA when it is installed (and AUTO_TRITON), SDPA otherwise; 'sdpa' / 'triton' force one.
     Forcing Triton without it (or without CUDA, outside Triton's CPU interpreter) is a clear error."""
     if backend not in BACKENDS:
         raise ValueError(f"attn = {backend!r}: expected one of {BACKENDS}")
@@ -29,7 +32,7 @@ def use_triton(backend: str, device: torch.device) -> bool:
             raise ValueError(f"attn = 'triton' needs CUDA tensors, got {device} (or set TRITON_INTERPRET=1 to "
                              "run the kernels in Triton's CPU interpreter)")
         return True
-    return backend == "auto" and device.type == "cuda" and have_triton
+    return backend == "auto" and AUTO_TRITON and device.type == "cuda" and have_triton
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
