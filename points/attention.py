@@ -6,6 +6,7 @@ are processed in chunks so that no mask larger than [B, 1, rep * QUERY_CHUNK, S]
 prefill would otherwise need a 1.9 GB mask), and each chunk reads only the keys it can see.
 """
 
+import functools
 import importlib.util
 import os
 
@@ -19,12 +20,18 @@ BACKENDS = ("auto", "sdpa", "triton")
 AUTO_TRITON = False
 
 
+@functools.cache
+def triton_installed() -> bool:
+    """Looked up once: the dispatch runs on every prefill and every vision block."""
+    return importlib.util.find_spec("triton") is not None
+
+
 def use_triton(backend: str, device: torch.device) -> bool:
     """'auto': Triton on CUDA when it is installed (and AUTO_TRITON), SDPA otherwise; 'sdpa' / 'triton' force one.
     Forcing Triton without it (or without CUDA, outside Triton's CPU interpreter) is a clear error."""
     if backend not in BACKENDS:
         raise ValueError(f"attn = {backend!r}: expected one of {BACKENDS}")
-    have_triton = importlib.util.find_spec("triton") is not None
+    have_triton = triton_installed()
     if backend == "triton":
         if not have_triton:
             raise ValueError("attn = 'triton' but Triton is not installed (pip install 'points[triton]')")

@@ -332,8 +332,8 @@ def load_state_dict(directory: str | Path, *, parts: tuple[str, ...] = ("decoder
     """Our state dict (names `decoder.*`, `vision.*`, `projector.*`) for the requested parts.
 
     The whole checkpoint is checked; only the requested parts are read. Tensors are read one at a time
-    from the memory-mapped files and moved to `device`/`dtype` at once, so the peak is the model plus one
-    tensor in flight."""
+    (plain reads at the header offsets) and moved to `device`/`dtype` at once, so the peak is the model
+    plus one tensor in flight."""
     cfg, files, entries = _open(directory)
     dtype = resolve_dtype(dtype, files, entries)
     chosen = [e for e in entries if e.target.split(".", 1)[0] in parts]
