@@ -97,12 +97,23 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """A cache on this model's device and dtype; max_len defaults to the context length. A compiled
-        model reads its keys in blocks of 256 slots, so that its step compiles once per block size."""
+        """A cache on this model's device and dtype; max_len defaults to the context length.
+
+        After `compile()`, the step's shapes are static, so the cache is shaped to keep the number of graphs
+        small: max_len is rounded up to a power of two (>= 256), keys are read in blocks of 256 slots, and
+        its tensors are marked as static addresses (CUDA graphs write them in place instead of copying)."""
         w = self.embed.weight
-        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, self.cfg.head_dim,
-                       max_len or self.cfg.max_seq_len, dtype=w.dtype, device=w.device,
-                       block=256 if self._compiled_step is not None else 1)
+        max_len = max_len or self.cfg.max_seq_len
+        block = 1
+        if self._compiled_step is not None:
+            block = 256
+            max_len = max(max_len, min(1 << max(max_len - 1, block - 1).bit_length(), self.cfg.max_seq_len))
+        cache = KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, self.cfg.head_dim, max_len,
+                        dtype=w.dtype, device=w.device, block=block)
+        if self._compiled_step is not None:
+            for t in (cache.k, cache.v):
+                torch._dynamo.mark_static_address(t, guard=False)
+        return cache
 
     def forward(self, tokens: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
                 cache: KVCache | None = None, n_new: torch.Tensor | None = None,
@@ -141,19 +152,26 @@ class Decoder(nn.Module):
 
     _compiled_step = None
 
-    def _step(self, tokens: torch.Tensor, q_pos: torch.Tensor, cache: KVCache, kv_len: int) -> torch.Tensor:
-        return self.run(self.embed(tokens), q_pos, cache, kv_len, None)[:, -1]
+    def _step(self, tokens: torch.Tensor, q_pos: torch.Tensor, cache: KVCache, kv_len: int, pick):
+        logits = self.run(self.embed(tokens), q_pos, cache, kv_len, None)[:, -1]
+        return logits if pick is None else pick(logits, tokens)
 
-    def decode_step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """One token per row: tokens [B, 1] -> logits [B, vocab]. Runs the compiled step after `compile()`."""
-        step = self._compiled_step or self._step
-        logits = step(tokens, cache.positions(1), cache, cache.visible(1))
+    def decode_step(self, tokens: torch.Tensor, cache: KVCache, pick=None) -> torch.Tensor:
+        """One token per row: tokens [B, 1] -> logits [B, vocab] float32, or with `pick` (a
+        points.sampling.Picker) the next token ids [B], chosen in the same graph. Runs the compiled step
+        after `compile()`."""
+        step = self._step
+        if self._compiled_step is not None:
+            torch.compiler.cudagraph_mark_step_begin()  # earlier steps' outputs may be overwritten
+            step = self._compiled_step
+        out = step(tokens, cache.positions(1), cache, cache.visible(1), pick)
         cache.advance(1)
-        return logits
+        return out
 
     def compile(self, mode: str | None = None, backend="inductor") -> "Decoder":
-        """Compile the one-token decode step into one graph (static shapes: one graph per key-block count).
-        mode defaults to "reduce-overhead" (CUDA graphs) on CUDA. Caches made afterwards use key blocks."""
+        """Compile the one-token decode step, with the next-token choice when one is given, into one graph
+        (static shapes: one graph per cache length and key-block count, see `new_cache`). mode defaults to
+        "reduce-overhead" (CUDA graphs) on CUDA."""
         if mode is None and self.embed.weight.device.type == "cuda":
             mode = "reduce-overhead"
         self._compiled_step = torch.compile(self._step, mode=mode, backend=backend, fullgraph=True, dynamic=False)

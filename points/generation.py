@@ -2,6 +2,8 @@
 
 Greedy by default (temperature 0, as the reference always decodes); temperature / top-k / top-p sampling
 with an optional seed; repetition penalty (transformers' rule, over the prompt's and the reply's tokens).
+The choice of the next token (points.sampling.Picker) runs inside the decode step, so a compiled model does
+step + choice in one graph; the host reads each token while the next step is already queued.
 A row stops at <|im_end|> (the reference) or <|endoftext|> (an extension), at an extra stop string
 (the reply is cut before it), or after max_new_tokens. Several conversations run as one right-padded
 batch, each row at its own positions, so every reply equals (greedy) the conversation run alone.
@@ -16,6 +18,7 @@ from typing import Iterator
 import torch
 
 from points.chat import build_prompt
+from points.sampling import Picker
 
 
 @dataclass(frozen=True)
@@ -72,27 +75,6 @@ class GenerationConfig:
         return cls.from_kwargs(**d)
 
 
-def sample(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] float32 -> next token ids [B]."""
-    if cfg.temperature == 0:
-        return logits.argmax(-1)
-    logits = logits / cfg.temperature
-    if cfg.top_k:
-        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if cfg.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > cfg.top_p  # keep the smallest prefix reaching top_p (never empty)
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
-def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """transformers' repetition penalty: seen tokens' positive logits / penalty, negative ones * penalty."""
-    return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
-
-
 def stream_batch(model, tokenizer, processor, conversations: list, cfg: GenerationConfig) -> Iterator[list[str]]:
     """Yield, after every step, the new reply text of each conversation ('' when none is final yet).
     Prompts are built and checked here, at the call; the returned iterator runs the model."""
@@ -123,27 +105,25 @@ def _steps(model, tokenizer, prompts, ids, cfg: GenerationConfig) -> Iterator[li
                                             torch.cat([p.grid_thw for p in pixels]))
         cache = model.decoder.new_cache(B, max_len=T + cfg.max_new_tokens)
         logits = model.decoder(embeds=model.embed(padded, features), cache=cache, n_new=n_new, last=n_new - 1)
-    seen = None
-    if cfg.repetition_penalty != 1.0:
-        seen = torch.zeros_like(logits, dtype=torch.bool)
+    pick = Picker(B, logits.shape[-1], device, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                  penalty=cfg.repetition_penalty, seed=cfg.seed)
+    if pick.seen is not None:
         for i, row in enumerate(ids):
-            seen[i, torch.tensor(row, device=device)] = True
-    generator = None if cfg.seed is None else torch.Generator(device=device).manual_seed(cfg.seed)
+            pick.seen[i, torch.tensor(row, device=device)] = True
     rows = [_Reply(tokenizer, cfg.stop) for _ in range(B)]
-    stop_ids = torch.tensor([tokenizer.im_end_id, tokenizer.eos_id], device=device)
+    stop_ids = {tokenizer.im_end_id, tokenizer.eos_id}
+    pick.draw()
+    nxt = pick(logits)  # [B] on the device
     for step in range(cfg.max_new_tokens):
-        if seen is not None:
-            logits = penalize(logits, seen, cfg.repetition_penalty)
-        nxt = sample(logits, cfg, generator)  # [B]
-        ended = torch.isin(nxt, stop_ids).tolist()
         last = step == cfg.max_new_tokens - 1
-        yield [row.push(token, ended[i], last) for i, (row, token) in enumerate(zip(rows, nxt.tolist()))]
+        chosen = nxt.clone()  # (a CUDA-graph step's output is overwritten by its next run)
+        if not last:  # queue the next step before reading this token on the host: one sync per step
+            pick.draw()
+            with torch.inference_mode():
+                nxt = model.decoder.decode_step(chosen[:, None], cache, pick)
+        yield [row.push(t, t in stop_ids, last) for row, t in zip(rows, chosen.tolist())]
         if all(r.done for r in rows):
             return
-        if seen is not None:
-            seen[torch.arange(B, device=device), nxt] = True
-        with torch.inference_mode():
-            logits = model.decoder.decode_step(nxt[:, None], cache)
 
 
 class _Reply:

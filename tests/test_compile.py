@@ -1,8 +1,10 @@
 """The one-token decode step traces into a single graph (no graph breaks) with the static cache."""
 
+import pytest
 import torch
 
 import points
+from points.sampling import Picker
 
 
 def test_decode_step_has_no_graph_breaks(official_dir):
@@ -20,38 +22,64 @@ def test_decode_step_has_no_graph_breaks(official_dir):
     assert explanation.graph_count == 1
 
 
-def _greedy(model, prompt, steps, max_len):
+def _generate(model, prompt, steps, max_len, **rule):
+    """Prefill, then `steps` decode steps that choose the next token inside the step (points.sampling)."""
     cache = model.new_cache(1, max_len=max_len)
+    pick = Picker(1, model.cfg.vocab_size, torch.device("cpu"), **rule)
     with torch.no_grad():
-        logits = model(prompt, cache=cache)[:, -1]
-        out = []
-        for _ in range(steps):
-            nxt = logits.argmax(-1)
+        pick.draw()
+        nxt = pick(model(prompt, cache=cache)[:, -1])
+        out = [nxt.item()]
+        for _ in range(steps - 1):
+            pick.draw()
+            nxt = model.decode_step(nxt.clone()[:, None], cache, pick)
             out.append(nxt.item())
-            logits = model.decode_step(nxt[:, None], cache)
+        logits = model.decode_step(nxt.clone()[:, None], cache)
     return out, logits
 
 
-def test_compiled_decode_recompiles_once_per_key_block(official_dir):
-    """200 generated tokens after a 100-token prompt cross one 256-slot block boundary: exactly 2 graphs."""
+SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.9, penalty=1.3, seed=11)
+
+
+@pytest.mark.parametrize("rule", [{}, SAMPLED], ids=["greedy", "sampled"])
+def test_compiled_generation_recompiles_once_per_key_block(official_dir, rule):
+    """200 tokens chosen inside the step after a 100-token prompt: the cache is 512 slots (300 rounded up to
+    a power of two) and the keys cross one 256-slot block boundary, so exactly 2 graphs for the choosing
+    step, plus 1 for the logits-only step that ends `_generate`; same tokens and final logits."""
     from torch._dynamo.testing import CompileCounter
 
     prompt = torch.randint(0, 1000, (1, 100), generator=torch.Generator().manual_seed(7))
-    eager = points.load_decoder(official_dir)
-    expected = _greedy(eager, prompt, 200, 512)
+    expected = _generate(points.load_decoder(official_dir), prompt, 200, 300, **rule)
     torch._dynamo.reset()
     counter = CompileCounter()
     compiled = points.load_decoder(official_dir).compile(backend=counter)
-    got = _greedy(compiled, prompt, 200, 512)
-    assert counter.frame_count == 2
+    got = _generate(compiled, prompt, 200, 300, **rule)
+    assert counter.frame_count == 3
     assert got[0] == expected[0]
     torch.testing.assert_close(got[1], expected[1])
 
 
 def test_inductor_compiled_step_matches_eager(official_dir):
     prompt = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(8))
-    expected = _greedy(points.load_decoder(official_dir), prompt, 4, 64)
+    expected = _generate(points.load_decoder(official_dir), prompt, 4, 64, **SAMPLED)
     torch._dynamo.reset()
-    got = _greedy(points.load_decoder(official_dir).compile(), prompt, 4, 64)
+    got = _generate(points.load_decoder(official_dir).compile(), prompt, 4, 64, **SAMPLED)
     assert got[0] == expected[0]
     torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_pipeline_chat_equals_eager(e2e_dir, pipe):
+    """The whole chat loop (prefill, in-graph choice, the host reading each token one step late) on a compiled
+    step gives the eager replies, greedy and sampled with a penalty, batched and ragged."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    fast = points.load(e2e_dir)
+    fast.model.decoder.compile(backend=counter)
+    conversations = [[{"role": "user", "content": "Hello there"}], [{"role": "user", "content": "Why is the sky blue?"}]]
+    for gen in ({"max_new_tokens": 30}, {"max_new_tokens": 30, "temperature": 0.9, "top_p": 0.95, "seed": 4,
+                                         "repetition_penalty": 1.2}):
+        assert fast.chat_batch(conversations, **gen) == pipe.chat_batch(conversations, **gen)
+        assert list(fast.chat(conversations[1], stream=True, **gen)) == list(pipe.chat(conversations[1], stream=True, **gen))
+    assert 1 <= counter.frame_count <= 4  # greedy/sampled x batch 2/1, one cache size and one key block each

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer as HFTokenizer
 import points
 import reference
 from conftest import E2E_MAX_PIXELS
-from points.generation import GenerationConfig, penalize
+from points.generation import GenerationConfig
 
 PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 PAD = "<|image_pad|>"
@@ -130,12 +130,6 @@ def test_sampling_is_seeded(pipe, convs):
     others = {pipe.chat(messages, max_new_tokens=8, temperature=1.0, seed=s) for s in range(2, 6)}
     assert len(others | {a}) > 1
     assert pipe.chat(messages, max_new_tokens=8, temperature=0.7, top_k=1, seed=3) == pipe.chat(messages, max_new_tokens=8)
-
-
-def test_repetition_penalty():
-    logits = torch.tensor([[2.0, -2.0, 1.0]])
-    seen = torch.tensor([[True, True, False]])
-    assert penalize(logits, seen, 2.0).tolist() == [[1.0, -4.0, 1.0]]
 
 
 def test_repetition_penalty_changes_greedy_reply(pipe, convs):

@@ -30,6 +30,7 @@ import reference  # noqa: E402
 from points.checkpoint import materialize, to_hf_state_dict  # noqa: E402
 from points.config import from_hf_dict  # noqa: E402
 from points.decoder import Decoder  # noqa: E402
+from points.sampling import Picker  # noqa: E402
 
 PRESETS = {  # vision (images, patches each, heads, head dim), decoder llm config, prompt, new tokens
     "7b": ((4, 4096, 16, 80), reference.REAL_LLM_CONFIG, 512, 128),
@@ -85,10 +86,11 @@ def bench_decode(llm, prompt_len, new, dtype, device, compile_step):
     def ours(m, steps):
         def run():
             cache = m.new_cache(1, max_len=prompt_len + steps + 1)
+            pick = Picker(1, cfg.decoder.vocab_size, device)  # greedy, chosen inside the (compiled) step
             with torch.inference_mode():
-                nxt = m(prompt, cache=cache)[:, -1].argmax(-1, keepdim=True)
-                for _ in range(steps):
-                    nxt = m.decode_step(nxt, cache).argmax(-1, keepdim=True)
+                nxt = pick(m(prompt, cache=cache)[:, -1])
+                for _ in range(steps):  # (clone: a CUDA-graph output is overwritten by the next run)
+                    nxt = m.decode_step(nxt.clone()[:, None], cache, pick)
         return run
 
     rows = {}
