@@ -42,8 +42,13 @@ def use_triton(backend: str, device: torch.device) -> bool:
     return backend == "auto" and AUTO_TRITON and device.type == "cuda" and have_triton
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                     fresh: bool = False) -> torch.Tensor:
     """q [B, Hq, T, D]; k/v [B, Hkv, S, D]; q_pos [B, T] absolute positions -> [B, Hq, T, D].
+
+    fresh: every row's queries sit at positions 0..T-1 and its keys are the first T slots (a prefill from
+    an empty cache; right padding included, whose rows are never read). Then the plain causal mask holds
+    and, on the CPU or in half precision, SDPA's causal flash kernel runs with GQA and no mask at all.
 
     Key j is visible to the query at position p iff j <= p; rows may sit at different positions (a
     ragged batch). S bounds every position + 1; slots past a row's position are masked whatever they
@@ -54,6 +59,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: t
     B, Hq, T, D = q.shape
     Hkv = k.shape[1]
     rep = Hq // Hkv
+    if fresh and T > 1 and (q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16)):
+        return F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, enable_gqa=True)
     S = k.shape[2]
     q = q.view(B, Hkv, rep, T, D)
     out = []

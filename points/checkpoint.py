@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
+from torch.overrides import TorchFunctionMode
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
@@ -39,6 +40,7 @@ from points.progress import Progress
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 MAX_SHARD_BYTES = 5 * 10**9
+STAGING_BYTES = 16 * 2**20  # slab size when a tensor is read into another dtype or layout
 # Non-weight files a checkpoint directory may carry that a converted directory keeps.
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                  "merges.txt", "added_tokens.json", "preprocessor_config.json", "generation_config.json",
@@ -109,19 +111,35 @@ class TensorFiles:
     def dtype_name(self, name: str) -> str:
         return self._info[name][1]
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The tensor's data, read from the file. With `out` (a CPU tensor of the same shape, any dtype
+        and strides) it is read in slabs of rows through a small staging buffer and copied (and cast)
+        into `out`, so that no second full-size copy is ever held."""
         f, _, shape, offset, nbytes = self._info[name]
-        out = torch.empty(shape, dtype=self.dtype(name))
-        buf = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        dtype = self.dtype(name)
+        if out is None or (out.dtype == dtype and out.is_contiguous()):
+            out = torch.empty(shape, dtype=dtype) if out is None else out
+            self._read(name, offset, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+            return out
+        row_bytes = nbytes // shape[0] if shape and shape[0] else nbytes
+        step = max(1, STAGING_BYTES // max(row_bytes, 1))
+        for r0 in range(0, shape[0], step):
+            r1 = min(shape[0], r0 + step)
+            slab = torch.empty((r1 - r0, *shape[1:]), dtype=dtype)
+            self._read(name, offset + r0 * row_bytes, memoryview(slab.reshape(-1).view(torch.uint8).numpy()))
+            out[r0:r1].copy_(slab)
+        return out
+
+    def _read(self, name: str, offset: int, buf: memoryview) -> None:
+        f = self._info[name][0]
         with open(self.directory / f, "rb", buffering=0) as fh:
             fh.seek(offset)
             done = 0
-            while done < nbytes:
+            while done < len(buf):
                 got = fh.readinto(buf[done:])
                 if not got:
                     raise CheckpointError(f"{self.directory / f}: tensor {name} ends past the end of the file")
                 done += got
-        return out
 
     def where(self, name: str) -> Path:
         return self.directory / self._info[name][0]
@@ -143,8 +161,12 @@ class Entry:
     split: Split
 
 
+def _identity(ts: list) -> torch.Tensor:
+    return ts[0]
+
+
 def _same() -> tuple[Join, Split]:
-    return (lambda ts: ts[0]), (lambda t: [t])
+    return _identity, (lambda t: [t])
 
 
 def _cat(sizes: list[int]) -> tuple[Join, Split]:
@@ -319,9 +341,23 @@ def _open(directory: str | Path) -> tuple[ModelConfig, TensorFiles, list[Entry]]
     return cfg, files, entries
 
 
-def _build(entry: Entry, files: TensorFiles, dtype: torch.dtype, device) -> torch.Tensor:
-    t = entry.join([files.get(n) for n in entry.sources])
-    return t.to(device=device, dtype=dtype).contiguous()
+def _build(entry: Entry, files: TensorFiles, dtype: torch.dtype, device, column_major: bool = False) -> torch.Tensor:
+    """Our tensor for `entry`, in `dtype` on `device`; with column_major (CPU loading only) stored
+    transposed in memory (same shape and values, strides (1, rows)). A single-source tensor is read straight
+    into its final dtype and layout."""
+    if entry.join is _identity and torch.device(device).type == "cpu":
+        out = torch.empty(entry.shape[::-1], dtype=dtype).t() if column_major else torch.empty(entry.shape, dtype=dtype)
+        return files.get(entry.sources[0], out=out)
+    t = entry.join([files.get(n) for n in entry.sources]).to(device=device, dtype=dtype)
+    return t.t().contiguous().t() if column_major else t.contiguous()
+
+
+def column_major(entry: Entry) -> bool:
+    """Whether CPU loading stores this weight transposed: the decoder's projections with more output than
+    input features (q/k/v, gate/up, lm_head). With MKL, a one-token product reads such a matrix about 1.7x
+    faster transposed (see docs/benchmarks.md); GPU loading keeps the usual layout."""
+    return (entry.target.startswith("decoder.") and entry.target.endswith(".weight") and len(entry.shape) == 2
+            and entry.shape[0] > entry.shape[1] and entry.target != "decoder.embed.weight")
 
 
 # --------------------------------------------------------------------------- load and convert
@@ -341,16 +377,31 @@ def load_state_dict(directory: str | Path, *, parts: tuple[str, ...] = ("decoder
     bar = Progress(f"loading {Path(directory).name}", len(chosen),
                    sum(_nbytes(e.shape, dtype) for e in chosen), enabled=progress)
     for e in chosen:
-        state[e.target] = _build(e, files, dtype, device)
+        state[e.target] = _build(e, files, dtype, device, torch.device(device).type == "cpu" and column_major(e))
         bar.update(_nbytes(e.shape, dtype))
     bar.close()
     return cfg, state
 
 
+class _SkipInit(TorchFunctionMode):
+    """Parameters made on the meta device get no values: skip nn.init's in-place fills (whose first call
+    on meta tensors otherwise costs seconds of one-time setup inside torch)."""
+
+    FILLS = {"normal_", "uniform_", "fill_", "zero_", "trunc_normal_", "exponential_"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self.FILLS:
+            target = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
+            if getattr(target, "is_meta", False):
+                return target
+        return func(*args, **kwargs)
+
+
 def materialize(factory: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], prefix: str):
     """Build a module without allocating its parameters (meta device), then adopt the loaded tensors
     named `prefix` + its own names; every parameter must be filled (strict)."""
-    with torch.device("meta"):
+    with torch.device("meta"), _SkipInit():
         module = factory()
     module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)},
                            strict=True, assign=True)

@@ -1,4 +1,4 @@
-"""The `points` command (also `python -m points`): chat with a checkpoint, convert one."""
+"""The `points` command (also `python -m points`): chat, convert, demo, bench (`points COMMAND --help`)."""
 
 from __future__ import annotations
 
@@ -69,9 +69,17 @@ def main(argv=None) -> int:
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    v = sub.add_parser("convert", help="convert a checkpoint into this project's layout (atomic)", add_help=False)
-    v.add_argument("rest", nargs=argparse.REMAINDER)
-    args = p.parse_args(argv)
-    if args.command == "convert":
-        return convert_cli.main(args.rest)
-    return _chat(args)
+    for name, text in (("convert", "convert a checkpoint into this project's layout (atomic)"),
+                       ("demo", "the whole pipeline offline on a generated checkpoint (random weights)"),
+                       ("bench", "benchmark against transformers on the same random weights")):
+        sub.add_parser(name, help=text, add_help=False)  # listed here; their own parsers read their arguments
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in ("convert", "demo", "bench"):
+        if argv[0] == "convert":
+            return convert_cli.main(argv[1:])
+        if argv[0] == "demo":
+            from points import demo
+            return demo.main(argv[1:])
+        from points import bench
+        return bench.main(argv[1:])
+    return _chat(p.parse_args(argv))

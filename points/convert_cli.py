@@ -1,4 +1,5 @@
-"""`weights_convert.py SRC DST [--dtype D]`: a released POINTS-1.5 checkpoint -> this project's layout."""
+"""`points convert SRC DST [--dtype D]` (also `python weights_convert.py SRC DST`): a released POINTS-1.5
+checkpoint -> this project's layout, written atomically (an interrupted run leaves no DST)."""
 
 import argparse
 import sys
@@ -7,8 +8,8 @@ from points.checkpoint import DTYPES, MAX_SHARD_BYTES, convert
 from points.errors import CheckpointError
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="weights_convert.py", description=__doc__)
+def main(argv=None, prog: str = "points convert") -> int:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("src", help="checkpoint directory (released layout, or ours)")
     p.add_argument("dst", help="output directory; must not exist (written atomically)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: keep the checkpoint's dtype")

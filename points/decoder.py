@@ -44,7 +44,7 @@ class Attention(nn.Module):
         self.out = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
         self.split = (q_dim, kv_dim, kv_dim)
 
-    def forward(self, x, cos, sin, q_pos, kv_len: int, cache: KVCache | None, layer: int, fast: bool):
+    def forward(self, x, cos, sin, q_pos, kv_len: int, cache: KVCache | None, layer: int, fast: bool, fresh: bool):
         B, T, _ = x.shape
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = apply_rotary(q.view(B, T, self.n_heads, self.head_dim), cos, sin)  # [B, T, Hq, D]
@@ -58,7 +58,7 @@ class Attention(nn.Module):
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
         else:
             k, v = cache.write(layer, q_pos, k, v, kv_len)  # [B, Hkv, kv_len, D]
-        y = causal_attention(q.transpose(1, 2), k, v, q_pos)  # [B, Hq, T, D]
+        y = causal_attention(q.transpose(1, 2), k, v, q_pos, fresh)  # [B, Hq, T, D]
         return self.out(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -81,8 +81,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, x, cos, sin, q_pos, kv_len, cache, layer, fast):
-        x = x + self.attn(self.attn_norm(x), cos, sin, q_pos, kv_len, cache, layer, fast)
+    def forward(self, x, cos, sin, q_pos, kv_len, cache, layer, fast, fresh):
+        x = x + self.attn(self.attn_norm(x), cos, sin, q_pos, kv_len, cache, layer, fast, fresh)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -129,23 +129,24 @@ class Decoder(nn.Module):
         x = self.embed(tokens) if embeds is None else embeds
         B, T, _ = x.shape
         if cache is None:
-            logits = self.run(x, torch.arange(T, device=x.device).expand(B, T), None, T, last)
+            logits = self.run(x, torch.arange(T, device=x.device).expand(B, T), None, T, last, fresh=True)
         else:
-            logits = self.run(x, cache.positions(T), cache, cache.visible(T), last)
+            logits = self.run(x, cache.positions(T), cache, cache.visible(T), last, fresh=cache.span == 0)
             cache.advance(T, n_new)
         return logits
 
     def run(self, x: torch.Tensor, q_pos: torch.Tensor, cache: KVCache | None, kv_len: int,
-            last: torch.Tensor | None) -> torch.Tensor:
+            last: torch.Tensor | None, fresh: bool = False) -> torch.Tensor:
         """The layers on embeddings x [B, T, H] at positions q_pos [B, T], reading the first kv_len cache
-        slots; touches no host state (the compile target)."""
+        slots (fresh: every row starts at position 0, so plain causal attention holds); touches no host
+        state (the compile target)."""
         B, T, _ = x.shape
         cos, sin = rotary_tables(q_pos, inv_freq(self.cfg.head_dim, self.cfg.rope_theta, x.device),
                                  self.cfg.rope_scale)
         cos, sin = cos[:, :, None], sin[:, :, None]  # [B, T, 1, D]: broadcast over heads
         fast = T > 1 and use_triton(self.attn_backend, x.device)  # one-token steps stay on SDPA
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, q_pos, kv_len, cache, i, fast)
+            x = layer(x, cos, sin, q_pos, kv_len, cache, i, fast, fresh)
         if last is not None:
             x = x[torch.arange(B, device=x.device), last]  # [B, H]
         return self.lm_head(self.norm(x)).float()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_PIXELS = 56 * 56  # Qwen2VLImageProcessor class defaults, used where preprocessor_config.json is absent
 MAX_PIXELS = 28 * 28 * 1280
+MAX_IMAGE_PIXELS = 89_478_485  # pillow's default decompression-bomb threshold (about 9459 x 9459)
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MIN_PIXELS,
@@ -54,23 +56,38 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MI
 
 
 def open_image(image) -> Image.Image:
-    """A path, pathlib.Path, bytes or PIL image -> PIL image (first frame of an animation), RGB."""
+    """A path, pathlib.Path, bytes or PIL image -> PIL image (first frame of an animation), RGB.
+
+    Files are refused before decoding when their header declares more than MAX_IMAGE_PIXELS pixels
+    (decompression bombs). EXIF orientation is ignored, as the reference ignores it. 16-bit grayscale is
+    scaled to 8 bits (the reference's convert("RGB") clips it to white); alpha is dropped, not composited."""
     if isinstance(image, Image.Image):
         img = image
     elif isinstance(image, (str, Path, bytes, bytearray)):
         source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
         name = "image bytes" if isinstance(image, (bytes, bytearray)) else str(image)
+        img = None
         try:
-            img = Image.open(source)
-            img.load()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit decides
+                img = Image.open(source)  # reads the header only
+                if img.width * img.height > MAX_IMAGE_PIXELS:
+                    raise Image.DecompressionBombError(f"{img.width}x{img.height}")
+                img.load()
         except FileNotFoundError:
             raise ValueError(f"{name}: file not found") from None
-        except (OSError, Image.DecompressionBombError, SyntaxError) as e:
+        except Image.DecompressionBombError as e:
+            size = f"{img.width}x{img.height} = {img.width * img.height:,} pixels" if img is not None else str(e)
+            raise ValueError(f"{name}: declares {size}, over the limit of {MAX_IMAGE_PIXELS:,} pixels "
+                             "(a decompression bomb?); refused before decoding") from None
+        except (OSError, SyntaxError, ValueError) as e:
             raise ValueError(f"{name}: not a readable image ({e})") from None
     else:
         raise ValueError(f"image: expected a path, pathlib.Path, bytes or PIL.Image.Image, got {type(image).__name__}")
-    if img.mode == "I;16" or img.mode.startswith("I;16"):
+    if img.mode.startswith("I;16"):
         img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8), mode="L")
+    elif img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")  # the same colours as P -> RGB, without pillow's palette warning
     return img.convert("RGB")
 
 

