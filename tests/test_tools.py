@@ -23,3 +23,28 @@ def test_gpu_check_dry_run(tmp_path):
     kernels = json.loads((tmp_path / "kernels.json").read_text())
     assert set(kernels["decode_s_per_token"]) == {"points eager", "points compiled", "transformers"}
     assert kernels["vision"]["triton"]["min_s"] > 0
+
+
+def test_points_bench_tiny_writes_every_row(tmp_path):
+    """`points bench` end to end on the tiny preset (one timed run per row): every row is measured on both
+    sides with a ratio and a floor, and the JSON carries the machine's description."""
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "points", "bench", "--preset", "tiny", "--repeat", "1",
+                          "--workdir", str(tmp_path / "work"), "--json", str(out)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    result = json.loads(out.read_text())
+    labels = [r["row"] for r in result["rows"]]
+    assert [lab.split(" (")[0] for lab in labels[:3]] == ["vision 448x448", "vision 1008x756", "vision 4 mixed, packed"]
+    assert labels[3:] == ["prefill 512 tokens", "prefill 2048 tokens", "decode batch 1, 64 tokens",
+                          "decode batch 4 (ragged), 64 tokens", "load"]
+    for row in result["rows"]:
+        assert row["points"]["min_s"] > 0 and row["transformers"]["min_s"] > 0 and row["floor_s"] > 0, row
+        assert row["ratio"] == row["transformers"]["min_s"] / row["points"]["min_s"]
+    assert result["rows"][-1]["points_peak_bytes"] > 0
+    assert {"cpu", "threads", "torch", "transformers"} <= set(result["machine"])
+    assert "ratio" in run.stdout and "of floor" in run.stdout
+
+
+def test_points_bench_rejects_bad_arguments():
+    run = subprocess.run([sys.executable, "-m", "points", "bench", "--repeat", "0"], capture_output=True, text=True)
+    assert run.returncode == 2 and "--repeat must be >= 1" in run.stderr

@@ -14,9 +14,7 @@
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,26 +28,13 @@ import reference  # noqa: E402
 from points.checkpoint import materialize, to_hf_state_dict  # noqa: E402
 from points.config import from_hf_dict  # noqa: E402
 from points.decoder import Decoder  # noqa: E402
+from points.bench import copy_bandwidth, timed  # noqa: E402  (the one timing helper and floor)
 from points.sampling import Picker  # noqa: E402
 
 PRESETS = {  # vision (images, patches each, heads, head dim), decoder llm config, prompt, new tokens
     "7b": ((4, 4096, 16, 80), reference.REAL_LLM_CONFIG, 512, 128),
     "tiny": ((2, 64, 2, 80), reference.TINY_LLM, 16, 8),
 }
-
-
-def timed(fn, device, repeat=5):
-    fn()  # warm-up (compilation, autotuning, CUDA graph capture)
-    times = []
-    for _ in range(repeat):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return min(times), statistics.median(times)
 
 
 def bench_vision_attention(shape, dtype, device):
@@ -62,17 +47,9 @@ def bench_vision_attention(shape, dtype, device):
     flops = 4 * n_img * n * n * h * d
     rows = {}
     for backend in ("sdpa", "triton"):
-        best, med = timed(lambda: varlen_attention(q, k, v, bounds, backend), device)
-        rows[backend] = dict(min_s=best, median_s=med, tflops=flops / best / 1e12)
+        t = timed(lambda: varlen_attention(q, k, v, bounds, backend), device)
+        rows[backend] = dict(min_s=t.min_s, median_s=t.median_s, tflops=flops / t.min_s / 1e12)
     return rows
-
-
-def copy_bandwidth(device) -> float:
-    """Bytes read + written per second for a large device copy."""
-    x = torch.empty(256 * 2**20 if device.type == "cuda" else 32 * 2**20, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    best, _ = timed(lambda: y.copy_(x), device)
-    return 2 * x.numel() / best
 
 
 def bench_decode(llm, prompt_len, new, dtype, device, compile_step):
@@ -96,8 +73,8 @@ def bench_decode(llm, prompt_len, new, dtype, device, compile_step):
     rows = {}
 
     def per_token(make):
-        full, _ = timed(make(new), device, repeat=3)
-        prefill, _ = timed(make(0), device, repeat=3)
+        full = timed(make(new), device, repeat=3).min_s
+        prefill = timed(make(0), device, repeat=3).min_s
         return max(full - prefill, 1e-9) / new
 
     rows["points eager"] = per_token(lambda s: ours(model, s))

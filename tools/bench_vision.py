@@ -15,9 +15,7 @@ machine and compare within one run.
 import argparse
 import json
 import resource
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import reference  # noqa: E402
 
+from points.bench import matmul_rate, timed, vision_flops  # noqa: E402  (shared with points bench)
 from points.config import from_hf_dict  # noqa: E402
 from points.processor import smart_resize  # noqa: E402
 from points.vision import VisionEncoder  # noqa: E402
@@ -36,30 +35,6 @@ def resized_grid(height: int, width: int) -> tuple[int, int, int]:
     """(1, h, w) in 14-px patches, as the image processor resizes an image of that size."""
     h, w = smart_resize(height, width, max_pixels=MAX_PIXELS)
     return 1, h // 14, w // 14
-
-
-def encode_flops(cfg, grid: list) -> float:
-    """Matmul FLOPs of one encode: patch embed, per-block projections and MLP, per-frame attention."""
-    E, M = cfg.embed_dim, cfg.mlp_dim
-    L = sum(t * h * w for t, h, w in grid)
-    per_token = 2 * (E * 3 * E + E * E + 2 * E * M)
-    attention = sum(t * 4 * (h * w) ** 2 * E for t, h, w in grid)  # QK^T and PV over every frame
-    return 2 * L * cfg.patch_dim * E + cfg.depth * (L * per_token + attention)
-
-
-def matmul_rate(n: int, k: int, m: int, dtype, device) -> float:
-    """FLOP/s of one [n, k] x [k, m] product on this machine (best of 3 after a warm-up)."""
-    a, b = torch.randn(n, k, device=device, dtype=dtype), torch.randn(m, k, device=device, dtype=dtype)
-    best = float("inf")
-    for _ in range(4):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        torch.nn.functional.linear(a, b)
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n * k * m / best
 
 
 def peak_rss_gb() -> float:
@@ -76,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
+    device = torch.device(args.device)
     cfg = from_hf_dict(reference.hf_config(reference.REAL_LLM_CONFIG,
                                            dict(reference.REAL_VISION_CONFIG, depth=args.depth))).vision
     base = peak_rss_gb()
@@ -86,24 +62,14 @@ def main(argv=None) -> int:
     n = int(grid.prod(-1).sum())
     pixels = torch.randn(n, cfg.patch_dim, device=args.device)
 
-    def run():
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            encoder(pixels, grid)
-        if args.device.startswith("cuda"):
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    times = [run() for _ in range(args.repeat + (1 if args.repeat > 1 else 0))]
-    times = times[1:] if args.repeat > 1 else times  # first run is the warm-up when repeating
-    flops = encode_flops(cfg, grid.tolist())
-    rate = matmul_rate(min(n, 8192), cfg.embed_dim, cfg.mlp_dim, dtype, args.device)
+    with torch.no_grad():  # the first run is a warm-up when repeating
+        t = timed(lambda: encoder(pixels, grid), device, repeat=args.repeat, warmup=1 if args.repeat > 1 else 0)
+    flops = vision_flops(cfg, grid)
+    rate = matmul_rate(min(n, 8192), cfg.embed_dim, cfg.mlp_dim, dtype, device)
     seg_sq = sum(int(t) * int(h * w) ** 2 for t, h, w in grid.tolist())
     row = dict(images=args.images, grid=grid.tolist(), patches=n, dtype=args.dtype, device=args.device,
                depth=args.depth, threads=torch.get_num_threads(), torch=torch.__version__,
-               time_min_s=min(times), time_median_s=statistics.median(times), weights_gb=weights,
+               time_min_s=t.min_s, time_median_s=t.median_s, weights_gb=weights,
                tflop=flops / 1e12, matmul_gflops=rate / 1e9, floor_s=flops / rate,
                peak_rss_gb=peak_rss_gb(), rss_before_model_gb=base,
                dense_mask_gb=n * n / 1e9, dense_scores_fp32_gb=n * n * 4 * cfg.n_heads / 1e9,
