@@ -378,13 +378,12 @@ def load():
             times = [r["s"] for r in got]
             row[side] = {"min_s": min(times), "median_s": statistics.median(times), "runs": times}
             row[f"{side}_peak_bytes"] = min(r["peak_growth_bytes"] for r in got)
-        mine = {"peak_growth_bytes": row["points_peak_bytes"]}
         if "transformers" in row:
             row["ratio"] = row["transformers"]["min_s"] / row["points"]["min_s"]
         result["rows"].append(row)
         print(_format_row(row), flush=True)
-        print(f"  peak resident growth while loading: points {mine['peak_growth_bytes'] / 1e9:.2f} GB = "
-              f"{mine['peak_growth_bytes'] / total:.2f}x the weights ({total / 1e9:.2f} GB)"
+        print(f"  peak resident growth while loading: points {row['points_peak_bytes'] / 1e9:.2f} GB = "
+              f"{row['points_peak_bytes'] / total:.2f}x the weights ({total / 1e9:.2f} GB)"
               + (f"; transformers {row['transformers_peak_bytes'] / 1e9:.2f} GB = "
                  f"{row['transformers_peak_bytes'] / total:.2f}x" if "transformers" in row else ""), flush=True)
     return result

@@ -164,6 +164,8 @@ class Decoder(nn.Module):
         step = self._step
         if self._compiled_step is not None:
             torch.compiler.cudagraph_mark_step_begin()  # earlier steps' outputs may be overwritten
+            if pick is not None:
+                pick.mark_static()
             step = self._compiled_step
         out = step(tokens, cache.positions(1), cache, cache.visible(1), pick)
         cache.advance(1)

@@ -50,6 +50,13 @@ class Picker:
             self.generator.manual_seed(seed) if seed is not None else self.generator.seed()
         self.noise = torch.empty(batch, vocab, device=device) if self.temperature > 0 else None
 
+    def mark_static(self) -> None:
+        """For a compiled (CUDA-graph) step: its in-place buffers keep their addresses, so the graph reads
+        and writes them where they are instead of copying them in as inputs."""
+        for t in (self.seen, self.noise):
+            if t is not None:
+                torch._dynamo.mark_static_address(t, guard=False)
+
     def draw(self) -> None:
         if self.noise is not None:
             self.noise.exponential_(generator=self.generator)
