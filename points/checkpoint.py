@@ -362,6 +362,16 @@ def column_major(entry: Entry) -> bool:
 
 # --------------------------------------------------------------------------- load and convert
 
+def check_dtype_runs(dtype: torch.dtype, device: torch.device) -> None:
+    """A small matmul in `dtype` on `device`; CheckpointError when the device cannot run it (e.g. bfloat16
+    on a GPU without bf16 support), before any weight is read."""
+    try:
+        torch.nn.functional.linear(torch.ones(2, 8, dtype=dtype, device=device), torch.ones(4, 8, dtype=dtype, device=device))
+    except (RuntimeError, NotImplementedError) as e:
+        raise CheckpointError(f"dtype {str(dtype).removeprefix('torch.')} cannot run matmuls on {device} "
+                              f"({str(e).splitlines()[0]}); choose another dtype") from None
+
+
 def load_state_dict(directory: str | Path, *, parts: tuple[str, ...] = ("decoder", "vision", "projector"),
                     dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
                     progress: bool | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -372,12 +382,14 @@ def load_state_dict(directory: str | Path, *, parts: tuple[str, ...] = ("decoder
     plus one tensor in flight."""
     cfg, files, entries = _open(directory)
     dtype = resolve_dtype(dtype, files, entries)
+    check_dtype_runs(dtype, torch.device(device))
+    cpu = torch.device(device).type == "cpu"
     chosen = [e for e in entries if e.target.split(".", 1)[0] in parts]
     state = {}
     bar = Progress(f"loading {Path(directory).name}", len(chosen),
                    sum(_nbytes(e.shape, dtype) for e in chosen), enabled=progress)
     for e in chosen:
-        state[e.target] = _build(e, files, dtype, device, torch.device(device).type == "cpu" and column_major(e))
+        state[e.target] = _build(e, files, dtype, device, cpu and column_major(e))
         bar.update(_nbytes(e.shape, dtype))
     bar.close()
     return cfg, state

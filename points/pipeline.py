@@ -10,7 +10,7 @@ import torch
 
 from points.attention import use_triton
 from points.chat import build_prompt
-from points.checkpoint import DTYPES, load_state_dict, materialize
+from points.checkpoint import load_state_dict, materialize
 from points.errors import CheckpointError
 from points.generation import GenerationConfig, chat, chat_stream
 from points.model import POINTSModel
@@ -49,18 +49,6 @@ class Pipeline:
         return chat(self.model, self.tokenizer, self.processor, conversations, GenerationConfig.from_kwargs(**gen))
 
 
-def check_dtype_runs(dtype, device: torch.device) -> None:
-    """A small matmul in `dtype` on `device`; CheckpointError when the device cannot run it (e.g. bfloat16
-    on a GPU without bf16 support), before any weight is read."""
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        return  # load_state_dict names an unsupported dtype itself
-    try:
-        torch.nn.functional.linear(torch.ones(2, 8, dtype=dtype, device=device), torch.ones(4, 8, dtype=dtype, device=device))
-    except (RuntimeError, NotImplementedError) as e:
-        raise CheckpointError(f"dtype {str(dtype).removeprefix('torch.')} cannot run matmuls on {device} "
-                              f"({str(e).splitlines()[0]}); choose another dtype") from None
-
-
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
          progress: bool | None = None, attn: str = "auto", compile: bool = False) -> Pipeline:
     """A POINTS-1.5 checkpoint directory (released layout or ours) -> Pipeline, on `device` in `dtype`
@@ -74,13 +62,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"device {device} requested but CUDA is not available on this machine")
     use_triton(attn, device)  # a forced backend that cannot run fails here, before any loading
-    if dtype is not None:
-        check_dtype_runs(DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype, device)
     tokenizer = Tokenizer(path)
     processor = ImageProcessor.from_dir(path)
     cfg, state = load_state_dict(path, dtype=dtype, device=device, progress=progress)
-    if dtype is None and state:
-        check_dtype_runs(next(iter(state.values())).dtype, device)
     model = materialize(lambda: POINTSModel(cfg, tokenizer.image_pad_id), state, "")
     model.vision.attn_backend = model.decoder.attn_backend = attn
     if compile:
