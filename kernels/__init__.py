@@ -1,5 +1,6 @@
-"""Compiled attention and decoding paths, packaged as `points.kernels`.
+"""Triton kernels, packaged as `points.kernels`: `flash_varlen` (flash-attention forward over packed
+variable-length sequences, with the KV-cache variant the decoder prefill uses).
 
-Empty until the Triton kernels land; `points.attention` is the single dispatch point that will call them.
-Nothing here may import Triton at module import time (CUDA-free machines never load it).
+`points.runtime.attention` is the single dispatch point that calls them, and imports them only when the
+Triton path is chosen: nothing here is imported on a machine that never runs Triton.
 """

@@ -8,7 +8,7 @@ works as well as a plain one. Grouped-query attention without repeating K/V: que
 h // (Hq / Hkv). Any head dim (80 for the vision encoder is padded to a block of 128 and masked on load).
 fp16 / bf16 (and fp32) inputs; scores, the online softmax and the accumulator in fp32.
 
-Importing this module imports Triton; `points.attention` imports it only when the Triton path is chosen.
+Importing this module imports Triton; `points.runtime.attention` imports it only when the Triton path is chosen.
 """
 
 from __future__ import annotations

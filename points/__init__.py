@@ -1,19 +1,29 @@
-"""points: POINTS-1.5 (WePOINTS/POINTS-1-5-Qwen-2-5-7B-Chat) in plain PyTorch."""
+"""points: POINTS-1.5 (WePOINTS/POINTS-1-5-Qwen-2-5-7B-Chat) in plain PyTorch.
 
-from points.cache import KVCache
-from points.checkpoint import convert, load_decoder, load_state_dict, load_vision
-from points.config import DecoderConfig, ModelConfig, VisionConfig, read_config
-from points.decoder import Decoder
+    points/model/     the math: config dataclasses, rope, decoder, vision encoder, projector, POINTSModel
+    points/io/        files: config.json, checkpoints (the one name mapping), image processor, tokenizer,
+                      chat template
+    points/runtime/   running it: attention dispatch, KV cache, sampling, the engine, generation
+    points/tooling/   the command line, benchmarks, random checkpoints, the transformers reference, demo
+    points/pipeline.py  points.load -> Pipeline
+"""
+
 from points.errors import CheckpointError
-from points.generation import GenerationConfig
-from points.model import POINTSModel
+from points.io.checkpoint import convert, load_decoder, load_state_dict, load_vision
+from points.io.config import read_config
+from points.io.processor import ImageProcessor, smart_resize
+from points.io.tokenizer import Tokenizer
+from points.model.config import DecoderConfig, ModelConfig, VisionConfig
+from points.model.decoder import Decoder
+from points.model.projector import PatchMerger
+from points.model.vision import VisionEncoder
+from points.model.vlm import POINTSModel
 from points.pipeline import Pipeline, load
-from points.processor import ImageProcessor, smart_resize
-from points.tokenizer import Tokenizer
-from points.projector import PatchMerger
-from points.vision import VisionEncoder
+from points.runtime.cache import KVCache
+from points.runtime.engine import Engine
+from points.runtime.generation import GenerationConfig
 
-__all__ = ["CheckpointError", "Decoder", "DecoderConfig", "GenerationConfig", "ImageProcessor", "KVCache", "ModelConfig",
-           "POINTSModel", "PatchMerger", "Pipeline", "Tokenizer", "VisionConfig", "VisionEncoder", "convert", "load",
-           "load_decoder", "load_state_dict", "load_vision", "read_config", "smart_resize"]
+__all__ = ["CheckpointError", "Decoder", "DecoderConfig", "Engine", "GenerationConfig", "ImageProcessor", "KVCache",
+           "ModelConfig", "POINTSModel", "PatchMerger", "Pipeline", "Tokenizer", "VisionConfig", "VisionEncoder",
+           "convert", "load", "load_decoder", "load_state_dict", "load_vision", "read_config", "smart_resize"]
 __version__ = "0.1.0"

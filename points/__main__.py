@@ -1,5 +1,5 @@
 import sys
 
-from points.cli import main
+from points.tooling.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""The public entry point: `points.load(path)` -> `Pipeline` (model, tokenizer, image processor)."""
+"""The public entry point: `points.load(path)` -> `Pipeline` (model, tokenizer, image processor, engine)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,15 @@ from typing import Iterator
 
 import torch
 
-from points.attention import use_triton
-from points.chat import build_prompt
-from points.checkpoint import load_state_dict, materialize
 from points.errors import CheckpointError
-from points.generation import GenerationConfig, chat, chat_stream
-from points.model import POINTSModel
-from points.processor import ImageProcessor
-from points.tokenizer import Tokenizer
+from points.io.chat import build_prompt
+from points.io.checkpoint import load_state_dict, materialize
+from points.io.processor import ImageProcessor
+from points.io.tokenizer import Tokenizer
+from points.model.vlm import POINTSModel
+from points.runtime.attention import use_triton
+from points.runtime.engine import Engine
+from points.runtime.generation import GenerationConfig, chat, chat_stream
 
 
 @dataclass
@@ -26,8 +27,13 @@ class Encoded:
 
 
 class Pipeline:
-    def __init__(self, model: POINTSModel, tokenizer: Tokenizer, processor: ImageProcessor):
+    """model (the math), tokenizer and processor (text and images in), engine (how the decoder is run:
+    eager or compiled; `points.runtime.engine`)."""
+
+    def __init__(self, model: POINTSModel, tokenizer: Tokenizer, processor: ImageProcessor,
+                 engine: Engine | None = None):
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
+        self.engine = engine or Engine(model.decoder)
 
     def encode(self, messages: list[dict]) -> Encoded:
         """The reference's prompt for `messages`, tokenized, with its images processed."""
@@ -39,22 +45,28 @@ class Pipeline:
         """The reply to one conversation; with stream=True an iterator of text pieces."""
         cfg = GenerationConfig.from_kwargs(**gen)
         if stream:
-            return chat_stream(self.model, self.tokenizer, self.processor, messages, cfg)
-        return chat(self.model, self.tokenizer, self.processor, [messages], cfg)[0]
+            return chat_stream(self.model, self.tokenizer, self.processor, messages, cfg, self.engine)
+        return chat(self.model, self.tokenizer, self.processor, [messages], cfg, self.engine)[0]
 
     def chat_batch(self, conversations: list[list[dict]], **gen) -> list[str]:
         """One reply per conversation, run as one batch (rows of different lengths and image counts)."""
         if not isinstance(conversations, list) or not conversations:
             raise ValueError("chat_batch: expected a non-empty list of conversations")
-        return chat(self.model, self.tokenizer, self.processor, conversations, GenerationConfig.from_kwargs(**gen))
+        return chat(self.model, self.tokenizer, self.processor, conversations, GenerationConfig.from_kwargs(**gen),
+                    self.engine)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
          progress: bool | None = None, attn: str = "auto", compile: bool = False) -> Pipeline:
     """A POINTS-1.5 checkpoint directory (released layout or ours) -> Pipeline, on `device` in `dtype`
-    (None keeps the checkpoint's dtype). `attn` (vision attention and decoder prefill): "auto" (Triton
-    kernels on CUDA when Triton is installed, PyTorch SDPA otherwise), "sdpa" or "triton". `compile=True` compiles the one-token decode step
-    (`torch.compile`, CUDA graphs on CUDA)."""
+    (None keeps the checkpoint's dtype).
+
+    The weight files are memory-mapped: on the CPU, tensors that need no cast and no re-layout are used in
+    place from the files, so those files must not change while the model is in use. `attn` (vision
+    attention and decoder prefill): "sdpa" (PyTorch), "triton" (the Triton varlen kernels; CUDA, or Triton's
+    CPU interpreter) or "auto" (SDPA until the Triton kernels have passed their GPU check, see
+    points.runtime.attention.AUTO_TRITON). `compile=True` runs the one-token decode step through
+    torch.compile (CUDA graphs on CUDA)."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -65,8 +77,5 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     tokenizer = Tokenizer(path)
     processor = ImageProcessor.from_dir(path)
     cfg, state = load_state_dict(path, dtype=dtype, device=device, progress=progress)
-    model = materialize(lambda: POINTSModel(cfg, tokenizer.image_pad_id), state, "")
-    model.vision.attn_backend = model.decoder.attn_backend = attn
-    if compile:
-        model.decoder.compile()
-    return Pipeline(model, tokenizer, processor)
+    model = materialize(lambda: POINTSModel(cfg, tokenizer.image_pad_id, attn), state, "")
+    return Pipeline(model, tokenizer, processor, Engine(model.decoder, compile=compile))

@@ -1,8 +1,6 @@
 """Shared fixtures: the transformers reference models and checkpoints written from them."""
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,8 +8,8 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; must precede any Triton import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, str(Path(__file__).parent))
-import reference  # noqa: E402
+from points.io.processor import ImageProcessor  # noqa: E402
+from points.tooling import reference  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -31,21 +29,21 @@ def ref_vision():
 def official_dir(tmp_path_factory, ref_decoder, ref_vision):
     """The tiny model in the released 7B layout (CustomLlama naming), three shards and an index."""
     tensors = reference.custom_llama_tensors(ref_decoder) | reference.vision_tensors(*ref_vision)
-    return reference.write_checkpoint(tmp_path_factory.mktemp("official"), reference.hf_config(), tensors)
+    return reference.save_checkpoint(tmp_path_factory.mktemp("official"), reference.checkpoint_config(), tensors)
 
 
 @pytest.fixture(scope="session")
 def qwen2_dir(tmp_path_factory, ref_decoder, ref_vision):
     """The same weights in the Qwen2 naming of later POINTS releases, one model.safetensors."""
     llm = {k: v for k, v in reference.TINY_LLM.items() if k != "model_type"}
-    config = reference.hf_config(llm=dict(
+    config = reference.checkpoint_config(llm=dict(
         model_type="qwen2", vocab_size=llm["vocab_size"], hidden_size=llm["hidden_size"],
         intermediate_size=llm["ffn_hidden_size"], num_hidden_layers=llm["num_layers"],
         num_attention_heads=llm["num_attention_heads"], num_key_value_heads=llm["num_kv_heads"],
         rms_norm_eps=llm["layernorm_epsilon"], rope_theta=float(llm["rotary_emb_base"]),
         max_position_embeddings=llm["max_position_embeddings"], hidden_act="silu", tie_word_embeddings=False))
     tensors = reference.qwen2_tensors(ref_decoder) | reference.vision_tensors(*ref_vision)
-    return reference.write_checkpoint(tmp_path_factory.mktemp("qwen2"), config, tensors, shards=1)
+    return reference.save_checkpoint(tmp_path_factory.mktemp("qwen2"), config, tensors, shards=1)
 
 
 @pytest.fixture(scope="session")
@@ -85,12 +83,9 @@ def e2e_dir(tmp_path_factory, e2e_reference, tokenizer_json):
 
     decoder, encoder, projector = e2e_reference
     tensors = reference.custom_llama_tensors(decoder) | reference.vision_tensors(encoder, projector)
-    d = reference.write_checkpoint(tmp_path_factory.mktemp("e2e"), reference.hf_config(E2E_LLM, E2E_VISION), tensors)
+    d = reference.save_checkpoint(tmp_path_factory.mktemp("e2e"), reference.checkpoint_config(E2E_LLM, E2E_VISION), tensors)
     shutil.copy(tokenizer_json, d / "tokenizer.json")
-    (d / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": E2E_MAX_PIXELS,
-        "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    (d / "preprocessor_config.json").write_text(json.dumps(ImageProcessor(max_pixels=E2E_MAX_PIXELS).to_json()))
     return d
 
 

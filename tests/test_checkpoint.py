@@ -6,16 +6,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib
 import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import points
-import reference
-from points.checkpoint import TensorFiles, to_hf_state_dict
+from points.io.checkpoint import TensorFiles, to_hf_state_dict
+from points.tooling import reference
 
 ROOT = Path(__file__).resolve().parents[1]
+PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 
 
 def _all_tensors(directory: Path) -> dict:
@@ -101,7 +103,7 @@ def test_interrupted_conversion_leaves_nothing(official_dir, tmp_path, monkeypat
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-way
         save_file(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(points.checkpoint, "save_file", failing_save)
+    monkeypatch.setattr(points.io.checkpoint, "save_file", failing_save)
     with pytest.raises(KeyboardInterrupt):
         points.convert(official_dir, tmp_path / "dst", max_shard_bytes=400_000)
     assert len(calls) == 2
@@ -111,7 +113,7 @@ def test_interrupted_conversion_leaves_nothing(official_dir, tmp_path, monkeypat
 def test_progress_display_counts_tensors_and_bytes(official_dir, tmp_path, capsys):
     points.convert(official_dir, tmp_path / "p", progress=True)
     err = capsys.readouterr().err
-    n = len(points.checkpoint.plan(*points.read_config(official_dir)))
+    n = len(points.io.checkpoint.plan(*points.read_config(official_dir)))
     assert f"{n}/{n} tensors" in err and "GB" in err and "100%" in err
 
 
@@ -233,7 +235,7 @@ def test_converted_config_with_missing_required_field(converted_dir, tmp_path):
 def test_not_a_checkpoint_directory(tmp_path):
     with pytest.raises(points.CheckpointError, match=r"config.json: not found"):
         points.load_decoder(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(reference.hf_config()))
+    (tmp_path / "config.json").write_text(json.dumps(reference.checkpoint_config()))
     with pytest.raises(points.CheckpointError, match=r"no model.safetensors or model.safetensors.index.json"):
         points.load_decoder(tmp_path)
 
@@ -253,18 +255,87 @@ def test_lazy_headers_only_for_unrequested_parts(official_dir):
     assert state and all(k.startswith("decoder.") for k in state)
 
 
-def test_cpu_layout_and_slab_reads(official_dir, monkeypatch):
-    """On the CPU the decoder's tall projections are stored transposed (same shape and values), the rest
-    row-major; a tensor read into another dtype goes through small slabs and equals a plain cast."""
-    import points.checkpoint as ckpt
-
-    monkeypatch.setattr(ckpt, "STAGING_BYTES", 4096)  # many slabs per tensor
+def test_cast_on_load_equals_a_plain_cast(official_dir):
     _, state = points.load_state_dict(official_dir, dtype=torch.float32)
     _, narrow = points.load_state_dict(official_dir, dtype=torch.bfloat16)
     for name, t in state.items():
-        tall = name.startswith("decoder.") and name.endswith(".weight") and t.dim() == 2 and t.shape[0] > t.shape[1] \
-            and name != "decoder.embed.weight"
-        assert (t.stride() == (1, t.shape[0])) if tall else t.is_contiguous(), name
-        assert torch.equal(narrow[name].float(), state[name].to(torch.bfloat16).float()), name
-    assert state["decoder.lm_head.weight"].stride() == (1, 1000)
-    assert state["decoder.layers.0.mlp.down.weight"].is_contiguous()
+        assert narrow[name].dtype == torch.bfloat16 and torch.equal(narrow[name], t.to(torch.bfloat16)), name
+
+
+# --------------------------------------------------------------------------- canonical layout, memory maps
+
+def test_state_dict_is_canonical_saves_and_loads_into_a_fresh_model(pipe, tmp_path):
+    """Every parameter in PyTorch's usual layout (contiguous, Linear weights [out, in]); the state saves with
+    safetensors and a freshly built POINTSModel given it computes the very same logits."""
+    state = pipe.model.state_dict()
+    assert all(t.is_contiguous() for t in state.values())
+    assert state["decoder.layers.0.mlp.gate_up.weight"].shape == (2 * 592, 112)
+    save_file(state, str(tmp_path / "model.safetensors"))
+    fresh = points.POINTSModel(pipe.model.cfg).eval()
+    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
+    messages = [{"role": "user", "content": [{"type": "image", "image": PHOTO}, {"type": "text", "text": "What?"}]}]
+    enc = pipe.encode(messages)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(enc.input_ids, enc.pixel_values, enc.grid_thw),
+                                   pipe.model(enc.input_ids, enc.pixel_values, enc.grid_thw), rtol=0, atol=0)
+
+
+def _file_maps(directory: Path) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of files in `directory`."""
+    where = str(directory.resolve())
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(where + "/"):
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((lo, hi))
+    return ranges
+
+
+def _mapped(t: torch.Tensor, maps: list[tuple[int, int]]) -> bool:
+    return any(lo <= t.data_ptr() and t.data_ptr() + t.nbytes <= hi for lo, hi in maps)
+
+
+needs_proc_maps = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+
+
+@needs_proc_maps
+def test_converted_layout_loads_without_copying_a_tensor(converted_dir):
+    """Our layout in its stored dtype on the CPU: every parameter *is* the file's bytes (it lies inside a
+    memory map of one of the checkpoint's files), none is a copy."""
+    model = points.load_decoder(converted_dir)
+    vision, projector = points.load_vision(converted_dir)
+    maps = _file_maps(converted_dir)
+    params = [*model.parameters(), *vision.parameters(), *projector.parameters()]
+    assert maps and all(_mapped(p, maps) for p in params)
+
+
+@needs_proc_maps
+def test_released_layout_copies_only_what_it_re_lays(official_dir):
+    """The released layout: the interleaved K/V (with the query rows) and [up; gate] are re-laid once into
+    fresh memory; every other tensor is used in place from the map. A dtype cast copies everything."""
+    model = points.load_decoder(official_dir)
+    maps = _file_maps(official_dir)
+    for name, p in model.named_parameters():
+        assert _mapped(p, maps) == (".attn.qkv." not in name and ".mlp.gate_up." not in name), name
+    cast = points.load_decoder(official_dir, dtype=torch.bfloat16)
+    assert not any(_mapped(p, _file_maps(official_dir)) for p in cast.parameters())
+
+
+def test_tied_qwen2_checkpoint_loads_and_saves(qwen2_dir, tmp_path):
+    """A Qwen2-naming checkpoint without lm_head (tied to the embedding): both parameters hold the
+    embedding, as separate tensors, so the state still saves."""
+    tensors = load_file(qwen2_dir / "model.safetensors")
+    del tensors["llm.lm_head.weight"]
+    tied = reference.save_checkpoint(tmp_path / "tied", json.loads((qwen2_dir / "config.json").read_text()), tensors,
+                                     shards=1)
+    model = points.load_decoder(tied)
+    assert torch.equal(model.lm_head.weight, model.embed.weight)
+    assert model.lm_head.weight.data_ptr() != model.embed.weight.data_ptr()
+    save_file(model.state_dict(), str(tmp_path / "saved.safetensors"))
+
+
+def test_index_with_a_bad_weight_map(broken):
+    (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a", "b"]}))
+    with pytest.raises(points.CheckpointError, match=r"index.json: 'weight_map' must be an object mapping tensor"):
+        points.load_decoder(broken)

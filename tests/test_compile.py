@@ -1,20 +1,25 @@
-"""The one-token decode step traces into a single graph (no graph breaks) with the static cache."""
+"""The one-token decode step (the model's forward and the choice of the next token) traces into a single
+graph (no graph breaks) with the static cache; the compiled engine gives the eager tokens and logits."""
 
 import pytest
 import torch
 
 import points
-from points.sampling import Picker
+from points.runtime.engine import Engine
+from points.runtime.sampling import Picker
 
 
 def test_decode_step_has_no_graph_breaks(official_dir):
     model = points.load_decoder(official_dir)
     cache = model.new_cache(2, max_len=32)
     with torch.no_grad():
-        model(torch.randint(0, 1000, (2, 5)), cache=cache)
+        model(torch.randint(0, 1000, (2, 5)), meta=cache.reserve(5))
+    meta = cache.reserve(1)
+    pick = Picker(2, model.cfg.vocab_size, torch.device("cpu"), temperature=0.8, top_k=40, top_p=0.9, penalty=1.3)
+    pick.draw()
 
     def step(tokens):
-        return model(tokens, cache=cache)[:, -1]
+        return pick(model(tokens, meta=meta)[:, -1], tokens)
 
     torch._dynamo.reset()
     explanation = torch._dynamo.explain(step)(torch.tensor([[1], [2]]))
@@ -22,20 +27,13 @@ def test_decode_step_has_no_graph_breaks(official_dir):
     assert explanation.graph_count == 1
 
 
-def _generate(model, prompt, steps, max_len, **rule):
-    """Prefill, then `steps` decode steps that choose the next token inside the step (points.sampling)."""
-    cache = model.new_cache(1, max_len=max_len)
-    pick = Picker(1, model.cfg.vocab_size, torch.device("cpu"), **rule)
-    with torch.no_grad():
-        pick.draw()
-        nxt = pick(model(prompt, cache=cache)[:, -1])
-        out = [nxt.item()]
-        for _ in range(steps - 1):
-            pick.draw()
-            nxt = model.decode_step(nxt.clone()[:, None], cache, pick)
-            out.append(nxt.item())
-        logits = model.decode_step(nxt.clone()[:, None], cache)
-    return out, logits
+def _generate(engine, prompt, steps, max_len, **rule):
+    """Prefill, then `steps` tokens chosen inside the decode step (points.runtime.sampling), then one step
+    that returns logits."""
+    cache = engine.new_cache(1, max_len)
+    pick = Picker(1, engine.decoder.cfg.vocab_size, torch.device("cpu"), **rule)
+    out = [t.item() for t in engine.decode(cache, engine.prefill(cache, tokens=prompt), pick, steps)]
+    return out, engine.step(torch.tensor([[out[-1]]]), cache)
 
 
 SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.9, penalty=1.3, seed=11)
@@ -49,10 +47,10 @@ def test_compiled_generation_recompiles_once_per_key_block(official_dir, rule):
     from torch._dynamo.testing import CompileCounter
 
     prompt = torch.randint(0, 1000, (1, 100), generator=torch.Generator().manual_seed(7))
-    expected = _generate(points.load_decoder(official_dir), prompt, 200, 300, **rule)
+    expected = _generate(Engine(points.load_decoder(official_dir)), prompt, 200, 300, **rule)
     torch._dynamo.reset()
     counter = CompileCounter()
-    compiled = points.load_decoder(official_dir).compile(backend=counter)
+    compiled = Engine(points.load_decoder(official_dir), compile=True, backend=counter)
     got = _generate(compiled, prompt, 200, 300, **rule)
     assert counter.frame_count == 3
     assert got[0] == expected[0]
@@ -61,9 +59,9 @@ def test_compiled_generation_recompiles_once_per_key_block(official_dir, rule):
 
 def test_inductor_compiled_step_matches_eager(official_dir):
     prompt = torch.randint(0, 1000, (1, 9), generator=torch.Generator().manual_seed(8))
-    expected = _generate(points.load_decoder(official_dir), prompt, 4, 64, **SAMPLED)
+    expected = _generate(Engine(points.load_decoder(official_dir)), prompt, 4, 64, **SAMPLED)
     torch._dynamo.reset()
-    got = _generate(points.load_decoder(official_dir).compile(), prompt, 4, 64, **SAMPLED)
+    got = _generate(Engine(points.load_decoder(official_dir), compile=True), prompt, 4, 64, **SAMPLED)
     assert got[0] == expected[0]
     torch.testing.assert_close(got[1], expected[1], rtol=1e-5, atol=1e-5)
 
@@ -75,8 +73,9 @@ def test_compiled_pipeline_chat_equals_eager(e2e_dir, pipe):
 
     torch._dynamo.reset()
     counter = CompileCounter()
-    fast = points.load(e2e_dir)
-    fast.model.decoder.compile(backend=counter)
+    loaded = points.load(e2e_dir)
+    fast = points.Pipeline(loaded.model, loaded.tokenizer, loaded.processor,
+                           Engine(loaded.model.decoder, compile=True, backend=counter))
     conversations = [[{"role": "user", "content": "Hello there"}], [{"role": "user", "content": "Why is the sky blue?"}]]
     for gen in ({"max_new_tokens": 30}, {"max_new_tokens": 30, "temperature": 0.9, "top_p": 0.95, "seed": 4,
                                          "repetition_penalty": 1.2}):

@@ -5,12 +5,12 @@ import json
 import pytest
 
 import points
-import reference
-from points.config import ModelConfig, from_hf_dict
+from points.io.config import from_dict, from_hf_dict, to_dict
+from points.tooling import reference
 
 
 def test_released_7b_config():
-    cfg = from_hf_dict(reference.hf_config(reference.REAL_LLM_CONFIG, reference.REAL_VISION_CONFIG))
+    cfg = from_hf_dict(reference.checkpoint_config(reference.REAL_LLM, reference.REAL_VISION))
     d = cfg.decoder
     assert (d.vocab_size, d.hidden_size, d.n_layers, d.n_heads, d.n_kv_heads, d.ffn_size) == (152064, 3584, 28, 28, 4, 18944)
     assert d.head_dim == 128 and d.norm_eps == 1e-5 and d.rope_theta == 1e6 and d.max_seq_len == 16384
@@ -22,28 +22,28 @@ def test_released_7b_config():
 
 def test_absent_fields_take_custom_llama_defaults():
     """A missing rotary_emb_base means theta 10000, a missing bias flag means True (CustomLlamaConfig)."""
-    llm = {k: v for k, v in reference.REAL_LLM_CONFIG.items()
+    llm = {k: v for k, v in reference.REAL_LLM.items()
            if k not in ("rotary_emb_base", "out_proj_bias", "max_position_embeddings")}
-    d = from_hf_dict(reference.hf_config(llm, reference.REAL_VISION_CONFIG)).decoder
+    d = from_hf_dict(reference.checkpoint_config(llm, reference.REAL_VISION)).decoder
     assert d.rope_theta == 10000.0 and d.out_bias is True and d.max_seq_len == 4096
 
 
 def test_absent_vision_fields_take_qwen2vl_defaults():
-    d = from_hf_dict(reference.hf_config(reference.REAL_LLM_CONFIG, {"model_type": "qwen2_vl"})).vision
+    d = from_hf_dict(reference.checkpoint_config(reference.REAL_LLM, {"model_type": "qwen2_vl"})).vision
     assert (d.depth, d.embed_dim, d.n_heads, d.patch_size, d.spatial_merge_size) == (32, 1280, 16, 14, 2)
 
 
 def test_num_layers_wins_over_num_hidden_layers():
-    llm = dict(reference.REAL_LLM_CONFIG, num_layers=3, num_hidden_layers=28)
-    assert from_hf_dict(reference.hf_config(llm, reference.REAL_VISION_CONFIG)).decoder.n_layers == 3
+    llm = dict(reference.REAL_LLM, num_layers=3, num_hidden_layers=28)
+    assert from_hf_dict(reference.checkpoint_config(llm, reference.REAL_VISION)).decoder.n_layers == 3
 
 
 def test_rms_norm_boolean_overrides_norm_type():
-    llm = dict(reference.REAL_LLM_CONFIG, norm_type="layer_norm", rms_norm=True)
-    assert from_hf_dict(reference.hf_config(llm, reference.REAL_VISION_CONFIG)).decoder.norm_eps == 1e-5
-    llm = dict(reference.REAL_LLM_CONFIG, rms_norm=False)
+    llm = dict(reference.REAL_LLM, norm_type="layer_norm", rms_norm=True)
+    assert from_hf_dict(reference.checkpoint_config(llm, reference.REAL_VISION)).decoder.norm_eps == 1e-5
+    llm = dict(reference.REAL_LLM, rms_norm=False)
     with pytest.raises(points.CheckpointError, match="norm_type = 'layer_norm'"):
-        from_hf_dict(reference.hf_config(llm, reference.REAL_VISION_CONFIG))
+        from_hf_dict(reference.checkpoint_config(llm, reference.REAL_VISION))
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -56,50 +56,50 @@ def test_rms_norm_boolean_overrides_norm_type():
     ("qkv_proj_bias", "yes", r"qkv_bias = 'yes', expected true or false"),
 ])
 def test_values_the_model_cannot_honour(field, value, message):
-    llm = dict(reference.REAL_LLM_CONFIG, **{field: value})
+    llm = dict(reference.REAL_LLM, **{field: value})
     with pytest.raises(points.CheckpointError, match=message):
-        from_hf_dict(reference.hf_config(llm, reference.REAL_VISION_CONFIG))
+        from_hf_dict(reference.checkpoint_config(llm, reference.REAL_VISION))
 
 
 def test_absent_norm_type_names_the_default():
-    llm = {k: v for k, v in reference.REAL_LLM_CONFIG.items() if k != "norm_type"}
+    llm = {k: v for k, v in reference.REAL_LLM.items() if k != "norm_type"}
     with pytest.raises(points.CheckpointError, match=r"'layer_norm' \(the class default, the field is absent\)"):
-        from_hf_dict(reference.hf_config(llm, reference.REAL_VISION_CONFIG))
+        from_hf_dict(reference.checkpoint_config(llm, reference.REAL_VISION))
 
 
 def test_other_model_types_are_refused():
     with pytest.raises(points.CheckpointError, match="model_type 'llava' is not a POINTS-1.5 model"):
-        from_hf_dict(dict(reference.hf_config(), model_type="llava"))
+        from_hf_dict(dict(reference.checkpoint_config(), model_type="llava"))
     with pytest.raises(points.CheckpointError, match="llm_config.model_type = 'llama' is not supported"):
-        from_hf_dict(reference.hf_config(dict(reference.TINY_LLM, model_type="llama")))
+        from_hf_dict(reference.checkpoint_config(dict(reference.TINY_LLM, model_type="llama")))
     with pytest.raises(points.CheckpointError, match="vision_config: hidden_act = 'gelu'"):
-        from_hf_dict(reference.hf_config(vision=dict(reference.TINY_VISION, hidden_act="gelu")))
+        from_hf_dict(reference.checkpoint_config(vision=dict(reference.TINY_VISION, hidden_act="gelu")))
 
 
 def test_qwen2_naming_config():
     llm = dict(model_type="qwen2", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
                num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
                rope_theta=1000000.0, max_position_embeddings=32768, hidden_act="silu")
-    d = from_hf_dict(reference.hf_config(llm, reference.REAL_VISION_CONFIG)).decoder
+    d = from_hf_dict(reference.checkpoint_config(llm, reference.REAL_VISION)).decoder
     assert (d.ffn_size, d.n_kv_heads, d.norm_eps, d.rope_theta) == (18944, 4, 1e-6, 1e6)
     v5 = {k: v for k, v in llm.items() if k != "rope_theta"} | {"rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
-    assert from_hf_dict(reference.hf_config(v5, reference.REAL_VISION_CONFIG)).decoder.rope_theta == 5e5
+    assert from_hf_dict(reference.checkpoint_config(v5, reference.REAL_VISION)).decoder.rope_theta == 5e5
     with pytest.raises(points.CheckpointError, match="use_sliding_window = True"):
-        from_hf_dict(reference.hf_config(dict(llm, use_sliding_window=True), reference.REAL_VISION_CONFIG))
+        from_hf_dict(reference.checkpoint_config(dict(llm, use_sliding_window=True), reference.REAL_VISION))
     with pytest.raises(points.CheckpointError, match="rope_scaling"):
-        from_hf_dict(reference.hf_config(dict(llm, rope_scaling={"type": "yarn"}), reference.REAL_VISION_CONFIG))
+        from_hf_dict(reference.checkpoint_config(dict(llm, rope_scaling={"type": "yarn"}), reference.REAL_VISION))
 
 
 def test_our_layout_round_trips_and_is_exact():
-    cfg = from_hf_dict(reference.hf_config())
-    d = json.loads(json.dumps(cfg.to_dict()))
-    assert ModelConfig.from_dict(d) == cfg
+    cfg = from_hf_dict(reference.checkpoint_config())
+    d = json.loads(json.dumps(to_dict(cfg)))
+    assert from_dict(d) == cfg
     d["decoder"]["surprise"] = 1
     with pytest.raises(points.CheckpointError, match="decoder has unknown field"):
-        ModelConfig.from_dict(d)
-    d = cfg.to_dict() | {"format_version": 99}
+        from_dict(d)
+    d = to_dict(cfg) | {"format_version": 99}
     with pytest.raises(points.CheckpointError, match="format_version 99 is not supported"):
-        ModelConfig.from_dict(d)
+        from_dict(d)
 
 
 def test_invalid_json(tmp_path):

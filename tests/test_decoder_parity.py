@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import points
-import points.attention
+import points.runtime.attention
 
 LENGTHS = [1, 7, 40]
 
@@ -27,13 +27,13 @@ def test_logits_match_transformers(decoder, ref_decoder, length):
 
 def test_query_chunks_match_transformers(decoder, ref_decoder, monkeypatch):
     """Long inputs are attended in query chunks (each reading only the keys it can see)."""
-    monkeypatch.setattr(points.attention, "QUERY_CHUNK", 4)
+    monkeypatch.setattr(points.runtime.attention, "QUERY_CHUNK", 4)
     tokens = torch.randint(0, decoder.cfg.vocab_size, (2, 18), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(decoder(tokens), ref_decoder(tokens).logits)
         cache = decoder.new_cache(2, max_len=32)
-        decoder(tokens[:, :3], cache=cache)
-        torch.testing.assert_close(decoder(tokens[:, 3:], cache=cache), ref_decoder(tokens).logits[:, 3:])
+        decoder(tokens[:, :3], meta=cache.reserve(3))
+        torch.testing.assert_close(decoder(tokens[:, 3:], meta=cache.reserve(15)), ref_decoder(tokens).logits[:, 3:])
 
 
 def test_right_padded_rows_match_transformers(decoder, ref_decoder):
@@ -65,14 +65,38 @@ def test_embeds_input_equals_tokens(decoder):
 def test_fresh_causal_path_equals_the_masked_path():
     """A prefill from position 0 takes SDPA's causal kernel (GQA, no mask); the masked, chunked path it
     replaces (still used for continuations and ragged caches) gives the same values, across 2 chunks."""
-    from points.attention import QUERY_CHUNK, causal_attention
+    from points.runtime.attention import QUERY_CHUNK, sdpa_causal
 
     g = torch.Generator().manual_seed(11)
     T = QUERY_CHUNK + 77
     q, k, v = torch.randn(2, 14, T, 16, generator=g), torch.randn(2, 2, T, 16, generator=g), torch.randn(2, 2, T, 16, generator=g)
     pos = torch.arange(T).expand(2, T)
-    fast = causal_attention(q, k, v, pos, fresh=True)
-    torch.testing.assert_close(fast, causal_attention(q, k, v, pos), rtol=1e-5, atol=1e-6)
+    fast = sdpa_causal(q, k, v, pos, fresh=True)
+    torch.testing.assert_close(fast, sdpa_causal(q, k, v, pos), rtol=1e-5, atol=1e-6)
     dense = torch.softmax((q.double() @ k.double().repeat_interleave(7, 1).transpose(-1, -2)) / 4
                           + torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1), -1) @ v.double().repeat_interleave(7, 1)
     torch.testing.assert_close(fast.double(), dense, rtol=1e-5, atol=1e-6)
+
+
+def test_transposed_cpu_layout_keeps_the_numbers_and_a_canonical_state(official_dir, ref_decoder, tmp_path):
+    """The opt-in CPU transform stores the tall weights column-major; logits still match transformers and
+    state_dict() still hands out contiguous [out, in] tensors equal to the originals."""
+    from safetensors.torch import save_file
+
+    from points.runtime.layout import transpose_tall_linears
+
+    decoder = points.load_decoder(official_dir)
+    before = {k: v.clone() for k, v in decoder.state_dict().items()}
+    transpose_tall_linears(decoder)
+    qkv = decoder.layers[0].attn.qkv.weight
+    assert qkv.shape == (224 + 2 * 32, 224) and qkv.stride() == (1, 224 + 2 * 32)
+    assert decoder.layers[0].mlp.down.weight.is_contiguous()  # wide: left as it is
+    tokens = torch.randint(0, decoder.cfg.vocab_size, (2, 19), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(tokens), ref_decoder(tokens).logits)
+    state = decoder.state_dict()
+    assert all(t.is_contiguous() and torch.equal(t, before[k]) for k, t in state.items())
+    save_file(state, str(tmp_path / "decoder.safetensors"))
+    with pytest.raises(ValueError, match=r"layers.0.attn.qkv.weight is bfloat16 on cpu; the transposed layout is "
+                                         r"for float32 CPU weights only"):
+        transpose_tall_linears(points.load_decoder(official_dir, dtype=torch.bfloat16))

@@ -11,9 +11,8 @@ from PIL import Image
 from tokenizers import Tokenizer as HFTokenizer
 
 import points
-import reference
 from conftest import E2E_MAX_PIXELS
-from points.generation import GenerationConfig
+from points.tooling import reference
 
 PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 PAD = "<|image_pad|>"
@@ -29,7 +28,7 @@ def _image_block(n_tokens):
 
 
 def conversations():
-    """(messages, the reference prompt written out by hand from points15.md §4.2)."""
+    """(messages, the reference prompt written out by hand from the reference's chat format)."""
     photo, grad = Image.open(PHOTO), _gradient(300, 200)
     n_photo, n_grad = _tokens(photo), _tokens(grad)
     return {

@@ -12,8 +12,8 @@ CUDA = torch.cuda.is_available()
 triton = pytest.importorskip("triton")
 
 import points  # noqa: E402
-import points.attention  # noqa: E402
-from points.attention import use_triton, varlen_attention  # noqa: E402
+import points.runtime.attention  # noqa: E402
+from points.runtime.attention import use_triton, varlen_attention  # noqa: E402
 from points.kernels.flash_varlen import flash_attn_varlen  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
@@ -80,7 +80,7 @@ def test_dispatch_choices():
     dev = torch.device(DEVICE)
     assert use_triton("sdpa", dev) is False
     assert use_triton("triton", dev) is True
-    assert use_triton("auto", dev) is (CUDA and points.attention.AUTO_TRITON)
+    assert use_triton("auto", dev) is (CUDA and points.runtime.attention.AUTO_TRITON)
     with pytest.raises(ValueError, match="attn = 'flash': expected one of"):
         use_triton("flash", dev)
 
@@ -94,34 +94,33 @@ def test_varlen_dispatch_agrees_with_sdpa():
 
 
 def test_vision_encoder_on_the_triton_path(official_dir):
-    enc, _ = points.load_vision(official_dir, dtype=torch.float16, device=DEVICE)
+    sdpa, _ = points.load_vision(official_dir, dtype=torch.float16, device=DEVICE, attn="sdpa")
+    fast, _ = points.load_vision(official_dir, dtype=torch.float16, device=DEVICE, attn="triton")
     grid = torch.tensor([[1, 4, 6], [2, 2, 2], [1, 2, 8]])
     pixels = torch.randn(48, 1176, generator=torch.Generator().manual_seed(6)).to(DEVICE)
-    sdpa = enc(pixels, grid)
-    enc.attn_backend = "triton"
-    torch.testing.assert_close(enc(pixels, grid), sdpa, rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(fast(pixels, grid), sdpa(pixels, grid), rtol=5e-3, atol=5e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @torch.no_grad()
 def test_decoder_prefill_on_the_triton_path(official_dir, dtype):
     """No cache, a ragged cached prefill, a second cached chunk, then steps: Triton prefill == SDPA prefill."""
-    ref = points.load_decoder(official_dir, dtype=dtype, device=DEVICE)
-    fast = points.load_decoder(official_dir, dtype=dtype, device=DEVICE)
-    fast.attn_backend = "triton"
+    ref = points.load_decoder(official_dir, dtype=dtype, device=DEVICE, attn="sdpa")
+    fast = points.load_decoder(official_dir, dtype=dtype, device=DEVICE, attn="triton")
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     g = torch.Generator().manual_seed(9)
     tokens = torch.randint(0, 1000, (2, 21), generator=g).to(DEVICE)
     torch.testing.assert_close(fast(tokens), ref(tokens), **tol)
     caches = [m.new_cache(2, max_len=48) for m in (ref, fast)]
     n_new = torch.tensor([21, 8], device=DEVICE)
-    outs = [m(tokens, cache=c, n_new=n_new, last=n_new - 1) for m, c in zip((ref, fast), caches)]
+    outs = [m(tokens, meta=c.reserve(21, n_new), last=n_new - 1) for m, c in zip((ref, fast), caches)]
     torch.testing.assert_close(outs[1], outs[0], **tol)
     more = torch.randint(0, 1000, (2, 5), generator=g).to(DEVICE)
-    outs = [m(more, cache=c) for m, c in zip((ref, fast), caches)]
+    outs = [m(more, meta=c.reserve(5)) for m, c in zip((ref, fast), caches)]
     torch.testing.assert_close(outs[1], outs[0], **tol)
     step = torch.tensor([[3], [4]], device=DEVICE)
-    torch.testing.assert_close(fast.decode_step(step, caches[1]), ref.decode_step(step, caches[0]), **tol)
+    outs = [m(step, meta=c.reserve(1)) for m, c in zip((ref, fast), caches)]
+    torch.testing.assert_close(outs[1], outs[0], **tol)
 
 
 def test_forced_triton_without_cuda_is_a_clear_error(e2e_dir, monkeypatch):

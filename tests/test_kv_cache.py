@@ -1,4 +1,5 @@
-"""The static KV cache: prefill + incremental steps give the logits of one full forward."""
+"""The static KV cache: prefill + incremental steps give the logits of one full forward. Each forward takes its
+slots with `cache.reserve(T)` and hands the resulting AttentionMeta to the decoder."""
 
 import pytest
 import torch
@@ -20,9 +21,9 @@ def test_prefill_then_20_steps_equals_full_forward(decoder):
     tokens = _tokens(37, 0, batch=2)
     full = decoder(tokens)
     cache = decoder.new_cache(2, max_len=64)
-    steps = [decoder(tokens[:, :17], cache=cache)]
+    steps = [decoder(tokens[:, :17], meta=cache.reserve(17))]
     for t in range(17, 37):
-        steps.append(decoder(tokens[:, t:t + 1], cache=cache))
+        steps.append(decoder(tokens[:, t:t + 1], meta=cache.reserve(1)))
     torch.testing.assert_close(torch.cat(steps, dim=1), full)
     assert cache.pos.tolist() == [37, 37] and cache.span == 37
 
@@ -34,10 +35,10 @@ def test_greedy_tokens_identical_with_and_without_cache(decoder):
     for _ in range(20):  # no cache: re-run the whole sequence each step
         seq = torch.cat([seq, decoder(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
     cache = decoder.new_cache(1, max_len=32)
-    nxt = decoder(prompt, cache=cache)[:, -1].argmax(-1, keepdim=True)
+    nxt = decoder(prompt, meta=cache.reserve(11))[:, -1].argmax(-1, keepdim=True)
     out = [nxt]
     for _ in range(19):
-        nxt = decoder(nxt, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        nxt = decoder(nxt, meta=cache.reserve(1))[:, -1].argmax(-1, keepdim=True)
         out.append(nxt)
     assert torch.cat(out, dim=1).tolist() == seq[:, 11:].tolist()
 
@@ -52,14 +53,14 @@ def test_ragged_batch_rows_each_equal_their_single_run(decoder):
         padded[i, :len(p)] = p
     n_new = torch.tensor(lengths)
     cache = decoder.new_cache(3, max_len=40)
-    logits = decoder(padded, cache=cache, n_new=n_new, last=n_new - 1)  # [3, V]
+    logits = decoder(padded, meta=cache.reserve(13, n_new), last=n_new - 1)  # [3, V]
     assert cache.pos.tolist() == lengths
     batch_tokens = [[] for _ in lengths]
     for _ in range(8):
         nxt = logits.argmax(-1)
         for i in range(3):
             batch_tokens[i].append(nxt[i].item())
-        logits = decoder(nxt[:, None], cache=cache)[:, -1]
+        logits = decoder(nxt[:, None], meta=cache.reserve(1))[:, -1]
     for i, p in enumerate(prompts):  # each row alone, no cache: the same greedy continuation and logits
         seq = p[None]
         for step in range(8):
@@ -75,9 +76,9 @@ def test_ragged_step_logits_equal_full_forward(decoder):
     a, b = _tokens(10, 20)[0], _tokens(4, 21)[0]
     padded = torch.stack([a, torch.cat([b, torch.zeros(6, dtype=torch.long)])])
     cache = decoder.new_cache(2, max_len=16)
-    decoder(padded, cache=cache, n_new=torch.tensor([10, 4]))
+    decoder(padded, meta=cache.reserve(10, torch.tensor([10, 4])))
     nxt = torch.tensor([[7], [8]])
-    step = decoder(nxt, cache=cache)[:, -1]
+    step = decoder(nxt, meta=cache.reserve(1))[:, -1]
     torch.testing.assert_close(step[0], decoder(torch.cat([a, nxt[0]])[None])[0, -1])
     torch.testing.assert_close(step[1], decoder(torch.cat([b, nxt[1]])[None])[0, -1])
 
@@ -86,20 +87,20 @@ def test_ragged_step_logits_equal_full_forward(decoder):
 def test_trim_and_reset_reuse_the_cache(decoder):
     tokens = _tokens(20, 30)
     cache = decoder.new_cache(1, max_len=24)
-    decoder(tokens, cache=cache)
+    decoder(tokens, meta=cache.reserve(20))
     cache.trim(12)  # keep the shared prefix, continue differently
     assert cache.pos.tolist() == [12] and cache.span == 12
     other = _tokens(6, 31)
-    got = decoder(other, cache=cache)
+    got = decoder(other, meta=cache.reserve(6))
     torch.testing.assert_close(got, decoder(torch.cat([tokens[:, :12], other], dim=1))[:, 12:])
     cache.reset()
-    torch.testing.assert_close(decoder(other, cache=cache), decoder(other))
+    torch.testing.assert_close(decoder(other, meta=cache.reserve(6)), decoder(other))
 
 
 def test_overflow_is_a_clear_error(decoder):
     cache = decoder.new_cache(1, max_len=8)
     with pytest.raises(ValueError, match="KV cache overflow.*max_len 8"):
-        decoder(_tokens(9, 40), cache=cache)
+        cache.reserve(9)
 
 
 def test_cache_takes_model_dtype_and_default_length(decoder):

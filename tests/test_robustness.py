@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 
 import points
-from points.processor import MAX_IMAGE_PIXELS, ImageProcessor, open_image, smart_resize
+from points.io.processor import MAX_IMAGE_PIXELS, ImageProcessor, open_image, smart_resize
 
 PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 
@@ -184,6 +184,11 @@ def test_help_for_each_command(command):
     run = _points(*command, "--help")
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("usage: points" + (f" {command[0]}" if command else ""))
+
+
+def test_version():
+    run = _points("--version")
+    assert run.returncode == 0 and run.stdout.strip() == f"points {points.__version__}"
 
 
 def test_demo_runs_offline_and_says_the_weights_are_random(tmp_path):

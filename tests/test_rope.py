@@ -3,7 +3,7 @@
 import torch
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
-from points.rope import apply_rotary, inv_freq, rotary_tables
+from points.model.rope import apply_rotary, inv_freq, rotary_tables
 
 POSITIONS = torch.tensor([[0, 1, 2, 3, 127, 128, 1000, 4095, 4096, 8191, 12345, 16383, 16384]])
 

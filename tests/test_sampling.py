@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from points.sampling import Picker, filtered_probs, penalize
+from points.runtime.sampling import Picker, filtered_probs, penalize
 
 LOGITS = torch.tensor([[2.0, 1.0, 0.5, -1.0, 0.0]])
 

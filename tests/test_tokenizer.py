@@ -4,7 +4,7 @@ import pytest
 
 import points
 import tokenizer_fixture
-from points.tokenizer import Tokenizer
+from points.io.tokenizer import Tokenizer
 
 TEXTS = {
     "english": "Hello world, it's 2026! The quick brown fox jumps over the lazy dog.",

@@ -8,11 +8,10 @@ import torch
 from transformers.vision_utils import get_vision_position_ids
 
 import points
-import reference
 from conftest import DEVICES
-from points.config import from_hf_dict
-from points.rope import cos_sin
-from points.vision import frame_bounds, rotary_angles
+from points.model.rope import cos_sin
+from points.model.vision import frame_bounds, rotary_angles
+from points.tooling import reference
 
 GRIDS = {
     "single": [[1, 8, 12]],
@@ -75,7 +74,7 @@ def test_rotary_table_equals_reference_for_mixed_grids(ref_vision):
     enc = ref_vision[0]
     positions = get_vision_position_ids(grid, enc.spatial_merge_size)
     ref_cos, ref_sin = enc.rotary_pos_emb(torch.zeros(1), positions)
-    vcfg = from_hf_dict(reference.hf_config()).vision
+    vcfg = reference.model_config().vision
     cos, sin = cos_sin(rotary_angles([tuple(r) for r in grid.tolist()], vcfg))
     assert cos.dtype == torch.float32 and cos.shape == (int((grid.prod(-1)).sum()), 80)
     torch.testing.assert_close(cos, ref_cos, rtol=0, atol=0)

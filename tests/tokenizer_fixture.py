@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from points.synthetic import ADDED, FIRST_ADDED_ID, PAT_STR, load_ranks, qwen_tokenizer_json
+from points.tooling.synthetic import ADDED, FIRST_ADDED_ID, PAT_STR, load_ranks, qwen_tokenizer_json
 
 
 def build_tokenizer_json(path: Path) -> Path:

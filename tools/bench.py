@@ -3,14 +3,12 @@
 
     python tools/bench.py --preset small [--dtype bfloat16] [--compile] [--profile] [--json out.json]
 
-The code lives in points/bench.py so that an installed `points bench` runs it too.
+The code lives in points/tooling/bench.py so that an installed `points bench` runs it too.
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from points.bench import main  # noqa: E402
+from points.tooling.bench import main
 
 if __name__ == "__main__":
     sys.exit(main())

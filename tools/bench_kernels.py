@@ -22,23 +22,20 @@ import torch
 if not torch.cuda.is_available():  # Triton's CPU interpreter; must be set before anything imports Triton
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import reference  # noqa: E402
-
-from points.checkpoint import materialize, to_hf_state_dict  # noqa: E402
-from points.config import from_hf_dict  # noqa: E402
-from points.decoder import Decoder  # noqa: E402
-from points.bench import copy_bandwidth, timed  # noqa: E402  (the one timing helper and floor)
-from points.sampling import Picker  # noqa: E402
+from points.model.decoder import Decoder  # noqa: E402
+from points.runtime.engine import Engine  # noqa: E402
+from points.runtime.sampling import Picker  # noqa: E402
+from points.tooling import reference  # noqa: E402
+from points.tooling.bench import copy_bandwidth, timed  # noqa: E402  (the one timing helper and floor)
 
 PRESETS = {  # vision (images, patches each, heads, head dim), decoder llm config, prompt, new tokens
-    "7b": ((4, 4096, 16, 80), reference.REAL_LLM_CONFIG, 512, 128),
+    "7b": ((4, 4096, 16, 80), reference.REAL_LLM, 512, 128),
     "tiny": ((2, 64, 2, 80), reference.TINY_LLM, 16, 8),
 }
 
 
 def bench_vision_attention(shape, dtype, device):
-    from points.attention import varlen_attention
+    from points.runtime.attention import varlen_attention
 
     n_img, n, h, d = shape
     g = torch.Generator().manual_seed(0)
@@ -53,51 +50,29 @@ def bench_vision_attention(shape, dtype, device):
 
 
 def bench_decode(llm, prompt_len, new, dtype, device, compile_step):
-    cfg = from_hf_dict(reference.hf_config(llm, dict(reference.TINY_VISION, hidden_size=llm["hidden_size"])))
+    cfg = reference.model_config(llm).decoder
     torch.manual_seed(0)
     with torch.device(device):
-        model = Decoder(cfg.decoder).to(dtype).eval().requires_grad_(False)
+        model = Decoder(cfg).to(dtype).eval().requires_grad_(False)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    prompt = torch.randint(0, cfg.decoder.vocab_size, (1, prompt_len), device=device)
+    prompt = torch.randint(0, cfg.vocab_size, (1, prompt_len), device=device)
 
-    def ours(m, steps):
-        def run():
-            cache = m.new_cache(1, max_len=prompt_len + steps + 1)
-            pick = Picker(1, cfg.decoder.vocab_size, device)  # greedy, chosen inside the (compiled) step
-            with torch.inference_mode():
-                nxt = pick(m(prompt, cache=cache)[:, -1])
-                for _ in range(steps):  # (clone: a CUDA-graph output is overwritten by the next run)
-                    nxt = m.decode_step(nxt.clone()[:, None], cache, pick)
+    def ours(engine, steps):
+        def run():  # greedy, chosen inside the (compiled) step
+            for _ in engine.generate(Picker(1, cfg.vocab_size, device), steps + 1, tokens=prompt):
+                pass
         return run
-
-    rows = {}
 
     def per_token(make):
         full = timed(make(new), device, repeat=3).min_s
         prefill = timed(make(0), device, repeat=3).min_s
         return max(full - prefill, 1e-9) / new
 
-    rows["points eager"] = per_token(lambda s: ours(model, s))
+    rows = {"points eager": per_token(lambda s: ours(Engine(model), s))}
     if compile_step:
-        model.compile()
-        rows["points compiled"] = per_token(lambda s: ours(model, s))
-        model._compiled_step = None
-
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    d = cfg.decoder
-    hf_cfg = Qwen2Config(vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.ffn_size,
-                         num_hidden_layers=d.n_layers, num_attention_heads=d.n_heads, num_key_value_heads=d.n_kv_heads,
-                         rms_norm_eps=d.norm_eps, max_position_embeddings=d.max_seq_len, tie_word_embeddings=False,
-                         rope_parameters={"rope_type": "default", "rope_theta": d.rope_theta})
-    with torch.device("meta"):
-        hf = Qwen2ForCausalLM(hf_cfg)
-    state = {f"decoder.{k}": v for k, v in model.state_dict().items()}  # the same tensors, shared, not copied
-    hf_state = {k.removeprefix("llm."): v for k, v in to_hf_state_dict(state, cfg, naming="qwen2").items()}
-    hf.load_state_dict(hf_state, strict=True, assign=True)
-    with torch.device(device):  # its rotary table is a non-persistent buffer: build it for real
-        hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg)
-    hf.eval()
+        compiled = Engine(model, compile=True)
+        rows["points compiled"] = per_token(lambda s: ours(compiled, s))
+    hf = reference.transformers_decoder(model)  # the same tensors, shared, not copied
 
     def theirs(steps):
         def run():

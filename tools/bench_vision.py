@@ -20,20 +20,16 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import reference  # noqa: E402
-
-from points.bench import matmul_rate, timed, vision_flops  # noqa: E402  (shared with points bench)
-from points.config import from_hf_dict  # noqa: E402
-from points.processor import smart_resize  # noqa: E402
-from points.vision import VisionEncoder  # noqa: E402
-
-MAX_PIXELS = 12_845_056
+from points.io.checkpoint import DTYPES
+from points.io.processor import RELEASE_MAX_PIXELS, smart_resize
+from points.model.vision import VisionEncoder
+from points.tooling import reference
+from points.tooling.bench import matmul_rate, timed, vision_flops  # (shared with points bench)
 
 
 def resized_grid(height: int, width: int) -> tuple[int, int, int]:
     """(1, h, w) in 14-px patches, as the image processor resizes an image of that size."""
-    h, w = smart_resize(height, width, max_pixels=MAX_PIXELS)
+    h, w = smart_resize(height, width, max_pixels=RELEASE_MAX_PIXELS)
     return 1, h // 14, w // 14
 
 
@@ -44,7 +40,7 @@ def peak_rss_gb() -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", nargs="+", default=["1024x1024"] * 4, help="HxW of each packed image")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--depth", type=int, default=32, help="blocks (32 = the release)")
@@ -52,8 +48,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     device = torch.device(args.device)
-    cfg = from_hf_dict(reference.hf_config(reference.REAL_LLM_CONFIG,
-                                           dict(reference.REAL_VISION_CONFIG, depth=args.depth))).vision
+    cfg = reference.model_config(reference.REAL_LLM, dict(reference.REAL_VISION, depth=args.depth)).vision
     base = peak_rss_gb()
     with torch.device(args.device):
         encoder = VisionEncoder(cfg).to(dtype).eval().requires_grad_(False)

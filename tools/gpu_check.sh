@@ -7,7 +7,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/points-gpu-check}"
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1
 py=python3
 command -v "$py" >/dev/null || py=python
 
@@ -16,6 +16,9 @@ if [ "${1:-}" = "--dry-run" ]; then
 else
     device=cuda preset=7b-width pytest_args=(-q -rs --continue-on-collection-errors) vision_args=(--dtype bfloat16 --repeat 5) kernel_args=(--preset 7b)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+    # the machine has its own torch, Triton and transformers and no network: install the project alone
+    # (points.kernels exists only once installed: the package maps kernels/ to it)
+    "$py" -m pip install -q --no-deps --no-build-isolation -e . > "$out/install.log" 2>&1 || { cat "$out/install.log"; exit 1; }
 fi
 "$py" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"
 

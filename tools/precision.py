@@ -20,15 +20,13 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import reference  # noqa: E402
-
-import points  # noqa: E402
+import points
+from points.tooling import reference
 
 PRESETS = {
     "tiny": (reference.TINY_LLM, 64),
     # the released widths (hidden 3584, ffn 18944, 28 query / 4 KV heads, vocab 152064), 2 layers
-    "7b-width": (dict(reference.REAL_LLM_CONFIG, num_layers=2, num_hidden_layers=2), 512),
+    "7b-width": (dict(reference.REAL_LLM, num_layers=2, num_hidden_layers=2), 512),
 }
 
 
@@ -48,7 +46,7 @@ def main(argv=None) -> int:
     vision = dict(reference.TINY_VISION, hidden_size=llm["hidden_size"])
     tensors = reference.custom_llama_tensors(ref) | reference.vision_tensors(*reference.reference_vision(vision))
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = reference.write_checkpoint(Path(tmp) / "ckpt", reference.hf_config(llm, vision),
+        ckpt = reference.save_checkpoint(Path(tmp) / "ckpt", reference.checkpoint_config(llm, vision),
                                           {k: v.cpu() for k, v in tensors.items()})
         del tensors
         tokens = torch.randint(0, llm["vocab_size"], (1, length), generator=torch.Generator().manual_seed(0)).to(dev)

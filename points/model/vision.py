@@ -14,11 +14,12 @@ with the patch's row, 20..39 and 60..79 with its column (theta 10000, float32).
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
-from points.attention import varlen_attention
-from points.config import VisionConfig
-from points.rope import apply_rotary, cos_sin, inv_freq
+from points.model.config import VisionConfig
+from points.model.rope import apply_rotary, cos_sin, inv_freq
+from points.runtime.attention import check_backend, varlen_attention
 
 
 class LayerNorm(nn.LayerNorm):
@@ -35,9 +36,10 @@ def patch_positions(grid_thw: list[tuple[int, int, int]], merge: int, device=Non
     for t, h, w in grid_thw:
         rows = torch.arange(h, device=device)[:, None].expand(h, w)
         cols = torch.arange(w, device=device)[None, :].expand(h, w)
-        # (h, w) -> (h/m, m, w/m, m) -> (h/m, w/m, m, m): windows in raster order, raster inside each
-        rc = torch.stack((rows, cols), dim=-1).reshape(h // merge, merge, w // merge, merge, 2)
-        out.append(rc.transpose(1, 2).reshape(h * w, 2).repeat(t, 1))
+        rc = torch.stack((rows, cols), dim=-1)  # [h, w, 2]
+        # windows of m x m patches in raster order, raster order inside each window
+        rc = rearrange(rc, "(wh mh) (ww mw) c -> (wh ww mh mw) c", mh=merge, mw=merge)
+        out.append(rc.repeat(t, 1))
     return torch.cat(out)
 
 
@@ -58,17 +60,18 @@ def frame_bounds(grid_thw: list[tuple[int, int, int]]) -> list[int]:
 
 
 class VisionAttention(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, attn: str = "auto"):
         super().__init__()
-        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.backend = check_backend(attn)
+        self.head_dim = cfg.head_dim
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)  # rows [q; k; v]
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
 
-    def forward(self, x, cos, sin, bounds, backend):
-        L = x.shape[0]
-        q, k, v = self.qkv(x).view(L, 3, self.n_heads, self.head_dim).unbind(1)  # [L, H, D] each
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        return self.proj(varlen_attention(q, k, v, bounds, backend).reshape(L, -1))
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], bounds: list[int]):
+        q, k, v = rearrange(self.qkv(x), "l (qkv h d) -> qkv l h d", qkv=3, d=self.head_dim)  # [L, H, D] each
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        y = varlen_attention(q, k, v, bounds, self.backend)  # each frame attends to itself only
+        return self.proj(rearrange(y, "l h d -> l (h d)"))
 
 
 class VisionMLP(nn.Module):
@@ -83,35 +86,36 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, attn: str = "auto"):
         super().__init__()
         self.norm1 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.attn = VisionAttention(cfg)
+        self.attn = VisionAttention(cfg, attn)
         self.norm2 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x, cos, sin, bounds, backend):
-        x = x + self.attn(self.norm1(x), cos, sin, bounds, backend)
+    def forward(self, x, rope, bounds):
+        x = x + self.attn(self.norm1(x), rope, bounds)
         return x + self.mlp(self.norm2(x))
 
 
 class VisionEncoder(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    """attn: the attention kernel, "auto" | "sdpa" | "triton" (see points.runtime.attention)."""
+
+    def __init__(self, cfg: VisionConfig, attn: str = "auto"):
         super().__init__()
         self.cfg = cfg
-        self.attn_backend = "auto"  # "auto" | "sdpa" | "triton", see points.attention.use_triton
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.embed_dim, bias=False)
-        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(VisionBlock(cfg, attn) for _ in range(cfg.depth))
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values [L, patch_dim] (any float dtype; cast to the encoder's), grid_thw [n, 3] -> [L, embed_dim]."""
         grid = check_inputs(pixel_values, grid_thw, self.cfg, self.patch_embed.weight)
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [L, E]
         cos, sin = cos_sin(rotary_angles(grid, self.cfg, x.device))  # [L, head_dim] float32
-        cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
-        bounds = frame_bounds(grid)
+        rope = cos[:, None], sin[:, None]  # [L, 1, head_dim]: one table for every head
+        bounds = frame_bounds(grid)  # cu_seqlens of the frames, computed once for every block
         for block in self.blocks:
-            x = block(x, cos, sin, bounds, self.attn_backend)
+            x = block(x, rope, bounds)
         return x
 
 

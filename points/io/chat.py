@@ -6,7 +6,7 @@
 
 N = h * w / 4 for an image resized to a grid of h x w patches. No system prompt unless the conversation
 brings one (an extension: rendered as a ChatML system block); without one the prompt is exactly the
-reference's (points15.md §4.2).
+reference's.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from points.processor import ImageProcessor
-from points.tokenizer import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START
+from points.io.processor import ImageProcessor
+from points.io.tokenizer import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START
 
 ROLES = ("system", "user", "assistant")
 

@@ -1,9 +1,10 @@
-"""Generation: prompt -> vision features (once per call) -> prefill -> cached one-token steps.
+"""Generation: conversations -> prompts -> vision features (once per call) -> the engine's prefill and
+one-token steps (`points.runtime.engine`) -> reply text.
 
 Greedy by default (temperature 0, as the reference always decodes); temperature / top-k / top-p sampling
 with an optional seed; repetition penalty (transformers' rule, over the prompt's and the reply's tokens).
-The choice of the next token (points.sampling.Picker) runs inside the decode step, so a compiled model does
-step + choice in one graph; the host reads each token while the next step is already queued.
+The choice of the next token (points.runtime.sampling.Picker) runs inside the decode step, so a compiled
+engine does step + choice in one graph; the host reads each token while the next step is already queued.
 A row stops at <|im_end|> (the reference) or <|endoftext|> (an extension), at an extra stop string
 (the reply is cut before it), or after max_new_tokens. Several conversations run as one right-padded
 batch, each row at its own positions, so every reply equals (greedy) the conversation run alone.
@@ -17,8 +18,9 @@ from typing import Iterator
 
 import torch
 
-from points.chat import build_prompt
-from points.sampling import Picker
+from points.io.chat import build_prompt
+from points.runtime.engine import Engine
+from points.runtime.sampling import Picker
 
 
 @dataclass(frozen=True)
@@ -75,9 +77,11 @@ class GenerationConfig:
         return cls.from_kwargs(**d)
 
 
-def stream_batch(model, tokenizer, processor, conversations: list, cfg: GenerationConfig) -> Iterator[list[str]]:
+def stream_batch(model, tokenizer, processor, conversations: list, cfg: GenerationConfig,
+                 engine: Engine | None = None) -> Iterator[list[str]]:
     """Yield, after every step, the new reply text of each conversation ('' when none is final yet).
-    Prompts are built and checked here, at the call; the returned iterator runs the model."""
+    Prompts are built and checked here, at the call; the returned iterator runs the model (on `engine`,
+    default an eager one over model.decoder)."""
     prompts = [build_prompt(m, processor) for m in conversations]
     ids = [tokenizer.encode(p.text) for p in prompts]
     limit = model.decoder.cfg.max_seq_len
@@ -85,42 +89,32 @@ def stream_batch(model, tokenizer, processor, conversations: list, cfg: Generati
         if len(row) + cfg.max_new_tokens > limit:
             raise ValueError(f"conversation {i}: prompt of {len(row)} tokens + max_new_tokens {cfg.max_new_tokens} "
                              f"exceeds the context of {limit} tokens")
-    return _steps(model, tokenizer, prompts, ids, cfg)
+    return _steps(model, engine or Engine(model.decoder), tokenizer, prompts, ids, cfg)
 
 
-def _steps(model, tokenizer, prompts, ids, cfg: GenerationConfig) -> Iterator[list[str]]:
-    device = model.decoder.embed.weight.device
+def _steps(model, engine: Engine, tokenizer, prompts, ids, cfg: GenerationConfig) -> Iterator[list[str]]:
+    device = engine.device
     lengths = [len(x) for x in ids]
-    B, T = len(ids), max(lengths)
-    padded = torch.full((B, T), tokenizer.eos_id, dtype=torch.long)  # right padding, never attended
+    padded = torch.full((len(ids), max(lengths)), tokenizer.eos_id, dtype=torch.long)  # right padding, never attended
     for i, row in enumerate(ids):
         padded[i, :len(row)] = torch.tensor(row)
-    padded = padded.to(device)
-    n_new = torch.tensor(lengths, device=device)
     with torch.inference_mode():  # (never held across a yield: the mode is thread-wide)
         features = None
         pixels = [p for p in prompts if p.pixel_values is not None]
         if pixels:  # every image of every conversation through the encoder in one packed call
             features = model.image_features(torch.cat([p.pixel_values for p in pixels]),
                                             torch.cat([p.grid_thw for p in pixels]))
-        cache = model.decoder.new_cache(B, max_len=T + cfg.max_new_tokens)
-        logits = model.decoder(embeds=model.embed(padded, features), cache=cache, n_new=n_new, last=n_new - 1)
-    pick = Picker(B, logits.shape[-1], device, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                  penalty=cfg.repetition_penalty, seed=cfg.seed)
+        embeds = model.embed(padded.to(device), features)
+    pick = Picker(len(ids), model.decoder.cfg.vocab_size, device, temperature=cfg.temperature, top_k=cfg.top_k,
+                  top_p=cfg.top_p, penalty=cfg.repetition_penalty, seed=cfg.seed)
     if pick.seen is not None:
         for i, row in enumerate(ids):
             pick.seen[i, torch.tensor(row, device=device)] = True
-    rows = [_Reply(tokenizer, cfg.stop) for _ in range(B)]
+    rows = [_Reply(tokenizer, cfg.stop) for _ in ids]
     stop_ids = {tokenizer.im_end_id, tokenizer.eos_id}
-    pick.draw()
-    nxt = pick(logits)  # [B] on the device
-    for step in range(cfg.max_new_tokens):
+    tokens = engine.generate(pick, cfg.max_new_tokens, embeds=embeds, lengths=torch.tensor(lengths, device=device))
+    for step, chosen in enumerate(tokens):
         last = step == cfg.max_new_tokens - 1
-        chosen = nxt.clone()  # (a CUDA-graph step's output is overwritten by its next run)
-        if not last:  # queue the next step before reading this token on the host: one sync per step
-            pick.draw()
-            with torch.inference_mode():
-                nxt = model.decoder.decode_step(chosen[:, None], cache, pick)
         yield [row.push(t, t in stop_ids, last) for row, t in zip(rows, chosen.tolist())]
         if all(r.done for r in rows):
             return
@@ -153,14 +147,16 @@ class _Reply:
         return piece
 
 
-def chat(model, tokenizer, processor, conversations: list, cfg: GenerationConfig) -> list[str]:
+def chat(model, tokenizer, processor, conversations: list, cfg: GenerationConfig,
+         engine: Engine | None = None) -> list[str]:
     replies = [""] * len(conversations)
-    for pieces in stream_batch(model, tokenizer, processor, conversations, cfg):
+    for pieces in stream_batch(model, tokenizer, processor, conversations, cfg, engine):
         replies = [r + p for r, p in zip(replies, pieces)]
     return replies
 
 
-def chat_stream(model, tokenizer, processor, messages, cfg: GenerationConfig) -> Iterator[str]:
-    for pieces in stream_batch(model, tokenizer, processor, [messages], cfg):
+def chat_stream(model, tokenizer, processor, messages, cfg: GenerationConfig,
+                engine: Engine | None = None) -> Iterator[str]:
+    for pieces in stream_batch(model, tokenizer, processor, [messages], cfg, engine):
         if pieces[0]:
             yield pieces[0]

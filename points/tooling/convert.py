@@ -4,7 +4,7 @@ checkpoint -> this project's layout, written atomically (an interrupted run leav
 import argparse
 import sys
 
-from points.checkpoint import DTYPES, MAX_SHARD_BYTES, convert
+from points.io.checkpoint import DTYPES, MAX_SHARD_BYTES, convert
 from points.errors import CheckpointError
 
 

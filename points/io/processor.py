@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import repeat
 from PIL import Image
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MIN_PIXELS = 56 * 56  # Qwen2VLImageProcessor class defaults, used where preprocessor_config.json is absent
 MAX_PIXELS = 28 * 28 * 1280
+RELEASE_MAX_PIXELS = 12_845_056  # what Qwen2-VL releases ship in preprocessor_config.json (POINTS most likely too)
 MAX_IMAGE_PIXELS = 89_478_485  # pillow's default decompression-bomb threshold (about 9459 x 9459)
 
 
@@ -118,6 +120,13 @@ class ImageProcessor:
                    merge_size=int(d.get("merge_size", 2)), mean=tuple(d.get("image_mean", CLIP_MEAN)),
                    std=tuple(d.get("image_std", CLIP_STD)))
 
+    def to_json(self) -> dict:
+        """The preprocessor_config.json that `from_dir` reads back into this processor."""
+        return {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": self.min_pixels,
+                "max_pixels": self.max_pixels, "patch_size": self.patch_size,
+                "temporal_patch_size": self.temporal_patch_size, "merge_size": self.merge_size,
+                "image_mean": list(self.mean), "image_std": list(self.std)}
+
     def __call__(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """One image -> pixel_values [gh * gw, 3 * 2 * 14 * 14] float32 and its grid (1, gh, gw)."""
         img = open_image(image)
@@ -127,12 +136,12 @@ class ImageProcessor:
             img = img.resize((w, h), resample=Image.Resampling.BICUBIC)
         x = (np.asarray(img, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
         x = (x - np.array(self.mean, dtype=np.float32)) / np.array(self.std, dtype=np.float32)
-        x = x.transpose(2, 0, 1)  # [3, h, w]
-        p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
-        gh, gw = h // p, w // p
-        x = x.reshape(3, gh // m, m, p, gw // m, m, p).transpose(1, 4, 2, 5, 0, 3, 6)  # [gh/m, gw/m, m, m, 3, p, p]
-        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], tp, p, p))  # the frame, repeated in time
-        return torch.from_numpy(np.ascontiguousarray(x).reshape(gh * gw, 3 * tp * p * p)), (1, gh, gw)
+        p, m = self.patch_size, self.merge_size
+        # one row per p x p patch: m x m merge windows in raster order, patches in raster order inside each
+        # window; a row holds (channel, frame, y, x), the one image repeated as `temporal_patch_size` frames
+        rows = repeat(x, "(wh mh y) (ww mw x) c -> (wh ww mh mw) (c t y x)", mh=m, mw=m, y=p, x=p,
+                      t=self.temporal_patch_size)
+        return torch.from_numpy(np.ascontiguousarray(rows)), (1, h // p, w // p)
 
     def tokens(self, grid: tuple[int, int, int]) -> int:
         """LLM tokens for one image: one per merge window."""

@@ -4,12 +4,18 @@ Layout per layer: K and V of shape [B, n_kv_heads, max_len, head_dim], written i
 positions. `pos` [B] (a device tensor) is the next free position of every row; `span` (a host int) is an
 upper bound on max(pos), so that attention reads only the first `span` slots without a host sync.
 
+One forward over T new tokens per row: `meta = cache.reserve(T)` takes the next T slots of every row and
+returns the `AttentionMeta` the decoder's layers share; `decoder(tokens, meta=meta)` then writes K/V there.
 A batch of prompts of different lengths is prefilled right-padded in one call (`n_new` gives each row's
 real length). The padding writes garbage K/V past a row's end, but those slots are never visible (keys are
 masked by position, j <= p) and are overwritten by the row's next tokens.
 """
 
+from __future__ import annotations
+
 import torch
+
+from points.runtime.attention import AttentionMeta
 
 
 class KVCache:
@@ -28,29 +34,26 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def positions(self, n_tokens: int) -> torch.Tensor:
-        """Absolute positions [B, n_tokens] of the next n_tokens of every row."""
+    def reserve(self, n_tokens: int, n_new: torch.Tensor | None = None) -> AttentionMeta:
+        """The next n_tokens slots of every row, of which n_new[b] hold real tokens (default: all): their
+        positions, how many slots attention must read (span + n_tokens, rounded up to whole blocks) and
+        whether this is the first forward. The cache counts them as used from now on."""
         if self.span + n_tokens > self.max_len:
             raise ValueError(f"KV cache overflow: {self.span} positions used + {n_tokens} new > max_len "
                              f"{self.max_len}; allocate a larger cache")
-        return self.pos[:, None] + torch.arange(n_tokens, device=self.pos.device)
-
-    def visible(self, n_tokens: int) -> int:
-        """How many slots the next n_tokens must read: span + n_tokens, rounded up to whole blocks."""
-        need = self.span + n_tokens
-        return min(self.max_len, -(-need // self.block) * self.block)
-
-    def write(self, layer: int, q_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
-        """Store k/v [B, T, Hkv, D] at positions q_pos [B, T]; return this layer's K, V for the first
-        kv_len slots as [B, Hkv, kv_len, D] views."""
-        self.k[layer][self.rows, :, q_pos] = k
-        self.v[layer][self.rows, :, q_pos] = v
-        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
-
-    def advance(self, n_tokens: int, n_new: torch.Tensor | None = None) -> None:
-        """After a forward of n_tokens per row, of which n_new[b] were real (default: all)."""
+        positions = self.pos[:, None] + torch.arange(n_tokens, device=self.pos.device)  # [B, n_tokens]
+        kv_len = min(self.max_len, -(-(self.span + n_tokens) // self.block) * self.block)
+        meta = AttentionMeta(positions, kv_len, fresh=self.span == 0, cache=self)
         self.pos += n_tokens if n_new is None else n_new
         self.span += n_tokens
+        return meta
+
+    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+        """Store k/v [B, T, Hkv, D] at positions [B, T]; return this layer's K, V for the first kv_len
+        slots as [B, Hkv, kv_len, D] views."""
+        self.k[layer][self.rows, :, positions] = k
+        self.v[layer][self.rows, :, positions] = v
+        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
 
     def trim(self, length: int) -> None:
         """Forget every position >= length in every row (e.g. to reuse a shared prompt prefix)."""

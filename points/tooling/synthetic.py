@@ -25,10 +25,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from points.checkpoint import INDEX, MAX_SHARD_BYTES, plan
-from points.config import from_hf_dict
+from points.io.checkpoint import INDEX, MAX_SHARD_BYTES, plan
+from points.io.config import from_hf_dict
+from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor
 
-# The released config.json values (points15.md §1.3, §1.4), CustomLlama / Qwen2VLVision field names.
+# The released config.json values, in CustomLlama / Qwen2VLVision field names.
 REAL_LLM = dict(
     model_type="custom_llama", architectures=["CustomLlamaForCausalLM"], vocab_size=152064, hidden_size=3584,
     ffn_hidden_size=18944, hidden_act="swiglu", num_attention_heads=28, num_layers=28, num_hidden_layers=28,
@@ -52,9 +53,6 @@ SHAPES = {
               dict(REAL_VISION, hidden_size=896)),
     "7b": (REAL_LLM, REAL_VISION),
 }
-PREPROCESSOR = {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": 3136, "max_pixels": 12845056,
-                "patch_size": 14, "temporal_patch_size": 2, "merge_size": 2,
-                "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
 
 # Qwen2.5's tokenizer.json: the split regex and the 22 added tokens 151643.. (the first 14 special).
 PAT_STR = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -98,13 +96,14 @@ def write_checkpoint(directory: str | Path, shapes: str | tuple[dict, dict] = "t
     try:
         tmp.mkdir(parents=True)
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
-        (tmp / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=1))
+        processor = ImageProcessor(max_pixels=RELEASE_MAX_PIXELS)
+        (tmp / "preprocessor_config.json").write_text(json.dumps(processor.to_json(), indent=1))
         (qwen_tokenizer_json if tokenizer == "qwen" else bytes_tokenizer_json)(tmp / "tokenizer.json")
         g = torch.Generator().manual_seed(seed)
         shards, shard, size = [], {}, 0
         for e in plan(cfg, "custom_llama"):  # one shard's tensors in memory at a time
             ours = _draw(e.target, e.shape, g).to(dtype)
-            for name, t in zip(e.sources, e.split(ours)):
+            for name, t in zip(e.sources, e.layout.split(ours, e.source_shapes)):
                 n = t.numel() * t.element_size()
                 if shard and size + n > max_shard_bytes:
                     shards.append(_save(tmp, len(shards), shard))

@@ -1,9 +1,9 @@
-"""Checkpoint mapping: the released POINTS-1.5 tensors <-> this project's modules.
+"""Checkpoint files: the one mapping between the released POINTS-1.5 tensors and ours, loading and converting.
 
 The only file that knows the reference's state-dict names. One plan (a list of `Entry`) describes, for
-every parameter of ours, which checkpoint tensors make it, their expected shapes and the exact packing
-transform both ways. `load_state_dict` (used by `points.load`) and `convert` (used by
-`weights_convert.py`) both walk that plan, so the two can never disagree.
+every parameter of ours, which checkpoint tensors make it, their expected shapes and how they are laid out
+(`Layout`: both directions). `load_state_dict` (used by `points.load`) and `convert` (used by
+`points convert` / `weights_convert.py`) both walk that plan, so the two can never disagree.
 
 Namings read:
 - 'custom_llama': the released 7B checkpoint. `llm.lm.layers.N.attention.query_dense`,
@@ -11,8 +11,13 @@ Namings read:
   `attention.dense`, `mlp.dense_h_to_4h` (rows [up; gate]), `mlp.dense_4h_to_h`, `llm.lm.embed_in`,
   `llm.lm.final_layer_norm`, `llm.embed_out`.
 - 'qwen2': later POINTS releases (`llm.model.layers.N.self_attn.q_proj`, `mlp.gate_proj`, `llm.lm_head`).
-- 'points': our own layout, as written by `convert` (names = our module names, no transforms).
+- 'points': our own layout, as written by `convert` (names = our module names, nothing re-laid).
 Vision tensors (`vision_encoder.*`, `vision_projector.*`) are named alike in both released namings.
+
+Reading: safetensors' own reader (`safe_open`) maps every file. A tensor that needs no cast and no
+re-layout is used in place on the CPU: the parameter *is* a view of the mapped file (so the file must not
+change while the model is alive). Everything else (the released interleaved K/V and [up; gate], a dtype
+cast, a move to the GPU) is written once into a fresh tensor of the final dtype on the final device.
 
 Strictness: before any tensor data is read, every planned source must exist with its exact shape and a
 floating dtype, and every tensor in the files must be planned or explicitly dropped (the unused
@@ -26,40 +31,38 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
-from torch.overrides import TorchFunctionMode
+from einops import rearrange
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.overrides import TorchFunctionMode
 
-from points.config import ModelConfig, read_config
 from points.errors import CheckpointError
-from points.progress import Progress
+from points.io.config import read_config, to_dict
+from points.io.progress import Progress
+from points.model.config import ModelConfig
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 MAX_SHARD_BYTES = 5 * 10**9
-STAGING_BYTES = 16 * 2**20  # slab size when a tensor is read into another dtype or layout
 # Non-weight files a checkpoint directory may carry that a converted directory keeps.
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                  "merges.txt", "added_tokens.json", "preprocessor_config.json", "generation_config.json",
                  "chat_template.json", "chat_template.jinja")
 DROPPED_PREFIXES = ("vision_encoder.merger.",)  # Qwen2-VL's own merger: built, never run by POINTS
 DROPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")  # recomputed, never needed
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "F64": torch.float64}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # the dtypes we run
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
 # --------------------------------------------------------------------------- reading tensor files
 
 class TensorFiles:
-    """The tensors of a checkpoint directory (one `model.safetensors`, or an index and its shards).
-
-    Headers are read and validated (by the safetensors library) at once; tensor data is read only on
-    `get`, straight from the file into a fresh tensor with one `readinto`, so that loading never holds
-    a mapped copy of the file beside the weights (a memory map's touched pages count as resident)."""
+    """The tensors of a checkpoint directory (one `model.safetensors`, or an index and its shards), read
+    through safetensors' `safe_open`: every header is read and validated at once (names, shapes, dtypes,
+    truncation); `get` returns a tensor as a view of its file's memory map, without copying."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -67,88 +70,139 @@ class TensorFiles:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index (needs a 'weight_map'): {e}") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{index}: 'weight_map' must be an object mapping tensor names to file "
+                                      "names")
             files = sorted(set(weight_map.values()))
         elif (self.directory / SINGLE).is_file():
-            weight_map, files = None, [SINGLE]
+            weight_map, files = {}, [SINGLE]
         else:
             raise CheckpointError(f"{self.directory}: no {SINGLE} or {INDEX} found")
-        self._info = {}  # name -> (file, dtype string, shape, absolute byte offset, byte count)
+        self._open = {}  # file -> safe_open handle (holds the file's map)
+        self._file = {}  # tensor name -> file
         for f in files:
             path = self.directory / f
             if not path.is_file():
                 raise CheckpointError(f"{path}: shard listed in {index.name} is missing")
             try:
-                with safe_open(str(path), framework="pt"):  # full header validation, truncation included
-                    pass
+                self._open[f] = safe_open(str(path), framework="pt")
             except SafetensorError as e:
                 raise CheckpointError(f"{path}: not a readable safetensors file ({e}); "
                                       "is it truncated or still downloading?") from None
-            with open(path, "rb") as fh:
-                n = int.from_bytes(fh.read(8), "little")
-                header = json.loads(fh.read(n))
-            header.pop("__metadata__", None)
-            for name, h in header.items():
-                begin, end = h["data_offsets"]
-                self._info[name] = (f, h["dtype"], tuple(h["shape"]), 8 + n + begin, end - begin)
-        for name, f in (weight_map or {}).items():
-            if name not in self._info or self._info[name][0] != f:
+            self._file.update(dict.fromkeys(self._open[f].keys(), f))
+        for name, f in weight_map.items():
+            if self._file.get(name) != f:
                 raise CheckpointError(f"{self.directory / f}: tensor {name} is listed there by {INDEX} "
                                       "but the shard does not hold it")
 
     @property
     def names(self) -> set[str]:
-        return set(self._info)
+        return set(self._file)
+
+    def _slice(self, name: str):
+        return self._open[self._file[name]].get_slice(name)
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return self._info[name][2]
+        return tuple(self._slice(name).get_shape())
+
+    def dtype_name(self, name: str) -> str:
+        return self._slice(name).get_dtype()
 
     def dtype(self, name: str) -> torch.dtype | None:
         """The torch dtype of a floating tensor; None for any other (integer, bool, fp8) tensor."""
-        return _SAFETENSORS_DTYPES.get(self._info[name][1])
+        return _SAFETENSORS_DTYPES.get(self.dtype_name(name))
 
-    def dtype_name(self, name: str) -> str:
-        return self._info[name][1]
-
-    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
-        """The tensor's data, read from the file. With `out` (a CPU tensor of the same shape, any dtype
-        and strides) it is read in slabs of rows through a small staging buffer and copied (and cast)
-        into `out`, so that no second full-size copy is ever held."""
-        f, _, shape, offset, nbytes = self._info[name]
-        dtype = self.dtype(name)
-        if out is None or (out.dtype == dtype and out.is_contiguous()):
-            out = torch.empty(shape, dtype=dtype) if out is None else out
-            self._read(name, offset, memoryview(out.reshape(-1).view(torch.uint8).numpy()))
-            return out
-        row_bytes = nbytes // shape[0] if shape and shape[0] else nbytes
-        step = max(1, STAGING_BYTES // max(row_bytes, 1))
-        for r0 in range(0, shape[0], step):
-            r1 = min(shape[0], r0 + step)
-            slab = torch.empty((r1 - r0, *shape[1:]), dtype=dtype)
-            self._read(name, offset + r0 * row_bytes, memoryview(slab.reshape(-1).view(torch.uint8).numpy()))
-            out[r0:r1].copy_(slab)
-        return out
-
-    def _read(self, name: str, offset: int, buf: memoryview) -> None:
-        f = self._info[name][0]
-        with open(self.directory / f, "rb", buffering=0) as fh:
-            fh.seek(offset)
-            done = 0
-            while done < len(buf):
-                got = fh.readinto(buf[done:])
-                if not got:
-                    raise CheckpointError(f"{self.directory / f}: tensor {name} ends past the end of the file")
-                done += got
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor, a view of its file's memory map (nothing is read until it is used)."""
+        return self._open[self._file[name]].get_tensor(name)
 
     def where(self, name: str) -> Path:
-        return self.directory / self._info[name][0]
+        return self.directory / self._file[name]
+
+    def file_of(self, name: str) -> str:
+        return self._file[name]
+
+    def release(self, file: str) -> None:
+        """Let go of a file's map: pages read through it stop counting as resident unless a tensor still
+        views them."""
+        self._open.pop(file, None)
 
 
 # --------------------------------------------------------------------------- the plan
 
-Join = Callable[[list], torch.Tensor]  # checkpoint tensors -> our tensor
-Split = Callable[[torch.Tensor], list]  # our tensor -> checkpoint tensors
+class Layout:
+    """How one of our tensors is laid out from its checkpoint tensors. Every layout acts on dim 0 (rows),
+    so the same one serves a Linear's weight [rows, in] and its bias [rows]."""
+
+    view = False  # our tensor is a view of the single source (no copy needed when dtype and device agree)
+
+    def join(self, sources: list[torch.Tensor], out: torch.Tensor) -> None:
+        """Write the sources into `out` (casting to its dtype, moving to its device), re-laid."""
+        raise NotImplementedError
+
+    def split(self, t: torch.Tensor, source_shapes: tuple[tuple[int, ...], ...]) -> list[torch.Tensor]:
+        """Our tensor -> the checkpoint tensors (the exact inverse of join)."""
+        raise NotImplementedError
+
+
+class Same(Layout):
+    """The source itself, reshaped (e.g. the Conv3d patch kernel [E, C, T, P, P] read as a Linear [E, C*T*P*P])."""
+
+    view = True
+
+    def join(self, sources, out):
+        out.copy_(sources[0].reshape(out.shape))
+
+    def split(self, t, source_shapes):
+        return [t.reshape(source_shapes[0])]
+
+
+class Stacked(Layout):
+    """Our rows are the sources' rows, stacked in order (Qwen2 naming: q; k; v and gate; up)."""
+
+    def __init__(self, sizes: list[int]):
+        self.sizes = sizes
+
+    def join(self, sources, out):
+        for part, src in zip(out.split(self.sizes), sources):
+            part.copy_(src)
+
+    def split(self, t, source_shapes):
+        return list(t.split(self.sizes))
+
+
+class UpGateToGateUp(Layout):
+    """CustomLlama's dense_h_to_4h rows are [up; gate]; ours are [gate; up]."""
+
+    def join(self, sources, out):
+        up, gate = sources[0].chunk(2)
+        out_gate, out_up = out.chunk(2)
+        out_gate.copy_(gate)
+        out_up.copy_(up)
+
+    def split(self, t, source_shapes):
+        gate, up = t.chunk(2)
+        return [torch.cat((up, gate))]
+
+
+class QueryAndInterleavedKV(Layout):
+    """(query_dense, key_value_dense) <-> our [q; k; v]. key_value_dense's rows are, per KV head g,
+    K_g (head_dim rows) then V_g (head_dim rows); ours hold every K head, then every V head."""
+
+    def __init__(self, q_rows: int, head_dim: int):
+        self.q_rows, self.head_dim = q_rows, head_dim
+
+    def join(self, sources, out):
+        q, kv = sources
+        out[:self.q_rows].copy_(q)
+        ours = rearrange(out[self.q_rows:], "(kv g d) ... -> kv g d ...", kv=2, d=self.head_dim)
+        ours.copy_(rearrange(kv, "(g kv d) ... -> kv g d ...", kv=2, d=self.head_dim))
+
+    def split(self, t, source_shapes):
+        q, kv = t[:self.q_rows], t[self.q_rows:]
+        return [q, rearrange(kv, "(kv g d) ... -> (g kv d) ...", kv=2, d=self.head_dim)]
 
 
 @dataclass(frozen=True)
@@ -157,69 +211,25 @@ class Entry:
     shape: tuple[int, ...]
     sources: tuple[str, ...]  # checkpoint tensor names
     source_shapes: tuple[tuple[int, ...], ...]
-    join: Join
-    split: Split
-
-
-def _identity(ts: list) -> torch.Tensor:
-    return ts[0]
-
-
-def _same() -> tuple[Join, Split]:
-    return _identity, (lambda t: [t])
-
-
-def _cat(sizes: list[int]) -> tuple[Join, Split]:
-    """Our rows are the sources' rows, stacked in order."""
-    return (lambda ts: torch.cat(ts)), (lambda t: list(t.split(sizes)))
-
-
-def _reshape(source_shape: tuple[int, ...], shape: tuple[int, ...]) -> tuple[Join, Split]:
-    return (lambda ts: ts[0].reshape(shape)), (lambda t: [t.reshape(source_shape)])
-
-
-def _swap_halves() -> tuple[Join, Split]:
-    """CustomLlama's dense_h_to_4h rows are [up; gate]; ours are [gate; up]. Its own inverse."""
-    def swap(t):
-        up, gate = t.chunk(2)
-        return torch.cat((gate, up))
-    return (lambda ts: swap(ts[0])), (lambda t: [swap(t)])
-
-
-def _query_and_interleaved_kv(q_rows: int, n_kv: int, head_dim: int) -> tuple[Join, Split]:
-    """(query_dense, key_value_dense) <-> our [q; k; v]. key_value_dense rows are, per KV head g,
-    K_g (head_dim rows) then V_g (head_dim rows)."""
-    def join(ts):
-        q, kv = ts
-        rest = kv.shape[1:]
-        kv = kv.reshape(n_kv, 2, head_dim, *rest)
-        return torch.cat((q, kv[:, 0].reshape(n_kv * head_dim, *rest), kv[:, 1].reshape(n_kv * head_dim, *rest)))
-
-    def split(t):
-        rest = t.shape[1:]
-        q, k, v = t.split((q_rows, n_kv * head_dim, n_kv * head_dim))
-        kv = torch.stack((k.reshape(n_kv, head_dim, *rest), v.reshape(n_kv, head_dim, *rest)), dim=1)
-        return [q, kv.reshape(2 * n_kv * head_dim, *rest)]
-    return join, split
+    layout: Layout
 
 
 def _linear(target: str, in_dim: int, sources: list[tuple[str, int]], bias: bool,
-            transform: tuple[Join, Split] | None = None) -> list[Entry]:
-    """Weight (and bias) entries of one Linear whose output rows come from `sources` (name, rows).
-    Every transform acts on dim 0, so the same one serves weight [rows, in] and bias [rows]."""
+            layout: Layout | None = None) -> list[Entry]:
+    """Weight (and bias) entries of one Linear whose output rows come from `sources` (name, rows)."""
     rows = sum(r for _, r in sources)
-    if transform is None:
-        transform = _same() if len(sources) == 1 else _cat([r for _, r in sources])
+    if layout is None:
+        layout = Same() if len(sources) == 1 else Stacked([r for _, r in sources])
     entries = [Entry(f"{target}.weight", (rows, in_dim), tuple(f"{s}.weight" for s, _ in sources),
-                     tuple((r, in_dim) for _, r in sources), *transform)]
+                     tuple((r, in_dim) for _, r in sources), layout)]
     if bias:
         entries.append(Entry(f"{target}.bias", (rows,), tuple(f"{s}.bias" for s, _ in sources),
-                             tuple((r,) for _, r in sources), *transform))
+                             tuple((r,) for _, r in sources), layout))
     return entries
 
 
-def _vector(target: str, source: str, dim: int) -> Entry:
-    return Entry(target, (dim,), (source,), ((dim,),), *_same())
+def _same(target: str, source: str, shape: tuple[int, ...]) -> Entry:
+    return Entry(target, shape, (source,), (shape,), Same())
 
 
 def _decoder_plan(cfg: ModelConfig, naming: str, names: set[str]) -> list[Entry]:
@@ -232,16 +242,16 @@ def _decoder_plan(cfg: ModelConfig, naming: str, names: set[str]) -> list[Entry]
         embed, norm, head = "llm.model.embed_tokens", "llm.model.norm", "llm.lm_head"
         if f"{head}.weight" not in names and f"{embed}.weight" in names:
             head = embed  # a tied Qwen2 checkpoint stores the embedding once
-    plan = [Entry("decoder.embed.weight", (V, H), (f"{embed}.weight",), ((V, H),), *_same())]
+    plan = [_same("decoder.embed.weight", f"{embed}.weight", (V, H))]
     for i in range(d.n_layers):
         t = f"decoder.layers.{i}"
         if naming == "custom_llama":
             s = f"llm.lm.layers.{i}"
             attn = f"{s}.attention"
             plan += _linear(f"{t}.attn.qkv", H, [(f"{attn}.query_dense", q_rows), (f"{attn}.key_value_dense", 2 * kv_rows)],
-                            d.qkv_bias, _query_and_interleaved_kv(q_rows, d.n_kv_heads, d.head_dim))
+                            d.qkv_bias, QueryAndInterleavedKV(q_rows, d.head_dim))
             plan += _linear(f"{t}.attn.out", q_rows, [(f"{attn}.dense", H)], d.out_bias)
-            plan += _linear(f"{t}.mlp.gate_up", H, [(f"{s}.mlp.dense_h_to_4h", 2 * F)], d.ffn_up_bias, _swap_halves())
+            plan += _linear(f"{t}.mlp.gate_up", H, [(f"{s}.mlp.dense_h_to_4h", 2 * F)], d.ffn_up_bias, UpGateToGateUp())
             plan += _linear(f"{t}.mlp.down", F, [(f"{s}.mlp.dense_4h_to_h", H)], d.ffn_down_bias)
         else:
             s = f"llm.model.layers.{i}"
@@ -251,10 +261,10 @@ def _decoder_plan(cfg: ModelConfig, naming: str, names: set[str]) -> list[Entry]
             plan += _linear(f"{t}.attn.out", q_rows, [(f"{attn}.o_proj", H)], d.out_bias)
             plan += _linear(f"{t}.mlp.gate_up", H, [(f"{s}.mlp.gate_proj", F), (f"{s}.mlp.up_proj", F)], d.ffn_up_bias)
             plan += _linear(f"{t}.mlp.down", F, [(f"{s}.mlp.down_proj", H)], d.ffn_down_bias)
-        plan.append(_vector(f"{t}.attn_norm.weight", f"{s}.input_layernorm.weight", H))
-        plan.append(_vector(f"{t}.mlp_norm.weight", f"{s}.post_attention_layernorm.weight", H))
-    plan.append(_vector("decoder.norm.weight", f"{norm}.weight", H))
-    plan.append(Entry("decoder.lm_head.weight", (V, H), (f"{head}.weight",), ((V, H),), *_same()))
+        plan.append(_same(f"{t}.attn_norm.weight", f"{s}.input_layernorm.weight", (H,)))
+        plan.append(_same(f"{t}.mlp_norm.weight", f"{s}.post_attention_layernorm.weight", (H,)))
+    plan.append(_same("decoder.norm.weight", f"{norm}.weight", (H,)))
+    plan.append(_same("decoder.lm_head.weight", f"{head}.weight", (V, H)))
     return plan
 
 
@@ -263,16 +273,16 @@ def _vision_plan(cfg: ModelConfig) -> list[Entry]:
     E, M = v.embed_dim, v.mlp_dim
     conv = (E, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
     plan = [Entry("vision.patch_embed.weight", (E, v.patch_dim), ("vision_encoder.patch_embed.proj.weight",),
-                  (conv,), *_reshape(conv, (E, v.patch_dim)))]
+                  (conv,), Same())]
     for i in range(v.depth):
         t, s = f"vision.blocks.{i}", f"vision_encoder.blocks.{i}"
         for norm in ("norm1", "norm2"):
-            plan += [_vector(f"{t}.{norm}.{p}", f"{s}.{norm}.{p}", E) for p in ("weight", "bias")]
+            plan += [_same(f"{t}.{norm}.{p}", f"{s}.{norm}.{p}", (E,)) for p in ("weight", "bias")]
         plan += _linear(f"{t}.attn.qkv", E, [(f"{s}.attn.qkv", 3 * E)], True)
         plan += _linear(f"{t}.attn.proj", E, [(f"{s}.attn.proj", E)], True)
         plan += _linear(f"{t}.mlp.fc1", E, [(f"{s}.mlp.fc1", M)], True)
         plan += _linear(f"{t}.mlp.fc2", M, [(f"{s}.mlp.fc2", E)], True)
-    plan += [_vector(f"projector.norm.{p}", f"vision_projector.ln_q.{p}", E) for p in ("weight", "bias")]
+    plan += [_same(f"projector.norm.{p}", f"vision_projector.ln_q.{p}", (E,)) for p in ("weight", "bias")]
     plan += _linear("projector.fc1", cfg.merge_dim, [("vision_projector.mlp.0", cfg.merge_dim)], True)
     plan += _linear("projector.fc2", cfg.merge_dim, [("vision_projector.mlp.2", cfg.decoder.hidden_size)], True)
     return plan
@@ -284,8 +294,7 @@ def plan(cfg: ModelConfig, naming: str, names: Iterable[str] = ()) -> list[Entry
     naming: 'custom_llama', 'qwen2' or 'points'; `names` (the checkpoint's tensor names) is only consulted
     to detect a tied Qwen2 lm_head."""
     if naming == "points":
-        ours = plan(cfg, "custom_llama")
-        return [Entry(e.target, e.shape, (e.target,), (e.shape,), *_same()) for e in ours]
+        return [_same(e.target, e.target, e.shape) for e in plan(cfg, "custom_llama")]
     return _decoder_plan(cfg, naming, set(names)) + _vision_plan(cfg)
 
 
@@ -329,7 +338,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, files: TensorFiles, entries: 
     if isinstance(dtype, str):
         dtype = DTYPES.get(dtype.removeprefix("torch."), dtype)
     if dtype not in DTYPES.values():
-        raise CheckpointError(f"dtype {dtype!r} is not supported; expected one of float32, float16, bfloat16")
+        raise CheckpointError(f"dtype {dtype!r} is not supported; expected one of {', '.join(DTYPES)}")
     return dtype
 
 
@@ -341,23 +350,30 @@ def _open(directory: str | Path) -> tuple[ModelConfig, TensorFiles, list[Entry]]
     return cfg, files, entries
 
 
-def _build(entry: Entry, files: TensorFiles, dtype: torch.dtype, device, column_major: bool = False) -> torch.Tensor:
-    """Our tensor for `entry`, in `dtype` on `device`; with column_major (CPU loading only) stored
-    transposed in memory (same shape and values, strides (1, rows)). A single-source tensor is read straight
-    into its final dtype and layout."""
-    if entry.join is _identity and torch.device(device).type == "cpu":
-        out = torch.empty(entry.shape[::-1], dtype=dtype).t() if column_major else torch.empty(entry.shape, dtype=dtype)
-        return files.get(entry.sources[0], out=out)
-    t = entry.join([files.get(n) for n in entry.sources]).to(device=device, dtype=dtype)
-    return t.t().contiguous().t() if column_major else t.contiguous()
-
-
-def column_major(entry: Entry) -> bool:
-    """Whether CPU loading stores this weight transposed: the decoder's projections with more output than
-    input features (q/k/v, gate/up, lm_head). With MKL, a one-token product reads such a matrix about 1.7x
-    faster transposed (see docs/benchmarks.md); GPU loading keeps the usual layout."""
-    return (entry.target.startswith("decoder.") and entry.target.endswith(".weight") and len(entry.shape) == 2
-            and entry.shape[0] > entry.shape[1] and entry.target != "decoder.embed.weight")
+def _built(entries: list[Entry], files: TensorFiles, dtype: torch.dtype,
+           device: torch.device) -> Iterator[tuple[Entry, torch.Tensor]]:
+    """Our tensor for each entry, in `dtype` on `device`, in order. On the CPU a tensor that is its source
+    unchanged (same dtype, no re-layout) is the mapped source itself; every other tensor is written once
+    into fresh memory. A file's map is let go after the last entry that reads it."""
+    last = {}
+    for i, e in enumerate(entries):
+        for name in e.sources:
+            last[files.file_of(name)] = i
+    viewed = set()  # a source handed out as a view is copied if a second entry uses it (tied weights)
+    for i, e in enumerate(entries):
+        sources = [files.get(name) for name in e.sources]
+        if (e.layout.view and device.type == "cpu" and sources[0].dtype == dtype
+                and e.sources[0] not in viewed):
+            viewed.add(e.sources[0])
+            yield e, sources[0].reshape(e.shape)
+        else:
+            out = torch.empty(e.shape, dtype=dtype, device=device)
+            e.layout.join(sources, out)
+            yield e, out
+        del sources
+        for f, end in last.items():
+            if end == i:
+                files.release(f)
 
 
 # --------------------------------------------------------------------------- load and convert
@@ -375,22 +391,24 @@ def check_dtype_runs(dtype: torch.dtype, device: torch.device) -> None:
 def load_state_dict(directory: str | Path, *, parts: tuple[str, ...] = ("decoder", "vision", "projector"),
                     dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
                     progress: bool | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """Our state dict (names `decoder.*`, `vision.*`, `projector.*`) for the requested parts.
+    """Our state dict (names `decoder.*`, `vision.*`, `projector.*`, PyTorch's usual contiguous layout) for
+    the requested parts.
 
-    The whole checkpoint is checked; only the requested parts are read. Tensors are read one at a time
-    (plain reads at the header offsets) and moved to `device`/`dtype` at once, so the peak is the model
-    plus one tensor in flight."""
+    The whole checkpoint is checked from its headers first; only the requested parts are read. On the CPU,
+    tensors already in our layout and in `dtype` are views of the mapped files (zero copy); the rest is
+    written once, straight into its final dtype on `device`, so the peak is the model plus the pages of the
+    files still mapped (clean file pages, which the system can drop at any time)."""
     cfg, files, entries = _open(directory)
     dtype = resolve_dtype(dtype, files, entries)
-    check_dtype_runs(dtype, torch.device(device))
-    cpu = torch.device(device).type == "cpu"
+    device = torch.device(device)
+    check_dtype_runs(dtype, device)
     chosen = [e for e in entries if e.target.split(".", 1)[0] in parts]
-    state = {}
     bar = Progress(f"loading {Path(directory).name}", len(chosen),
                    sum(_nbytes(e.shape, dtype) for e in chosen), enabled=progress)
-    for e in chosen:
-        state[e.target] = _build(e, files, dtype, device, cpu and column_major(e))
-        bar.update(_nbytes(e.shape, dtype))
+    state = {}
+    for e, t in _built(chosen, files, dtype, device):
+        state[e.target] = t
+        bar.update(t.nbytes)
     bar.close()
     return cfg, state
 
@@ -412,7 +430,7 @@ class _SkipInit(TorchFunctionMode):
 
 def materialize(factory: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], prefix: str):
     """Build a module without allocating its parameters (meta device), then adopt the loaded tensors
-    named `prefix` + its own names; every parameter must be filled (strict)."""
+    named `prefix` + its own names as its parameters (no copy); every parameter must be filled (strict)."""
     with torch.device("meta"), _SkipInit():
         module = factory()
     module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)},
@@ -420,22 +438,24 @@ def materialize(factory: Callable[[], torch.nn.Module], state: dict[str, torch.T
     return module.eval().requires_grad_(False)
 
 
-def load_decoder(directory: str | Path, *, dtype=None, device="cpu", progress: bool | None = None):
+def load_decoder(directory: str | Path, *, dtype=None, device="cpu", attn: str = "auto",
+                 progress: bool | None = None):
     """The language model alone, from any supported checkpoint layout."""
-    from points.decoder import Decoder
+    from points.model.decoder import Decoder
 
     cfg, state = load_state_dict(directory, parts=("decoder",), dtype=dtype, device=device, progress=progress)
-    return materialize(lambda: Decoder(cfg.decoder), state, "decoder.")
+    return materialize(lambda: Decoder(cfg.decoder, attn), state, "decoder.")
 
 
-def load_vision(directory: str | Path, *, dtype=None, device="cpu", progress: bool | None = None):
+def load_vision(directory: str | Path, *, dtype=None, device="cpu", attn: str = "auto",
+                progress: bool | None = None):
     """The vision encoder and the projector, from any supported checkpoint layout."""
-    from points.projector import PatchMerger
-    from points.vision import VisionEncoder
+    from points.model.projector import PatchMerger
+    from points.model.vision import VisionEncoder
 
     cfg, state = load_state_dict(directory, parts=("vision", "projector"), dtype=dtype, device=device,
                                  progress=progress)
-    return (materialize(lambda: VisionEncoder(cfg.vision), state, "vision."),
+    return (materialize(lambda: VisionEncoder(cfg.vision, attn), state, "vision."),
             materialize(lambda: PatchMerger(cfg), state, "projector."))
 
 
@@ -445,7 +465,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,
     out = {}
     for e in plan(cfg, naming, ()):
         if e.target in state:
-            out.update(zip(e.sources, (t.contiguous() for t in e.split(state[e.target]))))
+            out.update(zip(e.sources, (t.contiguous() for t in e.layout.split(state[e.target], e.source_shapes))))
     return out
 
 
@@ -475,18 +495,20 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | str | None
         tmp.mkdir(parents=True)
         bar = Progress(f"converting {src.name}", len(entries), total, enabled=progress)
         weight_map = {}
+        built = _built(entries, files, dtype, torch.device("cpu"))
         for i, shard in enumerate(shards):  # one shard's tensors in memory at a time
             fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
             tensors = {}
-            for e in shard:
-                tensors[e.target] = _build(e, files, dtype, "cpu")
+            for _ in shard:
+                e, t = next(built)
+                tensors[e.target] = t
                 weight_map[e.target] = fname
-                bar.update(_nbytes(e.shape, dtype))
+                bar.update(t.nbytes)
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
             del tensors
         bar.close()
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        config = cfg.to_dict() | {"dtype": str(dtype).removeprefix("torch.")}
+        config = to_dict(cfg) | {"dtype": str(dtype).removeprefix("torch.")}
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for name in CARRIED_FILES:
             if (src / name).is_file():

@@ -10,22 +10,25 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from points.config import ModelConfig
-from points.decoder import Decoder
-from points.projector import PatchMerger
-from points.vision import VisionEncoder
+from points.model.config import ModelConfig
+from points.model.decoder import Decoder
+from points.model.projector import PatchMerger
+from points.model.vision import VisionEncoder
 
 IMAGE_PAD_ID = 151655  # <|image_pad|> in Qwen2.5; `points.load` sets it from tokenizer.json
 
 
 class POINTSModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, image_token_id: int = IMAGE_PAD_ID):
+    """attn: the attention kernel of the vision encoder and the decoder prefill, "auto" | "sdpa" | "triton"
+    (see points.runtime.attention)."""
+
+    def __init__(self, cfg: ModelConfig, image_token_id: int = IMAGE_PAD_ID, attn: str = "auto"):
         super().__init__()
         self.cfg = cfg
         self.image_token_id = image_token_id
-        self.vision = VisionEncoder(cfg.vision)
+        self.vision = VisionEncoder(cfg.vision, attn)
         self.projector = PatchMerger(cfg)
-        self.decoder = Decoder(cfg.decoder)
+        self.decoder = Decoder(cfg.decoder, attn)
 
     def image_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """[N, 1176] pixels of all images -> [N / 4, hidden] LLM-token features, in prompt order."""
@@ -57,6 +60,6 @@ class POINTSModel(nn.Module):
 
         Takes the card's dict (`max_new_tokens`, `temperature`, `top_p`, `num_beams=1`); temperature 0 or
         absent means greedy, as the reference (which never sets do_sample) always decodes."""
-        from points.generation import GenerationConfig, chat
+        from points.runtime.generation import GenerationConfig, chat
 
         return chat(self, tokenizer, image_processor, [messages], GenerationConfig.from_card(generation_config))[0]

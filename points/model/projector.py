@@ -7,10 +7,11 @@
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
-from points.config import ModelConfig
-from points.vision import LayerNorm
+from points.model.config import ModelConfig
+from points.model.vision import LayerNorm
 
 
 class PatchMerger(nn.Module):
@@ -26,5 +27,5 @@ class PatchMerger(nn.Module):
         if x.dim() != 2 or x.shape[1] != self.norm.normalized_shape[0] or x.shape[0] % self.window:
             raise ValueError(f"projector input: expected [N, {self.norm.normalized_shape[0]}] with N a multiple "
                              f"of {self.window} (whole spatial-merge windows), got {list(x.shape)}")
-        x = self.norm(x).reshape(-1, self.fc1.in_features)
+        x = rearrange(self.norm(x), "(n w) e -> n (w e)", w=self.window)  # the window's features side by side
         return self.fc2(F.gelu(self.fc1(x)))

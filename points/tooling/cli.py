@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from points import convert_cli
+from points.io.checkpoint import DTYPES
+from points.tooling import convert
 
 
 def _chat(args) -> int:
@@ -59,7 +60,10 @@ def _chat(args) -> int:
 
 
 def main(argv=None) -> int:
+    from points import __version__
+
     p = argparse.ArgumentParser(prog="points", description="POINTS-1.5 in plain PyTorch")
+    p.add_argument("--version", action="version", version=f"points {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("chat", help="chat with a checkpoint (streams the reply; interactive without --prompt)")
     c.add_argument("--model", required=True, help="checkpoint directory (released layout or ours)")
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
     c.add_argument("--max-new-tokens", type=int, default=1024)
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     c.add_argument("--device", default="cpu")
-    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    c.add_argument("--dtype", choices=list(DTYPES), default=None)
     for name, text in (("convert", "convert a checkpoint into this project's layout (atomic)"),
                        ("demo", "the whole pipeline offline on a generated checkpoint (random weights)"),
                        ("bench", "benchmark against transformers on the same random weights")):
@@ -76,10 +80,10 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in ("convert", "demo", "bench"):
         if argv[0] == "convert":
-            return convert_cli.main(argv[1:])
+            return convert.main(argv[1:])
         if argv[0] == "demo":
-            from points import demo
+            from points.tooling import demo
             return demo.main(argv[1:])
-        from points import bench
+        from points.tooling import bench
         return bench.main(argv[1:])
     return _chat(p.parse_args(argv))

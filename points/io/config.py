@@ -1,7 +1,4 @@
-"""Model configuration.
-
-Three dataclasses: `DecoderConfig` (the Qwen2.5 language model), `VisionConfig` (the Qwen2-VL NaViT
-encoder) and `ModelConfig` (both, plus the projector, which has no free parameters of its own).
+"""config.json: the released POINTS-1.5 vocabularies and this project's own, read into `ModelConfig`.
 
 Two on-disk vocabularies are read:
 - the released POINTS-1.5 `config.json`: `llm_config` in WeChat's CustomLlama field names
@@ -9,7 +6,7 @@ Two on-disk vocabularies are read:
   releases, in Qwen2 names (`intermediate_size`, `num_key_value_heads`, `rms_norm_eps`, `rope_theta`);
   `vision_config` in transformers' `Qwen2VLVisionConfig` names. Absent fields take the defaults of the
   class that wrote them, exactly as the reference code would.
-- the project's own layout (written by `weights_convert.py`): `{"format": "points", "decoder": {...},
+- the project's own layout (written by `points convert`): `{"format": "points", "decoder": {...},
   "vision": {...}}` with every field spelled out; nothing is defaulted there.
 
 Anything this implementation cannot honour (a LayerNorm decoder, another activation, partial rotary,
@@ -20,105 +17,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from points.errors import CheckpointError
+from points.model.config import DecoderConfig, ModelConfig, VisionConfig
 
 FORMAT = "points"
 FORMAT_VERSION = 1
 
 
-@dataclass(frozen=True)
-class DecoderConfig:
-    vocab_size: int
-    hidden_size: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    ffn_size: int
-    norm_eps: float
-    rope_theta: float
-    rope_scale: float  # positions are multiplied by this before the angles (CustomLlama rotary_compress)
-    max_seq_len: int
-    qkv_bias: bool
-    out_bias: bool
-    ffn_up_bias: bool  # bias of the fused gate/up projection
-    ffn_down_bias: bool
+# --------------------------------------------------------------------------- our own layout
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
-
-    def __post_init__(self):
-        _validate(self, "decoder")
-        if self.hidden_size % self.n_heads:
-            raise CheckpointError(
-                f"decoder: hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
-        if self.n_heads % self.n_kv_heads:
-            raise CheckpointError(
-                f"decoder: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
-        if self.head_dim % 2:
-            raise CheckpointError(f"decoder: head_dim {self.head_dim} must be even for rotary embeddings")
+def to_dict(cfg: ModelConfig) -> dict:
+    return {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "decoder": dataclasses.asdict(cfg.decoder), "vision": dataclasses.asdict(cfg.vision)}
 
 
-@dataclass(frozen=True)
-class VisionConfig:
-    depth: int
-    embed_dim: int
-    n_heads: int
-    mlp_ratio: float
-    patch_size: int
-    temporal_patch_size: int
-    spatial_merge_size: int
-    in_channels: int
-    norm_eps: float = 1e-6  # fixed in Qwen2-VL's vision blocks, not a config field there
-    rope_theta: float = 10000.0  # fixed in Qwen2-VL's VisionRotaryEmbedding
-
-    @property
-    def head_dim(self) -> int:
-        return self.embed_dim // self.n_heads
-
-    @property
-    def mlp_dim(self) -> int:
-        return int(self.embed_dim * self.mlp_ratio)
-
-    @property
-    def patch_dim(self) -> int:  # one row of pixel_values: (c, t, y, x)
-        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
-
-    def __post_init__(self):
-        _validate(self, "vision")
-        if self.embed_dim % self.n_heads:
-            raise CheckpointError(
-                f"vision: embed_dim {self.embed_dim} is not divisible by n_heads {self.n_heads}")
-        if self.head_dim % 4:
-            raise CheckpointError(f"vision: head_dim {self.head_dim} must be a multiple of 4 (2-D rotary)")
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    decoder: DecoderConfig
-    vision: VisionConfig
-
-    @property
-    def merge_dim(self) -> int:  # projector input: one spatial-merge window of vision features
-        return self.vision.embed_dim * self.vision.spatial_merge_size ** 2
-
-    def to_dict(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION,
-                "decoder": dataclasses.asdict(self.decoder), "vision": dataclasses.asdict(self.vision)}
-
-    @classmethod
-    def from_dict(cls, d: dict, where: str = "config") -> "ModelConfig":
-        """The project's own layout: every field present, nothing defaulted."""
-        if d.get("format_version") != FORMAT_VERSION:
-            raise CheckpointError(
-                f"{where}: format_version {d.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
-        return cls(decoder=_exact(DecoderConfig, d, "decoder", where),
-                   vision=_exact(VisionConfig, d, "vision", where))
+def from_dict(d: dict, where: str = "config") -> ModelConfig:
+    """The project's own layout: every field present, nothing defaulted."""
+    if d.get("format_version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where}: format_version {d.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+    return ModelConfig(decoder=_exact(DecoderConfig, d, "decoder", where),
+                       vision=_exact(VisionConfig, d, "vision", where))
 
 
 def _exact(kind, d: dict, key: str, where: str):
@@ -133,19 +55,6 @@ def _exact(kind, d: dict, key: str, where: str):
     if unknown:
         raise CheckpointError(f"{where}: {key} has unknown field(s) {', '.join(unknown)}")
     return kind(**section)
-
-
-def _validate(cfg, section: str) -> None:
-    """Type and range checks, so that a bad value names its field instead of failing deep in a module."""
-    for f in dataclasses.fields(cfg):
-        v = getattr(cfg, f.name)
-        want = f.type if isinstance(f.type, str) else f.type.__name__
-        ok = {"int": isinstance(v, int) and not isinstance(v, bool) and v > 0,
-              "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
-              "bool": isinstance(v, bool)}[want]
-        if not ok:
-            expected = {"int": "a positive integer", "float": "a positive number", "bool": "true or false"}[want]
-            raise CheckpointError(f"{section}: field {f.name} = {v!r}, expected {expected}")
 
 
 # --------------------------------------------------------------------------- the released config.json
@@ -267,7 +176,7 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, str]:
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: expected a JSON object at the top level")
     if d.get("format") == FORMAT:
-        return ModelConfig.from_dict(d, str(path)), "points"
+        return from_dict(d, str(path)), "points"
     try:
         cfg = from_hf_dict(d, str(path))
     except TypeError as e:  # a field of the wrong JSON type reaching arithmetic

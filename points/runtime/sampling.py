@@ -38,7 +38,8 @@ class Picker:
     """The next-token rule of one generation call.
 
     seen [B, V] bool (penalty only) is updated in place with every token fed back; `noise` [B, V] is drawn
-    by `draw()` before each step (outside any compiled graph, from the seeded generator)."""
+    by `draw()` before each step (outside any compiled graph, from the seeded generator). `buffers()` are
+    the tensors a call reads or writes in place."""
 
     def __init__(self, batch: int, vocab: int, device: torch.device, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, penalty: float = 1.0, seed: int | None = None):
@@ -50,12 +51,8 @@ class Picker:
             self.generator.manual_seed(seed) if seed is not None else self.generator.seed()
         self.noise = torch.empty(batch, vocab, device=device) if self.temperature > 0 else None
 
-    def mark_static(self) -> None:
-        """For a compiled (CUDA-graph) step: its in-place buffers keep their addresses, so the graph reads
-        and writes them where they are instead of copying them in as inputs."""
-        for t in (self.seen, self.noise):
-            if t is not None:
-                torch._dynamo.mark_static_address(t, guard=False)
+    def buffers(self) -> list[torch.Tensor]:
+        return [t for t in (self.seen, self.noise) if t is not None]
 
     def draw(self) -> None:
         if self.noise is not None:

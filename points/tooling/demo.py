@@ -1,7 +1,7 @@
 """`points demo`: the whole pipeline, offline, on a small generated checkpoint.
 
 The first run writes (once) under the cache directory a POINTS-1.5 checkpoint in the released layout with
-RANDOM weights (the "tiny" shapes of points.synthetic: 2 decoder layers, 2 vision blocks, the real
+RANDOM weights (the "tiny" shapes of points.tooling.synthetic: 2 decoder layers, 2 vision blocks, the real
 152,064-token vocabulary) and a generated picture; every run then loads it with `points.load` and streams a
 chat about the picture. The reply is gibberish: the weights are random. What it shows is that image
 processing, the vision encoder, the projector, the prompt, the tokenizer, prefill, cached decoding and
@@ -48,7 +48,7 @@ def picture(path: Path) -> Path:
 
 def prepare(root: Path) -> tuple[Path, Path, str]:
     """The demo checkpoint and picture under `root` (made on first use), and the tokenizer kind."""
-    from points.synthetic import has_qwen_ranks, write_checkpoint
+    from points.tooling.synthetic import has_qwen_ranks, write_checkpoint
 
     kind = "qwen" if has_qwen_ranks() else "bytes"
     ckpt = root / f"demo-tiny-{kind}"

@@ -4,14 +4,15 @@
     points bench --preset 7b --device cuda --dtype bfloat16
     points bench --preset tiny --repeat 1         # a quick look that everything runs
 
-A random-weight checkpoint of the preset's shapes is written in the released layout (points.synthetic),
-loaded with `points.load`; the transformers reference (Qwen2ForCausalLM, the Qwen2-VL vision tower and
-PatchMerger) is built on the very same tensors (no copy). Each row runs one warm-up and then --repeat
+A random-weight checkpoint of the preset's shapes is written in the released layout
+(points.tooling.synthetic), loaded with `points.load`; the transformers reference (Qwen2ForCausalLM, the
+Qwen2-VL vision tower and PatchMerger; points.tooling.reference) is built on the very same tensors (no copy). Each row runs one warm-up and then --repeat
 timed runs of both, reporting min and median, the ratio (transformers' time / ours, > 1 = we are faster),
 the row's physical floor on this machine and the fraction of it we reach. Floors: decode = the bytes one
 step must read (weights but the embedding table, plus the visible KV cache) over the measured copy
 bandwidth; prefill and vision = their matmul FLOPs over the measured matmul rate; load = the weights'
-bytes over the copy bandwidth. Load time and peak resident memory are measured in fresh processes.
+bytes over the copy bandwidth. Load time and peak resident memory are measured in fresh processes, for
+the released layout and for the same weights converted into ours (`points convert`).
 `--json` writes every figure with the machine's description; `--profile` prints the decode step's top ops.
 A benchmark, not a test: compare within one run on a quiet machine.
 """
@@ -33,8 +34,10 @@ from pathlib import Path
 
 import torch
 
-from points.processor import smart_resize
-from points.sampling import Picker
+from points.io.checkpoint import DTYPES
+from points.io.processor import smart_resize
+from points.runtime.engine import Engine
+from points.runtime.sampling import Picker
 
 VISION_ROWS = {  # label -> image sizes (height x width) packed into one encode
     "vision 448x448": [(448, 448)],
@@ -152,44 +155,6 @@ def decode_bytes(decoder, kv_len: int, batch: int) -> int:
 
 # --------------------------------------------------------------------------- the two sides
 
-def reference_models(model, device: torch.device, dtype: torch.dtype):
-    """transformers' Qwen2ForCausalLM and Qwen2-VL vision tower holding our tensors. The tower's own
-    PatchMerger (it always runs it: `pooler_output`) is the same class as POINTS' projector and takes its
-    weights, so `pooler_output` is the image features."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-
-    from points.checkpoint import to_hf_state_dict
-
-    d, v = model.cfg.decoder, model.cfg.vision
-    # views of our tensors, except where CPU loading stored a weight transposed (to_hf_state_dict makes
-    # those contiguous): transformers gets the row-major layout it has after from_pretrained
-    state = to_hf_state_dict(model.state_dict(), model.cfg, naming="qwen2")
-    llm_cfg = Qwen2Config(vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.ffn_size,
-                          num_hidden_layers=d.n_layers, num_attention_heads=d.n_heads,
-                          num_key_value_heads=d.n_kv_heads, rms_norm_eps=d.norm_eps,
-                          max_position_embeddings=d.max_seq_len, tie_word_embeddings=False,
-                          rope_parameters={"rope_type": "default", "rope_theta": d.rope_theta}, dtype=dtype)
-    vis_cfg = Qwen2VLVisionConfig(depth=v.depth, embed_dim=v.embed_dim, hidden_size=d.hidden_size,
-                                  num_heads=v.n_heads, mlp_ratio=v.mlp_dim // v.embed_dim, patch_size=v.patch_size,
-                                  temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
-                                  in_channels=v.in_channels, hidden_act="quick_gelu")
-    with torch.device("meta"):
-        llm = Qwen2ForCausalLM(llm_cfg)
-        vision = Qwen2VisionTransformerPretrainedModel(vis_cfg)
-
-    def take(prefix):
-        return {k.removeprefix(prefix): t for k, t in state.items() if k.startswith(prefix)}
-    llm.load_state_dict(take("llm."), strict=True, assign=True)
-    vision.load_state_dict(take("vision_encoder.") | {f"merger.{k}": t for k, t in take("vision_projector.").items()},
-                           strict=True, assign=True)
-    with torch.device(device):  # rotary tables are non-persistent buffers: build them for real
-        llm.model.rotary_emb = type(llm.model.rotary_emb)(llm_cfg)
-        vision.rotary_pos_emb = type(vision.rotary_pos_emb)(vis_cfg)
-    return llm.eval(), vision.eval()
-
-
 class _Clock:
     """A transformers streamer that stamps the time of every generated step."""
 
@@ -204,19 +169,19 @@ class _Clock:
         pass
 
 
-def ours_decode(model, prompts: torch.Tensor, lengths: torch.Tensor, new: int):
+def ours_decode(engine: Engine, prompts: torch.Tensor, lengths: torch.Tensor, new: int):
+    """Seconds per step of `new` greedy steps (the choice of the next token inside the step), after an untimed
+    prefill of the right-padded prompts."""
     def run() -> float:
-        dec = model.decoder
-        with torch.inference_mode():
-            cache = dec.new_cache(prompts.shape[0], max_len=prompts.shape[1] + new + 1)
-            pick = Picker(prompts.shape[0], dec.cfg.vocab_size, prompts.device)
-            nxt = pick(dec(prompts, cache=cache, n_new=lengths, last=lengths - 1))
-            sync(prompts.device)
-            t0 = time.perf_counter()
-            for _ in range(new):
-                nxt = dec.decode_step(nxt.clone()[:, None], cache, pick)
-            sync(prompts.device)
-            return (time.perf_counter() - t0) / new
+        cache = engine.new_cache(prompts.shape[0], prompts.shape[1] + new + 1)
+        pick = Picker(prompts.shape[0], engine.decoder.cfg.vocab_size, prompts.device)
+        logits = engine.prefill(cache, tokens=prompts, lengths=lengths)
+        sync(prompts.device)
+        t0 = time.perf_counter()
+        for _ in engine.decode(cache, logits, pick, new + 1):  # new + 1 tokens: `new` steps
+            pass
+        sync(prompts.device)
+        return (time.perf_counter() - t0) / new
     return run
 
 
@@ -266,10 +231,10 @@ print(json.dumps({{"s": dt, "peak_growth_bytes": rss('VmHWM:') - before, "rss_be
 
 # --------------------------------------------------------------------------- the run
 
-def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, workdir: Path,
-        rows: set[str], compile_step: bool, profile: bool) -> dict:
+def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, workdir: Path, rows: set[str], *,
+        compile_step: bool = False, profile: bool = False, transposed: bool = False) -> dict:
     import points
-    from points.synthetic import write_checkpoint
+    from points.tooling.synthetic import write_checkpoint
 
     ckpt = workdir / f"points-{preset}-{str(dtype).removeprefix('torch.')}"
     if not ckpt.exists():
@@ -280,7 +245,8 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
     weights = {name: sum(p.numel() * p.element_size() for p in part.parameters())
                for name, part in (("decoder", model.decoder), ("vision", model.vision), ("projector", model.projector))}
     try:
-        llm, vision = reference_models(model, device, dtype)
+        from points.tooling import reference
+        llm, vision = reference.transformers_decoder(model.decoder), reference.transformers_vision(model)
     except ImportError:
         llm = vision = None
         print("transformers is not installed: points' side only", file=sys.stderr)
@@ -317,11 +283,9 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
     if "prefill" in rows:
         for T in PREFILL_LENGTHS:
             tokens = torch.randint(0, d.vocab_size, (1, T), generator=g).to(device)
-            last = torch.tensor([T - 1], device=device)
 
             def ours_prefill():
-                cache = model.decoder.new_cache(1, max_len=T + 1)
-                model.decoder(tokens, cache=cache, last=last)
+                pipe.engine.prefill(pipe.engine.new_cache(1, T + 1), tokens=tokens)
 
             def theirs_prefill():
                 llm(tokens, use_cache=True, logits_to_keep=1)
@@ -330,36 +294,61 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
                 ref = None if llm is None else timed(theirs_prefill, device, repeat)
             add(f"prefill {T} tokens", "s", mine, ref, prefill_flops(d, T) / rate_llm)
     if "decode" in rows:
+        timings = []  # (label, prompts, lengths, floor, batch, transformers' timing)
         for batch, lengths in ((1, (DECODE_PROMPT,)), (4, RAGGED)):
             lengths_t = torch.tensor(lengths, device=device)
             prompts = torch.randint(0, d.vocab_size, (batch, max(lengths)), generator=g).to(device)
             floor = decode_bytes(model.decoder, max(lengths) + DECODE_NEW // 2, batch) / bw
             label = f"decode batch {batch}" + (" (ragged)" if batch > 1 else "") + f", {DECODE_NEW} tokens"
-            mine = timed(ours_decode(model, prompts, lengths_t, DECODE_NEW), device, repeat)
+            mine = timed(ours_decode(pipe.engine, prompts, lengths_t, DECODE_NEW), device, repeat)
             ref = None if llm is None else timed(theirs_decode(llm, prompts, lengths_t, DECODE_NEW), device, repeat)
             add(label, "s/step", mine, ref, floor, per=batch)
+            timings.append((label, prompts, lengths_t, floor, batch, ref))
             if compile_step and batch == 1:
-                model.decoder.compile()
-                mine = timed(ours_decode(model, prompts, lengths_t, DECODE_NEW), device, repeat)
-                model.decoder._compiled_step = None
+                compiled = Engine(model.decoder, compile=True)
+                mine = timed(ours_decode(compiled, prompts, lengths_t, DECODE_NEW), device, repeat)
                 add(label + ", compiled", "s/step", mine, ref, floor, per=batch)
     if profile:
-        result["profile"] = profile_decode(model, device)
+        result["profile"] = profile_decode(pipe.engine)
         print(result["profile"])
+    if "decode" in rows and transposed:  # the opt-in CPU layout (points.runtime.layout), same transformers runs
+        from points.runtime.layout import transpose_tall_linears
+
+        transpose_tall_linears(model.decoder)
+        for label, prompts, lengths_t, floor, batch, ref in timings:
+            mine = timed(ours_decode(pipe.engine, prompts, lengths_t, DECODE_NEW), device, repeat)
+            add(label + ", transposed tall weights", "s/step", mine, ref, floor, per=batch)
     if "load" in rows:
-        # Fresh processes, alternating sides, 3 each (the first pass also brings both sides' files into the
-        # page cache): min and median; peak = the smallest of the runs. This process lets go of its own
-        # models first, so that memory pressure does not evict one side's files from the page cache.
-        total = sum(weights.values())
-        probes = {"points": f"import points\nload = lambda: points.load({str(ckpt)!r}, device={str(device)!r}, "
-                            f"dtype=torch.{str(dtype).removeprefix('torch.')}, progress=False)"}
-        if llm is not None:
+        hf_dir = None
+        if llm is not None:  # transformers' own directories of the same weights, for from_pretrained
             hf_dir = workdir / f"transformers-{ckpt.name.removeprefix('points-')}"
             if not hf_dir.exists():
                 llm.save_pretrained(hf_dir / "llm")
                 vision.save_pretrained(hf_dir / "vision")
-            dt = str(dtype).removeprefix("torch.")
-            probes["transformers"] = f"""
+        # let go of every model first, so that memory pressure does not evict a side's files from the page cache
+        del pipe, model, llm, vision
+        gc.collect()
+        result["rows"] += load_rows(ckpt, hf_dir, workdir, device, dtype, sum(weights.values()), bw)
+    return result
+
+
+def load_rows(ckpt: Path, hf_dir: Path | None, workdir: Path, device: torch.device, dtype: torch.dtype,
+              total: int, bw: float) -> list[dict]:
+    """`points.load` of the released layout and of the same weights converted into ours, against
+    transformers' `from_pretrained` of the same weights (saved under hf_dir): fresh processes, alternating,
+    3 each (the first pass also brings every side's files into the page cache); min and median, peak = the
+    smallest of the runs."""
+    import points
+
+    converted = workdir / f"converted-{ckpt.name.removeprefix('points-')}"
+    if not converted.exists():
+        points.convert(ckpt, converted, progress=False)
+    dt = str(dtype).removeprefix("torch.")
+    probes = {side: f"import points\nload = lambda: points.load({str(path)!r}, device={str(device)!r}, "
+                    f"dtype=torch.{dt}, progress=False)"
+              for side, path in (("released", ckpt), ("converted", converted))}
+    if hf_dir is not None:
+        probes["transformers"] = f"""
 from transformers import Qwen2ForCausalLM
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 def load():
@@ -367,46 +356,46 @@ def load():
     vis = Qwen2VisionTransformerPretrainedModel.from_pretrained({str(hf_dir / 'vision')!r}, dtype=torch.{dt}).to({str(device)!r})
     return llm, vis
 """
-        del pipe, model, llm, vision
-        gc.collect()
-        runs = {side: [] for side in probes}
-        for _ in range(3):
-            for side, code in probes.items():
-                runs[side].append(_load_probe(code))
-        row = {"row": "load", "unit": "s", "floor_s": total / bw, "per": 1, "weights_total": total}
-        for side, got in runs.items():
-            times = [r["s"] for r in got]
-            row[side] = {"min_s": min(times), "median_s": statistics.median(times), "runs": times}
-            row[f"{side}_peak_bytes"] = min(r["peak_growth_bytes"] for r in got)
-        if "transformers" in row:
+    runs = {side: [] for side in probes}
+    for _ in range(3):
+        for side, code in probes.items():
+            runs[side].append(_load_probe(code))
+    summary = {side: {"min_s": min(r["s"] for r in got), "median_s": statistics.median(r["s"] for r in got),
+                      "runs": [r["s"] for r in got], "peak_bytes": min(r["peak_growth_bytes"] for r in got)}
+               for side, got in runs.items()}
+    rows = []
+    for side in ("released", "converted"):
+        row = {"row": f"load, {side} layout", "unit": "s", "floor_s": total / bw, "per": 1, "weights_total": total,
+               "points": summary[side]}
+        if "transformers" in summary:
+            row["transformers"] = summary["transformers"]
             row["ratio"] = row["transformers"]["min_s"] / row["points"]["min_s"]
-        result["rows"].append(row)
+        rows.append(row)
         print(_format_row(row), flush=True)
-        print(f"  peak resident growth while loading: points {row['points_peak_bytes'] / 1e9:.2f} GB = "
-              f"{row['points_peak_bytes'] / total:.2f}x the weights ({total / 1e9:.2f} GB)"
-              + (f"; transformers {row['transformers_peak_bytes'] / 1e9:.2f} GB = "
-                 f"{row['transformers_peak_bytes'] / total:.2f}x" if "transformers" in row else ""), flush=True)
-    return result
+        print(f"  peak resident growth while loading: points {row['points']['peak_bytes'] / 1e9:.2f} GB = "
+              f"{row['points']['peak_bytes'] / total:.2f}x the weights ({total / 1e9:.2f} GB)"
+              + (f"; transformers {row['transformers']['peak_bytes'] / 1e9:.2f} GB = "
+                 f"{row['transformers']['peak_bytes'] / total:.2f}x" if "transformers" in row else ""), flush=True)
+    return rows
 
 
-def profile_decode(model, device: torch.device, steps: int = 16) -> str:
-    """The top ops of `steps` eager decode steps (batch 1, after a 512-token prompt), by self time; the
-    prefill runs before the profiler starts."""
+def profile_decode(engine: Engine, steps: int = 16) -> str:
+    """The top ops of `steps` decode steps (batch 1, after a 512-token prompt), by self time; the prefill and
+    as many warm-up steps run before the profiler starts."""
     from torch.profiler import ProfilerActivity, profile
 
-    dec = model.decoder
-    prompts = torch.randint(0, dec.cfg.vocab_size, (1, DECODE_PROMPT), device=device)
+    device = engine.device
+    vocab = engine.decoder.cfg.vocab_size
+    prompts = torch.randint(0, vocab, (1, DECODE_PROMPT), device=device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with torch.inference_mode():
-        cache = dec.new_cache(1, max_len=DECODE_PROMPT + 2 * steps + 1)
-        pick = Picker(1, dec.cfg.vocab_size, device)
-        nxt = pick(dec(prompts, cache=cache)[:, -1])
-        for _ in range(steps):  # warm-up
-            nxt = dec.decode_step(nxt.clone()[:, None], cache, pick)
-        with profile(activities=activities) as prof:
-            for _ in range(steps):
-                nxt = dec.decode_step(nxt.clone()[:, None], cache, pick)
-            sync(device)
+    cache = engine.new_cache(1, DECODE_PROMPT + 2 * steps + 1)
+    tokens = engine.decode(cache, engine.prefill(cache, tokens=prompts), Picker(1, vocab, device), 2 * steps + 1)
+    for _ in range(steps):  # warm-up
+        next(tokens)
+    with profile(activities=activities) as prof:
+        for _ in tokens:
+            pass
+        sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return f"decode step profile ({steps} steps):\n" + prof.key_averages().table(sort_by=key, row_limit=12)
 
@@ -445,11 +434,13 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["tiny", "small", "7b"], default="small")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per row after one warm-up (default 5)")
     p.add_argument("--rows", nargs="+", choices=["vision", "prefill", "decode", "load"],
                    default=["vision", "prefill", "decode", "load"])
     p.add_argument("--compile", action="store_true", help="also time the compiled decode step (batch 1)")
+    p.add_argument("--transposed", action="store_true",
+                   help="also time decoding with the opt-in CPU layout of points.runtime.layout (float32, CPU)")
     p.add_argument("--profile", action="store_true", help="print the decode step's top ops")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the random checkpoints are kept between runs (default: a temporary directory)")
@@ -461,12 +452,15 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
     dtype = getattr(torch, args.dtype)
+    if args.transposed and (device.type != "cpu" or dtype != torch.float32):
+        p.error("--transposed: the transposed layout is for float32 on the CPU")
+    options = dict(compile_step=args.compile, profile=args.profile, transposed=args.transposed)
     if args.workdir is None:
         with tempfile.TemporaryDirectory(prefix="points-bench-") as tmp:
-            result = run(args.preset, device, dtype, args.repeat, Path(tmp), set(args.rows), args.compile, args.profile)
+            result = run(args.preset, device, dtype, args.repeat, Path(tmp), set(args.rows), **options)
     else:
         args.workdir.mkdir(parents=True, exist_ok=True)
-        result = run(args.preset, device, dtype, args.repeat, args.workdir, set(args.rows), args.compile, args.profile)
+        result = run(args.preset, device, dtype, args.repeat, args.workdir, set(args.rows), **options)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))
     return 0

@@ -1,0 +1,106 @@
+"""Model configuration: what the modules are built from.
+
+Three frozen dataclasses: `DecoderConfig` (the Qwen2.5 language model), `VisionConfig` (the Qwen2-VL NaViT
+encoder) and `ModelConfig` (both, plus the projector, which has no free parameters of its own). Values are
+type- and range-checked on construction, so that a bad value names its field instead of failing deep in a
+module. Reading them from a checkpoint's config.json (the released vocabularies and ours) is
+`points.io.config`'s job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from points.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    vocab_size: int
+    hidden_size: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_size: int
+    norm_eps: float
+    rope_theta: float
+    rope_scale: float  # positions are multiplied by this before the angles (CustomLlama rotary_compress)
+    max_seq_len: int
+    qkv_bias: bool
+    out_bias: bool
+    ffn_up_bias: bool  # bias of the fused gate/up projection
+    ffn_down_bias: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    def __post_init__(self):
+        _validate(self, "decoder")
+        if self.hidden_size % self.n_heads:
+            raise CheckpointError(
+                f"decoder: hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise CheckpointError(
+                f"decoder: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise CheckpointError(f"decoder: head_dim {self.head_dim} must be even for rotary embeddings")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    depth: int
+    embed_dim: int
+    n_heads: int
+    mlp_ratio: float
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    in_channels: int
+    norm_eps: float = 1e-6  # fixed in Qwen2-VL's vision blocks, not a config field there
+    rope_theta: float = 10000.0  # fixed in Qwen2-VL's VisionRotaryEmbedding
+
+    @property
+    def head_dim(self) -> int:
+        return self.embed_dim // self.n_heads
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.embed_dim * self.mlp_ratio)
+
+    @property
+    def patch_dim(self) -> int:  # one row of pixel_values: (c, t, y, x)
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
+
+    def __post_init__(self):
+        _validate(self, "vision")
+        if self.embed_dim % self.n_heads:
+            raise CheckpointError(
+                f"vision: embed_dim {self.embed_dim} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 4:
+            raise CheckpointError(f"vision: head_dim {self.head_dim} must be a multiple of 4 (2-D rotary)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    decoder: DecoderConfig
+    vision: VisionConfig
+
+    @property
+    def merge_dim(self) -> int:  # projector input: one spatial-merge window of vision features
+        return self.vision.embed_dim * self.vision.spatial_merge_size ** 2
+
+
+def _validate(cfg, section: str) -> None:
+    """Type and range checks, so that a bad value names its field instead of failing deep in a module."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        want = f.type if isinstance(f.type, str) else f.type.__name__
+        ok = {"int": isinstance(v, int) and not isinstance(v, bool) and v > 0,
+              "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
+              "bool": isinstance(v, bool)}[want]
+        if not ok:
+            expected = {"int": "a positive integer", "float": "a positive number", "bool": "true or false"}[want]
+            raise CheckpointError(f"{section}: field {f.name} = {v!r}, expected {expected}")

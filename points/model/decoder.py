@@ -1,0 +1,122 @@
+"""The language model: Qwen2.5 math (the released checkpoint calls it CustomLlama).
+
+    tokens [B, T] -> embed [B, T, H]
+      -> n_layers x ( x + Attention(RMSNorm(x)),  x + SwiGLU(RMSNorm(x)) )
+      -> RMSNorm -> lm_head -> logits [B, T, vocab] in float32
+
+Attention: grouped-query (n_heads query heads share n_kv_heads K/V heads in consecutive groups), q/k/v
+with bias, output projection without, 1-D RoPE in float32. Positions are 0..L-1 over the whole sequence
+(image tokens included); with a KV cache each row continues from its own length. Where the keys live and
+which kernel attends is `points.runtime.attention`'s business: the layers get one `AttentionMeta` per
+forward (positions, the cache, how much of it to read) and pass it through.
+
+Fused projections (our layout): `attn.qkv` rows are [q; k; v], `mlp.gate_up` rows are [gate; up].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from points.model.config import DecoderConfig
+from points.model.rope import apply_rotary, inv_freq, rotary_tables
+from points.runtime.attention import AttentionMeta, causal_attention, check_backend
+from points.runtime.cache import KVCache
+
+
+class RMSNorm(nn.Module):
+    """x * rsqrt(mean(x^2) + eps) in float32, cast back to x's dtype, then times the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int, attn: str = "auto"):
+        super().__init__()
+        self.layer, self.backend = layer, check_backend(attn)  # which cache layer; which kernel attends
+        self.head_dim = cfg.head_dim
+        q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.qkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.out = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
+        self.split = (q_dim, kv_dim, kv_dim)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMeta):
+        q, k, v = (rearrange(t, "b t (h d) -> b t h d", d=self.head_dim)
+                   for t in self.qkv(x).split(self.split, dim=-1))
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # [B, T, Hq, D], [B, T, Hkv, D]
+        y = causal_attention(q, k, v, meta, self.layer, self.backend)  # [B, T, Hq, D]
+        return self.out(rearrange(y, "b t h d -> b t (h d)"))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_size, bias=cfg.ffn_up_bias)
+        self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=cfg.ffn_down_bias)
+
+    def forward(self, x):
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int, attn: str = "auto"):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.attn = Attention(cfg, layer, attn)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = SwiGLU(cfg)
+
+    def forward(self, x, rope, meta):
+        x = x + self.attn(self.attn_norm(x), rope, meta)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    """attn: the prefill's attention kernel, "auto" | "sdpa" | "triton" (see points.runtime.attention)."""
+
+    def __init__(self, cfg: DecoderConfig, attn: str = "auto"):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i, attn) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A cache on this model's device and dtype; max_len defaults to the context length."""
+        w = self.embed.weight
+        return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, self.cfg.head_dim,
+                       max_len or self.cfg.max_seq_len, dtype=w.dtype, device=w.device)
+
+    def forward(self, tokens: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
+                meta: AttentionMeta | None = None, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits in float32.
+
+        tokens [B, T] (or embeds [B, T, H], e.g. with image features spliced in).
+        meta: where these tokens sit and where their K/V go, from `cache.reserve(T)`; without it the
+            sequence starts at position 0 and nothing is kept.
+        last [B]: return only the logits at index last[b] of each row -> [B, vocab]; default [B, T, vocab].
+        """
+        x = self.embed(tokens) if embeds is None else embeds
+        B, T, _ = x.shape
+        if meta is None:
+            meta = AttentionMeta.no_cache(B, T, x.device)
+        cos, sin = rotary_tables(meta.positions, inv_freq(self.cfg.head_dim, self.cfg.rope_theta, x.device),
+                                 self.cfg.rope_scale)
+        rope = cos[:, :, None], sin[:, :, None]  # [B, T, 1, D]: one table for every head
+        for layer in self.layers:
+            x = layer(x, rope, meta)
+        if last is not None:
+            x = x[torch.arange(B, device=x.device), last]  # [B, H]
+        return self.lm_head(self.norm(x)).float()

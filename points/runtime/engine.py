@@ -1,0 +1,108 @@
+"""Running the decoder for generation, apart from its math: caches, prefill, the one-token step, the loop.
+
+    engine = Engine(model.decoder, compile=True)      # or Engine(decoder): eager
+    pick = Picker(batch, vocab, device, temperature=0.7, seed=0)
+    for ids in engine.generate(pick, 128, tokens=prompts, lengths=lengths):   # ids [B] on the device
+        ...
+
+- `new_cache` allocates the static KV cache. For a compiled step its length is rounded up to a power of two
+  (>= 256) and attention reads it in 256-slot blocks, so that generating a few hundred tokens needs only a
+  handful of graphs; its tensors are marked as static addresses, so CUDA graphs write them in place.
+- `prefill` runs the right-padded prompts in one forward and returns each row's last logits.
+- `step` is one token per row, with the choice of the next token (`points.runtime.sampling.Picker`) in the
+  same function: eager, or compiled into one graph (`torch.compile(fullgraph=True)`; CUDA graphs on CUDA,
+  `mode="reduce-overhead"`).
+- `decode` / `generate` are the token loop: step t + 1 is queued before token t is handed to the caller, so
+  the host's read of a token (the one sync per step) overlaps the device's work on the next.
+This is the one prefill/decode loop of the project: generation, `points bench`, tools/ and tests use it.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from points.runtime.attention import AttentionMeta
+from points.runtime.cache import KVCache
+from points.runtime.sampling import Picker
+
+COMPILED_BLOCK = 256  # cache slots attention reads at a time under a compiled step (and the shortest cache)
+
+
+class Engine:
+    def __init__(self, decoder, *, compile: bool = False, mode: str | None = None, backend="inductor"):
+        """decoder: a `points.Decoder`. compile: run the one-token step through torch.compile (mode defaults
+        to "reduce-overhead", CUDA graphs, on CUDA); `backend` is torch.compile's (tests count graphs with one)."""
+        self.decoder = decoder
+        self.compiled = compile
+        self._step = self._forward_step
+        if compile:
+            if mode is None and decoder.embed.weight.device.type == "cuda":
+                mode = "reduce-overhead"
+            self._step = torch.compile(self._forward_step, mode=mode, backend=backend, fullgraph=True,
+                                       dynamic=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.embed.weight.device
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A cache for `batch_size` rows of up to `max_len` positions (default: the context), shaped for the
+        compiled step when there is one."""
+        cfg = self.decoder.cfg
+        max_len = max_len or cfg.max_seq_len
+        if not self.compiled:
+            return self.decoder.new_cache(batch_size, max_len)
+        max_len = max(max_len, min(1 << (max(max_len, COMPILED_BLOCK) - 1).bit_length(), cfg.max_seq_len))
+        w = self.decoder.embed.weight
+        cache = KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, max_len, dtype=w.dtype,
+                        device=w.device, block=COMPILED_BLOCK)
+        for t in (cache.k, cache.v):
+            torch._dynamo.mark_static_address(t, guard=False)
+        return cache
+
+    @torch.inference_mode()
+    def prefill(self, cache: KVCache, *, tokens: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """Prompts tokens [B, T] (or embeds [B, T, H]), right-padded to T, with lengths [B] real tokens each
+        (default: all T) -> the logits [B, vocab] at each row's last real token; the cache holds them all."""
+        B, T = (tokens if tokens is not None else embeds).shape[:2]
+        meta = cache.reserve(T, lengths)
+        last = torch.full((B,), T - 1, device=self.device) if lengths is None else lengths - 1
+        return self.decoder(tokens, embeds=embeds, meta=meta, last=last)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, cache: KVCache, pick: Picker | None = None) -> torch.Tensor:
+        """One token per row: tokens [B, 1] -> the next ids [B] chosen by `pick`, or without one the logits
+        [B, vocab] (float32)."""
+        meta = cache.reserve(1)
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()  # earlier steps' outputs may be overwritten
+            for t in pick.buffers() if pick is not None else ():
+                torch._dynamo.mark_static_address(t, guard=False)  # read and written in place by the graph
+        return self._step(tokens, meta, pick)
+
+    def _forward_step(self, tokens: torch.Tensor, meta: AttentionMeta, pick: Picker | None) -> torch.Tensor:
+        logits = self.decoder(tokens, meta=meta)[:, -1]
+        return logits if pick is None else pick(logits, tokens)
+
+    def decode(self, cache: KVCache, logits: torch.Tensor, pick: Picker, max_new: int) -> Iterator[torch.Tensor]:
+        """Yield max_new chosen ids [B] (device tensors): the first from the prefill's `logits`, each next one
+        from a step. max_new - 1 steps run; the next step is queued before a token is yielded."""
+        pick.draw()
+        nxt = pick(logits)
+        for i in range(max_new):
+            chosen = nxt.clone()  # (a CUDA-graph step's output is overwritten by its next run)
+            if i < max_new - 1:
+                pick.draw()
+                nxt = self.step(chosen[:, None], cache, pick)
+            yield chosen
+
+    def generate(self, pick: Picker, max_new: int, *, tokens: torch.Tensor | None = None,
+                 embeds: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+        """A fresh cache, the prefill of the right-padded prompts (see `prefill`), then `decode`."""
+        B, T = (tokens if tokens is not None else embeds).shape[:2]
+        cache = self.new_cache(B, T + max_new)
+        yield from self.decode(cache, self.prefill(cache, tokens=tokens, embeds=embeds, lengths=lengths), pick,
+                               max_new)

@@ -1,0 +1,237 @@
+"""The transformers reference, built in one place for the parity tests, `points bench` and tools/.
+
+transformers is a test-only dependency: nothing on the runtime path (load, chat, convert, demo) imports this
+module. Two ways to build the reference:
+
+- `reference_decoder` / `reference_vision`: transformers' own modules with every parameter re-drawn (biases
+  non-zero, norm weights away from one), so that any mapping mistake (a swapped K/V, [up; gate] read as
+  [gate; up], a dropped bias) changes the logits; `custom_llama_tensors` writes them out in the released
+  checkpoint layout by code that follows the spec independently of `points.io.checkpoint`, and
+  `save_checkpoint` puts them on disk for our loader to read.
+- `transformers_decoder` / `transformers_vision`: transformers' modules holding *our* tensors (no copy), to
+  time both implementations on the very same weights.
+
+The transformers configs of a decoder and a vision encoder are written once, from our config dataclasses
+(`qwen2_config`, `vision_config`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger, Qwen2VisionTransformerPretrainedModel
+
+from points.io.checkpoint import to_hf_state_dict
+from points.io.config import from_hf_dict
+from points.model.config import DecoderConfig, ModelConfig, VisionConfig
+from points.tooling.synthetic import REAL_LLM, REAL_VISION, hf_config
+
+# Tiny shapes derived from the real ones: the same 7:1 query/KV head grouping, ffn/hidden ~ 5.3,
+# RMSNorm eps 1e-5 and theta 1e6 from the release; 2 layers, a 1000-token vocabulary.
+TINY_LLM = dict(REAL_LLM, vocab_size=1000, hidden_size=224, ffn_hidden_size=1184, num_attention_heads=14,
+                num_layers=2, num_hidden_layers=2, num_kv_heads=2)
+# vision: the release's head_dim 80 (two heads), 2 blocks
+TINY_VISION = dict(REAL_VISION, depth=2, embed_dim=160, hidden_size=224, num_heads=2)
+
+
+def checkpoint_config(llm: dict = TINY_LLM, vision: dict = TINY_VISION) -> dict:
+    """The released checkpoint's config.json for these llm_config / vision_config sections."""
+    return hf_config(llm, vision)
+
+
+def model_config(llm: dict = TINY_LLM, vision: dict = TINY_VISION) -> ModelConfig:
+    """Our config for that config.json."""
+    return from_hf_dict(checkpoint_config(llm, vision))
+
+
+# --------------------------------------------------------------------------- transformers configs
+
+def qwen2_config(d: DecoderConfig, **kw) -> Qwen2Config:
+    """transformers' Qwen2Config for our decoder: the release's eps and theta (not Qwen2.5's defaults), an
+    untied head (the release stores `embed_out` apart)."""
+    return Qwen2Config(vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.ffn_size,
+                       num_hidden_layers=d.n_layers, num_attention_heads=d.n_heads,
+                       num_key_value_heads=d.n_kv_heads, rms_norm_eps=d.norm_eps,
+                       max_position_embeddings=d.max_seq_len, tie_word_embeddings=False,
+                       rope_parameters={"rope_type": "default", "rope_theta": d.rope_theta}, **kw)
+
+
+def vision_config(v: VisionConfig, hidden_size: int) -> Qwen2VLVisionConfig:
+    """transformers' Qwen2VLVisionConfig for our encoder; hidden_size is its merger's (POINTS' projector's)
+    output, the decoder's width."""
+    return Qwen2VLVisionConfig(depth=v.depth, embed_dim=v.embed_dim, hidden_size=hidden_size, num_heads=v.n_heads,
+                               mlp_ratio=v.mlp_dim // v.embed_dim, patch_size=v.patch_size,
+                               temporal_patch_size=v.temporal_patch_size, spatial_merge_size=v.spatial_merge_size,
+                               in_channels=v.in_channels, hidden_act="quick_gelu")
+
+
+# --------------------------------------------------------------------------- re-drawn reference modules
+
+def _redraw(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, device="cpu").to(p.device)
+            if "norm" in name or "ln_q" in name:
+                p.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            else:
+                p.copy_(0.05 * noise)
+
+
+def reference_decoder(llm: dict = TINY_LLM, seed: int = 0) -> Qwen2ForCausalLM:
+    """transformers' Qwen2ForCausalLM (eager attention) with the shapes of this llm_config, re-drawn."""
+    model = Qwen2ForCausalLM(qwen2_config(model_config(llm).decoder, attn_implementation="eager")).eval()
+    _redraw(model, seed)
+    return model
+
+
+def reference_vision(vision: dict = TINY_VISION, seed: int = 1):
+    """The Qwen2-VL vision tower (whose own merger POINTS never runs) and POINTS' separate projector."""
+    encoder = Qwen2VisionTransformerPretrainedModel(
+        vision_config(model_config(vision=vision).vision, vision["hidden_size"])).eval()
+    projector = PatchMerger(dim=vision["hidden_size"], context_dim=vision["embed_dim"]).eval()
+    _redraw(encoder, seed)
+    _redraw(projector, seed + 1)
+    return encoder, projector
+
+
+def custom_llama_tensors(model: Qwen2ForCausalLM) -> dict[str, torch.Tensor]:
+    """Qwen2 weights in CustomLlama naming and packing (K/V interleaved per KV head, [up; gate]), written out longhand."""
+    sd = model.state_dict()
+    n_layers, n_kv = model.config.num_hidden_layers, model.config.num_key_value_heads
+    hd = model.config.hidden_size // model.config.num_attention_heads
+    out = {"llm.lm.embed_in.weight": sd["model.embed_tokens.weight"],
+           "llm.lm.final_layer_norm.weight": sd["model.norm.weight"],
+           "llm.embed_out.weight": sd["lm_head.weight"]}
+    for i in range(n_layers):
+        p, o = f"model.layers.{i}.", f"llm.lm.layers.{i}."
+        out[o + "input_layernorm.weight"] = sd[p + "input_layernorm.weight"]
+        out[o + "post_attention_layernorm.weight"] = sd[p + "post_attention_layernorm.weight"]
+        for kind in ("weight", "bias"):
+            out[o + f"attention.query_dense.{kind}"] = sd[p + f"self_attn.q_proj.{kind}"]
+            k, v = sd[p + f"self_attn.k_proj.{kind}"], sd[p + f"self_attn.v_proj.{kind}"]
+            rows = []
+            for g in range(n_kv):  # [K_0; V_0; K_1; V_1; ...]
+                rows += [k[g * hd:(g + 1) * hd], v[g * hd:(g + 1) * hd]]
+            out[o + f"attention.key_value_dense.{kind}"] = torch.cat(rows)
+        out[o + "attention.dense.weight"] = sd[p + "self_attn.o_proj.weight"]
+        out[o + "mlp.dense_h_to_4h.weight"] = torch.cat([sd[p + "mlp.up_proj.weight"], sd[p + "mlp.gate_proj.weight"]])
+        out[o + "mlp.dense_4h_to_h.weight"] = sd[p + "mlp.down_proj.weight"]
+    return out
+
+
+def qwen2_tensors(model: Qwen2ForCausalLM) -> dict[str, torch.Tensor]:
+    """The Qwen2 naming of later POINTS releases: `llm.` + transformers' own names."""
+    return {f"llm.{k}": v for k, v in model.state_dict().items()}
+
+
+def vision_tensors(encoder, projector) -> dict[str, torch.Tensor]:
+    out = {f"vision_encoder.{k}": v for k, v in encoder.state_dict().items()}
+    out.update({f"vision_projector.{k}": v for k, v in projector.state_dict().items()})
+    return out
+
+
+def save_checkpoint(directory: Path, config: dict, tensors: dict[str, torch.Tensor], *, shards: int = 3,
+                    dtype: torch.dtype | None = None) -> Path:
+    """A checkpoint directory: config.json plus `shards` safetensors files and their index (or one
+    model.safetensors when shards == 1)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: (v if dtype is None else v.to(dtype)).contiguous() for k, v in tensors.items()}
+    (directory / "config.json").write_text(json.dumps(config, indent=1))
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return directory
+    weight_map = {}
+    for s in range(shards):
+        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[s::shards]
+        save_file({k: tensors[k] for k in part}, str(directory / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, fname))
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return directory
+
+
+def splice_reference(decoder, encoder, projector, input_ids, pixel_values, grid_thw, image_id: int = 151655):
+    """POINTS' generate(): embed, then overwrite the j-th maximal run of <|image_pad|> with projector rows
+    [S_j, S_j+1), S the running sum of h * w / 4, written out as runs."""
+    embeds = decoder.model.embed_tokens(input_ids)
+    if pixel_values is None:
+        return embeds
+    features = projector(encoder(pixel_values, grid_thw).last_hidden_state)
+    counts = (grid_thw[:, 1] * grid_thw[:, 2] // 4).tolist()
+    row = input_ids[0].tolist()
+    runs, i = [], 0
+    while i < len(row):
+        if row[i] == image_id:
+            j = i
+            while j < len(row) and row[j] == image_id:
+                j += 1
+            runs.append((i, j))
+            i = j
+        else:
+            i += 1
+    assert [b - a for a, b in runs] == counts
+    embeds = embeds.clone()
+    start = 0
+    for (a, b), n in zip(runs, counts):
+        embeds[0, a:b] = features[start:start + n]
+        start += n
+    return embeds
+
+
+@torch.no_grad()
+def greedy_reference(decoder, embeds, steps: int, stop_ids: tuple[int, ...]) -> list[int]:
+    """transformers' own KV-cache loop, greedy, stopping at a stop id (not included)."""
+    out = decoder(inputs_embeds=embeds, use_cache=True)
+    tokens = []
+    for _ in range(steps):
+        nxt = int(out.logits[0, -1].argmax())
+        if nxt in stop_ids:
+            break
+        tokens.append(nxt)
+        out = decoder(input_ids=torch.tensor([[nxt]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+# --------------------------------------------------------------------------- transformers on our tensors
+
+def transformers_decoder(decoder) -> Qwen2ForCausalLM:
+    """transformers' Qwen2ForCausalLM holding our decoder's very tensors (views, no copy; our qkv and
+    gate_up rows split into its q/k/v and gate/up projections)."""
+    cfg = qwen2_config(decoder.cfg, dtype=decoder.embed.weight.dtype)
+    state = to_hf_state_dict({f"decoder.{k}": t for k, t in decoder.state_dict().items()},
+                             ModelConfig(decoder.cfg, _ANY_VISION), naming="qwen2")
+    with torch.device("meta"):
+        llm = Qwen2ForCausalLM(cfg)
+    llm.load_state_dict({k.removeprefix("llm."): t for k, t in state.items()}, strict=True, assign=True)
+    with torch.device(decoder.embed.weight.device):  # its rotary table is a non-persistent buffer: build it
+        llm.model.rotary_emb = type(llm.model.rotary_emb)(cfg)
+    return llm.eval()
+
+
+def transformers_vision(model) -> Qwen2VisionTransformerPretrainedModel:
+    """transformers' Qwen2-VL vision tower holding the tensors of our POINTSModel's encoder. The tower always
+    runs its own PatchMerger (`pooler_output`), which is the class of POINTS' projector: it takes the
+    projector's tensors, so `pooler_output` is the image features."""
+    cfg = vision_config(model.cfg.vision, model.cfg.decoder.hidden_size)
+    ours = {k: t for k, t in model.state_dict().items() if k.startswith(("vision.", "projector."))}
+    state = to_hf_state_dict(ours, model.cfg, naming="qwen2")
+    with torch.device("meta"):
+        tower = Qwen2VisionTransformerPretrainedModel(cfg)
+    take = lambda prefix: {k.removeprefix(prefix): t for k, t in state.items() if k.startswith(prefix)}  # noqa: E731
+    tower.load_state_dict(take("vision_encoder.") | {f"merger.{k}": t for k, t in take("vision_projector.").items()},
+                          strict=True, assign=True)
+    with torch.device(model.vision.patch_embed.weight.device):  # a non-persistent buffer: build it
+        tower.rotary_pos_emb = type(tower.rotary_pos_emb)(cfg)
+    return tower.eval()
+
+
+_ANY_VISION = model_config().vision  # the half of a ModelConfig that a decoder-only `to_hf_state_dict` never reads
