@@ -269,7 +269,7 @@ def test_state_dict_is_canonical_saves_and_loads_into_a_fresh_model(pipe, tmp_pa
     safetensors and a freshly built POINTSModel given it computes the very same logits."""
     state = pipe.model.state_dict()
     assert all(t.is_contiguous() for t in state.values())
-    assert state["decoder.layers.0.mlp.gate_up.weight"].shape == (2 * 592, 112)
+    assert state["decoder.layers.0.mlp.up_gate.weight"].shape == (2 * 592, 112)
     save_file(state, str(tmp_path / "model.safetensors"))
     fresh = points.POINTSModel(pipe.model.cfg).eval()
     fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
@@ -312,12 +312,13 @@ def test_converted_layout_loads_without_copying_a_tensor(converted_dir):
 
 @needs_proc_maps
 def test_released_layout_copies_only_what_it_re_lays(official_dir):
-    """The released layout: the interleaved K/V (with the query rows) and [up; gate] are re-laid once into
-    fresh memory; every other tensor is used in place from the map. A dtype cast copies everything."""
+    """The released layout: the query rows and the interleaved K/V are re-laid once into our q/k/v, in fresh
+    memory; every other tensor (the [up; gate] projection included) is used in place from the map. A dtype
+    cast copies everything."""
     model = points.load_decoder(official_dir)
     maps = _file_maps(official_dir)
     for name, p in model.named_parameters():
-        assert _mapped(p, maps) == (".attn.qkv." not in name and ".mlp.gate_up." not in name), name
+        assert _mapped(p, maps) == (".attn.qkv." not in name), name
     cast = points.load_decoder(official_dir, dtype=torch.bfloat16)
     assert not any(_mapped(p, _file_maps(official_dir)) for p in cast.parameters())
 

@@ -100,6 +100,9 @@ def test_our_layout_round_trips_and_is_exact():
     d = to_dict(cfg) | {"format_version": 99}
     with pytest.raises(points.CheckpointError, match="format_version 99 is not supported"):
         from_dict(d)
+    with pytest.raises(points.CheckpointError, match=r"format_version 1 is not supported \(expected 2\); it was "
+                                                      r"written by an earlier points .* convert the released"):
+        from_dict(to_dict(cfg) | {"format_version": 1})
 
 
 def test_invalid_json(tmp_path):

@@ -22,6 +22,8 @@ def test_logits_match_transformers(decoder, ref_decoder, length):
         got = decoder(tokens)
     assert got.dtype == torch.float32
     assert got.shape == (2, length, decoder.cfg.vocab_size)
+    print(f"\ndecoder fp32, batch 2 x {length}: max |logit error| {(got - expected).abs().max().item():.3g}, "
+          f"max |logit| {expected.abs().max().item():.3g}")
     torch.testing.assert_close(got, expected)
 
 

@@ -82,6 +82,8 @@ def test_logits_match_reference(pipe, convs, e2e_reference, name):
         *e2e_reference, enc.input_ids, enc.pixel_values, enc.grid_thw)).logits
     got = pipe.model(enc.input_ids, enc.pixel_values, enc.grid_thw)
     assert got.dtype == torch.float32 and got.shape == expected.shape
+    print(f"\nend to end fp32, {name}: {enc.input_ids.shape[1]} prompt tokens, max |logit error| "
+          f"{(got - expected).abs().max().item():.3g}, max |logit| {expected.abs().max().item():.3g}")
     torch.testing.assert_close(got, expected)
 
 

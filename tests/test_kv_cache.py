@@ -5,6 +5,8 @@ import pytest
 import torch
 
 import points
+from points.runtime.engine import Engine
+from points.runtime.sampling import Picker
 
 
 @pytest.fixture(scope="module")
@@ -28,46 +30,38 @@ def test_prefill_then_20_steps_equals_full_forward(decoder):
     assert cache.pos.tolist() == [37, 37] and cache.span == 37
 
 
+def _no_cache_greedy(decoder, prompt, steps):
+    """The reference: re-run the whole sequence for every token, no cache."""
+    seq = prompt
+    for _ in range(steps):
+        seq = torch.cat([seq, decoder(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq[0, prompt.shape[1]:].tolist()
+
+
 @torch.no_grad()
 def test_greedy_tokens_identical_with_and_without_cache(decoder):
     prompt = _tokens(11, 1)
-    seq = prompt
-    for _ in range(20):  # no cache: re-run the whole sequence each step
-        seq = torch.cat([seq, decoder(seq)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    cache = decoder.new_cache(1, max_len=32)
-    nxt = decoder(prompt, meta=cache.reserve(11))[:, -1].argmax(-1, keepdim=True)
-    out = [nxt]
-    for _ in range(19):
-        nxt = decoder(nxt, meta=cache.reserve(1))[:, -1].argmax(-1, keepdim=True)
-        out.append(nxt)
-    assert torch.cat(out, dim=1).tolist() == seq[:, 11:].tolist()
+    engine = Engine(decoder)
+    got = [t.item() for t in engine.generate(Picker(1, 1000, torch.device("cpu")), 20, tokens=prompt)]
+    assert got == _no_cache_greedy(decoder, prompt, 20)
 
 
 @torch.no_grad()
 def test_ragged_batch_rows_each_equal_their_single_run(decoder):
-    """Three prompts of lengths 13, 5, 9 prefilled right-padded in one call, then 8 steps together."""
+    """Three prompts of lengths 13, 5, 9 prefilled right-padded in one call, then decoded together."""
     lengths = [13, 5, 9]
     prompts = [_tokens(n, 10 + i)[0] for i, n in enumerate(lengths)]
     padded = torch.zeros(3, 13, dtype=torch.long)
     for i, p in enumerate(prompts):
         padded[i, :len(p)] = p
-    n_new = torch.tensor(lengths)
-    cache = decoder.new_cache(3, max_len=40)
-    logits = decoder(padded, meta=cache.reserve(13, n_new), last=n_new - 1)  # [3, V]
+    engine = Engine(decoder)
+    cache = engine.new_cache(3, 40)
+    logits = engine.prefill(cache, tokens=padded, lengths=torch.tensor(lengths))  # [3, V]
     assert cache.pos.tolist() == lengths
-    batch_tokens = [[] for _ in lengths]
-    for _ in range(8):
-        nxt = logits.argmax(-1)
-        for i in range(3):
-            batch_tokens[i].append(nxt[i].item())
-        logits = decoder(nxt[:, None], meta=cache.reserve(1))[:, -1]
-    for i, p in enumerate(prompts):  # each row alone, no cache: the same greedy continuation and logits
-        seq = p[None]
-        for step in range(8):
-            ref = decoder(seq)[:, -1]
-            seq = torch.cat([seq, ref.argmax(-1, keepdim=True)], dim=1)
-        assert seq[0, len(p):].tolist() == batch_tokens[i]
-    assert cache.pos.tolist() == [n + 8 for n in lengths]
+    tokens = torch.stack(list(engine.decode(cache, logits, Picker(3, 1000, torch.device("cpu")), 8)), dim=1)
+    assert cache.pos.tolist() == [n + 7 for n in lengths]  # 8 tokens chosen, 7 of them fed back
+    for i, p in enumerate(prompts):  # each row alone, no cache: the same greedy continuation
+        assert tokens[i].tolist() == _no_cache_greedy(decoder, p[None], 8)
 
 
 @torch.no_grad()

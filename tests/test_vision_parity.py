@@ -41,6 +41,8 @@ def test_encoder_matches_transformers(vision, ref_vision, name):
     expected = ref_vision[0](pixels, grid).last_hidden_state
     got = vision[0](pixels, grid)
     assert got.shape == (pixels.shape[0], 160)
+    print(f"\nvision encoder fp32, {name}: max |error| {(got - expected).abs().max().item():.3g}, "
+          f"max |output| {expected.abs().max().item():.3g}")
     torch.testing.assert_close(got, expected)
 
 
@@ -52,6 +54,7 @@ def test_projector_matches_transformers(vision, ref_vision, name):
     expected = ref_vision[1](features)
     got = vision[1](features)
     assert got.shape == (features.shape[0] // 4, 224)
+    print(f"\nprojector fp32, {name}: max |error| {(got - expected).abs().max().item():.3g}")
     torch.testing.assert_close(got, expected)
 
 

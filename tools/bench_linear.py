@@ -3,7 +3,7 @@
 nothing stays in cache, per weight layout: PyTorch's usual row-major [out, in] against the same values
 stored transposed (strides (1, out)), which some CPUs' BLAS reads faster.
 
-    python tools/bench_linear.py                          # 40 weights of [9728, 896] (Qwen2.5-0.5B's gate_up)
+    python tools/bench_linear.py                          # 40 weights of [9728, 896] (Qwen2.5-0.5B's up_gate)
     python tools/bench_linear.py --shape 896x4864 --dtype bfloat16 --rows 4
 
 Reports time per product (min of --repeat passes over all weights, after a warm-up pass) and the weight

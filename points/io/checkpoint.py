@@ -16,8 +16,9 @@ Vision tensors (`vision_encoder.*`, `vision_projector.*`) are named alike in bot
 
 Reading: safetensors' own reader (`safe_open`) maps every file. A tensor that needs no cast and no
 re-layout is used in place on the CPU: the parameter *is* a view of the mapped file (so the file must not
-change while the model is alive). Everything else (the released interleaved K/V and [up; gate], a dtype
-cast, a move to the GPU) is written once into a fresh tensor of the final dtype on the final device.
+change while the model is alive). Everything else (the released query and interleaved K/V rows joined
+into our q/k/v, a dtype cast, a move to the GPU) is written once into a fresh tensor of the final dtype on the final device, and
+the map's pages it was copied from are dropped.
 
 Strictness: before any tensor data is read, every planned source must exist with its exact shape and a
 floating dtype, and every tensor in the files must be planned or explicitly dropped (the unused
@@ -26,7 +27,9 @@ floating dtype, and every tensor in the files must be planned or explicitly drop
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import shutil
 from dataclasses import dataclass
@@ -62,7 +65,7 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 class TensorFiles:
     """The tensors of a checkpoint directory (one `model.safetensors`, or an index and its shards), read
     through safetensors' `safe_open`: every header is read and validated at once (names, shapes, dtypes,
-    truncation); `get` returns a tensor as a view of its file's memory map, without copying."""
+    truncation). `get` returns a tensor as a view of its file's memory map, without copying."""
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
@@ -125,9 +128,32 @@ class TensorFiles:
         return self._file[name]
 
     def release(self, file: str) -> None:
-        """Let go of a file's map: pages read through it stop counting as resident unless a tensor still
-        views them."""
+        """Let go of a file's handle (its map lives on only as long as a tensor views it)."""
         self._open.pop(file, None)
+
+
+def _forget_pages(t: torch.Tensor) -> None:
+    """`t` is a view of a file's memory map whose bytes have been copied and will not be read again: drop the
+    map's pages that lie wholly inside it, so that they stop counting as this process's resident memory
+    (the file is untouched; a later read would fault them in again). A no-op where madvise is unavailable."""
+    lo = -(-t.data_ptr() // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = (t.data_ptr() + t.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if hi > lo and _madvise is not None:
+        _madvise(lo, hi - lo, mmap.MADV_DONTNEED)
+
+
+def _libc_madvise():
+    try:
+        fn = ctypes.CDLL(None).madvise
+    except (OSError, AttributeError, TypeError):
+        return None
+    if not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+_madvise = _libc_madvise()
 
 
 # --------------------------------------------------------------------------- the plan
@@ -160,7 +186,7 @@ class Same(Layout):
 
 
 class Stacked(Layout):
-    """Our rows are the sources' rows, stacked in order (Qwen2 naming: q; k; v and gate; up)."""
+    """Our rows are the sources' rows, stacked in order (Qwen2 naming: q; k; v and up; gate)."""
 
     def __init__(self, sizes: list[int]):
         self.sizes = sizes
@@ -171,20 +197,6 @@ class Stacked(Layout):
 
     def split(self, t, source_shapes):
         return list(t.split(self.sizes))
-
-
-class UpGateToGateUp(Layout):
-    """CustomLlama's dense_h_to_4h rows are [up; gate]; ours are [gate; up]."""
-
-    def join(self, sources, out):
-        up, gate = sources[0].chunk(2)
-        out_gate, out_up = out.chunk(2)
-        out_gate.copy_(gate)
-        out_up.copy_(up)
-
-    def split(self, t, source_shapes):
-        gate, up = t.chunk(2)
-        return [torch.cat((up, gate))]
 
 
 class QueryAndInterleavedKV(Layout):
@@ -251,7 +263,7 @@ def _decoder_plan(cfg: ModelConfig, naming: str, names: set[str]) -> list[Entry]
             plan += _linear(f"{t}.attn.qkv", H, [(f"{attn}.query_dense", q_rows), (f"{attn}.key_value_dense", 2 * kv_rows)],
                             d.qkv_bias, QueryAndInterleavedKV(q_rows, d.head_dim))
             plan += _linear(f"{t}.attn.out", q_rows, [(f"{attn}.dense", H)], d.out_bias)
-            plan += _linear(f"{t}.mlp.gate_up", H, [(f"{s}.mlp.dense_h_to_4h", 2 * F)], d.ffn_up_bias, UpGateToGateUp())
+            plan += _linear(f"{t}.mlp.up_gate", H, [(f"{s}.mlp.dense_h_to_4h", 2 * F)], d.ffn_up_bias)  # [up; gate]
             plan += _linear(f"{t}.mlp.down", F, [(f"{s}.mlp.dense_4h_to_h", H)], d.ffn_down_bias)
         else:
             s = f"llm.model.layers.{i}"
@@ -259,7 +271,7 @@ def _decoder_plan(cfg: ModelConfig, naming: str, names: set[str]) -> list[Entry]
             plan += _linear(f"{t}.attn.qkv", H, [(f"{attn}.q_proj", q_rows), (f"{attn}.k_proj", kv_rows),
                                                  (f"{attn}.v_proj", kv_rows)], d.qkv_bias)
             plan += _linear(f"{t}.attn.out", q_rows, [(f"{attn}.o_proj", H)], d.out_bias)
-            plan += _linear(f"{t}.mlp.gate_up", H, [(f"{s}.mlp.gate_proj", F), (f"{s}.mlp.up_proj", F)], d.ffn_up_bias)
+            plan += _linear(f"{t}.mlp.up_gate", H, [(f"{s}.mlp.up_proj", F), (f"{s}.mlp.gate_proj", F)], d.ffn_up_bias)
             plan += _linear(f"{t}.mlp.down", F, [(f"{s}.mlp.down_proj", H)], d.ffn_down_bias)
         plan.append(_same(f"{t}.attn_norm.weight", f"{s}.input_layernorm.weight", (H,)))
         plan.append(_same(f"{t}.mlp_norm.weight", f"{s}.post_attention_layernorm.weight", (H,)))
@@ -354,23 +366,28 @@ def _built(entries: list[Entry], files: TensorFiles, dtype: torch.dtype,
            device: torch.device) -> Iterator[tuple[Entry, torch.Tensor]]:
     """Our tensor for each entry, in `dtype` on `device`, in order. On the CPU a tensor that is its source
     unchanged (same dtype, no re-layout) is the mapped source itself; every other tensor is written once
-    into fresh memory. A file's map is let go after the last entry that reads it."""
+    into fresh memory, after which the map's pages of its sources are dropped (they would otherwise stay
+    resident beside the copy for as long as the map lives). A file's handle is let go after the last entry
+    that reads it."""
     last = {}
     for i, e in enumerate(entries):
         for name in e.sources:
             last[files.file_of(name)] = i
     viewed = set()  # a source handed out as a view is copied if a second entry uses it (tied weights)
     for i, e in enumerate(entries):
-        sources = [files.get(name) for name in e.sources]
-        if (e.layout.view and device.type == "cpu" and sources[0].dtype == dtype
+        if (e.layout.view and device.type == "cpu" and files.dtype(e.sources[0]) == dtype
                 and e.sources[0] not in viewed):
             viewed.add(e.sources[0])
-            yield e, sources[0].reshape(e.shape)
+            yield e, files.get(e.sources[0]).reshape(e.shape)
         else:
             out = torch.empty(e.shape, dtype=dtype, device=device)
+            sources = [files.get(name) for name in e.sources]
             e.layout.join(sources, out)
+            for name, src in zip(e.sources, sources):
+                if name not in viewed:
+                    _forget_pages(src)
+            del sources
             yield e, out
-        del sources
         for f, end in last.items():
             if end == i:
                 files.release(f)
@@ -396,8 +413,8 @@ def load_state_dict(directory: str | Path, *, parts: tuple[str, ...] = ("decoder
 
     The whole checkpoint is checked from its headers first; only the requested parts are read. On the CPU,
     tensors already in our layout and in `dtype` are views of the mapped files (zero copy); the rest is
-    written once, straight into its final dtype on `device`, so the peak is the model plus the pages of the
-    files still mapped (clean file pages, which the system can drop at any time)."""
+    written once into its final dtype on `device` and the map's pages it came from are dropped, so the
+    peak is the model plus one tensor's sources in flight."""
     cfg, files, entries = _open(directory)
     dtype = resolve_dtype(dtype, files, entries)
     device = torch.device(device)

@@ -24,7 +24,7 @@ from points.errors import CheckpointError
 from points.model.config import DecoderConfig, ModelConfig, VisionConfig
 
 FORMAT = "points"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the MLP's fused projection is `mlp.up_gate`, rows [up; gate] (1: gate_up, [gate; up])
 
 
 # --------------------------------------------------------------------------- our own layout
@@ -36,9 +36,11 @@ def to_dict(cfg: ModelConfig) -> dict:
 
 def from_dict(d: dict, where: str = "config") -> ModelConfig:
     """The project's own layout: every field present, nothing defaulted."""
-    if d.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{where}: format_version {d.get('format_version')!r} is not supported (expected {FORMAT_VERSION})")
+    found = d.get("format_version")
+    if found != FORMAT_VERSION:
+        hint = ("; it was written by an earlier points whose MLP rows were [gate; up]: convert the released "
+                "checkpoint again") if found == 1 else ""
+        raise CheckpointError(f"{where}: format_version {found!r} is not supported (expected {FORMAT_VERSION}){hint}")
     return ModelConfig(decoder=_exact(DecoderConfig, d, "decoder", where),
                        vision=_exact(VisionConfig, d, "vision", where))
 

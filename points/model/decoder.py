@@ -10,7 +10,8 @@ with bias, output projection without, 1-D RoPE in float32. Positions are 0..L-1 
 which kernel attends is `points.runtime.attention`'s business: the layers get one `AttentionMeta` per
 forward (positions, the cache, how much of it to read) and pass it through.
 
-Fused projections (our layout): `attn.qkv` rows are [q; k; v], `mlp.gate_up` rows are [gate; up].
+Fused projections (our layout): `attn.qkv` rows are [q; k; v]; `mlp.up_gate` rows are [up; gate], as the
+released checkpoint stores them.
 """
 
 from __future__ import annotations
@@ -61,11 +62,11 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
-        self.gate_up = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_size, bias=cfg.ffn_up_bias)
+        self.up_gate = nn.Linear(cfg.hidden_size, 2 * cfg.ffn_size, bias=cfg.ffn_up_bias)  # rows [up; gate]
         self.down = nn.Linear(cfg.ffn_size, cfg.hidden_size, bias=cfg.ffn_down_bias)
 
     def forward(self, x):
-        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        up, gate = self.up_gate(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
 
 

@@ -205,7 +205,7 @@ def greedy_reference(decoder, embeds, steps: int, stop_ids: tuple[int, ...]) -> 
 
 def transformers_decoder(decoder) -> Qwen2ForCausalLM:
     """transformers' Qwen2ForCausalLM holding our decoder's very tensors (views, no copy; our qkv and
-    gate_up rows split into its q/k/v and gate/up projections)."""
+    up_gate rows split into its q/k/v and up/gate projections)."""
     cfg = qwen2_config(decoder.cfg, dtype=decoder.embed.weight.dtype)
     state = to_hf_state_dict({f"decoder.{k}": t for k, t in decoder.state_dict().items()},
                              ModelConfig(decoder.cfg, _ANY_VISION), naming="qwen2")
