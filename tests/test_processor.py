@@ -1,12 +1,9 @@
 """The image processor against transformers' PIL processor, and smart_resize against the spec."""
 
-import io
 import math
-import os
 from pathlib import Path
 
 import matplotlib
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st

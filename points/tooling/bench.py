@@ -6,8 +6,8 @@
 
 A random-weight checkpoint of the preset's shapes is written in the released layout
 (points.tooling.synthetic), loaded with `points.load`; the transformers reference (Qwen2ForCausalLM, the
-Qwen2-VL vision tower and PatchMerger; points.tooling.reference) is built on the very same tensors (no copy). Each row runs one warm-up and then --repeat
-timed runs of both, reporting min and median, the ratio (transformers' time / ours, > 1 = we are faster),
+Qwen2-VL vision tower and PatchMerger; points.tooling.reference) is built on the very same tensors (no
+copy). Each row runs one warm-up and then --repeat timed runs of both, reporting min and median, the ratio (transformers' time / ours, > 1 = we are faster),
 the row's physical floor on this machine and the fraction of it we reach. Floors: decode = the bytes one
 step must read (weights but the embedding table, plus the visible KV cache) over the measured copy
 bandwidth; prefill and vision = their matmul FLOPs over the measured matmul rate; load = the weights'
