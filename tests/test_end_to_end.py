@@ -1,5 +1,5 @@
 """End to end: `points.load` of a tiny checkpoint in the released layout (real Qwen2.5 vocabulary) against
-a reference composed from transformers' pieces and a prompt written from the spec."""
+a reference composed from transformers' pieces and a prompt written out by hand."""
 
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""The image processor against transformers' PIL processor, and smart_resize against the spec."""
+"""The image processor against transformers' PIL processor, and smart_resize against the reference rule."""
 
 import math
 from pathlib import Path

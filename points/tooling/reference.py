@@ -6,7 +6,7 @@ module. Two ways to build the reference:
 - `reference_decoder` / `reference_vision`: transformers' own modules with every parameter re-drawn (biases
   non-zero, norm weights away from one), so that any mapping mistake (a swapped K/V, [up; gate] read as
   [gate; up], a dropped bias) changes the logits; `custom_llama_tensors` writes them out in the released
-  checkpoint layout by code that follows the spec independently of `points.io.checkpoint`, and
+  checkpoint layout by code written independently of `points.io.checkpoint`, and
   `save_checkpoint` puts them on disk for our loader to read.
 - `transformers_decoder` / `transformers_vision`: transformers' modules holding *our* tensors (no copy), to
   time both implementations on the very same weights.
