@@ -94,11 +94,12 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """A cache on this model's device and dtype; max_len defaults to the context length."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, *, block: int = 1) -> KVCache:
+        """A cache on this model's device and dtype; max_len defaults to the context length (block: see
+        KVCache)."""
         w = self.embed.weight
         return KVCache(self.cfg.n_layers, batch_size, self.cfg.n_kv_heads, self.cfg.head_dim,
-                       max_len or self.cfg.max_seq_len, dtype=w.dtype, device=w.device)
+                       max_len or self.cfg.max_seq_len, dtype=w.dtype, device=w.device, block=block)
 
     def forward(self, tokens: torch.Tensor | None = None, *, embeds: torch.Tensor | None = None,
                 meta: AttentionMeta | None = None, last: torch.Tensor | None = None) -> torch.Tensor:

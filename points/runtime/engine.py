@@ -55,9 +55,7 @@ class Engine:
         if not self.compiled:
             return self.decoder.new_cache(batch_size, max_len)
         max_len = max(max_len, min(1 << (max(max_len, COMPILED_BLOCK) - 1).bit_length(), cfg.max_seq_len))
-        w = self.decoder.embed.weight
-        cache = KVCache(cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.head_dim, max_len, dtype=w.dtype,
-                        device=w.device, block=COMPILED_BLOCK)
+        cache = self.decoder.new_cache(batch_size, max_len, block=COMPILED_BLOCK)
         for t in (cache.k, cache.v):
             torch._dynamo.mark_static_address(t, guard=False)
         return cache
