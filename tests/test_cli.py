@@ -38,3 +38,15 @@ def test_convert_subcommand(official_dir, tmp_path):
     run = _run("convert", str(official_dir), str(tmp_path / "out"))
     assert run.returncode == 0, run.stderr
     assert (tmp_path / "out" / "config.json").is_file()
+
+
+def test_console_script_entry_point_resolves():
+    """The `points` command pyproject installs must name a function that exists (it once pointed at a module
+    that had moved)."""
+    import tomllib
+    from importlib import import_module
+    from pathlib import Path
+
+    target = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]["points"]
+    module, func = target.split(":")
+    assert callable(getattr(import_module(module), func))
