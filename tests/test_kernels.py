@@ -71,6 +71,36 @@ def test_causal_with_past_keys(dtype):
     _run([3, 1, 20], [40, 9, 20], 14, 2, 128, True, dtype, 3, **SMALL)
 
 
+@pytest.mark.parametrize("d, split", [(72, True), (100, True), (8, True), (80, False), (48, True)])
+def test_head_dims_covered_by_masked_pieces(d, split):
+    """A second piece wider than what is left (72 = 64 + 8 of 16; 100 = 64 + 36 of 64), one piece wider than
+    the whole head (8 of 16), the padded single piece (80 of 128), and an exact split (48 = 32 + 16)."""
+    for causal in (False, True):
+        _run([5, 40], [5, 40], 4, 2, d, causal, torch.float16, 7, split=split, **SMALL)
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_gqa_heads_packed_or_not(pack):
+    """7 query heads per KV head, causal, cached (more keys than queries) and not: packing the group's heads
+    into one tile (rows i // 7, heads i % 7) gives the reference either way, at tile edges too."""
+    _run([3, 17, 40], [3, 30, 40], 14, 2, 128, True, torch.float16, 10, pack_gqa=pack, **SMALL)
+    _run([9, 33], [9, 33], 7, 1, 80, False, torch.float16, 11, pack_gqa=pack, **SMALL)
+
+
+def test_head_pieces():
+    from points.kernels.flash_varlen import head_pieces
+
+    assert head_pieces(80) == (64, 16) and head_pieces(128) == (128, 0) and head_pieces(100) == (64, 64)
+    assert head_pieces(8) == (16, 0) and head_pieces(80, split=False) == (128, 0) and head_pieces(48) == (32, 16)
+
+
+@pytest.mark.skipif(not CUDA, reason="the autotuned tiles are chosen on a GPU (the interpreter uses fixed ones)")
+def test_autotuned_tiles_on_the_gpu():
+    """No blocks given: the autotuner's choice, on a vision and a causal GQA shape."""
+    _run([300, 1024], [300, 1024], 16, 16, 80, False, torch.bfloat16, 8)
+    _run([700, 2048], [700, 2048], 28, 4, 128, True, torch.bfloat16, 9)
+
+
 def test_long_segment_in_the_interpreter():
     """One segment of 1000 tokens (few heads, so the interpreter stays quick)."""
     _run([1000], [1000], 1, 1, 80, False, torch.float16, 4, block_m=64, block_n=64)
@@ -80,9 +110,34 @@ def test_dispatch_choices():
     dev = torch.device(DEVICE)
     assert use_triton("sdpa", dev) is False
     assert use_triton("triton", dev) is True
-    assert use_triton("auto", dev) is (CUDA and points.runtime.attention.AUTO_TRITON)
+    assert use_triton("auto", dev) is False and use_triton("auto", dev, faster=True) is CUDA
     with pytest.raises(ValueError, match="attn = 'flash': expected one of"):
         use_triton("flash", dev)
+
+
+def test_auto_rule(monkeypatch):
+    """attn="auto": Triton for many or short vision segments, SDPA for few long ones; a cached prefill on
+    Triton; a fresh one up to the measured length."""
+    from points.runtime import attention as a
+
+    monkeypatch.setattr(a, "VISION_TRITON_LONGEST", 1024)
+    monkeypatch.setattr(a, "VISION_TRITON_SEGMENTS", 16)
+    monkeypatch.setattr(a, "PREFILL_TRITON_TOKENS", 1000)
+    assert a.auto_vision(1024, 1) and a.auto_vision(256, 64) and a.auto_vision(4096, 16)
+    assert not a.auto_vision(4096, 4) and not a.auto_vision(1025, 15)
+    assert a.auto_prefill(5000, fresh=False) and a.auto_prefill(1000, fresh=True)
+    assert not a.auto_prefill(1001, fresh=True)
+
+
+def test_auto_dispatch_follows_the_rule(monkeypatch):
+    """The vision path asks the rule with its own segment lengths (a spy records the question)."""
+    from points.runtime import attention as a
+
+    asked = []
+    monkeypatch.setattr(a, "auto_vision", lambda longest, segments: asked.append((longest, segments)) or False)
+    q = torch.randn(50, 2, 80)
+    a.varlen_attention(q, q, q, [0, 4, 21, 50], "auto")
+    assert asked == [(29, 3)]
 
 
 def test_varlen_dispatch_agrees_with_sdpa():
