@@ -64,8 +64,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     The weight files are memory-mapped: on the CPU, tensors that need no cast and no re-layout are used in
     place from the files, so those files must not change while the model is in use. `attn` (vision
     attention and decoder prefill): "sdpa" (PyTorch), "triton" (the Triton varlen kernels; CUDA, or Triton's
-    CPU interpreter) or "auto" (SDPA until the Triton kernels have passed their GPU check, see
-    points.runtime.attention.AUTO_TRITON). `compile=True` runs the one-token decode step through
+    CPU interpreter) or "auto" (on CUDA, per call, whichever measured faster for the shapes; SDPA elsewhere;
+    see points.runtime.attention). `compile=True` runs the one-token decode step through
     torch.compile (CUDA graphs on CUDA)."""
     try:
         device = torch.device(device)

@@ -29,9 +29,17 @@ if TYPE_CHECKING:
 
 QUERY_CHUNK = 512
 BACKENDS = ("auto", "sdpa", "triton")
-# "auto" picks Triton on CUDA only once the kernels have passed tools/gpu_check.sh on a GPU; until then
-# (they are tested in Triton's CPU interpreter only) "auto" means SDPA and Triton is opt-in with "triton".
-AUTO_TRITON = False
+
+# attn="auto" on CUDA chooses per call, from the shapes, whichever measured faster (tools/tune_attention.py,
+# figures in docs/benchmarks.md; measured on an H200, applied to every CUDA device):
+# - vision: Triton (one launch for every segment) when the longest segment has at most VISION_TRITON_LONGEST
+#   patches, or when there are at least VISION_TRITON_SEGMENTS segments (SDPA launches once per segment);
+#   SDPA's flash kernel on fewer, longer segments.
+# - decoder prefill from an empty cache: Triton up to PREFILL_TRITON_TOKENS new tokens, SDPA's causal flash
+#   kernel beyond; a prefill after cached tokens (SDPA needs an explicit mask there): Triton.
+VISION_TRITON_LONGEST = 1024
+VISION_TRITON_SEGMENTS = 16
+PREFILL_TRITON_TOKENS = 0
 
 
 @dataclass(frozen=True)
@@ -70,9 +78,20 @@ def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def use_triton(backend: str, device: torch.device) -> bool:
-    """'auto': Triton on CUDA when it is installed (and AUTO_TRITON), SDPA otherwise; 'sdpa' / 'triton' force one.
-    Forcing Triton without it (or without CUDA, outside Triton's CPU interpreter) is a clear error."""
+def auto_vision(longest: int, segments: int) -> bool:
+    """attn="auto"'s choice for packed vision attention on CUDA: True = Triton."""
+    return longest <= VISION_TRITON_LONGEST or segments >= VISION_TRITON_SEGMENTS
+
+
+def auto_prefill(n_new: int, fresh: bool) -> bool:
+    """attn="auto"'s choice for a decoder prefill of n_new tokens per row on CUDA: True = Triton."""
+    return not fresh or n_new <= PREFILL_TRITON_TOKENS
+
+
+def use_triton(backend: str, device: torch.device, faster: bool = False) -> bool:
+    """'sdpa' / 'triton' force one; 'auto' is Triton on CUDA, when installed, where `faster` (the caller's
+    auto_vision / auto_prefill for its shapes) says it measured faster. Forcing Triton without it (or without
+    CUDA, outside Triton's CPU interpreter) is a clear error."""
     check_backend(backend)
     have_triton = triton_installed()
     if backend == "triton":
@@ -82,7 +101,7 @@ def use_triton(backend: str, device: torch.device) -> bool:
             raise ValueError(f"attn = 'triton' needs CUDA tensors, got {device} (or set TRITON_INTERPRET=1 to "
                              "run the kernels in Triton's CPU interpreter)")
         return True
-    return backend == "auto" and AUTO_TRITON and device.type == "cuda" and have_triton
+    return backend == "auto" and faster and device.type == "cuda" and have_triton
 
 
 # --------------------------------------------------------------------------- decoder: causal, cached
@@ -94,10 +113,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     With a cache, k/v are first stored at `meta.positions` of layer `layer`; then each query attends to every
     key at a position <= its own (the cache's first `meta.kv_len` slots). Query head h uses KV head
     h // (Hq / Hkv), as transformers' repeat_kv. Scale 1/sqrt(D); the softmax accumulates in float32. A
-    prefill (T > 1) runs on the Triton kernel when `backend` chooses it; one-token steps stay on SDPA.
+    prefill (T > 1) runs on the Triton kernel when `backend` chooses it (auto: `auto_prefill`); one-token steps
+    stay on SDPA.
     """
     cache = meta.cache
-    if q.shape[1] > 1 and use_triton(backend, q.device):
+    T = q.shape[1]
+    if T > 1 and use_triton(backend, q.device, auto_prefill(T, meta.fresh)):
         if cache is not None:
             cache.write(layer, meta.positions, k, v, meta.kv_len)
         return _triton_prefill(q, k, v, meta, layer)
@@ -157,19 +178,25 @@ def _triton_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
 
 # --------------------------------------------------------------------------- vision: packed, non-causal
 
+@functools.lru_cache(maxsize=16)
+def _cu_seqlens(bounds: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The bounds as an int32 device tensor, copied once per image batch rather than once per block."""
+    return torch.tensor(bounds, dtype=torch.int32, device=device)
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int],
                      backend: str = "auto") -> torch.Tensor:
     """Non-causal attention over packed sequences: q/k/v [L, H, D] -> [L, H, D].
 
     `bounds` is cu_seqlens as a host list (0, end of segment 1, ..., L); token i attends only to tokens of
-    its own segment. Triton path: one launch of the varlen flash kernel over every segment. SDPA path: each
-    segment on its own. Either way memory grows with the largest segment, never with L x L. Scale 1/sqrt(D).
+    its own segment. Triton path (auto: `auto_vision`): one launch of the varlen flash kernel over every
+    segment. SDPA path: each segment on its own. Either way memory grows with the largest segment, never with L x L. Scale 1/sqrt(D).
     """
-    if use_triton(backend, q.device):
+    longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+    if use_triton(backend, q.device, auto_vision(longest, len(bounds) - 1)):
         from points.kernels.flash_varlen import flash_attn_varlen
 
-        cu = torch.tensor(bounds, dtype=torch.int32, device=q.device)
-        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        cu = _cu_seqlens(tuple(bounds), q.device)
         return flash_attn_varlen(q, k, v, cu, cu, longest)
     out = torch.empty_like(q)
     for start, end in zip(bounds[:-1], bounds[1:]):
