@@ -11,7 +11,8 @@
 - `prefill` runs the right-padded prompts in one forward and returns each row's last logits.
 - `step` is one token per row, with the choice of the next token (`points.runtime.sampling.Picker`) in the
   same function: eager, or compiled into one graph (`torch.compile(fullgraph=True)`; CUDA graphs on CUDA,
-  `mode="reduce-overhead"`).
+  `mode="reduce-overhead"`). A compiled step holds one graph per batch size (a ragged batch too) and key
+  block; dynamo's recompile limit is raised to COMPILED_GRAPHS so that none of them falls back to eager.
 - `decode` / `generate` are the token loop: step t + 1 is queued before token t is handed to the caller, so
   the host's read of a token (the one sync per step) overlaps the device's work on the next.
 This is the one prefill/decode loop of the project: generation, `points bench`, tools/ and tests use it.
@@ -28,6 +29,9 @@ from points.runtime.cache import KVCache
 from points.runtime.sampling import Picker
 
 COMPILED_BLOCK = 256  # cache slots attention reads at a time under a compiled step (and the shortest cache)
+# Graphs one compiled step may hold: one per (batch size, key block) pair met. Dynamo's default (8) would let
+# a ragged batch of 1-8 rows crossing one block fall back to eager without a word.
+COMPILED_GRAPHS = 64
 
 
 class Engine:
@@ -40,6 +44,7 @@ class Engine:
         if compile:
             if mode is None and decoder.embed.weight.device.type == "cuda":
                 mode = "reduce-overhead"
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS)
             self._step = torch.compile(self._forward_step, mode=mode, backend=backend, fullgraph=True,
                                        dynamic=False)
 
