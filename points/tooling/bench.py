@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from points.io.checkpoint import DTYPES
-from points.io.processor import smart_resize
+from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor, smart_resize
 from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
 
@@ -232,16 +232,22 @@ print(json.dumps({{"s": dt, "peak_growth_bytes": rss('VmHWM:') - before, "rss_be
 # --------------------------------------------------------------------------- the run
 
 def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, workdir: Path, rows: set[str], *,
-        compile_step: bool = False, profile: bool = False, transposed: bool = False) -> dict:
-    import points
-    from points.tooling.synthetic import write_checkpoint
+        compile_step: bool = False, profile: bool = False, transposed: bool = False, attn: str = "auto") -> dict:
+    if "load" in rows:  # the load rows need files: a random checkpoint on disk, loaded as a user would
+        import points
+        from points.tooling.synthetic import write_checkpoint
 
-    ckpt = workdir / f"points-{preset}-{str(dtype).removeprefix('torch.')}"
-    if not ckpt.exists():
-        print(f"writing a random {preset} checkpoint to {ckpt} ...", file=sys.stderr)
-        write_checkpoint(ckpt, preset, dtype=dtype, tokenizer="bytes")
-    pipe = points.load(ckpt, device=device, dtype=dtype, progress=False)
-    model = pipe.model
+        ckpt = workdir / f"points-{preset}-{str(dtype).removeprefix('torch.')}"
+        if not ckpt.exists():
+            print(f"writing a random {preset} checkpoint to {ckpt} ...", file=sys.stderr)
+            write_checkpoint(ckpt, preset, dtype=dtype, tokenizer="bytes")
+        pipe = points.load(ckpt, device=device, dtype=dtype, progress=False, attn=attn)
+        model, processor, engine = pipe.model, pipe.processor, pipe.engine
+    else:  # the same random weights drawn straight into memory (no 17 GB written and read back at 7B)
+        from points.tooling.synthetic import random_model
+
+        model = random_model(preset, device, dtype, attn=attn)
+        processor, engine = ImageProcessor(max_pixels=RELEASE_MAX_PIXELS), Engine(model.decoder)
     weights = {name: sum(p.numel() * p.element_size() for p in part.parameters())
                for name, part in (("decoder", model.decoder), ("vision", model.vision), ("projector", model.projector))}
     try:
@@ -273,7 +279,7 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
     g = torch.Generator().manual_seed(0)
     if "vision" in rows:
         for label, sizes in VISION_ROWS.items():
-            grid = vision_grid(sizes, pipe.processor)
+            grid = vision_grid(sizes, processor)
             pixels = torch.randn(int(grid.prod(-1).sum()), v.patch_dim, generator=g).to(device)
             with torch.inference_mode():
                 mine = timed(lambda: model.image_features(pixels, grid), device, repeat)
@@ -285,7 +291,7 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
             tokens = torch.randint(0, d.vocab_size, (1, T), generator=g).to(device)
 
             def ours_prefill():
-                pipe.engine.prefill(pipe.engine.new_cache(1, T + 1), tokens=tokens)
+                engine.prefill(engine.new_cache(1, T + 1), tokens=tokens)
 
             def theirs_prefill():
                 llm(tokens, use_cache=True, logits_to_keep=1)
@@ -295,28 +301,29 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
             add(f"prefill {T} tokens", "s", mine, ref, prefill_flops(d, T) / rate_llm)
     if "decode" in rows:
         timings = []  # (label, prompts, lengths, floor, batch, transformers' timing)
+        compiled = None  # one compiled engine: a graph per batch size and key block
         for batch, lengths in ((1, (DECODE_PROMPT,)), (4, RAGGED)):
             lengths_t = torch.tensor(lengths, device=device)
             prompts = torch.randint(0, d.vocab_size, (batch, max(lengths)), generator=g).to(device)
             floor = decode_bytes(model.decoder, max(lengths) + DECODE_NEW // 2, batch) / bw
             label = f"decode batch {batch}" + (" (ragged)" if batch > 1 else "") + f", {DECODE_NEW} tokens"
-            mine = timed(ours_decode(pipe.engine, prompts, lengths_t, DECODE_NEW), device, repeat)
+            mine = timed(ours_decode(engine, prompts, lengths_t, DECODE_NEW), device, repeat)
             ref = None if llm is None else timed(theirs_decode(llm, prompts, lengths_t, DECODE_NEW), device, repeat)
             add(label, "s/step", mine, ref, floor, per=batch)
             timings.append((label, prompts, lengths_t, floor, batch, ref))
-            if compile_step and batch == 1:
-                compiled = Engine(model.decoder, compile=True)
+            if compile_step:
+                compiled = compiled or Engine(model.decoder, compile=True)
                 mine = timed(ours_decode(compiled, prompts, lengths_t, DECODE_NEW), device, repeat)
                 add(label + ", compiled", "s/step", mine, ref, floor, per=batch)
     if profile:
-        result["profile"] = profile_decode(pipe.engine)
+        result["profile"] = profile_decode(engine)
         print(result["profile"])
     if "decode" in rows and transposed:  # the opt-in CPU layout (points.runtime.layout), same transformers runs
         from points.runtime.layout import transpose_tall_linears
 
         transpose_tall_linears(model.decoder)
         for label, prompts, lengths_t, floor, batch, ref in timings:
-            mine = timed(ours_decode(pipe.engine, prompts, lengths_t, DECODE_NEW), device, repeat)
+            mine = timed(ours_decode(engine, prompts, lengths_t, DECODE_NEW), device, repeat)
             add(label + ", transposed tall weights", "s/step", mine, ref, floor, per=batch)
     if "load" in rows:
         hf_dir = None
@@ -326,7 +333,7 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
                 llm.save_pretrained(hf_dir / "llm")
                 vision.save_pretrained(hf_dir / "vision")
         # let go of every model first, so that memory pressure does not evict a side's files from the page cache
-        del pipe, model, llm, vision
+        del pipe, model, engine, llm, vision
         gc.collect()
         result["rows"] += load_rows(ckpt, hf_dir, workdir, device, dtype, sum(weights.values()), bw)
     return result
@@ -438,7 +445,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5, help="timed runs per row after one warm-up (default 5)")
     p.add_argument("--rows", nargs="+", choices=["vision", "prefill", "decode", "load"],
                    default=["vision", "prefill", "decode", "load"])
-    p.add_argument("--compile", action="store_true", help="also time the compiled decode step (batch 1)")
+    p.add_argument("--compile", action="store_true", help="also time the compiled decode step (every batch row)")
+    p.add_argument("--attn", choices=["auto", "sdpa", "triton"], default="auto",
+                   help="our vision and prefill attention (points.runtime.attention; default auto)")
     p.add_argument("--transposed", action="store_true",
                    help="also time decoding with the opt-in CPU layout of points.runtime.layout (float32, CPU)")
     p.add_argument("--profile", action="store_true", help="print the decode step's top ops")
@@ -454,7 +463,7 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     if args.transposed and (device.type != "cpu" or dtype != torch.float32):
         p.error("--transposed: the transposed layout is for float32 on the CPU")
-    options = dict(compile_step=args.compile, profile=args.profile, transposed=args.transposed)
+    options = dict(compile_step=args.compile, profile=args.profile, transposed=args.transposed, attn=args.attn)
     if args.workdir is None:
         with tempfile.TemporaryDirectory(prefix="points-bench-") as tmp:
             result = run(args.preset, device, dtype, args.repeat, Path(tmp), set(args.rows), **options)

@@ -124,6 +124,28 @@ def write_checkpoint(directory: str | Path, shapes: str | tuple[dict, dict] = "t
     return directory
 
 
+def random_model(shapes: str | tuple[dict, dict], device: str | torch.device = "cpu",
+                 dtype: torch.dtype = torch.bfloat16, *, seed: int = 0, attn: str = "auto"):
+    """A POINTSModel with random weights (the same distributions as `write_checkpoint`, not the same draws),
+    built straight on `device`: for benchmarks that need no files (a 7B model in seconds on a GPU)."""
+    from points.model.vlm import POINTSModel
+
+    llm, vision = SHAPES[shapes] if isinstance(shapes, str) else shapes
+    cfg = from_hf_dict(hf_config(llm, vision))
+    image_pad = FIRST_ADDED_ID + ADDED.index("<|image_pad|>")
+    with torch.device(device):
+        model = POINTSModel(cfg, image_pad, attn).to(dtype)
+    g = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(generator=g)
+            if "norm" in name:
+                p.mul_(0.1).add_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.mul_(0.02)
+    return model.eval().requires_grad_(False)
+
+
 def _save(tmp: Path, i: int, shard: dict[str, torch.Tensor]) -> list[str]:
     save_file(shard, str(tmp / f"part-{i}.safetensors"), metadata={"format": "pt"})
     return list(shard)
