@@ -18,11 +18,12 @@ def test_gpu_check_dry_run(tmp_path):
     rows = json.loads((tmp_path / "precision.json").read_text())["rows"]
     assert [r["dtype"] for r in rows] == ["float32", "bfloat16", "float16"]
     assert rows[0]["max_abs"] < 1e-4 and rows[1]["transformers_own"] > 0
-    vision = json.loads((tmp_path / "vision.json").read_text())
-    assert vision["patches"] == 1024 and vision["time_min_s"] > 0 and vision["floor_s"] > 0
-    kernels = json.loads((tmp_path / "kernels.json").read_text())
-    assert set(kernels["decode_s_per_token"]) == {"points eager", "points compiled", "transformers"}
-    assert kernels["vision"]["triton"]["min_s"] > 0
+    tune = json.loads((tmp_path / "tune.json").read_text())
+    assert {r["kind"] for r in tune["rows"]} == {"vision", "causal", "cached"}
+    assert all(r["sdpa_s"] > 0 and r["triton_auto_s"] > 0 for r in tune["rows"])
+    record = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())
+    labels = [r["row"] for r in record["bench"]["rows"]]
+    assert "decode batch 4 (ragged), 64 tokens, compiled" in labels and "prefill 2048 tokens" in labels
 
 
 def test_points_bench_tiny_writes_every_row(tmp_path):

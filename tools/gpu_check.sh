@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # One run on a lent GPU machine: the test suite on CUDA, then the measurements; a short table last.
-#   bash tools/gpu_check.sh            # on the GPU machine (well under 8 minutes)
-#   bash tools/gpu_check.sh --dry-run  # anywhere: the same steps, small and on the CPU (tested in CI)
+#   bash tools/gpu_check.sh             # on the GPU machine (under 8 minutes on an H200)
+#   bash tools/gpu_check.sh --record    # the same, and writes docs/gpu/<card>-<date>.json (+ a copy in $OUT)
+#   bash tools/gpu_check.sh --dry-run   # anywhere: the same steps, small and on the CPU (tested in CI)
 # Logs and JSON go to $OUT (the device tool's folder) or /tmp/points-gpu-check.
+# Steps: pytest on CUDA; tools/precision.py (7B widths, 2 layers); tools/tune_attention.py (SDPA vs the Triton
+# kernel per tile configuration, the data behind CONFIGS and attn="auto"); `points bench --preset 7b --compile`
+# (decode, prefill, vision against transformers on the same weights) with attn auto and with attn triton.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/points-gpu-check}"
@@ -10,11 +14,18 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1
 py=python3
 command -v "$py" >/dev/null || py=python
+mode="${1:-}"
 
-if [ "${1:-}" = "--dry-run" ]; then
-    device=cpu preset=tiny pytest_args=(--collect-only -q) vision_args=(--images 448x448 --depth 2) kernel_args=(--preset tiny)
+if [ "$mode" = "--dry-run" ]; then
+    device=cpu preset=tiny pytest_args=(--collect-only -q) tune_args=(--dry-run)
+    bench_args=(--preset tiny --device cpu --dtype float32 --repeat 1)
+    limits=(600 600 600 600 600)
 else
-    device=cuda preset=7b-width pytest_args=(-q -rs --continue-on-collection-errors) vision_args=(--dtype bfloat16 --repeat 5) kernel_args=(--preset 7b)
+    device=cuda preset=7b-width tune_args=()
+    pytest_args=(-q -rs --continue-on-collection-errors)
+    "$py" -c "import xdist" 2>/dev/null && pytest_args+=(-n 8)
+    bench_args=(--preset 7b --device cuda --dtype bfloat16 --repeat 3)
+    limits=(120 40 100 150 50)  # seconds: pytest, precision, tune, bench, bench_triton (under 8 minutes in all)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
     # the machine has its own torch, Triton and transformers and no network: install the project alone
     # (points.kernels exists only once installed: the package maps kernels/ to it)
@@ -23,30 +34,25 @@ fi
 "$py" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__, '| cuda', torch.cuda.is_available())"
 
 status=0
-start=$(date +%s)
-"$py" -m pytest "${pytest_args[@]}" tests > "$out/pytest.log" 2>&1 || status=1
-tests_s=$(( $(date +%s) - start ))
-tail -n 25 "$out/pytest.log"
-
-start=$(date +%s)
-"$py" tools/precision.py --preset "$preset" --device "$device" --json "$out/precision.json" > "$out/precision.log" 2>&1 || status=1
-precision_s=$(( $(date +%s) - start ))
-
-start=$(date +%s)
-"$py" tools/bench_vision.py --device "$device" "${vision_args[@]}" --json "$out/vision.json" > "$out/vision.log" 2>&1 || status=1
-vision_s=$(( $(date +%s) - start ))
-
-start=$(date +%s)
-"$py" tools/bench_kernels.py --device "$device" "${kernel_args[@]}" --json "$out/kernels.json" > "$out/kernels.log" 2>&1 || status=1
-kernels_s=$(( $(date +%s) - start ))
+step() {  # name, time limit, then the command; its output to $out/<name>.log, its time to the summary
+    local name=$1 limit=$2; shift 2
+    local start=$(date +%s)
+    timeout "$limit" "$@" > "$out/$name.log" 2>&1 || { echo "!! $name failed or ran over ${limit}s" | tee -a "$out/$name.log"; status=1; }
+    echo "[$name $(( $(date +%s) - start ))s]" >> "$out/times.txt"
+}
+: > "$out/times.txt"
+step pytest "${limits[0]}" "$py" -m pytest "${pytest_args[@]}" tests
+step precision "${limits[1]}" "$py" tools/precision.py --preset "$preset" --device "$device" --json "$out/precision.json"
+step tune "${limits[2]}" "$py" tools/tune_attention.py --device "$device" "${tune_args[@]}" --json "$out/tune.json"
+step bench "${limits[3]}" "$py" -m points bench "${bench_args[@]}" --rows decode prefill vision --compile --json "$out/bench.json"
+[ "$mode" = "--dry-run" ] || step bench_triton "${limits[4]}" "$py" -m points bench "${bench_args[@]}" --rows prefill vision --attn triton --json "$out/bench_triton.json"
 
 echo
 echo "== points gpu_check ($device) =="
-echo "tests: $(tail -n 1 "$out/pytest.log") [${tests_s}s]"
-cat "$out/precision.log"
-echo "[precision ${precision_s}s]"
-cat "$out/vision.log"
-echo "[vision ${vision_s}s]"
-tail -n 6 "$out/kernels.log"
-echo "[kernels ${kernels_s}s]"
+echo "tests: $(tail -n 1 "$out/pytest.log")"
+for name in precision tune bench bench_triton; do [ -f "$out/$name.log" ] && cat "$out/$name.log"; done
+cat "$out/times.txt"
+if [ "$mode" = "--record" ] || [ "$mode" = "--dry-run" ]; then
+    "$py" tools/gpu_record.py "$out" --write "$( [ "$mode" = "--record" ] && echo docs/gpu || echo "$out" )" || status=1
+fi
 exit $status

@@ -1,0 +1,59 @@
+#!/usr/bin/env python3
+"""The record of one `tools/gpu_check.sh --record` run: `<dir>/<card>-<date>.json` with the device, torch,
+the `points bench --preset 7b --compile` JSON (attn auto; and the prefill/vision rows with attn triton) and
+the Triton kernel's speed against SDPA on the issue's five shapes (SDPA time / Triton time, autotuned tiles).
+
+    python tools/gpu_record.py OUT_DIR --write docs/gpu     # OUT_DIR: where gpu_check.sh left its JSON
+"""
+
+import argparse
+import datetime
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+
+SHAPES = {  # record key -> (kind, segments or None, length)
+    "triton_vs_sdpa_4x4096": ("vision", 4, 4096),
+    "triton_vs_sdpa_64x256": ("vision", 64, 256),
+    "triton_vs_sdpa_1x16384": ("vision", 1, 16384),
+    "triton_vs_sdpa_causal_2048": ("causal", None, 2048),
+    "triton_vs_sdpa_causal_8192": ("causal", None, 8192),
+}
+
+
+def kernel_ratios(tune: dict) -> dict:
+    ratios = {}
+    for key, (kind, segments, length) in SHAPES.items():
+        for r in tune["rows"]:
+            if r["kind"] == kind and r["length"] == length and r.get("segments", None) == segments:
+                ratios[key] = r["sdpa_s"] / r["triton_auto_s"]
+    return ratios
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", type=Path)
+    p.add_argument("--write", type=Path, required=True, help="the folder the record goes to")
+    args = p.parse_args(argv)
+    bench = json.loads((args.out / "bench.json").read_text())
+    tune = json.loads((args.out / "tune.json").read_text())
+    triton_rows = args.out / "bench_triton.json"
+    device = tune["device"]
+    date = datetime.date.today().isoformat()
+    record = {"device": device, "torch": tune["torch"], "date": date, "bench": bench,
+              "bench_attn_triton": json.loads(triton_rows.read_text()) if triton_rows.exists() else None,
+              "kernels": kernel_ratios(tune)}
+    slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
+    args.write.mkdir(parents=True, exist_ok=True)
+    path = args.write / f"{slug}-{date}.json"
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    if path.parent.resolve() != args.out.resolve():
+        shutil.copy(path, args.out / "record.json")
+    print(f"recorded {path}: " + ", ".join(f"{k} {v:.2f}x" for k, v in record["kernels"].items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
