@@ -115,18 +115,15 @@ def test_dispatch_choices():
         use_triton("flash", dev)
 
 
-def test_auto_rule(monkeypatch):
-    """attn="auto": Triton for many or short vision segments, SDPA for few long ones; a cached prefill on
-    Triton; a fresh one up to the measured length."""
+def test_auto_rule():
+    """attn="auto" (the measured rule): Triton for short or many vision segments, SDPA for few long ones;
+    SDPA for a prefill from an empty cache, Triton for a long one after cached tokens."""
     from points.runtime import attention as a
 
-    monkeypatch.setattr(a, "VISION_TRITON_LONGEST", 1024)
-    monkeypatch.setattr(a, "VISION_TRITON_SEGMENTS", 16)
-    monkeypatch.setattr(a, "PREFILL_TRITON_TOKENS", 1000)
-    assert a.auto_vision(1024, 1) and a.auto_vision(256, 64) and a.auto_vision(4096, 16)
-    assert not a.auto_vision(4096, 4) and not a.auto_vision(1025, 15)
-    assert a.auto_prefill(5000, fresh=False) and a.auto_prefill(1000, fresh=True)
-    assert not a.auto_prefill(1001, fresh=True)
+    assert a.auto_vision(1024, 1) and a.auto_vision(256, 64) and a.auto_vision(2048, 4) and a.auto_vision(300, 2)
+    assert not a.auto_vision(2048, 3) and not a.auto_vision(4096, 16) and not a.auto_vision(16384, 1)
+    assert a.auto_prefill(2048, fresh=False) and a.auto_prefill(1024, fresh=False)
+    assert not a.auto_prefill(512, fresh=False) and not a.auto_prefill(8192, fresh=True)
 
 
 def test_auto_dispatch_follows_the_rule(monkeypatch):

@@ -28,7 +28,9 @@ def kernel_ratios(tune: dict) -> dict:
     for key, (kind, segments, length) in SHAPES.items():
         for r in tune["rows"]:
             if r["kind"] == kind and r["length"] == length and r.get("segments", None) == segments:
-                ratios[key] = r["sdpa_s"] / r["triton_auto_s"]
+                ratios[key] = r["sdpa_s"] / r["triton_auto_s"]  # as the model calls them
+                if "sdpa_kernel_s" in r:
+                    ratios[key + "_kernels_alone"] = r["sdpa_kernel_s"] / r["triton_kernel_s"]
     return ratios
 
 
@@ -37,22 +39,28 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--write", type=Path, required=True, help="the folder the record goes to")
     args = p.parse_args(argv)
-    bench = json.loads((args.out / "bench.json").read_text())
-    tune = json.loads((args.out / "tune.json").read_text())
-    triton_rows = args.out / "bench_triton.json"
-    device = tune["device"]
+    def read(name):  # a step that failed or ran over its time leaves no JSON: recorded as missing
+        path = args.out / name
+        return json.loads(path.read_text()) if path.exists() else None
+
+    bench, tune, triton_rows = read("bench.json"), read("tune.json"), read("bench_triton.json")
+    if tune is None and bench is None:
+        print(f"gpu_record: neither {args.out / 'tune.json'} nor {args.out / 'bench.json'} exists", file=sys.stderr)
+        return 1
+    device = tune["device"] if tune else bench["machine"].get("gpu", bench["device"])
     date = datetime.date.today().isoformat()
-    record = {"device": device, "torch": tune["torch"], "date": date, "bench": bench,
-              "bench_attn_triton": json.loads(triton_rows.read_text()) if triton_rows.exists() else None,
-              "kernels": kernel_ratios(tune)}
+    record = {"device": device, "torch": (tune or bench["machine"])["torch"], "date": date, "bench": bench,
+              "bench_attn_triton": triton_rows, "kernels": kernel_ratios(tune) if tune else None,
+              "missing": [n for n, v in (("bench.json", bench), ("tune.json", tune)) if v is None]}
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     args.write.mkdir(parents=True, exist_ok=True)
     path = args.write / f"{slug}-{date}.json"
     path.write_text(json.dumps(record, indent=1) + "\n")
     if path.parent.resolve() != args.out.resolve():
         shutil.copy(path, args.out / "record.json")
-    print(f"recorded {path}: " + ", ".join(f"{k} {v:.2f}x" for k, v in record["kernels"].items()))
-    return 0
+    print(f"recorded {path}: " + ", ".join(f"{k} {v:.2f}x" for k, v in (record["kernels"] or {}).items())
+          + (f" (missing: {', '.join(record['missing'])})" if record["missing"] else ""))
+    return 1 if record["missing"] else 0
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ autotuned dispatch. Times are the minimum wall time over `--repeat` synchronised
     python tools/tune_attention.py --json sweep.json           # on a GPU (about a minute)
     python tools/tune_attention.py --dry-run                   # anywhere: tiny shapes, Triton's interpreter
 
+The causal rows time both sides as the decoder calls them (the K/V written into the cache first, the Triton
+kernel reading the cache in place) and, from an empty cache, the two kernels alone.
+
 Shapes (bf16): vision segments of n patches x 16 heads x 80 (count x n), the decoder's causal prefill
 (28 query / 4 KV heads x 128) from an empty cache, and a cached prefill (new tokens after past ones in the
 KV cache, where SDPA needs an explicit mask). Also: the head dim 80 as one padded piece of 128 (vision), and
@@ -33,6 +36,8 @@ VISION = [(64, 256), (16, 1024), (4, 1024), (1, 1024), (8, 2048), (2, 2048), (4,
           (1, 16384)]
 CAUSAL = [512, 2048, 8192]
 CACHED = [(512, 1024), (2048, 2048)]  # (new tokens, past tokens)
+# tried besides CONFIGS (never the best on the H200 of 2026-11-27; kept in the sweep for other cards)
+EXTRA = [(128, 128, 8, 2), (128, 32, 4, 4), (64, 32, 4, 4), (64, 64, 8, 2)]
 DRY = dict(vision=[(3, 40), (1, 64)], causal=[48], cached=[(16, 24)], vision_heads=2, llm_heads=(7, 1))
 
 
@@ -85,6 +90,12 @@ def sweep_causal(lengths, cached, heads, device, dtype, repeat, configs):
         row["triton_auto_s"] = timed(lambda: causal_attention(q, k, v, m, 0, "triton"), device, repeat, 2).min_s
         qf, kf, vf = q[0], k[0], v[0]
         cu_q = torch.tensor([0, T], dtype=torch.int32, device=device)
+        if not past:  # the kernels alone, no cache write: SDPA's causal flash kernel vs the autotuned Triton one
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            row["sdpa_kernel_s"] = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
+                qt, kt, vt, is_causal=True, enable_gqa=True), device, repeat, 2).min_s
+            row["triton_kernel_s"] = timed(lambda: fv.flash_attn_varlen(qf, kf, vf, cu_q, cu_q, T, causal=True),
+                                           device, repeat, 2).min_s
         if past:  # the kernel on the cache in place, as the decoder calls it
             used = torch.tensor([past + T], device=device)
             row["configs"] = {name: _try(lambda: fv.flash_attn_cache(q, cache.k[0], cache.v[0], used, **kw),
@@ -118,7 +129,9 @@ def _report(row):
     print(f"{row['kind']:7} {shape:18} sdpa {tf(row['sdpa_s'])} | triton auto {tf(row['triton_auto_s'])}"
           f" = {row['sdpa_s'] / row['triton_auto_s']:.2f}x sdpa | best {best[1]} {tf(best[0])}"
           + (f" | padded 128 {tf(row['padded_128_s'])}" if "padded_128_s" in row else "")
-          + (f" | GQA unpacked {tf(row['unpacked_s'])}" if "unpacked_s" in row else ""), flush=True)
+          + (f" | GQA unpacked {tf(row['unpacked_s'])}" if "unpacked_s" in row else "")
+          + (f" | kernels alone: sdpa {tf(row['sdpa_kernel_s'])}, triton {tf(row['triton_kernel_s'])}"
+             if "sdpa_kernel_s" in row else ""), flush=True)
     return row
 
 
@@ -130,14 +143,16 @@ def main(argv=None) -> int:
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        p.error("--device cpu needs Triton's interpreter: set TRITON_INTERPRET=1")
     if args.dry_run:
         configs = [("16x16", dict(block_m=16, block_n=16))]
         shapes = DRY
         args.repeat = 1
     else:
-        configs = [(f"{c.kwargs['BLOCK_M']}x{c.kwargs['BLOCK_N']} w{c.num_warps} s{c.num_stages}",
-                    dict(block_m=c.kwargs["BLOCK_M"], block_n=c.kwargs["BLOCK_N"], num_warps=c.num_warps,
-                         num_stages=c.num_stages)) for c in fv.CONFIGS]
+        tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in fv.CONFIGS] + EXTRA
+        configs = [(f"{m}x{n} w{w} s{st}", dict(block_m=m, block_n=n, num_warps=w, num_stages=st))
+                   for m, n, w, st in tiles]
         shapes = dict(vision=VISION, causal=CAUSAL, cached=CACHED, vision_heads=16, llm_heads=(28, 4))
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"

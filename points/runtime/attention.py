@@ -30,16 +30,19 @@ if TYPE_CHECKING:
 QUERY_CHUNK = 512
 BACKENDS = ("auto", "sdpa", "triton")
 
-# attn="auto" on CUDA chooses per call, from the shapes, whichever measured faster (tools/tune_attention.py,
-# figures in docs/benchmarks.md; measured on an H200, applied to every CUDA device):
-# - vision: Triton (one launch for every segment) when the longest segment has at most VISION_TRITON_LONGEST
-#   patches, or when there are at least VISION_TRITON_SEGMENTS segments (SDPA launches once per segment);
-#   SDPA's flash kernel on fewer, longer segments.
-# - decoder prefill from an empty cache: Triton up to PREFILL_TRITON_TOKENS new tokens, SDPA's causal flash
-#   kernel beyond; a prefill after cached tokens (SDPA needs an explicit mask there): Triton.
-VISION_TRITON_LONGEST = 1024
-VISION_TRITON_SEGMENTS = 16
-PREFILL_TRITON_TOKENS = 0
+# attn="auto" on CUDA chooses per call, from the shapes, whichever measured faster (tools/tune_attention.py and
+# tools/probe_vision.py on an H200, bf16, 2026-11-27; figures in docs/benchmarks.md; applied to every CUDA device):
+# - vision: Triton (one launch for every segment) when the longest segment has at most VISION_TRITON_SHORT
+#   patches (the kernel alone is 0.75x SDPA on one 1024-patch image, but the whole 448x448 encode is 1.6x
+#   faster without the per-segment launches), or when there are at least VISION_TRITON_MANY[0] segments of
+#   at most VISION_TRITON_MANY[1] (64 x 256: 19x, 16 x 1024: 2.4x, 4 x 1024: 1.65x, 8 x 2048: 1.03x);
+#   SDPA's flash kernel on fewer or longer segments (2 x 2048: 0.96x, 4 x 4096: 0.97x, 1 x 16384: 0.95x).
+# - decoder prefill from an empty cache: SDPA's causal flash kernel (Triton through the cache measured 0.19x,
+#   0.46x, 0.66x at 512, 2048, 8192 tokens); after cached tokens (SDPA needs an explicit mask there): Triton
+#   from PREFILL_CACHED_TRITON new tokens on (2048 after 2048: 1.81x; 512 after 1024: 0.91x, so SDPA below).
+VISION_TRITON_SHORT = 1024
+VISION_TRITON_MANY = (4, 2048)
+PREFILL_CACHED_TRITON = 1024
 
 
 @dataclass(frozen=True)
@@ -80,12 +83,13 @@ def triton_installed() -> bool:
 
 def auto_vision(longest: int, segments: int) -> bool:
     """attn="auto"'s choice for packed vision attention on CUDA: True = Triton."""
-    return longest <= VISION_TRITON_LONGEST or segments >= VISION_TRITON_SEGMENTS
+    many, at_most = VISION_TRITON_MANY
+    return longest <= VISION_TRITON_SHORT or (segments >= many and longest <= at_most)
 
 
 def auto_prefill(n_new: int, fresh: bool) -> bool:
     """attn="auto"'s choice for a decoder prefill of n_new tokens per row on CUDA: True = Triton."""
-    return not fresh or n_new <= PREFILL_TRITON_TOKENS
+    return not fresh and n_new >= PREFILL_CACHED_TRITON
 
 
 def use_triton(backend: str, device: torch.device, faster: bool = False) -> bool:
