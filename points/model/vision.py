@@ -110,10 +110,19 @@ class VisionEncoder(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
         """pixel_values [L, patch_dim] (any float dtype; cast to the encoder's), grid_thw [n, 3] -> [L, embed_dim]."""
         grid = check_inputs(pixel_values, grid_thw, self.cfg, self.patch_embed.weight)
+        rope, bounds = self.layout(grid, pixel_values.device)
+        return self.encode(pixel_values, rope, bounds)
+
+    def layout(self, grid: list[tuple[int, int, int]], device=None):
+        """What every block shares for these images: the rotary tables cos, sin [L, 1, head_dim] (float32, one
+        table for every head) and the frames' bounds (cu_seqlens as a host list)."""
+        cos, sin = cos_sin(rotary_angles(grid, self.cfg, device))
+        return (cos[:, None], sin[:, None]), frame_bounds(grid)
+
+    def encode(self, pixel_values: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], bounds) -> torch.Tensor:
+        """The encoder's math on checked inputs: patch embedding, then the blocks. `bounds`: the host list of
+        `layout`, or a `points.runtime.attention.Segments` (device bounds, as a CUDA graph replays them)."""
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [L, E]
-        cos, sin = cos_sin(rotary_angles(grid, self.cfg, x.device))  # [L, head_dim] float32
-        rope = cos[:, None], sin[:, None]  # [L, 1, head_dim]: one table for every head
-        bounds = frame_bounds(grid)  # cu_seqlens of the frames, computed once for every block
         for block in self.blocks:
             x = block(x, rope, bounds)
         return x

@@ -182,20 +182,37 @@ def _triton_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: Att
 
 # --------------------------------------------------------------------------- vision: packed, non-causal
 
+@dataclass(frozen=True)
+class Segments:
+    """Packed segments as a device tensor, for a CUDA graph that replays with other images: cu [n + 1] int32
+    (trailing empty segments allowed) and `longest`, an upper bound on every segment's length. Only the
+    Triton kernel reads them (SDPA's per-segment loop needs host bounds)."""
+
+    cu: torch.Tensor
+    longest: int
+
+
 @functools.lru_cache(maxsize=16)
 def _cu_seqlens(bounds: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """The bounds as an int32 device tensor, copied once per image batch rather than once per block."""
     return torch.tensor(bounds, dtype=torch.int32, device=device)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int],
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: list[int] | Segments,
                      backend: str = "auto") -> torch.Tensor:
     """Non-causal attention over packed sequences: q/k/v [L, H, D] -> [L, H, D].
 
     `bounds` is cu_seqlens as a host list (0, end of segment 1, ..., L); token i attends only to tokens of
     its own segment. Triton path (auto: `auto_vision`): one launch of the varlen flash kernel over every
-    segment. SDPA path: each segment on its own. Either way memory grows with the largest segment, never with L x L. Scale 1/sqrt(D).
+    segment. SDPA path: each segment on its own (empty ones skipped). Either way memory grows with the largest
+    segment, never with L x L. Scale 1/sqrt(D). `Segments` (device bounds) always take the Triton kernel.
     """
+    if isinstance(bounds, Segments):
+        from points.kernels.flash_varlen import flash_attn_varlen
+
+        if backend == "sdpa":
+            raise ValueError("varlen_attention: device Segments need the Triton kernel, but attn = 'sdpa'")
+        return flash_attn_varlen(q, k, v, bounds.cu, bounds.cu, bounds.longest)
     longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
     if use_triton(backend, q.device, auto_vision(longest, len(bounds) - 1)):
         from points.kernels.flash_varlen import flash_attn_varlen
@@ -204,6 +221,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: 
         return flash_attn_varlen(q, k, v, cu, cu, longest)
     out = torch.empty_like(q)
     for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
         # [1, H, n, D]: the fused (flash) kernels take 4-D inputs only; 3-D falls back to materialised scores
         seg = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]
         out[start:end] = F.scaled_dot_product_attention(*seg)[0].transpose(0, 1)

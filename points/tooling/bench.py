@@ -278,6 +278,11 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
     print(_header(result), flush=True)
     g = torch.Generator().manual_seed(0)
     if "vision" in rows:
+        graphs = None
+        if device.type == "cuda" and attn != "sdpa":
+            from points.runtime.vision import VisionRunner
+
+            graphs = VisionRunner(model)
         for label, sizes in VISION_ROWS.items():
             grid = vision_grid(sizes, processor)
             pixels = torch.randn(int(grid.prod(-1).sum()), v.patch_dim, generator=g).to(device)
@@ -286,6 +291,11 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
                 ref = None if vision is None else timed(
                     lambda: vision(pixels.to(dtype), grid.to(device)).pooler_output, device, repeat)
             add(f"{label} ({int(grid.prod(-1).sum())} patches)", "s", mine, ref, vision_flops(v, grid) / rate_vis)
+            if graphs is not None and graphs.graphs:  # bucketed and replayed from CUDA graphs
+                padded = next((b for b in graphs.buckets if b >= pixels.shape[0]), None)
+                if padded is not None:
+                    mine = timed(lambda: graphs(pixels, grid), device, repeat)
+                    add(f"{label}, CUDA graphs (bucket {padded})", "s", mine, ref, vision_flops(v, grid) / rate_vis)
     if "prefill" in rows:
         for T in PREFILL_LENGTHS:
             tokens = torch.randint(0, d.vocab_size, (1, T), generator=g).to(device)
