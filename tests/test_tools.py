@@ -30,7 +30,7 @@ def test_points_bench_tiny_writes_every_row(tmp_path):
     """`points bench` end to end on the tiny preset (one timed run per row): every row is measured on both
     sides with a ratio and a floor, and the JSON carries the machine's description."""
     out = tmp_path / "bench.json"
-    run = subprocess.run([sys.executable, "-m", "points", "bench", "--preset", "tiny", "--repeat", "1",
+    run = subprocess.run([sys.executable, "-m", "points", "bench", "--preset", "tiny", "--device", "cpu", "--repeat", "1",
                           "--workdir", str(tmp_path / "work"), "--json", str(out)], capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(out.read_text())

@@ -48,23 +48,20 @@ def test_buckets_must_be_whole_merge_windows(model):
         VisionRunner(model, buckets=(64, 66))
 
 
-def test_device_segments_with_empty_tail_on_the_triton_kernel(model):
+def test_device_segments_with_empty_tail_on_the_triton_kernel():
     """What a graph replays: bounds as an int32 device tensor padded with empty segments, the bucket as the
-    longest; the Triton kernel (Triton's interpreter on the CPU) against the host bounds on SDPA."""
-    vision = model.vision
-    pixels, grid = _images([[1, 4, 6], [1, 2, 8]], seed=1)
+    longest; the Triton kernel (Triton's interpreter on the CPU) against the host bounds on SDPA (fp32)."""
+    device = "cuda" if CUDA else "cpu"
+    vision = random_model("tiny", device, torch.float32, seed=3, attn="sdpa").vision
+    pixels, _ = _images([[1, 4, 6], [1, 2, 8]], seed=1)
     padded = [(1, 4, 6), (1, 2, 8), (1, 2, 12)]  # + a padding image: 64 patches
-    x = torch.cat([pixels, torch.zeros(24, 1176)])
-    rope, bounds = vision.layout(padded)
-    expected = vision.encode(x, rope, bounds)  # attn "auto" on the CPU: SDPA per segment
-    cu = torch.tensor(bounds + [bounds[-1]] * 4, dtype=torch.int32)
+    x = torch.cat([pixels, torch.zeros(24, 1176)]).to(device)
+    rope, bounds = vision.layout(padded, device)
+    expected = vision.encode(x, rope, bounds)  # SDPA per segment
+    cu = torch.tensor(bounds + [bounds[-1]] * 4, dtype=torch.int32, device=device)
     for block in vision.blocks:
         block.attn.backend = "triton"
-    try:
-        got = vision.encode(x, rope, Segments(cu, 64))
-    finally:
-        for block in vision.blocks:
-            block.attn.backend = "auto"
+    got = vision.encode(x, rope, Segments(cu, 64))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
