@@ -10,13 +10,14 @@ import torch
 
 from points.errors import CheckpointError
 from points.io.chat import build_prompt
-from points.io.checkpoint import load_state_dict, materialize
+from points.io.checkpoint import decoder_factory, load_state_dict, materialize, quantization_steps
 from points.io.processor import ImageProcessor
 from points.io.tokenizer import Tokenizer
 from points.model.vlm import POINTSModel
 from points.runtime.attention import use_triton
 from points.runtime.engine import Engine
 from points.runtime.generation import GenerationConfig, chat, chat_stream
+from points.runtime.quantize import quantize_decoder
 
 
 @dataclass
@@ -57,7 +58,8 @@ class Pipeline:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-         progress: bool | None = None, attn: str = "auto", compile: bool = False) -> Pipeline:
+         progress: bool | None = None, attn: str = "auto", compile: bool = False, quantize: str | None = None,
+         quantize_lm_head: bool | None = None) -> Pipeline:
     """A POINTS-1.5 checkpoint directory (released layout or ours) -> Pipeline, on `device` in `dtype`
     (None keeps the checkpoint's dtype).
 
@@ -66,7 +68,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     attention and decoder prefill): "sdpa" (PyTorch), "triton" (the Triton varlen kernels; CUDA, or Triton's
     CPU interpreter) or "auto" (on CUDA, per call, whichever measured faster for the shapes; SDPA elsewhere;
     see points.runtime.attention). `compile=True` runs the one-token decode step through
-    torch.compile (CUDA graphs on CUDA)."""
+    torch.compile (CUDA graphs on CUDA).
+
+    `quantize="int8"`: the decoder's projections become weight-only int8 (one scale per output channel;
+    points.runtime.quantize), `quantize_lm_head=True` the output projection too; the vision encoder and
+    projector stay in `dtype`. A checkpoint written by `points convert --quantize int8` loads quantized
+    without these arguments (memory-mapped, nothing re-quantized)."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -74,8 +81,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"device {device} requested but CUDA is not available on this machine")
     use_triton(attn, device)  # a forced backend that cannot run fails here, before any loading
+    stored, after = quantization_steps(path, quantize, quantize_lm_head)
     tokenizer = Tokenizer(path)
     processor = ImageProcessor.from_dir(path)
     cfg, state = load_state_dict(path, dtype=dtype, device=device, progress=progress)
-    model = materialize(lambda: POINTSModel(cfg, tokenizer.image_pad_id, attn), state, "")
+    model = materialize(decoder_factory(lambda: POINTSModel(cfg, tokenizer.image_pad_id, attn), stored), state, "")
+    del state
+    if after is not None:
+        quantize_decoder(model.decoder, after["scheme"], lm_head=after["lm_head"])
     return Pipeline(model, tokenizer, processor, Engine(model.decoder, compile=compile))

@@ -43,7 +43,7 @@ from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
 from points.errors import CheckpointError
-from points.io.config import read_config, to_dict
+from points.io.config import read_config, read_quantization, to_dict
 from points.io.progress import Progress
 from points.model.config import ModelConfig
 
@@ -224,6 +224,7 @@ class Entry:
     sources: tuple[str, ...]  # checkpoint tensor names
     source_shapes: tuple[tuple[int, ...], ...]
     layout: Layout
+    dtype: torch.dtype | None = None  # stored and kept in this dtype (int8 weights); None: the model's dtype
 
 
 def _linear(target: str, in_dim: int, sources: list[tuple[str, int]], bias: bool,
@@ -300,14 +301,36 @@ def _vision_plan(cfg: ModelConfig) -> list[Entry]:
     return plan
 
 
-def plan(cfg: ModelConfig, naming: str, names: Iterable[str] = ()) -> list[Entry]:
+def plan(cfg: ModelConfig, naming: str, names: Iterable[str] = (), quantization: dict | None = None) -> list[Entry]:
     """Every parameter of the composed model, in module order, with its checkpoint sources.
 
     naming: 'custom_llama', 'qwen2' or 'points'; `names` (the checkpoint's tensor names) is only consulted
-    to detect a tied Qwen2 lm_head."""
+    to detect a tied Qwen2 lm_head. `quantization` (our layout only): the quantized projections' weights are
+    int8 and each has a `.scale` [out] beside it (points.runtime.quantize)."""
     if naming == "points":
-        return [_same(e.target, e.target, e.shape) for e in plan(cfg, "custom_llama")]
+        quantized = set(quantized_weights(cfg, quantization))
+        out = []
+        for e in plan(cfg, "custom_llama"):
+            if e.target in quantized:
+                out.append(Entry(e.target, e.shape, (e.target,), (e.shape,), Same(), torch.int8))
+                scale = e.target.removesuffix("weight") + "scale"
+                out.append(_same(scale, scale, e.shape[:1]))
+            else:
+                out.append(_same(e.target, e.target, e.shape))
+        return out
+    if quantization:
+        raise CheckpointError(f"quantized weights exist only in our own layout, not in {naming!r}")
     return _decoder_plan(cfg, naming, set(names)) + _vision_plan(cfg)
+
+
+def quantized_weights(cfg: ModelConfig, quantization: dict | None) -> list[str]:
+    """The weight names an int8 checkpoint stores as int8 (with a scale): every layer's q/k/v, out, up/gate
+    and down projections, and lm_head when the scheme says so."""
+    if not quantization:
+        return []
+    names = [f"decoder.layers.{i}.{m}.weight" for i in range(cfg.decoder.n_layers)
+             for m in ("attn.qkv", "attn.out", "mlp.up_gate", "mlp.down")]
+    return names + (["decoder.lm_head.weight"] if quantization["lm_head"] else [])
 
 
 def is_dropped(name: str) -> bool:
@@ -317,9 +340,11 @@ def is_dropped(name: str) -> bool:
 def check(entries: list[Entry], files: TensorFiles) -> None:
     """Strict agreement of the plan with the files, from headers alone (no tensor data read)."""
     names = files.names
-    wanted = {}
+    wanted, integer = {}, set()
     for e in entries:
         wanted.update(zip(e.sources, e.source_shapes))
+        if e.dtype == torch.int8:
+            integer.update(e.sources)
     missing = [n for n in wanted if n not in names]
     if missing:
         raise CheckpointError(f"{files.directory}: missing tensor(s) {_few(missing)}; expected e.g. {missing[0]} "
@@ -333,7 +358,11 @@ def check(entries: list[Entry], files: TensorFiles) -> None:
         if found != shape:
             raise CheckpointError(f"{files.where(name)}: tensor {name} has shape {list(found)}, "
                                   f"expected {list(shape)} from config.json")
-        if files.dtype(name) is None:
+        if name in integer:
+            if files.dtype_name(name) != "I8":
+                raise CheckpointError(f"{files.where(name)}: tensor {name} is {files.dtype_name(name)}; config.json "
+                                      "says it is quantized, so it must be int8 (I8)")
+        elif files.dtype(name) is None:
             raise CheckpointError(f"{files.where(name)}: tensor {name} is not a floating tensor "
                                   f"({files.dtype_name(name)}); expected float32, float16 or bfloat16")
 
@@ -357,7 +386,7 @@ def resolve_dtype(dtype: torch.dtype | str | None, files: TensorFiles, entries: 
 def _open(directory: str | Path) -> tuple[ModelConfig, TensorFiles, list[Entry]]:
     cfg, naming = read_config(directory)
     files = TensorFiles(directory)
-    entries = plan(cfg, naming, files.names)
+    entries = plan(cfg, naming, files.names, read_quantization(directory) if naming == "points" else None)
     check(entries, files)
     return cfg, files, entries
 
@@ -375,12 +404,13 @@ def _built(entries: list[Entry], files: TensorFiles, dtype: torch.dtype,
             last[files.file_of(name)] = i
     viewed = set()  # a source handed out as a view is copied if a second entry uses it (tied weights)
     for i, e in enumerate(entries):
-        if (e.layout.view and device.type == "cpu" and files.dtype(e.sources[0]) == dtype
-                and e.sources[0] not in viewed):
+        want = e.dtype or dtype
+        stored = torch.int8 if e.dtype == torch.int8 else files.dtype(e.sources[0])  # (check() saw I8 there)
+        if e.layout.view and device.type == "cpu" and stored == want and e.sources[0] not in viewed:
             viewed.add(e.sources[0])
             yield e, files.get(e.sources[0]).reshape(e.shape)
         else:
-            out = torch.empty(e.shape, dtype=dtype, device=device)
+            out = torch.empty(e.shape, dtype=want, device=device)
             sources = [files.get(name) for name in e.sources]
             e.layout.join(sources, out)
             for name, src in zip(e.sources, sources):
@@ -421,7 +451,7 @@ def load_state_dict(directory: str | Path, *, parts: tuple[str, ...] = ("decoder
     check_dtype_runs(dtype, device)
     chosen = [e for e in entries if e.target.split(".", 1)[0] in parts]
     bar = Progress(f"loading {Path(directory).name}", len(chosen),
-                   sum(_nbytes(e.shape, dtype) for e in chosen), enabled=progress)
+                   sum(_nbytes(e.shape, e.dtype or dtype) for e in chosen), enabled=progress)
     state = {}
     for e, t in _built(chosen, files, dtype, device):
         state[e.target] = t
@@ -455,13 +485,52 @@ def materialize(factory: Callable[[], torch.nn.Module], state: dict[str, torch.T
     return module.eval().requires_grad_(False)
 
 
-def load_decoder(directory: str | Path, *, dtype=None, device="cpu", attn: str = "auto",
-                 progress: bool | None = None):
-    """The language model alone, from any supported checkpoint layout."""
-    from points.model.decoder import Decoder
+def quantization_steps(directory: str | Path, quantize: str | None, quantize_lm_head: bool | None):
+    """(how the checkpoint stores its decoder, what to quantize after loading) for `points.load`'s
+    quantize / quantize_lm_head arguments. A checkpoint stored quantized loads as it is: asking for another
+    scheme, or for lm_head other than it is stored, is an error (convert again from the float checkpoint)."""
+    from points.runtime.quantize import check_scheme
 
+    if quantize is not None:
+        check_scheme(quantize)
+    stored = read_quantization(directory) if read_config(directory)[1] == "points" else None
+    if stored is None:
+        if quantize_lm_head and quantize is None:
+            raise ValueError("quantize_lm_head=True needs quantize (e.g. quantize='int8')")
+        return None, ({"scheme": quantize, "lm_head": bool(quantize_lm_head)} if quantize else None)
+    if quantize is not None and quantize != stored["scheme"]:
+        raise CheckpointError(f"{directory}: stored quantized as {stored['scheme']!r}, asked for {quantize!r}; "
+                              "convert the float checkpoint with that scheme instead")
+    if quantize_lm_head is not None and quantize_lm_head != stored["lm_head"]:
+        raise CheckpointError(f"{directory}: lm_head is stored {'in int8' if stored['lm_head'] else 'unquantized'}; "
+                              f"quantize_lm_head={quantize_lm_head} would need converting the float checkpoint again")
+    return stored, None
+
+
+def decoder_factory(factory: Callable, stored: dict | None) -> Callable:
+    """`factory` building a model (or decoder) whose decoder has the stored quantization's structure."""
+    if stored is None:
+        return factory
+
+    def build():
+        from points.runtime.quantize import int8_skeleton
+
+        module = factory()
+        int8_skeleton(getattr(module, "decoder", module), lm_head=stored["lm_head"])
+        return module
+    return build
+
+
+def load_decoder(directory: str | Path, *, dtype=None, device="cpu", attn: str = "auto",
+                 progress: bool | None = None, quantize: str | None = None, quantize_lm_head: bool | None = None):
+    """The language model alone, from any supported checkpoint layout (`quantize`: as in `points.load`)."""
+    from points.model.decoder import Decoder
+    from points.runtime.quantize import quantize_decoder
+
+    stored, after = quantization_steps(directory, quantize, quantize_lm_head)
     cfg, state = load_state_dict(directory, parts=("decoder",), dtype=dtype, device=device, progress=progress)
-    return materialize(lambda: Decoder(cfg.decoder, attn), state, "decoder.")
+    decoder = materialize(decoder_factory(lambda: Decoder(cfg.decoder, attn), stored), state, "decoder.")
+    return decoder if after is None else quantize_decoder(decoder, after["scheme"], lm_head=after["lm_head"])
 
 
 def load_vision(directory: str | Path, *, dtype=None, device="cpu", attn: str = "auto",
@@ -494,21 +563,38 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 
 def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | str | None = None,
-            max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool | None = None) -> Path:
+            max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool | None = None, quantize: str | None = None,
+            quantize_lm_head: bool = False) -> Path:
     """Write the checkpoint at `src` (any supported layout) into our layout at `dst`: safetensors shards
     of at most `max_shard_bytes`, their index, our config.json, and the tokenizer / processor files.
 
+    quantize="int8": the decoder's projections (and lm_head with quantize_lm_head) are written as int8 with a
+    `.scale` beside each (points.runtime.quantize), the scheme recorded in config.json; loading maps them as
+    they are. A checkpoint that is already quantized is refused (quantize once, from float weights).
+
     Atomic: everything is written into a temporary sibling directory that is renamed to `dst` only when
     complete; on any failure it is removed and `dst` does not exist."""
+    from points.runtime.quantize import check_scheme, quantize_int8
+
     src, dst = Path(src), Path(dst)
     if dst.exists():
         raise CheckpointError(f"{dst}: already exists; converting never overwrites (remove it or pick another DST)")
+    if quantize is not None:
+        check_scheme(quantize)
+    elif quantize_lm_head:
+        raise ValueError("quantize_lm_head=True needs quantize (e.g. quantize='int8')")
     cfg, files, entries = _open(src)
+    stored = read_quantization(src) if read_config(src)[1] == "points" else None
+    if quantize and stored:
+        raise CheckpointError(f"{src}: already quantized ({stored['scheme']}); convert from the float checkpoint "
+                              "instead (quantizing twice would only add error)")
+    quantization = {"scheme": quantize, "lm_head": quantize_lm_head} if quantize else stored
+    to_quantize = set(quantized_weights(cfg, quantization)) if quantize else set()
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
     try:
         dtype = resolve_dtype(dtype, files, entries)
         shards = _shard(entries, dtype, max_shard_bytes)
-        total = sum(_nbytes(e.shape, dtype) for e in entries)
+        total = sum(_nbytes(e.shape, e.dtype or dtype) for e in entries)
         tmp.mkdir(parents=True)
         bar = Progress(f"converting {src.name}", len(entries), total, enabled=progress)
         weight_map = {}
@@ -518,14 +604,19 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | str | None
             tensors = {}
             for _ in shard:
                 e, t = next(built)
-                tensors[e.target] = t
-                weight_map[e.target] = fname
                 bar.update(t.nbytes)
+                if e.target in to_quantize:
+                    t, tensors[e.target.removesuffix("weight") + "scale"] = quantize_int8(t)
+                tensors[e.target] = t
+            weight_map.update(dict.fromkeys(tensors, fname))
             save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
             del tensors
         bar.close()
-        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        size = sum(_nbytes(e.shape, e.dtype or dtype) for e in plan(cfg, "points", (), quantization))
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}, indent=1))
         config = to_dict(cfg) | {"dtype": str(dtype).removeprefix("torch.")}
+        if quantization:
+            config["quantization"] = quantization
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         for name in CARRIED_FILES:
             if (src / name).is_file():
@@ -540,7 +631,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | str | None
 def _shard(entries: list[Entry], dtype: torch.dtype, max_bytes: int) -> list[list[Entry]]:
     shards, size = [[]], 0
     for e in entries:
-        n = _nbytes(e.shape, dtype)
+        n = _nbytes(e.shape, e.dtype or dtype)
         if shards[-1] and size + n > max_bytes:
             shards.append([])
             size = 0

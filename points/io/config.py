@@ -162,6 +162,24 @@ def from_hf_dict(d: dict, where: str = "config.json") -> ModelConfig:
     return ModelConfig(decoder=decoder, vision=_vision(d["vision_config"], f"{where}: vision_config"))
 
 
+QUANT_SCHEMES = ("int8",)
+
+
+def read_quantization(directory: str | Path) -> dict | None:
+    """The weight quantization a checkpoint in our layout was written with ({"scheme": "int8", "lm_head":
+    bool}), or None (float weights; every released checkpoint). Checked: a known scheme, a boolean lm_head."""
+    path = Path(directory) / "config.json"
+    d = json.loads(path.read_text())
+    q = d.get("quantization") if isinstance(d, dict) and d.get("format") == FORMAT else None
+    if q is None:
+        return None
+    if (not isinstance(q, dict) or q.get("scheme") not in QUANT_SCHEMES or not isinstance(q.get("lm_head"), bool)
+            or set(q) != {"scheme", "lm_head"}):
+        raise CheckpointError(f"{path}: quantization {q!r} is not supported; expected {{\"scheme\": one of "
+                              f"{list(QUANT_SCHEMES)}, \"lm_head\": true or false}}")
+    return q
+
+
 def read_config(directory: str | Path) -> tuple[ModelConfig, str]:
     """Read `config.json` of a checkpoint directory.
 
