@@ -81,9 +81,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(f"device {device} requested but CUDA is not available on this machine")
     use_triton(attn, device)  # a forced backend that cannot run fails here, before any loading
-    stored, after = quantization_steps(path, quantize, quantize_lm_head)
     tokenizer = Tokenizer(path)
     processor = ImageProcessor.from_dir(path)
+    stored, after = quantization_steps(path, quantize, quantize_lm_head)
     cfg, state = load_state_dict(path, dtype=dtype, device=device, progress=progress)
     model = materialize(decoder_factory(lambda: POINTSModel(cfg, tokenizer.image_pad_id, attn), stored), state, "")
     del state

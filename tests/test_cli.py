@@ -40,6 +40,23 @@ def test_convert_subcommand(official_dir, tmp_path):
     assert (tmp_path / "out" / "config.json").is_file()
 
 
+def test_convert_and_chat_quantized(official_dir, e2e_dir, tmp_path):
+    """`convert --quantize int8` records the scheme; `--quantize-lm-head` alone is refused; `chat --quantize`
+    runs (and a quantized checkpoint converted twice is refused with the reason)."""
+    import json
+
+    run = _run("convert", str(official_dir), str(tmp_path / "q8"), "--quantize", "int8", "--quantize-lm-head")
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "q8" / "config.json").read_text())["quantization"] == {"scheme": "int8",
+                                                                                         "lm_head": True}
+    run = _run("convert", str(official_dir), str(tmp_path / "x"), "--quantize-lm-head")
+    assert run.returncode == 2 and "--quantize-lm-head needs --quantize" in run.stderr
+    run = _run("convert", str(tmp_path / "q8"), str(tmp_path / "y"), "--quantize", "int8")
+    assert run.returncode == 2 and "already quantized" in run.stderr
+    run = _run("chat", "--model", str(e2e_dir), "--prompt", "Hi", "--max-new-tokens", "4", "--quantize", "int8")
+    assert run.returncode == 0, run.stderr
+
+
 def test_console_script_entry_point_resolves():
     """The `points` command pyproject installs must name a function that exists (it once pointed at a module
     that had moved)."""

@@ -16,10 +16,10 @@ from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
 from test_checkpoint import _file_maps, _mapped, needs_proc_maps
 
-# Measured by tools/quantization_quality.py on the tiny parity model (docs/benchmarks.md): the largest logit
-# error of the int8 decoder over its fixed prompts is 0.060 (logits up to 3.3) without lm_head and 0.074 with
-# it; the bounds below keep a 2x margin for fresh random inputs.
-LOGIT_BOUND = {False: 0.12, True: 0.15}
+# Measured on this parity model (official_dir's decoder, fp32): the largest logit error of the int8 decoder
+# over 20 draws of 3 x 40 random tokens was 0.108 without lm_head and 0.113 with it (logits up to 3.8); the
+# bounds are 1.5x that.
+LOGIT_BOUND = {False: 0.16, True: 0.17}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

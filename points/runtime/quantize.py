@@ -12,8 +12,9 @@ that `state_dict()` hands out and `points convert --quantize int8` writes.
 
 The product's kernel is chosen here, by device (tools/bench_int8.py measured them; docs/benchmarks.md):
 - CPU: `torch.ops.aten._weight_int8pack_mm` (reads the int8 weight directly; on this project's AMD EPYC
-  1.12x the bf16 product at one row and 1.88x at four; in float32 it is 0.47x the fp32 product, still 2.4x
-  the eager dequantization);
+  1.12x the bf16 product at one row and 1.88x at four), except float32 activations of several rows, where
+  the eager dequantization measured faster (0.79x the fp32 product against 0.19x; at one row 0.47x against
+  0.19x): in float32, int8 weights save memory, not time, on that CPU;
 - under torch.compile (the compiled decode step, CUDA graphs on CUDA): the dequantize-multiply written out,
   `F.linear(x, W8.to(x.dtype)) * scale`, which inductor fuses;
 - CUDA eager: the same expression, run as written (the portable fallback; slow: it materialises W).
@@ -56,7 +57,9 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
     """x [..., in] @ (weight * scale)^T + bias -> [..., out] in x's dtype."""
     kernel = KERNEL
     if kernel == "auto":
-        kernel = "dequantize" if torch.compiler.is_compiling() or x.device.type != "cpu" else "int8pack"
+        rows = x.numel() // x.shape[-1]
+        kernel = ("int8pack" if x.device.type == "cpu" and not torch.compiler.is_compiling()
+                  and (x.dtype != torch.float32 or rows == 1) else "dequantize")
     if kernel == "int8pack":
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), weight,
                                               scale.to(x.dtype)).reshape(*x.shape[:-1], weight.shape[0])

@@ -232,7 +232,8 @@ print(json.dumps({{"s": dt, "peak_growth_bytes": rss('VmHWM:') - before, "rss_be
 # --------------------------------------------------------------------------- the run
 
 def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, workdir: Path, rows: set[str], *,
-        compile_step: bool = False, profile: bool = False, transposed: bool = False, attn: str = "auto") -> dict:
+        compile_step: bool = False, profile: bool = False, transposed: bool = False, attn: str = "auto",
+        quantize: str | None = None, quantize_lm_head: bool = False) -> dict:
     if "load" in rows:  # the load rows need files: a random checkpoint on disk, loaded as a user would
         import points
         from points.tooling.synthetic import write_checkpoint
@@ -256,6 +257,11 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
     except ImportError:
         llm = vision = None
         print("transformers is not installed: points' side only", file=sys.stderr)
+    if quantize:  # ours quantized; transformers keeps the float tensors it already shares
+        from points.runtime.quantize import quantize_decoder
+
+        quantize_decoder(model.decoder, quantize, lm_head=quantize_lm_head)
+        weights["decoder"] = sum(p.numel() * p.element_size() for p in model.decoder.parameters())
 
     bw = copy_bandwidth(device)
     d, v = model.cfg.decoder, model.cfg.vision
@@ -264,6 +270,7 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
     rate_vis = max(square, matmul_rate(4096, v.embed_dim, v.mlp_dim, dtype, device),
                    matmul_rate(4096, v.mlp_dim, v.embed_dim, dtype, device))
     result = {"preset": preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "repeat": repeat,
+              "quantize": quantize and {"scheme": quantize, "lm_head": quantize_lm_head},
               "machine": machine(device), "weights_bytes": weights, "copy_bytes_per_s": bw,
               "matmul_flops_per_s": {"decoder": rate_llm, "vision": rate_vis}, "rows": []}
 
@@ -345,24 +352,29 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
         # let go of every model first, so that memory pressure does not evict a side's files from the page cache
         del pipe, model, engine, llm, vision
         gc.collect()
-        result["rows"] += load_rows(ckpt, hf_dir, workdir, device, dtype, sum(weights.values()), bw)
+        result["rows"] += load_rows(ckpt, hf_dir, workdir, device, dtype, sum(weights.values()), bw,
+                                    quantize, quantize_lm_head)
     return result
 
 
 def load_rows(ckpt: Path, hf_dir: Path | None, workdir: Path, device: torch.device, dtype: torch.dtype,
-              total: int, bw: float) -> list[dict]:
+              total: int, bw: float, quantize: str | None = None, quantize_lm_head: bool = False) -> list[dict]:
     """`points.load` of the released layout and of the same weights converted into ours, against
     transformers' `from_pretrained` of the same weights (saved under hf_dir): fresh processes, alternating,
     3 each (the first pass also brings every side's files into the page cache); min and median, peak = the
-    smallest of the runs."""
+    smallest of the runs. With `quantize`: the released layout quantized while loading, the converted one
+    written quantized (`points convert --quantize`) and mapped as it is."""
     import points
 
-    converted = workdir / f"converted-{ckpt.name.removeprefix('points-')}"
+    suffix = f"-{quantize}" + ("-lm" if quantize_lm_head else "") if quantize else ""
+    converted = workdir / f"converted-{ckpt.name.removeprefix('points-')}{suffix}"
     if not converted.exists():
-        points.convert(ckpt, converted, progress=False)
+        points.convert(ckpt, converted, progress=False, quantize=quantize, quantize_lm_head=quantize_lm_head)
     dt = str(dtype).removeprefix("torch.")
+    asked = {"released": f", quantize={quantize!r}, quantize_lm_head={quantize_lm_head}" if quantize else "",
+             "converted": ""}
     probes = {side: f"import points\nload = lambda: points.load({str(path)!r}, device={str(device)!r}, "
-                    f"dtype=torch.{dt}, progress=False)"
+                    f"dtype=torch.{dt}, progress=False{asked[side]})"
               for side, path in (("released", ckpt), ("converted", converted))}
     if hf_dir is not None:
         probes["transformers"] = f"""
@@ -420,7 +432,9 @@ def profile_decode(engine: Engine, steps: int = 16) -> str:
 def _header(r: dict) -> str:
     m = r["machine"]
     where = m.get("gpu") or f"{m['cpu']}, {m['threads']} threads"
-    return (f"points bench, preset {r['preset']}, {r['dtype']} on {r['device']} ({where}), torch {m['torch']}, "
+    q = r.get("quantize")
+    ours = f" (ours: decoder {q['scheme']}{' with lm_head' if q['lm_head'] else ''})" if q else ""
+    return (f"points bench, preset {r['preset']}, {r['dtype']}{ours} on {r['device']} ({where}), torch {m['torch']}, "
             f"transformers {m.get('transformers', 'absent')}; min/median of {r['repeat']} runs after a warm-up\n"
             f"copy bandwidth {r['copy_bytes_per_s'] / 1e9:.1f} GB/s; matmul rate {r['matmul_flops_per_s']['decoder'] / 1e9:.0f} "
             f"GFLOP/s (decoder shapes), {r['matmul_flops_per_s']['vision'] / 1e9:.0f} GFLOP/s (vision shapes)\n"
@@ -461,6 +475,9 @@ def main(argv=None) -> int:
     p.add_argument("--transposed", action="store_true",
                    help="also time decoding with the opt-in CPU layout of points.runtime.layout (float32, CPU)")
     p.add_argument("--profile", action="store_true", help="print the decode step's top ops")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="our decoder weight-only int8 (transformers' side stays in --dtype); floors from the int8 bytes")
+    p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: lm_head too")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the random checkpoints are kept between runs (default: a temporary directory)")
     p.add_argument("--json", type=Path)
@@ -471,9 +488,14 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
     dtype = getattr(torch, args.dtype)
+    if args.quantize_lm_head and not args.quantize:
+        p.error("--quantize-lm-head needs --quantize")
+    if args.transposed and args.quantize:
+        p.error("--transposed and --quantize are two different weight layouts; pick one")
     if args.transposed and (device.type != "cpu" or dtype != torch.float32):
         p.error("--transposed: the transposed layout is for float32 on the CPU")
-    options = dict(compile_step=args.compile, profile=args.profile, transposed=args.transposed, attn=args.attn)
+    options = dict(compile_step=args.compile, profile=args.profile, transposed=args.transposed, attn=args.attn,
+                   quantize=args.quantize, quantize_lm_head=args.quantize_lm_head)
     if args.workdir is None:
         with tempfile.TemporaryDirectory(prefix="points-bench-") as tmp:
             result = run(args.preset, device, dtype, args.repeat, Path(tmp), set(args.rows), **options)

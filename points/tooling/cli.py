@@ -13,7 +13,8 @@ def _chat(args) -> int:
     import points
 
     try:
-        pipe = points.load(args.model, device=args.device, dtype=args.dtype)
+        pipe = points.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                           quantize_lm_head=args.quantize_lm_head or None)
     except (points.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -73,6 +74,9 @@ def main(argv=None) -> int:
     c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     c.add_argument("--device", default="cpu")
     c.add_argument("--dtype", choices=list(DTYPES), default=None)
+    c.add_argument("--quantize", choices=["int8"], default=None,
+                   help="weight-only int8 decoder (a checkpoint converted with --quantize loads quantized anyway)")
+    c.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: lm_head too")
     for name, text in (("convert", "convert a checkpoint into this project's layout (atomic)"),
                        ("demo", "the whole pipeline offline on a generated checkpoint (random weights)"),
                        ("bench", "benchmark against transformers on the same random weights")):

@@ -1,11 +1,14 @@
-"""`points convert SRC DST [--dtype D]` (also `python weights_convert.py SRC DST`): a released POINTS-1.5
-checkpoint -> this project's layout, written atomically (an interrupted run leaves no DST)."""
+"""`points convert SRC DST [--dtype D] [--quantize int8 [--quantize-lm-head]]` (also `python
+weights_convert.py SRC DST`): a released POINTS-1.5 checkpoint -> this project's layout, written atomically
+(an interrupted run leaves no DST). --quantize int8 writes the decoder's projections as weight-only int8
+with one scale per output channel (points.runtime.quantize); `points.load` maps them back as they are."""
 
 import argparse
 import sys
 
 from points.io.checkpoint import DTYPES, MAX_SHARD_BYTES, convert
 from points.errors import CheckpointError
+from points.runtime.quantize import SCHEMES
 
 
 def main(argv=None, prog: str = "points convert") -> int:
@@ -14,9 +17,15 @@ def main(argv=None, prog: str = "points convert") -> int:
     p.add_argument("dst", help="output directory; must not exist (written atomically)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: keep the checkpoint's dtype")
     p.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1e9, help="largest shard (default 5)")
+    p.add_argument("--quantize", choices=list(SCHEMES), default=None,
+                   help="store the decoder's projections quantized (int8: weight-only, per-channel scales)")
+    p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: lm_head too")
     args = p.parse_args(argv)
+    if args.quantize_lm_head and not args.quantize:
+        p.error("--quantize-lm-head needs --quantize")
     try:
-        out = convert(args.src, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9))
+        out = convert(args.src, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9),
+                      quantize=args.quantize, quantize_lm_head=args.quantize_lm_head)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
