@@ -4,7 +4,6 @@ load-time quantization (mapped, nothing re-quantized), the compiled int8 step ag
 the errors a user meets."""
 
 import json
-import math
 
 import pytest
 import torch

@@ -7,7 +7,8 @@ per kernel that could run a quantized decode step:
 - int8 dequantized eagerly (`F.linear(x, w.to(dtype)) * scale`: the portable fallback),
 - `torch.ops.aten._weight_int8pack_mm` (PyTorch's int8 weight-only kernel),
 - the same dequantize-multiply under `torch.compile` (inductor fuses the cast into the product),
-- int4 `aten._weight_int4pack_mm` (group 128; on CUDA only, where PyTorch ships it for this layout).
+- int4, group-wise (128 inputs per scale and zero point): `aten._weight_int4pack_mm_for_cpu` on the CPU,
+  `aten._weight_int4pack_mm` on CUDA (bf16 activations; measured only: points does not offer int4 yet).
 
     python tools/bench_int8.py                                  # small preset, CPU, fp32 and bf16, 1 and 4 rows
     python tools/bench_int8.py --preset 7b --device cuda --dtype bfloat16
@@ -43,6 +44,27 @@ def shapes(preset: str, layers: int | None, lm_head: bool) -> list[tuple[int, in
 def quantize(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     scale = (w.float().abs().amax(1) / 127).clamp(min=1e-12).to(dtype)
     return torch.round(w.float() / scale.float()[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def pack_int4(w: torch.Tensor, device: torch.device, group: int = 128):
+    """Asymmetric 4-bit per group of `group` inputs in the kernels' layout: (packed weight, scales and zeros
+    [in / group, out, 2] bf16); dequantized: (q - 8) * scale + zero."""
+    n, k = w.shape
+    wf = w.float().reshape(n, k // group, group)
+    lo, hi = wf.amin(-1, keepdim=True), wf.amax(-1, keepdim=True)
+    scale = (hi - lo).clamp(min=1e-6) / 15
+    q = torch.round((wf - lo) / scale).clamp(0, 15).to(torch.int32).reshape(n, k)
+    zero = lo + 8 * scale
+    sz = torch.stack([scale.squeeze(-1).t(), zero.squeeze(-1).t()], -1).to(torch.bfloat16).contiguous()
+    if device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1), sz
+    return torch.ops.aten._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8), 8), sz
+
+
+def int4_mm(x, packed, sz):
+    if x.device.type == "cpu":
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 128, sz)
+    return torch.ops.aten._weight_int4pack_mm(x, packed, 128, sz)
 
 
 def timed_pass(fn, device: torch.device, repeat: int) -> float:
@@ -110,6 +132,14 @@ def main(argv=None) -> int:
                 "int8, _weight_int8pack_mm": (lambda: [torch.ops.aten._weight_int8pack_mm(xs[q.shape[1]], q, s)
                                                        for q, s in qweights], b8),
             }
+            if dtype == torch.bfloat16:
+                try:
+                    packed4 = [pack_int4(w, device) for w in weights]
+                    b4 = sum(p_.nbytes + z.nbytes for p_, z in packed4)
+                    variants["int4 (group 128), _weight_int4pack_mm"] = (
+                        lambda: [int4_mm(xs[w.shape[1]], p_, z) for w, (p_, z) in zip(weights, packed4)], b4)
+                except Exception as e:  # noqa: BLE001
+                    print(f"  int4 packing not available: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
             if not args.no_compile:
                 variants["int8, compiled dequantize-multiply"] = (
                     lambda: [compiled(xs[q.shape[1]], q, s) for q, s in qweights], b8)
@@ -127,7 +157,6 @@ def main(argv=None) -> int:
                 results.append(row)
                 print(f"  {row['dtype']:8} rows {rows}  {name:36} {t * 1e3:9.2f} ms  {nbytes / t / 1e9:7.1f} GB/s "
                       f"({row['of_copy']:4.0%} of copy)  {row['vs_linear']:5.2f}x F.linear", flush=True)
-        del weights, qweights
     if args.json:
         args.json.write_text(json.dumps(dict(machine=info, preset=args.preset, copy_bytes_per_s=bw,
                                              rows=results), indent=1))
