@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from points.io.checkpoint import DTYPES
+from points.runtime.quantize import quantize_int8
 from points.tooling.bench import copy_bandwidth, machine
 from points.tooling.synthetic import SHAPES, hf_config
 from points.io.config import from_hf_dict
@@ -39,11 +40,6 @@ def shapes(preset: str, layers: int | None, lm_head: bool) -> list[tuple[int, in
     one = [(q + 2 * kv, d.hidden_size), (d.hidden_size, q), (2 * d.ffn_size, d.hidden_size), (d.hidden_size, d.ffn_size)]
     out = one * (layers or d.n_layers)
     return out + ([(d.vocab_size, d.hidden_size)] if lm_head else [])
-
-
-def quantize(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = (w.float().abs().amax(1) / 127).clamp(min=1e-12).to(dtype)
-    return torch.round(w.float() / scale.float()[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 def pack_int4(w: torch.Tensor, device: torch.device, group: int = 128):
@@ -117,7 +113,7 @@ def main(argv=None) -> int:
     results = []
     for dtype in dtypes:
         weights = [(torch.randn(s, generator=g, device=device) * 0.02).to(dtype) for s in sh]
-        qweights = [quantize(w, dtype) for w in weights]
+        qweights = [quantize_int8(w) for w in weights]
         b16, b8 = sum(w.nbytes for w in weights), sum(q.nbytes + s.nbytes for q, s in qweights)
 
         def dq(x, w, s):

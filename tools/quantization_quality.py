@@ -5,7 +5,7 @@ greedy agreement, per scheme, with and without lm_head; the bf16 model's own gap
     python tools/quantization_quality.py                       # tiny (the parity model's shapes) and small
     python tools/quantization_quality.py --presets small --prompts 16 --new 64
 
-Random weights (norm weights near 1, the rest N(0, 0.02), as `points demo`), so the logits are flatter than a
+Random weights (`points.tooling.synthetic.random_decoder`: norm weights near 1, the rest N(0, 0.02)), so the logits are flatter than a
 trained model's and the greedy figures are a pessimistic proxy: a near-tie flips under any perturbation.
 Metrics, over `--prompts` random prompts of 64 tokens (teacher-forced): the largest absolute logit error and
 the largest logit, the relative error ||a - b|| / ||a||, and how often the top-1 token agrees; then greedy
@@ -20,25 +20,14 @@ from pathlib import Path
 
 import torch
 
-from points.io.config import from_hf_dict
 from points.model.decoder import Decoder
 from points.runtime.engine import Engine
 from points.runtime.quantize import quantize_decoder
 from points.runtime.sampling import Picker
 from points.tooling import reference
-from points.tooling.synthetic import SHAPES, hf_config
+from points.tooling.synthetic import SHAPES, random_decoder
 
 PRESETS = {"tiny": (reference.TINY_LLM, reference.TINY_VISION), "small": SHAPES["small"]}
-
-
-def random_decoder(preset: str, seed: int = 0) -> Decoder:
-    cfg = from_hf_dict(hf_config(*PRESETS[preset])).decoder
-    torch.manual_seed(seed)
-    decoder = Decoder(cfg)
-    with torch.no_grad():
-        for name, p in decoder.named_parameters():
-            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.02 * torch.randn_like(p))
-    return decoder.eval().requires_grad_(False)
 
 
 def compare(ref: Decoder, other: Decoder, prompts: torch.Tensor, new: int) -> dict:
@@ -69,11 +58,12 @@ def main(argv=None) -> int:
     print(f"{'preset':6} {'variant':22} {'max |err|':>10} {'max |logit|':>11} {'rel err':>9} {'top-1 agree':>11} "
           f"{'greedy same':>11} {'greedy prefix':>13}")
     for preset in args.presets:
-        ref = random_decoder(preset)
+        ref = random_decoder(PRESETS[preset])
         prompts = torch.randint(0, ref.cfg.vocab_size, (args.prompts, 64), generator=torch.Generator().manual_seed(1))
-        variants = {"bf16 (no quantization)": lambda: random_decoder(preset).to(torch.bfloat16),
-                    "int8": lambda: quantize_decoder(random_decoder(preset)),
-                    "int8 + lm_head": lambda: quantize_decoder(random_decoder(preset), lm_head=True)}
+        fresh = lambda: random_decoder(PRESETS[preset])  # noqa: E731  (the same draws every time)
+        variants = {"bf16 (no quantization)": lambda: fresh().to(torch.bfloat16),
+                    "int8": lambda: quantize_decoder(fresh()),
+                    "int8 + lm_head": lambda: quantize_decoder(fresh(), lm_head=True)}
         for name, make in variants.items():
             r = dict(preset=preset, variant=name, **compare(ref, make(), prompts, args.new))
             rows.append(r)

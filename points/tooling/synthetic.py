@@ -130,20 +130,36 @@ def random_model(shapes: str | tuple[dict, dict], device: str | torch.device = "
     built straight on `device`: for benchmarks that need no files (a 7B model in seconds on a GPU)."""
     from points.model.vlm import POINTSModel
 
-    llm, vision = SHAPES[shapes] if isinstance(shapes, str) else shapes
-    cfg = from_hf_dict(hf_config(llm, vision))
+    cfg = from_hf_dict(hf_config(*(SHAPES[shapes] if isinstance(shapes, str) else shapes)))
     image_pad = FIRST_ADDED_ID + ADDED.index("<|image_pad|>")
     with torch.device(device):
         model = POINTSModel(cfg, image_pad, attn).to(dtype)
-    g = torch.Generator(device).manual_seed(seed)
+    return _fill_random(model, seed)
+
+
+def random_decoder(shapes: str | tuple[dict, dict], device: str | torch.device = "cpu",
+                   dtype: torch.dtype = torch.float32, *, seed: int = 0, attn: str = "auto"):
+    """The decoder of `random_model` alone (no vision encoder built)."""
+    from points.model.decoder import Decoder
+
+    cfg = from_hf_dict(hf_config(*(SHAPES[shapes] if isinstance(shapes, str) else shapes)))
+    with torch.device(device):
+        decoder = Decoder(cfg.decoder, attn).to(dtype)
+    return _fill_random(decoder, seed)
+
+
+def _fill_random(module, seed: int):
+    """`_draw`'s distributions, drawn on the module's device: norm weights near 1 and biases near 0, every
+    other tensor ~ N(0, 0.02)."""
+    g = torch.Generator(next(module.parameters()).device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in module.named_parameters():
             p.normal_(generator=g)
             if "norm" in name:
                 p.mul_(0.1).add_(1.0 if name.endswith("weight") else 0.0)
             else:
                 p.mul_(0.02)
-    return model.eval().requires_grad_(False)
+    return module.eval().requires_grad_(False)
 
 
 def _save(tmp: Path, i: int, shard: dict[str, torch.Tensor]) -> list[str]:
