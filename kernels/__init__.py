@@ -1,6 +1,9 @@
-"""Triton kernels, packaged as `points.kernels`: `flash_varlen` (flash-attention forward over packed
-variable-length sequences, with the KV-cache variant the decoder prefill uses).
+"""Kernels, packaged as `points.kernels`, each optional and called from one dispatch point:
 
-`points.runtime.attention` is the single dispatch point that calls them, and imports them only when the
-Triton path is chosen: nothing here is imported on a machine that never runs Triton.
+- `flash_varlen` (Triton): flash-attention forward over packed variable-length sequences, with the KV-cache
+  variant the decoder prefill uses; `points.runtime.attention` imports it only when the Triton path is
+  chosen, so nothing Triton is imported on a machine that never runs it.
+- `cpu_int8` (C++ with AVX2, built on first use by the machine's compiler, called through ctypes): the int8
+  weight-only product for a few rows; `points.runtime.quantize` calls it, and falls back to PyTorch's
+  kernels where it cannot be built.
 """

@@ -10,6 +10,7 @@ import torch
 
 import points
 from points.errors import CheckpointError
+from points.kernels import cpu_int8
 from points.runtime import quantize as qz
 from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
@@ -38,19 +39,108 @@ def test_round_trip_error_is_half_a_step(dtype):
     assert (err.max(1).values <= step[:, 0] / 2 * (1 + 2e-2)).float().mean() > 0.99  # nearly every row within 1/2
 
 
-@pytest.mark.parametrize("kernel", ["int8pack", "dequantize"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+needs_gemv = pytest.mark.skipif(not cpu_int8.available(), reason=f"points.kernels.cpu_int8: {cpu_int8.reason()}")
+
+
+@pytest.mark.parametrize("kernel", ["int8pack", "dequantize", pytest.param("gemv", marks=needs_gemv)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 5])
-def test_each_kernel_matches_the_dequantized_product(kernel, dtype, rows, monkeypatch):
+@pytest.mark.parametrize("inner", [64, 77])
+def test_each_kernel_matches_the_dequantized_product(kernel, dtype, rows, inner, monkeypatch):
+    """77 inputs: the C++ kernel's vector loop, its 8-wide tail and its scalar tail all run."""
     monkeypatch.setattr(qz, "KERNEL", kernel)
     g = torch.Generator().manual_seed(1)
-    q, s = qz.quantize_int8((torch.randn(96, 64, generator=g) * 0.05).to(dtype))
-    x, bias = torch.randn(2, rows, 64, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
+    q, s = qz.quantize_int8((torch.randn(96, inner, generator=g) * 0.05).to(dtype))
+    x, bias = torch.randn(2, rows, inner, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
     ref = x.double() @ (q.double() * s.double()[:, None]).T + bias.double()
+    if kernel == "int8pack" and inner % 8:
+        with pytest.raises(ValueError, match="input size must be a multiple of 8, got 77"):
+            qz.int8_linear(x, q, s, bias)
+        return
     got = qz.int8_linear(x, q, s, bias)
     assert got.dtype == dtype and got.shape == (2, rows, 96)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
+@needs_gemv
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gemv_kernel_rounds_once(dtype):
+    """The C++ kernel sums in float32 and rounds once: equal, bit for bit, to the float32 product of the
+    dequantized weight rounded to the dtype, up to float32 summation order (checked on a layer shape that
+    crosses its 32-wide loop, every row count of its 4-row blocks, a strided x and no bias)."""
+    g = torch.Generator().manual_seed(2)
+    q, s = qz.quantize_int8((torch.randn(200, 300, generator=g) * 0.05).to(dtype))
+    for rows in range(1, 10):
+        x = torch.randn(rows, 600, generator=g).to(dtype)[:, ::2]
+        ref = (x.double() @ (q.double() * s.double()[:, None]).T)
+        got = cpu_int8.int8_gemv(x, q, s)
+        assert got.dtype == dtype and got.shape == (rows, 200)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+        else:  # float32 sums move the result by far less than the one final rounding's half ulp
+            exact = (got == ref.to(dtype)).float().mean()
+            assert exact > 0.97, exact
+            torch.testing.assert_close(got.double(), ref, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10,
+                                       atol=1e-6)
+
+
+@needs_gemv
+def test_gemv_kernel_checks_its_arguments_and_compiles_as_one_op():
+    q, s = qz.quantize_int8(torch.randn(16, 32))
+    with pytest.raises(ValueError, match=r"weight int8 \[N, 32\] expected"):
+        cpu_int8.int8_gemv(torch.randn(1, 32), q.float(), s)
+    with pytest.raises(ValueError, match=r"scale and bias \[16\] expected"):
+        cpu_int8.int8_gemv(torch.randn(1, 32), q, s[:8])
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        cpu_int8.int8_gemv(torch.randn(1, 32).double(), q, s)
+    x = torch.randn(3, 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: cpu_int8.int8_gemv(x, q, s) * 2, fullgraph=True)
+    torch.testing.assert_close(compiled(x), cpu_int8.int8_gemv(x, q, s) * 2, rtol=0, atol=0)
+
+
+def test_auto_kernel_rule(monkeypatch):
+    """CPU: the C++ kernel up to GEMV_ROWS rows where it is available; else int8pack (bf16 / fp16, input
+    sizes that are multiples of 8) or the dequantization; without it (POINTS_CPU_KERNELS=0, no compiler) the
+    same fallbacks."""
+    x1, x100 = torch.zeros(1, 8), torch.zeros(100, 8)
+    monkeypatch.setattr(cpu_int8, "available", lambda: True)
+    assert qz._auto_kernel(x1) == "gemv" and qz._auto_kernel(x1.bfloat16()) == "gemv"
+    assert qz._auto_kernel(x100) == "dequantize" and qz._auto_kernel(x100.bfloat16()) == "int8pack"
+    monkeypatch.setattr(cpu_int8, "available", lambda: False)
+    assert qz._auto_kernel(x1) == "dequantize" and qz._auto_kernel(x1.bfloat16()) == "int8pack"
+    assert qz._auto_kernel(torch.zeros(1, 77).bfloat16()) == "dequantize"  # int8pack needs a multiple of 8
+
+
+def test_cpu_kernel_can_be_turned_off(tmp_path):
+    """POINTS_CPU_KERNELS=0: not available, with the reason, in a fresh process (the state is per process)."""
+    import subprocess
+    import sys
+
+    code = ("from points.kernels import cpu_int8; print(cpu_int8.available(), cpu_int8.reason())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "POINTS_CPU_KERNELS": "0"}).stdout
+    assert out.strip() == "False turned off by POINTS_CPU_KERNELS=0"
+
+
+@needs_gemv
+def test_cpu_kernel_is_built_once_into_the_cache(tmp_path):
+    """A fresh cache directory: the first use builds the library there (no temporary file left), the next
+    process finds it and builds nothing."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "POINTS_CACHE": str(tmp_path)}
+    code = ("import time; from points.kernels import cpu_int8; t = time.time(); assert cpu_int8.available(), "
+            "cpu_int8.reason(); print(time.time() - t)")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    built = sorted(p.name for p in (tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].startswith("int8_gemv-") and built[0].endswith(".so"), built
+    mtime = (tmp_path / "kernels" / built[0]).stat().st_mtime_ns
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True)
+    assert (tmp_path / "kernels" / built[0]).stat().st_mtime_ns == mtime
 
 
 @pytest.mark.parametrize("lm_head", [False, True])

@@ -6,6 +6,7 @@ per kernel that could run a quantized decode step:
 - `F.linear` in the model dtype (the unquantized reference),
 - int8 dequantized eagerly (`F.linear(x, w.to(dtype)) * scale`: the portable fallback),
 - `torch.ops.aten._weight_int8pack_mm` (PyTorch's int8 weight-only kernel),
+- on the CPU, this project's own kernel (`points.kernels.cpu_int8`, AVX2, built on first use),
 - the same dequantize-multiply under `torch.compile` (inductor fuses the cast into the product),
 - int4, group-wise (128 inputs per scale and zero point): `aten._weight_int4pack_mm_for_cpu` on the CPU,
   `aten._weight_int4pack_mm` on CUDA (bf16 activations; measured only: points does not offer int4 yet).
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from points.io.checkpoint import DTYPES
+from points.kernels import cpu_int8
 from points.runtime.quantize import quantize_int8
 from points.tooling.bench import copy_bandwidth, machine
 from points.tooling.synthetic import SHAPES, hf_config
@@ -128,6 +130,11 @@ def main(argv=None) -> int:
                 "int8, _weight_int8pack_mm": (lambda: [torch.ops.aten._weight_int8pack_mm(xs[q.shape[1]], q, s)
                                                        for q, s in qweights], b8),
             }
+            if device.type == "cpu" and cpu_int8.available():
+                variants["int8, points.kernels.cpu_int8"] = (
+                    lambda: [cpu_int8.int8_gemv(xs[q.shape[1]], q, s) for q, s in qweights], b8)
+            elif device.type == "cpu":
+                print(f"  points.kernels.cpu_int8 not available: {cpu_int8.reason()}")
             if dtype == torch.bfloat16:
                 try:
                     packed4 = [pack_int4(w, device) for w in weights]

@@ -6,7 +6,8 @@
 # Logs and JSON go to $OUT (the device tool's folder) or /tmp/points-gpu-check.
 # Steps: pytest on CUDA; tools/precision.py (7B widths, 2 layers); tools/tune_attention.py (SDPA vs the Triton
 # kernel per tile configuration, the data behind CONFIGS and attn="auto"); `points bench --preset 7b --compile`
-# (decode, prefill, vision against transformers on the same weights) with attn auto and with attn triton.
+# (decode, prefill, vision against transformers on the same weights) with attn auto and with attn triton;
+# weight-only int8: the products (tools/bench_int8.py) and the compiled int8 decode step (`--quantize int8`).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/points-gpu-check}"
@@ -20,13 +21,13 @@ if [ "$mode" = "--dry-run" ]; then
     export TRITON_INTERPRET=1  # the CPU steps run Triton in its interpreter, a CUDA machine included
     device=cpu preset=tiny pytest_args=(--collect-only -q) tune_args=(--dry-run)
     bench_args=(--preset tiny --device cpu --dtype float32 --repeat 1)
-    limits=(600 600 600 600 600)
+    limits=(600 600 600 600 600 600 600)
 else
     device=cuda preset=7b-width tune_args=()
     pytest_args=(-q -rs --continue-on-collection-errors)
     "$py" -c "import xdist" 2>/dev/null && pytest_args+=(-n 8)
     bench_args=(--preset 7b --device cuda --dtype bfloat16 --repeat 2)
-    limits=(180 45 60 210 40)  # seconds: pytest, precision, tune, bench, bench_triton (about 7.5 minutes typical)
+    limits=(180 45 60 210 40 40 90)  # seconds: pytest, precision, tune, bench, bench_triton, int8 products, int8 decode
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
     # the machine has its own torch, Triton and transformers and no network: install the project alone
     # (points.kernels exists only once installed: the package maps kernels/ to it)
@@ -47,11 +48,13 @@ step precision "${limits[1]}" "$py" tools/precision.py --preset "$preset" --devi
 step tune "${limits[2]}" "$py" tools/tune_attention.py --device "$device" "${tune_args[@]}" --json "$out/tune.json"
 step bench "${limits[3]}" "$py" -m points bench "${bench_args[@]}" --rows decode prefill vision --compile --json "$out/bench.json"
 [ "$mode" = "--dry-run" ] || step bench_triton "${limits[4]}" "$py" -m points bench "${bench_args[@]}" --rows prefill vision --attn triton --json "$out/bench_triton.json"
+step int8_products "${limits[5]}" "$py" tools/bench_int8.py --preset "$( [ "$device" = cuda ] && echo 7b || echo tiny )" --device "$device" --dtype "$( [ "$device" = cuda ] && echo bfloat16 || echo float32 )" --rows 1 4 --repeat 2 --json "$out/int8_products.json"
+step int8_decode "${limits[6]}" "$py" -m points bench "${bench_args[@]}" --rows decode --compile --quantize int8 --json "$out/bench_int8.json"
 
 echo
 echo "== points gpu_check ($device) =="
 echo "tests: $(tail -n 1 "$out/pytest.log")"
-for name in precision tune bench bench_triton; do [ -f "$out/$name.log" ] && cat "$out/$name.log"; done
+for name in precision tune bench bench_triton int8_products int8_decode; do [ -f "$out/$name.log" ] && cat "$out/$name.log"; done
 cat "$out/times.txt"
 if [ "$mode" = "--record" ] || [ "$mode" = "--dry-run" ]; then
     "$py" tools/gpu_record.py "$out" --write "$( [ "$mode" = "--record" ] && echo docs/gpu || echo "$out" )" || status=1

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The record of one `tools/gpu_check.sh --record` run: `<dir>/<card>-<date>.json` with the device, torch,
 the `points bench --preset 7b --compile` JSON (attn auto; and the prefill/vision rows with attn triton) and
-the Triton kernel's speed against SDPA on the issue's five shapes (SDPA time / Triton time, autotuned tiles).
+the Triton kernel's speed against SDPA on the issue's five shapes (SDPA time / Triton time, autotuned tiles),
+and the weight-only int8 figures (the products, and the compiled int8 decode step against transformers).
 
     python tools/gpu_record.py OUT_DIR --write docs/gpu     # OUT_DIR: where gpu_check.sh left its JSON
 """
@@ -51,6 +52,7 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     record = {"device": device, "torch": (tune or bench["machine"])["torch"], "date": date, "bench": bench,
               "bench_attn_triton": triton_rows, "kernels": kernel_ratios(tune) if tune else None,
+              "int8_products": read("int8_products.json"), "bench_int8": read("bench_int8.json"),
               "missing": [n for n, v in (("bench.json", bench), ("tune.json", tune)) if v is None]}
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
     args.write.mkdir(parents=True, exist_ok=True)

@@ -10,14 +10,17 @@ the vision encoder and the projector stay in the model dtype. Each quantized `nn
 `Int8Linear` whose state is `weight` (int8 [out, in]), `scale` ([out], model dtype) and `bias`: plain tensors
 that `state_dict()` hands out and `points convert --quantize int8` writes.
 
-The product's kernel is chosen here, by device (tools/bench_int8.py measured them; docs/benchmarks.md):
-- CPU: `torch.ops.aten._weight_int8pack_mm` (reads the int8 weight directly; on this project's AMD EPYC
-  1.12x the bf16 product at one row and 1.88x at four), except float32 activations of several rows, where
-  the eager dequantization measured faster (0.79x the fp32 product against 0.19x; at one row 0.47x against
-  0.19x): in float32, int8 weights save memory, not time, on that CPU;
-- under torch.compile (the compiled decode step, CUDA graphs on CUDA): the dequantize-multiply written out,
-  `F.linear(x, W8.to(x.dtype)) * scale`, which inductor fuses;
-- CUDA eager: the same expression, run as written (the portable fallback; slow: it materialises W).
+The product's kernel is chosen here, by device and number of rows (tools/bench_int8.py measured them;
+docs/benchmarks.md has the figures):
+- CPU, up to 64 rows (decode, short prefills), eager or compiled: `points.kernels.cpu_int8`, this project's
+  own AVX2 kernel (compiled on first use where a C++ compiler is found; one sequential stream per thread,
+  float32 accumulation). On the project's AMD EPYC it reads int8 at 2x the rate of PyTorch's
+  `_weight_int8pack_mm` at one row, 2.0x the bf16 product and 5.8x the float32 one;
+- CPU, more rows, or where that kernel is not available: `torch.ops.aten._weight_int8pack_mm` for bf16 /
+  fp16 activations; for float32 the dequantization (`F.linear(x, W8.to(x.dtype)) * scale`), which measured
+  faster there than the int8pack kernel;
+- CUDA: the dequantize-multiply written out, which inductor fuses into the product under torch.compile
+  (the compiled decode step); in eager it materialises W (the portable fallback, slow).
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from points.kernels import cpu_int8
+
 SCHEMES = ("int8",)
-# "auto" (the rule above) | "int8pack" | "dequantize": forces one on every device, for tests and benchmarks
+# "auto" (the rule above) | "gemv" (points.kernels.cpu_int8, CPU only) | "int8pack" | "dequantize": forces one,
+# for tests and benchmarks
 KERNEL = "auto"
+GEMV_ROWS = 64  # up to this many rows the CPU kernel beats the others (bench_int8: 1.0x int8pack at 64 in bf16)
 
 
 def check_scheme(scheme: str) -> str:
@@ -53,14 +60,25 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = t
     return (q.float() * scale.float()[:, None]).to(dtype)
 
 
+def _auto_kernel(x: torch.Tensor) -> str:
+    if x.device.type != "cpu":
+        return "dequantize"
+    rows = x.numel() // x.shape[-1]
+    if rows <= GEMV_ROWS and cpu_int8.available():
+        return "gemv"
+    return "dequantize" if x.dtype == torch.float32 or x.shape[-1] % 8 else "int8pack"
+
+
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """x [..., in] @ (weight * scale)^T + bias -> [..., out] in x's dtype."""
     kernel = KERNEL
     if kernel == "auto":
-        rows = x.numel() // x.shape[-1]
-        kernel = ("int8pack" if x.device.type == "cpu" and not torch.compiler.is_compiling()
-                  and (x.dtype != torch.float32 or rows == 1) else "dequantize")
+        kernel = _auto_kernel(x)
+    if kernel == "gemv":
+        return cpu_int8.int8_gemv(x, weight, scale, bias)
     if kernel == "int8pack":
+        if x.shape[-1] % 8:  # torch 2.13's CPU kernel reads past the end there (segfaults at 2+ rows in bf16)
+            raise ValueError(f"int8 kernel 'int8pack': the input size must be a multiple of 8, got {x.shape[-1]}")
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]).contiguous(), weight,
                                               scale.to(x.dtype)).reshape(*x.shape[:-1], weight.shape[0])
     else:
