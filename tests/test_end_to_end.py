@@ -139,8 +139,12 @@ def test_repetition_penalty_changes_greedy_reply(pipe, convs):
 
 
 def test_context_limit(pipe, convs):
-    with pytest.raises(ValueError, match=r"prompt of \d+ tokens \+ max_new_tokens 16380 exceeds the context of 16384"):
+    """A prompt that fits but leaves less room than max_new_tokens: refused with the numbers and the flag."""
+    n = pipe.encode(convs["text_only"][0]).input_ids.shape[1]
+    with pytest.raises(ValueError, match=rf"prompt of {n} tokens \+ max_new_tokens 16380 exceeds the context of 16384 "
+                                         rf"tokens; set max_new_tokens \(--max-new-tokens\) to at most {16384 - n}$"):
         pipe.chat(convs["text_only"][0], max_new_tokens=16380)
+    assert pipe.chat(convs["text_only"][0], max_new_tokens=1) is not None  # and that room is enough to run
 
 
 @pytest.mark.parametrize("gen, message", [

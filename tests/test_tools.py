@@ -24,6 +24,9 @@ def test_gpu_check_dry_run(tmp_path):
     record = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())
     labels = [r["row"] for r in record["bench"]["rows"]]
     assert "decode batch 4 (ragged), 64 tokens, compiled" in labels and "prefill 2048 tokens" in labels
+    assert {r["kernel"] for r in record["int8_products"]["rows"]} >= {"F.linear", "int8, _weight_int8pack_mm"}
+    int8_labels = [r["row"] for r in record["bench_int8"]["rows"]]
+    assert "decode batch 1, 64 tokens, compiled" in int8_labels and record["bench_int8"]["quantize"]["scheme"] == "int8"
 
 
 def test_points_bench_tiny_writes_every_row(tmp_path):
@@ -49,3 +52,16 @@ def test_points_bench_tiny_writes_every_row(tmp_path):
 def test_points_bench_rejects_bad_arguments():
     run = subprocess.run([sys.executable, "-m", "points", "bench", "--repeat", "0"], capture_output=True, text=True)
     assert run.returncode == 2 and "--repeat must be >= 1" in run.stderr
+
+
+def test_bench_run_tool_tiny(tmp_path):
+    """tools/bench_run.py end to end on the tiny preset: both mixes measured, the batched replies identical to
+    the one-at-a-time loop (float32)."""
+    out = tmp_path / "run.json"
+    done = subprocess.run([sys.executable, str(ROOT / "tools/bench_run.py"), "--preset", "tiny", "--dtype", "float32",
+                           "--items", "6", "--new", "4", "--batch-size", "3", "--workdir", str(tmp_path / "w"),
+                           "--json", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["mix"] for r in rows] == ["text", "images"] and [r["images"] for r in rows] == [0, 2]
+    assert all(r["identical_replies"] == 6 and r["ratio"] > 0 and r["prefill_vision_floor_s"] > 0 for r in rows)

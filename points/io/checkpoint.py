@@ -43,6 +43,7 @@ from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
 from points.errors import CheckpointError
+from points.io.atomic import partial_dir
 from points.io.config import read_config, read_quantization, to_dict
 from points.io.progress import Progress
 from points.model.config import ModelConfig
@@ -590,8 +591,7 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | str | None
                               "instead (quantizing twice would only add error)")
     quantization = {"scheme": quantize, "lm_head": quantize_lm_head} if quantize else stored
     to_quantize = set(quantized_weights(cfg, quantization)) if quantize else set()
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    try:
+    with partial_dir(dst) as tmp:
         dtype = resolve_dtype(dtype, files, entries)
         shards = _shard(entries, dtype, max_shard_bytes)
         total = sum(_nbytes(e.shape, e.dtype or dtype) for e in entries)
@@ -622,9 +622,6 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | str | None
             if (src / name).is_file():
                 shutil.copy2(src / name, tmp / name)
         os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return dst
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,7 +80,11 @@ def open_image(image) -> Image.Image:
         except FileNotFoundError:
             raise ValueError(f"{name}: file not found") from None
         except Image.DecompressionBombError as e:
-            size = f"{img.width}x{img.height} = {img.width * img.height:,} pixels" if img is not None else str(e)
+            if img is not None:
+                size = f"{img.width}x{img.height} = {img.width * img.height:,} pixels"
+            else:  # over twice the limit pillow raises in open(), with its own limit in the text: keep the size only
+                found = re.search(r"\((\d+) pixels\)", str(e))
+                size = f"{int(found[1]):,} pixels" if found else "too many pixels"
             raise ValueError(f"{name}: declares {size}, over the limit of {MAX_IMAGE_PIXELS:,} pixels "
                              "(a decompression bomb?); refused before decoding") from None
         except (OSError, SyntaxError, ValueError) as e:

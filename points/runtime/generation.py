@@ -77,22 +77,42 @@ class GenerationConfig:
         return cls.from_kwargs(**d)
 
 
+def prepare(tokenizer, processor, messages: list, cfg: GenerationConfig, limit: int, name: str = "conversation"):
+    """One conversation -> (prompt, token ids), checked against the context: raises ValueError naming
+    `name` (an unreadable image, a prompt that leaves no room for max_new_tokens)."""
+    prompt = build_prompt(messages, processor)
+    ids = tokenizer.encode(prompt.text)
+    if len(ids) + cfg.max_new_tokens > limit:
+        room = limit - len(ids)
+        raise ValueError(f"{name}: prompt of {len(ids)} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the "
+                         f"context of {limit} tokens; "
+                         + (f"set max_new_tokens (--max-new-tokens) to at most {room}" if room > 0 else
+                            "shorten the conversation"))
+    return prompt, ids
+
+
 def stream_batch(model, tokenizer, processor, conversations: list, cfg: GenerationConfig,
                  engine: Engine | None = None) -> Iterator[list[str]]:
     """Yield, after every step, the new reply text of each conversation ('' when none is final yet).
     Prompts are built and checked here, at the call; the returned iterator runs the model (on `engine`,
     default an eager one over model.decoder)."""
-    prompts = [build_prompt(m, processor) for m in conversations]
-    ids = [tokenizer.encode(p.text) for p in prompts]
     limit = model.decoder.cfg.max_seq_len
-    for i, row in enumerate(ids):
-        if len(row) + cfg.max_new_tokens > limit:
-            raise ValueError(f"conversation {i}: prompt of {len(row)} tokens + max_new_tokens {cfg.max_new_tokens} "
-                             f"exceeds the context of {limit} tokens")
-    return _steps(model, engine or Engine(model.decoder), tokenizer, prompts, ids, cfg)
+    prepared = [prepare(tokenizer, processor, m, cfg, limit, f"conversation {i}") for i, m in enumerate(conversations)]
+    return _steps(model, engine or Engine(model.decoder), tokenizer, [p for p, _ in prepared],
+                  [ids for _, ids in prepared], cfg)
 
 
-def _steps(model, engine: Engine, tokenizer, prompts, ids, cfg: GenerationConfig) -> Iterator[list[str]]:
+def replies(model, tokenizer, prompts, ids, cfg: GenerationConfig, engine: Engine) -> list[tuple[str, int]]:
+    """Prepared conversations (`prepare`) as one batch -> (reply, tokens generated) per conversation."""
+    rows = [_Reply(tokenizer, cfg.stop) for _ in ids]
+    texts = [""] * len(ids)
+    for pieces in _steps(model, engine, tokenizer, prompts, ids, cfg, rows):
+        texts = [t + p for t, p in zip(texts, pieces)]
+    return [(t, r.tokens) for t, r in zip(texts, rows)]
+
+
+def _steps(model, engine: Engine, tokenizer, prompts, ids, cfg: GenerationConfig,
+           rows: list | None = None) -> Iterator[list[str]]:
     device = engine.device
     lengths = [len(x) for x in ids]
     padded = torch.full((len(ids), max(lengths)), tokenizer.eos_id, dtype=torch.long)  # right padding, never attended
@@ -110,7 +130,7 @@ def _steps(model, engine: Engine, tokenizer, prompts, ids, cfg: GenerationConfig
     if pick.seen is not None:
         for i, row in enumerate(ids):
             pick.seen[i, torch.tensor(row, device=device)] = True
-    rows = [_Reply(tokenizer, cfg.stop) for _ in ids]
+    rows = rows if rows is not None else [_Reply(tokenizer, cfg.stop) for _ in ids]
     stop_ids = {tokenizer.im_end_id, tokenizer.eos_id}
     tokens = engine.generate(pick, cfg.max_new_tokens, embeds=embeds, lengths=torch.tensor(lengths, device=device))
     for step, chosen in enumerate(tokens):
@@ -127,11 +147,12 @@ class _Reply:
         self.decoder = tokenizer.stream()
         self.stop = stop
         self.hold = max((len(s) for s in stop), default=1) - 1  # a stop string may still be forming
-        self.text, self.released, self.done = "", 0, False
+        self.text, self.released, self.done, self.tokens = "", 0, False, 0
 
     def push(self, token: int, ended: bool, last: bool) -> str:
         if self.done:
             return ""
+        self.tokens += 1
         if ended:
             self.done = True
         else:

@@ -1,12 +1,14 @@
-"""The `points` command (also `python -m points`): chat, convert, demo, bench (`points COMMAND --help`)."""
+"""The `points` command (also `python -m points`): chat, convert, demo, bench, run (`points COMMAND --help`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from points.io.atomic import Terminated
 from points.io.checkpoint import DTYPES
-from points.tooling import convert
+from points.tooling import convert, run
+from points.tooling.run import add_generation_arguments, gen_kwargs
 
 
 def _chat(args) -> int:
@@ -18,7 +20,7 @@ def _chat(args) -> int:
     except (points.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    gen = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    gen = gen_kwargs(args)
     images = list(args.image or [])
     messages: list[dict] = []
 
@@ -41,23 +43,42 @@ def _chat(args) -> int:
 
     if args.prompt is not None:
         return 0 if ask(args.prompt) else 2
-    print("points chat: /image PATH adds an image to your next message, /reset forgets the conversation, "
-          "/quit leaves.", file=sys.stderr)
+    print(f"points chat: {HELP}", file=sys.stderr)
     while True:
         try:
             line = input("> ").strip()
         except (EOFError, KeyboardInterrupt):
             print()
             return 0
-        if line in ("/quit", "/exit"):
+        command, _, rest = line.partition(" ")
+        if not line.startswith("/"):
+            if line:
+                ask(line)
+        elif command in ("/quit", "/exit"):
             return 0
-        if line == "/reset":
+        elif command == "/reset":
             messages.clear()
             images.clear()
-        elif line.startswith("/image "):
-            images.append(line[len("/image "):].strip())
-        elif line:
-            ask(line)
+        elif command == "/help":
+            print(HELP, file=sys.stderr)
+        elif command == "/image":
+            path = rest.strip()
+            if not path:
+                print("usage: /image PATH (the image goes with your next message)", file=sys.stderr)
+                continue
+            try:  # checked now, not when the next message is sent
+                pipe.processor(path)
+            except ValueError as e:
+                print(f"error: {e}", file=sys.stderr)
+                continue
+            images.append(path)
+            print(f"(image {path} goes with your next message)", file=sys.stderr)
+        else:
+            print(f"unknown command {command}; {HELP}", file=sys.stderr)
+
+
+HELP = ("/image PATH adds an image to your next message, /reset forgets the conversation, /help shows this, "
+        "/quit leaves.")
 
 
 def main(argv=None) -> int:
@@ -70,24 +91,34 @@ def main(argv=None) -> int:
     c.add_argument("--model", required=True, help="checkpoint directory (released layout or ours)")
     c.add_argument("--image", action="append", help="an image for the (first) message; repeatable")
     c.add_argument("--prompt", help="one question; without it an interactive multi-turn session")
-    c.add_argument("--max-new-tokens", type=int, default=1024)
-    c.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    c.add_argument("--device", default="cpu")
-    c.add_argument("--dtype", choices=list(DTYPES), default=None)
+    add_generation_arguments(c)
+    c.add_argument("--device", default="cpu", help="default: %(default)s")
+    c.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: the checkpoint's")
     c.add_argument("--quantize", choices=["int8"], default=None,
                    help="weight-only int8 decoder (a checkpoint converted with --quantize loads quantized anyway)")
     c.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: lm_head too")
     for name, text in (("convert", "convert a checkpoint into this project's layout (atomic)"),
                        ("demo", "the whole pipeline offline on a generated checkpoint (random weights)"),
-                       ("bench", "benchmark against transformers on the same random weights")):
+                       ("bench", "benchmark against transformers on the same random weights"),
+                       ("run", "a checkpoint over a JSONL dataset: batched, resumable, torchrun-aware")):
         sub.add_parser(name, help=text, add_help=False)  # listed here; their own parsers read their arguments
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] in ("convert", "demo", "bench"):
-        if argv[0] == "convert":
-            return convert.main(argv[1:])
-        if argv[0] == "demo":
-            from points.tooling import demo
-            return demo.main(argv[1:])
-        from points.tooling import bench
-        return bench.main(argv[1:])
-    return _chat(p.parse_args(argv))
+    name = argv[0] if argv else "points"
+    try:
+        if argv and argv[0] in ("convert", "demo", "bench", "run"):
+            if argv[0] == "run":
+                return run.main(argv[1:])
+            if argv[0] == "convert":
+                return convert.main(argv[1:])
+            if argv[0] == "demo":
+                from points.tooling import demo
+                return demo.main(argv[1:])
+            from points.tooling import bench
+            return bench.main(argv[1:])
+        return _chat(p.parse_args(argv))
+    except KeyboardInterrupt:  # one line, not a traceback; partial outputs were removed on the way out
+        print(f"\npoints {name}: interrupted", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"points {name}: terminated (SIGTERM); nothing half-written was left", file=sys.stderr)
+        return 143

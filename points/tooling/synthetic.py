@@ -19,12 +19,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
+from points.io.atomic import partial_dir
 from points.io.checkpoint import INDEX, MAX_SHARD_BYTES, plan
 from points.io.config import from_hf_dict
 from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor
@@ -92,8 +92,7 @@ def write_checkpoint(directory: str | Path, shapes: str | tuple[dict, dict] = "t
     cfg = from_hf_dict(config)
     if tokenizer == "auto":
         tokenizer = "qwen" if has_qwen_ranks() else "bytes"
-    tmp = directory.parent / f".{directory.name}.partial-{os.getpid()}"
-    try:
+    with partial_dir(directory) as tmp:
         tmp.mkdir(parents=True)
         (tmp / "config.json").write_text(json.dumps(config, indent=1))
         processor = ImageProcessor(max_pixels=RELEASE_MAX_PIXELS)
@@ -118,9 +117,6 @@ def write_checkpoint(directory: str | Path, shapes: str | tuple[dict, dict] = "t
             weight_map.update(dict.fromkeys(names, final))
         (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
         os.rename(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return directory
 
 
