@@ -17,6 +17,7 @@ from points.model.vlm import POINTSModel
 from points.runtime.attention import use_triton
 from points.runtime.engine import Engine
 from points.runtime.generation import GenerationConfig, chat, chat_stream
+from points.runtime.prefix import PrefixCache
 from points.runtime.quantize import quantize_decoder
 
 
@@ -32,9 +33,12 @@ class Pipeline:
     eager or compiled; `points.runtime.engine`)."""
 
     def __init__(self, model: POINTSModel, tokenizer: Tokenizer, processor: ImageProcessor,
-                 engine: Engine | None = None):
+                 engine: Engine | None = None, prefix_cache: bool | PrefixCache = True):
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
         self.engine = engine or Engine(model.decoder)
+        # the K/V of recent conversations, reused by `chat` (points.runtime.prefix); None when turned off
+        self.prefix = (prefix_cache if isinstance(prefix_cache, PrefixCache)
+                       else PrefixCache() if prefix_cache else None)
 
     def encode(self, messages: list[dict]) -> Encoded:
         """The reference's prompt for `messages`, tokenized, with its images processed."""
@@ -46,8 +50,8 @@ class Pipeline:
         """The reply to one conversation; with stream=True an iterator of text pieces."""
         cfg = GenerationConfig.from_kwargs(**gen)
         if stream:
-            return chat_stream(self.model, self.tokenizer, self.processor, messages, cfg, self.engine)
-        return chat(self.model, self.tokenizer, self.processor, [messages], cfg, self.engine)[0]
+            return chat_stream(self.model, self.tokenizer, self.processor, messages, cfg, self.engine, self.prefix)
+        return chat(self.model, self.tokenizer, self.processor, [messages], cfg, self.engine, self.prefix)[0]
 
     def chat_batch(self, conversations: list[list[dict]], **gen) -> list[str]:
         """One reply per conversation, run as one batch (rows of different lengths and image counts)."""
@@ -59,7 +63,7 @@ class Pipeline:
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
          progress: bool | None = None, attn: str = "auto", compile: bool = False, quantize: str | None = None,
-         quantize_lm_head: bool | None = None) -> Pipeline:
+         quantize_lm_head: bool | None = None, prefix_cache: bool = True) -> Pipeline:
     """A POINTS-1.5 checkpoint directory (released layout or ours) -> Pipeline, on `device` in `dtype`
     (None keeps the checkpoint's dtype).
 
@@ -73,7 +77,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     `quantize="int8"`: the decoder's projections become weight-only int8 (one scale per output channel;
     points.runtime.quantize), `quantize_lm_head=True` the output projection too; the vision encoder and
     projector stay in `dtype`. A checkpoint written by `points convert --quantize int8` loads quantized
-    without these arguments (memory-mapped, nothing re-quantized)."""
+    without these arguments (memory-mapped, nothing re-quantized).
+
+    `prefix_cache=True` (default): `chat` keeps the K/V of recent conversations (an LRU bounded to 16384
+    tokens, points.runtime.prefix) and a call that starts like an earlier one (the same conversation
+    continued, a shared system text, the same images) prefills only what is new; `pipe.prefix.clear()`
+    forgets it, `prefix_cache=False` turns it off. `chat_batch` does not use it."""
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -89,4 +98,4 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     del state
     if after is not None:
         quantize_decoder(model.decoder, after["scheme"], lm_head=after["lm_head"])
-    return Pipeline(model, tokenizer, processor, Engine(model.decoder, compile=compile))
+    return Pipeline(model, tokenizer, processor, Engine(model.decoder, compile=compile), prefix_cache=prefix_cache)

@@ -130,3 +130,18 @@ def test_ctrl_c_is_one_line():
             "c.main = boom\nfrom points.tooling.cli import main\nsys.exit(main(['convert', 'a', 'b']))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert run.returncode == 130 and run.stderr.strip() == "points convert: interrupted"
+
+
+def test_interactive_prefix_cache_verbose_and_reset(e2e_dir, pipe):
+    """Turn 2 reuses turn 1 (--verbose says how many tokens); /reset clears the cache too; replies equal the
+    uncached ones."""
+    import re
+
+    run = _run("chat", "--model", str(e2e_dir), "--max-new-tokens", "4", "--verbose",
+               stdin="Hi\nAnd then?\n/reset\nHi\n/quit\n")
+    assert run.returncode == 0, run.stderr
+    reused = [int(n) for n in re.findall(r"(\d+) prompt tokens reused from the prefix cache", run.stderr)]
+    first = pipe.chat([{"role": "user", "content": "Hi"}], max_new_tokens=4)
+    assert reused[0] == 0 and reused[1] > 0 and reused[2] == 0, run.stderr
+    assert len(re.findall(r"\(first piece after \d+\.\d\d s;", run.stderr)) == 3
+    assert run.stdout.startswith(f"> {first}\n> ") and run.stdout.endswith(f"> > {first}\n> ")

@@ -101,11 +101,13 @@ def test_run_equals_each_item_alone(e2e_dir, dataset, expected, tmp_path, capsys
     assert errors["g"].startswith("item 'g': ") and "exceeds the context of 16384 tokens" in errors["g"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.jsonl"]  # journals gone, no temporary file
     assert "9 items" in capsys.readouterr().err
-    # the same command again: everything is found done, OUT rewritten identically
+    # the same command again: a finished OUT is not trusted as a journal (it records no settings): all runs
+    # again, to the same bytes
     before = out.read_bytes()
+    out.write_text('{"id": "a", "reply": "stale"}\n')
     assert run.main(_args(e2e_dir, dataset, out)) == 0
     assert out.read_bytes() == before
-    assert "(9 from an earlier run" in capsys.readouterr().err
+    assert "(0 from an earlier run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("line, message", [

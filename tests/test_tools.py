@@ -65,3 +65,16 @@ def test_bench_run_tool_tiny(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [r["mix"] for r in rows] == ["text", "images"] and [r["images"] for r in rows] == [0, 2]
     assert all(r["identical_replies"] == 6 and r["ratio"] > 0 and r["prefill_vision_floor_s"] > 0 for r in rows)
+
+
+def test_bench_prefix_tool_tiny(tmp_path):
+    """tools/bench_prefix.py on the tiny preset: the cached second turn reuses turn 1 (all of its prompt)."""
+    out = tmp_path / "prefix.json"
+    done = subprocess.run([sys.executable, str(ROOT / "tools/bench_prefix.py"), "--preset", "tiny", "--history", "100",
+                           "--repeat", "1", "--workdir", str(tmp_path / "w"), "--json", str(out)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    cache, plain = result["rows"]
+    assert cache["reused_tokens"] >= result["turn1_tokens"] and plain["reused_tokens"] == 0
+    assert cache["prefilled_tokens"] + cache["reused_tokens"] == result["turn2_tokens"] == plain["prefilled_tokens"]

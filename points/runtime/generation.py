@@ -20,6 +20,7 @@ import torch
 
 from points.io.chat import build_prompt
 from points.runtime.engine import Engine
+from points.runtime.prefix import PrefixCache, prompt_key
 from points.runtime.sampling import Picker
 
 
@@ -92,14 +93,15 @@ def prepare(tokenizer, processor, messages: list, cfg: GenerationConfig, limit: 
 
 
 def stream_batch(model, tokenizer, processor, conversations: list, cfg: GenerationConfig,
-                 engine: Engine | None = None) -> Iterator[list[str]]:
+                 engine: Engine | None = None, prefix: PrefixCache | None = None) -> Iterator[list[str]]:
     """Yield, after every step, the new reply text of each conversation ('' when none is final yet).
     Prompts are built and checked here, at the call; the returned iterator runs the model (on `engine`,
-    default an eager one over model.decoder)."""
+    default an eager one over model.decoder). With a `prefix` cache a single conversation reuses the longest
+    cached prefix and leaves its own K/V there when it ends (points.runtime.prefix)."""
     limit = model.decoder.cfg.max_seq_len
     prepared = [prepare(tokenizer, processor, m, cfg, limit, f"conversation {i}") for i, m in enumerate(conversations)]
     return _steps(model, engine or Engine(model.decoder), tokenizer, [p for p, _ in prepared],
-                  [ids for _, ids in prepared], cfg)
+                  [ids for _, ids in prepared], cfg, prefix=prefix if len(prepared) == 1 else None)
 
 
 def replies(model, tokenizer, prompts, ids, cfg: GenerationConfig, engine: Engine) -> list[tuple[str, int]]:
@@ -112,19 +114,9 @@ def replies(model, tokenizer, prompts, ids, cfg: GenerationConfig, engine: Engin
 
 
 def _steps(model, engine: Engine, tokenizer, prompts, ids, cfg: GenerationConfig,
-           rows: list | None = None) -> Iterator[list[str]]:
+           rows: list | None = None, prefix: PrefixCache | None = None) -> Iterator[list[str]]:
     device = engine.device
     lengths = [len(x) for x in ids]
-    padded = torch.full((len(ids), max(lengths)), tokenizer.eos_id, dtype=torch.long)  # right padding, never attended
-    for i, row in enumerate(ids):
-        padded[i, :len(row)] = torch.tensor(row)
-    with torch.inference_mode():  # (never held across a yield: the mode is thread-wide)
-        features = None
-        pixels = [p for p in prompts if p.pixel_values is not None]
-        if pixels:  # every image of every conversation through the encoder in one packed call
-            features = model.image_features(torch.cat([p.pixel_values for p in pixels]),
-                                            torch.cat([p.grid_thw for p in pixels]))
-        embeds = model.embed(padded.to(device), features)
     pick = Picker(len(ids), model.decoder.cfg.vocab_size, device, temperature=cfg.temperature, top_k=cfg.top_k,
                   top_p=cfg.top_p, penalty=cfg.repetition_penalty, seed=cfg.seed)
     if pick.seen is not None:
@@ -132,12 +124,50 @@ def _steps(model, engine: Engine, tokenizer, prompts, ids, cfg: GenerationConfig
             pick.seen[i, torch.tensor(row, device=device)] = True
     rows = rows if rows is not None else [_Reply(tokenizer, cfg.stop) for _ in ids]
     stop_ids = {tokenizer.im_end_id, tokenizer.eos_id}
-    tokens = engine.generate(pick, cfg.max_new_tokens, embeds=embeds, lengths=torch.tensor(lengths, device=device))
-    for step, chosen in enumerate(tokens):
-        last = step == cfg.max_new_tokens - 1
-        yield [row.push(t, t in stop_ids, last) for row, t in zip(rows, chosen.tolist())]
-        if all(r.done for r in rows):
-            return
+    if prefix is not None:
+        cache, logits, key = _prefill_reusing(model, engine, prompts[0], ids[0], cfg, prefix)
+        tokens = engine.decode(cache, logits, pick, cfg.max_new_tokens)
+    else:
+        padded = torch.full((len(ids), max(lengths)), tokenizer.eos_id, dtype=torch.long)  # right padding, never attended
+        for i, row in enumerate(ids):
+            padded[i, :len(row)] = torch.tensor(row)
+        with torch.inference_mode():  # (never held across a yield: the mode is thread-wide)
+            features = None
+            pixels = [p for p in prompts if p.pixel_values is not None]
+            if pixels:  # every image of every conversation through the encoder in one packed call
+                features = model.image_features(torch.cat([p.pixel_values for p in pixels]),
+                                                torch.cat([p.grid_thw for p in pixels]))
+            embeds = model.embed(padded.to(device), features)
+        tokens = engine.generate(pick, cfg.max_new_tokens, embeds=embeds, lengths=torch.tensor(lengths, device=device))
+    fed = []
+    try:
+        for step, chosen in enumerate(tokens):
+            last = step == cfg.max_new_tokens - 1
+            chosen = chosen.tolist()
+            fed.append(chosen[0])
+            yield [row.push(t, t in stop_ids, last) for row, t in zip(rows, chosen)]
+            if all(r.done for r in rows):
+                return
+    finally:
+        if prefix is not None:  # what the cache holds: the prompt, then every reply token fed back
+            prefix.put((key + fed)[:cache.span], cache)
+
+
+def _prefill_reusing(model, engine: Engine, prompt, ids: list[int], cfg: GenerationConfig, prefix: PrefixCache):
+    """One conversation's prefill on top of the longest cached prefix: -> (cache, logits, key)."""
+    key, images = prompt_key(ids, model.image_token_id, prompt.pixel_values, prompt.grid_thw)
+    entry, reused = prefix.match(key, len(ids) - 1)
+    cache = engine.new_cache(1, len(ids) + cfg.max_new_tokens)
+    with torch.inference_mode():
+        if entry is not None:
+            prefix.restore(entry, reused, cache)
+        later = [im for im in images if im[0] >= reused]  # the images before `reused` are in the cache already
+        features = None
+        if later:
+            features = model.image_features(torch.cat([prompt.pixel_values[r:r + n] for _, _, r, n in later]),
+                                            torch.stack([prompt.grid_thw[images.index(im)] for im in later]))
+        embeds = model.embed(torch.tensor([ids[reused:]], device=engine.device), features)
+    return cache, engine.prefill(cache, embeds=embeds), key
 
 
 class _Reply:
@@ -169,15 +199,15 @@ class _Reply:
 
 
 def chat(model, tokenizer, processor, conversations: list, cfg: GenerationConfig,
-         engine: Engine | None = None) -> list[str]:
+         engine: Engine | None = None, prefix: PrefixCache | None = None) -> list[str]:
     replies = [""] * len(conversations)
-    for pieces in stream_batch(model, tokenizer, processor, conversations, cfg, engine):
+    for pieces in stream_batch(model, tokenizer, processor, conversations, cfg, engine, prefix):
         replies = [r + p for r, p in zip(replies, pieces)]
     return replies
 
 
 def chat_stream(model, tokenizer, processor, messages, cfg: GenerationConfig,
-                engine: Engine | None = None) -> Iterator[str]:
-    for pieces in stream_batch(model, tokenizer, processor, [messages], cfg, engine):
+                engine: Engine | None = None, prefix: PrefixCache | None = None) -> Iterator[str]:
+    for pieces in stream_batch(model, tokenizer, processor, [messages], cfg, engine, prefix):
         if pieces[0]:
             yield pieces[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 
 from points.io.atomic import Terminated
 from points.io.checkpoint import DTYPES
@@ -16,7 +17,7 @@ def _chat(args) -> int:
 
     try:
         pipe = points.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                           quantize_lm_head=args.quantize_lm_head or None)
+                           quantize_lm_head=args.quantize_lm_head or None, prefix_cache=not args.no_prefix_cache)
     except (points.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -28,9 +29,12 @@ def _chat(args) -> int:
         content = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": text}]
         images.clear()  # an image belongs to the turn that introduced it
         messages.append({"role": "user", "content": content})
-        reply = ""
+        reused_before = pipe.prefix.reused_tokens if pipe.prefix is not None else 0
+        reply, start, first = "", time.perf_counter(), None
         try:
             for piece in pipe.chat(messages, stream=True, **gen):
+                if first is None:
+                    first = time.perf_counter() - start
                 reply += piece
                 print(piece, end="", flush=True)
         except ValueError as e:
@@ -38,6 +42,10 @@ def _chat(args) -> int:
             print(f"error: {e}", file=sys.stderr)
             return False
         print()
+        if args.verbose:
+            reused = pipe.prefix.reused_tokens - reused_before if pipe.prefix is not None else 0
+            print(f"(first piece after {first if first is not None else time.perf_counter() - start:.2f} s; "
+                  f"{reused} prompt tokens reused from the prefix cache)", file=sys.stderr)
         messages.append({"role": "assistant", "content": reply})
         return True
 
@@ -59,6 +67,8 @@ def _chat(args) -> int:
         elif command == "/reset":
             messages.clear()
             images.clear()
+            if pipe.prefix is not None:
+                pipe.prefix.clear()
         elif command == "/help":
             print(HELP, file=sys.stderr)
         elif command == "/image":
@@ -77,8 +87,8 @@ def _chat(args) -> int:
             print(f"unknown command {command}; {HELP}", file=sys.stderr)
 
 
-HELP = ("/image PATH adds an image to your next message, /reset forgets the conversation, /help shows this, "
-        "/quit leaves.")
+HELP = ("/image PATH adds an image to your next message, /reset forgets the conversation (and the cached prefix), "
+        "/help shows this, /quit leaves.")
 
 
 def main(argv=None) -> int:
@@ -97,6 +107,9 @@ def main(argv=None) -> int:
     c.add_argument("--quantize", choices=["int8"], default=None,
                    help="weight-only int8 decoder (a checkpoint converted with --quantize loads quantized anyway)")
     c.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: lm_head too")
+    c.add_argument("--no-prefix-cache", action="store_true",
+                   help="prefill every turn from scratch (default: reuse the earlier turns' KV cache)")
+    c.add_argument("--verbose", action="store_true", help="after each reply: time to its first piece, tokens reused")
     for name, text in (("convert", "convert a checkpoint into this project's layout (atomic)"),
                        ("demo", "the whole pipeline offline on a generated checkpoint (random weights)"),
                        ("bench", "benchmark against transformers on the same random weights"),

@@ -15,8 +15,11 @@ run goes on and exits 0. It exits non-zero only when the run itself fails.
 Durability: each finished batch is appended to a journal next to OUT (`OUT.journal.<rank>`; write, flush,
 fsync), so `kill -9` at any moment loses at most the batches in flight. The same command again reads every
 journal (a last line cut short by the kill is ignored), skips the finished ids and goes on; at the end OUT is
-written whole under a temporary name and renamed, then the journals are removed. A journal written with other
-options (model, input, generation settings) is refused rather than mixed in. Ctrl-C stops with a one-line
+written whole under a temporary name and renamed, then the journals are removed (a kill between the two
+leaves journals that still hold everything, so the next run only rewrites OUT). A journal written with other
+options (model, input, generation settings) is refused rather than mixed in. A finished OUT is never read
+back: it carries no record of the settings that made it, so the same command after a finished run runs
+every item again. Ctrl-C stops with a one-line
 message and keeps what finished.
 
 Distributed: under torchrun (RANK / WORLD_SIZE / LOCAL_RANK set) the processes join one torch.distributed
@@ -107,7 +110,7 @@ def _meta_path(out: Path) -> Path:
 
 
 def read_records(path: Path) -> list[dict]:
-    """The complete lines of a journal (or of a finished OUT): a last line without its newline (cut by a
+    """The complete lines of a journal (or of OUT): a last line without its newline (cut by a
     kill) and lines that are not a record are ignored."""
     try:
         data = path.read_bytes()
@@ -294,10 +297,10 @@ def process(pipe, items: list[Item], cfg, batch_size: int, journal: Journal, pro
 
 
 def finish(out: Path, items: list[Item]) -> int:
-    """Rank 0, after every rank is done: OUT in input order from the journals (and an earlier OUT), atomically;
-    then the journals go. Returns the number of ids without a record (0 unless something went wrong)."""
+    """Rank 0, after every rank is done: OUT in input order from the journals, atomically; then the
+    journals go. Returns the number of ids without a record (0 unless something went wrong)."""
     found = {}
-    for path in [out, *journals(out)]:
+    for path in journals(out):
         for r in read_records(path):
             found.setdefault(r["id"], r)
     missing = [it.id for it in items if it.id not in found]
@@ -350,7 +353,7 @@ def main(argv=None) -> int:
             raise RunError(f"--output {out}: folder {out.parent} does not exist")
         dist = Dist(args.device)
         check_meta(out, run_key(args, items), dist.rank)
-        done = {r["id"] for path in [out, *journals(out)] for r in read_records(path)}
+        done = {r["id"] for path in journals(out) for r in read_records(path)}
         dist.barrier()  # every rank has read the journals before any rank appends to its own
         remaining = [it for it in items if it.id not in done]
         share = remaining[dist.rank::dist.world]
