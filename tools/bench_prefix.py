@@ -28,7 +28,7 @@ import points
 from points.io.checkpoint import DTYPES
 from points.runtime.prefix import PrefixCache
 from points.tooling.bench import machine, matmul_rate
-from points.tooling.synthetic import SHAPES, write_checkpoint
+from points.tooling.synthetic import SHAPES, checkpoint_in
 
 
 def main(argv=None) -> int:
@@ -42,11 +42,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="points-bench-prefix-"))
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / f"{args.preset}-{args.dtype}"
-    if not ckpt.exists():
-        write_checkpoint(ckpt, args.preset, dtype=dtype)
-    pipe = points.load(ckpt)
+    pipe = points.load(checkpoint_in(work, args.preset, dtype))
     d = pipe.model.cfg.decoder
     rate = matmul_rate(2048, d.hidden_size, d.ffn_size, dtype, torch.device("cpu"))
     info = machine(torch.device("cpu"))

@@ -31,7 +31,7 @@ from points.io.checkpoint import DTYPES
 from points.runtime.generation import GenerationConfig
 from points.tooling import run as runner
 from points.tooling.bench import machine, matmul_rate
-from points.tooling.synthetic import SHAPES, write_checkpoint
+from points.tooling.synthetic import SHAPES, checkpoint_in
 
 WORDS = ("river mountain light question answer window garden music paper story city water stone "
          "morning evening journey number colour").split()
@@ -66,11 +66,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     dtype = DTYPES[args.dtype]
     work = args.workdir or Path(tempfile.mkdtemp(prefix="points-bench-run-"))
-    work.mkdir(parents=True, exist_ok=True)
-    ckpt = work / f"{args.preset}-{args.dtype}"
-    if not ckpt.exists():
-        write_checkpoint(ckpt, args.preset, dtype=dtype)
-    pipe = points.load(ckpt)
+    pipe = points.load(checkpoint_in(work, args.preset, dtype))
     info = machine(torch.device("cpu"))
     d = pipe.model.cfg.decoder
     rate = matmul_rate(2048, d.hidden_size, d.ffn_size, dtype, torch.device("cpu"))

@@ -236,12 +236,9 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
         quantize: str | None = None, quantize_lm_head: bool = False) -> dict:
     if "load" in rows:  # the load rows need files: a random checkpoint on disk, loaded as a user would
         import points
-        from points.tooling.synthetic import write_checkpoint
+        from points.tooling.synthetic import checkpoint_in
 
-        ckpt = workdir / f"points-{preset}-{str(dtype).removeprefix('torch.')}"
-        if not ckpt.exists():
-            print(f"writing a random {preset} checkpoint to {ckpt} ...", file=sys.stderr)
-            write_checkpoint(ckpt, preset, dtype=dtype, tokenizer="bytes")
+        ckpt = checkpoint_in(workdir, preset, dtype, tokenizer="bytes")
         pipe = points.load(ckpt, device=device, dtype=dtype, progress=False, attn=attn)
         model, processor, engine = pipe.model, pipe.processor, pipe.engine
     else:  # the same random weights drawn straight into memory (no 17 GB written and read back at 7B)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -118,6 +119,18 @@ def write_checkpoint(directory: str | Path, shapes: str | tuple[dict, dict] = "t
         (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
         os.rename(tmp, directory)
     return directory
+
+
+def checkpoint_in(workdir: str | Path, shapes: str, dtype: torch.dtype = torch.bfloat16, *,
+                  tokenizer: str = "auto") -> Path:
+    """`workdir/points-<shapes>-<dtype>-<tokenizer>`, written by `write_checkpoint` the first time (the
+    benchmarks keep their random checkpoints between runs this way)."""
+    ckpt = Path(workdir) / f"points-{shapes}-{str(dtype).removeprefix('torch.')}-{tokenizer}"
+    if not ckpt.exists():
+        print(f"writing a random {shapes} checkpoint to {ckpt} ...", file=sys.stderr)
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        write_checkpoint(ckpt, shapes, dtype=dtype, tokenizer=tokenizer)
+    return ckpt
 
 
 def random_model(shapes: str | tuple[dict, dict], device: str | torch.device = "cpu",
