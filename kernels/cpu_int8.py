@@ -125,14 +125,14 @@ def _run(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch
     if lib is None:
         raise RuntimeError(f"points::int8_gemv is not available: {reason()}")
     n, k = weight.shape
-    x2 = x.reshape(-1, k)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    if bias is not None and bias.dtype != scale.dtype:
-        bias = bias.to(scale.dtype)
+    # every tensor whose address goes to C is bound to a name first: a temporary from .contiguous() or .to()
+    # would be freed as soon as its data_ptr() returned, before the call reads it
+    x2, weight, scale = x.reshape(-1, k).contiguous(), weight.contiguous(), scale.contiguous()
+    if bias is not None:
+        bias = bias.to(scale.dtype).contiguous()
     y = torch.empty(x2.shape[0], n, dtype=x.dtype)
-    lib.points_int8_gemv(x2.data_ptr(), DTYPE_CODES[x.dtype], weight.contiguous().data_ptr(), scale.data_ptr(),
-                         None if bias is None else bias.contiguous().data_ptr(), DTYPE_CODES[scale.dtype],
+    lib.points_int8_gemv(x2.data_ptr(), DTYPE_CODES[x.dtype], weight.data_ptr(), scale.data_ptr(),
+                         None if bias is None else bias.data_ptr(), DTYPE_CODES[scale.dtype],
                          y.data_ptr(), DTYPE_CODES[y.dtype], x2.shape[0], n, k)
     return y.reshape(*x.shape[:-1], n)
 
@@ -165,4 +165,4 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
         raise ValueError(f"int8_gemv: x and scale in float32, bfloat16 or float16, got {x.dtype} and {scale.dtype}")
     if torch.compiler.is_compiling():
         return torch.ops.points.int8_gemv(x, weight, scale, bias)
-    return _run(x, weight, scale.contiguous(), bias)
+    return _run(x, weight, scale, bias)

@@ -94,7 +94,12 @@ def test_gemv_kernel_checks_its_arguments_and_compiles_as_one_op():
         cpu_int8.int8_gemv(torch.randn(1, 32), q, s[:8])
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         cpu_int8.int8_gemv(torch.randn(1, 32).double(), q, s)
+    # non-contiguous weight, scale and bias: copied to contiguous tensors that live through the call
+    w_t = q.t().contiguous().t()
+    s2, b2 = torch.randn(32).to(s.dtype)[::2], torch.randn(32)[::2]
     x = torch.randn(3, 32)
+    ref = x.double() @ (w_t.double() * s2.double()[:, None]).T + b2.double()
+    torch.testing.assert_close(cpu_int8.int8_gemv(x, w_t, s2, b2).double(), ref, rtol=1e-5, atol=1e-5)
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: cpu_int8.int8_gemv(x, q, s) * 2, fullgraph=True)
     torch.testing.assert_close(compiled(x), cpu_int8.int8_gemv(x, q, s) * 2, rtol=0, atol=0)
