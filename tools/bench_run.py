@@ -85,17 +85,12 @@ def main(argv=None) -> int:
         # points run's loop, with its journal
         with tempfile.TemporaryDirectory() as tmp:
             journal = runner.Journal(Path(tmp) / "out.jsonl.journal.0")
-            counts = []
-            original = runner.Progress.update
             t0 = time.perf_counter()
-            progress = runner.Progress(len(its), 0, "", enabled=False)
-            progress.update = lambda n, tokens: (counts.append(tokens), original(progress, n, tokens))
-            runner.process(pipe, its, cfg, args.batch_size, journal, progress)
+            tokens = runner.process(pipe, its, cfg, args.batch_size, journal, None)
             t_run = time.perf_counter() - t0
             journal.close()
             got = {r["id"]: r.get("reply") for r in runner.read_records(journal.path)}
         same = sum(got[it.id] == s for it, s in zip(its, single))
-        tokens = sum(counts)
         # the compute-bound part: the same batches with one new token (vision + prefill + one step), against
         # its matmul floor (2 x parameters x tokens, for the decoder and for the vision encoder)
         with tempfile.TemporaryDirectory() as tmp:

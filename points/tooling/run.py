@@ -268,8 +268,9 @@ def batches(prepared: list[tuple[Item, int, int]], size: int) -> list[list[Item]
     return [[p[0] for p in order[i:i + size]] for i in range(0, len(order), size)]
 
 
-def process(pipe, items: list[Item], cfg, batch_size: int, journal: Journal, progress: Progress | None) -> None:
-    """Run `items` (this rank's share) and append every result to the journal, a batch at a time."""
+def process(pipe, items: list[Item], cfg, batch_size: int, journal: Journal, progress: Progress | None) -> int:
+    """Run `items` (this rank's share) and append every result to the journal, a batch at a time; return the
+    number of tokens generated."""
     from points.runtime.generation import prepare, replies
 
     limit = pipe.model.decoder.cfg.max_seq_len
@@ -285,6 +286,7 @@ def process(pipe, items: list[Item], cfg, batch_size: int, journal: Journal, pro
         journal.append(failed)
         if progress:
             progress.update(len(failed), 0)
+    tokens = 0
     for batch in batches(ok, batch_size):
         # prompts again, one batch at a time, so that no more than one batch of images is held
         prepared = [prepare(pipe.tokenizer, pipe.processor, it.messages, cfg, limit, f"item {it.id!r}")
@@ -292,8 +294,11 @@ def process(pipe, items: list[Item], cfg, batch_size: int, journal: Journal, pro
         out = replies(pipe.model, pipe.tokenizer, [p for p, _ in prepared], [ids for _, ids in prepared], cfg,
                       pipe.engine)
         journal.append([{"id": it.id, "reply": text} for it, (text, _) in zip(batch, out)])
+        generated = sum(n for _, n in out)
+        tokens += generated
         if progress:
-            progress.update(len(batch), sum(n for _, n in out))
+            progress.update(len(batch), generated)
+    return tokens
 
 
 def finish(out: Path, items: list[Item]) -> int:
