@@ -9,7 +9,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _every_row_measured(rows):
+    """Both sides timed, the ratio theirs / ours, a positive floor: what every bench row must carry."""
+    for row in rows:
+        assert row["points"]["min_s"] > 0 and row["transformers"]["min_s"] > 0 and row["floor_s"] > 0, row
+        assert row["ratio"] == row["transformers"]["min_s"] / row["points"]["min_s"]
+
+
 def test_gpu_check_dry_run(tmp_path):
+    """tools/gpu_check.sh --dry-run: every step of the GPU run, small and on the CPU, and the record it writes
+    (what the rows measured is read from their fields, not their labels)."""
     run = subprocess.run(["bash", str(ROOT / "tools/gpu_check.sh"), "--dry-run"], capture_output=True, text=True,
                          env={**os.environ, "OUT": str(tmp_path),
                               "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")})
@@ -22,29 +31,31 @@ def test_gpu_check_dry_run(tmp_path):
     assert {r["kind"] for r in tune["rows"]} == {"vision", "causal", "cached"}
     assert all(r["sdpa_s"] > 0 and r["triton_auto_s"] > 0 for r in tune["rows"])
     record = json.loads(next(tmp_path.glob("cpu-*.json")).read_text())
-    labels = [r["row"] for r in record["bench"]["rows"]]
-    assert "decode batch 4 (ragged), 64 tokens, compiled" in labels and "prefill 2048 tokens" in labels
+    bench = record["bench"]["rows"]
+    _every_row_measured(bench)
+    assert sorted((r["kind"], r.get("batch"), r.get("compiled")) for r in bench if r["kind"] == "decode") == [
+        ("decode", 1, False), ("decode", 1, True), ("decode", 4, False), ("decode", 4, True)]
+    assert record["bench"]["quick"] and len([r for r in bench if r["kind"] == "prefill"]) == 2
+    assert sorted(r["images"] for r in bench if r["kind"] == "vision") == [1, 1, 4]
     assert {r["kernel"] for r in record["int8_products"]["rows"]} >= {"F.linear", "int8, _weight_int8pack_mm"}
-    int8_labels = [r["row"] for r in record["bench_int8"]["rows"]]
-    assert "decode batch 1, 64 tokens, compiled" in int8_labels and record["bench_int8"]["quantize"]["scheme"] == "int8"
+    int8 = record["bench_int8"]
+    assert int8["quantize"]["scheme"] == "int8" and {(r["batch"], r["compiled"]) for r in int8["rows"]} == {
+        (1, False), (1, True), (4, False), (4, True)}
 
 
-def test_points_bench_tiny_writes_every_row(tmp_path):
-    """`points bench` end to end on the tiny preset (one timed run per row): every row is measured on both
-    sides with a ratio and a floor, and the JSON carries the machine's description."""
+def test_points_bench_load_rows(tmp_path):
+    """`points bench --rows load` on the tiny preset (the other rows run in the dry run above): both layouts
+    loaded in fresh processes against transformers' from_pretrained, peak memory measured, the machine
+    described in the JSON, the table printed."""
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, "-m", "points", "bench", "--preset", "tiny", "--device", "cpu", "--repeat", "1",
-                          "--workdir", str(tmp_path / "work"), "--json", str(out)], capture_output=True, text=True)
+                          "--quick", "--rows", "load", "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                         capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
     result = json.loads(out.read_text())
-    labels = [r["row"] for r in result["rows"]]
-    assert [lab.split(" (")[0] for lab in labels[:3]] == ["vision 448x448", "vision 1008x756", "vision 4 mixed, packed"]
-    assert labels[3:] == ["prefill 512 tokens", "prefill 2048 tokens", "decode batch 1, 64 tokens",
-                          "decode batch 4 (ragged), 64 tokens", "load, released layout", "load, converted layout"]
-    for row in result["rows"]:
-        assert row["points"]["min_s"] > 0 and row["transformers"]["min_s"] > 0 and row["floor_s"] > 0, row
-        assert row["ratio"] == row["transformers"]["min_s"] / row["points"]["min_s"]
-    assert all(row["points"]["peak_bytes"] > 0 for row in result["rows"][-2:])
+    _every_row_measured(result["rows"])
+    assert [(r["kind"], r["layout"]) for r in result["rows"]] == [("load", "released"), ("load", "converted")]
+    assert all(len(r["points"]["runs"]) == 1 and r["points"]["peak_bytes"] > 0 for r in result["rows"])
     assert {"cpu", "threads", "torch", "transformers"} <= set(result["machine"])
     assert "ratio" in run.stdout and "of floor" in run.stdout
 

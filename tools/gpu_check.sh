@@ -20,13 +20,15 @@ mode="${1:-}"
 if [ "$mode" = "--dry-run" ]; then
     export TRITON_INTERPRET=1  # the CPU steps run Triton in its interpreter, a CUDA machine included
     device=cpu preset=tiny pytest_args=(--collect-only -q) tune_args=(--dry-run)
-    bench_args=(--preset tiny --device cpu --dtype float32 --repeat 1)
+    bench_args=(--preset tiny --device cpu --dtype float32 --repeat 1 --quick)
+    compile_args=(--compile --compile-backend eager)  # dynamo traces the step; inductor's CPU build is not the GPU's
     limits=(600 600 600 600 600 600 600)
 else
     device=cuda preset=7b-width tune_args=()
     pytest_args=(-q -rs --continue-on-collection-errors)
     "$py" -c "import xdist" 2>/dev/null && pytest_args+=(-n 8)
     bench_args=(--preset 7b --device cuda --dtype bfloat16 --repeat 2)
+    compile_args=(--compile)
     limits=(180 45 60 210 40 40 90)  # seconds: pytest, precision, tune, bench, bench_triton, int8 products, int8 decode
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
     # the machine has its own torch, Triton and transformers and no network: install the project alone
@@ -46,10 +48,10 @@ step() {  # name, time limit, then the command; its output to $out/<name>.log, i
 step pytest "${limits[0]}" "$py" -m pytest "${pytest_args[@]}" tests
 step precision "${limits[1]}" "$py" tools/precision.py --preset "$preset" --device "$device" --json "$out/precision.json"
 step tune "${limits[2]}" "$py" tools/tune_attention.py --device "$device" "${tune_args[@]}" --json "$out/tune.json"
-step bench "${limits[3]}" "$py" -m points bench "${bench_args[@]}" --rows decode prefill vision --compile --json "$out/bench.json"
+step bench "${limits[3]}" "$py" -m points bench "${bench_args[@]}" --rows decode prefill vision "${compile_args[@]}" --json "$out/bench.json"
 [ "$mode" = "--dry-run" ] || step bench_triton "${limits[4]}" "$py" -m points bench "${bench_args[@]}" --rows prefill vision --attn triton --json "$out/bench_triton.json"
 step int8_products "${limits[5]}" "$py" tools/bench_int8.py --preset "$( [ "$device" = cuda ] && echo 7b || echo tiny )" --device "$device" --dtype "$( [ "$device" = cuda ] && echo bfloat16 || echo float32 )" --rows 1 4 --repeat 2 --json "$out/int8_products.json"
-step int8_decode "${limits[6]}" "$py" -m points bench "${bench_args[@]}" --rows decode --compile --quantize int8 --json "$out/bench_int8.json"
+step int8_decode "${limits[6]}" "$py" -m points bench "${bench_args[@]}" --rows decode "${compile_args[@]}" --quantize int8 --json "$out/bench_int8.json"
 
 echo
 echo "== points gpu_check ($device) =="

@@ -39,6 +39,7 @@ CACHED = [(512, 1024), (2048, 2048)]  # (new tokens, past tokens)
 # tried besides CONFIGS (never the best on the H200 of 2026-11-27; kept in the sweep for other cards)
 EXTRA = [(128, 128, 8, 2), (128, 32, 4, 4), (64, 32, 4, 4), (64, 64, 8, 2)]
 DRY = dict(vision=[(3, 40), (1, 64)], causal=[48], cached=[(16, 24)], vision_heads=2, llm_heads=(7, 1))
+WARMUP = 2  # untimed calls before each timing (autotuning, compilation); none in a dry run (the interpreter)
 
 
 def _vision_case(count, n, heads, device, dtype):
@@ -50,23 +51,23 @@ def _vision_case(count, n, heads, device, dtype):
     return q, k, v, bounds, cu, flops
 
 
-def sweep_vision(shapes, heads, device, dtype, repeat, configs):
+def sweep_vision(shapes, heads, device, dtype, repeat, configs, warmup=WARMUP):
     rows = []
     for count, n in shapes:
         q, k, v, bounds, cu, flops = _vision_case(count, n, heads, device, dtype)
         row = {"kind": "vision", "segments": count, "length": n, "heads": heads, "head_dim": 80, "flops": flops}
-        row["sdpa_s"] = timed(lambda: varlen_attention(q, k, v, bounds, "sdpa"), device, repeat, warmup=2).min_s
-        row["triton_auto_s"] = timed(lambda: fv.flash_attn_varlen(q, k, v, cu, cu, n), device, repeat, 2).min_s
+        row["sdpa_s"] = timed(lambda: varlen_attention(q, k, v, bounds, "sdpa"), device, repeat, warmup).min_s
+        row["triton_auto_s"] = timed(lambda: fv.flash_attn_varlen(q, k, v, cu, cu, n), device, repeat, warmup).min_s
         row["configs"] = {}
         for name, kw in configs:
-            row["configs"][name] = _try(lambda: fv.flash_attn_varlen(q, k, v, cu, cu, n, **kw), device, repeat)
+            row["configs"][name] = _try(lambda: fv.flash_attn_varlen(q, k, v, cu, cu, n, **kw), device, repeat, warmup)
         row["padded_128_s"] = _try(lambda: fv.flash_attn_varlen(q, k, v, cu, cu, n, split=False, **configs[0][1]),
-                                   device, repeat)
+                                   device, repeat, warmup)
         rows.append(_report(row))
     return rows
 
 
-def sweep_causal(lengths, cached, heads, device, dtype, repeat, configs):
+def sweep_causal(lengths, cached, heads, device, dtype, repeat, configs, warmup=WARMUP):
     hq, hkv = heads
     rows = []
     g = torch.Generator().manual_seed(1)
@@ -86,34 +87,35 @@ def sweep_causal(lengths, cached, heads, device, dtype, repeat, configs):
         flops = 4 * T * (past + T / 2) * hq * 128  # the visible half of the new block, all of the past
         row = {"kind": "causal" if not past else "cached", "length": T, "past": past, "heads": hq, "kv_heads": hkv,
                "head_dim": 128, "flops": flops}
-        row["sdpa_s"] = timed(lambda: causal_attention(q, k, v, m, 0, "sdpa"), device, repeat, 2).min_s
-        row["triton_auto_s"] = timed(lambda: causal_attention(q, k, v, m, 0, "triton"), device, repeat, 2).min_s
+        row["sdpa_s"] = timed(lambda: causal_attention(q, k, v, m, 0, "sdpa"), device, repeat, warmup).min_s
+        row["triton_auto_s"] = timed(lambda: causal_attention(q, k, v, m, 0, "triton"), device, repeat, warmup).min_s
         qf, kf, vf = q[0], k[0], v[0]
         cu_q = torch.tensor([0, T], dtype=torch.int32, device=device)
         if not past:  # the kernels alone, no cache write: SDPA's causal flash kernel vs the autotuned Triton one
             qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
             row["sdpa_kernel_s"] = timed(lambda: torch.nn.functional.scaled_dot_product_attention(
-                qt, kt, vt, is_causal=True, enable_gqa=True), device, repeat, 2).min_s
+                qt, kt, vt, is_causal=True, enable_gqa=True), device, repeat, warmup).min_s
             row["triton_kernel_s"] = timed(lambda: fv.flash_attn_varlen(qf, kf, vf, cu_q, cu_q, T, causal=True),
-                                           device, repeat, 2).min_s
+                                           device, repeat, warmup).min_s
         if past:  # the kernel on the cache in place, as the decoder calls it
             used = torch.tensor([past + T], device=device)
             row["configs"] = {name: _try(lambda: fv.flash_attn_cache(q, cache.k[0], cache.v[0], used, **kw),
-                                         device, repeat) for name, kw in configs}
+                                         device, repeat, warmup) for name, kw in configs}
             row["unpacked_s"] = _try(lambda: fv.flash_attn_cache(q, cache.k[0], cache.v[0], used, pack_gqa=False,
-                                                                 **configs[0][1]), device, repeat)
+                                                                 **configs[0][1]), device, repeat, warmup)
         else:
             row["configs"] = {name: _try(lambda: fv.flash_attn_varlen(qf, kf, vf, cu_q, cu_q, T, causal=True, **kw),
-                                         device, repeat) for name, kw in configs}
+                                         device, repeat, warmup) for name, kw in configs}
             row["unpacked_s"] = _try(lambda: fv.flash_attn_varlen(qf, kf, vf, cu_q, cu_q, T, causal=True,
-                                                                  pack_gqa=False, **configs[0][1]), device, repeat)
+                                                                  pack_gqa=False, **configs[0][1]),
+                                     device, repeat, warmup)
         rows.append(_report(row))
     return rows
 
 
-def _try(fn, device, repeat):
+def _try(fn, device, repeat, warmup=WARMUP):
     try:
-        return timed(fn, device, repeat, warmup=2).min_s
+        return timed(fn, device, repeat, warmup).min_s
     except Exception as e:  # a tile that does not fit this chip's shared memory, say
         print(f"    ({type(e).__name__}: {str(e).splitlines()[0][:100]})", file=sys.stderr)
         return None
@@ -147,18 +149,19 @@ def main(argv=None) -> int:
         p.error("--device cpu needs Triton's interpreter: set TRITON_INTERPRET=1")
     if args.dry_run:
         configs = [("16x16", dict(block_m=16, block_n=16))]
-        shapes = DRY
+        shapes, warmup = DRY, 0
         args.repeat = 1
     else:
         tiles = [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) for c in fv.CONFIGS] + EXTRA
         configs = [(f"{m}x{n} w{w} s{st}", dict(block_m=m, block_n=n, num_warps=w, num_stages=st))
                    for m, n, w, st in tiles]
-        shapes = dict(vision=VISION, causal=CAUSAL, cached=CACHED, vision_heads=16, llm_heads=(28, 4))
+        shapes, warmup = dict(vision=VISION, causal=CAUSAL, cached=CACHED, vision_heads=16, llm_heads=(28, 4)), WARMUP
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (Triton interpreter)"
     print(f"attention sweep on {name}, torch {torch.__version__}, {str(dtype).removeprefix('torch.')}")
-    rows = sweep_vision(shapes["vision"], shapes["vision_heads"], device, dtype, args.repeat, configs)
-    rows += sweep_causal(shapes["causal"], shapes["cached"], shapes["llm_heads"], device, dtype, args.repeat, configs)
+    rows = sweep_vision(shapes["vision"], shapes["vision_heads"], device, dtype, args.repeat, configs, warmup)
+    rows += sweep_causal(shapes["causal"], shapes["cached"], shapes["llm_heads"], device, dtype, args.repeat, configs,
+                         warmup)
     if args.json:
         args.json.write_text(json.dumps(dict(device=name, torch=torch.__version__, rows=rows), indent=1))
     return 0

@@ -2,7 +2,7 @@
 
     points bench --preset small                   # CPU: Qwen2.5-0.5B-shaped decoder + the real vision encoder
     points bench --preset 7b --device cuda --dtype bfloat16
-    points bench --preset tiny --repeat 1         # a quick look that everything runs
+    points bench --preset tiny --repeat 1 --quick # a quick look that every row runs (figures mean little)
 
 A random-weight checkpoint of the preset's shapes is written in the released layout
 (points.tooling.synthetic), loaded with `points.load`; the transformers reference (Qwen2ForCausalLM, the
@@ -12,7 +12,9 @@ the row's physical floor on this machine and the fraction of it we reach. Floors
 step must read (weights but the embedding table, plus the visible KV cache) over the measured copy
 bandwidth; prefill and vision = their matmul FLOPs over the measured matmul rate; load = the weights'
 bytes over the copy bandwidth. Load time and peak resident memory are measured in fresh processes, for
-the released layout and for the same weights converted into ours (`points convert`).
+the released layout and for the same weights converted into ours (`points convert`), --repeat runs each
+(the first one reads the files from disk). Each JSON row names what it measured (`kind`: vision / prefill /
+decode / load, with its images and patches, tokens, batch and prompt lengths, compiled, layout).
 `--json` writes every figure with the machine's description; `--profile` prints the decode step's top ops.
 A benchmark, not a test: compare within one run on a quiet machine.
 """
@@ -39,14 +41,28 @@ from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor, smart_resize
 from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
 
-VISION_ROWS = {  # label -> image sizes (height x width) packed into one encode
-    "vision 448x448": [(448, 448)],
-    "vision 1008x756": [(1008, 756)],
-    "vision 4 mixed, packed": [(336, 336), (448, 672), (560, 420), (224, 896)],
-}
-PREFILL_LENGTHS = (512, 2048)
-DECODE_PROMPT, DECODE_NEW = 512, 64
-RAGGED = (512, 400, 300, 200)  # batch 4 prompts (right-padded here, left-padded for transformers)
+@dataclass(frozen=True)
+class Sizes:
+    """The work of each row."""
+    vision: dict  # label -> image sizes (height x width) packed into one encode
+    prefill: tuple[int, ...]  # prompt lengths
+    decode_prompt: int  # batch 1's prompt
+    decode_new: int  # steps timed
+    ragged: tuple[int, ...]  # batch 4's prompts (right-padded here, left-padded for transformers)
+    matmul: tuple[int, ...]  # square products probed for the matmul rate
+    long: int  # the M of the shape-specific matmul probes
+
+
+SIZES = Sizes(vision={"vision 448x448": [(448, 448)], "vision 1008x756": [(1008, 756)],
+                      "vision 4 mixed, packed": [(336, 336), (448, 672), (560, 420), (224, 896)]},
+              prefill=(512, 2048), decode_prompt=512, decode_new=64, ragged=(512, 400, 300, 200),
+              matmul=(1024, 2048, 4096), long=4096)
+# --quick: every row at a fraction of the work, to see that each runs (tools/gpu_check.sh --dry-run, tests);
+# its figures mean little
+QUICK = Sizes(vision={"vision 224x224": [(224, 224)], "vision 336x252": [(336, 252)],
+                      "vision 4 mixed, packed": [(112, 112), (112, 168), (168, 112), (56, 224)]},
+              prefill=(64, 128), decode_prompt=64, decode_new=8, ragged=(64, 50, 40, 30), matmul=(256, 512), long=512)
+DECODE_PROMPT = SIZES.decode_prompt  # the decode profile's prompt
 
 
 # --------------------------------------------------------------------------- measuring
@@ -233,7 +249,8 @@ print(json.dumps({{"s": dt, "peak_growth_bytes": rss('VmHWM:') - before, "rss_be
 
 def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, workdir: Path, rows: set[str], *,
         compile_step: bool = False, profile: bool = False, transposed: bool = False, attn: str = "auto",
-        quantize: str | None = None, quantize_lm_head: bool = False) -> dict:
+        quantize: str | None = None, quantize_lm_head: bool = False, compile_backend: str = "inductor",
+        sizes: Sizes = SIZES) -> dict:
     if "load" in rows:  # the load rows need files: a random checkpoint on disk, loaded as a user would
         import points
         from points.tooling.synthetic import checkpoint_in
@@ -262,17 +279,19 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
 
     bw = copy_bandwidth(device)
     d, v = model.cfg.decoder, model.cfg.vision
-    square = max(matmul_rate(n, n, n, dtype, device) for n in (1024, 2048, 4096))  # floors use the best rate seen
-    rate_llm = max(square, matmul_rate(2048, d.hidden_size, d.ffn_size, dtype, device))
-    rate_vis = max(square, matmul_rate(4096, v.embed_dim, v.mlp_dim, dtype, device),
-                   matmul_rate(4096, v.mlp_dim, v.embed_dim, dtype, device))
+    square = max(matmul_rate(n, n, n, dtype, device) for n in sizes.matmul)  # floors use the best rate seen
+    rate_llm = max(square, matmul_rate(sizes.long // 2, d.hidden_size, d.ffn_size, dtype, device))
+    rate_vis = max(square, matmul_rate(sizes.long, v.embed_dim, v.mlp_dim, dtype, device),
+                   matmul_rate(sizes.long, v.mlp_dim, v.embed_dim, dtype, device))
     result = {"preset": preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "repeat": repeat,
+              "quick": sizes is QUICK,
               "quantize": quantize and {"scheme": quantize, "lm_head": quantize_lm_head},
               "machine": machine(device), "weights_bytes": weights, "copy_bytes_per_s": bw,
               "matmul_flops_per_s": {"decoder": rate_llm, "vision": rate_vis}, "rows": []}
 
-    def add(label, unit, ours: Timing, theirs: Timing | None, floor_s: float, per=1):
-        row = {"row": label, "unit": unit, "points": vars(ours), "floor_s": floor_s, "per": per}
+    def add(label, unit, ours: Timing, theirs: Timing | None, floor_s: float, per=1, **fields):
+        """fields: what the row measured, for readers of the JSON (kind, batch, tokens, compiled, ...)."""
+        row = {"row": label, **fields, "unit": unit, "points": vars(ours), "floor_s": floor_s, "per": per}
         if theirs is not None:
             row["transformers"] = vars(theirs)
             row["ratio"] = theirs.min_s / ours.min_s
@@ -287,21 +306,24 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
             from points.runtime.vision import VisionRunner
 
             graphs = VisionRunner(model)
-        for label, sizes in VISION_ROWS.items():
-            grid = vision_grid(sizes, processor)
+        for label, images in sizes.vision.items():
+            grid = vision_grid(images, processor)
             pixels = torch.randn(int(grid.prod(-1).sum()), v.patch_dim, generator=g).to(device)
             with torch.inference_mode():
                 mine = timed(lambda: model.image_features(pixels, grid), device, repeat)
                 ref = None if vision is None else timed(
                     lambda: vision(pixels.to(dtype), grid.to(device)).pooler_output, device, repeat)
-            add(f"{label} ({int(grid.prod(-1).sum())} patches)", "s", mine, ref, vision_flops(v, grid) / rate_vis)
+            patches = int(grid.prod(-1).sum())
+            add(f"{label} ({patches} patches)", "s", mine, ref, vision_flops(v, grid) / rate_vis, kind="vision",
+                images=len(images), patches=patches, cuda_graphs=False)
             if graphs is not None and graphs.graphs:  # bucketed and replayed from CUDA graphs
                 padded = next((b for b in graphs.buckets if b >= pixels.shape[0]), None)
                 if padded is not None:
                     mine = timed(lambda: graphs(pixels, grid), device, repeat)
-                    add(f"{label}, CUDA graphs (bucket {padded})", "s", mine, ref, vision_flops(v, grid) / rate_vis)
+                    add(f"{label}, CUDA graphs (bucket {padded})", "s", mine, ref, vision_flops(v, grid) / rate_vis,
+                        kind="vision", images=len(images), patches=patches, cuda_graphs=True)
     if "prefill" in rows:
-        for T in PREFILL_LENGTHS:
+        for T in sizes.prefill:
             tokens = torch.randint(0, d.vocab_size, (1, T), generator=g).to(device)
 
             def ours_prefill():
@@ -312,23 +334,25 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
             with torch.inference_mode():
                 mine = timed(ours_prefill, device, repeat)
                 ref = None if llm is None else timed(theirs_prefill, device, repeat)
-            add(f"prefill {T} tokens", "s", mine, ref, prefill_flops(d, T) / rate_llm)
+            add(f"prefill {T} tokens", "s", mine, ref, prefill_flops(d, T) / rate_llm, kind="prefill", tokens=T)
     if "decode" in rows:
         timings = []  # (label, prompts, lengths, floor, batch, transformers' timing)
         compiled = None  # one compiled engine: a graph per batch size and key block
-        for batch, lengths in ((1, (DECODE_PROMPT,)), (4, RAGGED)):
+        new = sizes.decode_new
+        for batch, lengths in ((1, (sizes.decode_prompt,)), (4, sizes.ragged)):
             lengths_t = torch.tensor(lengths, device=device)
             prompts = torch.randint(0, d.vocab_size, (batch, max(lengths)), generator=g).to(device)
-            floor = decode_bytes(model.decoder, max(lengths) + DECODE_NEW // 2, batch) / bw
-            label = f"decode batch {batch}" + (" (ragged)" if batch > 1 else "") + f", {DECODE_NEW} tokens"
-            mine = timed(ours_decode(engine, prompts, lengths_t, DECODE_NEW), device, repeat)
-            ref = None if llm is None else timed(theirs_decode(llm, prompts, lengths_t, DECODE_NEW), device, repeat)
-            add(label, "s/step", mine, ref, floor, per=batch)
-            timings.append((label, prompts, lengths_t, floor, batch, ref))
+            floor = decode_bytes(model.decoder, max(lengths) + new // 2, batch) / bw
+            label = f"decode batch {batch}" + (" (ragged)" if batch > 1 else "") + f", {new} tokens"
+            mine = timed(ours_decode(engine, prompts, lengths_t, new), device, repeat)
+            ref = None if llm is None else timed(theirs_decode(llm, prompts, lengths_t, new), device, repeat)
+            fields = dict(kind="decode", batch=batch, prompts=list(lengths), tokens=new)
+            add(label, "s/step", mine, ref, floor, per=batch, **fields, compiled=False)
+            timings.append((label, prompts, lengths_t, floor, batch, ref, fields))
             if compile_step:
-                compiled = compiled or Engine(model.decoder, compile=True)
-                mine = timed(ours_decode(compiled, prompts, lengths_t, DECODE_NEW), device, repeat)
-                add(label + ", compiled", "s/step", mine, ref, floor, per=batch)
+                compiled = compiled or Engine(model.decoder, compile=True, backend=compile_backend)
+                mine = timed(ours_decode(compiled, prompts, lengths_t, new), device, repeat)
+                add(label + ", compiled", "s/step", mine, ref, floor, per=batch, **fields, compiled=True)
     if profile:
         result["profile"] = profile_decode(engine)
         print(result["profile"])
@@ -336,9 +360,10 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
         from points.runtime.layout import transpose_tall_linears
 
         transpose_tall_linears(model.decoder)
-        for label, prompts, lengths_t, floor, batch, ref in timings:
-            mine = timed(ours_decode(engine, prompts, lengths_t, DECODE_NEW), device, repeat)
-            add(label + ", transposed tall weights", "s/step", mine, ref, floor, per=batch)
+        for label, prompts, lengths_t, floor, batch, ref, fields in timings:
+            mine = timed(ours_decode(engine, prompts, lengths_t, sizes.decode_new), device, repeat)
+            add(label + ", transposed tall weights", "s/step", mine, ref, floor, per=batch, **fields, compiled=False,
+                transposed=True)
     if "load" in rows:
         hf_dir = None
         if llm is not None:  # transformers' own directories of the same weights, for from_pretrained
@@ -350,17 +375,19 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
         del pipe, model, engine, llm, vision
         gc.collect()
         result["rows"] += load_rows(ckpt, hf_dir, workdir, device, dtype, sum(weights.values()), bw,
-                                    quantize, quantize_lm_head)
+                                    quantize, quantize_lm_head, runs=repeat)
     return result
 
 
 def load_rows(ckpt: Path, hf_dir: Path | None, workdir: Path, device: torch.device, dtype: torch.dtype,
-              total: int, bw: float, quantize: str | None = None, quantize_lm_head: bool = False) -> list[dict]:
+              total: int, bw: float, quantize: str | None = None, quantize_lm_head: bool = False,
+              runs: int = 3) -> list[dict]:
     """`points.load` of the released layout and of the same weights converted into ours, against
     transformers' `from_pretrained` of the same weights (saved under hf_dir): fresh processes, alternating,
-    3 each (the first pass also brings every side's files into the page cache); min and median, peak = the
-    smallest of the runs. With `quantize`: the released layout quantized while loading, the converted one
-    written quantized (`points convert --quantize`) and mapped as it is."""
+    `runs` each (the first pass also brings every side's files into the page cache: take 2 or more for a
+    warm figure); min and median, peak = the smallest of the runs. With `quantize`: the released layout
+    quantized while loading, the converted one written quantized (`points convert --quantize`) and mapped as
+    it is."""
     import points
 
     suffix = f"-{quantize}" + ("-lm" if quantize_lm_head else "") if quantize else ""
@@ -382,17 +409,17 @@ def load():
     vis = Qwen2VisionTransformerPretrainedModel.from_pretrained({str(hf_dir / 'vision')!r}, dtype=torch.{dt}).to({str(device)!r})
     return llm, vis
 """
-    runs = {side: [] for side in probes}
-    for _ in range(3):
+    measured = {side: [] for side in probes}
+    for _ in range(runs):
         for side, code in probes.items():
-            runs[side].append(_load_probe(code))
+            measured[side].append(_load_probe(code))
     summary = {side: {"min_s": min(r["s"] for r in got), "median_s": statistics.median(r["s"] for r in got),
                       "runs": [r["s"] for r in got], "peak_bytes": min(r["peak_growth_bytes"] for r in got)}
-               for side, got in runs.items()}
+               for side, got in measured.items()}
     rows = []
     for side in ("released", "converted"):
-        row = {"row": f"load, {side} layout", "unit": "s", "floor_s": total / bw, "per": 1, "weights_total": total,
-               "points": summary[side]}
+        row = {"row": f"load, {side} layout", "kind": "load", "layout": side, "unit": "s", "floor_s": total / bw,
+               "per": 1, "weights_total": total, "points": summary[side]}
         if "transformers" in summary:
             row["transformers"] = summary["transformers"]
             row["ratio"] = row["transformers"]["min_s"] / row["points"]["min_s"]
@@ -467,6 +494,9 @@ def main(argv=None) -> int:
     p.add_argument("--rows", nargs="+", choices=["vision", "prefill", "decode", "load"],
                    default=["vision", "prefill", "decode", "load"])
     p.add_argument("--compile", action="store_true", help="also time the compiled decode step (every batch row)")
+    p.add_argument("--compile-backend", choices=["inductor", "aot_eager", "eager"], default="inductor",
+                   help="torch.compile's backend for --compile (default inductor; eager / aot_eager trace the step "
+                        "as dynamo does without generating kernels, for a quick check that it compiles)")
     p.add_argument("--attn", choices=["auto", "sdpa", "triton"], default="auto",
                    help="our vision and prefill attention (points.runtime.attention; default auto)")
     p.add_argument("--transposed", action="store_true",
@@ -475,6 +505,9 @@ def main(argv=None) -> int:
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="our decoder weight-only int8 (transformers' side stays in --dtype); floors from the int8 bytes")
     p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: lm_head too")
+    p.add_argument("--quick", action="store_true",
+                   help="every row at a fraction of its work (small images and prompts, 8 decode steps): to see that "
+                        "each row runs; the figures mean little")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the random checkpoints are kept between runs (default: a temporary directory)")
     p.add_argument("--json", type=Path)
@@ -492,7 +525,8 @@ def main(argv=None) -> int:
     if args.transposed and (device.type != "cpu" or dtype != torch.float32):
         p.error("--transposed: the transposed layout is for float32 on the CPU")
     options = dict(compile_step=args.compile, profile=args.profile, transposed=args.transposed, attn=args.attn,
-                   quantize=args.quantize, quantize_lm_head=args.quantize_lm_head)
+                   quantize=args.quantize, quantize_lm_head=args.quantize_lm_head, compile_backend=args.compile_backend,
+                   sizes=QUICK if args.quick else SIZES)
     if args.workdir is None:
         with tempfile.TemporaryDirectory(prefix="points-bench-") as tmp:
             result = run(args.preset, device, dtype, args.repeat, Path(tmp), set(args.rows), **options)
