@@ -1,4 +1,7 @@
-"""The one exception type users catch when a checkpoint or a config cannot be honoured."""
+"""The exception types users catch: a checkpoint or config that cannot be honoured, a file that cannot be
+written."""
+
+import re
 
 
 class CheckpointError(ValueError):
@@ -6,3 +9,22 @@ class CheckpointError(ValueError):
 
     The message always names the file / tensor / field and says what was expected.
     """
+
+
+class WriteError(OSError):
+    """A file could not be written (a full disk, a read-only folder); the message names the file and the
+    reason in one line. Raised after whatever was half-written has been removed."""
+
+    def __init__(self, path, error: BaseException, note: str = ""):
+        self.path = path
+        if isinstance(error, WriteError):
+            reason = error.reason
+        else:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        # safetensors' wording: "... I/O error: No space left on device (os error 28)"
+        m = re.search(r"(?:I/O error: |message: \")([^\"(]+?)\s*(?:\(os error \d+\)|\")", reason)
+        self.reason = m[1] if m else reason
+        super().__init__(f"{path}: cannot write ({self.reason}){note}")
+
+    def __str__(self) -> str:
+        return self.args[0]

@@ -11,6 +11,7 @@ import torch
 from points.errors import CheckpointError
 from points.io.chat import build_prompt
 from points.io.checkpoint import decoder_factory, load_state_dict, materialize, quantization_steps
+from points.io.config import checkpoint_dir
 from points.io.processor import ImageProcessor
 from points.io.tokenizer import Tokenizer
 from points.model.vlm import POINTSModel
@@ -43,7 +44,7 @@ class Pipeline:
     def encode(self, messages: list[dict]) -> Encoded:
         """The reference's prompt for `messages`, tokenized, with its images processed."""
         prompt = build_prompt(messages, self.processor)
-        ids = torch.tensor([self.tokenizer.encode(prompt.text)], dtype=torch.long)
+        ids = torch.tensor([prompt.token_ids(self.tokenizer)], dtype=torch.long)
         return Encoded(ids, prompt.pixel_values, prompt.grid_thw)
 
     def chat(self, messages: list[dict], *, stream: bool = False, **gen) -> str | Iterator[str]:
@@ -59,6 +60,20 @@ class Pipeline:
             raise ValueError("chat_batch: expected a non-empty list of conversations")
         return chat(self.model, self.tokenizer, self.processor, conversations, GenerationConfig.from_kwargs(**gen),
                     self.engine)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A device this machine has, as a torch.device (else CheckpointError naming it)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"device {device!r} is not a valid torch device ({e})") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CheckpointError(f"device {device} requested but CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CheckpointError(f"device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
@@ -83,12 +98,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     tokens, points.runtime.prefix) and a call that starts like an earlier one (the same conversation
     continued, a shared system text, the same images) prefills only what is new; `pipe.prefix.clear()`
     forgets it, `prefix_cache=False` turns it off. `chat_batch` does not use it."""
-    try:
-        device = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise CheckpointError(f"device {device!r} is not a valid torch device ({e})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise CheckpointError(f"device {device} requested but CUDA is not available on this machine")
+    device = resolve_device(device)
+    path = checkpoint_dir(path)
     use_triton(attn, device)  # a forced backend that cannot run fails here, before any loading
     tokenizer = Tokenizer(path)
     processor = ImageProcessor.from_dir(path)

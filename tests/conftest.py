@@ -99,3 +99,35 @@ def pipe(e2e_dir):
     import points
 
     return points.load(e2e_dir)
+
+
+# --------------------------------------------------------------------------- a full disk
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """`small_disk(kb)` -> a folder on a tmpfs of that size (a real full disk: ENOSPC from the kernel). Needs
+    the right to mount (root on Linux); elsewhere the test skips, saying so, and the patched-write tests
+    cover the same paths."""
+    import subprocess
+
+    mounted = []
+
+    def mount(kb: int):
+        folder = tmp_path / f"disk{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kb}k", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a {kb} KB tmpfs here ({done.stderr.strip()})")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def resize_disk(folder, kb: int) -> None:
+    import subprocess
+
+    subprocess.run(["mount", "-o", f"remount,size={kb}k", str(folder)], check=True, capture_output=True)

@@ -1,7 +1,10 @@
 """The checkpoint mapping and the converter: strictness, round trip, atomic writes, clear errors."""
 
 import json
+import os
+import re
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -96,18 +99,75 @@ def test_convert_command_line(official_dir, tmp_path):
 
 def test_interrupted_conversion_leaves_nothing(official_dir, tmp_path, monkeypatch):
     calls = []
+    save = points.io.checkpoint.save_tensors
 
     def failing_save(tensors, path, metadata=None):
         calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-way
-        save_file(tensors, path, metadata=metadata)
+        save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(points.io.checkpoint, "save_file", failing_save)
+    monkeypatch.setattr(points.io.checkpoint, "save_tensors", failing_save)
     with pytest.raises(KeyboardInterrupt):
         points.convert(official_dir, tmp_path / "dst", max_shard_bytes=400_000)
     assert len(calls) == 2
     assert list(tmp_path.iterdir()) == []  # neither DST nor the temporary directory
+
+
+def test_a_failed_shard_write_is_one_line_and_leaves_nothing(official_dir, tmp_path, monkeypatch, capsys):
+    """The disk fills while the second shard is written (safetensors' own error, as it reports ENOSPC):
+    `points convert` prints one line naming DST's file and the reason, exits 1, and leaves nothing."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from points.tooling import convert
+
+    real, calls = safetensors.torch.save_file, []
+
+    def full(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    assert convert.main([str(official_dir), str(tmp_path / "dst"), "--max-shard-gb", "0.0004"]) == 1
+    assert re.fullmatch(rf"error: {tmp_path / 'dst'}/model-00002-of-000\d\d.safetensors: cannot write \(No space left "
+                        rf"on device\); nothing was left at {tmp_path / 'dst'}\n", capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_convert_onto_a_full_disk(official_dir, small_disk, capsys):
+    """A real full disk (a 256 KB tmpfs, the checkpoint is larger): one line, exit 1, the disk left empty."""
+    from points.tooling import convert
+
+    disk = small_disk(256)
+    assert convert.main([str(official_dir), str(disk / "dst"), "--max-shard-gb", "0.0001"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {disk / 'dst'}/") and err.endswith(
+        f": cannot write (No space left on device); nothing was left at {disk / 'dst'}\n") and err.count("\n") == 1
+    assert list(disk.iterdir()) == []
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_written_files_get_the_umask_mode(official_dir, tmp_path, umask):
+    """Shards (safetensors' writer leaves 0600) and every other file of convert, the random-checkpoint
+    writer (demo) and the test reference writer get what the umask gives new files: 0644 under 022."""
+    from points.tooling import synthetic
+
+    old = os.umask(umask)
+    try:
+        written = [points.convert(official_dir, tmp_path / "converted"),
+                   synthetic.write_checkpoint(tmp_path / "random", "tiny", tokenizer="bytes"),
+                   reference.save_checkpoint(tmp_path / "ref", reference.checkpoint_config(),
+                                             {"x": torch.zeros(3)}, shards=1)]
+    finally:
+        os.umask(old)
+    for folder in written:
+        files = [f for f in folder.iterdir()]
+        assert any(f.suffix == ".safetensors" for f in files), folder
+        for f in files:
+            assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~umask, (f, oct(f.stat().st_mode))
 
 
 def test_progress_display_counts_tensors_and_bytes(official_dir, tmp_path, capsys):
@@ -245,8 +305,29 @@ def test_shape_error_for_config_mismatch(broken):
     cfg = json.loads((broken / "config.json").read_text())
     cfg["llm_config"]["vocab_size"] = 1024
     (broken / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(points.CheckpointError, match=r"llm.lm.embed_in.weight has shape \[1000, 224\], expected \[1024, 224\]"):
+    with pytest.raises(points.CheckpointError, match=r"llm.lm.embed_in.weight has shape \[1000, 224\], expected "
+                                                      r"\[1024, 224\] from config.json$"):
         points.load_decoder(broken)
+
+
+def test_shape_error_names_the_fields_the_file_left_out(broken):
+    """vocab_size and ffn_hidden_size absent: the class defaults (102400, 10240) shaped the expected tensors,
+    and the message says which fields the file left out, in its own names."""
+    cfg = json.loads((broken / "config.json").read_text())
+    del cfg["llm_config"]["vocab_size"], cfg["llm_config"]["ffn_hidden_size"]
+    (broken / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(points.CheckpointError, match=r"llm.lm.embed_in.weight has shape \[1000, 224\], expected "
+                                                      r"\[102400, 224\] from config.json; config.json leaves out "
+                                                      r"llm_config.vocab_size, llm_config.ffn_hidden_size, so the "
+                                                      r"class defaults shaped what was expected$"):
+        points.load_decoder(broken)
+
+
+def test_a_file_where_a_directory_is_expected(official_dir):
+    for load in (points.load, points.load_decoder, points.read_config):
+        with pytest.raises(points.CheckpointError, match=rf"^{official_dir / 'config.json'}: is a file, not a "
+                                                          r"directory; expected a checkpoint directory"):
+            load(official_dir / "config.json")
 
 
 def test_lazy_headers_only_for_unrequested_parts(official_dir):

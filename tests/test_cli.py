@@ -1,16 +1,43 @@
-"""The command line: one-shot chat streams the same reply as the Python API; convert delegates."""
+"""The command line: one-shot chat streams the same reply as the Python API; convert delegates.
 
+Commands run in this process (`points.tooling.cli.main`, stdin/stdout/stderr swapped); the tests of signals
+(SIGTERM, Ctrl-C) run the real `python -m points` as a child process.
+"""
+
+import io
 import subprocess
 import sys
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
 
+from points.tooling import cli
+
 PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 
 
-def _run(*args, stdin=None):
-    return subprocess.run([sys.executable, "-m", "points", *args], capture_output=True, text=True, input=stdin)
+@dataclass
+class Done:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _run(*args, stdin=None) -> Done:
+    """`points ARGS` in this process, with `stdin` as its input."""
+    out, err, old_stdin = io.StringIO(), io.StringIO(), sys.stdin
+    sys.stdin = io.StringIO(stdin or "")
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            try:
+                code = cli.main(list(args))
+            except SystemExit as e:  # argparse: --help (0) and usage errors (2)
+                code = e.code if isinstance(e.code, int) else 0
+    finally:
+        sys.stdin = old_stdin
+    return Done(code, out.getvalue(), err.getvalue())
 
 
 def test_chat_prompt_prints_the_reply(e2e_dir, pipe):
@@ -83,11 +110,7 @@ def test_interactive_commands_are_answered_by_the_cli(e2e_dir, pipe, tmp_path):
     assert f"(image {PHOTO} goes with your next message)" in err
 
 
-def test_version_and_help_defaults():
-    from points import __version__
-
-    run = _run("--version")
-    assert run.returncode == 0 and run.stdout.strip() == f"points {__version__}"
+def test_help_shows_the_defaults():
     help_text = " ".join(_run("chat", "--help").stdout.split())
     for default in ("default: 1024", "(default: 0.0)", "default: 1.0 = off", "default: cpu", "default: the checkpoint's"):
         assert default in help_text, default
@@ -95,15 +118,16 @@ def test_version_and_help_defaults():
 
 def test_convert_sigterm_leaves_nothing_and_stale_partials_go(official_dir, tmp_path):
     """SIGTERM in the middle of `points convert` (held after its first shard): exit 143, one line, no hidden
-    partial folder. A partial folder of a dead process is removed by the next convert."""
+    partial folder. Partial folders of dead processes beside DST (for any destination) are removed by the
+    next convert; a live process's are left alone."""
     import os
     import signal
     import time
 
     dst = tmp_path / "out"
-    code = ("import sys, time; import points.io.checkpoint as c; save = c.save_file\n"
+    code = ("import sys, time; import points.io.checkpoint as c; save = c.save_tensors\n"
             "def slow(*a, **k):\n    save(*a, **k); time.sleep(60)\n"
-            "c.save_file = slow\nfrom points.tooling.cli import main\nsys.exit(main(sys.argv[1:]))")
+            "c.save_tensors = slow\nfrom points.tooling.cli import main\nsys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", code, "convert", str(official_dir), str(dst), "--max-shard-gb", "0.001"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
@@ -116,19 +140,24 @@ def test_convert_sigterm_leaves_nothing_and_stale_partials_go(official_dir, tmp_
     assert proc.returncode == 143 and err.strip() == "points convert: terminated (SIGTERM); nothing half-written was left"
     assert list(tmp_path.iterdir()) == []
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    stale = tmp_path / f".out.partial-{int(dead.stdout)}"
-    (stale / "sub").mkdir(parents=True)
+    for name in ("out", "another-destination"):  # left by a dead convert into any folder beside DST
+        (tmp_path / f".{name}.partial-{int(dead.stdout)}" / "sub").mkdir(parents=True)
+    alive = tmp_path / f".busy.partial-{os.getpid()}"  # a live process's: left alone
+    alive.mkdir()
     run = _run("convert", str(official_dir), str(dst))
     assert run.returncode == 0, run.stderr
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out"]
 
 
-def test_ctrl_c_is_one_line():
+def test_ctrl_c_is_one_line(monkeypatch):
     """KeyboardInterrupt anywhere in a command: a one-line message and exit 130, no traceback."""
-    code = ("import sys; import points.tooling.convert as c\n"
-            "def boom(argv):\n    raise KeyboardInterrupt\n"
-            "c.main = boom\nfrom points.tooling.cli import main\nsys.exit(main(['convert', 'a', 'b']))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    from points.tooling import convert
+
+    def boom(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "main", boom)
+    run = _run("convert", "a", "b")
     assert run.returncode == 130 and run.stderr.strip() == "points convert: interrupted"
 
 
@@ -145,3 +174,90 @@ def test_interactive_prefix_cache_verbose_and_reset(e2e_dir, pipe):
     assert reused[0] == 0 and reused[1] > 0 and reused[2] == 0, run.stderr
     assert len(re.findall(r"\(first piece after \d+\.\d\d s;", run.stderr)) == 3
     assert run.stdout.startswith(f"> {first}\n> ") and run.stdout.endswith(f"> > {first}\n> ")
+
+
+class _Output:
+    """A running process's stdout, read as it comes."""
+
+    def __init__(self, proc):
+        self.proc, self.data = proc, b""
+
+    def until(self, predicate, timeout=60.0) -> str:
+        import os
+        import select
+        import time
+
+        deadline = time.time() + timeout
+        while not predicate(self.data.decode(errors="replace")):
+            assert time.time() < deadline and self.proc.poll() is None, self.data
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.05)
+            if ready:
+                self.data += os.read(self.proc.stdout.fileno(), 4096)
+        return self.data.decode(errors="replace")
+
+
+def test_ctrl_c_stops_the_reply_and_returns_to_the_prompt(e2e_dir, pipe):
+    """Interactive chat: Ctrl-C while a reply streams stops that reply, which stays in the conversation; the
+    next turn continues from it (its reply equals the API's for that history); Ctrl-C at the prompt then
+    leaves, exit 0. /reset says what it did."""
+    import signal
+
+    new = 200
+    proc = subprocess.Popen([sys.executable, "-m", "points", "chat", "--model", str(e2e_dir), "--max-new-tokens",
+                             str(new)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out = _Output(proc)
+    proc.stdin.write(b"Hi\n")
+    proc.stdin.flush()
+    out.until(lambda t: len(t) > 40)  # "> " and the first pieces of the reply
+    proc.send_signal(signal.SIGINT)
+    partial = out.until(lambda t: t.endswith("\n> "))[2:-3]
+    proc.stdin.write(b"Again\n/reset\n")
+    proc.stdin.flush()
+    text = out.until(lambda t: t.endswith("\n> > "), timeout=120)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()
+    history = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": partial},
+               {"role": "user", "content": "Again"}]
+    full = pipe.chat(history[:1], max_new_tokens=new)
+    assert partial and full.startswith(partial) and len(partial) < len(full)
+    assert text == f"> {partial}\n> {pipe.chat(history, max_new_tokens=new)}\n> > "
+    err = err.decode()
+    assert "(reply stopped; it stays in the conversation." in err
+    assert "(conversation forgotten, cached prefix cleared)" in err
+    assert "Traceback" not in err
+
+
+def test_a_bad_image_is_named_with_its_flag_before_anything_loads(e2e_dir, tmp_path):
+    """--image that cannot be read: one line naming the flag and the path, exit 2, before the first prompt
+    (interactive) or the reply (one-shot); a --seed out of range, named the same way; /image names its
+    command."""
+    missing = tmp_path / "missing.jpg"
+    for extra in ([], ["--prompt", "Describe."]):
+        run = _run("chat", "--model", str(e2e_dir), "--image", str(missing), *extra, stdin="Describe.\n")
+        assert run.returncode == 2 and run.stdout == ""
+        assert run.stderr == f"error: --image {missing}: file not found\n"
+    run = _run("chat", "--model", str(e2e_dir), "--image", "https://example.com/cat.jpg", "--prompt", "x")
+    assert run.stderr == ("error: --image https://example.com/cat.jpg: URLs are not fetched; download the file "
+                          "first and give its path\n")
+    run = _run("chat", "--model", str(e2e_dir), "--seed", "-1", "--prompt", "x")
+    assert run.returncode == 2 and run.stderr.startswith("error: --seed -1: expected an integer from 0 to 2**64 - 1")
+    run = _run("chat", "--model", str(e2e_dir), stdin=f"/image {missing}\n/quit\n")
+    assert f"error: /image {missing}: file not found\n" in run.stderr and "messages[" not in run.stderr
+
+
+def test_compile_says_it_is_compiling(e2e_dir, pipe, capsys, monkeypatch):
+    """`points chat --compile` compiles the decode step (here with dynamo's eager backend: inductor itself is
+    tested in test_compile.py) and says so once on stderr, before the first compiled step; the reply is the
+    eager one."""
+    import torch
+
+    from points.tooling import cli
+
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real(fn, **(kw | {"backend": "eager", "mode": None})))
+    torch._dynamo.reset()
+    assert cli.main(["chat", "--model", str(e2e_dir), "--prompt", "Hi", "--max-new-tokens", "3", "--compile"]) == 0
+    out, err = capsys.readouterr()
+    assert err.count("points: compiling the decode step (torch.compile)") == 1
+    assert out == pipe.chat([{"role": "user", "content": "Hi"}], max_new_tokens=3) + "\n"

@@ -50,15 +50,37 @@ def test_rms_norm_boolean_overrides_norm_type():
     ("norm_type", "layer_norm", r"llm_config: norm_type = 'layer_norm' is not supported"),
     ("hidden_act", "gelu", r"llm_config: hidden_act = 'gelu' is not supported"),
     ("rotary_pct", 0.5, r"llm_config: rotary_pct = 0.5 is not supported"),
-    ("num_kv_heads", 5, r"n_heads 28 is not a multiple of n_kv_heads 5"),
-    ("hidden_size", "3584", r"hidden_size = '3584', expected a positive integer"),
-    ("layernorm_epsilon", -1.0, r"norm_eps = -1.0, expected a positive number"),
-    ("qkv_proj_bias", "yes", r"qkv_bias = 'yes', expected true or false"),
+    ("num_kv_heads", 5, r"^config.json: llm_config.num_attention_heads = 28 is not a multiple of "
+                        r"llm_config.num_kv_heads = 5$"),
+    ("hidden_size", "3584", r"^config.json: llm_config.hidden_size = '3584': expected a positive integer$"),
+    ("layernorm_epsilon", -1.0, r"^config.json: llm_config.layernorm_epsilon = -1.0: expected a positive number$"),
+    ("qkv_proj_bias", "yes", r"^config.json: llm_config.qkv_proj_bias = 'yes': expected true or false$"),
+    ("num_layers", None, r"^config.json: llm_config.num_layers = None: expected a positive integer$"),
 ])
 def test_values_the_model_cannot_honour(field, value, message):
     llm = dict(reference.REAL_LLM, **{field: value})
     with pytest.raises(points.CheckpointError, match=message):
         from_hf_dict(reference.checkpoint_config(llm, reference.REAL_VISION))
+
+
+@pytest.mark.parametrize("section, drop, change, message", [
+    ("llm_config", "num_attention_heads", {}, r"^config.json: llm_config.hidden_size = 3584 is not divisible by "
+     r"llm_config.num_attention_heads = 20 \(absent from the file: the class default\)$"),
+    ("vision_config", "num_heads", {}, None),  # the default (16) fits 1280: an absent field is fine then
+    ("vision_config", "embed_dim", {"num_heads": 12}, r"^config.json: vision_config.embed_dim = 1280 \(absent from "
+     r"the file: the class default\) is not divisible by vision_config.num_heads = 12$"),
+])
+def test_a_missing_field_is_named_in_the_files_words(section, drop, change, message):
+    """A field the file leaves out takes the writing class's default; when that default cannot work, the
+    message names the file's own field (num_attention_heads, not n_heads) and says it was absent."""
+    cfg = reference.checkpoint_config(reference.REAL_LLM, reference.REAL_VISION)
+    del cfg[section][drop]
+    cfg[section].update(change)
+    if message is None:
+        assert from_hf_dict(cfg).vision.n_heads == 16
+        return
+    with pytest.raises(points.CheckpointError, match=message):
+        from_hf_dict(cfg)
 
 
 def test_absent_norm_type_names_the_default():

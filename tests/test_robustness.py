@@ -3,6 +3,7 @@ obscure traceback or a partial result."""
 
 import io
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -69,6 +70,12 @@ def test_decompression_bomb_refused_before_decoding(tmp_path, side):
         ImageProcessor()(bomb)
 
 
+@pytest.mark.parametrize("url", ["https://example.com/cat.jpg", "http://host/a.png", "file:///tmp/a.png"])
+def test_urls_are_not_fetched(url):
+    with pytest.raises(ValueError, match=rf"^{re.escape(url)}: URLs are not fetched; download the file first"):
+        ImageProcessor()(url)
+
+
 def test_directory_instead_of_image(tmp_path):
     with pytest.raises(ValueError, match="not a readable image"):
         ImageProcessor()(tmp_path)
@@ -94,10 +101,20 @@ def _same_as_rgb_of(path_or_img, expected: Image.Image):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
-def test_cmyk_jpeg(tmp_path):
-    cmyk = Image.open(PHOTO).convert("CMYK")
-    cmyk.save(tmp_path / "cmyk.jpg")
-    _same_as_rgb_of(tmp_path / "cmyk.jpg", Image.open(tmp_path / "cmyk.jpg"))
+@pytest.mark.parametrize("colour", [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 255), (0, 0, 0),
+                                    (128, 128, 128), (250, 140, 20), (30, 90, 160)])
+def test_cmyk_jpeg_gives_the_colour_it_holds(tmp_path, colour):
+    """A CMYK JPEG (Adobe's inverted convention, as pillow writes it) of one known colour: the processor's
+    pixels, un-normalised, are that colour (within 2 / 255 of JPEG rounding), not its channels read as RGB
+    or inverted."""
+    from points.io.processor import CLIP_MEAN, CLIP_STD
+
+    Image.new("RGB", (64, 64), colour).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
+    pv, _ = ImageProcessor()(tmp_path / "cmyk.jpg")
+    channels = pv.reshape(-1, 3, 2 * 14 * 14)  # each row: (channel, frame, y, x)
+    rgb = (channels * torch.tensor(CLIP_STD)[:, None] + torch.tensor(CLIP_MEAN)[:, None]) * 255
+    assert (rgb - torch.tensor(colour, dtype=torch.float32)[:, None]).abs().max() <= 2
 
 
 def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
@@ -181,36 +198,65 @@ def _points(*args, **kw):
     return subprocess.run([sys.executable, "-m", "points", *args], capture_output=True, text=True, **kw)
 
 
-@pytest.mark.parametrize("command", [[], ["chat"], ["convert"], ["demo"], ["bench"]])
-def test_help_for_each_command(command):
-    run = _points(*command, "--help")
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.startswith("usage: points" + (f" {command[0]}" if command else ""))
+@pytest.mark.parametrize("command", [[], ["chat"], ["convert"], ["demo"], ["bench"], ["run"]])
+def test_help_for_each_command(command, capsys):
+    from points.tooling import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main([*command, "--help"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: points" + (f" {command[0]}" if command else ""))
 
 
 def test_version():
+    """The installed entry point itself, in a fresh interpreter (`python -m points`)."""
     run = _points("--version")
     assert run.returncode == 0 and run.stdout.strip() == f"points {points.__version__}"
 
 
-def test_demo_runs_offline_and_says_the_weights_are_random(tmp_path):
+def test_demo_runs_offline_and_says_the_weights_are_random(tmp_path, capsys):
+    from points.tooling import demo
+
     cache = tmp_path / "cache"
-    first = _points("demo", "--cache-dir", str(cache), "--max-new-tokens", "5")
-    assert first.returncode == 0, first.stderr
-    assert "RANDOM WEIGHTS" in first.stderr and "the real Qwen2.5 vocabulary" in first.stderr
-    assert "writing the demo checkpoint" in first.stderr
+    assert demo.main(["--cache-dir", str(cache), "--max-new-tokens", "5"]) == 0
+    first = capsys.readouterr()
+    assert "RANDOM WEIGHTS" in first.err and "the real Qwen2.5 vocabulary" in first.err
+    assert "writing the demo checkpoint" in first.err
     ckpt = next(cache.glob("demo-tiny-*"))
     assert json.loads((ckpt / "DEMO.json").read_text())["weights"] == "random"
     # the demo checkpoint is an ordinary released-layout directory: the same reply through the API
     pipe = points.load(ckpt)
     messages = [{"role": "user", "content": [{"type": "image", "image": str(cache / "demo-house.png")},
                                              {"type": "text", "text": "Describe this picture."}]}]
-    assert first.stdout == pipe.chat(messages, max_new_tokens=5) + "\n"
-    again = _points("demo", "--cache-dir", str(cache), "--max-new-tokens", "5")
-    assert again.returncode == 0 and "writing the demo checkpoint" not in again.stderr
-    assert again.stdout == first.stdout
+    assert first.out == pipe.chat(messages, max_new_tokens=5) + "\n"
+    assert demo.main(["--cache-dir", str(cache), "--max-new-tokens", "5"]) == 0
+    again = capsys.readouterr()
+    assert "writing the demo checkpoint" not in again.err and again.out == first.out
 
 
-def test_demo_with_an_unreadable_image(tmp_path):
-    run = _points("demo", "--cache-dir", str(tmp_path), "--image", str(tmp_path / "missing.jpg"), "--max-new-tokens", "2")
-    assert run.returncode == 2 and "missing.jpg: file not found" in run.stderr
+def test_demo_cache_dir_that_is_a_file(tmp_path, capsys):
+    from points.tooling import demo
+
+    (tmp_path / "cache").write_text("not a folder")
+    assert demo.main(["--cache-dir", str(tmp_path / "cache")]) == 2
+    assert capsys.readouterr().err == (f"error: --cache-dir {tmp_path / 'cache'}: is a file; expected a folder (it is "
+                                       "created if missing)\n")
+    assert demo.main(["--cache-dir", str(tmp_path / "cache" / "below")]) == 1  # a parent that is a file
+    assert capsys.readouterr().err.startswith(f"error: --cache-dir {tmp_path / 'cache' / 'below'}: cannot be written (")
+
+
+@pytest.mark.parametrize("size", ["-1", "0", "1e-10", "inf", "nan"])
+def test_convert_refuses_a_shard_size_that_is_no_size(official_dir, tmp_path, size, capsys):
+    from points.tooling import convert
+
+    with pytest.raises(SystemExit) as e:
+        convert.main([str(official_dir), str(tmp_path / "out"), "--max-shard-gb", size])
+    assert e.value.code == 2 and "--max-shard-gb" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_demo_with_an_unreadable_image(tmp_path, capsys):
+    from points.tooling import demo
+
+    assert demo.main(["--cache-dir", str(tmp_path / "c"), "--image", str(tmp_path / "missing.jpg")]) == 2
+    assert capsys.readouterr().err == f"error: --image {tmp_path / 'missing.jpg'}: file not found\n"
+    assert not (tmp_path / "c").exists()  # refused before the demo checkpoint is written

@@ -1,12 +1,16 @@
-"""Building a directory atomically: in a hidden sibling `.NAME.partial-PID`, renamed into place at the end.
+"""Writing files so that nothing is half-written: directories built in a hidden sibling, files renamed
+into place, shards with the reader's usual permissions, one-line errors for a full disk.
 
-    with partial_dir(dst) as tmp:
-        ...write into tmp...
+    with partial_dir(dst) as tmp:          # a hidden sibling `.NAME.partial-PID`
+        ...write into tmp...                 # save_tensors(tensors, tmp / "x.safetensors")
         os.rename(tmp, dst)
 
 On any failure the sibling is removed, SIGTERM included (while the block runs, SIGTERM is turned into
 `Terminated`, an exception, so that the cleanup runs; the earlier handler is restored afterwards). Siblings
-left by processes that no longer exist (SIGKILL, a power cut) are removed when the next one starts.
+left by processes that no longer exist (SIGKILL, a power cut) are removed when the next one starts, for any
+destination in the same folder. `save_tensors` writes a safetensors file with the mode the process umask
+gives new files (safetensors' own writer leaves 0600) and turns a failed write (a full disk) into a
+`WriteError` naming the file. `write_text_atomically` replaces a file whole or not at all.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+
+from points.errors import WriteError
 
 
 class Terminated(BaseException):
@@ -35,8 +41,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_partials(dst: Path) -> list[Path]:
-    """Remove `.NAME.partial-PID` siblings of `dst` whose process is gone; return them."""
-    pattern = re.compile(rf"\.{re.escape(dst.name)}\.partial-(\d+)")
+    """Remove the `.NAME.partial-PID` folders beside `dst` (any NAME) whose process is gone; return them."""
+    pattern = re.compile(r"\..+\.partial-(\d+)")
     removed = []
     try:
         siblings = list(dst.parent.iterdir())
@@ -44,7 +50,7 @@ def remove_stale_partials(dst: Path) -> list[Path]:
         return removed
     for p in siblings:
         m = pattern.fullmatch(p.name)
-        if m and int(m[1]) != os.getpid() and not _alive(int(m[1])):
+        if m and p.is_dir() and not p.is_symlink() and int(m[1]) != os.getpid() and not _alive(int(m[1])):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
@@ -55,17 +61,87 @@ def _raise_terminated(signum, frame):
 
 
 @contextmanager
+def sigterm_raises():
+    """While the block runs (in the main thread), SIGTERM raises `Terminated`, so that cleanups run."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
+    try:
+        yield
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
 def partial_dir(dst: Path):
     dst = Path(dst)
     remove_stale_partials(dst)
     tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main else None
+    with sigterm_raises():
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _umask() -> int:
+    try:  # Linux: read it without changing it (os.umask sets it, which races with other threads)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def file_mode() -> int:
+    """The mode `open()` gives a new file under the process umask (0644 under the usual 022)."""
+    return 0o666 & ~_umask()
+
+
+def save_tensors(tensors: dict, path: Path, metadata: dict[str, str] | None = None) -> None:
+    """`safetensors.torch.save_file` with the umask's file mode; a failed write raises `WriteError`."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        save_file(tensors, str(path), metadata=metadata)
+        os.chmod(path, file_mode())
+    except (OSError, SafetensorError) as e:
+        raise WriteError(path, e) from None
+
+
+@contextmanager
+def writing(path: Path):
+    """An OSError raised while the block writes `path` becomes a `WriteError` naming it."""
+    try:
+        yield
+    except WriteError:
         raise
+    except OSError as e:
+        raise WriteError(path, e) from None
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """`path` replaced whole (written under a temporary name, fsynced, renamed) or left as it was; a failed
+    write raises `WriteError`."""
+    write_bytes_atomically(path, text.encode("utf-8"))
+
+
+def write_bytes_atomically(path: Path, data: bytes) -> None:
+    """As `write_text_atomically`, for bytes."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise WriteError(path, e) from None
     finally:
-        if main:
-            signal.signal(signal.SIGTERM, previous)
+        tmp.unlink(missing_ok=True)

@@ -7,6 +7,12 @@
 N = h * w / 4 for an image resized to a grid of h x w patches. No system prompt unless the conversation
 brings one (an extension: rendered as a ChatML system block); without one the prompt is exactly the
 reference's.
+
+The prompt is kept as parts: the template's markers (special tokens) apart from plain text (the roles, the
+messages' text, the newlines), so that a message's text is tokenized as text whatever it contains
+(`<|im_end|>` typed by a user is characters, not the end of a turn). Neighbouring plain pieces are joined
+before tokenizing, so a conversation without special-token strings gets exactly the ids of the whole
+rendered text, as the reference tokenizes it.
 """
 
 from __future__ import annotations
@@ -23,9 +29,38 @@ ROLES = ("system", "user", "assistant")
 
 @dataclass
 class Prompt:
-    text: str
+    parts: list[tuple[str, bool]]  # (text, is_marker): markers are special tokens, the rest plain text
     pixel_values: torch.Tensor | None  # [N, 1176] float32, all images in prompt order
     grid_thw: torch.Tensor | None  # [n_images, 3] int64
+
+    @property
+    def text(self) -> str:
+        """The rendered prompt (markers and text alike as characters)."""
+        return "".join(t for t, _ in self.parts)
+
+    def token_ids(self, tokenizer) -> list[int]:
+        """Markers as their special tokens, everything else as plain text."""
+        return [i for t, marker in self.parts for i in tokenizer.encode(t, special=marker)]
+
+
+class ImageError(ValueError):
+    """An image of the conversation cannot be used: `where` (messages[i].content[j]) and `reason` (the
+    processor's message, which names the file)."""
+
+    def __init__(self, where: str, reason: str):
+        self.where, self.reason = where, reason
+        super().__init__(f"{where}: {reason}")
+
+
+class _Parts(list):
+    def text(self, s: str) -> None:
+        if self and not self[-1][1]:
+            self[-1] = (self[-1][0] + s, False)
+        elif s:
+            self.append((s, False))
+
+    def marker(self, s: str) -> None:
+        self.append((s, True))
 
 
 def _items(message: dict, i: int) -> list[dict]:
@@ -50,7 +85,7 @@ def _items(message: dict, i: int) -> list[dict]:
 def build_prompt(messages: list[dict], processor: ImageProcessor) -> Prompt:
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages: expected a non-empty list of {'role': ..., 'content': ...} dicts")
-    parts, pixels, grids = [], [], []
+    parts, pixels, grids = _Parts(), [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"messages[{i}]: expected a dict with 'role' and 'content', got {m!r:.80}")
@@ -58,24 +93,28 @@ def build_prompt(messages: list[dict], processor: ImageProcessor) -> Prompt:
             raise ValueError(f"messages[{i}].role = {m['role']!r}; expected one of {ROLES}")
         if m["role"] == "system" and i != 0:
             raise ValueError(f"messages[{i}]: a system message may only come first")
-        parts.append(f"{IM_START}{m['role']}\n")
+        parts.marker(IM_START)
+        parts.text(f"{m['role']}\n")
         for j, item in enumerate(_items(m, i)):
             if item["type"] == "text":
-                parts.append(item["text"])
+                parts.text(item["text"])
                 continue
             if m["role"] == "system":
                 raise ValueError(f"messages[{i}].content[{j}]: a system message cannot hold images")
             try:
                 pv, grid = processor(item["image"])
             except ValueError as e:
-                raise ValueError(f"messages[{i}].content[{j}]: {e}") from None
+                raise ImageError(f"messages[{i}].content[{j}]", str(e)) from None
             pixels.append(pv)
             grids.append(grid)
-            parts.append(f"{VISION_START}{IMAGE_PAD * processor.tokens(grid)}{VISION_END}\n")
-        parts.append(f"{IM_END}\n")
+            parts.marker(f"{VISION_START}{IMAGE_PAD * processor.tokens(grid)}{VISION_END}")
+            parts.text("\n")
+        parts.marker(IM_END)
+        parts.text("\n")
     last = messages[-1]["role"]
     if last != "user":
         raise ValueError(f"messages: the last message must come from the user (to be answered), not {last!r}")
-    parts.append(f"{IM_START}assistant\n")
-    return Prompt("".join(parts), torch.cat(pixels) if pixels else None,
+    parts.marker(IM_START)
+    parts.text("assistant\n")
+    return Prompt(list(parts), torch.cat(pixels) if pixels else None,
                   torch.tensor(grids, dtype=torch.long) if grids else None)

@@ -39,12 +39,11 @@ from typing import Callable, Iterable, Iterator
 import torch
 from einops import rearrange
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch.overrides import TorchFunctionMode
 
-from points.errors import CheckpointError
-from points.io.atomic import partial_dir
-from points.io.config import read_config, read_quantization, to_dict
+from points.errors import CheckpointError, WriteError
+from points.io.atomic import partial_dir, save_tensors, writing
+from points.io.config import absent_shape_fields, read_config, read_quantization, to_dict
 from points.io.progress import Progress
 from points.model.config import ModelConfig
 
@@ -338,9 +337,12 @@ def is_dropped(name: str) -> bool:
     return name.startswith(DROPPED_PREFIXES) or name.endswith(DROPPED_SUFFIXES)
 
 
-def check(entries: list[Entry], files: TensorFiles) -> None:
-    """Strict agreement of the plan with the files, from headers alone (no tensor data read)."""
+def check(entries: list[Entry], files: TensorFiles, absent: list[str] = ()) -> None:
+    """Strict agreement of the plan with the files, from headers alone (no tensor data read). `absent`: the
+    config.json fields the file leaves out, named in a mismatch (their defaults shaped what was expected)."""
     names = files.names
+    note = (f"; config.json leaves out {_few(list(absent))}, so the class defaults shaped what was expected"
+            if absent else "")
     wanted, integer = {}, set()
     for e in entries:
         wanted.update(zip(e.sources, e.source_shapes))
@@ -349,16 +351,16 @@ def check(entries: list[Entry], files: TensorFiles) -> None:
     missing = [n for n in wanted if n not in names]
     if missing:
         raise CheckpointError(f"{files.directory}: missing tensor(s) {_few(missing)}; expected e.g. {missing[0]} "
-                              f"of shape {list(wanted[missing[0]])}")
+                              f"of shape {list(wanted[missing[0]])}{note}")
     extra = sorted(n for n in names if n not in wanted and not is_dropped(n))
     if extra:
         raise CheckpointError(f"{files.directory}: unexpected tensor(s) {_few(extra)} (in {files.where(extra[0]).name}); "
-                              "this model has no parameter for them")
+                              f"this model has no parameter for them{note}")
     for name, shape in wanted.items():
         found = files.shape(name)
         if found != shape:
             raise CheckpointError(f"{files.where(name)}: tensor {name} has shape {list(found)}, "
-                                  f"expected {list(shape)} from config.json")
+                                  f"expected {list(shape)} from config.json{note}")
         if name in integer:
             if files.dtype_name(name) != "I8":
                 raise CheckpointError(f"{files.where(name)}: tensor {name} is {files.dtype_name(name)}; config.json "
@@ -388,7 +390,7 @@ def _open(directory: str | Path) -> tuple[ModelConfig, TensorFiles, list[Entry]]
     cfg, naming = read_config(directory)
     files = TensorFiles(directory)
     entries = plan(cfg, naming, files.names, read_quantization(directory) if naming == "points" else None)
-    check(entries, files)
+    check(entries, files, absent_shape_fields(directory))
     return cfg, files, entries
 
 
@@ -575,11 +577,13 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | str | None
 
     Atomic: everything is written into a temporary sibling directory that is renamed to `dst` only when
     complete; on any failure it is removed and `dst` does not exist."""
-    from points.runtime.quantize import check_scheme, quantize_int8
+    from points.runtime.quantize import check_scheme
 
     src, dst = Path(src), Path(dst)
     if dst.exists():
         raise CheckpointError(f"{dst}: already exists; converting never overwrites (remove it or pick another DST)")
+    if not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool) or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes = {max_shard_bytes!r}: expected an integer >= 1")
     if quantize is not None:
         check_scheme(quantize)
     elif quantize_lm_head:
@@ -591,38 +595,57 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | str | None
                               "instead (quantizing twice would only add error)")
     quantization = {"scheme": quantize, "lm_head": quantize_lm_head} if quantize else stored
     to_quantize = set(quantized_weights(cfg, quantization)) if quantize else set()
-    with partial_dir(dst) as tmp:
-        dtype = resolve_dtype(dtype, files, entries)
-        shards = _shard(entries, dtype, max_shard_bytes)
-        total = sum(_nbytes(e.shape, e.dtype or dtype) for e in entries)
-        tmp.mkdir(parents=True)
-        bar = Progress(f"converting {src.name}", len(entries), total, enabled=progress)
-        weight_map = {}
-        built = _built(entries, files, dtype, torch.device("cpu"))
-        for i, shard in enumerate(shards):  # one shard's tensors in memory at a time
-            fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            tensors = {}
-            for _ in shard:
-                e, t = next(built)
-                bar.update(t.nbytes)
-                if e.target in to_quantize:
-                    t, tensors[e.target.removesuffix("weight") + "scale"] = quantize_int8(t)
-                tensors[e.target] = t
-            weight_map.update(dict.fromkeys(tensors, fname))
-            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-            del tensors
-        bar.close()
-        size = sum(_nbytes(e.shape, e.dtype or dtype) for e in plan(cfg, "points", (), quantization))
-        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}, indent=1))
-        config = to_dict(cfg) | {"dtype": str(dtype).removeprefix("torch.")}
-        if quantization:
-            config["quantization"] = quantization
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        for name in CARRIED_FILES:
-            if (src / name).is_file():
-                shutil.copy2(src / name, tmp / name)
-        os.rename(tmp, dst)
+    tmp = None
+    try:
+        with partial_dir(dst) as tmp:
+            _write_converted(src, tmp, cfg, files, entries, dtype, max_shard_bytes, progress, quantization, to_quantize)
+            os.rename(tmp, dst)
+    except WriteError as e:  # a full disk, a read-only folder: the partial folder is gone by now
+        where = Path(e.path)
+        if tmp is not None and where.is_relative_to(tmp):
+            where = dst / where.relative_to(tmp)
+        raise WriteError(where, e, f"; nothing was left at {dst}") from None
     return dst
+
+
+def _write_converted(src: Path, tmp: Path, cfg: ModelConfig, files: TensorFiles, entries: list[Entry], dtype,
+                     max_shard_bytes: int, progress: bool | None, quantization: dict | None, to_quantize: set) -> None:
+    """`convert`'s files, written into the folder `tmp` (raises WriteError naming the file that failed)."""
+    from points.runtime.quantize import quantize_int8
+
+    dtype = resolve_dtype(dtype, files, entries)
+    shards = _shard(entries, dtype, max_shard_bytes)
+    total = sum(_nbytes(e.shape, e.dtype or dtype) for e in entries)
+    with writing(tmp):
+        tmp.mkdir(parents=True)
+    bar = Progress(f"converting {src.name}", len(entries), total, enabled=progress)
+    weight_map = {}
+    built = _built(entries, files, dtype, torch.device("cpu"))
+    for i, shard in enumerate(shards):  # one shard's tensors in memory at a time
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for _ in shard:
+            e, t = next(built)
+            bar.update(t.nbytes)
+            if e.target in to_quantize:
+                t, tensors[e.target.removesuffix("weight") + "scale"] = quantize_int8(t)
+            tensors[e.target] = t
+        weight_map.update(dict.fromkeys(tensors, fname))
+        save_tensors(tensors, tmp / fname, metadata={"format": "pt"})
+        del tensors
+    bar.close()
+    size = sum(_nbytes(e.shape, e.dtype or dtype) for e in plan(cfg, "points", (), quantization))
+    config = to_dict(cfg) | {"dtype": str(dtype).removeprefix("torch.")}
+    if quantization:
+        config["quantization"] = quantization
+    for name, text in ((INDEX, json.dumps({"metadata": {"total_size": size}, "weight_map": weight_map}, indent=1)),
+                       ("config.json", json.dumps(config, indent=2))):
+        with writing(tmp / name):
+            (tmp / name).write_text(text)
+    for name in CARRIED_FILES:
+        if (src / name).is_file():
+            with writing(tmp / name):
+                shutil.copyfile(src / name, tmp / name)
 
 
 def _shard(entries: list[Entry], dtype: torch.dtype, max_bytes: int) -> list[list[Entry]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from points.errors import CheckpointError
-from points.model.config import DecoderConfig, ModelConfig, VisionConfig
+from points.model.config import ConfigError, DecoderConfig, ModelConfig, VisionConfig
 
 FORMAT = "points"
 FORMAT_VERSION = 2  # 2: the MLP's fused projection is `mlp.up_gate`, rows [up; gate] (1: gate_up, [gate; up])
@@ -56,7 +56,39 @@ def _exact(kind, d: dict, key: str, where: str):
     unknown = sorted(section.keys() - names)
     if unknown:
         raise CheckpointError(f"{where}: {key} has unknown field(s) {', '.join(unknown)}")
-    return kind(**section)
+    try:
+        return kind(**section)
+    except ConfigError as e:
+        raise CheckpointError(e.render({n: f"{key}.{n} = {{value}}" for n in names}, where)) from None
+
+
+# what the modules' fields are called in each vocabulary of the released config.json (the same name if absent)
+CUSTOM_LLAMA_NAMES = dict(n_layers="num_layers", n_heads="num_attention_heads", n_kv_heads="num_kv_heads",
+                          ffn_size="ffn_hidden_size", norm_eps="layernorm_epsilon", rope_theta="rotary_emb_base",
+                          rope_scale="rotary_compress", max_seq_len="max_position_embeddings",
+                          qkv_bias="qkv_proj_bias", out_bias="out_proj_bias", ffn_up_bias="mlp_fc1_bias",
+                          ffn_down_bias="mlp_fc2_bias")
+QWEN2_NAMES = dict(n_layers="num_hidden_layers", n_heads="num_attention_heads", n_kv_heads="num_key_value_heads",
+                   ffn_size="intermediate_size", norm_eps="rms_norm_eps", max_seq_len="max_position_embeddings")
+VISION_NAMES = dict(n_heads="num_heads")
+
+
+def file_names(kind, names: dict[str, str], key: str, section: dict) -> dict[str, str]:
+    """Each field of `kind` as config.json spells it (`llm_config.num_layers = {value}`), marked when the file
+    leaves it out (the writing class's default was used)."""
+    out = {}
+    for f in dataclasses.fields(kind):
+        theirs = names.get(f.name, f.name)
+        note = "" if theirs in section else " (absent from the file: the class default)"
+        out[f.name] = f"{key}.{theirs} = {{value}}{note}"
+    return out
+
+
+def _built(kind, names: dict[str, str], key: str, section: dict, where: str, **values):
+    try:
+        return kind(**values)
+    except ConfigError as e:
+        raise CheckpointError(e.render(file_names(kind, names, key, section), where)) from None
 
 
 # --------------------------------------------------------------------------- the released config.json
@@ -91,7 +123,7 @@ def _require(field: str, value: Any, allowed: tuple, where: str, absent: bool) -
         raise CheckpointError(f"{where}: {field} = {value!r}{note} is not supported; expected one of {allowed}")
 
 
-def _custom_llama(llm: dict, where: str) -> DecoderConfig:
+def _custom_llama(llm: dict, where: str, file: str) -> DecoderConfig:
     get = lambda k: llm.get(k, CUSTOM_LLAMA_DEFAULTS[k])  # noqa: E731
     norm_type = get("norm_type")
     if "rms_norm" in llm and llm["rms_norm"] is not None:  # boolean override of the config class
@@ -101,7 +133,10 @@ def _custom_llama(llm: dict, where: str) -> DecoderConfig:
     _require("rotary_pct", float(get("rotary_pct")), (1.0,), where, "rotary_pct" not in llm)
     # the config class builds its layers from num_layers and overwrites num_hidden_layers with it
     n_layers = llm.get("num_layers", llm.get("num_hidden_layers", CUSTOM_LLAMA_DEFAULTS["num_layers"]))
-    return DecoderConfig(
+    names = CUSTOM_LLAMA_NAMES | ({"n_layers": "num_hidden_layers"} if "num_layers" not in llm and
+                                  "num_hidden_layers" in llm else {})
+    return _built(
+        DecoderConfig, names, "llm_config", llm, file,
         vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), n_layers=n_layers,
         n_heads=get("num_attention_heads"), n_kv_heads=get("num_kv_heads"), ffn_size=get("ffn_hidden_size"),
         norm_eps=get("layernorm_epsilon"), rope_theta=float(get("rotary_emb_base")),
@@ -110,7 +145,7 @@ def _custom_llama(llm: dict, where: str) -> DecoderConfig:
         ffn_up_bias=get("mlp_fc1_bias"), ffn_down_bias=get("mlp_fc2_bias"))
 
 
-def _qwen2(llm: dict, where: str) -> DecoderConfig:
+def _qwen2(llm: dict, where: str, file: str) -> DecoderConfig:
     get = lambda k: llm.get(k, QWEN2_DEFAULTS[k])  # noqa: E731
     _require("hidden_act", get("hidden_act"), ("silu",), where, "hidden_act" not in llm)
     _require("use_sliding_window", get("use_sliding_window"), (False,), where, False)
@@ -120,7 +155,8 @@ def _qwen2(llm: dict, where: str) -> DecoderConfig:
     _require("rope_type", rope.get("rope_type", "default"), ("default",), where, False)
     _require("rope_scaling", get("rope_scaling"), (None,), where, False)
     heads = get("num_attention_heads")
-    return DecoderConfig(
+    return _built(
+        DecoderConfig, QWEN2_NAMES, "llm_config", llm, file,
         vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), n_layers=get("num_hidden_layers"),
         n_heads=heads, n_kv_heads=get("num_key_value_heads") or heads, ffn_size=get("intermediate_size"),
         norm_eps=get("rms_norm_eps"), rope_theta=float(theta), rope_scale=1.0,
@@ -128,10 +164,12 @@ def _qwen2(llm: dict, where: str) -> DecoderConfig:
         ffn_up_bias=False, ffn_down_bias=False)
 
 
-def _vision(vc: dict, where: str) -> VisionConfig:
+def _vision(vc: dict, where: str, file: str) -> VisionConfig:
     get = lambda k: vc.get(k, QWEN2VL_VISION_DEFAULTS[k])  # noqa: E731
     _require("hidden_act", get("hidden_act"), ("quick_gelu",), where, "hidden_act" not in vc)
-    return VisionConfig(
+    names = VISION_NAMES | ({"in_channels": "in_chans"} if "in_chans" in vc and "in_channels" not in vc else {})
+    return _built(
+        VisionConfig, names, "vision_config", vc, file,
         depth=get("depth"), embed_dim=get("embed_dim"), n_heads=get("num_heads"),
         mlp_ratio=float(get("mlp_ratio")), patch_size=get("patch_size"),
         temporal_patch_size=get("temporal_patch_size"), spatial_merge_size=get("spatial_merge_size"),
@@ -158,8 +196,8 @@ def from_hf_dict(d: dict, where: str = "config.json") -> ModelConfig:
             raise CheckpointError(f"{where}: missing required section {key!r} (a POINTS-1.5 config has both "
                                   "llm_config and vision_config)")
     llm = d["llm_config"]
-    decoder = (_custom_llama if llm_naming(llm) == "custom_llama" else _qwen2)(llm, f"{where}: llm_config")
-    return ModelConfig(decoder=decoder, vision=_vision(d["vision_config"], f"{where}: vision_config"))
+    decoder = (_custom_llama if llm_naming(llm) == "custom_llama" else _qwen2)(llm, f"{where}: llm_config", where)
+    return ModelConfig(decoder=decoder, vision=_vision(d["vision_config"], f"{where}: vision_config", where))
 
 
 QUANT_SCHEMES = ("int8",)
@@ -180,13 +218,45 @@ def read_quantization(directory: str | Path) -> dict | None:
     return q
 
 
+def absent_shape_fields(directory: str | Path) -> list[str]:
+    """The fields of a released config.json that shape tensors and that the file leaves out (so the writing
+    class's defaults shaped the expected tensors), dotted in the file's own names; [] for our layout."""
+    d = json.loads((Path(directory) / "config.json").read_text())
+    if not isinstance(d, dict) or d.get("format") == FORMAT:
+        return []
+    llm, vc = d.get("llm_config") or {}, d.get("vision_config") or {}
+    if llm_naming(llm) == "custom_llama":
+        fields = ["vocab_size", "hidden_size", "num_attention_heads", "num_kv_heads", "ffn_hidden_size",
+                  "qkv_proj_bias", "out_proj_bias", "mlp_fc1_bias", "mlp_fc2_bias"]
+        fields += [] if "num_hidden_layers" in llm else ["num_layers"]  # either one gives the layer count
+    else:
+        fields = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "intermediate_size"]
+    out = [f"llm_config.{k}" for k in fields if k not in llm]
+    out += [f"vision_config.{k}" for k in ("depth", "embed_dim", "num_heads", "mlp_ratio", "patch_size",
+                                          "temporal_patch_size", "spatial_merge_size") if k not in vc]
+    if "in_channels" not in vc and "in_chans" not in vc:
+        out.append("vision_config.in_channels")
+    return out
+
+
+def checkpoint_dir(directory: str | Path) -> Path:
+    """`directory` as a Path, once it is known to be a directory (else CheckpointError saying what it is)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        what = "is a file, not a directory" if directory.exists() else "does not exist"
+        raise CheckpointError(f"{directory}: {what}; expected a checkpoint directory (config.json, tokenizer.json "
+                              "and the safetensors weights)")
+    return directory
+
+
 def read_config(directory: str | Path) -> tuple[ModelConfig, str]:
     """Read `config.json` of a checkpoint directory.
 
     Returns the config and the tensor naming the directory uses: 'points' (our layout),
     'custom_llama' (the released 7B checkpoint) or 'qwen2' (later POINTS releases).
     """
-    path = Path(directory) / "config.json"
+    path = checkpoint_dir(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; a POINTS checkpoint directory holds config.json")
     try:

@@ -58,6 +58,11 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MI
     return h, w
 
 
+def is_url(text: str) -> bool:
+    """`http://...`, `https://...`, `file://...` or any other `scheme://` (never read as a path)."""
+    return re.match(r"[A-Za-z][A-Za-z0-9+.-]*://", text) is not None
+
+
 def open_image(image) -> Image.Image:
     """A path, pathlib.Path, bytes or PIL image -> PIL image (first frame of an animation), RGB.
 
@@ -66,6 +71,8 @@ def open_image(image) -> Image.Image:
     scaled to 8 bits (the reference's convert("RGB") clips it to white); alpha is dropped, not composited."""
     if isinstance(image, Image.Image):
         img = image
+    elif isinstance(image, str) and is_url(image):
+        raise ValueError(f"{image}: URLs are not fetched; download the file first and give its path")
     elif isinstance(image, (str, Path, bytes, bytearray)):
         source = io.BytesIO(image) if isinstance(image, (bytes, bytearray)) else image
         name = "image bytes" if isinstance(image, (bytes, bytearray)) else str(image)

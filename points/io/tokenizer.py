@@ -1,8 +1,13 @@
 """The tokenizer: a thin wrapper over `tokenizers.Tokenizer` reading the checkpoint's tokenizer.json.
 
-Special tokens are looked up by their strings, never by hard-coded ids. Decoding drops only the tokens
-tokenizer.json marks `special` (as the reference's skip_special_tokens does): in Qwen2.5, <tool_call> ..
-<|file_sep|> are added but not special, so they stay in the text.
+Special tokens are looked up by their strings, never by hard-coded ids. Text is text: `encode(text)` gives a
+special token's string (`<|im_end|>`, `<|image_pad|>`, ...) the ids of its characters, so that what a user
+writes can never forge a chat turn or an image slot; only the chat template's own markers
+(`encode(marker, special=True)`, points.io.chat) become special tokens. The reference code parses them in
+user text too (a deliberate difference, see README). Tokens that tokenizer.json adds without marking them
+`special` (in Qwen2.5 <tool_call> .. <|file_sep|>) are ordinary vocabulary and stay whole either way.
+Decoding drops only the tokens marked `special` (as the reference's skip_special_tokens does), so those
+added ones stay in the text.
 """
 
 from __future__ import annotations
@@ -32,13 +37,17 @@ class Tokenizer:
         missing = [s for s in REQUIRED if self._tok.token_to_id(s) is None]
         if missing:
             raise CheckpointError(f"{path}: has no token(s) {', '.join(missing)}; not a Qwen2.5 tokenizer")
+        # the same vocabulary with special-token strings read as plain characters (encode_special_tokens)
+        self._plain = _Tokenizer.from_str(self._tok.to_str())
+        self._plain.encode_special_tokens = True
         self.ids = {s: self._tok.token_to_id(s) for s in REQUIRED}
         self.im_end_id, self.eos_id = self.ids[IM_END], self.ids[END_OF_TEXT]
         self.image_pad_id = self.ids[IMAGE_PAD]
 
-    def encode(self, text: str) -> list[int]:
-        """Text -> ids; special-token strings in the text become their ids; no BOS is added."""
-        return self._tok.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, *, special: bool = False) -> list[int]:
+        """Text -> ids, no BOS added. special=False (user text): special-token strings are plain characters;
+        special=True (the chat template's markers): they become their ids."""
+        return (self._tok if special else self._plain).encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=True)

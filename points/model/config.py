@@ -16,6 +16,22 @@ from dataclasses import dataclass
 from points.errors import CheckpointError
 
 
+class ConfigError(CheckpointError):
+    """A value the modules cannot be built from. `values` holds the fields involved (this module's names) and
+    `template` says what is wrong with `{field}` where each is named: `render` spells them in a config file's
+    own names (points.io.config does, so that the message names what the file says)."""
+
+    def __init__(self, section: str, template: str, **values):
+        self.section, self.template, self.values = section, template, values
+        super().__init__(self.render())
+
+    def render(self, names: dict[str, str] | None = None, where: str | None = None) -> str:
+        """names: this module's field -> how to spell it, a pattern with {value} (default "field = {value}")."""
+        names = names or {}
+        spelled = {k: names.get(k, f"{k} = {{value}}").format(value=repr(v)) for k, v in self.values.items()}
+        return f"{where if where is not None else self.section}: {self.template.format(**spelled)}"
+
+
 @dataclass(frozen=True)
 class DecoderConfig:
     vocab_size: int
@@ -40,13 +56,14 @@ class DecoderConfig:
     def __post_init__(self):
         _validate(self, "decoder")
         if self.hidden_size % self.n_heads:
-            raise CheckpointError(
-                f"decoder: hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
+            raise ConfigError("decoder", "{hidden_size} is not divisible by {n_heads}", hidden_size=self.hidden_size,
+                              n_heads=self.n_heads)
         if self.n_heads % self.n_kv_heads:
-            raise CheckpointError(
-                f"decoder: n_heads {self.n_heads} is not a multiple of n_kv_heads {self.n_kv_heads}")
+            raise ConfigError("decoder", "{n_heads} is not a multiple of {n_kv_heads}", n_heads=self.n_heads,
+                              n_kv_heads=self.n_kv_heads)
         if self.head_dim % 2:
-            raise CheckpointError(f"decoder: head_dim {self.head_dim} must be even for rotary embeddings")
+            raise ConfigError("decoder", f"{{hidden_size}} / {{n_heads}} gives head_dim {self.head_dim}, which must be "
+                              "even for rotary embeddings", hidden_size=self.hidden_size, n_heads=self.n_heads)
 
 
 @dataclass(frozen=True)
@@ -77,10 +94,11 @@ class VisionConfig:
     def __post_init__(self):
         _validate(self, "vision")
         if self.embed_dim % self.n_heads:
-            raise CheckpointError(
-                f"vision: embed_dim {self.embed_dim} is not divisible by n_heads {self.n_heads}")
+            raise ConfigError("vision", "{embed_dim} is not divisible by {n_heads}", embed_dim=self.embed_dim,
+                              n_heads=self.n_heads)
         if self.head_dim % 4:
-            raise CheckpointError(f"vision: head_dim {self.head_dim} must be a multiple of 4 (2-D rotary)")
+            raise ConfigError("vision", f"{{embed_dim}} / {{n_heads}} gives head_dim {self.head_dim}, which must be a "
+                              "multiple of 4 (2-D rotary)", embed_dim=self.embed_dim, n_heads=self.n_heads)
 
 
 @dataclass(frozen=True)
@@ -103,4 +121,4 @@ def _validate(cfg, section: str) -> None:
               "bool": isinstance(v, bool)}[want]
         if not ok:
             expected = {"int": "a positive integer", "float": "a positive number", "bool": "true or false"}[want]
-            raise CheckpointError(f"{section}: field {f.name} = {v!r}, expected {expected}")
+            raise ConfigError(section, f"{{{f.name}}}: expected {expected}", **{f.name: v})

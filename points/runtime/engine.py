@@ -20,7 +20,8 @@ This is the one prefill/decode loop of the project: generation, `points bench`, 
 
 from __future__ import annotations
 
-from typing import Iterator
+import sys
+from typing import Callable, Iterator
 
 import torch
 
@@ -34,12 +35,20 @@ COMPILED_BLOCK = 256  # cache slots attention reads at a time under a compiled s
 COMPILED_GRAPHS = 64
 
 
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
 class Engine:
-    def __init__(self, decoder, *, compile: bool = False, mode: str | None = None, backend="inductor"):
+    def __init__(self, decoder, *, compile: bool = False, mode: str | None = None, backend="inductor",
+                 notice: Callable[[str], None] | None = _stderr):
         """decoder: a `points.Decoder`. compile: run the one-token step through torch.compile (mode defaults
-        to "reduce-overhead", CUDA graphs, on CUDA); `backend` is torch.compile's (tests count graphs with one)."""
+        to "reduce-overhead", CUDA graphs, on CUDA); `backend` is torch.compile's (tests count graphs with one).
+        notice: told once, before the first compiled step, that compiling takes a while (default: a line on
+        stderr; None: silent)."""
         self.decoder = decoder
         self.compiled = compile
+        self.notice, self._announced = notice, False
         self._step = self._forward_step
         if compile:
             if mode is None and decoder.embed.weight.device.type == "cuda":
@@ -81,6 +90,10 @@ class Engine:
         [B, vocab] (float32)."""
         meta = cache.reserve(1)
         if self.compiled:
+            if not self._announced and self.notice is not None:
+                self.notice("points: compiling the decode step (torch.compile): the first tokens take a while, "
+                            "then it runs fast")
+            self._announced = True
             torch.compiler.cudagraph_mark_step_begin()  # earlier steps' outputs may be overwritten
             for t in pick.buffers() if pick is not None else ():
                 torch._dynamo.mark_static_address(t, guard=False)  # read and written in place by the graph

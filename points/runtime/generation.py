@@ -24,6 +24,21 @@ from points.runtime.prefix import PrefixCache, prompt_key
 from points.runtime.sampling import Picker
 
 
+class GenerationError(ValueError):
+    """A generation setting out of its range: names the field (`field`), its value and what is expected."""
+
+    def __init__(self, field: str, value, want: str):
+        self.field, self.value, self.want = field, value, want
+        super().__init__(f"{field} = {value!r}: expected {want}")
+
+    def flag(self) -> str:
+        """The same, in the command line's words (`--seed 5: expected ...`)."""
+        return f"--{self.field.replace('_', '-')} {self.value}: expected {self.want}"
+
+
+SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed takes (negative seeds would alias positive ones)
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     max_new_tokens: int = 1024
@@ -36,9 +51,11 @@ class GenerationConfig:
 
     def __post_init__(self):
         def bad(name, want):
-            raise ValueError(f"{name} = {getattr(self, name)!r}: expected {want}")
+            raise GenerationError(name, getattr(self, name), want)
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
+        if not isinstance(self.stop, (tuple, list, type(None))):
+            bad("stop", "a non-empty string or a list of them")
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
             bad("max_new_tokens", "an integer >= 1")
@@ -50,8 +67,9 @@ class GenerationConfig:
             bad("top_k", "an integer >= 0 (0 = off)")
         if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
             bad("repetition_penalty", "a number > 0 (1 = off)")
-        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
-            bad("seed", "an integer or None")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed <= SEED_MAX):
+            bad("seed", f"an integer from 0 to 2**64 - 1 ({SEED_MAX}), or None")
         if not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "a non-empty string or a list of them")
 
@@ -82,7 +100,7 @@ def prepare(tokenizer, processor, messages: list, cfg: GenerationConfig, limit: 
     """One conversation -> (prompt, token ids), checked against the context: raises ValueError naming
     `name` (an unreadable image, a prompt that leaves no room for max_new_tokens)."""
     prompt = build_prompt(messages, processor)
-    ids = tokenizer.encode(prompt.text)
+    ids = prompt.token_ids(tokenizer)
     if len(ids) + cfg.max_new_tokens > limit:
         room = limit - len(ids)
         raise ValueError(f"{name}: prompt of {len(ids)} tokens + max_new_tokens {cfg.max_new_tokens} exceeds the "

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 import time
 
@@ -12,36 +14,95 @@ from points.tooling import convert, run
 from points.tooling.run import add_generation_arguments, gen_kwargs
 
 
-def _chat(args) -> int:
-    import points
+def _check_image(flag: str, path: str) -> str | None:
+    """None if `path` is an image the processor can read, else the error line naming the flag and the path."""
+    from points.io.processor import open_image
 
     try:
+        open_image(path)
+    except ValueError as e:
+        return f"error: {flag} {e}"
+    return None
+
+
+class _StopOnInterrupt:
+    """While a reply streams in the interactive session: the first Ctrl-C asks the reply to stop after the
+    step in flight (`requested`), a second one interrupts as usual (KeyboardInterrupt)."""
+
+    def __enter__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def _chat(args) -> int:
+    import points
+    from points.io.chat import ImageError
+
+    from points.runtime.generation import GenerationConfig, GenerationError
+
+    gen = gen_kwargs(args)
+    try:
+        GenerationConfig.from_kwargs(**gen)
+    except GenerationError as e:
+        print(f"error: {e.flag()}", file=sys.stderr)
+        return 2
+    images = list(args.image or [])
+    for path in images:  # before the model loads (and before the first prompt)
+        if (error := _check_image("--image", path)) is not None:
+            print(error, file=sys.stderr)
+            return 2
+    try:
         pipe = points.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                           quantize_lm_head=args.quantize_lm_head or None, prefix_cache=not args.no_prefix_cache)
+                           quantize_lm_head=args.quantize_lm_head or None, prefix_cache=not args.no_prefix_cache,
+                           compile=args.compile)
     except (points.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    gen = gen_kwargs(args)
-    images = list(args.image or [])
     messages: list[dict] = []
+    interactive = args.prompt is None
 
     def ask(text: str) -> bool:
         content = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": text}]
         images.clear()  # an image belongs to the turn that introduced it
         messages.append({"role": "user", "content": content})
         reused_before = pipe.prefix.reused_tokens if pipe.prefix is not None else 0
-        reply, start, first = "", time.perf_counter(), None
+        reply, start, first, stopped = "", time.perf_counter(), None, False
         try:
-            for piece in pipe.chat(messages, stream=True, **gen):
-                if first is None:
-                    first = time.perf_counter() - start
-                reply += piece
-                print(piece, end="", flush=True)
+            with _StopOnInterrupt() if interactive else contextlib.nullcontext() as stop:
+                pieces = pipe.chat(messages, stream=True, **gen)
+                try:
+                    for piece in pieces:
+                        if first is None:
+                            first = time.perf_counter() - start
+                        reply += piece
+                        print(piece, end="", flush=True)
+                        if stop is not None and stop.requested:
+                            stopped = True
+                            break
+                finally:
+                    pieces.close()
+                stopped = stopped or (stop is not None and stop.requested)
+        except ImageError as e:
+            messages.pop()
+            print(f"error: image {e.reason}", file=sys.stderr)
+            return False
         except ValueError as e:
             messages.pop()
             print(f"error: {e}", file=sys.stderr)
             return False
         print()
+        if stopped:
+            print("(reply stopped; it stays in the conversation. Ctrl-C at the prompt, or Ctrl-D, leaves)",
+                  file=sys.stderr)
         if args.verbose:
             reused = pipe.prefix.reused_tokens - reused_before if pipe.prefix is not None else 0
             print(f"(first piece after {first if first is not None else time.perf_counter() - start:.2f} s; "
@@ -49,7 +110,7 @@ def _chat(args) -> int:
         messages.append({"role": "assistant", "content": reply})
         return True
 
-    if args.prompt is not None:
+    if not interactive:
         return 0 if ask(args.prompt) else 2
     print(f"points chat: {HELP}", file=sys.stderr)
     while True:
@@ -69,6 +130,8 @@ def _chat(args) -> int:
             images.clear()
             if pipe.prefix is not None:
                 pipe.prefix.clear()
+            print("(conversation forgotten" + (", cached prefix cleared)" if pipe.prefix is not None else ")"),
+                  file=sys.stderr)
         elif command == "/help":
             print(HELP, file=sys.stderr)
         elif command == "/image":
@@ -76,10 +139,8 @@ def _chat(args) -> int:
             if not path:
                 print("usage: /image PATH (the image goes with your next message)", file=sys.stderr)
                 continue
-            try:  # checked now, not when the next message is sent
-                pipe.processor(path)
-            except ValueError as e:
-                print(f"error: {e}", file=sys.stderr)
+            if (error := _check_image("/image", path)) is not None:  # checked now, not with the next message
+                print(error, file=sys.stderr)
                 continue
             images.append(path)
             print(f"(image {path} goes with your next message)", file=sys.stderr)
@@ -107,6 +168,8 @@ def main(argv=None) -> int:
     c.add_argument("--quantize", choices=["int8"], default=None,
                    help="weight-only int8 decoder (a checkpoint converted with --quantize loads quantized anyway)")
     c.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: lm_head too")
+    c.add_argument("--compile", action="store_true", help="torch.compile the decode step (the first reply waits "
+                   "for the compiler, the later ones are faster)")
     c.add_argument("--no-prefix-cache", action="store_true",
                    help="prefill every turn from scratch (default: reuse the earlier turns' KV cache)")
     c.add_argument("--verbose", action="store_true", help="after each reply: time to its first piece, tokens reused")

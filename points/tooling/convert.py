@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from points.io.checkpoint import DTYPES, MAX_SHARD_BYTES, convert
-from points.errors import CheckpointError
+from points.errors import CheckpointError, WriteError
 from points.runtime.quantize import SCHEMES
 
 
@@ -23,11 +23,16 @@ def main(argv=None, prog: str = "points convert") -> int:
     args = p.parse_args(argv)
     if args.quantize_lm_head and not args.quantize:
         p.error("--quantize-lm-head needs --quantize")
+    if not 1 <= args.max_shard_gb * 1e9 < float("inf"):
+        p.error(f"--max-shard-gb {args.max_shard_gb:g}: expected a size in GB > 0 (at least one byte; default 5)")
     try:
         out = convert(args.src, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9),
                       quantize=args.quantize, quantize_lm_head=args.quantize_lm_head)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     print(f"wrote {out}")
     return 0

@@ -12,6 +12,7 @@ installed, else a byte-level stand-in with the same special tokens (the demo say
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -19,6 +20,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from points.errors import WriteError
+from points.io.atomic import write_bytes_atomically
 
 
 def cache_dir() -> Path:
@@ -40,9 +44,9 @@ def picture(path: Path) -> Path:
     d.rectangle([120, 170, 260, 280], fill=(180, 80, 60))
     d.polygon([(105, 175), (190, 105), (275, 175)], fill=(110, 60, 50))
     d.rectangle([175, 220, 205, 280], fill=(80, 50, 30))
-    tmp = path.with_name(path.name + ".partial")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    write_bytes_atomically(path, buf.getvalue())
     return path
 
 
@@ -56,7 +60,8 @@ def prepare(root: Path) -> tuple[Path, Path, str]:
         root.mkdir(parents=True, exist_ok=True)
         print(f"writing the demo checkpoint (random weights) to {ckpt} ...", file=sys.stderr)
         write_checkpoint(ckpt, "tiny", tokenizer=kind, seed=0)
-        (ckpt / "DEMO.json").write_text(json.dumps({"weights": "random", "shapes": "tiny", "tokenizer": kind}))
+        write_bytes_atomically(ckpt / "DEMO.json",
+                               json.dumps({"weights": "random", "shapes": "tiny", "tokenizer": kind}).encode())
     image = root / "demo-house.png"
     if not image.exists():
         picture(image)
@@ -73,7 +78,24 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import points
 
-    ckpt, image, kind = prepare(args.cache_dir or cache_dir())
+    if args.image is not None:  # checked before the demo checkpoint is written
+        from points.io.processor import open_image
+
+        try:
+            open_image(args.image)
+        except ValueError as e:
+            print(f"error: --image {e}", file=sys.stderr)
+            return 2
+    root = args.cache_dir or cache_dir()
+    flag = "--cache-dir" if args.cache_dir else "the cache folder ($POINTS_CACHE, else ~/.cache/points)"
+    if root.exists() and not root.is_dir():
+        print(f"error: {flag} {root}: is a file; expected a folder (it is created if missing)", file=sys.stderr)
+        return 2
+    try:
+        ckpt, image, kind = prepare(root)
+    except (OSError, WriteError) as e:
+        print(f"error: {flag} {root}: cannot be written ({WriteError(root, e).reason})", file=sys.stderr)
+        return 1
     image = args.image or str(image)
     print("points demo: RANDOM WEIGHTS, so the reply below is gibberish; it shows the pipeline running "
           "end to end, offline.", file=sys.stderr)

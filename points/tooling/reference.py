@@ -21,11 +21,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger, Qwen2VisionTransformerPretrainedModel
 
+from points.io.atomic import save_tensors
 from points.io.checkpoint import to_hf_state_dict
 from points.io.config import from_hf_dict
 from points.model.config import DecoderConfig, ModelConfig, VisionConfig
@@ -147,13 +147,13 @@ def save_checkpoint(directory: Path, config: dict, tensors: dict[str, torch.Tens
     (directory / "config.json").write_text(json.dumps(config, indent=1))
     names = sorted(tensors)
     if shards == 1:
-        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+        save_tensors(tensors, directory / "model.safetensors", metadata={"format": "pt"})
         return directory
     weight_map = {}
     for s in range(shards):
         fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
         part = names[s::shards]
-        save_file({k: tensors[k] for k in part}, str(directory / fname), metadata={"format": "pt"})
+        save_tensors({k: tensors[k] for k in part}, directory / fname, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, fname))
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return directory

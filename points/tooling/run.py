@@ -10,14 +10,23 @@ lines are skipped. Every line is checked before any work starts: a line that is 
 
 Output: when the run ends OUT holds one line per input id, in input order: {"id": ..., "reply": "..."}, or
 {"id": ..., "error": "..."} for an item that cannot run (an unreadable image, a prompt over the context); the
-run goes on and exits 0. It exits non-zero only when the run itself fails.
+run goes on and exits 0. It exits non-zero only when the run itself fails: 2 for bad arguments or input
+(named before any work: an OUT that is the input, a directory or in a folder that cannot be written, a
+--model that is no checkpoint directory, a device this machine lacks, a setting out of range), 1 when a
+file cannot be written (a full disk: the line names the file; the journals keep every finished item), 143
+on SIGTERM and 130 on Ctrl-C (one line each; what finished is kept).
+
+One run at a time per OUT: a run holds an exclusive lock (`fcntl.flock` on `OUT.lock`, which names its
+holder); a second run on the same OUT says who holds it and exits 2 before any work.
 
 Durability: each finished batch is appended to a journal next to OUT (`OUT.journal.<rank>`; write, flush,
 fsync), so `kill -9` at any moment loses at most the batches in flight. The same command again reads every
 journal (a last line cut short by the kill is ignored), skips the finished ids and goes on; at the end OUT is
 written whole under a temporary name and renamed, then the journals are removed (a kill between the two
-leaves journals that still hold everything, so the next run only rewrites OUT). A journal written with other
-options (model, input, generation settings) is refused rather than mixed in. A finished OUT is never read
+leaves journals that still hold everything, so the next run only rewrites OUT). The settings the records
+depend on (model, input, generation settings) are kept beside them (`OUT.journal-run.json`); records written
+with other settings are refused rather than mixed in, while a settings file with no records beside it (a
+run that failed before its first result) is simply replaced. A finished OUT is never read
 back: it carries no record of the settings that made it, so the same command after a finished run runs
 every item again. Ctrl-C stops with a one-line
 message and keeps what finished.
@@ -42,7 +51,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
+from points.errors import CheckpointError, WriteError
+from points.io.atomic import Terminated, sigterm_raises, write_text_atomically
 from points.io.checkpoint import DTYPES
+from points.io.outputs import OutputError, OutputLock, check_output
+from points.io.processor import is_url
 
 
 class RunError(ValueError):
@@ -63,7 +78,8 @@ def _absolute_images(messages, folder: Path):
     for m in messages:
         content = m.get("content") if isinstance(m, dict) else None
         for item in content if isinstance(content, list) else ():
-            if isinstance(item, dict) and item.get("type") == "image" and isinstance(item.get("image"), str):
+            if (isinstance(item, dict) and item.get("type") == "image" and isinstance(item.get("image"), str)
+                    and not is_url(item["image"])):  # a URL is left whole, for the processor to refuse
                 path = Path(item["image"]).expanduser()
                 item["image"] = str(path if path.is_absolute() else folder / path)
     return messages
@@ -128,38 +144,38 @@ def read_records(path: Path) -> list[dict]:
 
 
 class Journal:
-    """This rank's append-only journal: one JSON line per finished item, durable when `append` returns."""
+    """This rank's append-only journal: one JSON line per finished item, durable when `append` returns. A
+    failed append (a full disk) is cut off again, so the journal only ever holds whole records."""
 
     def __init__(self, path: Path):
         self.path = path
-        if path.exists():  # drop a last line cut short by a kill before appending after it
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
             data = path.read_bytes()
             keep = data.rfind(b"\n") + 1
-            if keep != len(data):
-                with open(path, "r+b") as f:
-                    f.truncate(keep)
-        self.file = open(path, "ab")
+            if keep != len(data):  # drop a last line cut short by a kill before appending after it
+                os.ftruncate(self.fd, keep)
+        except OSError as e:
+            raise WriteError(path, e) from None
 
     def append(self, records: list[dict]) -> None:
-        self.file.write(b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records))
-        self.file.flush()
-        os.fsync(self.file.fileno())
+        data = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
+        size = os.fstat(self.fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            os.fsync(self.fd)
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError:
+                pass  # a cut last line is dropped by the next run anyway
+            raise WriteError(self.path, e, "; it keeps the items finished before, and the same command resumes "
+                                           "from them once there is room") from None
 
     def close(self) -> None:
-        self.file.close()
-
-
-def write_atomically(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(line + "\n" for line in lines)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+        os.close(self.fd)
 
 
 def run_key(args, items: list[Item]) -> dict:
@@ -170,19 +186,24 @@ def run_key(args, items: list[Item]) -> dict:
 
 
 def check_meta(out: Path, key: dict, rank: int) -> None:
+    """Refuse journals written under another key; rank 0 records the key (a record with no results beside
+    it, left by a run that failed before its first result, is replaced)."""
     meta = _meta_path(out)
     if meta.exists():
         try:
             old = json.loads(meta.read_text())
         except (OSError, json.JSONDecodeError):
             old = None
-        if old != key:
+        if old == key:
+            return
+        if any(read_records(path) for path in journals(out)):
             differ = sorted(k for k in key if not isinstance(old, dict) or old.get(k) != key[k])
-            raise RunError(f"{out}: its journal ({meta.name}, {', '.join(p.name for p in journals(out))}) was "
-                           f"written by a run with other {', '.join(differ) or 'settings'}; run with the same "
-                           f"settings to resume, or delete those files to start over")
-    elif rank == 0:
-        write_atomically(meta, [json.dumps(key)])
+            files = ", ".join(p.name for p in [meta] + journals(out))
+            raise RunError(f"{out}: its journal ({files}) was written by a run with other "
+                           f"{', '.join(differ) or 'settings'}; run with the same settings to resume, or delete "
+                           "those files to start over")
+    if rank == 0:
+        write_text_atomically(meta, json.dumps(key) + "\n")
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -198,7 +219,6 @@ class Dist:
         self.device = device_arg
         self.group = False
         if self.world > 1:
-            import torch
             import torch.distributed as dist
 
             cuda = device_arg.startswith("cuda")
@@ -268,10 +288,20 @@ def batches(prepared: list[tuple[Item, int, int]], size: int) -> list[list[Item]
     return [[p[0] for p in order[i:i + size]] for i in range(0, len(order), size)]
 
 
+# what an item can raise (an unreadable image, a prompt over the context; memory for a batch too large)
+ITEM_ERRORS = (ValueError, OSError, torch.OutOfMemoryError)
+
+
+def _error(it: Item, e: Exception) -> dict:
+    name = f"item {it.id!r}: "
+    return {"id": it.id, "error": str(e) if str(e).startswith(name) else name + str(e)}
+
+
 def process(pipe, items: list[Item], cfg, batch_size: int, journal: Journal, progress: Progress | None) -> int:
     """Run `items` (this rank's share) and append every result to the journal, a batch at a time; return the
-    number of tokens generated."""
-    from points.runtime.generation import prepare, replies
+    number of tokens generated. An item's failure is that item's error record, never the run's: a batch that
+    fails runs again one item at a time."""
+    from points.runtime.generation import prepare
 
     limit = pipe.model.decoder.cfg.max_seq_len
     ok, failed = [], []
@@ -279,26 +309,42 @@ def process(pipe, items: list[Item], cfg, batch_size: int, journal: Journal, pro
         try:
             prompt, ids = prepare(pipe.tokenizer, pipe.processor, it.messages, cfg, limit, f"item {it.id!r}")
             ok.append((it, 0 if prompt.grid_thw is None else len(prompt.grid_thw), len(ids)))
-        except (ValueError, OSError) as e:
-            name = f"item {it.id!r}: "
-            failed.append({"id": it.id, "error": str(e) if str(e).startswith(name) else name + str(e)})
+        except ITEM_ERRORS as e:
+            failed.append(_error(it, e))
     if failed:
         journal.append(failed)
         if progress:
             progress.update(len(failed), 0)
     tokens = 0
     for batch in batches(ok, batch_size):
-        # prompts again, one batch at a time, so that no more than one batch of images is held
-        prepared = [prepare(pipe.tokenizer, pipe.processor, it.messages, cfg, limit, f"item {it.id!r}")
-                    for it in batch]
-        out = replies(pipe.model, pipe.tokenizer, [p for p, _ in prepared], [ids for _, ids in prepared], cfg,
-                      pipe.engine)
-        journal.append([{"id": it.id, "reply": text} for it, (text, _) in zip(batch, out)])
-        generated = sum(n for _, n in out)
+        try:
+            records, generated = _batch(pipe, batch, cfg, limit)
+        except ITEM_ERRORS:  # (an image changed since the check, say): find the item, keep the others
+            records, generated = [], 0
+            for it in batch:
+                try:
+                    one, n = _batch(pipe, [it], cfg, limit)
+                except ITEM_ERRORS as e:
+                    one, n = [_error(it, e)], 0
+                records += one
+                generated += n
+        journal.append(records)
         tokens += generated
         if progress:
             progress.update(len(batch), generated)
     return tokens
+
+
+def _batch(pipe, batch: list[Item], cfg, limit: int) -> tuple[list[dict], int]:
+    """One batch -> its reply records and the tokens generated. The prompts are built again here, one batch
+    at a time, so that no more than one batch of images is held."""
+    from points.runtime import generation
+
+    prepared = [generation.prepare(pipe.tokenizer, pipe.processor, it.messages, cfg, limit, f"item {it.id!r}")
+                for it in batch]
+    out = generation.replies(pipe.model, pipe.tokenizer, [p for p, _ in prepared], [ids for _, ids in prepared],
+                             cfg, pipe.engine)
+    return [{"id": it.id, "reply": text} for it, (text, _) in zip(batch, out)], sum(n for _, n in out)
 
 
 def finish(out: Path, items: list[Item]) -> int:
@@ -311,8 +357,13 @@ def finish(out: Path, items: list[Item]) -> int:
     missing = [it.id for it in items if it.id not in found]
     if missing:
         return len(missing)
-    write_atomically(out, [json.dumps({k: found[it.id][k] for k in ("id", "reply", "error") if k in found[it.id]},
-                                      ensure_ascii=False) for it in items])
+    lines = [json.dumps({k: found[it.id][k] for k in ("id", "reply", "error") if k in found[it.id]},
+                        ensure_ascii=False) + "\n" for it in items]
+    try:
+        write_text_atomically(out, "".join(lines))
+    except WriteError as e:
+        raise WriteError(out, e, f"; every result is kept in {', '.join(p.name for p in journals(out))}: the same "
+                                 "command writes it once there is room") from None
     for path in journals(out) + [_meta_path(out)]:
         path.unlink(missing_ok=True)
     return 0
@@ -344,55 +395,71 @@ def main(argv=None) -> int:
     if args.quantize_lm_head and not args.quantize:
         p.error("--quantize-lm-head needs --quantize int8")
     import points
-    from points.runtime.generation import GenerationConfig
+    from points.io.config import read_config
+    from points.pipeline import resolve_device
+    from points.runtime.generation import GenerationConfig, GenerationError
 
-    dist = None
     try:
-        try:
-            cfg = GenerationConfig.from_kwargs(**gen_kwargs(args))
-        except ValueError as e:
-            p.error(str(e))
-        items = read_items(args.input)
-        out = args.output
-        if not out.parent.is_dir():
-            raise RunError(f"--output {out}: folder {out.parent} does not exist")
-        dist = Dist(args.device)
-        check_meta(out, run_key(args, items), dist.rank)
-        done = {r["id"] for path in journals(out) for r in read_records(path)}
-        dist.barrier()  # every rank has read the journals before any rank appends to its own
-        remaining = [it for it in items if it.id not in done]
-        share = remaining[dist.rank::dist.world]
-        label = f"points run (rank {dist.rank} of {dist.world}): " if dist.world > 1 else "points run: "
-        if share:
-            pipe = points.load(args.model, device=dist.device, dtype=args.dtype, quantize=args.quantize,
-                               quantize_lm_head=args.quantize_lm_head or None, compile=args.compile)
-            journal = Journal(out.with_name(f"{out.name}.journal.{dist.rank}"))
-            enabled = {"auto": None, "on": True, "off": False}[args.progress]
-            progress = Progress(len(share), 0, label, enabled)
-            try:
-                process(pipe, share, cfg, args.batch_size, journal, progress)
-            finally:
-                journal.close()
-                progress.close()
-        dist.barrier()
-        if dist.rank == 0:
-            missing = finish(out, items)
-            if missing:
-                print(f"points run: {missing} item(s) have no result in the journals of {out}; run again to "
-                      f"finish them", file=sys.stderr)
-                return 1
-            errors = sum("error" in r for r in read_records(out))
-            print(f"points run: {len(items)} items -> {out} ({len(items) - len(remaining)} from an earlier run, "
-                  f"{errors} with an error)", file=sys.stderr)
-        return 0
+        cfg = GenerationConfig.from_kwargs(**gen_kwargs(args))
+    except GenerationError as e:
+        p.error(e.flag())
+    out, dist, lock = args.output, None, None
+    try:
+        with sigterm_raises():
+            # everything that can be checked is checked before any file is written
+            items = read_items(args.input)
+            check_output(out, source=args.input)
+            read_config(args.model)
+            resolve_device(args.device)  # a device this machine has
+            dist = Dist(args.device)
+            if dist.rank == 0:
+                lock = OutputLock(out).acquire()
+            dist.barrier()  # the lock is held before any rank reads or writes the journals
+            check_meta(out, run_key(args, items), dist.rank)
+            done = {r["id"] for path in journals(out) for r in read_records(path)}
+            dist.barrier()  # every rank has read the journals before any rank appends to its own
+            remaining = [it for it in items if it.id not in done]
+            share = remaining[dist.rank::dist.world]
+            label = f"points run (rank {dist.rank} of {dist.world}): " if dist.world > 1 else "points run: "
+            if share:
+                pipe = points.load(args.model, device=dist.device, dtype=args.dtype, quantize=args.quantize,
+                                   quantize_lm_head=args.quantize_lm_head or None, compile=args.compile)
+                journal = Journal(out.with_name(f"{out.name}.journal.{dist.rank}"))
+                enabled = {"auto": None, "on": True, "off": False}[args.progress]
+                progress = Progress(len(share), 0, label, enabled)
+                try:
+                    process(pipe, share, cfg, args.batch_size, journal, progress)
+                finally:
+                    journal.close()
+                    progress.close()
+            dist.barrier()
+            if dist.rank == 0:
+                missing = finish(out, items)
+                if missing:
+                    print(f"points run: {missing} item(s) have no result in the journals of {out}; run again to "
+                          f"finish them", file=sys.stderr)
+                    return 1
+                errors = sum("error" in r for r in read_records(out))
+                print(f"points run: {len(items)} items -> {out} ({len(items) - len(remaining)} from an earlier "
+                      f"run, {errors} with an error)", file=sys.stderr)
+            return 0
     except KeyboardInterrupt:
-        print(f"\npoints run: interrupted; finished items are kept in {args.output}.journal.*; the same command "
+        print(f"\npoints run: interrupted; finished items are kept in {out}.journal.*; the same command "
               f"resumes", file=sys.stderr)
         return 130
-    except (RunError, points.CheckpointError) as e:
+    except Terminated:
+        print(f"points run: terminated (SIGTERM); finished items are kept in {out}.journal.*; the same command "
+              f"resumes", file=sys.stderr)
+        return 143
+    except (RunError, CheckpointError, OutputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     finally:
+        if lock is not None:
+            lock.release()
         if dist is not None:
             dist.close()
 

@@ -23,9 +23,8 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from points.io.atomic import partial_dir
+from points.io.atomic import partial_dir, save_tensors
 from points.io.checkpoint import INDEX, MAX_SHARD_BYTES, plan
 from points.io.config import from_hf_dict
 from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor
@@ -172,7 +171,7 @@ def _fill_random(module, seed: int):
 
 
 def _save(tmp: Path, i: int, shard: dict[str, torch.Tensor]) -> list[str]:
-    save_file(shard, str(tmp / f"part-{i}.safetensors"), metadata={"format": "pt"})
+    save_tensors(shard, tmp / f"part-{i}.safetensors", metadata={"format": "pt"})
     return list(shard)
 
 
