@@ -19,7 +19,7 @@ from points.model.projector import PatchMerger
 from points.model.vision import VisionEncoder
 from points.model.vlm import POINTSModel
 from points.pipeline import Pipeline, load
-from points.runtime.cache import KVCache
+from points.model.cache import KVCache
 from points.runtime.engine import Engine
 from points.runtime.generation import GenerationConfig
 

@@ -29,6 +29,17 @@ class Encoded:
     grid_thw: torch.Tensor | None  # [n_images, 3] int64
 
 
+class CardModel(POINTSModel):
+    """`POINTSModel` with the model card's call, what `points.load` builds (its state is POINTSModel's)."""
+
+    def chat(self, messages, tokenizer, image_processor, generation_config: dict | None = None) -> str:
+        """The model card's call: `model.chat(messages, tokenizer, image_processor, generation_config)`.
+
+        Takes the card's dict (`max_new_tokens`, `temperature`, `top_p`, `num_beams=1`); temperature 0 or
+        absent means greedy, as the reference (which never sets do_sample) always decodes."""
+        return chat(self, tokenizer, image_processor, [messages], GenerationConfig.from_card(generation_config))[0]
+
+
 class Pipeline:
     """model (the math), tokenizer and processor (text and images in), engine (how the decoder is run:
     eager or compiled; `points.runtime.engine`)."""
@@ -105,8 +116,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     processor = ImageProcessor.from_dir(path)
     stored, after = quantization_steps(path, quantize, quantize_lm_head)
     cfg, state = load_state_dict(path, dtype=dtype, device=device, progress=progress)
-    model = materialize(decoder_factory(lambda: POINTSModel(cfg, tokenizer.image_pad_id, attn), stored), state, "")
+    model = materialize(decoder_factory(lambda: CardModel(cfg, tokenizer.image_pad_id), stored), state, "")
     del state
     if after is not None:
         quantize_decoder(model.decoder, after["scheme"], lm_head=after["lm_head"])
-    return Pipeline(model, tokenizer, processor, Engine(model.decoder, compile=compile), prefix_cache=prefix_cache)
+    return Pipeline(model, tokenizer, processor, Engine(model.decoder, compile=compile, attn=attn),
+                    prefix_cache=prefix_cache)

@@ -1,10 +1,12 @@
 """Decoder logits against transformers' Qwen2ForCausalLM, with weights that went through our mapping."""
 
+import dataclasses
+
 import pytest
 import torch
 
 import points
-import points.runtime.attention
+from points.model.attention import AttentionMeta
 
 LENGTHS = [1, 7, 40]
 
@@ -27,15 +29,17 @@ def test_logits_match_transformers(decoder, ref_decoder, length):
     torch.testing.assert_close(got, expected)
 
 
-def test_query_chunks_match_transformers(decoder, ref_decoder, monkeypatch):
-    """Long inputs are attended in query chunks (each reading only the keys it can see)."""
-    monkeypatch.setattr(points.runtime.attention, "QUERY_CHUNK", 4)
+def test_query_chunks_match_transformers(decoder, ref_decoder):
+    """Long inputs are attended in query chunks (each reading only the keys it can see): 4 queries a chunk
+    (the metadata's query_chunk) over a continuation of 15 tokens after 3 cached ones."""
     tokens = torch.randint(0, decoder.cfg.vocab_size, (2, 18), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(decoder(tokens), ref_decoder(tokens).logits)
         cache = decoder.new_cache(2, max_len=32)
         decoder(tokens[:, :3], meta=cache.reserve(3))
-        torch.testing.assert_close(decoder(tokens[:, 3:], meta=cache.reserve(15)), ref_decoder(tokens).logits[:, 3:])
+        meta = dataclasses.replace(cache.reserve(15), query_chunk=4)
+        torch.testing.assert_close(decoder(tokens[:, 3:], meta=meta), ref_decoder(tokens).logits[:, 3:])
+        whole = dataclasses.replace(AttentionMeta.no_cache(2, 18, tokens.device), fresh=False, query_chunk=4)
+        torch.testing.assert_close(decoder(tokens, meta=whole), ref_decoder(tokens).logits)
 
 
 def test_right_padded_rows_match_transformers(decoder, ref_decoder):
@@ -67,7 +71,7 @@ def test_embeds_input_equals_tokens(decoder):
 def test_fresh_causal_path_equals_the_masked_path():
     """A prefill from position 0 takes SDPA's causal kernel (GQA, no mask); the masked, chunked path it
     replaces (still used for continuations and ragged caches) gives the same values, across 2 chunks."""
-    from points.runtime.attention import QUERY_CHUNK, sdpa_causal
+    from points.model.attention import QUERY_CHUNK, sdpa_causal
 
     g = torch.Generator().manual_seed(11)
     T = QUERY_CHUNK + 77

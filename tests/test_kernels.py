@@ -12,9 +12,9 @@ CUDA = torch.cuda.is_available()
 triton = pytest.importorskip("triton")
 
 import points  # noqa: E402
-import points.runtime.attention  # noqa: E402
-from points.runtime.attention import use_triton, varlen_attention  # noqa: E402
 from points.kernels.flash_varlen import flash_attn_varlen  # noqa: E402
+from points.model.attention import AttentionMeta, Packing, varlen_attention  # noqa: E402
+from points.runtime.attention import use_triton  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}
@@ -126,52 +126,54 @@ def test_auto_rule():
     assert not a.auto_prefill(512, fresh=False) and not a.auto_prefill(8192, fresh=True)
 
 
-def test_auto_dispatch_follows_the_rule(monkeypatch):
-    """The vision path asks the rule with its own segment lengths (a spy records the question)."""
+def test_auto_choice_follows_the_rule(monkeypatch):
+    """The vision choice asks the rule with its frames' own lengths (a spy records the question); the
+    prefill choice with its new tokens and whether the cache was empty; one-token steps are always SDPA."""
     from points.runtime import attention as a
 
     asked = []
     monkeypatch.setattr(a, "auto_vision", lambda longest, segments: asked.append((longest, segments)) or False)
-    q = torch.randn(50, 2, 80)
-    a.varlen_attention(q, q, q, [0, 4, 21, 50], "auto")
+    assert a.vision_kernel("auto", torch.device(DEVICE), [0, 4, 21, 50]) == "sdpa"
     assert asked == [(29, 3)]
+    monkeypatch.setattr(a, "auto_prefill", lambda n, fresh: asked.append((n, fresh)) or True)
+    assert a.prefill_kernel("auto", torch.device(DEVICE), 7, False) == ("triton" if CUDA else "sdpa")
+    assert asked[-1] == (7, False) and a.prefill_kernel("triton", torch.device(DEVICE), 1, False) == "sdpa"
 
 
-def test_varlen_dispatch_agrees_with_sdpa():
+def test_varlen_kernels_agree():
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(50, 2, 80, generator=g).to(DEVICE, torch.float16) for _ in range(3))
     bounds = [0, 4, 21, 50]
-    torch.testing.assert_close(varlen_attention(q, k, v, bounds, "triton"), varlen_attention(q, k, v, bounds, "sdpa"),
-                               rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(varlen_attention(q, k, v, Packing.of(bounds, q.device, "triton")),
+                               varlen_attention(q, k, v, Packing.of(bounds, q.device, "sdpa")), rtol=2e-3, atol=2e-3)
 
 
 def test_vision_encoder_on_the_triton_path(official_dir):
-    sdpa, _ = points.load_vision(official_dir, dtype=torch.float16, device=DEVICE, attn="sdpa")
-    fast, _ = points.load_vision(official_dir, dtype=torch.float16, device=DEVICE, attn="triton")
+    vision, _ = points.load_vision(official_dir, dtype=torch.float16, device=DEVICE)
     grid = torch.tensor([[1, 4, 6], [2, 2, 2], [1, 2, 8]])
     pixels = torch.randn(48, 1176, generator=torch.Generator().manual_seed(6)).to(DEVICE)
-    torch.testing.assert_close(fast(pixels, grid), sdpa(pixels, grid), rtol=5e-3, atol=5e-3)
+    torch.testing.assert_close(vision(pixels, grid, "triton"), vision(pixels, grid), rtol=5e-3, atol=5e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @torch.no_grad()
 def test_decoder_prefill_on_the_triton_path(official_dir, dtype):
     """No cache, a ragged cached prefill, a second cached chunk, then steps: Triton prefill == SDPA prefill."""
-    ref = points.load_decoder(official_dir, dtype=dtype, device=DEVICE, attn="sdpa")
-    fast = points.load_decoder(official_dir, dtype=dtype, device=DEVICE, attn="triton")
+    model = points.load_decoder(official_dir, dtype=dtype, device=DEVICE)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
     g = torch.Generator().manual_seed(9)
     tokens = torch.randint(0, 1000, (2, 21), generator=g).to(DEVICE)
-    torch.testing.assert_close(fast(tokens), ref(tokens), **tol)
-    caches = [m.new_cache(2, max_len=48) for m in (ref, fast)]
+    torch.testing.assert_close(model(tokens, meta=AttentionMeta.no_cache(2, 21, tokens.device, "triton")),
+                               model(tokens), **tol)
+    caches = {kernel: model.new_cache(2, max_len=48) for kernel in ("sdpa", "triton")}
     n_new = torch.tensor([21, 8], device=DEVICE)
-    outs = [m(tokens, meta=c.reserve(21, n_new), last=n_new - 1) for m, c in zip((ref, fast), caches)]
+    outs = [model(tokens, meta=c.reserve(21, n_new, kernel=kernel), last=n_new - 1) for kernel, c in caches.items()]
     torch.testing.assert_close(outs[1], outs[0], **tol)
     more = torch.randint(0, 1000, (2, 5), generator=g).to(DEVICE)
-    outs = [m(more, meta=c.reserve(5)) for m, c in zip((ref, fast), caches)]
+    outs = [model(more, meta=c.reserve(5, kernel=kernel)) for kernel, c in caches.items()]
     torch.testing.assert_close(outs[1], outs[0], **tol)
     step = torch.tensor([[3], [4]], device=DEVICE)
-    outs = [m(step, meta=c.reserve(1)) for m, c in zip((ref, fast), caches)]
+    outs = [model(step, meta=c.reserve(1, kernel=kernel)) for kernel, c in caches.items()]
     torch.testing.assert_close(outs[1], outs[0], **tol)
 
 

@@ -71,7 +71,7 @@ def test_rotary_in_bfloat16_is_applied_in_float32(official_dir, device, monkeypa
     often on the same tensors."""
     import points.model.decoder as decoder_module
     from points.model.rope import inv_freq, rotary_tables
-    from points.runtime.attention import AttentionMeta
+    from points.model.attention import AttentionMeta
 
     model = points.load_decoder(official_dir, dtype=torch.bfloat16, device=device)
     attn = model.layers[1].attn
@@ -79,10 +79,10 @@ def test_rotary_in_bfloat16_is_applied_in_float32(official_dir, device, monkeypa
     attn.qkv.register_forward_hook(lambda m, i, out: seen.setdefault("qkv", out))
     real = decoder_module.causal_attention
 
-    def capture(q, k, v, meta, layer, backend):
+    def capture(q, k, v, meta, layer):
         if layer == attn.layer:
             seen["q"], seen["k"] = q, k
-        return real(q, k, v, meta, layer, backend)
+        return real(q, k, v, meta, layer)
 
     monkeypatch.setattr(decoder_module, "causal_attention", capture)
     T = 32

@@ -77,7 +77,7 @@ def test_image_identity_not_pad_tokens(pipes, monkeypatch):
     assert ids == cached.encode(b).input_ids[0].tolist()  # identical ids
     encoded = []
     real = cached.model.image_features
-    monkeypatch.setattr(cached.model, "image_features", lambda p, g: encoded.append(len(g)) or real(p, g))
+    monkeypatch.setattr(cached.model, "image_features", lambda p, g, *k: encoded.append(len(g)) or real(p, g, *k))
     _same(cached, plain, a)
     _, reused = _same(cached, plain, b)
     assert reused == start and encoded == [1, 1]

@@ -5,7 +5,7 @@ bounds' result on the Triton kernel; CUDA graphs replay the eager result (on a G
 import pytest
 import torch
 
-from points.runtime.attention import Segments
+from points.model.attention import Packing
 from points.runtime.vision import VisionRunner
 from points.tooling.synthetic import random_model
 
@@ -52,25 +52,20 @@ def test_device_segments_with_empty_tail_on_the_triton_kernel():
     """What a graph replays: bounds as an int32 device tensor padded with empty segments, the bucket as the
     longest; the Triton kernel (Triton's interpreter on the CPU) against the host bounds on SDPA (fp32)."""
     device = "cuda" if CUDA else "cpu"
-    vision = random_model("tiny", device, torch.float32, seed=3, attn="sdpa").vision
+    vision = random_model("tiny", device, torch.float32, seed=3).vision
     pixels, _ = _images([[1, 4, 6], [1, 2, 8]], seed=1)
     padded = [(1, 4, 6), (1, 2, 8), (1, 2, 12)]  # + a padding image: 64 patches
     x = torch.cat([pixels, torch.zeros(24, 1176)]).to(device)
-    rope, bounds = vision.layout(padded, device)
-    expected = vision.encode(x, rope, bounds)  # SDPA per segment
-    cu = torch.tensor(bounds + [bounds[-1]] * 4, dtype=torch.int32, device=device)
-    for block in vision.blocks:
-        block.attn.backend = "triton"
-    got = vision.encode(x, rope, Segments(cu, 64))
+    rope, packing = vision.layout(padded, device)
+    expected = vision.encode(x, rope, packing)  # SDPA per segment
+    cu = torch.tensor(packing.bounds + [packing.bounds[-1]] * 4, dtype=torch.int32, device=device)
+    got = vision.encode(x, rope, Packing(None, cu, 64, "triton"))
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_segments_refuse_sdpa():
-    from points.runtime.attention import varlen_attention
-
-    q = torch.randn(8, 2, 80)
-    with pytest.raises(ValueError, match="device Segments need the Triton kernel"):
-        varlen_attention(q, q, q, Segments(torch.tensor([0, 8], dtype=torch.int32), 8), "sdpa")
+def test_device_bounds_refuse_sdpa():
+    with pytest.raises(ValueError, match="device bounds \\(cu alone\\) need the Triton kernel"):
+        Packing(None, torch.tensor([0, 8], dtype=torch.int32), 8, "sdpa")
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")

@@ -28,8 +28,8 @@ if not torch.cuda.is_available():  # Triton's CPU interpreter; must be set befor
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from points.kernels import flash_varlen as fv  # noqa: E402
-from points.runtime.attention import AttentionMeta, causal_attention, varlen_attention  # noqa: E402
-from points.runtime.cache import KVCache  # noqa: E402
+from points.model.attention import AttentionMeta, Packing, causal_attention, varlen_attention  # noqa: E402
+from points.model.cache import KVCache  # noqa: E402
 from points.tooling.bench import timed  # noqa: E402
 
 VISION = [(64, 256), (16, 1024), (4, 1024), (1, 1024), (8, 2048), (2, 2048), (4, 4096), (1, 4096), (2, 8192),
@@ -56,7 +56,8 @@ def sweep_vision(shapes, heads, device, dtype, repeat, configs, warmup=WARMUP):
     for count, n in shapes:
         q, k, v, bounds, cu, flops = _vision_case(count, n, heads, device, dtype)
         row = {"kind": "vision", "segments": count, "length": n, "heads": heads, "head_dim": 80, "flops": flops}
-        row["sdpa_s"] = timed(lambda: varlen_attention(q, k, v, bounds, "sdpa"), device, repeat, warmup).min_s
+        packing = Packing.of(bounds, device, "sdpa")
+        row["sdpa_s"] = timed(lambda: varlen_attention(q, k, v, packing), device, repeat, warmup).min_s
         row["triton_auto_s"] = timed(lambda: fv.flash_attn_varlen(q, k, v, cu, cu, n), device, repeat, warmup).min_s
         row["configs"] = {}
         for name, kw in configs:
@@ -80,15 +81,15 @@ def sweep_causal(lengths, cached, heads, device, dtype, repeat, configs, warmup=
         if past:
             cache.reserve(past)
 
-        def meta(c=cache):
-            return AttentionMeta(c.pos[:, None] + torch.arange(T, device=device), past + T, fresh=past == 0, cache=c)
+        def meta(kernel, c=cache):
+            return AttentionMeta(c.pos[:, None] + torch.arange(T, device=device), past + T, fresh=past == 0, cache=c,
+                                 kernel=kernel)
 
-        m = meta()
         flops = 4 * T * (past + T / 2) * hq * 128  # the visible half of the new block, all of the past
         row = {"kind": "causal" if not past else "cached", "length": T, "past": past, "heads": hq, "kv_heads": hkv,
                "head_dim": 128, "flops": flops}
-        row["sdpa_s"] = timed(lambda: causal_attention(q, k, v, m, 0, "sdpa"), device, repeat, warmup).min_s
-        row["triton_auto_s"] = timed(lambda: causal_attention(q, k, v, m, 0, "triton"), device, repeat, warmup).min_s
+        row["sdpa_s"] = timed(lambda: causal_attention(q, k, v, meta("sdpa"), 0), device, repeat, warmup).min_s
+        row["triton_auto_s"] = timed(lambda: causal_attention(q, k, v, meta("triton"), 0), device, repeat, warmup).min_s
         qf, kf, vf = q[0], k[0], v[0]
         cu_q = torch.tensor([0, T], dtype=torch.int32, device=device)
         if not past:  # the kernels alone, no cache write: SDPA's causal flash kernel vs the autotuned Triton one

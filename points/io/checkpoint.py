@@ -524,27 +524,25 @@ def decoder_factory(factory: Callable, stored: dict | None) -> Callable:
     return build
 
 
-def load_decoder(directory: str | Path, *, dtype=None, device="cpu", attn: str = "auto",
-                 progress: bool | None = None, quantize: str | None = None, quantize_lm_head: bool | None = None):
+def load_decoder(directory: str | Path, *, dtype=None, device="cpu", progress: bool | None = None, quantize: str | None = None, quantize_lm_head: bool | None = None):
     """The language model alone, from any supported checkpoint layout (`quantize`: as in `points.load`)."""
     from points.model.decoder import Decoder
     from points.runtime.quantize import quantize_decoder
 
     stored, after = quantization_steps(directory, quantize, quantize_lm_head)
     cfg, state = load_state_dict(directory, parts=("decoder",), dtype=dtype, device=device, progress=progress)
-    decoder = materialize(decoder_factory(lambda: Decoder(cfg.decoder, attn), stored), state, "decoder.")
+    decoder = materialize(decoder_factory(lambda: Decoder(cfg.decoder), stored), state, "decoder.")
     return decoder if after is None else quantize_decoder(decoder, after["scheme"], lm_head=after["lm_head"])
 
 
-def load_vision(directory: str | Path, *, dtype=None, device="cpu", attn: str = "auto",
-                progress: bool | None = None):
+def load_vision(directory: str | Path, *, dtype=None, device="cpu", progress: bool | None = None):
     """The vision encoder and the projector, from any supported checkpoint layout."""
     from points.model.projector import PatchMerger
     from points.model.vision import VisionEncoder
 
     cfg, state = load_state_dict(directory, parts=("vision", "projector"), dtype=dtype, device=device,
                                  progress=progress)
-    return (materialize(lambda: VisionEncoder(cfg.vision, attn), state, "vision."),
+    return (materialize(lambda: VisionEncoder(cfg.vision), state, "vision."),
             materialize(lambda: PatchMerger(cfg), state, "projector."))
 
 

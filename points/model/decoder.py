@@ -6,9 +6,9 @@
 
 Attention: grouped-query (n_heads query heads share n_kv_heads K/V heads in consecutive groups), q/k/v
 with bias, output projection without, 1-D RoPE in float32. Positions are 0..L-1 over the whole sequence
-(image tokens included); with a KV cache each row continues from its own length. Where the keys live and
-which kernel attends is `points.runtime.attention`'s business: the layers get one `AttentionMeta` per
-forward (positions, the cache, how much of it to read) and pass it through.
+(image tokens included); with a KV cache each row continues from its own length. The layers get one
+`AttentionMeta` per forward (positions, the cache, how much of it to read, the kernel: points.model.attention)
+and pass it through; the modules themselves hold no kernel choice.
 
 Fused projections (our layout): `attn.qkv` rows are [q; k; v]; `mlp.up_gate` rows are [up; gate], as the
 released checkpoint stores them.
@@ -23,8 +23,8 @@ from torch import nn
 
 from points.model.config import DecoderConfig
 from points.model.rope import apply_rotary, inv_freq, rotary_tables
-from points.runtime.attention import AttentionMeta, causal_attention, check_backend
-from points.runtime.cache import KVCache
+from points.model.attention import AttentionMeta, causal_attention
+from points.model.cache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -42,9 +42,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer: int, attn: str = "auto"):
+    def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
-        self.layer, self.backend = layer, check_backend(attn)  # which cache layer; which kernel attends
+        self.layer = layer  # which layer of the cache
         self.head_dim = cfg.head_dim
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.qkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
@@ -55,7 +55,7 @@ class Attention(nn.Module):
         q, k, v = (rearrange(t, "b t (h d) -> b t h d", d=self.head_dim)
                    for t in self.qkv(x).split(self.split, dim=-1))
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # [B, T, Hq, D], [B, T, Hkv, D]
-        y = causal_attention(q, k, v, meta, self.layer, self.backend)  # [B, T, Hq, D]
+        y = causal_attention(q, k, v, meta, self.layer)  # [B, T, Hq, D]
         return self.out(rearrange(y, "b t h d -> b t (h d)"))
 
 
@@ -71,10 +71,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer: int, attn: str = "auto"):
+    def __init__(self, cfg: DecoderConfig, layer: int):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.attn = Attention(cfg, layer, attn)
+        self.attn = Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
@@ -84,13 +84,11 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """attn: the prefill's attention kernel, "auto" | "sdpa" | "triton" (see points.runtime.attention)."""
-
-    def __init__(self, cfg: DecoderConfig, attn: str = "auto"):
+    def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(Block(cfg, i, attn) for i in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
 
@@ -107,7 +105,7 @@ class Decoder(nn.Module):
 
         tokens [B, T] (or embeds [B, T, H], e.g. with image features spliced in).
         meta: where these tokens sit and where their K/V go, from `cache.reserve(T)`; without it the
-            sequence starts at position 0 and nothing is kept.
+            sequence starts at position 0, nothing is kept and SDPA attends.
         last [B]: return only the logits at index last[b] of each row -> [B, vocab]; default [B, T, vocab].
         """
         x = self.embed(tokens) if embeds is None else embeds

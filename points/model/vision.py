@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from points.model.attention import Packing, varlen_attention
 from points.model.config import VisionConfig
 from points.model.rope import apply_rotary, cos_sin, inv_freq
-from points.runtime.attention import check_backend, varlen_attention
 
 
 class LayerNorm(nn.LayerNorm):
@@ -60,17 +60,16 @@ def frame_bounds(grid_thw: list[tuple[int, int, int]]) -> list[int]:
 
 
 class VisionAttention(nn.Module):
-    def __init__(self, cfg: VisionConfig, attn: str = "auto"):
+    def __init__(self, cfg: VisionConfig):
         super().__init__()
-        self.backend = check_backend(attn)
         self.head_dim = cfg.head_dim
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)  # rows [q; k; v]
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], bounds: list[int]):
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], packing: Packing):
         q, k, v = rearrange(self.qkv(x), "l (qkv h d) -> qkv l h d", qkv=3, d=self.head_dim)  # [L, H, D] each
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        y = varlen_attention(q, k, v, bounds, self.backend)  # each frame attends to itself only
+        y = varlen_attention(q, k, v, packing)  # each frame attends to itself only
         return self.proj(rearrange(y, "l h d -> l (h d)"))
 
 
@@ -86,45 +85,45 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig, attn: str = "auto"):
+    def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.norm1 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.attn = VisionAttention(cfg, attn)
+        self.attn = VisionAttention(cfg)
         self.norm2 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.mlp = VisionMLP(cfg)
 
-    def forward(self, x, rope, bounds):
-        x = x + self.attn(self.norm1(x), rope, bounds)
+    def forward(self, x, rope, packing):
+        x = x + self.attn(self.norm1(x), rope, packing)
         return x + self.mlp(self.norm2(x))
 
 
 class VisionEncoder(nn.Module):
-    """attn: the attention kernel, "auto" | "sdpa" | "triton" (see points.runtime.attention)."""
-
-    def __init__(self, cfg: VisionConfig, attn: str = "auto"):
+    def __init__(self, cfg: VisionConfig):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.embed_dim, bias=False)
-        self.blocks = nn.ModuleList(VisionBlock(cfg, attn) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """pixel_values [L, patch_dim] (any float dtype; cast to the encoder's), grid_thw [n, 3] -> [L, embed_dim]."""
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
+        """pixel_values [L, patch_dim] (any float dtype; cast to the encoder's), grid_thw [n, 3] -> [L, embed_dim].
+        kernel: the attention kernel, "sdpa" or "triton" (points.model.attention)."""
         grid = check_inputs(pixel_values, grid_thw, self.cfg, self.patch_embed.weight)
-        rope, bounds = self.layout(grid, pixel_values.device)
-        return self.encode(pixel_values, rope, bounds)
+        rope, packing = self.layout(grid, pixel_values.device, kernel)
+        return self.encode(pixel_values, rope, packing)
 
-    def layout(self, grid: list[tuple[int, int, int]], device=None):
+    def layout(self, grid: list[tuple[int, int, int]], device=None, kernel: str = "sdpa"):
         """What every block shares for these images: the rotary tables cos, sin [L, 1, head_dim] (float32, one
-        table for every head) and the frames' bounds (cu_seqlens as a host list)."""
+        table for every head) and the frames' packing (their bounds, the kernel)."""
         cos, sin = cos_sin(rotary_angles(grid, self.cfg, device))
-        return (cos[:, None], sin[:, None]), frame_bounds(grid)
+        return (cos[:, None], sin[:, None]), Packing.of(frame_bounds(grid), device, kernel)
 
-    def encode(self, pixel_values: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], bounds) -> torch.Tensor:
-        """The encoder's math on checked inputs: patch embedding, then the blocks. `bounds`: the host list of
-        `layout`, or a `points.runtime.attention.Segments` (device bounds, as a CUDA graph replays them)."""
+    def encode(self, pixel_values: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               packing: Packing) -> torch.Tensor:
+        """The encoder's math on checked inputs: patch embedding, then the blocks. `packing` from `layout`,
+        or with device bounds only (as a CUDA graph replays them: points.runtime.vision)."""
         x = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype))  # [L, E]
         for block in self.blocks:
-            x = block(x, rope, bounds)
+            x = block(x, rope, packing)
         return x
 
 

@@ -3,6 +3,9 @@
     pixel_values [N, 1176], grid_thw [n, 3] -> vision [N, 1280] -> projector [N/4, 3584]
     input_ids [B, L] -> embed [B, L, 3584]; the k-th <|image_pad|> (row-major over the batch) takes
     projector row k -> decoder (positions 0..L-1, image tokens included) -> logits [B, L, vocab] fp32
+
+The model card's `model.chat(...)` call is generation, not math: `points.load` gives a `CardModel`
+(points.pipeline), this class with that one method added.
 """
 
 from __future__ import annotations
@@ -19,20 +22,19 @@ IMAGE_PAD_ID = 151655  # <|image_pad|> in Qwen2.5; `points.load` sets it from to
 
 
 class POINTSModel(nn.Module):
-    """attn: the attention kernel of the vision encoder and the decoder prefill, "auto" | "sdpa" | "triton"
-    (see points.runtime.attention)."""
-
-    def __init__(self, cfg: ModelConfig, image_token_id: int = IMAGE_PAD_ID, attn: str = "auto"):
+    def __init__(self, cfg: ModelConfig, image_token_id: int = IMAGE_PAD_ID):
         super().__init__()
         self.cfg = cfg
         self.image_token_id = image_token_id
-        self.vision = VisionEncoder(cfg.vision, attn)
+        self.vision = VisionEncoder(cfg.vision)
         self.projector = PatchMerger(cfg)
-        self.decoder = Decoder(cfg.decoder, attn)
+        self.decoder = Decoder(cfg.decoder)
 
-    def image_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """[N, 1176] pixels of all images -> [N / 4, hidden] LLM-token features, in prompt order."""
-        return self.projector(self.vision(pixel_values.to(self.vision.patch_embed.weight.device), grid_thw))
+    def image_features(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
+        """[N, 1176] pixels of all images -> [N / 4, hidden] LLM-token features, in prompt order (kernel: the
+        vision attention's, "sdpa" or "triton")."""
+        pixel_values = pixel_values.to(self.vision.patch_embed.weight.device)
+        return self.projector(self.vision(pixel_values, grid_thw, kernel))
 
     def embed(self, input_ids: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings [B, L, hidden] with the image features written over the <|image_pad|> runs."""
@@ -54,12 +56,3 @@ class POINTSModel(nn.Module):
         input_ids = input_ids.to(self.decoder.embed.weight.device)
         features = None if pixel_values is None else self.image_features(pixel_values, grid_thw)
         return self.decoder(embeds=self.embed(input_ids, features))
-
-    def chat(self, messages, tokenizer, image_processor, generation_config: dict | None = None) -> str:
-        """The model card's call: `model.chat(messages, tokenizer, image_processor, generation_config)`.
-
-        Takes the card's dict (`max_new_tokens`, `temperature`, `top_p`, `num_beams=1`); temperature 0 or
-        absent means greedy, as the reference (which never sets do_sample) always decodes."""
-        from points.runtime.generation import GenerationConfig, chat
-
-        return chat(self, tokenizer, image_processor, [messages], GenerationConfig.from_card(generation_config))[0]

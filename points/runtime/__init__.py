@@ -1,3 +1,4 @@
-"""Running the model: the attention dispatch (`attention`: SDPA or the Triton kernels, and the per-forward
-`AttentionMeta`), the KV cache (`cache`), the next-token rule (`sampling`), the engine that prefills and
-steps, eager or compiled (`engine`), and text generation over it (`generation`)."""
+"""Running the model: which attention kernel (`attention`: the measured rule), the next-token rule
+(`sampling`), the engine that prefills and steps, eager or compiled (`engine`), the vision runner
+(`vision`), the prefix cache (`prefix`), weight-only int8 (`quantize`) and text generation over them
+(`generation`)."""

@@ -8,11 +8,13 @@
 - `new_cache` allocates the static KV cache. For a compiled step its length is rounded up to a power of two
   (>= 256) and attention reads it in 256-slot blocks, so that generating a few hundred tokens needs only a
   handful of graphs; its tensors are marked as static addresses, so CUDA graphs write them in place.
-- `prefill` runs the right-padded prompts in one forward and returns each row's last logits.
+- `prefill` runs the right-padded prompts in one forward and returns each row's last logits; its attention
+  kernel is the one `attn` asks for these shapes (points.runtime.attention).
 - `step` is one token per row, with the choice of the next token (`points.runtime.sampling.Picker`) in the
   same function: eager, or compiled into one graph (`torch.compile(fullgraph=True)`; CUDA graphs on CUDA,
   `mode="reduce-overhead"`). A compiled step holds one graph per batch size (a ragged batch too) and key
-  block; dynamo's recompile limit is raised to COMPILED_GRAPHS so that none of them falls back to eager.
+  block; while it runs, dynamo's recompile limit is COMPILED_GRAPHS (a patch around the call, not a change
+  to the process) so that none of them falls back to eager.
 - `decode` / `generate` are the token loop: step t + 1 is queued before token t is handed to the caller, so
   the host's read of a token (the one sync per step) overlaps the device's work on the next.
 This is the one prefill/decode loop of the project: generation, `points bench`, tools/ and tests use it.
@@ -25,8 +27,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from points.runtime.attention import AttentionMeta
-from points.runtime.cache import KVCache
+from points.model.attention import AttentionMeta
+from points.model.cache import KVCache
+from points.runtime.attention import check_backend, prefill_kernel
 from points.runtime.sampling import Picker
 
 COMPILED_BLOCK = 256  # cache slots attention reads at a time under a compiled step (and the shortest cache)
@@ -41,21 +44,23 @@ def _stderr(message: str) -> None:
 
 class Engine:
     def __init__(self, decoder, *, compile: bool = False, mode: str | None = None, backend="inductor",
-                 notice: Callable[[str], None] | None = _stderr):
+                 notice: Callable[[str], None] | None = _stderr, attn: str = "auto"):
         """decoder: a `points.Decoder`. compile: run the one-token step through torch.compile (mode defaults
         to "reduce-overhead", CUDA graphs, on CUDA); `backend` is torch.compile's (tests count graphs with one).
         notice: told once, before the first compiled step, that compiling takes a while (default: a line on
-        stderr; None: silent)."""
+        stderr; None: silent). attn: the prefill's attention, "auto" | "sdpa" | "triton"."""
         self.decoder = decoder
         self.compiled = compile
+        self.attn = check_backend(attn)
         self.notice, self._announced = notice, False
         self._step = self._forward_step
         if compile:
             if mode is None and decoder.embed.weight.device.type == "cuda":
                 mode = "reduce-overhead"
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS)
             self._step = torch.compile(self._forward_step, mode=mode, backend=backend, fullgraph=True,
                                        dynamic=False)
+            self._limit = torch._dynamo.config.patch(
+                recompile_limit=max(torch._dynamo.config.recompile_limit, COMPILED_GRAPHS))
 
     @property
     def device(self) -> torch.device:
@@ -80,7 +85,7 @@ class Engine:
         """Prompts tokens [B, T] (or embeds [B, T, H]), right-padded to T, with lengths [B] real tokens each
         (default: all T) -> the logits [B, vocab] at each row's last real token; the cache holds them all."""
         B, T = (tokens if tokens is not None else embeds).shape[:2]
-        meta = cache.reserve(T, lengths)
+        meta = cache.reserve(T, lengths, kernel=prefill_kernel(self.attn, self.device, T, fresh=cache.span == 0))
         last = torch.full((B,), T - 1, device=self.device) if lengths is None else lengths - 1
         return self.decoder(tokens, embeds=embeds, meta=meta, last=last)
 
@@ -97,6 +102,8 @@ class Engine:
             torch.compiler.cudagraph_mark_step_begin()  # earlier steps' outputs may be overwritten
             for t in pick.buffers() if pick is not None else ():
                 torch._dynamo.mark_static_address(t, guard=False)  # read and written in place by the graph
+            with self._limit:  # (7 us a step)
+                return self._step(tokens, meta, pick)
         return self._step(tokens, meta, pick)
 
     def _forward_step(self, tokens: torch.Tensor, meta: AttentionMeta, pick: Picker | None) -> torch.Tensor:

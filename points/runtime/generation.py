@@ -22,6 +22,7 @@ from points.io.chat import build_prompt
 from points.runtime.engine import Engine
 from points.runtime.prefix import PrefixCache, prompt_key
 from points.runtime.sampling import Picker
+from points.runtime.vision import image_features
 
 
 class GenerationError(ValueError):
@@ -153,8 +154,8 @@ def _steps(model, engine: Engine, tokenizer, prompts, ids, cfg: GenerationConfig
             features = None
             pixels = [p for p in prompts if p.pixel_values is not None]
             if pixels:  # every image of every conversation through the encoder in one packed call
-                features = model.image_features(torch.cat([p.pixel_values for p in pixels]),
-                                                torch.cat([p.grid_thw for p in pixels]))
+                features = image_features(model, torch.cat([p.pixel_values for p in pixels]),
+                                          torch.cat([p.grid_thw for p in pixels]), engine.attn)
             embeds = model.embed(padded.to(device), features)
         tokens = engine.generate(pick, cfg.max_new_tokens, embeds=embeds, lengths=torch.tensor(lengths, device=device))
     fed = []
@@ -182,8 +183,8 @@ def _prefill_reusing(model, engine: Engine, prompt, ids: list[int], cfg: Generat
         later = [im for im in images if im[0] >= reused]  # the images before `reused` are in the cache already
         features = None
         if later:
-            features = model.image_features(torch.cat([prompt.pixel_values[r:r + n] for _, _, r, n in later]),
-                                            torch.stack([prompt.grid_thw[images.index(im)] for im in later]))
+            features = image_features(model, torch.cat([prompt.pixel_values[r:r + n] for _, _, r, n in later]),
+                                      torch.stack([prompt.grid_thw[images.index(im)] for im in later]), engine.attn)
         embeds = model.embed(torch.tensor([ids[reused:]], device=engine.device), features)
     return cache, engine.prefill(cache, embeds=embeds), key
 

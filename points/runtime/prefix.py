@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from points.runtime.cache import KVCache
+from points.model.cache import KVCache
 
 DEFAULT_BUDGET = 16384  # tokens over all entries
 

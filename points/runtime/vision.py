@@ -1,8 +1,9 @@
-"""Running the vision encoder and projector on a GPU without paying a launch per kernel: bucketed patch
-counts, replayed from CUDA graphs.
+"""Running the vision encoder and projector: the attention kernel chosen per call, and on a GPU without
+paying a launch per kernel: bucketed patch counts, replayed from CUDA graphs.
 
+    features = image_features(model, pixel_values, grid_thw, attn="auto")   # the kernel by the measured rule
     runner = VisionRunner(pipe.model)            # graphs on CUDA (Triton attention), eager elsewhere
-    features = runner(pixel_values, grid_thw)    # == pipe.model.image_features(pixel_values, grid_thw)
+    features = runner(pixel_values, grid_thw)    # == image_features(model, pixel_values, grid_thw)
 
 A small image is launch-bound on a GPU: 32 blocks of about 20 kernels each take far longer to launch than to
 run (docs/benchmarks.md: a 448x448 encode at 7-13% of its matmul floor on an H200). The runner pads the
@@ -18,7 +19,7 @@ few shapes cover every image size, and replays one CUDA graph per bucket:
 - the rotary tables and pixels are computed / copied into the graph's static inputs before each replay.
 
 Anything the graphs cannot take (more patches than the largest bucket, more images than `max_segments` - 1,
-a CPU, SDPA forced) runs eagerly through `model.image_features`. `graphs=False` runs the bucketed
+a CPU, SDPA forced) runs eagerly through `image_features`. `graphs=False` runs the bucketed
 computation eagerly (what the CPU tests check against the unpadded encoder).
 """
 
@@ -26,17 +27,28 @@ from __future__ import annotations
 
 import torch
 
-from points.model.vision import check_inputs
-from points.runtime.attention import Segments
+from points.model.attention import Packing
+from points.model.vision import check_inputs, frame_bounds
+from points.runtime.attention import check_backend, vision_kernel
 
 BUCKETS = (1024, 2048, 4096, 8192, 16384)  # patches; multiples of the 2 x 2 merge window
 
 
+def image_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, attn: str = "auto") -> torch.Tensor:
+    """`model.image_features` with the vision attention kernel `attn` asks for these images ("auto": the
+    measured rule of points.runtime.attention)."""
+    grid = [tuple(row) for row in grid_thw.tolist()]
+    kernel = vision_kernel(attn, model.vision.patch_embed.weight.device, frame_bounds(grid))
+    return model.image_features(pixel_values, grid_thw, kernel)
+
+
 class VisionRunner:
-    def __init__(self, model, *, buckets: tuple[int, ...] = BUCKETS, max_segments: int = 16,
+    def __init__(self, model, *, attn: str = "auto", buckets: tuple[int, ...] = BUCKETS, max_segments: int = 16,
                  graphs: bool | None = None):
-        """model: a `points.POINTSModel` (its vision encoder and projector are used, never changed)."""
+        """model: a `points.POINTSModel` (its vision encoder and projector are used, never changed); attn:
+        "auto" | "sdpa" | "triton" (graphs need the Triton kernel: "sdpa" runs eagerly)."""
         self.model = model
+        self.attn = check_backend(attn)
         cfg = model.cfg.vision
         self.window = cfg.spatial_merge_size ** 2
         if any(b % self.window for b in buckets):
@@ -44,8 +56,7 @@ class VisionRunner:
         self.buckets = tuple(sorted(buckets))
         self.max_segments = max_segments
         device = model.vision.patch_embed.weight.device
-        backend = model.vision.blocks[0].attn.backend
-        self.graphs = (device.type == "cuda" and backend != "sdpa") if graphs is None else graphs
+        self.graphs = (device.type == "cuda" and attn != "sdpa") if graphs is None else graphs
         self._graphs: dict[int, tuple] = {}  # bucket -> (graph, static inputs, static output)
 
     @torch.inference_mode()
@@ -57,14 +68,16 @@ class VisionRunner:
         n_patches, n_frames = pixel_values.shape[0], sum(t for t, _, _ in grid)
         bucket = next((b for b in self.buckets if b >= n_patches), None)
         if bucket is None or n_frames + 1 > self.max_segments:
-            return self.model.image_features(pixel_values, grid_thw)
+            return image_features(self.model, pixel_values, grid_thw, self.attn)
         padded = self._pad(grid, bucket - n_patches)
-        rope, bounds = vision.layout(padded, pixel_values.device)
-        x = torch.zeros(bucket, pixel_values.shape[1], dtype=pixel_values.dtype, device=pixel_values.device)
+        device = pixel_values.device
+        bounds = frame_bounds(padded)
+        rope, packing = vision.layout(padded, device, vision_kernel(self.attn, device, bounds))
+        x = torch.zeros(bucket, pixel_values.shape[1], dtype=pixel_values.dtype, device=device)
         x[:n_patches] = pixel_values
         keep = n_patches // self.window
         if not self.graphs:
-            return self._run(x, rope, bounds)[:keep]
+            return self._run(x, rope, packing)[:keep]
         bounds += [bounds[-1]] * (self.max_segments + 1 - len(bounds))  # trailing empty segments
         cu = torch.tensor(bounds, dtype=torch.int32, device=x.device)
         graph, inputs, out = self._graphs.get(bucket) or self._capture(bucket, x, rope, cu)
@@ -80,18 +93,18 @@ class VisionRunner:
         m = self.model.cfg.vision.spatial_merge_size
         return list(grid) + [(1, m, pad // m)]
 
-    def _run(self, x, rope, bounds):
-        return self.model.projector(self.model.vision.encode(x, rope, bounds))
+    def _run(self, x, rope, packing: Packing):
+        return self.model.projector(self.model.vision.encode(x, rope, packing))
 
     def _capture(self, bucket: int, x: torch.Tensor, rope, cu: torch.Tensor):
         """Static inputs for `bucket` (holding this call's images, so that the warm-up autotunes on real
         work), a warm-up on a side stream (Triton compiles and autotunes there), then the graph of one
         encode + projection."""
         inputs = {"x": x.clone(), "cos": rope[0].clone(), "sin": rope[1].clone(), "cu": cu.clone()}
-        segments = Segments(inputs["cu"], bucket)
+        packing = Packing(None, inputs["cu"], bucket, "triton")  # the bounds are read from the device
 
         def run():
-            return self._run(inputs["x"], (inputs["cos"], inputs["sin"]), segments)
+            return self._run(inputs["x"], (inputs["cos"], inputs["sin"]), packing)
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

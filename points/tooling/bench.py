@@ -40,6 +40,7 @@ from points.io.checkpoint import DTYPES
 from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor, smart_resize
 from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
+from points.runtime.vision import image_features
 
 @dataclass(frozen=True)
 class Sizes:
@@ -261,8 +262,8 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
     else:  # the same random weights drawn straight into memory (no 17 GB written and read back at 7B)
         from points.tooling.synthetic import random_model
 
-        model = random_model(preset, device, dtype, attn=attn)
-        processor, engine = ImageProcessor(max_pixels=RELEASE_MAX_PIXELS), Engine(model.decoder)
+        model = random_model(preset, device, dtype)
+        processor, engine = ImageProcessor(max_pixels=RELEASE_MAX_PIXELS), Engine(model.decoder, attn=attn)
     weights = {name: sum(p.numel() * p.element_size() for p in part.parameters())
                for name, part in (("decoder", model.decoder), ("vision", model.vision), ("projector", model.projector))}
     try:
@@ -305,12 +306,12 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
         if device.type == "cuda" and attn != "sdpa":
             from points.runtime.vision import VisionRunner
 
-            graphs = VisionRunner(model)
+            graphs = VisionRunner(model, attn=attn)
         for label, images in sizes.vision.items():
             grid = vision_grid(images, processor)
             pixels = torch.randn(int(grid.prod(-1).sum()), v.patch_dim, generator=g).to(device)
             with torch.inference_mode():
-                mine = timed(lambda: model.image_features(pixels, grid), device, repeat)
+                mine = timed(lambda: image_features(model, pixels, grid, attn), device, repeat)
                 ref = None if vision is None else timed(
                     lambda: vision(pixels.to(dtype), grid.to(device)).pooler_output, device, repeat)
             patches = int(grid.prod(-1).sum())
@@ -350,7 +351,7 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
             add(label, "s/step", mine, ref, floor, per=batch, **fields, compiled=False)
             timings.append((label, prompts, lengths_t, floor, batch, ref, fields))
             if compile_step:
-                compiled = compiled or Engine(model.decoder, compile=True, backend=compile_backend)
+                compiled = compiled or Engine(model.decoder, compile=True, backend=compile_backend, attn=attn)
                 mine = timed(ours_decode(compiled, prompts, lengths_t, new), device, repeat)
                 add(label + ", compiled", "s/step", mine, ref, floor, per=batch, **fields, compiled=True)
     if profile:

@@ -133,7 +133,7 @@ def checkpoint_in(workdir: str | Path, shapes: str, dtype: torch.dtype = torch.b
 
 
 def random_model(shapes: str | tuple[dict, dict], device: str | torch.device = "cpu",
-                 dtype: torch.dtype = torch.bfloat16, *, seed: int = 0, attn: str = "auto"):
+                 dtype: torch.dtype = torch.bfloat16, *, seed: int = 0):
     """A POINTSModel with random weights (the same distributions as `write_checkpoint`, not the same draws),
     built straight on `device`: for benchmarks that need no files (a 7B model in seconds on a GPU)."""
     from points.model.vlm import POINTSModel
@@ -141,18 +141,18 @@ def random_model(shapes: str | tuple[dict, dict], device: str | torch.device = "
     cfg = from_hf_dict(hf_config(*(SHAPES[shapes] if isinstance(shapes, str) else shapes)))
     image_pad = FIRST_ADDED_ID + ADDED.index("<|image_pad|>")
     with torch.device(device):
-        model = POINTSModel(cfg, image_pad, attn).to(dtype)
+        model = POINTSModel(cfg, image_pad).to(dtype)
     return _fill_random(model, seed)
 
 
 def random_decoder(shapes: str | tuple[dict, dict], device: str | torch.device = "cpu",
-                   dtype: torch.dtype = torch.float32, *, seed: int = 0, attn: str = "auto"):
+                   dtype: torch.dtype = torch.float32, *, seed: int = 0):
     """The decoder of `random_model` alone (no vision encoder built)."""
     from points.model.decoder import Decoder
 
     cfg = from_hf_dict(hf_config(*(SHAPES[shapes] if isinstance(shapes, str) else shapes)))
     with torch.device(device):
-        decoder = Decoder(cfg.decoder, attn).to(dtype)
+        decoder = Decoder(cfg.decoder).to(dtype)
     return _fill_random(decoder, seed)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from points.runtime.attention import AttentionMeta
+from points.model.attention import AttentionMeta
 
 
 class KVCache:
@@ -34,16 +34,17 @@ class KVCache:
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def reserve(self, n_tokens: int, n_new: torch.Tensor | None = None) -> AttentionMeta:
+    def reserve(self, n_tokens: int, n_new: torch.Tensor | None = None, *, kernel: str = "sdpa") -> AttentionMeta:
         """The next n_tokens slots of every row, of which n_new[b] hold real tokens (default: all): their
         positions, how many slots attention must read (span + n_tokens, rounded up to whole blocks) and
-        whether this is the first forward. The cache counts them as used from now on."""
+        whether this is the first forward; `kernel` is the prefill's attention kernel (AttentionMeta). The
+        cache counts them as used from now on."""
         if self.span + n_tokens > self.max_len:
             raise ValueError(f"KV cache overflow: {self.span} positions used + {n_tokens} new > max_len "
                              f"{self.max_len}; allocate a larger cache")
         positions = self.pos[:, None] + torch.arange(n_tokens, device=self.pos.device)  # [B, n_tokens]
         kv_len = min(self.max_len, -(-(self.span + n_tokens) // self.block) * self.block)
-        meta = AttentionMeta(positions, kv_len, fresh=self.span == 0, cache=self)
+        meta = AttentionMeta(positions, kv_len, fresh=self.span == 0, cache=self, kernel=kernel)
         self.pos += n_tokens if n_new is None else n_new
         self.span += n_tokens
         return meta

@@ -1,0 +1,193 @@
+"""Attention as the model computes it, and the per-forward facts its layers share.
+
+The decoder's layers call `causal_attention`, the vision encoder's `varlen_attention`. What they need to
+know about one forward is built once and handed to every layer: `AttentionMeta` (decoder: positions, how many
+cache slots to read, whether the prefill starts from an empty cache, the cache, the kernel) and `Packing`
+(vision: the bounds of the packed frames, the kernel). The kernel is a plain value in them, "sdpa" (PyTorch)
+or "triton" (`points.kernels`, imported only when asked for), chosen by whoever runs the model
+(`points.runtime.attention` holds the measured rule); the modules hold no kernel choice of their own, and a
+model called without one runs SDPA.
+
+SDPA, decoder: grouped-query attention without repeating K/V: the `rep` query heads that share one KV
+head are folded into the query-length axis, so each KV head meets one [rep * T, D] block of queries.
+Queries are processed in chunks (`AttentionMeta.query_chunk`) so that no mask larger than
+[B, 1, rep * query_chunk, S] is ever built (a 16k-token prefill would otherwise need a 1.9 GB mask), and
+each chunk reads only the keys it can see. A prefill from position 0 needs no mask at all (SDPA's causal
+kernel, GQA included).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("sdpa", "triton")
+QUERY_CHUNK = 512  # the default of AttentionMeta.query_chunk
+
+
+def check_kernel(kernel: str) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"attention kernel {kernel!r}: expected one of {KERNELS}")
+    return kernel
+
+
+@dataclass(frozen=True)
+class AttentionMeta:
+    """What every decoder layer's attention needs to know about one forward, computed once.
+
+    positions [B, T]: the absolute position of every new token (rows may differ: a ragged batch).
+    kv_len: how many cache slots attention reads ([0, kv_len); T without a cache). A plain int, so a compiled
+        step specialises on it (`KVCache.block` keeps the number of distinct values small).
+    fresh: every row starts at position 0 (a prefill from an empty cache, right padding included), so the
+        plain causal mask holds.
+    cache: where K/V are stored (at `positions`) and read from (a `points.model.cache.KVCache`); None keeps
+        nothing.
+    kernel: "sdpa" or "triton" for a prefill (T > 1); one-token steps always run SDPA.
+    query_chunk: queries per masked SDPA call.
+    """
+
+    positions: torch.Tensor
+    kv_len: int
+    fresh: bool
+    cache: Any = None
+    kernel: str = "sdpa"
+    query_chunk: int = QUERY_CHUNK
+
+    def __post_init__(self):
+        check_kernel(self.kernel)
+
+    @staticmethod
+    def no_cache(batch_size: int, n_tokens: int, device: torch.device, kernel: str = "sdpa") -> "AttentionMeta":
+        """A whole sequence from position 0, nothing kept."""
+        positions = torch.arange(n_tokens, device=device).expand(batch_size, n_tokens)
+        return AttentionMeta(positions, n_tokens, fresh=True, kernel=kernel)
+
+
+# --------------------------------------------------------------------------- decoder: causal, cached
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta,
+                     layer: int) -> torch.Tensor:
+    """The new tokens' q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D].
+
+    With a cache, k/v are first stored at `meta.positions` of layer `layer`; then each query attends to every
+    key at a position <= its own (the cache's first `meta.kv_len` slots). Query head h uses KV head
+    h // (Hq / Hkv), as transformers' repeat_kv. Scale 1/sqrt(D); the softmax accumulates in float32. A
+    prefill (T > 1) runs on the Triton kernel when `meta.kernel` says so; one-token steps stay on SDPA.
+    """
+    cache = meta.cache
+    T = q.shape[1]
+    if T > 1 and meta.kernel == "triton":
+        if cache is not None:
+            cache.write(layer, meta.positions, k, v, meta.kv_len)
+        return _triton_prefill(q, k, v, meta, layer)
+    if cache is None:
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
+    else:
+        k, v = cache.write(layer, meta.positions, k, v, meta.kv_len)  # [B, Hkv, kv_len, D]
+    return sdpa_causal(q.transpose(1, 2), k, v, meta.positions, meta.fresh, meta.query_chunk).transpose(1, 2)
+
+
+def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,
+                fresh: bool = False, query_chunk: int = QUERY_CHUNK) -> torch.Tensor:
+    """q [B, Hq, T, D]; k/v [B, Hkv, S, D]; q_pos [B, T] absolute positions -> [B, Hq, T, D].
+
+    fresh: every row's queries sit at positions 0..T-1 and its keys are the first T slots (right padding
+    included, whose rows are never read). Then the plain causal mask holds and, on the CPU or in half
+    precision, SDPA's causal flash kernel runs with GQA and no mask at all.
+
+    Otherwise key j is visible to the query at position p iff j <= p; S bounds every position + 1; slots
+    past a row's position are masked whatever they hold. With several query chunks, chunk c reads only the
+    first S - T + end_c keys.
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    rep = Hq // Hkv
+    if fresh and T > 1 and (q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16)):
+        return F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, enable_gqa=True)
+    S = k.shape[2]
+    q = q.view(B, Hkv, rep, T, D)
+    out = []
+    for start in range(0, T, query_chunk):
+        end = min(start + query_chunk, T)
+        n = S if end == T else S - T + end  # every query of this chunk sits below position S - T + end
+        visible = torch.arange(n, device=q.device) <= q_pos[:, start:end, None]  # [B, t, n]
+        mask = visible[:, None].repeat(1, 1, rep, 1)  # [B, 1, rep * t, n]: row r * t + i sees visible[i]
+        qc = q[:, :, :, start:end].reshape(B, Hkv, rep * (end - start), D)
+        y = F.scaled_dot_product_attention(qc, k[:, :, :n], v[:, :, :n], attn_mask=mask)
+        out.append(y.reshape(B, Hkv, rep, end - start, D))  # CUDA kernels may return other strides
+    y = out[0] if len(out) == 1 else torch.cat(out, dim=3)
+    return y.reshape(B, Hq, T, D)
+
+
+def _triton_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta, layer: int):
+    """Causal attention of a prefill on the Triton varlen kernel. With a cache (k/v already written into
+    it) the kernel reads the cache in place, each row using its first position + T slots; GQA without
+    repeated K/V either way."""
+    from points.kernels.flash_varlen import flash_attn_cache, flash_attn_varlen
+
+    B, T, H, D = q.shape
+    if meta.cache is None:
+        cu = torch.arange(B + 1, device=q.device, dtype=torch.int32) * T
+        out = flash_attn_varlen(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+                                cu, cu, T, causal=True)
+        return out.view(B, T, H, D)
+    return flash_attn_cache(q, meta.cache.k[layer], meta.cache.v[layer], meta.positions[:, -1] + 1)
+
+
+# --------------------------------------------------------------------------- vision: packed, non-causal
+
+@dataclass(frozen=True)
+class Packing:
+    """How the frames of a vision forward are packed, shared by every block.
+
+    bounds: cu_seqlens as a host list (0, end of frame 1, ..., L), or None when only `cu` is known (a CUDA
+        graph that replays with other images: the segments live on the device).
+    cu: the same bounds as an int32 device tensor (trailing empty segments allowed), for the Triton kernel;
+        made once per forward (`Packing.of`), not once per block.
+    longest: an upper bound on every segment's length.
+    kernel: "sdpa" (one call per frame; needs host bounds) or "triton" (one launch for all).
+    """
+
+    bounds: list[int] | None
+    cu: torch.Tensor | None
+    longest: int
+    kernel: str = "sdpa"
+
+    def __post_init__(self):
+        check_kernel(self.kernel)
+        if self.kernel == "sdpa" and self.bounds is None:
+            raise ValueError("Packing: SDPA runs one call per frame and needs host bounds; device bounds (cu "
+                             "alone) need the Triton kernel")
+        if self.kernel == "triton" and self.cu is None:
+            raise ValueError("Packing: the Triton kernel reads the bounds from the device (cu)")
+
+    @staticmethod
+    def of(bounds: list[int], device: torch.device, kernel: str = "sdpa") -> "Packing":
+        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        cu = torch.tensor(bounds, dtype=torch.int32, device=device) if kernel == "triton" else None
+        return Packing(list(bounds), cu, longest, kernel)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) -> torch.Tensor:
+    """Non-causal attention over packed sequences: q/k/v [L, H, D] -> [L, H, D].
+
+    Token i attends only to tokens of its own segment. Triton: one launch of the varlen flash kernel over
+    every segment. SDPA: each segment on its own (empty ones skipped). Either way memory grows with the
+    largest segment, never with L x L. Scale 1/sqrt(D).
+    """
+    if packing.kernel == "triton":
+        from points.kernels.flash_varlen import flash_attn_varlen
+
+        return flash_attn_varlen(q, k, v, packing.cu, packing.cu, packing.longest)
+    out = torch.empty_like(q)
+    bounds = packing.bounds
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end == start:
+            continue
+        # [1, H, n, D]: the fused (flash) kernels take 4-D inputs only; 3-D falls back to materialised scores
+        seg = [t[start:end].transpose(0, 1)[None] for t in (q, k, v)]
+        out[start:end] = F.scaled_dot_product_attention(*seg)[0].transpose(0, 1)
+    return out
