@@ -10,16 +10,15 @@ import torch
 
 from points.errors import CheckpointError
 from points.io.chat import build_prompt
-from points.io.checkpoint import decoder_factory, load_state_dict, materialize, quantization_steps
 from points.io.config import checkpoint_dir
 from points.io.processor import ImageProcessor
 from points.io.tokenizer import Tokenizer
+from points.loading import build
 from points.model.vlm import POINTSModel
 from points.runtime.attention import use_triton
 from points.runtime.engine import Engine
 from points.runtime.generation import GenerationConfig, chat, chat_stream
 from points.runtime.prefix import PrefixCache
-from points.runtime.quantize import quantize_decoder
 
 
 @dataclass
@@ -114,11 +113,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     use_triton(attn, device)  # a forced backend that cannot run fails here, before any loading
     tokenizer = Tokenizer(path)
     processor = ImageProcessor.from_dir(path)
-    stored, after = quantization_steps(path, quantize, quantize_lm_head)
-    cfg, state = load_state_dict(path, dtype=dtype, device=device, progress=progress)
-    model = materialize(decoder_factory(lambda: CardModel(cfg, tokenizer.image_pad_id), stored), state, "")
-    del state
-    if after is not None:
-        quantize_decoder(model.decoder, after["scheme"], lm_head=after["lm_head"])
+    model = build(path, lambda cfg: CardModel(cfg, tokenizer.image_pad_id), parts=("decoder", "vision", "projector"),
+                  prefix="", dtype=dtype, device=device, progress=progress, quantize=quantize,
+                  quantize_lm_head=quantize_lm_head)
     return Pipeline(model, tokenizer, processor, Engine(model.decoder, compile=compile, attn=attn),
                     prefix_cache=prefix_cache)

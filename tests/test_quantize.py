@@ -10,6 +10,7 @@ import torch
 
 import points
 from points.errors import CheckpointError
+from points.io import quantized
 from points.kernels import cpu_int8
 from points.runtime import quantize as qz
 from points.runtime.engine import Engine
@@ -29,9 +30,9 @@ def test_round_trip_error_is_half_a_step(dtype):
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(300, 200, generator=g) * torch.rand(300, 1, generator=g)).to(dtype)
     w[7] = 0  # a zero row: scale 1, all zeros
-    q, s = qz.quantize_int8(w)
+    q, s = quantized.quantize_int8(w)
     assert q.dtype == torch.int8 and s.dtype == dtype and q.abs().max() <= 127
-    err = (w.float() - qz.dequantize_int8(q, s)).abs()
+    err = (w.float() - quantized.dequantize_int8(q, s)).abs()
     step = s.float()[:, None]
     slack = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7 * 127, torch.float16: 2 ** -10 * 127}[dtype]
     assert (err <= step * (0.5 + slack)).all(), (err / step).max()
@@ -46,18 +47,17 @@ needs_gemv = pytest.mark.skipif(not cpu_int8.available(), reason=f"points.kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("inner", [64, 77])
-def test_each_kernel_matches_the_dequantized_product(kernel, dtype, rows, inner, monkeypatch):
+def test_each_kernel_matches_the_dequantized_product(kernel, dtype, rows, inner):
     """77 inputs: the C++ kernel's vector loop, its 8-wide tail and its scalar tail all run."""
-    monkeypatch.setattr(qz, "KERNEL", kernel)
     g = torch.Generator().manual_seed(1)
-    q, s = qz.quantize_int8((torch.randn(96, inner, generator=g) * 0.05).to(dtype))
+    q, s = quantized.quantize_int8((torch.randn(96, inner, generator=g) * 0.05).to(dtype))
     x, bias = torch.randn(2, rows, inner, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
     ref = x.double() @ (q.double() * s.double()[:, None]).T + bias.double()
     if kernel == "int8pack" and inner % 8:
         with pytest.raises(ValueError, match="input size must be a multiple of 8, got 77"):
-            qz.int8_linear(x, q, s, bias)
+            qz.int8_linear(x, q, s, bias, kernel)
         return
-    got = qz.int8_linear(x, q, s, bias)
+    got = qz.int8_linear(x, q, s, bias, kernel)
     assert got.dtype == dtype and got.shape == (2, rows, 96)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
@@ -70,7 +70,7 @@ def test_gemv_kernel_rounds_once(dtype):
     dequantized weight rounded to the dtype, up to float32 summation order (checked on a layer shape that
     crosses its 32-wide loop, every row count of its 4-row blocks, a strided x and no bias)."""
     g = torch.Generator().manual_seed(2)
-    q, s = qz.quantize_int8((torch.randn(200, 300, generator=g) * 0.05).to(dtype))
+    q, s = quantized.quantize_int8((torch.randn(200, 300, generator=g) * 0.05).to(dtype))
     for rows in range(1, 10):
         x = torch.randn(rows, 600, generator=g).to(dtype)[:, ::2]
         ref = (x.double() @ (q.double() * s.double()[:, None]).T)
@@ -87,7 +87,7 @@ def test_gemv_kernel_rounds_once(dtype):
 
 @needs_gemv
 def test_gemv_kernel_checks_its_arguments_and_compiles_as_one_op():
-    q, s = qz.quantize_int8(torch.randn(16, 32))
+    q, s = quantized.quantize_int8(torch.randn(16, 32))
     with pytest.raises(ValueError, match=r"weight int8 \[N, 32\] expected"):
         cpu_int8.int8_gemv(torch.randn(1, 32), q.float(), s)
     with pytest.raises(ValueError, match=r"scale and bias \[16\] expected"):

@@ -34,17 +34,17 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 from einops import rearrange
 from safetensors import SafetensorError, safe_open
-from torch.overrides import TorchFunctionMode
 
 from points.errors import CheckpointError, WriteError
 from points.io.atomic import partial_dir, save_tensors, writing
 from points.io.config import absent_shape_fields, read_config, read_quantization, to_dict
 from points.io.progress import Progress
+from points.io.quantized import check_scheme, quantize_int8, quantized_modules
 from points.model.config import ModelConfig
 
 INDEX = "model.safetensors.index.json"
@@ -306,7 +306,7 @@ def plan(cfg: ModelConfig, naming: str, names: Iterable[str] = (), quantization:
 
     naming: 'custom_llama', 'qwen2' or 'points'; `names` (the checkpoint's tensor names) is only consulted
     to detect a tied Qwen2 lm_head. `quantization` (our layout only): the quantized projections' weights are
-    int8 and each has a `.scale` [out] beside it (points.runtime.quantize)."""
+    int8 and each has a `.scale` [out] beside it (points.io.quantized)."""
     if naming == "points":
         quantized = set(quantized_weights(cfg, quantization))
         out = []
@@ -324,13 +324,11 @@ def plan(cfg: ModelConfig, naming: str, names: Iterable[str] = (), quantization:
 
 
 def quantized_weights(cfg: ModelConfig, quantization: dict | None) -> list[str]:
-    """The weight names an int8 checkpoint stores as int8 (with a scale): every layer's q/k/v, out, up/gate
-    and down projections, and lm_head when the scheme says so."""
+    """The weight names an int8 checkpoint stores as int8 (with a scale): the scheme's projections
+    (points.io.quantized), lm_head when the checkpoint says so."""
     if not quantization:
         return []
-    names = [f"decoder.layers.{i}.{m}.weight" for i in range(cfg.decoder.n_layers)
-             for m in ("attn.qkv", "attn.out", "mlp.up_gate", "mlp.down")]
-    return names + (["decoder.lm_head.weight"] if quantization["lm_head"] else [])
+    return [f"decoder.{m}.weight" for m in quantized_modules(cfg.decoder.n_layers, quantization["lm_head"])]
 
 
 def is_dropped(name: str) -> bool:
@@ -463,89 +461,6 @@ def load_state_dict(directory: str | Path, *, parts: tuple[str, ...] = ("decoder
     return cfg, state
 
 
-class _SkipInit(TorchFunctionMode):
-    """Parameters made on the meta device get no values: skip nn.init's in-place fills (whose first call
-    on meta tensors otherwise costs seconds of one-time setup inside torch)."""
-
-    FILLS = {"normal_", "uniform_", "fill_", "zero_", "trunc_normal_", "exponential_"}
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") in self.FILLS:
-            target = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
-            if getattr(target, "is_meta", False):
-                return target
-        return func(*args, **kwargs)
-
-
-def materialize(factory: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], prefix: str):
-    """Build a module without allocating its parameters (meta device), then adopt the loaded tensors
-    named `prefix` + its own names as its parameters (no copy); every parameter must be filled (strict)."""
-    with torch.device("meta"), _SkipInit():
-        module = factory()
-    module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)},
-                           strict=True, assign=True)
-    return module.eval().requires_grad_(False)
-
-
-def quantization_steps(directory: str | Path, quantize: str | None, quantize_lm_head: bool | None):
-    """(how the checkpoint stores its decoder, what to quantize after loading) for `points.load`'s
-    quantize / quantize_lm_head arguments. A checkpoint stored quantized loads as it is: asking for another
-    scheme, or for lm_head other than it is stored, is an error (convert again from the float checkpoint)."""
-    from points.runtime.quantize import check_scheme
-
-    if quantize is not None:
-        check_scheme(quantize)
-    stored = read_quantization(directory) if read_config(directory)[1] == "points" else None
-    if stored is None:
-        if quantize_lm_head and quantize is None:
-            raise ValueError("quantize_lm_head=True needs quantize (e.g. quantize='int8')")
-        return None, ({"scheme": quantize, "lm_head": bool(quantize_lm_head)} if quantize else None)
-    if quantize is not None and quantize != stored["scheme"]:
-        raise CheckpointError(f"{directory}: stored quantized as {stored['scheme']!r}, asked for {quantize!r}; "
-                              "convert the float checkpoint with that scheme instead")
-    if quantize_lm_head is not None and quantize_lm_head != stored["lm_head"]:
-        raise CheckpointError(f"{directory}: lm_head is stored {'in int8' if stored['lm_head'] else 'unquantized'}; "
-                              f"quantize_lm_head={quantize_lm_head} would need converting the float checkpoint again")
-    return stored, None
-
-
-def decoder_factory(factory: Callable, stored: dict | None) -> Callable:
-    """`factory` building a model (or decoder) whose decoder has the stored quantization's structure."""
-    if stored is None:
-        return factory
-
-    def build():
-        from points.runtime.quantize import int8_skeleton
-
-        module = factory()
-        int8_skeleton(getattr(module, "decoder", module), lm_head=stored["lm_head"])
-        return module
-    return build
-
-
-def load_decoder(directory: str | Path, *, dtype=None, device="cpu", progress: bool | None = None, quantize: str | None = None, quantize_lm_head: bool | None = None):
-    """The language model alone, from any supported checkpoint layout (`quantize`: as in `points.load`)."""
-    from points.model.decoder import Decoder
-    from points.runtime.quantize import quantize_decoder
-
-    stored, after = quantization_steps(directory, quantize, quantize_lm_head)
-    cfg, state = load_state_dict(directory, parts=("decoder",), dtype=dtype, device=device, progress=progress)
-    decoder = materialize(decoder_factory(lambda: Decoder(cfg.decoder), stored), state, "decoder.")
-    return decoder if after is None else quantize_decoder(decoder, after["scheme"], lm_head=after["lm_head"])
-
-
-def load_vision(directory: str | Path, *, dtype=None, device="cpu", progress: bool | None = None):
-    """The vision encoder and the projector, from any supported checkpoint layout."""
-    from points.model.projector import PatchMerger
-    from points.model.vision import VisionEncoder
-
-    cfg, state = load_state_dict(directory, parts=("vision", "projector"), dtype=dtype, device=device,
-                                 progress=progress)
-    return (materialize(lambda: VisionEncoder(cfg.vision), state, "vision."),
-            materialize(lambda: PatchMerger(cfg), state, "projector."))
-
-
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,
                      naming: str = "custom_llama") -> dict[str, torch.Tensor]:
     """Our state dict back into a released naming (the exact inverse of loading)."""
@@ -570,13 +485,11 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | str | None
     of at most `max_shard_bytes`, their index, our config.json, and the tokenizer / processor files.
 
     quantize="int8": the decoder's projections (and lm_head with quantize_lm_head) are written as int8 with a
-    `.scale` beside each (points.runtime.quantize), the scheme recorded in config.json; loading maps them as
+    `.scale` beside each (points.io.quantized), the scheme recorded in config.json; loading maps them as
     they are. A checkpoint that is already quantized is refused (quantize once, from float weights).
 
     Atomic: everything is written into a temporary sibling directory that is renamed to `dst` only when
     complete; on any failure it is removed and `dst` does not exist."""
-    from points.runtime.quantize import check_scheme
-
     src, dst = Path(src), Path(dst)
     if dst.exists():
         raise CheckpointError(f"{dst}: already exists; converting never overwrites (remove it or pick another DST)")
@@ -609,8 +522,6 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | str | None
 def _write_converted(src: Path, tmp: Path, cfg: ModelConfig, files: TensorFiles, entries: list[Entry], dtype,
                      max_shard_bytes: int, progress: bool | None, quantization: dict | None, to_quantize: set) -> None:
     """`convert`'s files, written into the folder `tmp` (raises WriteError naming the file that failed)."""
-    from points.runtime.quantize import quantize_int8
-
     dtype = resolve_dtype(dtype, files, entries)
     shards = _shard(entries, dtype, max_shard_bytes)
     total = sum(_nbytes(e.shape, e.dtype or dtype) for e in entries)

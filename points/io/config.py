@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from points.errors import CheckpointError
+from points.io.quantized import SCHEMES
 from points.model.config import ConfigError, DecoderConfig, ModelConfig, VisionConfig
 
 FORMAT = "points"
@@ -200,9 +201,6 @@ def from_hf_dict(d: dict, where: str = "config.json") -> ModelConfig:
     return ModelConfig(decoder=decoder, vision=_vision(d["vision_config"], f"{where}: vision_config", where))
 
 
-QUANT_SCHEMES = ("int8",)
-
-
 def read_quantization(directory: str | Path) -> dict | None:
     """The weight quantization a checkpoint in our layout was written with ({"scheme": "int8", "lm_head":
     bool}), or None (float weights; every released checkpoint). Checked: a known scheme, a boolean lm_head."""
@@ -211,10 +209,10 @@ def read_quantization(directory: str | Path) -> dict | None:
     q = d.get("quantization") if isinstance(d, dict) and d.get("format") == FORMAT else None
     if q is None:
         return None
-    if (not isinstance(q, dict) or q.get("scheme") not in QUANT_SCHEMES or not isinstance(q.get("lm_head"), bool)
+    if (not isinstance(q, dict) or q.get("scheme") not in SCHEMES or not isinstance(q.get("lm_head"), bool)
             or set(q) != {"scheme", "lm_head"}):
         raise CheckpointError(f"{path}: quantization {q!r} is not supported; expected {{\"scheme\": one of "
-                              f"{list(QUANT_SCHEMES)}, \"lm_head\": true or false}}")
+                              f"{list(SCHEMES)}, \"lm_head\": true or false}}")
     return q
 
 

@@ -3,14 +3,14 @@
     quantize_decoder(pipe.model.decoder)                 # q/k/v, out, up/gate, down of every layer
     quantize_decoder(pipe.model.decoder, lm_head=True)   # and the output projection
 
-Scheme "int8": symmetric, one scale per output channel: scale[o] = max_i |W[o, i]| / 127 (kept in the model
-dtype), W8 = round(W / scale) in [-127, 127]; the layer computes x @ (W8 * scale)^T + bias, i.e.
-(x @ W8^T) * scale + bias. Activations, norms, rotary and softmax are untouched (float32 where they were);
+Scheme "int8" (points.io.quantized: what is stored, and which projections): one scale per output channel,
+the layer computes x @ (W8 * scale)^T + bias, i.e. (x @ W8^T) * scale + bias. Activations, norms, rotary and softmax are untouched (float32 where they were);
 the vision encoder and the projector stay in the model dtype. Each quantized `nn.Linear` becomes an
 `Int8Linear` whose state is `weight` (int8 [out, in]), `scale` ([out], model dtype) and `bias`: plain tensors
 that `state_dict()` hands out and `points convert --quantize int8` writes.
 
-The product's kernel is chosen here, by device and number of rows (tools/bench_int8.py measured them;
+The product's kernel (`quantize_decoder(..., kernel=)`, held by each Int8Linear: "auto" by default, or one
+of KERNELS forced, for tests and benchmarks) is chosen here, by device and number of rows (tools/bench_int8.py measured them;
 docs/benchmarks.md has the figures):
 - CPU, up to 64 rows (decode, short prefills), eager or compiled: `points.kernels.cpu_int8`, this project's
   own AVX2 kernel (compiled on first use where a C++ compiler is found; one sequential stream per thread,
@@ -29,35 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from points.io.quantized import check_scheme, quantize_int8, quantized_modules
 from points.kernels import cpu_int8
 
-SCHEMES = ("int8",)
-# "auto" (the rule above) | "gemv" (points.kernels.cpu_int8, CPU only) | "int8pack" | "dequantize": forces one,
-# for tests and benchmarks
-KERNEL = "auto"
 GEMV_ROWS = 64  # up to this many rows the CPU kernel beats the others (bench_int8: 1.0x int8pack at 64 in bf16)
-
-
-def check_scheme(scheme: str) -> str:
-    if scheme not in SCHEMES:
-        raise ValueError(f"quantize = {scheme!r}: unknown scheme; expected one of {SCHEMES}")
-    return scheme
-
-
-def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight [out, in] (any float dtype) -> (int8 [out, in], scale [out] in `scale_dtype`, default the
-    weight's). The scale is rounded to its dtype first and the weight divided by the rounded scale, so that
-    W8 * scale is the dequantized weight exactly as the layer uses it. A zero row gets scale 1."""
-    scale_dtype = scale_dtype or weight.dtype
-    w = weight.detach().float()
-    amax = w.abs().amax(dim=1)
-    scale = torch.where(amax > 0, amax / 127, torch.ones_like(amax)).to(scale_dtype)
-    q = torch.round(w / scale.float()[:, None]).clamp_(-127, 127).to(torch.int8)
-    return q, scale
-
-
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (q.float() * scale.float()[:, None]).to(dtype)
+KERNELS = ("auto", "gemv", "int8pack", "dequantize")  # auto: the rule above; the others force one
 
 
 def _auto_kernel(x: torch.Tensor) -> str:
@@ -69,9 +45,9 @@ def _auto_kernel(x: torch.Tensor) -> str:
     return "dequantize" if x.dtype == torch.float32 or x.shape[-1] % 8 else "int8pack"
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., in] @ (weight * scale)^T + bias -> [..., out] in x's dtype."""
-    kernel = KERNEL
+def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+                kernel: str = "auto") -> torch.Tensor:
+    """x [..., in] @ (weight * scale)^T + bias -> [..., out] in x's dtype, on `kernel` (one of KERNELS)."""
     if kernel == "auto":
         kernel = _auto_kernel(x)
     if kernel == "gemv":
@@ -90,9 +66,10 @@ class Int8Linear(nn.Module):
     """A Linear whose weight is int8 with one scale per output row (scheme "int8")."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32,
-                 device=None):
+                 device=None, kernel: str = "auto"):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.kernel = check_kernel(kernel)
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
                                    requires_grad=False)
         self.scale = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
@@ -100,9 +77,10 @@ class Int8Linear(nn.Module):
                      if bias else None)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
+    def from_linear(cls, linear: nn.Linear, kernel: str = "auto") -> "Int8Linear":
         w = linear.weight
-        out = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, device="meta")
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, device="meta",
+                  kernel=kernel)
         q, scale = quantize_int8(w)
         out.weight = nn.Parameter(q, requires_grad=False)
         out.scale = nn.Parameter(scale, requires_grad=False)
@@ -111,31 +89,47 @@ class Int8Linear(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return int8_linear(x, self.weight, self.scale, self.bias)
+        return int8_linear(x, self.weight, self.scale, self.bias, self.kernel)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, int8"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int8, kernel={self.kernel}")
+
+
+def check_kernel(kernel: str) -> str:
+    if kernel not in KERNELS:
+        raise ValueError(f"int8 kernel {kernel!r}: expected one of {KERNELS}")
+    return kernel
 
 
 def quantized_linears(decoder, lm_head: bool = False) -> list[tuple[nn.Module, str]]:
-    """(parent module, attribute) of every projection the scheme quantizes, in module order."""
+    """(parent module, attribute) of every projection the scheme quantizes (points.io.quantized), in order."""
     out = []
-    for layer in decoder.layers:
-        out += [(layer.attn, "qkv"), (layer.attn, "out"), (layer.mlp, "up_gate"), (layer.mlp, "down")]
-    if lm_head:
-        out.append((decoder, "lm_head"))
+    for name in quantized_modules(len(decoder.layers), lm_head):
+        parent, _, attr = name.rpartition(".")
+        out.append((decoder.get_submodule(parent) if parent else decoder, attr))
     return out
 
 
-def quantize_decoder(decoder, scheme: str = "int8", *, lm_head: bool = False):
+def quantize_decoder(decoder, scheme: str = "int8", *, lm_head: bool = False, kernel: str = "auto"):
     """Swap the decoder's projections (and lm_head when asked) for their int8 versions, in place; return the
-    decoder. The float weights are let go one layer at a time (a mapped file's pages are not read twice)."""
+    decoder. The float weights are let go one layer at a time (a mapped file's pages are not read twice).
+    kernel: the product's, "auto" (the rule above) or one of KERNELS forced."""
     check_scheme(scheme)
     if isinstance(decoder.layers[0].attn.qkv, Int8Linear):
         raise ValueError("quantize_decoder: this decoder is already quantized")
     for parent, name in quantized_linears(decoder, lm_head):
-        setattr(parent, name, Int8Linear.from_linear(getattr(parent, name)))
+        setattr(parent, name, Int8Linear.from_linear(getattr(parent, name), kernel))
     decoder.quantization = {"scheme": scheme, "lm_head": lm_head}
+    return decoder
+
+
+def set_kernel(decoder, kernel: str):
+    """Every Int8Linear of `decoder` on `kernel` (one of KERNELS); return the decoder."""
+    check_kernel(kernel)
+    for module in decoder.modules():
+        if isinstance(module, Int8Linear):
+            module.kernel = kernel
     return decoder
 
 

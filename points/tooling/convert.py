@@ -1,14 +1,14 @@
 """`points convert SRC DST [--dtype D] [--quantize int8 [--quantize-lm-head]]` (also `python
 weights_convert.py SRC DST`): a released POINTS-1.5 checkpoint -> this project's layout, written atomically
 (an interrupted run leaves no DST). --quantize int8 writes the decoder's projections as weight-only int8
-with one scale per output channel (points.runtime.quantize); `points.load` maps them back as they are."""
+with one scale per output channel (points.io.quantized); `points.load` maps them back as they are."""
 
 import argparse
 import sys
 
 from points.io.checkpoint import DTYPES, MAX_SHARD_BYTES, convert
 from points.errors import CheckpointError, WriteError
-from points.runtime.quantize import SCHEMES
+from points.io.quantized import SCHEMES
 
 
 def main(argv=None, prog: str = "points convert") -> int:

@@ -1,0 +1,111 @@
+"""Building the model from a checkpoint: the one sequence behind `points.load`, `load_decoder` and
+`load_vision`.
+
+    the files, read and checked and mapped into our names (points.io.checkpoint.load_state_dict)
+      -> the modules built on the meta device (nothing allocated, no random init) and given those tensors
+      -> a decoder stored in int8 gets Int8Linear skeletons first; quantize="int8" swaps them in after
+         (points.runtime.quantize)
+
+Reading and validating files is points.io's; this module is the only one that puts files and modules
+together, so io never imports the runtime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+from points.errors import CheckpointError
+from points.io.checkpoint import load_state_dict
+from points.io.config import read_config, read_quantization
+from points.io.quantized import check_scheme
+from points.model.config import ModelConfig
+from points.model.decoder import Decoder
+from points.model.projector import PatchMerger
+from points.model.vision import VisionEncoder
+from points.runtime.quantize import int8_skeleton, quantize_decoder
+
+
+class _SkipInit(TorchFunctionMode):
+    """Parameters made on the meta device get no values: skip nn.init's in-place fills (whose first call
+    on meta tensors otherwise costs seconds of one-time setup inside torch)."""
+
+    FILLS = {"normal_", "uniform_", "fill_", "zero_", "trunc_normal_", "exponential_"}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") in self.FILLS:
+            target = args[0] if args else kwargs.get("tensor")  # nn.init passes its tensor by keyword
+            if getattr(target, "is_meta", False):
+                return target
+        return func(*args, **kwargs)
+
+
+def materialize(factory: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], prefix: str):
+    """Build a module without allocating its parameters (meta device), then adopt the loaded tensors
+    named `prefix` + its own names as its parameters (no copy); every parameter must be filled (strict)."""
+    with torch.device("meta"), _SkipInit():
+        module = factory()
+    module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)},
+                           strict=True, assign=True)
+    return module.eval().requires_grad_(False)
+
+
+def quantization_steps(directory: str | Path, quantize: str | None, quantize_lm_head: bool | None):
+    """(how the checkpoint stores its decoder, what to quantize after loading) for `points.load`'s
+    quantize / quantize_lm_head arguments. A checkpoint stored quantized loads as it is: asking for another
+    scheme, or for lm_head other than it is stored, is an error (convert again from the float checkpoint)."""
+    if quantize is not None:
+        check_scheme(quantize)
+    stored = read_quantization(directory) if read_config(directory)[1] == "points" else None
+    if stored is None:
+        if quantize_lm_head and quantize is None:
+            raise ValueError("quantize_lm_head=True needs quantize (e.g. quantize='int8')")
+        return None, ({"scheme": quantize, "lm_head": bool(quantize_lm_head)} if quantize else None)
+    if quantize is not None and quantize != stored["scheme"]:
+        raise CheckpointError(f"{directory}: stored quantized as {stored['scheme']!r}, asked for {quantize!r}; "
+                              "convert the float checkpoint with that scheme instead")
+    if quantize_lm_head is not None and quantize_lm_head != stored["lm_head"]:
+        raise CheckpointError(f"{directory}: lm_head is stored {'in int8' if stored['lm_head'] else 'unquantized'}; "
+                              f"quantize_lm_head={quantize_lm_head} would need converting the float checkpoint again")
+    return stored, None
+
+
+def build(directory: str | Path, make: Callable[[ModelConfig], torch.nn.Module], *, parts: tuple[str, ...],
+          prefix: str, dtype=None, device="cpu", progress: bool | None = None, quantize: str | None = None,
+          quantize_lm_head: bool | None = None) -> torch.nn.Module:
+    """`make(cfg)` (a module holding a `decoder`, or a Decoder itself) with the checkpoint's tensors of
+    `parts` (names after `prefix`): the one sequence every loader runs."""
+    stored, after = quantization_steps(directory, quantize, quantize_lm_head)
+    cfg, state = load_state_dict(directory, parts=parts, dtype=dtype, device=device, progress=progress)
+
+    def skeleton():
+        module = make(cfg)
+        if stored is not None:
+            int8_skeleton(getattr(module, "decoder", module), lm_head=stored["lm_head"])
+        return module
+
+    module = materialize(skeleton, state, prefix)
+    del state
+    if after is not None:
+        quantize_decoder(getattr(module, "decoder", module), after["scheme"], lm_head=after["lm_head"])
+    return module
+
+
+def load_decoder(directory: str | Path, *, dtype=None, device="cpu", progress: bool | None = None,
+                 quantize: str | None = None, quantize_lm_head: bool | None = None) -> Decoder:
+    """The language model alone, from any supported checkpoint layout (`quantize`: as in `points.load`)."""
+    return build(directory, lambda cfg: Decoder(cfg.decoder), parts=("decoder",), prefix="decoder.", dtype=dtype,
+                 device=device, progress=progress, quantize=quantize, quantize_lm_head=quantize_lm_head)
+
+
+def load_vision(directory: str | Path, *, dtype=None, device="cpu",
+                progress: bool | None = None) -> tuple[VisionEncoder, PatchMerger]:
+    """The vision encoder and the projector, from any supported checkpoint layout."""
+    cfg, state = load_state_dict(directory, parts=("vision", "projector"), dtype=dtype, device=device,
+                                 progress=progress)
+    return (materialize(lambda: VisionEncoder(cfg.vision), state, "vision."),
+            materialize(lambda: PatchMerger(cfg), state, "projector."))
