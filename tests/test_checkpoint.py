@@ -99,7 +99,7 @@ def test_convert_command_line(official_dir, tmp_path):
 
 def test_interrupted_conversion_leaves_nothing(official_dir, tmp_path, monkeypatch):
     calls = []
-    save = points.io.checkpoint.save_tensors
+    save = points.io.atomic.save_tensors
 
     def failing_save(tensors, path, metadata=None):
         calls.append(path)
@@ -107,7 +107,7 @@ def test_interrupted_conversion_leaves_nothing(official_dir, tmp_path, monkeypat
             raise KeyboardInterrupt  # as if the user pressed Ctrl-C mid-way
         save(tensors, path, metadata=metadata)
 
-    monkeypatch.setattr(points.io.checkpoint, "save_tensors", failing_save)
+    monkeypatch.setattr(points.io.atomic, "save_tensors", failing_save)
     with pytest.raises(KeyboardInterrupt):
         points.convert(official_dir, tmp_path / "dst", max_shard_bytes=400_000)
     assert len(calls) == 2

@@ -125,7 +125,7 @@ def test_convert_sigterm_leaves_nothing_and_stale_partials_go(official_dir, tmp_
     import time
 
     dst = tmp_path / "out"
-    code = ("import sys, time; import points.io.checkpoint as c; save = c.save_tensors\n"
+    code = ("import sys, time; import points.io.atomic as c; save = c.save_tensors\n"
             "def slow(*a, **k):\n    save(*a, **k); time.sleep(60)\n"
             "c.save_tensors = slow\nfrom points.tooling.cli import main\nsys.exit(main(sys.argv[1:]))")
     proc = subprocess.Popen([sys.executable, "-c", code, "convert", str(official_dir), str(dst), "--max-shard-gb", "0.001"],

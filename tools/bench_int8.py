@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from points.io.checkpoint import DTYPES
 from points.kernels import cpu_int8
 from points.io.quantized import quantize_int8
-from points.tooling.bench import copy_bandwidth, machine
+from points.tooling.measure import copy_bandwidth, machine
 from points.tooling.synthetic import SHAPES, hf_config
 from points.io.config import from_hf_dict
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from points.io.checkpoint import DTYPES
-from points.tooling.bench import copy_bandwidth, machine
+from points.tooling.measure import copy_bandwidth, machine
 
 
 def stream(x: torch.Tensor, weights: list[torch.Tensor], repeat: int) -> float:

@@ -27,7 +27,7 @@ from PIL import Image
 import points
 from points.io.checkpoint import DTYPES
 from points.runtime.prefix import PrefixCache
-from points.tooling.bench import machine, matmul_rate
+from points.tooling.measure import machine, matmul_rate
 from points.tooling.synthetic import SHAPES, checkpoint_in
 
 

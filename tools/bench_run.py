@@ -30,7 +30,7 @@ import points
 from points.io.checkpoint import DTYPES
 from points.runtime.generation import GenerationConfig
 from points.tooling import run as runner
-from points.tooling.bench import machine, matmul_rate
+from points.tooling.measure import machine, matmul_rate
 from points.tooling.synthetic import SHAPES, checkpoint_in
 
 WORDS = ("river mountain light question answer window garden music paper story city water stone "

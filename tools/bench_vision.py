@@ -24,7 +24,7 @@ from points.io.checkpoint import DTYPES
 from points.io.processor import RELEASE_MAX_PIXELS, smart_resize
 from points.model.vision import VisionEncoder
 from points.tooling import reference
-from points.tooling.bench import matmul_rate, timed, vision_flops  # (shared with points bench)
+from points.tooling.measure import matmul_rate, timed, vision_flops  # (shared with points bench)
 
 
 def resized_grid(height: int, width: int) -> tuple[int, int, int]:

@@ -13,7 +13,7 @@ import sys
 import torch
 
 from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor
-from points.tooling.bench import matmul_rate, timed, vision_flops, vision_grid
+from points.tooling.measure import matmul_rate, timed, vision_flops, vision_grid
 from points.tooling.synthetic import SHAPES, hf_config
 from points.io.config import from_hf_dict
 from points.model.vision import VisionEncoder

@@ -30,7 +30,7 @@ if not torch.cuda.is_available():  # Triton's CPU interpreter; must be set befor
 from points.kernels import flash_varlen as fv  # noqa: E402
 from points.model.attention import AttentionMeta, Packing, causal_attention, varlen_attention  # noqa: E402
 from points.model.cache import KVCache  # noqa: E402
-from points.tooling.bench import timed  # noqa: E402
+from points.tooling.measure import timed  # noqa: E402
 
 VISION = [(64, 256), (16, 1024), (4, 1024), (1, 1024), (8, 2048), (2, 2048), (4, 4096), (1, 4096), (2, 8192),
           (1, 16384)]

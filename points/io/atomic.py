@@ -22,6 +22,7 @@ import signal
 import threading
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from points.errors import WriteError
 
@@ -123,6 +124,45 @@ def writing(path: Path):
         raise
     except OSError as e:
         raise WriteError(path, e) from None
+
+
+def shard_name(i: int, count: int) -> str:
+    return f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+
+
+def write_shards(shards: Iterable[dict], folder: Path, count: int | None = None,
+                 metadata: dict[str, str] | None = None) -> dict[str, str]:
+    """The one shard writer (convert, the random checkpoints, the tests' reference checkpoints): each dict of
+    tensors as one safetensors file `model-0000i-of-0000n` in `folder`, produced and written one at a time;
+    returns the weight map (tensor name -> file). With `count` unknown the files are written under part names
+    and renamed once the last is written."""
+    names, folder = [], Path(folder)
+    for i, tensors in enumerate(shards):
+        save_tensors(tensors, folder / (shard_name(i, count) if count else f".part-{i}.safetensors"), metadata)
+        names.append(list(tensors))
+    if count is not None and count != len(names):
+        raise ValueError(f"write_shards: {len(names)} shards written, {count} announced")
+    weight_map = {}
+    for i, part in enumerate(names):
+        final = shard_name(i, len(names))
+        if count is None:
+            with writing(folder / final):
+                os.rename(folder / f".part-{i}.safetensors", folder / final)
+        weight_map.update(dict.fromkeys(part, final))
+    return weight_map
+
+
+def by_size(named: Iterable[tuple[str, object]], max_bytes: int) -> Iterator[dict]:
+    """(name, tensor) pairs -> dicts of at most `max_bytes` of tensors (a larger tensor is a shard alone)."""
+    shard, size = {}, 0
+    for name, t in named:
+        n = t.numel() * t.element_size()
+        if shard and size + n > max_bytes:
+            yield shard
+            shard, size = {}, 0
+        shard[name], size = t, size + n
+    if shard:
+        yield shard
 
 
 def write_text_atomically(path: Path, text: str) -> None:

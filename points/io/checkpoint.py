@@ -41,7 +41,7 @@ from einops import rearrange
 from safetensors import SafetensorError, safe_open
 
 from points.errors import CheckpointError, WriteError
-from points.io.atomic import partial_dir, save_tensors, writing
+from points.io.atomic import partial_dir, write_shards, writing
 from points.io.config import absent_shape_fields, read_config, read_quantization, to_dict
 from points.io.progress import Progress
 from points.io.quantized import check_scheme, quantize_int8, quantized_modules
@@ -451,12 +451,12 @@ def load_state_dict(directory: str | Path, *, parts: tuple[str, ...] = ("decoder
     device = torch.device(device)
     check_dtype_runs(dtype, device)
     chosen = [e for e in entries if e.target.split(".", 1)[0] in parts]
-    bar = Progress(f"loading {Path(directory).name}", len(chosen),
-                   sum(_nbytes(e.shape, e.dtype or dtype) for e in chosen), enabled=progress)
+    bar = Progress(f"loading {Path(directory).name}", len(chosen), unit="tensors",
+                   total_bytes=sum(_nbytes(e.shape, e.dtype or dtype) for e in chosen), enabled=progress)
     state = {}
     for e, t in _built(chosen, files, dtype, device):
         state[e.target] = t
-        bar.update(t.nbytes)
+        bar.update(nbytes=t.nbytes)
     bar.close()
     return cfg, state
 
@@ -527,21 +527,20 @@ def _write_converted(src: Path, tmp: Path, cfg: ModelConfig, files: TensorFiles,
     total = sum(_nbytes(e.shape, e.dtype or dtype) for e in entries)
     with writing(tmp):
         tmp.mkdir(parents=True)
-    bar = Progress(f"converting {src.name}", len(entries), total, enabled=progress)
-    weight_map = {}
+    bar = Progress(f"converting {src.name}", len(entries), unit="tensors", total_bytes=total, enabled=progress)
     built = _built(entries, files, dtype, torch.device("cpu"))
-    for i, shard in enumerate(shards):  # one shard's tensors in memory at a time
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+
+    def tensors_of(shard):  # one shard's tensors in memory at a time
         tensors = {}
         for _ in shard:
             e, t = next(built)
-            bar.update(t.nbytes)
+            bar.update(nbytes=t.nbytes)
             if e.target in to_quantize:
                 t, tensors[e.target.removesuffix("weight") + "scale"] = quantize_int8(t)
             tensors[e.target] = t
-        weight_map.update(dict.fromkeys(tensors, fname))
-        save_tensors(tensors, tmp / fname, metadata={"format": "pt"})
-        del tensors
+        return tensors
+
+    weight_map = write_shards((tensors_of(shard) for shard in shards), tmp, len(shards), {"format": "pt"})
     bar.close()
     size = sum(_nbytes(e.shape, e.dtype or dtype) for e in plan(cfg, "points", (), quantization))
     config = to_dict(cfg) | {"dtype": str(dtype).removeprefix("torch.")}

@@ -1,31 +1,49 @@
-"""A one-line progress display (tensors and bytes done) on a terminal; silent when output is not one."""
+"""The one progress line of long work (loading and converting tensors, a dataset run), redrawn in place on a
+terminal and silent when the output is not one.
+
+    bar = Progress("loading x", total=290, unit="tensors", total_bytes=n)   # ... 12/290 tensors, 0.4/1.9 GB (21%, 3.1 GB/s)
+    bar = Progress("points run", total=40, unit="items")                    # ... 3/40 items  0.50 items/s  12.1 tok/s  ETA 1m14s
+    bar.update(items=1, nbytes=..., tokens=...); bar.close()
+"""
 
 import sys
 import time
 
 
 class Progress:
-    def __init__(self, label: str, total_items: int, total_bytes: int, *, enabled: bool | None = None,
-                 stream=None):
+    def __init__(self, label: str, total: int, *, unit: str, total_bytes: int | None = None,
+                 enabled: bool | None = None, stream=None):
         self.stream = stream or sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
-        self.label, self.total_items, self.total_bytes = label, total_items, total_bytes
-        self.items = self.bytes = 0
+        self.label, self.total, self.unit, self.total_bytes = label, total, unit, total_bytes
+        self.done = self.bytes = self.tokens = 0
         self.start = self._last = time.perf_counter()
+        if self.enabled and total_bytes is None:  # a dataset run shows where it starts
+            self._draw(self.start)
 
-    def update(self, nbytes: int) -> None:
-        self.items += 1
+    def update(self, items: int = 1, nbytes: int = 0, tokens: int = 0) -> None:
+        self.done += items
         self.bytes += nbytes
+        self.tokens += tokens
         now = time.perf_counter()
-        if self.enabled and (now - self._last > 0.1 or self.items == self.total_items):
+        if self.enabled and (now - self._last > 0.1 or self.done >= self.total):
             self._last = now
             self._draw(now)
 
+    def line(self, now: float | None = None) -> str:
+        dt = max((now or time.perf_counter()) - self.start, 1e-9)
+        head = f"{self.label}: {self.done}/{self.total} {self.unit}"
+        if self.total_bytes is not None:
+            pct = 100 * self.bytes / max(self.total_bytes, 1)
+            return (f"{head}, {self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB ({pct:3.0f}%, "
+                    f"{self.bytes / dt / 1e9:.2f} GB/s)")
+        rate = self.done / dt
+        eta = (self.total - self.done) / rate if rate > 0 else None
+        eta_s = "--" if eta is None else f"{int(eta // 60)}m{int(eta % 60):02d}s"
+        return f"{head}  {rate:.2f} {self.unit}/s  {self.tokens / dt:.1f} tok/s  ETA {eta_s}   "
+
     def _draw(self, now: float) -> None:
-        pct = 100 * self.bytes / max(self.total_bytes, 1)
-        rate = self.bytes / max(now - self.start, 1e-9) / 1e9
-        self.stream.write(f"\r{self.label}: {self.items}/{self.total_items} tensors, "
-                          f"{self.bytes / 1e9:.2f}/{self.total_bytes / 1e9:.2f} GB ({pct:3.0f}%, {rate:.2f} GB/s)")
+        self.stream.write("\r" + self.line(now))
         self.stream.flush()
 
     def close(self) -> None:

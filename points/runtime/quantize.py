@@ -124,15 +124,6 @@ def quantize_decoder(decoder, scheme: str = "int8", *, lm_head: bool = False, ke
     return decoder
 
 
-def set_kernel(decoder, kernel: str):
-    """Every Int8Linear of `decoder` on `kernel` (one of KERNELS); return the decoder."""
-    check_kernel(kernel)
-    for module in decoder.modules():
-        if isinstance(module, Int8Linear):
-            module.kernel = kernel
-    return decoder
-
-
 def int8_skeleton(decoder, *, lm_head: bool = False):
     """The module structure of a quantized decoder without computing anything (on the meta device, for
     loading a quantized checkpoint's tensors into): every quantized Linear becomes an empty Int8Linear."""

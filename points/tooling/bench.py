@@ -24,23 +24,23 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from points.io.checkpoint import DTYPES
-from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor, smart_resize
+from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor
 from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
 from points.runtime.vision import image_features
+from points.tooling.measure import (Timing, copy_bandwidth, decode_bytes, load_probe, machine, matmul_rate,
+                                    ours_decode, prefill_flops, sync, theirs_decode, timed, vision_flops,
+                                    vision_grid)
+from points.tooling.options import add_weight_options, check_weight_options
+
 
 @dataclass(frozen=True)
 class Sizes:
@@ -66,187 +66,39 @@ QUICK = Sizes(vision={"vision 224x224": [(224, 224)], "vision 336x252": [(336, 2
 DECODE_PROMPT = SIZES.decode_prompt  # the decode profile's prompt
 
 
-# --------------------------------------------------------------------------- measuring
+# --------------------------------------------------------------------------- the run
 
 @dataclass
-class Timing:
-    min_s: float
-    median_s: float
-    runs: list[float]
+class Bench:
+    """One run's setting: our model and engine, transformers' two sides on the same tensors (None without
+    transformers), the machine's floors, and the result the rows are added to."""
+    model: torch.nn.Module
+    engine: Engine
+    processor: ImageProcessor
+    llm: torch.nn.Module | None
+    vision: torch.nn.Module | None
+    device: torch.device
+    dtype: torch.dtype
+    repeat: int
+    attn: str
+    sizes: Sizes
+    bandwidth: float
+    rate_llm: float
+    rate_vis: float
+    result: dict
 
+    def add(self, label, unit, ours: Timing, theirs: Timing | None, floor_s: float, per=1, **fields):
+        """fields: what the row measured, for readers of the JSON (kind, batch, tokens, compiled, ...)."""
+        row = {"row": label, **fields, "unit": unit, "points": vars(ours), "floor_s": floor_s, "per": per}
+        if theirs is not None:
+            row["transformers"] = vars(theirs)
+            row["ratio"] = theirs.min_s / ours.min_s
+        self.result["rows"].append(row)
+        print(_format_row(row), flush=True)
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    def timed(self, fn) -> Timing:
+        return timed(fn, self.device, self.repeat)
 
-
-def timed(fn, device: torch.device, repeat: int = 5, warmup: int = 1) -> Timing:
-    """Wall time of fn() (synchronised on CUDA): `warmup` untimed calls, then `repeat` timed ones. If fn
-    returns a number, that is taken as the time of the part it measured itself."""
-    for _ in range(warmup):
-        fn()
-    runs = []
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        inner = fn()
-        sync(device)
-        runs.append(inner if isinstance(inner, float) else time.perf_counter() - t0)
-    return Timing(min(runs), statistics.median(runs), runs)
-
-
-def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
-    """Bytes read + written per second by one large copy (best of 5)."""
-    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)
-    x = torch.ones(nbytes, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    return 2 * nbytes / timed(lambda: y.copy_(x), device, repeat=5).min_s
-
-
-def matmul_rate(n: int, k: int, m: int, dtype: torch.dtype, device: torch.device) -> float:
-    """FLOP/s of one [n, k] x [k, m] product in `dtype` (best of 3)."""
-    a = torch.randn(n, k, device=device).to(dtype)
-    b = torch.randn(m, k, device=device).to(dtype)
-    with torch.inference_mode():
-        best = timed(lambda: torch.nn.functional.linear(a, b), device, repeat=5).min_s
-    return 2 * n * k * m / best
-
-
-def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    try:
-        import transformers
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
-    return info
-
-
-# --------------------------------------------------------------------------- work sizes
-
-def vision_grid(sizes: list[tuple[int, int]], processor) -> torch.Tensor:
-    """[n, 3] (t, h, w) in patches after the checkpoint's image processor resizes images of these sizes."""
-    factor = processor.patch_size * processor.merge_size
-    return torch.tensor([(1, *(s // processor.patch_size for s in
-                               smart_resize(h, w, factor, processor.min_pixels, processor.max_pixels)))
-                         for h, w in sizes])
-
-
-def vision_flops(v, grid: torch.Tensor) -> float:
-    """Matmul FLOPs of one encode: patch embedding, each block's projections and MLP, per-image attention."""
-    E, M = v.embed_dim, v.mlp_dim
-    frames = [int(t) for t in grid[:, 0].tolist()]
-    sizes = [int(h * w) for h, w in grid[:, 1:].tolist()]
-    L = sum(t * s for t, s in zip(frames, sizes))
-    attention = sum(t * 4 * s * s * E for t, s in zip(frames, sizes))
-    return 2 * L * v.patch_dim * E + v.depth * (L * 2 * (4 * E * E + 2 * E * M) + attention)
-
-
-def prefill_flops(d, T: int) -> float:
-    """Matmul FLOPs of a T-token prefill computing the last position's logits (causal attention: half)."""
-    per_token = 2 * d.n_layers * (d.hidden_size * (d.n_heads + 2 * d.n_kv_heads) * d.head_dim
-                                  + d.n_heads * d.head_dim * d.hidden_size + 3 * d.hidden_size * d.ffn_size)
-    attention = d.n_layers * 2 * T * T * d.n_heads * d.head_dim  # 4 T^2 H D / 2
-    return T * per_token + attention + 2 * d.hidden_size * d.vocab_size
-
-
-def decode_bytes(decoder, kv_len: int, batch: int) -> int:
-    """Bytes one decode step must read: every weight except the embedding table (one row each), the
-    visible K/V of every row."""
-    d = decoder.cfg
-    w = sum(p.numel() * p.element_size() for n, p in decoder.named_parameters() if n != "embed.weight")
-    item = decoder.embed.weight.element_size()
-    return w + batch * d.hidden_size * item + 2 * d.n_layers * batch * d.n_kv_heads * kv_len * d.head_dim * item
-
-
-# --------------------------------------------------------------------------- the two sides
-
-class _Clock:
-    """A transformers streamer that stamps the time of every generated step."""
-
-    def __init__(self, device):
-        self.device, self.stamps = device, []
-
-    def put(self, value):
-        sync(self.device)
-        self.stamps.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
-def ours_decode(engine: Engine, prompts: torch.Tensor, lengths: torch.Tensor, new: int):
-    """Seconds per step of `new` greedy steps (the choice of the next token inside the step), after an untimed
-    prefill of the right-padded prompts."""
-    def run() -> float:
-        cache = engine.new_cache(prompts.shape[0], prompts.shape[1] + new + 1)
-        pick = Picker(prompts.shape[0], engine.decoder.cfg.vocab_size, prompts.device)
-        logits = engine.prefill(cache, tokens=prompts, lengths=lengths)
-        sync(prompts.device)
-        t0 = time.perf_counter()
-        for _ in engine.decode(cache, logits, pick, new + 1):  # new + 1 tokens: `new` steps
-            pass
-        sync(prompts.device)
-        return (time.perf_counter() - t0) / new
-    return run
-
-
-def theirs_decode(llm, prompts: torch.Tensor, lengths: torch.Tensor, new: int):
-    B, T = prompts.shape
-    left = torch.zeros_like(prompts)
-    mask = torch.zeros_like(prompts)
-    for i, n in enumerate(lengths.tolist()):  # transformers generates from left-padded rows
-        left[i, T - n:], mask[i, T - n:] = prompts[i, :n], 1
-
-    def run() -> float:
-        clock = _Clock(prompts.device)
-        with torch.inference_mode():
-            llm.generate(left, attention_mask=mask, max_new_tokens=new + 1, min_new_tokens=new + 1,
-                         do_sample=False, pad_token_id=0, streamer=clock)
-        return (clock.stamps[-1] - clock.stamps[1]) / new  # stamps[0]: the prompt; [1]: the prefill's token
-    return run
-
-
-def _load_probe(code: str) -> dict:
-    """Run `code` (which sets `load`, a callable returning a Pipeline or a tuple of modules) in a fresh
-    interpreter: time and peak RSS growth of load() followed by one read over every parameter (a loader
-    that maps files lazily pays its reads there, as it would on its first forward)."""
-    script = f"""
-import json, time, torch
-def rss(field):
-    for line in open('/proc/self/status'):
-        if line.startswith(field):
-            return int(line.split()[1]) * 1024
-{code}
-before = rss('VmRSS:')
-t0 = time.perf_counter()
-obj = load()
-for m in (obj if isinstance(obj, tuple) else (obj.model,)):
-    for p in m.parameters():
-        p.amax()
-if torch.cuda.is_available():
-    torch.cuda.synchronize()
-dt = time.perf_counter() - t0
-print(json.dumps({{"s": dt, "peak_growth_bytes": rss('VmHWM:') - before, "rss_before_bytes": before}}))
-"""
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"load probe failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-# --------------------------------------------------------------------------- the run
 
 def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, workdir: Path, rows: set[str], *,
         compile_step: bool = False, profile: bool = False, transposed: bool = False, attn: str = "auto",
@@ -289,82 +141,18 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
               "quantize": quantize and {"scheme": quantize, "lm_head": quantize_lm_head},
               "machine": machine(device), "weights_bytes": weights, "copy_bytes_per_s": bw,
               "matmul_flops_per_s": {"decoder": rate_llm, "vision": rate_vis}, "rows": []}
-
-    def add(label, unit, ours: Timing, theirs: Timing | None, floor_s: float, per=1, **fields):
-        """fields: what the row measured, for readers of the JSON (kind, batch, tokens, compiled, ...)."""
-        row = {"row": label, **fields, "unit": unit, "points": vars(ours), "floor_s": floor_s, "per": per}
-        if theirs is not None:
-            row["transformers"] = vars(theirs)
-            row["ratio"] = theirs.min_s / ours.min_s
-        result["rows"].append(row)
-        print(_format_row(row), flush=True)
-
+    b = Bench(model, engine, processor, llm, vision, device, dtype, repeat, attn, sizes, bw, rate_llm, rate_vis, result)
     print(_header(result), flush=True)
     g = torch.Generator().manual_seed(0)
     if "vision" in rows:
-        graphs = None
-        if device.type == "cuda" and attn != "sdpa":
-            from points.runtime.vision import VisionRunner
-
-            graphs = VisionRunner(model, attn=attn)
-        for label, images in sizes.vision.items():
-            grid = vision_grid(images, processor)
-            pixels = torch.randn(int(grid.prod(-1).sum()), v.patch_dim, generator=g).to(device)
-            with torch.inference_mode():
-                mine = timed(lambda: image_features(model, pixels, grid, attn), device, repeat)
-                ref = None if vision is None else timed(
-                    lambda: vision(pixels.to(dtype), grid.to(device)).pooler_output, device, repeat)
-            patches = int(grid.prod(-1).sum())
-            add(f"{label} ({patches} patches)", "s", mine, ref, vision_flops(v, grid) / rate_vis, kind="vision",
-                images=len(images), patches=patches, cuda_graphs=False)
-            if graphs is not None and graphs.graphs:  # bucketed and replayed from CUDA graphs
-                padded = next((b for b in graphs.buckets if b >= pixels.shape[0]), None)
-                if padded is not None:
-                    mine = timed(lambda: graphs(pixels, grid), device, repeat)
-                    add(f"{label}, CUDA graphs (bucket {padded})", "s", mine, ref, vision_flops(v, grid) / rate_vis,
-                        kind="vision", images=len(images), patches=patches, cuda_graphs=True)
+        vision_rows(b, g)
     if "prefill" in rows:
-        for T in sizes.prefill:
-            tokens = torch.randint(0, d.vocab_size, (1, T), generator=g).to(device)
-
-            def ours_prefill():
-                engine.prefill(engine.new_cache(1, T + 1), tokens=tokens)
-
-            def theirs_prefill():
-                llm(tokens, use_cache=True, logits_to_keep=1)
-            with torch.inference_mode():
-                mine = timed(ours_prefill, device, repeat)
-                ref = None if llm is None else timed(theirs_prefill, device, repeat)
-            add(f"prefill {T} tokens", "s", mine, ref, prefill_flops(d, T) / rate_llm, kind="prefill", tokens=T)
+        prefill_rows(b, g)
     if "decode" in rows:
-        timings = []  # (label, prompts, lengths, floor, batch, transformers' timing)
-        compiled = None  # one compiled engine: a graph per batch size and key block
-        new = sizes.decode_new
-        for batch, lengths in ((1, (sizes.decode_prompt,)), (4, sizes.ragged)):
-            lengths_t = torch.tensor(lengths, device=device)
-            prompts = torch.randint(0, d.vocab_size, (batch, max(lengths)), generator=g).to(device)
-            floor = decode_bytes(model.decoder, max(lengths) + new // 2, batch) / bw
-            label = f"decode batch {batch}" + (" (ragged)" if batch > 1 else "") + f", {new} tokens"
-            mine = timed(ours_decode(engine, prompts, lengths_t, new), device, repeat)
-            ref = None if llm is None else timed(theirs_decode(llm, prompts, lengths_t, new), device, repeat)
-            fields = dict(kind="decode", batch=batch, prompts=list(lengths), tokens=new)
-            add(label, "s/step", mine, ref, floor, per=batch, **fields, compiled=False)
-            timings.append((label, prompts, lengths_t, floor, batch, ref, fields))
-            if compile_step:
-                compiled = compiled or Engine(model.decoder, compile=True, backend=compile_backend, attn=attn)
-                mine = timed(ours_decode(compiled, prompts, lengths_t, new), device, repeat)
-                add(label + ", compiled", "s/step", mine, ref, floor, per=batch, **fields, compiled=True)
+        decode_rows(b, g, compile_step, compile_backend, transposed)
     if profile:
         result["profile"] = profile_decode(engine)
         print(result["profile"])
-    if "decode" in rows and transposed:  # the opt-in CPU layout (points.runtime.layout), same transformers runs
-        from points.runtime.layout import transpose_tall_linears
-
-        transpose_tall_linears(model.decoder)
-        for label, prompts, lengths_t, floor, batch, ref, fields in timings:
-            mine = timed(ours_decode(engine, prompts, lengths_t, sizes.decode_new), device, repeat)
-            add(label + ", transposed tall weights", "s/step", mine, ref, floor, per=batch, **fields, compiled=False,
-                transposed=True)
     if "load" in rows:
         hf_dir = None
         if llm is not None:  # transformers' own directories of the same weights, for from_pretrained
@@ -373,11 +161,79 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
                 llm.save_pretrained(hf_dir / "llm")
                 vision.save_pretrained(hf_dir / "vision")
         # let go of every model first, so that memory pressure does not evict a side's files from the page cache
-        del pipe, model, engine, llm, vision
+        del pipe, model, engine, llm, vision, b
         gc.collect()
         result["rows"] += load_rows(ckpt, hf_dir, workdir, device, dtype, sum(weights.values()), bw,
                                     quantize, quantize_lm_head, runs=repeat)
     return result
+
+
+def vision_rows(b: Bench, g: torch.Generator) -> None:
+    """Each image set encoded and projected (and, on CUDA, replayed from the vision runner's CUDA graphs)
+    against transformers' vision tower with its PatchMerger; floor: the FLOPs over the matmul rate."""
+    v = b.model.cfg.vision
+    graphs = None
+    if b.device.type == "cuda" and b.attn != "sdpa":
+        from points.runtime.vision import VisionRunner
+
+        graphs = VisionRunner(b.model, attn=b.attn)
+    for label, images in b.sizes.vision.items():
+        grid = vision_grid(images, b.processor)
+        pixels = torch.randn(int(grid.prod(-1).sum()), v.patch_dim, generator=g).to(b.device)
+        with torch.inference_mode():
+            mine = b.timed(lambda: image_features(b.model, pixels, grid, b.attn))
+            ref = None if b.vision is None else b.timed(
+                lambda: b.vision(pixels.to(b.dtype), grid.to(b.device)).pooler_output)
+        patches, floor = int(grid.prod(-1).sum()), vision_flops(v, grid) / b.rate_vis
+        b.add(f"{label} ({patches} patches)", "s", mine, ref, floor, kind="vision", images=len(images),
+              patches=patches, cuda_graphs=False)
+        if graphs is not None and graphs.graphs:  # bucketed and replayed from CUDA graphs
+            padded = next((bucket for bucket in graphs.buckets if bucket >= pixels.shape[0]), None)
+            if padded is not None:
+                mine = b.timed(lambda: graphs(pixels, grid))
+                b.add(f"{label}, CUDA graphs (bucket {padded})", "s", mine, ref, floor, kind="vision",
+                      images=len(images), patches=patches, cuda_graphs=True)
+
+
+def prefill_rows(b: Bench, g: torch.Generator) -> None:
+    """One prompt's prefill (last position's logits) against transformers' forward with logits_to_keep=1."""
+    d = b.model.cfg.decoder
+    for T in b.sizes.prefill:
+        tokens = torch.randint(0, d.vocab_size, (1, T), generator=g).to(b.device)
+        with torch.inference_mode():
+            mine = b.timed(lambda: b.engine.prefill(b.engine.new_cache(1, T + 1), tokens=tokens))
+            ref = None if b.llm is None else b.timed(lambda: b.llm(tokens, use_cache=True, logits_to_keep=1))
+        b.add(f"prefill {T} tokens", "s", mine, ref, prefill_flops(d, T) / b.rate_llm, kind="prefill", tokens=T)
+
+
+def decode_rows(b: Bench, g: torch.Generator, compile_step: bool, compile_backend: str, transposed: bool) -> None:
+    """Greedy steps after a prompt, batch 1 and a ragged batch 4, eager (and compiled, and with the opt-in
+    transposed CPU layout) against transformers' generate; floor: the bytes a step reads over the bandwidth."""
+    d, new = b.model.cfg.decoder, b.sizes.decode_new
+    timings = []  # (label, prompts, lengths, floor, batch, transformers' timing, fields)
+    compiled = None  # one compiled engine: a graph per batch size and key block
+    for batch, lengths in ((1, (b.sizes.decode_prompt,)), (4, b.sizes.ragged)):
+        lengths_t = torch.tensor(lengths, device=b.device)
+        prompts = torch.randint(0, d.vocab_size, (batch, max(lengths)), generator=g).to(b.device)
+        floor = decode_bytes(b.model.decoder, max(lengths) + new // 2, batch) / b.bandwidth
+        label = f"decode batch {batch}" + (" (ragged)" if batch > 1 else "") + f", {new} tokens"
+        mine = b.timed(ours_decode(b.engine, prompts, lengths_t, new))
+        ref = None if b.llm is None else b.timed(theirs_decode(b.llm, prompts, lengths_t, new))
+        fields = dict(kind="decode", batch=batch, prompts=list(lengths), tokens=new)
+        b.add(label, "s/step", mine, ref, floor, per=batch, **fields, compiled=False)
+        timings.append((label, prompts, lengths_t, floor, batch, ref, fields))
+        if compile_step:
+            compiled = compiled or Engine(b.model.decoder, compile=True, backend=compile_backend, attn=b.attn)
+            mine = b.timed(ours_decode(compiled, prompts, lengths_t, new))
+            b.add(label + ", compiled", "s/step", mine, ref, floor, per=batch, **fields, compiled=True)
+    if transposed:  # the opt-in CPU layout (points.runtime.layout), the same transformers runs
+        from points.runtime.layout import transpose_tall_linears
+
+        transpose_tall_linears(b.model.decoder)
+        for label, prompts, lengths_t, floor, batch, ref, fields in timings:
+            mine = b.timed(ours_decode(b.engine, prompts, lengths_t, new))
+            b.add(label + ", transposed tall weights", "s/step", mine, ref, floor, per=batch, **fields, compiled=False,
+                  transposed=True)
 
 
 def load_rows(ckpt: Path, hf_dir: Path | None, workdir: Path, device: torch.device, dtype: torch.dtype,
@@ -413,7 +269,7 @@ def load():
     measured = {side: [] for side in probes}
     for _ in range(runs):
         for side, code in probes.items():
-            measured[side].append(_load_probe(code))
+            measured[side].append(load_probe(code))
     summary = {side: {"min_s": min(r["s"] for r in got), "median_s": statistics.median(r["s"] for r in got),
                       "runs": [r["s"] for r in got], "peak_bytes": min(r["peak_growth_bytes"] for r in got)}
                for side, got in measured.items()}
@@ -489,8 +345,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="points bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=["tiny", "small", "7b"], default="small")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default="float32")
+    add_weight_options(p, device="cuda" if torch.cuda.is_available() else "cpu", dtype="float32")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per row after one warm-up (default 5)")
     p.add_argument("--rows", nargs="+", choices=["vision", "prefill", "decode", "load"],
                    default=["vision", "prefill", "decode", "load"])
@@ -503,9 +358,6 @@ def main(argv=None) -> int:
     p.add_argument("--transposed", action="store_true",
                    help="also time decoding with the opt-in CPU layout of points.runtime.layout (float32, CPU)")
     p.add_argument("--profile", action="store_true", help="print the decode step's top ops")
-    p.add_argument("--quantize", choices=["int8"], default=None,
-                   help="our decoder weight-only int8 (transformers' side stays in --dtype); floors from the int8 bytes")
-    p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: lm_head too")
     p.add_argument("--quick", action="store_true",
                    help="every row at a fraction of its work (small images and prompts, 8 decode steps): to see that "
                         "each row runs; the figures mean little")
@@ -519,8 +371,7 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         p.error(f"--device {args.device}: CUDA is not available on this machine")
     dtype = getattr(torch, args.dtype)
-    if args.quantize_lm_head and not args.quantize:
-        p.error("--quantize-lm-head needs --quantize")
+    check_weight_options(p, args)
     if args.transposed and args.quantize:
         p.error("--transposed and --quantize are two different weight layouts; pick one")
     if args.transposed and (device.type != "cpu" or dtype != torch.float32):

@@ -9,9 +9,9 @@ import sys
 import time
 
 from points.io.atomic import Terminated
-from points.io.checkpoint import DTYPES
 from points.tooling import convert, run
-from points.tooling.run import add_generation_arguments, gen_kwargs
+from points.tooling.options import (add_generation_options, add_weight_options, check_weight_options,
+                                    generation_kwargs)
 
 
 def _check_image(flag: str, path: str) -> str | None:
@@ -49,7 +49,7 @@ def _chat(args) -> int:
 
     from points.runtime.generation import GenerationConfig, GenerationError
 
-    gen = gen_kwargs(args)
+    gen = generation_kwargs(args)
     try:
         GenerationConfig.from_kwargs(**gen)
     except GenerationError as e:
@@ -162,12 +162,8 @@ def main(argv=None) -> int:
     c.add_argument("--model", required=True, help="checkpoint directory (released layout or ours)")
     c.add_argument("--image", action="append", help="an image for the (first) message; repeatable")
     c.add_argument("--prompt", help="one question; without it an interactive multi-turn session")
-    add_generation_arguments(c)
-    c.add_argument("--device", default="cpu", help="default: %(default)s")
-    c.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: the checkpoint's")
-    c.add_argument("--quantize", choices=["int8"], default=None,
-                   help="weight-only int8 decoder (a checkpoint converted with --quantize loads quantized anyway)")
-    c.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: lm_head too")
+    add_generation_options(c)
+    add_weight_options(c)
     c.add_argument("--compile", action="store_true", help="torch.compile the decode step (the first reply waits "
                    "for the compiler, the later ones are faster)")
     c.add_argument("--no-prefix-cache", action="store_true",
@@ -191,7 +187,9 @@ def main(argv=None) -> int:
                 return demo.main(argv[1:])
             from points.tooling import bench
             return bench.main(argv[1:])
-        return _chat(p.parse_args(argv))
+        args = p.parse_args(argv)
+        check_weight_options(c, args)
+        return _chat(args)
     except KeyboardInterrupt:  # one line, not a traceback; partial outputs were removed on the way out
         print(f"\npoints {name}: interrupted", file=sys.stderr)
         return 130

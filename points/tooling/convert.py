@@ -6,23 +6,19 @@ with one scale per output channel (points.io.quantized); `points.load` maps them
 import argparse
 import sys
 
-from points.io.checkpoint import DTYPES, MAX_SHARD_BYTES, convert
+from points.io.checkpoint import MAX_SHARD_BYTES, convert
 from points.errors import CheckpointError, WriteError
-from points.io.quantized import SCHEMES
+from points.tooling.options import add_weight_options, check_weight_options
 
 
 def main(argv=None, prog: str = "points convert") -> int:
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("src", help="checkpoint directory (released layout, or ours)")
     p.add_argument("dst", help="output directory; must not exist (written atomically)")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: keep the checkpoint's dtype")
+    add_weight_options(p, device=None)
     p.add_argument("--max-shard-gb", type=float, default=MAX_SHARD_BYTES / 1e9, help="largest shard (default 5)")
-    p.add_argument("--quantize", choices=list(SCHEMES), default=None,
-                   help="store the decoder's projections quantized (int8: weight-only, per-channel scales)")
-    p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: lm_head too")
     args = p.parse_args(argv)
-    if args.quantize_lm_head and not args.quantize:
-        p.error("--quantize-lm-head needs --quantize")
+    check_weight_options(p, args)
     if not 1 <= args.max_shard_gb * 1e9 < float("inf"):
         p.error(f"--max-shard-gb {args.max_shard_gb:g}: expected a size in GB > 0 (at least one byte; default 5)")
     try:

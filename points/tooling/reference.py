@@ -25,7 +25,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger, Qwen2VisionTransformerPretrainedModel
 
-from points.io.atomic import save_tensors
+from points.io.atomic import save_tensors, write_shards
+from points.tooling.synthetic import random_value
 from points.io.checkpoint import to_hf_state_dict
 from points.io.config import from_hf_dict
 from points.model.config import DecoderConfig, ModelConfig, VisionConfig
@@ -73,16 +74,12 @@ def vision_config(v: VisionConfig, hidden_size: int) -> Qwen2VLVisionConfig:
 # --------------------------------------------------------------------------- re-drawn reference modules
 
 def _redraw(module: torch.nn.Module, seed: int) -> None:
+    """The project's random-init rule (synthetic.random_value), wider: weights 0.05, biases 0.1."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
             noise = torch.randn(p.shape, generator=g, device="cpu").to(p.device)
-            if "norm" in name or "ln_q" in name:
-                p.copy_(1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise)
-            elif name.endswith("bias"):
-                p.copy_(0.1 * noise)
-            else:
-                p.copy_(0.05 * noise)
+            p.copy_(random_value(name, noise, weight_std=0.05, bias_std=0.1))
 
 
 def reference_decoder(llm: dict = TINY_LLM, seed: int = 0) -> Qwen2ForCausalLM:
@@ -149,12 +146,8 @@ def save_checkpoint(directory: Path, config: dict, tensors: dict[str, torch.Tens
     if shards == 1:
         save_tensors(tensors, directory / "model.safetensors", metadata={"format": "pt"})
         return directory
-    weight_map = {}
-    for s in range(shards):
-        fname = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = names[s::shards]
-        save_tensors({k: tensors[k] for k in part}, directory / fname, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, fname))
+    weight_map = write_shards(({k: tensors[k] for k in names[s::shards]} for s in range(shards)), directory, shards,
+                              {"format": "pt"})
     (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return directory
 

@@ -47,7 +47,6 @@ import hashlib
 import json
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,9 +54,10 @@ import torch
 
 from points.errors import CheckpointError, WriteError
 from points.io.atomic import Terminated, sigterm_raises, write_text_atomically
-from points.io.checkpoint import DTYPES
 from points.io.outputs import OutputError, OutputLock, check_output
 from points.io.processor import is_url
+from points.io.progress import Progress
+from points.tooling.options import add_generation_options, add_weight_options, check_weight_options, generation_kwargs
 
 
 class RunError(ValueError):
@@ -182,7 +182,7 @@ def run_key(args, items: list[Item]) -> dict:
     """What a journal's records depend on: a journal written under another key is not mixed in."""
     digest = hashlib.sha256(json.dumps([[it.id, it.messages] for it in items], sort_keys=True).encode()).hexdigest()
     return {"model": str(Path(args.model).resolve()), "input_sha256": digest, "dtype": args.dtype,
-            "quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head, "gen": gen_kwargs(args)}
+            "quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head, "gen": generation_kwargs(args)}
 
 
 def check_meta(out: Path, key: dict, rank: int) -> None:
@@ -241,45 +241,7 @@ class Dist:
             dist.destroy_process_group()
 
 
-# ----------------------------------------------------------------------------------------------- progress
-
-
-class Progress:
-    """items done / total, items/s, generated tokens/s and ETA on one redrawn line; silent unless stderr is
-    a terminal."""
-
-    def __init__(self, total: int, done: int, label: str, enabled: bool | None = None):
-        self.total, self.done, self.start_done, self.label = total, done, done, label
-        self.tokens, self.t0 = 0, time.monotonic()
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
-        self.draw()
-
-    def update(self, items: int, tokens: int) -> None:
-        self.done += items
-        self.tokens += tokens
-        self.draw()
-
-    def draw(self) -> None:
-        if not self.enabled:
-            return
-        dt = max(time.monotonic() - self.t0, 1e-9)
-        rate = (self.done - self.start_done) / dt
-        eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-        eta_s = "--" if eta != eta else f"{int(eta // 60)}m{int(eta % 60):02d}s"
-        print(f"\r{self.label}{self.done}/{self.total} items  {rate:.2f} items/s  {self.tokens / dt:.1f} tok/s  "
-              f"ETA {eta_s}   ", end="", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            print(file=sys.stderr)
-
-
 # ----------------------------------------------------------------------------------------------- the run
-
-
-def gen_kwargs(args) -> dict:
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
 
 
 def batches(prepared: list[tuple[Item, int, int]], size: int) -> list[list[Item]]:
@@ -314,7 +276,7 @@ def process(pipe, items: list[Item], cfg, batch_size: int, journal: Journal, pro
     if failed:
         journal.append(failed)
         if progress:
-            progress.update(len(failed), 0)
+            progress.update(len(failed))
     tokens = 0
     for batch in batches(ok, batch_size):
         try:
@@ -331,7 +293,7 @@ def process(pipe, items: list[Item], cfg, batch_size: int, journal: Journal, pro
         journal.append(records)
         tokens += generated
         if progress:
-            progress.update(len(batch), generated)
+            progress.update(len(batch), tokens=generated)
     return tokens
 
 
@@ -376,11 +338,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, type=Path, help="JSONL: one {\"id\", \"messages\"} object per line")
     p.add_argument("--output", required=True, type=Path, help="JSONL written at the end, one line per input id")
     p.add_argument("--batch-size", type=int, default=8, help="rows per batch (default: %(default)s)")
-    add_generation_arguments(p)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) (default: %(default)s)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: the checkpoint's")
-    p.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8 decoder")
-    p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: lm_head too")
+    add_generation_options(p)
+    add_weight_options(p, device_help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) ")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
                    help="the progress line (auto: when stderr is a terminal)")
@@ -392,15 +351,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1:
         p.error(f"--batch-size {args.batch_size}: expected an integer >= 1")
-    if args.quantize_lm_head and not args.quantize:
-        p.error("--quantize-lm-head needs --quantize int8")
+    check_weight_options(p, args)
     import points
     from points.io.config import read_config
     from points.pipeline import resolve_device
     from points.runtime.generation import GenerationConfig, GenerationError
 
     try:
-        cfg = GenerationConfig.from_kwargs(**gen_kwargs(args))
+        cfg = GenerationConfig.from_kwargs(**generation_kwargs(args))
     except GenerationError as e:
         p.error(e.flag())
     out, dist, lock = args.output, None, None
@@ -420,13 +378,13 @@ def main(argv=None) -> int:
             dist.barrier()  # every rank has read the journals before any rank appends to its own
             remaining = [it for it in items if it.id not in done]
             share = remaining[dist.rank::dist.world]
-            label = f"points run (rank {dist.rank} of {dist.world}): " if dist.world > 1 else "points run: "
+            label = f"points run (rank {dist.rank} of {dist.world})" if dist.world > 1 else "points run"
             if share:
                 pipe = points.load(args.model, device=dist.device, dtype=args.dtype, quantize=args.quantize,
                                    quantize_lm_head=args.quantize_lm_head or None, compile=args.compile)
                 journal = Journal(out.with_name(f"{out.name}.journal.{dist.rank}"))
                 enabled = {"auto": None, "on": True, "off": False}[args.progress]
-                progress = Progress(len(share), 0, label, enabled)
+                progress = Progress(label, len(share), unit="items", enabled=enabled)
                 try:
                     process(pipe, share, cfg, args.batch_size, journal, progress)
                 finally:
@@ -462,13 +420,3 @@ def main(argv=None) -> int:
             lock.release()
         if dist is not None:
             dist.close()
-
-
-def add_generation_arguments(p: argparse.ArgumentParser) -> None:
-    """The generation options `points chat` and `points run` share (defaults shown in --help)."""
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="default: %(default)s")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: %(default)s = off)")
-    p.add_argument("--top-k", type=int, default=0, help="default: %(default)s = off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="default: %(default)s = off")
-    p.add_argument("--seed", type=int, default=None, help="for sampling (default: none)")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from points.io.atomic import partial_dir, save_tensors
+from points.io.atomic import by_size, partial_dir, write_shards
 from points.io.checkpoint import INDEX, MAX_SHARD_BYTES, plan
 from points.io.config import from_hf_dict
 from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor
@@ -70,12 +70,13 @@ def hf_config(llm: dict, vision: dict, dtype: str = "float32") -> dict:
             "llm_config": dict(llm), "vision_config": dict(vision), "torch_dtype": dtype}
 
 
-def _draw(name: str, shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """Norm weights near 1 and norm biases near 0; every other weight and bias ~ N(0, 0.02)."""
-    noise = torch.randn(shape, generator=g)
-    if ".norm" in name or "_norm" in name:
+def random_value(name: str, noise: torch.Tensor, *, weight_std: float = 0.02, bias_std: float = 0.02) -> torch.Tensor:
+    """The project's one random-init rule, from standard-normal `noise` for the parameter `name`: a norm's
+    weight 1 + 0.1 n and its bias 0.1 n; any other bias bias_std * n, any other weight weight_std * n.
+    (The random checkpoints and models here use the defaults; points.tooling.reference 0.05 / 0.1.)"""
+    if "norm" in name or "ln_q" in name:
         return 1 + 0.1 * noise if name.endswith("weight") else 0.1 * noise
-    return 0.02 * noise
+    return (bias_std if name.endswith("bias") else weight_std) * noise
 
 
 def write_checkpoint(directory: str | Path, shapes: str | tuple[dict, dict] = "tiny", *,
@@ -99,22 +100,14 @@ def write_checkpoint(directory: str | Path, shapes: str | tuple[dict, dict] = "t
         (tmp / "preprocessor_config.json").write_text(json.dumps(processor.to_json(), indent=1))
         (qwen_tokenizer_json if tokenizer == "qwen" else bytes_tokenizer_json)(tmp / "tokenizer.json")
         g = torch.Generator().manual_seed(seed)
-        shards, shard, size = [], {}, 0
-        for e in plan(cfg, "custom_llama"):  # one shard's tensors in memory at a time
-            ours = _draw(e.target, e.shape, g).to(dtype)
-            for name, t in zip(e.sources, e.layout.split(ours, e.source_shapes)):
-                n = t.numel() * t.element_size()
-                if shard and size + n > max_shard_bytes:
-                    shards.append(_save(tmp, len(shards), shard))
-                    shard, size = {}, 0
-                shard[name], size = t.contiguous(), size + n
-        shards.append(_save(tmp, len(shards), shard))
-        total = len(shards)
-        weight_map = {}
-        for i, names in enumerate(shards):
-            final = f"model-{i + 1:05d}-of-{total:05d}.safetensors"
-            os.rename(tmp / f"part-{i}.safetensors", tmp / final)
-            weight_map.update(dict.fromkeys(names, final))
+
+        def released():  # drawn in our layout, written in the released one, one shard in memory at a time
+            for e in plan(cfg, "custom_llama"):
+                ours = random_value(e.target, torch.randn(e.shape, generator=g)).to(dtype)
+                for name, t in zip(e.sources, e.layout.split(ours, e.source_shapes)):
+                    yield name, t.contiguous()
+
+        weight_map = write_shards(by_size(released(), max_shard_bytes), tmp, metadata={"format": "pt"})
         (tmp / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=1))
         os.rename(tmp, directory)
     return directory
@@ -157,22 +150,12 @@ def random_decoder(shapes: str | tuple[dict, dict], device: str | torch.device =
 
 
 def _fill_random(module, seed: int):
-    """`_draw`'s distributions, drawn on the module's device: norm weights near 1 and biases near 0, every
-    other tensor ~ N(0, 0.02)."""
+    """`random_value`'s distributions, drawn on the module's device."""
     g = torch.Generator(next(module.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            p.normal_(generator=g)
-            if "norm" in name:
-                p.mul_(0.1).add_(1.0 if name.endswith("weight") else 0.0)
-            else:
-                p.mul_(0.02)
+            p.copy_(random_value(name, p.normal_(generator=g)))
     return module.eval().requires_grad_(False)
-
-
-def _save(tmp: Path, i: int, shard: dict[str, torch.Tensor]) -> list[str]:
-    save_tensors(shard, tmp / f"part-{i}.safetensors", metadata={"format": "pt"})
-    return list(shard)
 
 
 # --------------------------------------------------------------------------- tokenizers

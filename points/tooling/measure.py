@@ -1,0 +1,201 @@
+"""Measuring, for `points bench` and tools/: timings, the machine's floors (copy bandwidth, matmul rate), the
+work of each row (FLOPs, bytes), and both sides' decode loops timed the same way. Importing it runs nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from points.io.processor import smart_resize
+from points.runtime.engine import Engine
+from points.runtime.sampling import Picker
+
+
+# --------------------------------------------------------------------------- measuring
+
+@dataclass
+class Timing:
+    min_s: float
+    median_s: float
+    runs: list[float]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device, repeat: int = 5, warmup: int = 1) -> Timing:
+    """Wall time of fn() (synchronised on CUDA): `warmup` untimed calls, then `repeat` timed ones. If fn
+    returns a number, that is taken as the time of the part it measured itself."""
+    for _ in range(warmup):
+        fn()
+    runs = []
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        inner = fn()
+        sync(device)
+        runs.append(inner if isinstance(inner, float) else time.perf_counter() - t0)
+    return Timing(min(runs), statistics.median(runs), runs)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
+    """Bytes read + written per second by one large copy (best of 5)."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)
+    x = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    y = torch.empty_like(x)
+    return 2 * nbytes / timed(lambda: y.copy_(x), device, repeat=5).min_s
+
+
+def matmul_rate(n: int, k: int, m: int, dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of one [n, k] x [k, m] product in `dtype` (best of 3)."""
+    a = torch.randn(n, k, device=device).to(dtype)
+    b = torch.randn(m, k, device=device).to(dtype)
+    with torch.inference_mode():
+        best = timed(lambda: torch.nn.functional.linear(a, b), device, repeat=5).min_s
+    return 2 * n * k * m / best
+
+
+def machine(device: torch.device) -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+# --------------------------------------------------------------------------- work sizes
+
+def vision_grid(sizes: list[tuple[int, int]], processor) -> torch.Tensor:
+    """[n, 3] (t, h, w) in patches after the checkpoint's image processor resizes images of these sizes."""
+    factor = processor.patch_size * processor.merge_size
+    return torch.tensor([(1, *(s // processor.patch_size for s in
+                               smart_resize(h, w, factor, processor.min_pixels, processor.max_pixels)))
+                         for h, w in sizes])
+
+
+def vision_flops(v, grid: torch.Tensor) -> float:
+    """Matmul FLOPs of one encode: patch embedding, each block's projections and MLP, per-image attention."""
+    E, M = v.embed_dim, v.mlp_dim
+    frames = [int(t) for t in grid[:, 0].tolist()]
+    sizes = [int(h * w) for h, w in grid[:, 1:].tolist()]
+    L = sum(t * s for t, s in zip(frames, sizes))
+    attention = sum(t * 4 * s * s * E for t, s in zip(frames, sizes))
+    return 2 * L * v.patch_dim * E + v.depth * (L * 2 * (4 * E * E + 2 * E * M) + attention)
+
+
+def prefill_flops(d, T: int) -> float:
+    """Matmul FLOPs of a T-token prefill computing the last position's logits (causal attention: half)."""
+    per_token = 2 * d.n_layers * (d.hidden_size * (d.n_heads + 2 * d.n_kv_heads) * d.head_dim
+                                  + d.n_heads * d.head_dim * d.hidden_size + 3 * d.hidden_size * d.ffn_size)
+    attention = d.n_layers * 2 * T * T * d.n_heads * d.head_dim  # 4 T^2 H D / 2
+    return T * per_token + attention + 2 * d.hidden_size * d.vocab_size
+
+
+def decode_bytes(decoder, kv_len: int, batch: int) -> int:
+    """Bytes one decode step must read: every weight except the embedding table (one row each), the
+    visible K/V of every row."""
+    d = decoder.cfg
+    w = sum(p.numel() * p.element_size() for n, p in decoder.named_parameters() if n != "embed.weight")
+    item = decoder.embed.weight.element_size()
+    return w + batch * d.hidden_size * item + 2 * d.n_layers * batch * d.n_kv_heads * kv_len * d.head_dim * item
+
+
+# --------------------------------------------------------------------------- the two sides
+
+class _Clock:
+    """A transformers streamer that stamps the time of every generated step."""
+
+    def __init__(self, device):
+        self.device, self.stamps = device, []
+
+    def put(self, value):
+        sync(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def ours_decode(engine: Engine, prompts: torch.Tensor, lengths: torch.Tensor, new: int):
+    """Seconds per step of `new` greedy steps (the choice of the next token inside the step), after an untimed
+    prefill of the right-padded prompts."""
+    def run() -> float:
+        cache = engine.new_cache(prompts.shape[0], prompts.shape[1] + new + 1)
+        pick = Picker(prompts.shape[0], engine.decoder.cfg.vocab_size, prompts.device)
+        logits = engine.prefill(cache, tokens=prompts, lengths=lengths)
+        sync(prompts.device)
+        t0 = time.perf_counter()
+        for _ in engine.decode(cache, logits, pick, new + 1):  # new + 1 tokens: `new` steps
+            pass
+        sync(prompts.device)
+        return (time.perf_counter() - t0) / new
+    return run
+
+
+def theirs_decode(llm, prompts: torch.Tensor, lengths: torch.Tensor, new: int):
+    B, T = prompts.shape
+    left = torch.zeros_like(prompts)
+    mask = torch.zeros_like(prompts)
+    for i, n in enumerate(lengths.tolist()):  # transformers generates from left-padded rows
+        left[i, T - n:], mask[i, T - n:] = prompts[i, :n], 1
+
+    def run() -> float:
+        clock = _Clock(prompts.device)
+        with torch.inference_mode():
+            llm.generate(left, attention_mask=mask, max_new_tokens=new + 1, min_new_tokens=new + 1,
+                         do_sample=False, pad_token_id=0, streamer=clock)
+        return (clock.stamps[-1] - clock.stamps[1]) / new  # stamps[0]: the prompt; [1]: the prefill's token
+    return run
+
+
+def load_probe(code: str) -> dict:
+    """Run `code` (which sets `load`, a callable returning a Pipeline or a tuple of modules) in a fresh
+    interpreter: time and peak RSS growth of load() followed by one read over every parameter (a loader
+    that maps files lazily pays its reads there, as it would on its first forward)."""
+    script = f"""
+import json, time, torch
+def rss(field):
+    for line in open('/proc/self/status'):
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+{code}
+before = rss('VmRSS:')
+t0 = time.perf_counter()
+obj = load()
+for m in (obj if isinstance(obj, tuple) else (obj.model,)):
+    for p in m.parameters():
+        p.amax()
+if torch.cuda.is_available():
+    torch.cuda.synchronize()
+dt = time.perf_counter() - t0
+print(json.dumps({{"s": dt, "peak_growth_bytes": rss('VmHWM:') - before, "rss_before_bytes": before}}))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"load probe failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
