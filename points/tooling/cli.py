@@ -43,10 +43,106 @@ class _StopOnInterrupt:
         signal.signal(signal.SIGINT, self.previous)
 
 
+class _Session:
+    """One `points chat`: the conversation so far, the images for the next message, and the replies."""
+
+    def __init__(self, pipe, gen: dict, images: list[str], *, interactive: bool, verbose: bool):
+        self.pipe, self.gen, self.images = pipe, gen, images
+        self.interactive, self.verbose = interactive, verbose
+        self.messages: list[dict] = []
+
+    def ask(self, text: str) -> bool:
+        """Stream the reply to `text` (with the pending images); False (and nothing kept) on a bad turn."""
+        from points.io.chat import ImageError
+
+        content = [{"type": "image", "image": p} for p in self.images] + [{"type": "text", "text": text}]
+        self.images.clear()  # an image belongs to the turn that introduced it
+        self.messages.append({"role": "user", "content": content})
+        prefix = self.pipe.prefix
+        reused_before = prefix.reused_tokens if prefix is not None else 0
+        start = time.perf_counter()
+        try:
+            reply, first, stopped = self._stream()
+        except ImageError as e:
+            self.messages.pop()
+            print(f"error: image {e.reason}", file=sys.stderr)
+            return False
+        except ValueError as e:
+            self.messages.pop()
+            print(f"error: {e}", file=sys.stderr)
+            return False
+        print()
+        if stopped:
+            print("(reply stopped; it stays in the conversation. Ctrl-C at the prompt, or Ctrl-D, leaves)",
+                  file=sys.stderr)
+        if self.verbose:
+            reused = prefix.reused_tokens - reused_before if prefix is not None else 0
+            first = first if first is not None else time.perf_counter() - start
+            print(f"(first piece after {first:.2f} s; {reused} prompt tokens reused from the prefix cache)",
+                  file=sys.stderr)
+        self.messages.append({"role": "assistant", "content": reply})
+        return True
+
+    def _stream(self) -> tuple[str, float | None, bool]:
+        """Print the reply as it comes -> (reply, seconds to its first piece, stopped by Ctrl-C)."""
+        reply, start, first = "", time.perf_counter(), None
+        with _StopOnInterrupt() if self.interactive else contextlib.nullcontext() as stop:
+            pieces = self.pipe.chat(self.messages, stream=True, **self.gen)
+            try:
+                for piece in pieces:
+                    first = time.perf_counter() - start if first is None else first
+                    reply += piece
+                    print(piece, end="", flush=True)
+                    if stop is not None and stop.requested:
+                        break
+            finally:
+                pieces.close()
+        return reply, first, stop is not None and stop.requested
+
+    def command(self, line: str) -> bool:
+        """One /command of the interactive session; False when it asks to leave."""
+        command, _, rest = line.partition(" ")
+        if command in ("/quit", "/exit"):
+            return False
+        if command == "/reset":
+            self.messages.clear()
+            self.images.clear()
+            if self.pipe.prefix is not None:
+                self.pipe.prefix.clear()
+            print("(conversation forgotten" + (", cached prefix cleared)" if self.pipe.prefix is not None else ")"),
+                  file=sys.stderr)
+        elif command == "/help":
+            print(HELP, file=sys.stderr)
+        elif command == "/image":
+            path = rest.strip()
+            if not path:
+                print("usage: /image PATH (the image goes with your next message)", file=sys.stderr)
+            elif (error := _check_image("/image", path)) is not None:  # checked now, not with the next message
+                print(error, file=sys.stderr)
+            else:
+                self.images.append(path)
+                print(f"(image {path} goes with your next message)", file=sys.stderr)
+        else:
+            print(f"unknown command {command}; {HELP}", file=sys.stderr)
+        return True
+
+    def loop(self) -> int:
+        print(f"points chat: {HELP}", file=sys.stderr)
+        while True:
+            try:
+                line = input("> ").strip()
+            except (EOFError, KeyboardInterrupt):
+                print()
+                return 0
+            if line.startswith("/"):
+                if not self.command(line):
+                    return 0
+            elif line:
+                self.ask(line)
+
+
 def _chat(args) -> int:
     import points
-    from points.io.chat import ImageError
-
     from points.runtime.generation import GenerationConfig, GenerationError
 
     gen = generation_kwargs(args)
@@ -67,85 +163,10 @@ def _chat(args) -> int:
     except (points.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    messages: list[dict] = []
-    interactive = args.prompt is None
-
-    def ask(text: str) -> bool:
-        content = [{"type": "image", "image": p} for p in images] + [{"type": "text", "text": text}]
-        images.clear()  # an image belongs to the turn that introduced it
-        messages.append({"role": "user", "content": content})
-        reused_before = pipe.prefix.reused_tokens if pipe.prefix is not None else 0
-        reply, start, first, stopped = "", time.perf_counter(), None, False
-        try:
-            with _StopOnInterrupt() if interactive else contextlib.nullcontext() as stop:
-                pieces = pipe.chat(messages, stream=True, **gen)
-                try:
-                    for piece in pieces:
-                        if first is None:
-                            first = time.perf_counter() - start
-                        reply += piece
-                        print(piece, end="", flush=True)
-                        if stop is not None and stop.requested:
-                            stopped = True
-                            break
-                finally:
-                    pieces.close()
-                stopped = stopped or (stop is not None and stop.requested)
-        except ImageError as e:
-            messages.pop()
-            print(f"error: image {e.reason}", file=sys.stderr)
-            return False
-        except ValueError as e:
-            messages.pop()
-            print(f"error: {e}", file=sys.stderr)
-            return False
-        print()
-        if stopped:
-            print("(reply stopped; it stays in the conversation. Ctrl-C at the prompt, or Ctrl-D, leaves)",
-                  file=sys.stderr)
-        if args.verbose:
-            reused = pipe.prefix.reused_tokens - reused_before if pipe.prefix is not None else 0
-            print(f"(first piece after {first if first is not None else time.perf_counter() - start:.2f} s; "
-                  f"{reused} prompt tokens reused from the prefix cache)", file=sys.stderr)
-        messages.append({"role": "assistant", "content": reply})
-        return True
-
-    if not interactive:
-        return 0 if ask(args.prompt) else 2
-    print(f"points chat: {HELP}", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print()
-            return 0
-        command, _, rest = line.partition(" ")
-        if not line.startswith("/"):
-            if line:
-                ask(line)
-        elif command in ("/quit", "/exit"):
-            return 0
-        elif command == "/reset":
-            messages.clear()
-            images.clear()
-            if pipe.prefix is not None:
-                pipe.prefix.clear()
-            print("(conversation forgotten" + (", cached prefix cleared)" if pipe.prefix is not None else ")"),
-                  file=sys.stderr)
-        elif command == "/help":
-            print(HELP, file=sys.stderr)
-        elif command == "/image":
-            path = rest.strip()
-            if not path:
-                print("usage: /image PATH (the image goes with your next message)", file=sys.stderr)
-                continue
-            if (error := _check_image("/image", path)) is not None:  # checked now, not with the next message
-                print(error, file=sys.stderr)
-                continue
-            images.append(path)
-            print(f"(image {path} goes with your next message)", file=sys.stderr)
-        else:
-            print(f"unknown command {command}; {HELP}", file=sys.stderr)
+    session = _Session(pipe, gen, images, interactive=args.prompt is None, verbose=args.verbose)
+    if args.prompt is not None:
+        return 0 if session.ask(args.prompt) else 2
+    return session.loop()
 
 
 HELP = ("/image PATH adds an image to your next message, /reset forgets the conversation (and the cached prefix), "
