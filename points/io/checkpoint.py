@@ -34,7 +34,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from einops import rearrange
@@ -335,12 +335,17 @@ def is_dropped(name: str) -> bool:
     return name.startswith(DROPPED_PREFIXES) or name.endswith(DROPPED_SUFFIXES)
 
 
-def check(entries: list[Entry], files: TensorFiles, absent: list[str] = ()) -> None:
-    """Strict agreement of the plan with the files, from headers alone (no tensor data read). `absent`: the
-    config.json fields the file leaves out, named in a mismatch (their defaults shaped what was expected)."""
+def check(entries: list[Entry], files: TensorFiles, absent: Callable[[], list[str]] = list) -> None:
+    """Strict agreement of the plan with the files, from headers alone (no tensor data read). `absent()`: the
+    config.json fields the file leaves out, named in a mismatch (their defaults shaped what was expected);
+    asked only when there is a mismatch to explain."""
     names = files.names
-    note = (f"; config.json leaves out {_few(list(absent))}, so the class defaults shaped what was expected"
-            if absent else "")
+
+    def note() -> str:
+        left_out = absent()
+        return (f"; config.json leaves out {_few(left_out)}, so the class defaults shaped what was expected"
+                if left_out else "")
+
     wanted, integer = {}, set()
     for e in entries:
         wanted.update(zip(e.sources, e.source_shapes))
@@ -349,16 +354,16 @@ def check(entries: list[Entry], files: TensorFiles, absent: list[str] = ()) -> N
     missing = [n for n in wanted if n not in names]
     if missing:
         raise CheckpointError(f"{files.directory}: missing tensor(s) {_few(missing)}; expected e.g. {missing[0]} "
-                              f"of shape {list(wanted[missing[0]])}{note}")
+                              f"of shape {list(wanted[missing[0]])}{note()}")
     extra = sorted(n for n in names if n not in wanted and not is_dropped(n))
     if extra:
         raise CheckpointError(f"{files.directory}: unexpected tensor(s) {_few(extra)} (in {files.where(extra[0]).name}); "
-                              f"this model has no parameter for them{note}")
+                              f"this model has no parameter for them{note()}")
     for name, shape in wanted.items():
         found = files.shape(name)
         if found != shape:
             raise CheckpointError(f"{files.where(name)}: tensor {name} has shape {list(found)}, "
-                                  f"expected {list(shape)} from config.json{note}")
+                                  f"expected {list(shape)} from config.json{note()}")
         if name in integer:
             if files.dtype_name(name) != "I8":
                 raise CheckpointError(f"{files.where(name)}: tensor {name} is {files.dtype_name(name)}; config.json "
@@ -388,7 +393,7 @@ def _open(directory: str | Path) -> tuple[ModelConfig, TensorFiles, list[Entry]]
     cfg, naming = read_config(directory)
     files = TensorFiles(directory)
     entries = plan(cfg, naming, files.names, read_quantization(directory) if naming == "points" else None)
-    check(entries, files, absent_shape_fields(directory))
+    check(entries, files, lambda: absent_shape_fields(directory))
     return cfg, files, entries
 
 
