@@ -11,18 +11,7 @@ import time
 from points.io.atomic import Terminated
 from points.tooling import convert, run
 from points.tooling.options import (add_generation_options, add_weight_options, check_weight_options,
-                                    generation_kwargs)
-
-
-def _check_image(flag: str, path: str) -> str | None:
-    """None if `path` is an image the processor can read, else the error line naming the flag and the path."""
-    from points.io.processor import open_image
-
-    try:
-        open_image(path)
-    except ValueError as e:
-        return f"error: {flag} {e}"
-    return None
+                                    generation_kwargs, image_error)
 
 
 class _StopOnInterrupt:
@@ -117,7 +106,7 @@ class _Session:
             path = rest.strip()
             if not path:
                 print("usage: /image PATH (the image goes with your next message)", file=sys.stderr)
-            elif (error := _check_image("/image", path)) is not None:  # checked now, not with the next message
+            elif (error := image_error("/image", path)) is not None:  # checked now, not with the next message
                 print(error, file=sys.stderr)
             else:
                 self.images.append(path)
@@ -153,7 +142,7 @@ def _chat(args) -> int:
         return 2
     images = list(args.image or [])
     for path in images:  # before the model loads (and before the first prompt)
-        if (error := _check_image("--image", path)) is not None:
+        if (error := image_error("--image", path)) is not None:
             print(error, file=sys.stderr)
             return 2
     try:

@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 
 from points.errors import WriteError
 from points.io.atomic import write_bytes_atomically
+from points.tooling.options import image_error
 
 
 def cache_dir() -> Path:
@@ -78,14 +79,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import points
 
-    if args.image is not None:  # checked before the demo checkpoint is written
-        from points.io.processor import open_image
-
-        try:
-            open_image(args.image)
-        except ValueError as e:
-            print(f"error: --image {e}", file=sys.stderr)
-            return 2
+    if args.image is not None and (error := image_error("--image", args.image)) is not None:
+        print(error, file=sys.stderr)  # before the demo checkpoint is written
+        return 2
     root = args.cache_dir or cache_dir()
     flag = "--cache-dir" if args.cache_dir else "the cache folder ($POINTS_CACHE, else ~/.cache/points)"
     if root.exists() and not root.is_dir():

@@ -43,6 +43,18 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="for sampling (default: none)")
 
 
+def image_error(flag: str, path: str) -> str | None:
+    """None if `path` is an image the processor can read, else the error line naming the flag and the path
+    (`points chat --image` and `/image`, `points demo --image`: checked before anything loads)."""
+    from points.io.processor import open_image
+
+    try:
+        open_image(path)
+    except ValueError as e:
+        return f"error: {flag} {e}"
+    return None
+
+
 def generation_kwargs(args) -> dict:
     """The generation options as `Pipeline.chat`'s keywords."""
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
