@@ -72,12 +72,13 @@ class VisionRunner:
         padded = self._pad(grid, bucket - n_patches)
         device = pixel_values.device
         bounds = frame_bounds(padded)
-        rope, packing = vision.layout(padded, device, vision_kernel(self.attn, device, bounds))
         x = torch.zeros(bucket, pixel_values.shape[1], dtype=pixel_values.dtype, device=device)
         x[:n_patches] = pixel_values
         keep = n_patches // self.window
         if not self.graphs:
+            rope, packing = vision.layout(padded, device, vision_kernel(self.attn, device, bounds))
             return self._run(x, rope, packing)[:keep]
+        rope, _ = vision.layout(padded, device)  # the graph reads its segment bounds from the device
         bounds += [bounds[-1]] * (self.max_segments + 1 - len(bounds))  # trailing empty segments
         cu = torch.tensor(bounds, dtype=torch.int32, device=x.device)
         graph, inputs, out = self._graphs.get(bucket) or self._capture(bucket, x, rope, cu)
