@@ -177,18 +177,6 @@ def test_progress_display_counts_tensors_and_bytes(official_dir, tmp_path, capsy
     assert f"{n}/{n} tensors" in err and "GB" in err and "100%" in err
 
 
-def test_load_decoder_dtype_and_device(official_dir):
-    model = points.load_decoder(official_dir, dtype=torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
-    assert not any(p.requires_grad for p in model.parameters())
-    assert all(p.device.type == "cpu" for p in model.parameters())
-
-
-def test_unsupported_dtype(official_dir):
-    with pytest.raises(points.CheckpointError, match="dtype.*int8.*not supported"):
-        points.load_state_dict(official_dir, dtype="int8")
-
-
 # --------------------------------------------------------------------------- bad input
 
 @pytest.fixture
@@ -323,98 +311,8 @@ def test_shape_error_names_the_fields_the_file_left_out(broken):
         points.load_decoder(broken)
 
 
-def test_a_file_where_a_directory_is_expected(official_dir):
-    for load in (points.load, points.load_decoder, points.read_config):
-        with pytest.raises(points.CheckpointError, match=rf"^{official_dir / 'config.json'}: is a file, not a "
-                                                          r"directory; expected a checkpoint directory"):
-            load(official_dir / "config.json")
-
-
-def test_lazy_headers_only_for_unrequested_parts(official_dir):
-    """Loading the decoder alone reads no vision tensor data but still checks the vision tensors' shapes."""
-    _, state = points.load_state_dict(official_dir, parts=("decoder",))
-    assert state and all(k.startswith("decoder.") for k in state)
-
-
-def test_cast_on_load_equals_a_plain_cast(official_dir):
-    _, state = points.load_state_dict(official_dir, dtype=torch.float32)
-    _, narrow = points.load_state_dict(official_dir, dtype=torch.bfloat16)
-    for name, t in state.items():
-        assert narrow[name].dtype == torch.bfloat16 and torch.equal(narrow[name], t.to(torch.bfloat16)), name
-
-
 # --------------------------------------------------------------------------- canonical layout, memory maps
 
-def test_state_dict_is_canonical_saves_and_loads_into_a_fresh_model(pipe, tmp_path):
-    """Every parameter in PyTorch's usual layout (contiguous, Linear weights [out, in]); the state saves with
-    safetensors and a freshly built POINTSModel given it computes the very same logits."""
-    state = pipe.model.state_dict()
-    assert all(t.is_contiguous() for t in state.values())
-    assert state["decoder.layers.0.mlp.up_gate.weight"].shape == (2 * 592, 112)
-    save_file(state, str(tmp_path / "model.safetensors"))
-    fresh = points.POINTSModel(pipe.model.cfg).eval()
-    fresh.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
-    messages = [{"role": "user", "content": [{"type": "image", "image": PHOTO}, {"type": "text", "text": "What?"}]}]
-    enc = pipe.encode(messages)
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(enc.input_ids, enc.pixel_values, enc.grid_thw),
-                                   pipe.model(enc.input_ids, enc.pixel_values, enc.grid_thw), rtol=0, atol=0)
-
-
-def _file_maps(directory: Path) -> list[tuple[int, int]]:
-    """Address ranges of this process's memory maps of files in `directory`."""
-    where = str(directory.resolve())
-    ranges = []
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        fields = line.split(maxsplit=5)
-        if len(fields) == 6 and fields[5].startswith(where + "/"):
-            lo, hi = (int(x, 16) for x in fields[0].split("-"))
-            ranges.append((lo, hi))
-    return ranges
-
-
-def _mapped(t: torch.Tensor, maps: list[tuple[int, int]]) -> bool:
-    return any(lo <= t.data_ptr() and t.data_ptr() + t.nbytes <= hi for lo, hi in maps)
-
-
-needs_proc_maps = pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
-
-
-@needs_proc_maps
-def test_converted_layout_loads_without_copying_a_tensor(converted_dir):
-    """Our layout in its stored dtype on the CPU: every parameter *is* the file's bytes (it lies inside a
-    memory map of one of the checkpoint's files), none is a copy."""
-    model = points.load_decoder(converted_dir)
-    vision, projector = points.load_vision(converted_dir)
-    maps = _file_maps(converted_dir)
-    params = [*model.parameters(), *vision.parameters(), *projector.parameters()]
-    assert maps and all(_mapped(p, maps) for p in params)
-
-
-@needs_proc_maps
-def test_released_layout_copies_only_what_it_re_lays(official_dir):
-    """The released layout: the query rows and the interleaved K/V are re-laid once into our q/k/v, in fresh
-    memory; every other tensor (the [up; gate] projection included) is used in place from the map. A dtype
-    cast copies everything."""
-    model = points.load_decoder(official_dir)
-    maps = _file_maps(official_dir)
-    for name, p in model.named_parameters():
-        assert _mapped(p, maps) == (".attn.qkv." not in name), name
-    cast = points.load_decoder(official_dir, dtype=torch.bfloat16)
-    assert not any(_mapped(p, _file_maps(official_dir)) for p in cast.parameters())
-
-
-def test_tied_qwen2_checkpoint_loads_and_saves(qwen2_dir, tmp_path):
-    """A Qwen2-naming checkpoint without lm_head (tied to the embedding): both parameters hold the
-    embedding, as separate tensors, so the state still saves."""
-    tensors = load_file(qwen2_dir / "model.safetensors")
-    del tensors["llm.lm_head.weight"]
-    tied = reference.save_checkpoint(tmp_path / "tied", json.loads((qwen2_dir / "config.json").read_text()), tensors,
-                                     shards=1)
-    model = points.load_decoder(tied)
-    assert torch.equal(model.lm_head.weight, model.embed.weight)
-    assert model.lm_head.weight.data_ptr() != model.embed.weight.data_ptr()
-    save_file(model.state_dict(), str(tmp_path / "saved.safetensors"))
 
 
 def test_index_with_a_bad_weight_map(broken):

@@ -68,22 +68,6 @@ def test_embeds_input_equals_tokens(decoder):
         torch.testing.assert_close(decoder(embeds=decoder.embed(tokens)), decoder(tokens), rtol=0, atol=0)
 
 
-def test_fresh_causal_path_equals_the_masked_path():
-    """A prefill from position 0 takes SDPA's causal kernel (GQA, no mask); the masked, chunked path it
-    replaces (still used for continuations and ragged caches) gives the same values, across 2 chunks."""
-    from points.model.attention import QUERY_CHUNK, sdpa_causal
-
-    g = torch.Generator().manual_seed(11)
-    T = QUERY_CHUNK + 77
-    q, k, v = torch.randn(2, 14, T, 16, generator=g), torch.randn(2, 2, T, 16, generator=g), torch.randn(2, 2, T, 16, generator=g)
-    pos = torch.arange(T).expand(2, T)
-    fast = sdpa_causal(q, k, v, pos, fresh=True)
-    torch.testing.assert_close(fast, sdpa_causal(q, k, v, pos), rtol=1e-5, atol=1e-6)
-    dense = torch.softmax((q.double() @ k.double().repeat_interleave(7, 1).transpose(-1, -2)) / 4
-                          + torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1), -1) @ v.double().repeat_interleave(7, 1)
-    torch.testing.assert_close(fast.double(), dense, rtol=1e-5, atol=1e-6)
-
-
 def test_transposed_cpu_layout_keeps_the_numbers_and_a_canonical_state(official_dir, ref_decoder, tmp_path):
     """The opt-in CPU transform stores the tall weights column-major; logits still match transformers and
     state_dict() still hands out contiguous [out, in] tensors equal to the originals."""

@@ -14,7 +14,6 @@ triton = pytest.importorskip("triton")
 import points  # noqa: E402
 from points.kernels.flash_varlen import flash_attn_varlen  # noqa: E402
 from points.model.attention import AttentionMeta, Packing, varlen_attention  # noqa: E402
-from points.runtime.attention import use_triton  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"
 TOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float32: 1e-5}
@@ -106,40 +105,6 @@ def test_long_segment_in_the_interpreter():
     _run([1000], [1000], 1, 1, 80, False, torch.float16, 4, block_m=64, block_n=64)
 
 
-def test_dispatch_choices():
-    dev = torch.device(DEVICE)
-    assert use_triton("sdpa", dev) is False
-    assert use_triton("triton", dev) is True
-    assert use_triton("auto", dev) is False and use_triton("auto", dev, faster=True) is CUDA
-    with pytest.raises(ValueError, match="attn = 'flash': expected one of"):
-        use_triton("flash", dev)
-
-
-def test_auto_rule():
-    """attn="auto" (the measured rule): Triton for short or many vision segments, SDPA for few long ones;
-    SDPA for a prefill from an empty cache, Triton for a long one after cached tokens."""
-    from points.runtime import attention as a
-
-    assert a.auto_vision(1024, 1) and a.auto_vision(256, 64) and a.auto_vision(2048, 4) and a.auto_vision(300, 2)
-    assert not a.auto_vision(2048, 3) and not a.auto_vision(4096, 16) and not a.auto_vision(16384, 1)
-    assert a.auto_prefill(2048, fresh=False) and a.auto_prefill(1024, fresh=False)
-    assert not a.auto_prefill(512, fresh=False) and not a.auto_prefill(8192, fresh=True)
-
-
-def test_auto_choice_follows_the_rule(monkeypatch):
-    """The vision choice asks the rule with its frames' own lengths (a spy records the question); the
-    prefill choice with its new tokens and whether the cache was empty; one-token steps are always SDPA."""
-    from points.runtime import attention as a
-
-    asked = []
-    monkeypatch.setattr(a, "auto_vision", lambda longest, segments: asked.append((longest, segments)) or False)
-    assert a.vision_kernel("auto", torch.device(DEVICE), [0, 4, 21, 50]) == "sdpa"
-    assert asked == [(29, 3)]
-    monkeypatch.setattr(a, "auto_prefill", lambda n, fresh: asked.append((n, fresh)) or True)
-    assert a.prefill_kernel("auto", torch.device(DEVICE), 7, False) == ("triton" if CUDA else "sdpa")
-    assert asked[-1] == (7, False) and a.prefill_kernel("triton", torch.device(DEVICE), 1, False) == "sdpa"
-
-
 def test_varlen_kernels_agree():
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(50, 2, 80, generator=g).to(DEVICE, torch.float16) for _ in range(3))
@@ -177,9 +142,3 @@ def test_decoder_prefill_on_the_triton_path(official_dir, dtype):
     torch.testing.assert_close(outs[1], outs[0], **tol)
 
 
-def test_forced_triton_without_cuda_is_a_clear_error(e2e_dir, monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    if CUDA:
-        pytest.skip("CUDA present")
-    with pytest.raises(ValueError, match="attn = 'triton' needs CUDA tensors, got cpu"):
-        points.load(e2e_dir, attn="triton")

@@ -15,7 +15,7 @@ from points.kernels import cpu_int8
 from points.runtime import quantize as qz
 from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
-from test_checkpoint import _file_maps, _mapped, needs_proc_maps
+from test_loading import _file_maps, _mapped, needs_proc_maps
 
 # Measured on this parity model (official_dir's decoder, fp32): the largest logit error of the int8 decoder
 # over 20 draws of 3 x 40 random tokens was 0.108 without lm_head and 0.113 with it (logits up to 3.8); the

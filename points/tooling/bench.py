@@ -130,15 +130,9 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
         quantize_decoder(model.decoder, quantize, lm_head=quantize_lm_head)
         weights["decoder"] = sum(p.numel() * p.element_size() for p in model.decoder.parameters())
 
-    bw = copy_bandwidth(device)
-    d, v = model.cfg.decoder, model.cfg.vision
-    square = max(matmul_rate(n, n, n, dtype, device) for n in sizes.matmul)  # floors use the best rate seen
-    rate_llm = max(square, matmul_rate(sizes.long // 2, d.hidden_size, d.ffn_size, dtype, device))
-    rate_vis = max(square, matmul_rate(sizes.long, v.embed_dim, v.mlp_dim, dtype, device),
-                   matmul_rate(sizes.long, v.mlp_dim, v.embed_dim, dtype, device))
+    bw, rate_llm, rate_vis = _machine_rates(model.cfg, sizes, device, dtype)
     result = {"preset": preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "repeat": repeat,
-              "quick": sizes is QUICK,
-              "quantize": quantize and {"scheme": quantize, "lm_head": quantize_lm_head},
+              "quick": sizes is QUICK, "quantize": quantize and {"scheme": quantize, "lm_head": quantize_lm_head},
               "machine": machine(device), "weights_bytes": weights, "copy_bytes_per_s": bw,
               "matmul_flops_per_s": {"decoder": rate_llm, "vision": rate_vis}, "rows": []}
     b = Bench(model, engine, processor, llm, vision, device, dtype, repeat, attn, sizes, bw, rate_llm, rate_vis, result)
@@ -166,6 +160,17 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
         result["rows"] += load_rows(ckpt, hf_dir, workdir, device, dtype, sum(weights.values()), bw,
                                     quantize, quantize_lm_head, runs=repeat)
     return result
+
+
+def _machine_rates(cfg, sizes: Sizes, device: torch.device, dtype: torch.dtype) -> tuple[float, float, float]:
+    """The floors' denominators: copy bandwidth (bytes/s), the matmul rate (FLOP/s) on decoder and on vision
+    shapes, each the best of the square probes and its own shapes'."""
+    bw, (d, v) = copy_bandwidth(device), (cfg.decoder, cfg.vision)
+    square = max(matmul_rate(n, n, n, dtype, device) for n in sizes.matmul)
+    rate_llm = max(square, matmul_rate(sizes.long // 2, d.hidden_size, d.ffn_size, dtype, device))
+    rate_vis = max(square, matmul_rate(sizes.long, v.embed_dim, v.mlp_dim, dtype, device),
+                   matmul_rate(sizes.long, v.mlp_dim, v.embed_dim, dtype, device))
+    return bw, rate_llm, rate_vis
 
 
 def vision_rows(b: Bench, g: torch.Generator) -> None:
