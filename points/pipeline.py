@@ -17,8 +17,9 @@ from points.loading import build
 from points.model.vlm import POINTSModel
 from points.runtime.attention import use_triton
 from points.runtime.engine import Engine
-from points.runtime.generation import GenerationConfig, chat, chat_stream
+from points.runtime.generation import GenerationConfig, prepare
 from points.runtime.prefix import PrefixCache
+from points.runtime.scheduler import Scheduler
 
 
 @dataclass
@@ -36,20 +37,31 @@ class CardModel(POINTSModel):
 
         Takes the card's dict (`max_new_tokens`, `temperature`, `top_p`, `num_beams=1`); temperature 0 or
         absent means greedy, as the reference (which never sets do_sample) always decodes."""
-        return chat(self, tokenizer, image_processor, [messages], GenerationConfig.from_card(generation_config))[0]
+        cfg = GenerationConfig.from_card(generation_config)
+        prompt, ids = prepare(tokenizer, image_processor, messages, cfg, self.decoder.cfg.max_seq_len)
+        return Scheduler(self, tokenizer, max_batch=1).submit(prompt, ids, cfg).text()
 
 
 class Pipeline:
     """model (the math), tokenizer and processor (text and images in), engine (how the decoder is run:
-    eager or compiled; `points.runtime.engine`)."""
+    eager or compiled; `points.runtime.engine`), scheduler (every request's steps, batched continuously;
+    `points.runtime.scheduler`)."""
 
     def __init__(self, model: POINTSModel, tokenizer: Tokenizer, processor: ImageProcessor,
-                 engine: Engine | None = None, prefix_cache: bool | PrefixCache = True):
+                 engine: Engine | None = None, prefix_cache: bool | PrefixCache = True, max_batch: int = 8):
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
         self.engine = engine or Engine(model.decoder)
-        # the K/V of recent conversations, reused by `chat` (points.runtime.prefix); None when turned off
-        self.prefix = (prefix_cache if isinstance(prefix_cache, PrefixCache)
-                       else PrefixCache() if prefix_cache else None)
+        prefix = prefix_cache if isinstance(prefix_cache, PrefixCache) else PrefixCache() if prefix_cache else None
+        self.scheduler = Scheduler(model, tokenizer, self.engine, max_batch=max_batch, prefix=prefix)
+
+    @property
+    def prefix(self) -> PrefixCache | None:
+        """The K/V of recent requests, reused by every later one (points.runtime.prefix); None when off."""
+        return self.scheduler.prefix
+
+    @prefix.setter
+    def prefix(self, cache: PrefixCache | None) -> None:
+        self.scheduler.prefix = cache
 
     def encode(self, messages: list[dict]) -> Encoded:
         """The reference's prompt for `messages`, tokenized, with its images processed."""
@@ -57,19 +69,33 @@ class Pipeline:
         ids = torch.tensor([prompt.token_ids(self.tokenizer)], dtype=torch.long)
         return Encoded(ids, prompt.pixel_values, prompt.grid_thw)
 
+    def submit(self, messages: list[dict], name: str = "conversation", *, on_event=None, **gen):
+        """A conversation queued on the scheduler -> its `Request` (iterate it for the text pieces; `cancel()`).
+        The prompt is built and checked here: a bad message or image raises now, naming `name`. on_event:
+        called with (request, piece or the end) from the thread that runs the steps."""
+        cfg = GenerationConfig.from_kwargs(**gen)
+        prompt, ids = prepare(self.tokenizer, self.processor, messages, cfg, self.model.decoder.cfg.max_seq_len, name)
+        return self.scheduler.submit(prompt, ids, cfg, on_event)
+
     def chat(self, messages: list[dict], *, stream: bool = False, **gen) -> str | Iterator[str]:
         """The reply to one conversation; with stream=True an iterator of text pieces."""
-        cfg = GenerationConfig.from_kwargs(**gen)
-        if stream:
-            return chat_stream(self.model, self.tokenizer, self.processor, messages, cfg, self.engine, self.prefix)
-        return chat(self.model, self.tokenizer, self.processor, [messages], cfg, self.engine, self.prefix)[0]
+        request = self.submit(messages, **gen)
+        return iter(request) if stream else request.text()
 
     def chat_batch(self, conversations: list[list[dict]], **gen) -> list[str]:
-        """One reply per conversation, run as one batch (rows of different lengths and image counts)."""
+        """One reply per conversation, all queued at once and run together (at most max_batch rows at a time;
+        each reply equals, greedy, that conversation's `chat`)."""
         if not isinstance(conversations, list) or not conversations:
             raise ValueError("chat_batch: expected a non-empty list of conversations")
-        return chat(self.model, self.tokenizer, self.processor, conversations, GenerationConfig.from_kwargs(**gen),
-                    self.engine)
+        requests = []
+        try:
+            for i, messages in enumerate(conversations):
+                requests.append(self.submit(messages, f"conversation {i}", **gen))
+            return [r.text() for r in requests]
+        finally:
+            for r in requests:
+                if not r.done:
+                    r.cancel()
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -88,7 +114,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
          progress: bool | None = None, attn: str = "auto", compile: bool = False, quantize: str | None = None,
-         quantize_lm_head: bool | None = None, prefix_cache: bool = True) -> Pipeline:
+         quantize_lm_head: bool | None = None, prefix_cache: bool = True, max_batch: int = 8) -> Pipeline:
     """A POINTS-1.5 checkpoint directory (released layout or ours) -> Pipeline, on `device` in `dtype`
     (None keeps the checkpoint's dtype).
 
@@ -104,10 +130,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     projector stay in `dtype`. A checkpoint written by `points convert --quantize int8` loads quantized
     without these arguments (memory-mapped, nothing re-quantized).
 
-    `prefix_cache=True` (default): `chat` keeps the K/V of recent conversations (an LRU bounded to 16384
-    tokens, points.runtime.prefix) and a call that starts like an earlier one (the same conversation
-    continued, a shared system text, the same images) prefills only what is new; `pipe.prefix.clear()`
-    forgets it, `prefix_cache=False` turns it off. `chat_batch` does not use it."""
+    `prefix_cache=True` (default): every request leaves its K/V in a cache of recent ones (an LRU bounded
+    to 16384 tokens, points.runtime.prefix) and a request that starts like an earlier one (the same
+    conversation continued, a shared system text, the same images) prefills only what is new;
+    `pipe.prefix.clear()` forgets it, `prefix_cache=False` turns it off. `max_batch`: rows the scheduler
+    decodes at once (requests beyond it wait for a free row)."""
     device = resolve_device(device)
     path = checkpoint_dir(path)
     use_triton(attn, device)  # a forced backend that cannot run fails here, before any loading
@@ -117,4 +144,4 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
                   prefix="", dtype=dtype, device=device, progress=progress, quantize=quantize,
                   quantize_lm_head=quantize_lm_head)
     return Pipeline(model, tokenizer, processor, Engine(model.decoder, compile=compile, attn=attn),
-                    prefix_cache=prefix_cache)
+                    prefix_cache=prefix_cache, max_batch=max_batch)

@@ -198,7 +198,7 @@ def _points(*args, **kw):
     return subprocess.run([sys.executable, "-m", "points", *args], capture_output=True, text=True, **kw)
 
 
-@pytest.mark.parametrize("command", [[], ["chat"], ["convert"], ["demo"], ["bench"], ["run"]])
+@pytest.mark.parametrize("command", [[], ["chat"], ["convert"], ["demo"], ["bench"], ["run"], ["serve"]])
 def test_help_for_each_command(command, capsys):
     from points.tooling import cli
 

@@ -156,29 +156,31 @@ def test_journal_of_other_settings_is_refused(e2e_dir, dataset, tmp_path, capsys
     assert not out.exists() and (tmp_path / "out.jsonl.journal.0").read_text() == '{"id": "a", "reply": "x"}\n'
 
 
-def test_ctrl_c_keeps_finished_batches(e2e_dir, dataset, expected, tmp_path, capsys, monkeypatch):
-    """KeyboardInterrupt during the third batch: a one-line message, exit 130, the three per-item errors and
-    the first two batches (3 items each) journaled; the same command then ends with the uninterrupted output."""
-    from points.runtime import generation
+def test_ctrl_c_keeps_finished_items(e2e_dir, dataset, expected, tmp_path, capsys, monkeypatch):
+    """KeyboardInterrupt in the middle of the run (the scheduler's 12th step): a one-line message, exit 130,
+    every item that finished before it journaled (the three per-item errors among them), the rows in flight
+    not; the same command then ends with the uninterrupted output."""
+    from points.runtime.scheduler import Scheduler
 
     out = tmp_path / "out.jsonl"
-    original, calls = generation.replies, []
+    original, calls = Scheduler.step, []
 
-    def interrupted(*a, **k):
+    def interrupted(self):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 12:
             raise KeyboardInterrupt
-        return original(*a, **k)
+        return original(self)
 
-    monkeypatch.setattr(generation, "replies", interrupted)
+    monkeypatch.setattr(Scheduler, "step", interrupted)
     assert run.main(_args(e2e_dir, dataset, out)) == 130
     err = capsys.readouterr().err
     assert err.strip().count("\n") == 0 and "points run: interrupted" in err and "Traceback" not in err
-    assert len(run.read_records(tmp_path / "out.jsonl.journal.0")) == 3 + 3 + 3
-    monkeypatch.setattr(generation, "replies", original)
+    kept = run.read_records(tmp_path / "out.jsonl.journal.0")
+    assert 3 < len(kept) < 11 and sum("error" in r for r in kept) == 3
+    monkeypatch.setattr(Scheduler, "step", original)
     assert run.main(_args(e2e_dir, dataset, out)) == 0
     _same(_read(out), expected)
-    assert "(9 from an earlier run" in capsys.readouterr().err
+    assert f"({len(kept)} from an earlier run" in capsys.readouterr().err
 
 
 def test_torchrun_two_processes_equal_one(e2e_dir, dataset, expected, tmp_path):
@@ -344,8 +346,10 @@ def test_a_full_disk_is_one_line_and_loses_nothing(e2e_dir, tmp_path, small_disk
 
 
 def test_one_bad_item_is_its_own_error(e2e_dir, pipe, tmp_path, monkeypatch):
-    """An image that was readable when the items were checked and is gone when its batch runs: that item's
-    error; its batch-mates get their replies (the batch runs again one item at a time)."""
+    """An image that is gone by the time its item is queued (after the first item joined): that item's
+    error; the items before and after it get their replies."""
+    from points.pipeline import Pipeline
+
     Image.open(PHOTO).resize((60, 40)).save(tmp_path / "a.png")
     Image.open(PHOTO).resize((40, 60)).save(tmp_path / "b.png")
     items = [(n, [{"role": "user", "content": [{"type": "image", "image": f"{n}.png"}, {"type": "text", "text": "?"}]}])
@@ -353,13 +357,14 @@ def test_one_bad_item_is_its_own_error(e2e_dir, pipe, tmp_path, monkeypatch):
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": i, "messages": m}) + "\n" for i, m in items))
     expected = {i: pipe.chat(_absolute(m, tmp_path), max_new_tokens=NEW) for i, m in items}
-    real_batches = run.batches
+    real_submit = Pipeline.submit
 
-    def batches(*a, **k):  # called once every item has passed its check
-        (tmp_path / "b.png").unlink()
-        return real_batches(*a, **k)
+    def submit(self, messages, *a, **k):
+        request = real_submit(self, messages, *a, **k)
+        (tmp_path / "b.png").unlink(missing_ok=True)
+        return request
 
-    monkeypatch.setattr(run, "batches", batches)
+    monkeypatch.setattr(Pipeline, "submit", submit)
     out = tmp_path / "out.jsonl"
     assert run.main(["--model", str(e2e_dir), "--input", str(inp), "--output", str(out), "--max-new-tokens", str(NEW),
                      "--batch-size", "3"]) == 0

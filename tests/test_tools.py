@@ -66,16 +66,17 @@ def test_points_bench_rejects_bad_arguments():
 
 
 def test_bench_run_tool_tiny(tmp_path):
-    """tools/bench_run.py end to end on the tiny preset: both mixes measured, the batched replies identical to
-    the one-at-a-time loop (float32)."""
+    """tools/bench_run.py end to end on the tiny preset, each item its own max_new_tokens: both mixes measured,
+    the scheduler's and the fixed batches' replies identical to the one-at-a-time loop (float32)."""
     out = tmp_path / "run.json"
     done = subprocess.run([sys.executable, str(ROOT / "tools/bench_run.py"), "--preset", "tiny", "--dtype", "float32",
-                           "--items", "6", "--new", "4", "--batch-size", "3", "--workdir", str(tmp_path / "w"),
+                           "--items", "6", "--new-range", "2", "6", "--batch-size", "3", "--workdir", str(tmp_path / "w"),
                            "--json", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = json.loads(out.read_text())["rows"]
     assert [r["mix"] for r in rows] == ["text", "images"] and [r["images"] for r in rows] == [0, 2]
-    assert all(r["identical_replies"] == 6 and r["ratio"] > 0 and r["prefill_vision_floor_s"] > 0 for r in rows)
+    assert all(r["identical_replies"] == 6 and r["identical_fixed"] == 6 and r["ratio"] > 0 and r["ratio_fixed"] > 0
+               and r["prefill_vision_floor_s"] > 0 for r in rows)
 
 
 def test_bench_prefix_tool_tiny(tmp_path):

@@ -49,6 +49,14 @@ class KVCache:
         self.span += n_tokens
         return meta
 
+    def view_rows(self, start: int, stop: int) -> "KVCache":
+        """Rows [start, stop) as a cache of their own, sharing this one's memory (a forward through it
+        writes these rows in place) with its own `span` (an upper bound for those rows alone)."""
+        v = object.__new__(KVCache)
+        v.k, v.v, v.pos = self.k[:, start:stop], self.v[:, start:stop], self.pos[start:stop]
+        v.rows, v.span, v.max_len, v.block = self.rows[:stop - start], self.span, self.max_len, self.block
+        return v
+
     def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
         """Store k/v [B, T, Hkv, D] at positions [B, T]; return this layer's K, V for the first kv_len
         slots as [B, Hkv, kv_len, D] views."""

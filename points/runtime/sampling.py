@@ -1,10 +1,13 @@
 """Choosing the next token: logits [B, V] float32 -> token ids [B], as tensor ops only (no host sync),
 so that it runs inside the compiled decode step, in the same graph as the model.
 
-Greedy (temperature 0) is argmax. Sampling is Gumbel-max: softmax(logits / temperature) after top-k and
-top-p filtering, divided by exponential noise drawn outside the graph from the seeded generator; the argmax
-of that is a draw from the filtered distribution (the same law as torch.multinomial, a different stream).
-The repetition penalty is transformers' rule over every token seen so far (prompt and reply).
+Every row has its own rule (the scheduler's rows belong to different requests): temperature, top-k, top-p
+and repetition penalty are per-row tensors, and a sampling row draws its noise from its own seeded
+generator, so that a seeded request draws the same tokens whatever else is in the batch. Greedy
+(temperature 0) is argmax. Sampling is Gumbel-max: softmax(logits / temperature) after top-k and top-p
+filtering, divided by exponential noise drawn outside the graph; the argmax of that is a draw from the
+filtered distribution (the same law as torch.multinomial, a different stream). The repetition penalty is
+transformers' rule over every token seen so far (prompt and reply).
 """
 
 from __future__ import annotations
@@ -14,57 +17,130 @@ import math
 import torch
 
 
-def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """transformers' repetition penalty: seen tokens' positive logits / penalty, negative ones * penalty."""
+def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:
+    """transformers' repetition penalty: seen tokens' positive logits / penalty, negative ones * penalty
+    (penalty: a number or a [B, 1] column; 1 leaves a row exactly as it was)."""
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def filtered_probs(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+def filtered_probs(logits: torch.Tensor, temperature, top_k=0, top_p=1.0, *, k_max: int | None = None,
+                   p_any: bool | None = None) -> torch.Tensor:
     """softmax(logits / temperature) restricted to the top_k tokens (0 = all) and to the smallest
-    most-likely prefix whose mass reaches top_p (never empty)."""
+    most-likely prefix whose mass reaches top_p (never empty). Each setting is a number or a per-row tensor
+    [B]; with tensors, `k_max` (the largest top_k, 0 = no row filters) and `p_any` (some top_p < 1) come from
+    the host, so that nothing here reads a tensor's value."""
+    if not isinstance(temperature, torch.Tensor):
+        temperature = torch.tensor(float(temperature), device=logits.device)
+    if temperature.dim():  # per row; a greedy row (0) is divided by 1 (its choice is argmax anyway)
+        temperature = torch.where(temperature > 0, temperature, 1.0).reshape(-1, 1)
     logits = logits / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p < 1:
+    if k_max is None:
+        k_max = int(top_k)
+    if k_max:
+        k = torch.as_tensor(top_k, device=logits.device).reshape(-1, 1)
+        values = logits.topk(min(k_max, logits.shape[-1]), dim=-1).values
+        kth = values.gather(1, (k.clamp(1, values.shape[-1]) - 1).expand(logits.shape[0], 1))
+        logits = logits.masked_fill((k > 0) & (logits < kth), -math.inf)
+    if p_any is None:
+        p_any = float(top_p) < 1
+    if p_any:
+        p = torch.as_tensor(top_p, dtype=logits.dtype, device=logits.device).reshape(-1, 1)
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p
+        drop = (probs.cumsum(-1) - probs > p) & (p < 1)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
     return logits.softmax(-1)
 
 
 class Picker:
-    """The next-token rule of one generation call.
+    """The next-token rules of up to `batch` rows.
 
-    seen [B, V] bool (penalty only) is updated in place with every token fed back; `noise` [B, V] is drawn
-    by `draw()` before each step (outside any compiled graph, from the seeded generator). `buffers()` are
-    the tensors a call reads or writes in place."""
+    Built with one rule for every row (`Picker(batch, vocab, device, temperature=..., seed=...)`: a seeded
+    batch draws its noise from one generator), or row by row (`set_row`, the scheduler: each row its own
+    rule and generator). seen [B, V] bool (only once some row penalises) is updated in place with every
+    token fed back; `noise` [B, V] (only once some row samples) is drawn by `draw()` before each step,
+    outside any compiled graph. `view(start, stop)` is the rule of those rows alone, sharing the buffers;
+    `buffers()` are the tensors a call reads or writes in place."""
 
     def __init__(self, batch: int, vocab: int, device: torch.device, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, penalty: float = 1.0, seed: int | None = None):
-        self.temperature, self.top_k, self.top_p, self.penalty = float(temperature), int(top_k), float(top_p), float(penalty)
+        self.batch, self.vocab, self.device = batch, vocab, torch.device(device)
+        self.rules = [(float(temperature), int(top_k), float(top_p), float(penalty))] * batch  # host copies
+        self.temperature = torch.full((batch,), float(temperature), device=device)
+        self.top_k = torch.full((batch,), int(top_k), dtype=torch.long, device=device)
+        self.top_p = torch.full((batch,), float(top_p), device=device)
+        self.penalty = torch.full((batch, 1), float(penalty), device=device)
         self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device) if penalty != 1.0 else None
-        self.generator = None
-        if self.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            self.generator.manual_seed(seed) if seed is not None else self.generator.seed()
-        self.noise = torch.empty(batch, vocab, device=device) if self.temperature > 0 else None
+        self.noise = torch.empty(batch, vocab, device=device) if temperature > 0 else None
+        self.generator, self.generators = None, [None] * batch  # one for the whole batch, or one per row
+        if temperature > 0:
+            self.generator = _generator(device, seed)
+        self._flags()
+
+    def _flags(self) -> None:
+        """What the rows need, from the host copies: constants of the compiled step (a change recompiles)."""
+        self.sampling = any(r[0] > 0 for r in self.rules)
+        self.k_max = max((r[1] for r in self.rules if r[0] > 0), default=0)
+        self.p_any = any(r[0] > 0 and r[2] < 1 for r in self.rules)
+        self.penalizing = any(r[3] != 1.0 for r in self.rules)
+
+    def set_row(self, row: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                penalty: float = 1.0, seed: int | None = None, prompt: list[int] | None = None) -> None:
+        """Row `row` gets a new request's rule: its generator seeded with `seed` (random without one) and,
+        with a penalty, the prompt's tokens as seen."""
+        self.rules[row] = (float(temperature), int(top_k), float(top_p), float(penalty))
+        self.temperature[row], self.top_k[row], self.top_p[row], self.penalty[row] = self.rules[row]
+        if temperature > 0:
+            if self.noise is None:
+                self.noise = torch.empty(self.batch, self.vocab, device=self.device)
+            self.generators[row] = _generator(self.device, seed)
+        if penalty != 1.0 and self.seen is None:
+            self.seen = torch.zeros(self.batch, self.vocab, dtype=torch.bool, device=self.device)
+        if self.seen is not None:
+            self.seen[row] = False
+            if penalty != 1.0 and prompt:
+                self.seen[row, torch.tensor(prompt, device=self.device)] = True
+        self._flags()
+
+    def view(self, start: int, stop: int) -> "Picker":
+        """Rows [start, stop) alone: the same tensors (sliced), generators and rules."""
+        v = object.__new__(Picker)
+        v.batch, v.vocab, v.device = stop - start, self.vocab, self.device
+        v.rules, v.generator, v.generators = self.rules[start:stop], self.generator, self.generators[start:stop]
+        for name in ("temperature", "top_k", "top_p", "penalty", "seen", "noise"):
+            t = getattr(self, name)
+            setattr(v, name, None if t is None else t[start:stop])
+        v._flags()
+        return v
 
     def buffers(self) -> list[torch.Tensor]:
         return [t for t in (self.seen, self.noise) if t is not None]
 
     def draw(self) -> None:
-        if self.noise is not None:
+        """Fresh noise for the rows that sample (nothing for greedy rows)."""
+        if self.noise is None or not self.sampling:
+            return
+        if self.generator is not None:
             self.noise.exponential_(generator=self.generator)
+        for row, g in enumerate(self.generators):
+            if g is not None and self.rules[row][0] > 0:
+                self.noise[row].exponential_(generator=g)
 
     def __call__(self, logits: torch.Tensor, fed: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V] float32 after the tokens `fed` [B, 1] (None for the prompt) -> ids [B] (int64)."""
         if self.seen is not None:
             if fed is not None:
                 self.seen.scatter_(1, fed, True)
-            logits = penalize(logits, self.seen, self.penalty)
-        if self.temperature == 0:
-            return logits.argmax(-1)
-        probs = filtered_probs(logits, self.temperature, self.top_k, self.top_p)
-        return (probs / self.noise).argmax(-1)
+            if self.penalizing:
+                logits = penalize(logits, self.seen, self.penalty)
+        greedy = logits.argmax(-1)
+        if not self.sampling:
+            return greedy
+        probs = filtered_probs(logits, self.temperature, self.top_k, self.top_p, k_max=self.k_max, p_any=self.p_any)
+        return torch.where(self.temperature > 0, (probs / self.noise).argmax(-1), greedy)
+
+
+def _generator(device, seed: int | None) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(seed) if seed is not None else g.seed()
+    return g

@@ -1,4 +1,4 @@
-"""The `points` command (also `python -m points`): chat, convert, demo, bench, run (`points COMMAND --help`)."""
+"""The `points` command (also `python -m points`): chat, convert, demo, bench, run, serve (`points COMMAND --help`)."""
 
 from __future__ import annotations
 
@@ -182,14 +182,18 @@ def main(argv=None) -> int:
     for name, text in (("convert", "convert a checkpoint into this project's layout (atomic)"),
                        ("demo", "the whole pipeline offline on a generated checkpoint (random weights)"),
                        ("bench", "benchmark against transformers on the same random weights"),
-                       ("run", "a checkpoint over a JSONL dataset: batched, resumable, torchrun-aware")):
+                       ("run", "a checkpoint over a JSONL dataset: batched, resumable, torchrun-aware"),
+                       ("serve", "an OpenAI-compatible HTTP server (continuous batching; needs points[serve])")):
         sub.add_parser(name, help=text, add_help=False)  # listed here; their own parsers read their arguments
     argv = sys.argv[1:] if argv is None else list(argv)
     name = argv[0] if argv else "points"
     try:
-        if argv and argv[0] in ("convert", "demo", "bench", "run"):
+        if argv and argv[0] in ("convert", "demo", "bench", "run", "serve"):
             if argv[0] == "run":
                 return run.main(argv[1:])
+            if argv[0] == "serve":
+                from points.tooling import serve
+                return serve.main(argv[1:])
             if argv[0] == "convert":
                 return convert.main(argv[1:])
             if argv[0] == "demo":

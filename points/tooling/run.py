@@ -19,8 +19,8 @@ on SIGTERM and 130 on Ctrl-C (one line each; what finished is kept).
 One run at a time per OUT: a run holds an exclusive lock (`fcntl.flock` on `OUT.lock`, which names its
 holder); a second run on the same OUT says who holds it and exits 2 before any work.
 
-Durability: each finished batch is appended to a journal next to OUT (`OUT.journal.<rank>`; write, flush,
-fsync), so `kill -9` at any moment loses at most the batches in flight. The same command again reads every
+Durability: each finished item is appended to a journal next to OUT (`OUT.journal.<rank>`; write, flush,
+fsync), so `kill -9` at any moment loses at most the items in flight. The same command again reads every
 journal (a last line cut short by the kill is ignored), skips the finished ids and goes on; at the end OUT is
 written whole under a temporary name and renamed, then the journals are removed (a kill between the two
 leaves journals that still hold everything, so the next run only rewrites OUT). The settings the records
@@ -36,8 +36,11 @@ group (gloo on the CPU, nccl on CUDA, each rank on cuda:LOCAL_RANK); after every
 (a barrier, before anyone writes), rank r takes the remaining items r, r + N, r + 2N, ... in input order;
 rank 0 writes OUT after a final barrier.
 
-Batching: a rank's items are sorted by (image count, prompt length) and cut into batches of at most
---batch-size rows, so rows of one batch pad little; each reply equals (greedy, float32) the item run alone.
+Scheduling: a rank's items run on the continuous-batching scheduler (points.runtime.scheduler) in input
+order, at most --batch-size at a time: an item joins the batch as soon as a row is free and leaves it when
+its reply ends, and its record is journaled then; each reply equals (greedy, float32) the item run alone.
+A line may carry its own generation fields (max_new_tokens, temperature, top_p, top_k, repetition_penalty,
+seed, stop) over the command's: {"id": "a", "messages": [...], "max_new_tokens": 16}.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ import hashlib
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -64,12 +67,17 @@ class RunError(ValueError):
     """A problem with the run's input or files, named in the message (exit code 2)."""
 
 
+# generation fields an input line may carry for itself, over the command's (--max-new-tokens etc.)
+ITEM_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
+
+
 @dataclass
 class Item:
     index: int  # position in the input
     id: str
     messages: list
     line: int
+    gen: dict = field(default_factory=dict)  # its own generation fields (ITEM_FIELDS)
 
 
 def _absolute_images(messages, folder: Path):
@@ -108,7 +116,8 @@ def read_items(path: Path) -> list[Item]:
         if obj["id"] in seen:
             raise RunError(f"{where}: id {obj['id']!r} already used on line {seen[obj['id']]}")
         seen[obj["id"]] = n
-        items.append(Item(len(items), obj["id"], _absolute_images(obj["messages"], path.parent), n))
+        gen = {k: obj[k] for k in ITEM_FIELDS if k in obj}
+        items.append(Item(len(items), obj["id"], _absolute_images(obj["messages"], path.parent), n, gen))
     if not items:
         raise RunError(f"--input {path}: no items (expected one JSON object per line)")
     return items
@@ -180,7 +189,7 @@ class Journal:
 
 def run_key(args, items: list[Item]) -> dict:
     """What a journal's records depend on: a journal written under another key is not mixed in."""
-    digest = hashlib.sha256(json.dumps([[it.id, it.messages] for it in items], sort_keys=True).encode()).hexdigest()
+    digest = hashlib.sha256(json.dumps([[it.id, it.messages, it.gen] for it in items], sort_keys=True).encode()).hexdigest()
     return {"model": str(Path(args.model).resolve()), "input_sha256": digest, "dtype": args.dtype,
             "quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head, "gen": generation_kwargs(args)}
 
@@ -244,13 +253,7 @@ class Dist:
 # ----------------------------------------------------------------------------------------------- the run
 
 
-def batches(prepared: list[tuple[Item, int, int]], size: int) -> list[list[Item]]:
-    """(item, image count, prompt length) -> batches of at most `size` items of similar shape."""
-    order = sorted(prepared, key=lambda p: (p[1], p[2], p[0].index))
-    return [[p[0] for p in order[i:i + size]] for i in range(0, len(order), size)]
-
-
-# what an item can raise (an unreadable image, a prompt over the context; memory for a batch too large)
+# what an item can raise (an unreadable image, a prompt over the context; memory for its row)
 ITEM_ERRORS = (ValueError, OSError, torch.OutOfMemoryError)
 
 
@@ -259,54 +262,46 @@ def _error(it: Item, e: Exception) -> dict:
     return {"id": it.id, "error": str(e) if str(e).startswith(name) else name + str(e)}
 
 
-def process(pipe, items: list[Item], cfg, batch_size: int, journal: Journal, progress: Progress | None) -> int:
-    """Run `items` (this rank's share) and append every result to the journal, a batch at a time; return the
-    number of tokens generated. An item's failure is that item's error record, never the run's: a batch that
-    fails runs again one item at a time."""
-    from points.runtime.generation import prepare
-
-    limit = pipe.model.decoder.cfg.max_seq_len
-    ok, failed = [], []
-    for it in items:  # check every item alone first: one bad image must not take its batch down
-        try:
-            prompt, ids = prepare(pipe.tokenizer, pipe.processor, it.messages, cfg, limit, f"item {it.id!r}")
-            ok.append((it, 0 if prompt.grid_thw is None else len(prompt.grid_thw), len(ids)))
-        except ITEM_ERRORS as e:
-            failed.append(_error(it, e))
-    if failed:
-        journal.append(failed)
-        if progress:
-            progress.update(len(failed))
-    tokens = 0
-    for batch in batches(ok, batch_size):
-        try:
-            records, generated = _batch(pipe, batch, cfg, limit)
-        except ITEM_ERRORS:  # (an image changed since the check, say): find the item, keep the others
-            records, generated = [], 0
-            for it in batch:
-                try:
-                    one, n = _batch(pipe, [it], cfg, limit)
-                except ITEM_ERRORS as e:
-                    one, n = [_error(it, e)], 0
-                records += one
-                generated += n
-        journal.append(records)
-        tokens += generated
-        if progress:
-            progress.update(len(batch), tokens=generated)
+def process(pipe, items: list[Item], gen: dict, journal: Journal, progress: Progress | None) -> int:
+    """Run `items` (this rank's share) on the pipeline's scheduler, each with the command's generation
+    settings `gen` under its own fields, and append every result to the journal as soon as it finishes;
+    return the number of tokens generated. Prompts are built (and their images read) as rows come free,
+    a few ahead, so that only those items' images are held. An item's failure is that item's error record,
+    never the run's; an item caught in a failed step (memory for the whole batch) runs again once."""
+    scheduler = pipe.scheduler
+    pending, live, tokens, retried = list(reversed(items)), {}, 0, set()
+    while pending or live:
+        failed = []
+        while pending and len(live) < 2 * scheduler.max_batch:
+            it = pending.pop()
+            try:
+                live[pipe.submit(it.messages, f"item {it.id!r}", **(gen | it.gen))] = it
+            except ITEM_ERRORS as e:
+                failed.append(_error(it, e))
+        if failed:
+            journal.append(failed)
+            if progress:
+                progress.update(len(failed))
+        if live:
+            scheduler.step()
+        records, generated = [], 0
+        for request in [r for r in live if r.done]:
+            it = live.pop(request)
+            if request.error is not None and not isinstance(request.error, ITEM_ERRORS):
+                raise request.error
+            if request.step_failed and it.id not in retried:
+                retried.add(it.id)  # a step of the whole batch failed: once more, in another batch
+                pending.append(it)
+                continue
+            records.append(_error(it, request.error) if request.error is not None
+                           else {"id": it.id, "reply": request.reply})
+            generated += request.completion_tokens
+        if records:
+            journal.append(records)
+            tokens += generated
+            if progress:
+                progress.update(len(records), tokens=generated)
     return tokens
-
-
-def _batch(pipe, batch: list[Item], cfg, limit: int) -> tuple[list[dict], int]:
-    """One batch -> its reply records and the tokens generated. The prompts are built again here, one batch
-    at a time, so that no more than one batch of images is held."""
-    from points.runtime import generation
-
-    prepared = [generation.prepare(pipe.tokenizer, pipe.processor, it.messages, cfg, limit, f"item {it.id!r}")
-                for it in batch]
-    out = generation.replies(pipe.model, pipe.tokenizer, [p for p, _ in prepared], [ids for _, ids in prepared],
-                             cfg, pipe.engine)
-    return [{"id": it.id, "reply": text} for it, (text, _) in zip(batch, out)], sum(n for _, n in out)
 
 
 def finish(out: Path, items: list[Item]) -> int:
@@ -337,7 +332,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="checkpoint directory (released layout or ours)")
     p.add_argument("--input", required=True, type=Path, help="JSONL: one {\"id\", \"messages\"} object per line")
     p.add_argument("--output", required=True, type=Path, help="JSONL written at the end, one line per input id")
-    p.add_argument("--batch-size", type=int, default=8, help="rows per batch (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="rows decoded at once; items join as rows come free (default: %(default)s)")
     add_generation_options(p)
     add_weight_options(p, device_help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) ")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
@@ -358,7 +354,7 @@ def main(argv=None) -> int:
     from points.runtime.generation import GenerationConfig, GenerationError
 
     try:
-        cfg = GenerationConfig.from_kwargs(**generation_kwargs(args))
+        GenerationConfig.from_kwargs(**generation_kwargs(args))
     except GenerationError as e:
         p.error(e.flag())
     out, dist, lock = args.output, None, None
@@ -366,6 +362,11 @@ def main(argv=None) -> int:
         with sigterm_raises():
             # everything that can be checked is checked before any file is written
             items = read_items(args.input)
+            for it in items:
+                try:
+                    GenerationConfig.from_kwargs(**(generation_kwargs(args) | it.gen))
+                except GenerationError as e:
+                    raise RunError(f"{args.input}, line {it.line}: \"{e.field}\" = {e.value!r}: expected {e.want}") from None
             check_output(out, source=args.input)
             read_config(args.model)
             resolve_device(args.device)  # a device this machine has
@@ -381,12 +382,13 @@ def main(argv=None) -> int:
             label = f"points run (rank {dist.rank} of {dist.world})" if dist.world > 1 else "points run"
             if share:
                 pipe = points.load(args.model, device=dist.device, dtype=args.dtype, quantize=args.quantize,
-                                   quantize_lm_head=args.quantize_lm_head or None, compile=args.compile)
+                                   quantize_lm_head=args.quantize_lm_head or None, compile=args.compile,
+                                   max_batch=args.batch_size)
                 journal = Journal(out.with_name(f"{out.name}.journal.{dist.rank}"))
                 enabled = {"auto": None, "on": True, "off": False}[args.progress]
                 progress = Progress(label, len(share), unit="items", enabled=enabled)
                 try:
-                    process(pipe, share, cfg, args.batch_size, journal, progress)
+                    process(pipe, share, generation_kwargs(args), journal, progress)
                 finally:
                     journal.close()
                     progress.close()

@@ -1,0 +1,548 @@
+"""`points serve`: an OpenAI-compatible HTTP server on the continuous-batching scheduler (an ASGI app on
+Starlette, served by uvicorn; `pip install 'points[serve]'`).
+
+    points serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64] [--api-key KEY]
+
+Routes: POST /v1/chat/completions (the Chat Completions API, streamed as server-sent events with
+"stream": true), GET /v1/models, GET /health (no key needed), and the official WePOINTS server's POST /chat
+(its body and its answer). Every request is one row of the scheduler (points.runtime.scheduler), so
+concurrent requests decode together; a greedy reply equals `Pipeline.chat` of the same conversation alone.
+
+Safe by default: it binds 127.0.0.1; with --api-key every route but /health needs `Authorization: Bearer KEY`
+(compared in constant time); a body over --max-body-mb is refused (413) before it is read whole; images come
+as `data:image/...;base64,...` URLs (bytes counted before decoding, pixels checked from the header before
+decoding: points.io.processor), `http(s)://` only with --allow-remote-images (size and time bounded), local
+paths or `file://` only inside --allow-local-images DIR (resolved, links included, never outside it). A bad
+request is a 400 JSON error naming the field (`{"error": {"message", "type", "param", "code"}}`), a full queue
+429 with Retry-After; never a 500 for bad input. SIGTERM: no new connections, running requests finish
+within --grace-seconds, exit 0. A client that disconnects has its request cancelled within one step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import json
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+MIB = 1 << 20
+DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,(.*)", re.S)
+
+
+class ApiError(Exception):
+    """One JSON error answer: HTTP status, message, the request field it is about (param), type and code."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, type: str = "invalid_request_error",
+                 code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = status, message, param, type, code
+        self.headers = headers or {}
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _bad(param: str, want: str) -> ApiError:
+    return ApiError(400, f"{param}: {want}", param)
+
+
+# --------------------------------------------------------------------------------------------- requests in
+
+class Images:
+    """Where an image part's URL may come from, and its limits."""
+
+    def __init__(self, max_bytes: int, remote: bool = False, local_dir: str | Path | None = None,
+                 timeout_s: float = 10.0):
+        self.max_bytes, self.remote, self.timeout_s = max_bytes, remote, timeout_s
+        self.local_dir = Path(local_dir).resolve() if local_dir is not None else None
+
+    def read(self, url, param: str) -> bytes:
+        if not isinstance(url, str) or not url:
+            raise _bad(param, "expected a non-empty string (a data:image/...;base64 URL)")
+        match = DATA_URL.fullmatch(url)
+        if match is not None:
+            data = "".join(match.group(1).split())
+            if len(data) * 3 // 4 > self.max_bytes:
+                raise ApiError(413, f"{param}: the image is over the limit of {self.max_bytes // MIB} MiB", param,
+                               code="image_too_large")
+            try:
+                return base64.b64decode(data, validate=True)
+            except (binascii.Error, ValueError):
+                raise _bad(param, "the data URL's base64 payload is not valid base64") from None
+        if url.startswith("data:"):
+            raise _bad(param, "a data URL must be data:image/<type>;base64,<payload>")
+        if url.startswith(("http://", "https://")):
+            if not self.remote:
+                raise _bad(param, "remote image URLs are refused (start the server with --allow-remote-images); "
+                                  "send the image as a data:image/...;base64 URL")
+            return self._fetch(url, param)
+        if self.local_dir is None:
+            raise _bad(param, "local image paths are refused (start the server with --allow-local-images DIR); "
+                              "send the image as a data:image/...;base64 URL")
+        path = Path(url.removeprefix("file://")).expanduser()
+        path = (path if path.is_absolute() else self.local_dir / path).resolve()
+        if not path.is_relative_to(self.local_dir):
+            raise _bad(param, f"local images must lie inside {self.local_dir}")
+        try:
+            if path.stat().st_size > self.max_bytes:
+                raise ApiError(413, f"{param}: the image is over the limit of {self.max_bytes // MIB} MiB", param,
+                               code="image_too_large")
+            return path.read_bytes()
+        except OSError as e:
+            raise _bad(param, f"cannot read the image ({e.strerror or e})") from None
+
+    def _fetch(self, url: str, param: str) -> bytes:
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
+                data = response.read(self.max_bytes + 1)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise _bad(param, f"the image could not be fetched ({getattr(e, 'reason', e)})") from None
+        if len(data) > self.max_bytes:
+            raise ApiError(413, f"{param}: the image is over the limit of {self.max_bytes // MIB} MiB", param,
+                           code="image_too_large")
+        return data
+
+
+def messages_of(body: dict, images: Images) -> list[dict]:
+    """The request's OpenAI messages -> `Pipeline.chat` messages (images as bytes), every field checked."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _bad("messages", "expected a non-empty list of {\"role\", \"content\"} objects")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(where, "expected an object with \"role\" and \"content\"")
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise _bad(f"{where}.role", f"expected \"system\", \"user\" or \"assistant\", got {m.get('role')!r:.40}")
+        content = m.get("content")
+        if isinstance(content, str):
+            out.append({"role": m["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise _bad(f"{where}.content", "expected a string or a list of content parts")
+        parts = []
+        for j, part in enumerate(content):
+            at = f"{where}.content[{j}]"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise _bad(f"{at}.text", "expected a string")
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind == "image_url":
+                image_url = part.get("image_url")
+                url = image_url.get("url") if isinstance(image_url, dict) else image_url
+                parts.append({"type": "image", "image": images.read(url, f"{at}.image_url.url")})
+            else:
+                raise _bad(at, "expected {\"type\": \"text\", \"text\"} or {\"type\": \"image_url\", "
+                               "\"image_url\": {\"url\"}}")
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+# OpenAI request field -> (Pipeline.chat keyword, check)
+def _number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _integer(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+GEN_FIELDS = {"max_tokens": ("max_new_tokens", _integer, "an integer >= 1"),
+              "max_completion_tokens": ("max_new_tokens", _integer, "an integer >= 1"),
+              "temperature": ("temperature", _number, "a number >= 0"),
+              "top_p": ("top_p", _number, "a number in (0, 1]"),
+              "top_k": ("top_k", _integer, "an integer >= 0"),
+              "repetition_penalty": ("repetition_penalty", _number, "a number > 0"),
+              "seed": ("seed", _integer, "an integer"),
+              "stop": ("stop", lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str)
+                                                                                         for s in v)),
+                       "a string or a list of strings")}
+
+
+def generation_of(body: dict) -> dict:
+    """The request's generation fields -> `Pipeline.chat` keywords (absent or null fields keep the defaults:
+    greedy, as the model card)."""
+    gen = {}
+    for name, (keyword, ok, want) in GEN_FIELDS.items():
+        value = body.get(name)
+        if value is None:
+            continue
+        if not ok(value):
+            raise _bad(name, f"expected {want}, got {value!r:.40}")
+        gen[keyword] = value
+    if body.get("n") not in (None, 1):
+        raise _bad("n", "only n = 1 is supported")
+    return gen
+
+
+# --------------------------------------------------------------------------------------------- the app
+
+class Server:
+    """The app's state: the pipeline, its scheduler running in a worker thread, the limits."""
+
+    def __init__(self, pipe, name: str, *, api_key: str | None = None, max_body_bytes: int = 20 * MIB,
+                 images: Images | None = None):
+        self.pipe, self.name, self.api_key = pipe, name, api_key
+        self.max_body_bytes = max_body_bytes
+        self.images = images or Images(max_body_bytes)
+        self.scheduler = pipe.scheduler
+        self.created = int(time.time())
+
+    def app(self):
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.routing import Route
+
+        routes = [Route("/health", self.health, methods=["GET"]),
+                  Route("/v1/models", self.models, methods=["GET"]),
+                  Route("/v1/chat/completions", self.completions, methods=["POST"]),
+                  Route("/chat", self.official_chat, methods=["POST"])]
+        handlers = {ApiError: self._api_error, HTTPException: self._http_error, Exception: self._internal_error}
+        lifespan = contextlib.asynccontextmanager(self._lifespan)
+        return _Guard(Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan), self)
+
+    async def _lifespan(self, app):
+        self.scheduler.start()
+        try:
+            yield
+        finally:
+            self.scheduler.stop()
+
+    # ---------------------------------------------------------------- routes
+
+    async def health(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"status": "ok", "model": self.name, "busy_rows": self.scheduler.busy,
+                             "waiting": len(self.scheduler.waiting)})
+
+    async def models(self, request):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
+                                                         "owned_by": "points"}]})
+
+    async def completions(self, request):
+        from starlette.responses import JSONResponse, StreamingResponse
+
+        body = await self._body(request)
+        if body.get("model") not in (None, self.name):
+            raise ApiError(404, f"model: {body['model']!r:.60} is not served here (this server serves "
+                                f"{self.name!r})", "model", code="model_not_found")
+        stream = body.get("stream", False)
+        if not isinstance(stream, bool):
+            raise _bad("stream", "expected true or false")
+        options = body.get("stream_options") or {}
+        usage_chunk = isinstance(options, dict) and options.get("include_usage") is True
+        job = await self._submit(body)
+        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if stream:
+            return StreamingResponse(self._events(job, ident, created, usage_chunk), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache"})
+        text = await job.text(request)
+        return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": self.name,
+                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                          "finish_reason": job.request.finish_reason, "logprobs": None}],
+                             "usage": job.usage()})
+
+    async def official_chat(self, request):
+        """The official WePOINTS server's route: {"messages", "max_tokens", "temperature", "top_p", "top_k"} ->
+        {"choices": [{"index": 0, "message": {"role": "assistant", "content"}}]}."""
+        from starlette.responses import JSONResponse
+
+        body = await self._body(request)
+        body = {k: body.get(k) for k in ("messages", "max_tokens", "temperature", "top_p", "top_k")}
+        job = await self._submit(body)
+        text = await job.text(request)
+        return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+
+    # ---------------------------------------------------------------- the pieces
+
+    async def _body(self, request) -> dict:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            raise self._too_large()
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > self.max_body_bytes:
+                raise self._too_large()
+        try:
+            body = json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"the body is not JSON ({e})") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    def _too_large(self) -> ApiError:
+        return ApiError(413, f"the body is over the limit of {self.max_body_bytes / MIB:g} MiB (--max-body-mb)",
+                        code="body_too_large")
+
+    async def _submit(self, body: dict) -> "_Job":
+        """Check the request and queue it (the images are decoded off the event loop)."""
+        from starlette.concurrency import run_in_threadpool
+
+        from points.runtime.generation import GenerationError
+        from points.runtime.scheduler import QueueFull
+
+        gen = generation_of(body)
+        loop = asyncio.get_running_loop()
+        job = _Job(loop)
+
+        def prepare():
+            from points.io.chat import build_prompt
+            from points.runtime.generation import GenerationConfig, check_room
+
+            prompt = build_prompt(messages_of(body, self.images), self.pipe.processor)
+            ids = prompt.token_ids(self.pipe.tokenizer)
+            limit = self.pipe.model.decoder.cfg.max_seq_len
+            if "max_new_tokens" not in gen:  # as many as the context leaves, up to the default
+                gen["max_new_tokens"] = max(1, min(GenerationConfig.max_new_tokens, limit - len(ids)))
+            cfg = GenerationConfig.from_kwargs(**gen)
+            check_room(len(ids), cfg.max_new_tokens, limit, "messages")
+            return self.scheduler.submit(prompt, ids, cfg, job.event)
+
+        try:
+            job.request = await run_in_threadpool(prepare)
+        except GenerationError as e:
+            field = {"max_new_tokens": "max_tokens"}.get(e.field, e.field)
+            raise _bad(field, f"expected {e.want}, got {e.value!r:.40}") from None
+        except QueueFull as e:
+            raise ApiError(429, f"the server is busy ({e}); retry shortly", type="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": "1"}) from None
+        except ApiError:
+            raise
+        except ValueError as e:  # the conversation or an image, named by the prompt builder
+            text = str(e)
+            param = text.split(":", 1)[0] if text.startswith("messages") else "messages"
+            raise ApiError(400, text, param) from None
+        return job
+
+    async def _events(self, job: "_Job", ident: str, created: int, usage_chunk: bool):
+        def chunk(delta: dict, finish=None, **extra) -> str:
+            return "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
+                                          "model": self.name, "choices": [{"index": 0, "delta": delta,
+                                                                           "finish_reason": finish,
+                                                                           "logprobs": None}], **extra}) + "\n\n"
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            async for piece in job.pieces():
+                yield chunk({"content": piece})
+            if job.request.error is not None:
+                yield "data: " + json.dumps(ApiError(500, f"generation failed: {job.request.error}",
+                                                     type="server_error").body()) + "\n\n"
+            else:
+                yield chunk({}, job.request.finish_reason)
+                if usage_chunk:
+                    yield ("data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
+                                                  "model": self.name, "choices": [], "usage": job.usage()}) + "\n\n")
+            yield "data: [DONE]\n\n"
+        finally:
+            job.request.cancel()  # a client that went away: its row is freed at the next step
+
+    async def _api_error(self, request, exc):
+        return self.error(exc)
+
+    async def _http_error(self, request, exc):
+        status = exc.status_code
+        message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
+        return self.error(ApiError(status, message.get(status, exc.detail), code="not_found" if status == 404 else None))
+
+    async def _internal_error(self, request, exc):
+        print(f"points serve: internal error on {request.url.path}: {exc!r}", file=sys.stderr)
+        return self.error(ApiError(500, f"internal error: {exc}", type="server_error"))
+
+    @staticmethod
+    def error(e: ApiError):
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+class _Guard:
+    """The ASGI app around Starlette's: the key check (every route but /health), before any route runs."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"] != "/health" and self.server.api_key is not None:
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.server.api_key}".encode()):
+                error = ApiError(401, "a valid API key is needed (Authorization: Bearer KEY)",
+                                 type="authentication_error", code="invalid_api_key")
+                return await Server.error(error)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+class _Job:
+    """One request seen from the event loop: the scheduler thread's events arrive in an asyncio queue."""
+
+    def __init__(self, loop):
+        self.loop, self.queue, self.request = loop, asyncio.Queue(), None
+
+    def event(self, request, event) -> None:  # called in the scheduler's thread
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def pieces(self):
+        from points.runtime.scheduler import _END
+
+        while True:
+            event = await self.queue.get()
+            if event is _END:
+                return
+            yield event
+
+    async def text(self, http_request) -> str:
+        """The whole reply; the request is cancelled if the client goes away meanwhile."""
+        from points.runtime.scheduler import _END
+
+        gone = asyncio.ensure_future(_disconnected(http_request))
+        try:
+            while True:
+                get = asyncio.ensure_future(self.queue.get())
+                await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if not get.done():  # the client went away: nobody will read the answer
+                    get.cancel()
+                    break
+                if get.result() is _END:
+                    break
+        finally:
+            gone.cancel()
+            if not self.request.done:
+                self.request.cancel()
+        if self.request.error is not None:
+            raise ApiError(500, f"generation failed: {self.request.error}", type="server_error")
+        return self.request.reply
+
+    def usage(self) -> dict:
+        r = self.request
+        return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                "total_tokens": r.prompt_tokens + r.completion_tokens}
+
+
+async def _disconnected(http_request) -> None:
+    while True:
+        message = await http_request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# --------------------------------------------------------------------------------------------- command
+
+def parser() -> argparse.ArgumentParser:
+    from points.tooling.options import add_weight_options
+
+    p = argparse.ArgumentParser(prog="points serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="checkpoint directory (released layout or ours)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="default: %(default)s (0: any free port)")
+    add_weight_options(p)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument("--max-batch", type=int, default=8, help="rows decoded at once (default: %(default)s)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests that may wait for a row; beyond it 429 with Retry-After (default: %(default)s)")
+    p.add_argument("--max-body-mb", type=float, default=20, help="request body limit, MiB (default: %(default)s)")
+    p.add_argument("--max-image-mb", type=float, default=None, help="one image's limit, MiB (default: the body's)")
+    p.add_argument("--api-key", default=os.environ.get("POINTS_API_KEY"),
+                   help="require `Authorization: Bearer KEY` (default: $POINTS_API_KEY, else no key)")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs (off: a server that fetches what clients name can be aimed at its "
+                        "own network)")
+    p.add_argument("--allow-local-images", type=Path, default=None, metavar="DIR",
+                   help="accept local paths and file:// image URLs inside DIR only")
+    p.add_argument("--remote-timeout", type=float, default=10.0, help="seconds for a remote image (default: %(default)s)")
+    p.add_argument("--grace-seconds", type=float, default=30.0,
+                   help="SIGTERM: how long running requests may take to finish (default: %(default)s)")
+    p.add_argument("--no-prefix-cache", action="store_true", help="prefill every request from scratch")
+    return p
+
+
+def main(argv=None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    from points.tooling.options import check_weight_options
+
+    check_weight_options(p, args)
+    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
+                             ("--port", args.port, 0)):
+        if value < low:
+            p.error(f"{flag} {value}: expected an integer >= {low}")
+    if not args.max_body_mb > 0 or (args.max_image_mb is not None and not args.max_image_mb > 0):
+        p.error("--max-body-mb and --max-image-mb must be > 0")
+    if args.allow_local_images is not None and not args.allow_local_images.is_dir():
+        p.error(f"--allow-local-images {args.allow_local_images}: not a directory")
+    try:
+        import uvicorn  # noqa: F401
+        import starlette  # noqa: F401
+    except ImportError as e:
+        print(f"error: points serve needs the serving extra ({e.name} is missing): pip install 'points[serve]'",
+              file=sys.stderr)
+        return 2
+    import points
+    from points.errors import CheckpointError
+
+    try:
+        pipe = points.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                           quantize_lm_head=args.quantize_lm_head or None, compile=args.compile,
+                           prefix_cache=not args.no_prefix_cache, max_batch=args.max_batch)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    pipe.scheduler.max_queue = args.max_queue
+    body = int(args.max_body_mb * MIB)
+    images = Images(int(args.max_image_mb * MIB) if args.max_image_mb else body, args.allow_remote_images,
+                    args.allow_local_images, args.remote_timeout)
+    name = args.served_model_name or Path(args.model).resolve().name
+    server = Server(pipe, name, api_key=args.api_key or None, max_body_bytes=body, images=images)
+    return run(server, args.host, args.port, args.grace_seconds)
+
+
+def run(server: Server, host: str, port: int, grace: float) -> int:
+    """Serve until SIGTERM / Ctrl-C (uvicorn's graceful shutdown: no new connections, running requests get
+    `grace` seconds); one line with the address once requests are accepted."""
+    import uvicorn
+
+    config = uvicorn.Config(server.app(), host=host, port=port, log_level="warning", access_log=False,
+                            timeout_graceful_shutdown=grace, lifespan="on")
+    http = uvicorn.Server(config)
+
+    def announce():
+        while not http.started and not http.should_exit:
+            time.sleep(0.02)
+        if http.started:
+            bound = http.servers[0].sockets[0].getsockname()
+            where = f"[{bound[0]}]" if ":" in bound[0] else bound[0]
+            print(f"points serve: {server.name} on http://{where}:{bound[1]} (max batch {server.scheduler.max_batch}, "
+                  f"key {'required' if server.api_key else 'not required'})", file=sys.stderr, flush=True)
+
+    threading.Thread(target=announce, daemon=True).start()
+    stopped = []
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again to the handler it found: this one
+    # records it, so that a graceful stop exits 0
+    previous = signal.signal(signal.SIGTERM, lambda *_: stopped.append(1))
+    try:
+        http.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print("points serve: stopped" + (" (SIGTERM)" if stopped else ""), file=sys.stderr, flush=True)
+    return 0

@@ -1,0 +1,208 @@
+"""The continuous-batching scheduler (points/runtime/scheduler.py): whatever joins or leaves the batch, every
+greedy float32 reply equals the conversation run alone; each row keeps its own settings; failures stay in
+their request."""
+
+from pathlib import Path
+
+import matplotlib
+import pytest
+import torch
+from PIL import Image
+
+import points
+from points.runtime.engine import Engine
+from points.runtime.generation import GenerationConfig, prepare
+from points.runtime.prefix import PrefixCache
+from points.runtime.scheduler import QueueFull, Scheduler
+
+
+def _conv(i: int, image=None):
+    content = [{"type": "text", "text": f"Tell me about number {i}. " + "More words here. " * (i % 5)}]
+    if image is not None:
+        content.insert(0, {"type": "image", "image": image})
+    return [{"role": "user", "content": content}]
+
+
+@pytest.fixture(scope="module")
+def photo(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sched") / "p.png"
+    Image.open(Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg").resize((56, 84)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def alone(e2e_dir):
+    """Each conversation on a scheduler of its own (max_batch 1, no prefix cache): the reference replies."""
+    pipe = points.load(e2e_dir, prefix_cache=False, max_batch=1)
+    return lambda messages, **gen: pipe.chat(messages, **gen)
+
+
+def _scheduler(pipe, **kw):
+    return Scheduler(pipe.model, pipe.tokenizer, pipe.engine, **kw)
+
+
+def _submit(pipe, scheduler, messages, **gen):
+    cfg = GenerationConfig(**gen)
+    prompt, ids = prepare(pipe.tokenizer, pipe.processor, messages, cfg, pipe.model.decoder.cfg.max_seq_len)
+    return scheduler.submit(prompt, ids, cfg)
+
+
+def test_staggered_arrivals_and_departures_equal_each_alone(pipe, alone, photo):
+    """Ten requests of different lengths, images and max_new_tokens arrive a few steps apart on 3 rows; rows
+    leave at their own ends and are reused at once: every reply is the one it gets alone."""
+    s = _scheduler(pipe, max_batch=3)
+    convs = [(_conv(i, photo if i % 3 == 0 else None), 3 + 2 * (i % 4)) for i in range(10)]
+    requests = []
+    for i, (m, new) in enumerate(convs):
+        requests.append(_submit(pipe, s, m, max_new_tokens=new))
+        for _ in range(i % 3):  # a few steps before the next one arrives
+            s.step()
+    while s.step():
+        pass
+    for r, (m, new) in zip(requests, convs):
+        assert r.done and r.reply == alone(m, max_new_tokens=new)
+        assert r.completion_tokens <= new and r.finish_reason in ("stop", "length")
+
+
+def test_cancelled_rows_leave_and_others_are_unchanged(pipe, alone):
+    s = _scheduler(pipe, max_batch=2)
+    keep = [_submit(pipe, s, _conv(i), max_new_tokens=9) for i in range(3)]
+    gone = _submit(pipe, s, _conv(7), max_new_tokens=30)
+    s.step()
+    s.step()
+    keep[0].cancel()  # mid-generation
+    gone.cancel()  # still waiting
+    while s.step():
+        pass
+    assert keep[0].finish_reason == "cancelled" and gone.finish_reason == "cancelled" and gone.reply == ""
+    for r, i in zip(keep[1:], (1, 2)):
+        assert r.reply == alone(_conv(i), max_new_tokens=9)
+
+
+def test_prefix_hits_inside_a_busy_batch(pipe, alone, photo):
+    """A second turn of a conversation reuses the first turn's K/V while other rows run: the same reply."""
+    s = _scheduler(pipe, max_batch=3, prefix=PrefixCache())
+    first = _conv(1, photo)
+    r1 = _submit(pipe, s, first, max_new_tokens=6)
+    other = _submit(pipe, s, _conv(2), max_new_tokens=12)
+    while not r1.done:
+        s.step()
+    second = first + [{"role": "assistant", "content": r1.reply}, {"role": "user", "content": "And then?"}]
+    hits = s.prefix.hits
+    r2 = _submit(pipe, s, second, max_new_tokens=6)
+    while s.step():
+        pass
+    assert s.prefix.hits == hits + 1 and s.prefix.reused_tokens > 0
+    assert r2.reply == alone(second, max_new_tokens=6) and other.reply == alone(_conv(2), max_new_tokens=12)
+
+
+def test_rows_keep_their_own_settings(pipe, alone):
+    """Greedy, penalised, stop-string and seeded rows together: each equals its own alone (the seeded one
+    too: its noise comes from its own generator)."""
+    settings = [dict(max_new_tokens=8), dict(max_new_tokens=8, repetition_penalty=1.5),
+                dict(max_new_tokens=8, temperature=0.8, top_k=50, top_p=0.9, seed=3),
+                dict(max_new_tokens=8, temperature=1.2, seed=11)]
+    want = [alone(_conv(i), **g) for i, g in enumerate(settings)]
+    s = _scheduler(pipe, max_batch=4)
+    requests = [_submit(pipe, s, _conv(i), **g) for i, g in enumerate(settings)]
+    while s.step():
+        pass
+    assert [r.reply for r in requests] == want
+    text = want[0]
+    if len(text) > 2:  # a stop string cuts the reply before it
+        r = _submit(pipe, s, _conv(0), max_new_tokens=8, stop=[text[1:3]])
+        while s.step():
+            pass
+        assert r.reply == text[:text.find(text[1:3])] and r.finish_reason == "stop"
+
+
+def test_cache_grows_while_rows_run(pipe, alone):
+    """A long request joining a batch whose cache is short: the cache grows, the running row's K/V carried."""
+    s = _scheduler(pipe, max_batch=2)
+    short = _submit(pipe, s, _conv(1), max_new_tokens=10)
+    s.step()
+    size = s.cache.max_len
+    longer = _conv(4) + [{"role": "assistant", "content": "ok " * 300}, {"role": "user", "content": "again"}]
+    big = _submit(pipe, s, longer, max_new_tokens=5)
+    while s.step():
+        pass
+    assert s.cache.max_len > size
+    assert short.reply == alone(_conv(1), max_new_tokens=10) and big.reply == alone(longer, max_new_tokens=5)
+
+
+def test_a_failing_request_fails_alone(pipe, alone, monkeypatch):
+    s = _scheduler(pipe, max_batch=2)
+    ok = _submit(pipe, s, _conv(1), max_new_tokens=6)
+    bad = _submit(pipe, s, _conv(2), max_new_tokens=6)
+    real = s._prefill
+
+    def prefill(i, request):
+        if request is bad:
+            raise ValueError("this request's image broke")
+        return real(i, request)
+
+    monkeypatch.setattr(s, "_prefill", prefill)
+    while s.step():
+        pass
+    assert bad.finish_reason == "error" and "image broke" in str(bad.error)
+    assert ok.reply == alone(_conv(1), max_new_tokens=6)
+    with pytest.raises(ValueError, match="image broke"):
+        bad.text()
+
+
+def test_a_failing_step_ends_its_rows_and_the_scheduler_goes_on(pipe, alone, monkeypatch):
+    s = _scheduler(pipe, max_batch=2)
+    hit = [_submit(pipe, s, _conv(i), max_new_tokens=6) for i in range(2)]
+    s.step()
+    real = s.engine.step
+
+    def boom(*a, **k):
+        raise torch.OutOfMemoryError("no memory for the batch")
+
+    monkeypatch.setattr(s.engine, "step", boom)
+    with pytest.raises(torch.OutOfMemoryError):
+        s.step()
+    assert all(r.finish_reason == "error" and r.step_failed for r in hit)
+    monkeypatch.setattr(s.engine, "step", real)
+    later = _submit(pipe, s, _conv(3), max_new_tokens=6)
+    while s.step():
+        pass
+    assert later.reply == alone(_conv(3), max_new_tokens=6)
+
+
+def test_queue_bound_and_bad_settings(pipe):
+    s = _scheduler(pipe, max_batch=1, max_queue=2)
+    for i in range(2):
+        _submit(pipe, s, _conv(i), max_new_tokens=2)
+    with pytest.raises(QueueFull, match="max_queue 2"):
+        _submit(pipe, s, _conv(3), max_new_tokens=2)
+    with pytest.raises(ValueError, match="max_batch = 0"):
+        _scheduler(pipe, max_batch=0)
+
+
+def test_worker_thread_serves_waiting_iterators(pipe, alone):
+    """With the worker thread, requests only wait for their events; stop() ends it and cancels what runs."""
+    s = _scheduler(pipe, max_batch=2)
+    s.start()
+    try:
+        requests = [_submit(pipe, s, _conv(i), max_new_tokens=5) for i in range(3)]
+        assert [r.text() for r in requests] == [alone(_conv(i), max_new_tokens=5) for i in range(3)]
+        long = _submit(pipe, s, _conv(4), max_new_tokens=500)
+    finally:
+        s.stop()
+    assert long.done and s._thread is None
+
+
+def test_compiled_step_with_idle_rows_equals_eager(e2e_dir, alone):
+    """The compiled step always runs all max_batch rows (one graph per key block), idle rows masked: the
+    replies of staggered requests equal the eager ones alone."""
+    pipe = points.load(e2e_dir, prefix_cache=False, max_batch=3)
+    pipe.engine = Engine(pipe.model.decoder, compile=True, backend="eager", notice=None)
+    s = _scheduler(pipe, max_batch=3)
+    requests = []
+    for i in range(4):
+        requests.append(_submit(pipe, s, _conv(i), max_new_tokens=4 + i))
+        s.step()
+    while s.step():
+        pass
+    assert [r.reply for r in requests] == [alone(_conv(i), max_new_tokens=4 + i) for i in range(4)]

@@ -1,0 +1,303 @@
+"""`points serve` as a client meets it: a real server process (uvicorn on a free loopback port) and the real
+`openai` client; replies equal `Pipeline.chat` of the same conversation alone."""
+
+import base64
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import matplotlib
+import pytest
+from PIL import Image
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+
+PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+KEY = "test-key-123"
+NEW = 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, model, *flags):
+        self.proc = subprocess.Popen([sys.executable, "-m", "points", "serve", "--model", str(model), "--port",
+                                      str(_free_port()), *flags], stderr=subprocess.PIPE, text=True)
+        self.lines = []
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.lines.append(line)
+            found = re.search(r"http://[0-9.]+:\d+", line)
+            if found:
+                self.url = found.group(0)
+                threading.Thread(target=self._drain, daemon=True).start()
+                return
+        self.proc.kill()
+        raise AssertionError("the server did not start: " + "".join(self.lines) + self.proc.stderr.read())
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.lines.append(line)
+
+    def post(self, path, body, key=KEY, raw=None, headers=None):
+        data = raw if raw is not None else json.dumps(body).encode()
+        h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+        request = urllib.request.Request(self.url + path, data=data, headers=h, method="POST")
+        return _answer(request)
+
+    def get(self, path, key=KEY):
+        h = {"Authorization": f"Bearer {key}"} if key else {}
+        return _answer(urllib.request.Request(self.url + path, headers=h))
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=60)
+
+
+def _answer(request):
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.headers, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, e.headers, json.loads(e.read())
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("served-images")
+    Image.open(PHOTO).resize((56, 84)).save(folder / "photo.png")
+    (folder / "inner").mkdir()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(e2e_dir, images):
+    s = Served(e2e_dir, "--api-key", KEY, "--max-batch", "4", "--max-queue", "6", "--max-body-mb", "1",
+               "--allow-local-images", str(images / "inner"), "--served-model-name", "points-e2e")
+    yield s
+    assert s.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def _data_url(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def _messages(i: int, image: Path | None = None):
+    content = [{"type": "text", "text": f"Question {i}: " + "why " * (i % 4) + "?"}]
+    if image is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": _data_url(image)}})
+    return [{"role": "user", "content": content}]
+
+
+def _ours(messages, image: Path | None = None):
+    """The same conversation in Pipeline.chat's format."""
+    out = []
+    for m in messages:
+        if isinstance(m["content"], str):
+            out.append(m)
+            continue
+        parts = [{"type": "image", "image": image} if p["type"] == "image_url" else p for p in m["content"]]
+        out.append({"role": m["role"], "content": parts})
+    return out
+
+
+def test_reply_usage_and_models_equal_the_pipeline(server, client, pipe):
+    messages = _messages(1)
+    got = client.chat.completions.create(model="points-e2e", messages=messages, max_tokens=NEW)
+    assert got.choices[0].message.content == pipe.chat(_ours(messages), max_new_tokens=NEW)
+    assert got.choices[0].finish_reason in ("stop", "length") and got.model == "points-e2e"
+    prompt = pipe.encode(_ours(messages)).input_ids.shape[1]
+    assert got.usage.prompt_tokens == prompt and 1 <= got.usage.completion_tokens <= NEW
+    assert got.usage.total_tokens == prompt + got.usage.completion_tokens
+    assert [m.id for m in client.models.list().data] == ["points-e2e"]
+    status, _, body = server.get("/health", key=None)
+    assert status == 200 and body["status"] == "ok"
+
+
+def test_stream_concatenates_to_the_reply(client, pipe, images):
+    messages = _messages(2, images / "photo.png")
+    chunks = list(client.chat.completions.create(model="points-e2e", messages=messages, max_tokens=NEW, stream=True,
+                                                 stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == pipe.chat(_ours(messages, images / "photo.png"), max_new_tokens=NEW)
+    finishing = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishing in (["stop"], ["length"]) and chunks[-1].usage.completion_tokens >= 1
+
+
+def test_concurrent_clients_each_get_their_alone_reply(client, pipe, images):
+    """Eight clients at once on four rows (the rest queue): each reply is the conversation's own."""
+    convs = [_messages(i, images / "photo.png" if i % 3 == 0 else None) for i in range(8)]
+    got = [None] * 8
+
+    def ask(i):
+        got[i] = client.chat.completions.create(model="points-e2e", messages=convs[i], max_tokens=NEW + i,
+                                                temperature=0).choices[0].message.content
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, m in enumerate(convs):
+        assert got[i] == pipe.chat(_ours(m, images / "photo.png"), max_new_tokens=NEW + i), i
+
+
+def test_seeded_sampling_repeats(client):
+    ask = lambda: client.chat.completions.create(model="points-e2e", messages=_messages(5), max_tokens=NEW,  # noqa
+                                                 temperature=0.9, top_p=0.9, seed=7).choices[0].message.content
+    assert ask() == ask()
+
+
+def test_official_chat_route(server, pipe):
+    messages = _messages(3)
+    status, _, body = server.post("/chat", {"messages": messages, "max_tokens": NEW, "temperature": 0})
+    assert status == 200
+    assert body == {"choices": [{"index": 0, "message": {"role": "assistant",
+                                                         "content": pipe.chat(_ours(messages), max_new_tokens=NEW)}}]}
+
+
+@pytest.mark.parametrize("body, status, param", [
+    ({"messages": []}, 400, "messages"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    ({"messages": [{"role": "user", "content": [{"type": "video"}]}]}, 400, "messages[0].content[0]"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, 400, "max_tokens"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "model"),
+    ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://169.254.169.254/x"}}]}]},
+     400, "messages[0].content[0].image_url.url"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}]}]},
+     400, "messages[0].content[0].image_url.url"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "../photo.png"}}]}]},
+     400, "messages[0].content[0].image_url.url"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                 "image_url": {"url": "data:image/png;base64,!!!"}}]}]},
+     400, "messages[0].content[0].image_url.url"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {
+        "url": "data:image/png;base64," + base64.b64encode(b"not a picture").decode()}}]}]}, 400, "messages[0].content[0]"),
+])
+def test_bad_requests_are_4xx_json_naming_the_field(server, body, status, param):
+    got, _, answer = server.post("/v1/chat/completions", body)
+    assert got == status, answer
+    assert set(answer["error"]) == {"message", "type", "param", "code"}
+    assert answer["error"]["param"] == param and answer["error"]["message"].startswith(param), answer
+
+
+def test_local_images_only_inside_the_allowed_folder(server, images, pipe):
+    inner = images / "inner"
+    Image.open(PHOTO).resize((84, 56)).save(inner / "ok.png")
+    (inner / "escape.png").symlink_to(images / "photo.png")  # a link out of the folder
+    ok = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ok.png"}},
+                                                    {"type": "text", "text": "?"}]}], "max_tokens": NEW}
+    status, _, body = server.post("/v1/chat/completions", ok)
+    want = pipe.chat([{"role": "user", "content": [{"type": "image", "image": inner / "ok.png"},
+                                                   {"type": "text", "text": "?"}]}], max_new_tokens=NEW)
+    assert status == 200 and body["choices"][0]["message"]["content"] == want
+    ok["messages"][0]["content"][0]["image_url"]["url"] = "escape.png"
+    status, _, body = server.post("/v1/chat/completions", ok)
+    assert status == 400 and "must lie inside" in body["error"]["message"]
+
+
+def test_transport_errors(server):
+    status, _, body = server.post("/v1/chat/completions", None, raw=b"{not json")
+    assert status == 400 and "not JSON" in body["error"]["message"]
+    status, _, body = server.post("/v1/chat/completions", None, raw=b" " * (2 << 20))  # 2 MiB over the 1 MiB limit
+    assert status == 413 and "--max-body-mb" in body["error"]["message"]
+    status, _, body = server.get("/v1/nothing")
+    assert status == 404 and body["error"]["message"] == "no route /v1/nothing"
+    status, _, body = server.get("/v1/chat/completions")
+    assert status == 405
+
+
+def test_api_key(server, client):
+    for key in (None, "wrong", KEY + "x"):
+        status, _, body = server.get("/v1/models", key=key)
+        assert status == 401 and body["error"]["code"] == "invalid_api_key"
+        status, _, body = server.post("/chat", {"messages": _messages(0)}, key=key)
+        assert status == 401
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert server.get("/health", key=None)[0] == 200
+
+
+def test_a_full_queue_is_429_with_retry_after(server):
+    """4 rows and 6 places in the queue: of 16 requests at once some are refused with 429 and Retry-After,
+    every other one is answered; none is lost."""
+    answers = [None] * 16
+
+    def ask(i):
+        answers[i] = server.post("/v1/chat/completions", {"messages": _messages(i), "max_tokens": 40})
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(a[0] for a in answers)
+    assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 4, codes
+    assert all(a[1].get("Retry-After") == "1" and a[2]["error"]["code"] == "queue_full" for a in answers if a[0] == 429)
+
+
+def test_a_client_that_leaves_mid_stream_frees_its_row(server, client):
+    """A stream dropped after its first chunk: its row is free again at once (health shows no busy row)."""
+    stream = client.chat.completions.create(model="points-e2e", messages=_messages(9), max_tokens=2000, stream=True)
+    next(iter(stream))
+    stream.close()
+    deadline = time.time() + 10
+    while time.time() < deadline and server.get("/health", key=None)[2]["busy_rows"]:
+        time.sleep(0.05)
+    assert server.get("/health", key=None)[2]["busy_rows"] == 0
+
+
+def test_sigterm_finishes_running_requests_then_exits_0(e2e_dir):
+    served = Served(e2e_dir, "--grace-seconds", "30")
+    answer = {}
+
+    def ask():
+        answer["got"] = served.post("/v1/chat/completions", {"messages": _messages(4), "max_tokens": 60}, key=None)
+
+    t = threading.Thread(target=ask)
+    t.start()
+    deadline = time.time() + 30
+    while time.time() < deadline and not served.get("/health", key=None)[2]["busy_rows"]:
+        time.sleep(0.01)
+    assert served.stop() == 0
+    t.join()
+    assert answer["got"][0] == 200 and answer["got"][2]["choices"][0]["message"]["content"] is not None
+    assert "points serve: stopped" in "".join(served.lines) and "Traceback" not in "".join(served.lines)
+
+
+def test_binds_loopback_by_default_and_needs_no_key_without_one(e2e_dir):
+    served = Served(e2e_dir)
+    try:
+        assert served.url.startswith("http://127.0.0.1:")
+        assert served.get("/v1/models", key=None)[0] == 200
+    finally:
+        assert served.stop() == 0
