@@ -294,10 +294,80 @@ def test_sigterm_finishes_running_requests_then_exits_0(e2e_dir):
     assert "points serve: stopped" in "".join(served.lines) and "Traceback" not in "".join(served.lines)
 
 
-def test_binds_loopback_by_default_and_needs_no_key_without_one(e2e_dir):
-    served = Served(e2e_dir)
+def test_loopback_by_default_no_key_and_remote_images_when_allowed(e2e_dir, images, pipe, tmp_path):
+    """Without --host the server binds 127.0.0.1, without --api-key it needs none; with --allow-remote-images
+    it fetches http(s) images, bounded in size (413) and time (400 naming the field)."""
+    import http.server
+
+    Image.open(PHOTO).resize((70, 42)).save(tmp_path / "web.png")
+    (tmp_path / "big.bin").write_bytes(os.urandom(200_000))
+
+    class Files(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **k):
+            super().__init__(*a, directory=str(tmp_path), **k)
+
+        def log_message(self, *a):
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    silent = socket.socket()  # accepts connections and never answers
+    silent.bind(("127.0.0.1", 0))
+    silent.listen()
+    served = Served(e2e_dir, "--allow-remote-images", "--max-image-mb", "0.1", "--remote-timeout", "1")
     try:
         assert served.url.startswith("http://127.0.0.1:")
         assert served.get("/v1/models", key=None)[0] == 200
+
+        def ask(url):
+            return served.post("/v1/chat/completions", {"max_tokens": NEW, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]}]}, key=None)
+
+        base = f"http://127.0.0.1:{web.server_address[1]}"
+        status, _, body = ask(base + "/web.png")
+        want = pipe.chat([{"role": "user", "content": [{"type": "image", "image": tmp_path / "web.png"},
+                                                       {"type": "text", "text": "?"}]}], max_new_tokens=NEW)
+        assert status == 200 and body["choices"][0]["message"]["content"] == want
+        status, _, body = ask(base + "/big.bin")
+        assert status == 413 and body["error"]["param"] == "messages[0].content[0].image_url.url"
+        status, _, body = ask(f"http://127.0.0.1:{silent.getsockname()[1]}/x.png")
+        assert status == 400 and "could not be fetched" in body["error"]["message"]
+    finally:
+        assert served.stop() == 0
+        web.shutdown()
+        silent.close()
+
+
+def test_two_ray_replicas_answer_alike(e2e_dir, pipe):
+    """--replicas 2 under Ray Serve (on the CPU here): concurrent requests spread over both replicas (their
+    /health answers come from two processes), every reply equal to Pipeline.chat alone; SIGTERM exits 0."""
+    pytest.importorskip("ray.serve")
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "points", "serve", "--model", str(e2e_dir), "--port", str(port),
+                             "--replicas", "2", "--max-batch", "2"], stderr=subprocess.PIPE, text=True)
+    served = Served.__new__(Served)
+    served.proc, served.lines, served.url = proc, [], f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    for line in proc.stderr:
+        served.lines.append(line)
+        if "replicas under Ray Serve" in line or time.time() > deadline:
+            break
+    threading.Thread(target=served._drain, daemon=True).start()
+    try:
+        assert any("replicas under Ray Serve" in line for line in served.lines), "".join(served.lines)
+        pids = {served.get("/health", key=None)[2]["pid"] for _ in range(30)}
+        assert len(pids) == 2
+        convs, got = [_messages(i) for i in range(6)], [None] * 6
+
+        def ask(i):
+            got[i] = served.post("/v1/chat/completions", {"messages": convs[i], "max_tokens": NEW}, key=None)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for (status, _, body), m in zip(got, convs):
+            assert status == 200 and body["choices"][0]["message"]["content"] == pipe.chat(_ours(m), max_new_tokens=NEW)
     finally:
         assert served.stop() == 0

@@ -230,7 +230,7 @@ class Server:
         from starlette.responses import JSONResponse
 
         return JSONResponse({"status": "ok", "model": self.name, "busy_rows": self.scheduler.busy,
-                             "waiting": len(self.scheduler.waiting)})
+                             "waiting": len(self.scheduler.waiting), "pid": os.getpid()})
 
     async def models(self, request):
         from starlette.responses import JSONResponse
@@ -474,6 +474,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-seconds", type=float, default=30.0,
                    help="SIGTERM: how long running requests may take to finish (default: %(default)s)")
     p.add_argument("--no-prefix-cache", action="store_true", help="prefill every request from scratch")
+    p.add_argument("--replicas", type=int, default=None,
+                   help="N model replicas under Ray Serve (one per GPU on CUDA; pip install 'points[ray]'), routed "
+                        "to the least loaded; default: one process, no Ray")
     return p
 
 
@@ -498,23 +501,75 @@ def main(argv=None) -> int:
         print(f"error: points serve needs the serving extra ({e.name} is missing): pip install 'points[serve]'",
               file=sys.stderr)
         return 2
-    import points
+    if args.replicas is not None:
+        if args.replicas < 1:
+            p.error(f"--replicas {args.replicas}: expected an integer >= 1")
+        return run_ray(args)
     from points.errors import CheckpointError
 
     try:
-        pipe = points.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                           quantize_lm_head=args.quantize_lm_head or None, compile=args.compile,
-                           prefix_cache=not args.no_prefix_cache, max_batch=args.max_batch)
+        server = build(vars(args))
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    pipe.scheduler.max_queue = args.max_queue
-    body = int(args.max_body_mb * MIB)
-    images = Images(int(args.max_image_mb * MIB) if args.max_image_mb else body, args.allow_remote_images,
-                    args.allow_local_images, args.remote_timeout)
-    name = args.served_model_name or Path(args.model).resolve().name
-    server = Server(pipe, name, api_key=args.api_key or None, max_body_bytes=body, images=images)
     return run(server, args.host, args.port, args.grace_seconds)
+
+
+def build(options: dict) -> Server:
+    """The pipeline and the app's state from `points serve`'s options (as a dict: it travels to Ray replicas)."""
+    import points
+
+    o = argparse.Namespace(**options)
+    pipe = points.load(o.model, device=o.device, dtype=o.dtype, quantize=o.quantize,
+                       quantize_lm_head=o.quantize_lm_head or None, compile=o.compile,
+                       prefix_cache=not o.no_prefix_cache, max_batch=o.max_batch)
+    pipe.scheduler.max_queue = o.max_queue
+    body = int(o.max_body_mb * MIB)
+    images = Images(int(o.max_image_mb * MIB) if o.max_image_mb else body, o.allow_remote_images,
+                    o.allow_local_images, o.remote_timeout)
+    name = o.served_model_name or Path(o.model).resolve().name
+    return Server(pipe, name, api_key=o.api_key or None, max_body_bytes=body, images=images)
+
+
+def run_ray(args) -> int:
+    """--replicas N: the same app in N Ray Serve replicas (each its own model and scheduler) behind Ray's
+    proxy, which routes each request to a replica with few requests in flight; SIGTERM shuts Serve down."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError:
+        print("error: --replicas needs Ray Serve: pip install 'points[ray]'", file=sys.stderr)
+        return 2
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    cuda = args.device.startswith("cuda")
+
+    def replica_app():  # runs on each replica
+        server = build(options)
+        server.scheduler.start()  # (whether or not the proxy runs the app's lifespan)
+        return server.app()
+
+    resources = {"num_gpus": 1} if cuda else {"num_cpus": 0}
+    deployment = serve.deployment(serve.ingress(replica_app)(type("PointsReplica", (), {})), name="points",
+                                  num_replicas=args.replicas, ray_actor_options=resources,
+                                  max_ongoing_requests=args.max_batch + args.max_queue)
+    ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(deployment.bind(), route_prefix="/")
+        name = args.served_model_name or Path(args.model).resolve().name
+        print(f"points serve: {name} on http://{args.host}:{args.port} ({args.replicas} replicas under Ray Serve, max "
+              f"batch {args.max_batch} each, key {'required' if args.api_key else 'not required'})", file=sys.stderr,
+              flush=True)
+        stop.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        serve.shutdown()
+        ray.shutdown()
+    print("points serve: stopped", file=sys.stderr, flush=True)
+    return 0
 
 
 def run(server: Server, host: str, port: int, grace: float) -> int:
