@@ -2,7 +2,6 @@
 `openai` client; replies equal `Pipeline.chat` of the same conversation alone."""
 
 import base64
-import io
 import json
 import os
 import re
