@@ -50,9 +50,18 @@ class Pipeline:
     def __init__(self, model: POINTSModel, tokenizer: Tokenizer, processor: ImageProcessor,
                  engine: Engine | None = None, prefix_cache: bool | PrefixCache = True, max_batch: int = 8):
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
-        self.engine = engine or Engine(model.decoder)
         prefix = prefix_cache if isinstance(prefix_cache, PrefixCache) else PrefixCache() if prefix_cache else None
-        self.scheduler = Scheduler(model, tokenizer, self.engine, max_batch=max_batch, prefix=prefix)
+        self.scheduler = Scheduler(model, tokenizer, engine or Engine(model.decoder), max_batch=max_batch,
+                                   prefix=prefix)
+
+    @property
+    def engine(self) -> Engine:
+        """How the decoder runs (eager or compiled); the scheduler's."""
+        return self.scheduler.engine
+
+    @engine.setter
+    def engine(self, engine: Engine) -> None:
+        self.scheduler.use_engine(engine)
 
     @property
     def prefix(self) -> PrefixCache | None:

@@ -193,9 +193,31 @@ def test_worker_thread_serves_waiting_iterators(pipe, alone):
     assert long.done and s._thread is None
 
 
+def test_worker_thread_survives_a_failed_step(pipe, alone, monkeypatch, capsys):
+    s = _scheduler(pipe, max_batch=2)
+    real, calls = s.engine.step, []
+
+    def fails_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise torch.OutOfMemoryError("no memory for the batch")
+        return real(*a, **k)
+
+    monkeypatch.setattr(s.engine, "step", fails_once)
+    s.start()
+    try:
+        hit = _submit(pipe, s, _conv(1), max_new_tokens=6)
+        with pytest.raises(torch.OutOfMemoryError):
+            hit.text()
+        assert _submit(pipe, s, _conv(2), max_new_tokens=6).text() == alone(_conv(2), max_new_tokens=6)
+    finally:
+        s.stop()
+    assert "a decode step failed (OutOfMemoryError" in capsys.readouterr().err
+
+
 def test_compiled_step_with_idle_rows_equals_eager(e2e_dir, alone):
-    """The compiled step always runs all max_batch rows (one graph per key block), idle rows masked: the
-    replies of staggered requests equal the eager ones alone."""
+    """The compiled step runs the busy rows rounded up to a power of two (1, 2, then 3 = max_batch rows here,
+    a free row in between ignored): the replies of staggered requests equal the eager ones alone."""
     pipe = points.load(e2e_dir, prefix_cache=False, max_batch=3)
     pipe.engine = Engine(pipe.model.decoder, compile=True, backend="eager", notice=None)
     s = _scheduler(pipe, max_batch=3)

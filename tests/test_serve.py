@@ -227,6 +227,11 @@ def test_local_images_only_inside_the_allowed_folder(server, images, pipe):
 def test_transport_errors(server):
     status, _, body = server.post("/v1/chat/completions", None, raw=b"{not json")
     assert status == 400 and "not JSON" in body["error"]["message"]
+    status, _, body = server.post("/v1/chat/completions", None, raw=b"[" * 100_000 + b"]" * 100_000)
+    assert status == 400 and "nested too deeply" in body["error"]["message"]
+    status, _, body = server.post("/v1/chat/completions", None, raw=b'{"messages": [{"role": "user", "content": "x"}], '
+                                                                  b'"temperature": NaN}')
+    assert status == 400 and body["error"]["param"] == "temperature"
     status, _, body = server.post("/v1/chat/completions", None, raw=b" " * (2 << 20))  # 2 MiB over the 1 MiB limit
     assert status == 413 and "--max-body-mb" in body["error"]["message"]
     status, _, body = server.get("/v1/nothing")

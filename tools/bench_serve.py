@@ -169,12 +169,13 @@ def main(argv=None) -> int:
         soak = {"clients": args.clients[0], "seconds": wall, "requests": len(got), "by_status": counts,
                 "rss_first_third_mb": statistics.mean(samples[:third]) / 2**20,
                 "rss_last_third_mb": statistics.mean(samples[-third:]) / 2**20, "rss_max_mb": max(samples) / 2**20,
-                "exit_code": code, "tokens_per_s": sum(r.get("tokens", 0) for r in got) / wall}
+                "exit_code": code, "tokens_per_s": sum(r.get("tokens", 0) for r in got) / wall,
+                "rss_mb_every_10_s": [round(x / 2**20) for x in samples[::10]]}
         result["soak"] = soak
         print(f"points serve soak, preset {args.preset}, {args.dtype} on {where}: {args.clients[0]} clients for "
               f"{wall:.0f} s: {len(got)} requests, by status {counts}; {soak['tokens_per_s']:.1f} tok/s; server RSS "
               f"{soak['rss_first_third_mb']:.0f} MB (first third) -> {soak['rss_last_third_mb']:.0f} MB (last third),"
-              f" max {soak['rss_max_mb']:.0f} MB; exit {code} after SIGTERM")
+              f" max {soak['rss_max_mb']:.0f} MB (every 10 s: {soak['rss_mb_every_10_s']}); exit {code} after SIGTERM")
     else:
         import points
 

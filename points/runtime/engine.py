@@ -100,8 +100,9 @@ class Engine:
                             "then it runs fast")
             self._announced = True
             torch.compiler.cudagraph_mark_step_begin()  # earlier steps' outputs may be overwritten
-            for t in pick.buffers() if pick is not None else ():
+            for t in (cache.k, cache.v, *(pick.buffers() if pick is not None else ())):
                 torch._dynamo.mark_static_address(t, guard=False)  # read and written in place by the graph
+                # (the scheduler hands in views of its cache's first rows: marked each call, never copied)
             with self._limit:  # (7 us a step)
                 return self._step(tokens, meta, pick)
         return self._step(tokens, meta, pick)

@@ -13,7 +13,8 @@ A queue of requests and a batch of at most `max_batch` rows over one KV cache. A
    the rest of the prompt is prefilled into its row alone, and its first token is chosen.
 3. One decode step for every row at once (each row at its own position; a free row in the middle feeds a
    dummy token at position 0 and its output is ignored): eager over rows [0, last busy row], compiled over
-   all `max_batch` rows (one row count, so one graph per key block).
+   that many rows rounded up to a power of two (at most `max_batch`): a few row counts, so a few graphs
+   per key block. Rows are always taken lowest first, so a lone request runs one row.
 Every row has its own settings (temperature, top-p/k, penalty, seed, stop strings, max tokens) in the
 per-row `Picker`; a row's tokens depend only on its own prompt and noise, so a greedy reply is the one the
 request gets alone (up to float summation order: equal in float32, tested) and a seeded one repeats.
@@ -26,6 +27,7 @@ of memory, an interrupt) fails the requests of that step and leaves the schedule
 from __future__ import annotations
 
 import queue
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -134,6 +136,13 @@ class Scheduler:
         self._stopping = False
         self._admitting: Request | None = None
 
+    def use_engine(self, engine: Engine) -> None:
+        """Run the steps on another engine (eager or compiled) from the next request on."""
+        with self._lock:
+            if self.busy:
+                raise RuntimeError("the scheduler's engine can only change while no request is generating")
+            self.engine, self.cache = engine, None
+
     # ------------------------------------------------------------------ submitting and waiting
 
     def submit(self, prompt, ids: list[int], cfg: GenerationConfig,
@@ -206,7 +215,11 @@ class Scheduler:
                 while not self._stopping and not self.waiting and not self.busy:
                     self._work.wait()
             if not self._stopping:
-                self.step()
+                try:
+                    self.step()
+                except Exception as e:  # the step's requests have their error; the worker goes on
+                    print(f"points scheduler: a decode step failed ({type(e).__name__}: {e}); its requests "
+                          "ended with that error", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ one step
 
@@ -297,7 +310,9 @@ class Scheduler:
 
     def _decode(self) -> None:
         busy = [i for i, r in enumerate(self.rows) if r is not None]
-        n = self.max_batch if self.engine.compiled else busy[-1] + 1
+        n = busy[-1] + 1
+        if self.engine.compiled:  # a few row counts (powers of two), so a few graphs per key block
+            n = min(self.max_batch, 1 << (n - 1).bit_length())
         view = self.cache if n == self.max_batch else self.cache.view_rows(0, n)
         view.span = max(self.rows[i].pos for i in busy)
         idle = [i for i in range(n) if self.rows[i] is None]

@@ -287,6 +287,8 @@ class Server:
             body = json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ApiError(400, f"the body is not JSON ({e})") from None
+        except RecursionError:
+            raise ApiError(400, "the body is nested too deeply to be read") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")
         return body
