@@ -89,7 +89,7 @@ class Pipeline:
     def chat(self, messages: list[dict], *, stream: bool = False, **gen) -> str | Iterator[str]:
         """The reply to one conversation; with stream=True an iterator of text pieces."""
         request = self.submit(messages, **gen)
-        return iter(request) if stream else request.text()
+        return request.stream() if stream else request.text()
 
     def chat_batch(self, conversations: list[list[dict]], **gen) -> list[str]:
         """One reply per conversation, all queued at once and run together (at most max_batch rows at a time;

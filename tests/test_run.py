@@ -409,3 +409,46 @@ def test_sigterm_then_kill_9_then_resume(e2e_dir, pipe, tmp_path):
     assert done.returncode == 0, done.stderr
     assert _read(out) == [{"id": f"q{i}", "reply": pipe.chat(m, max_new_tokens=NEW)} for i, m in enumerate(messages)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many.jsonl", "out.jsonl"]
+
+
+def test_a_failed_step_runs_its_items_again(e2e_dir, pipe, tmp_path, monkeypatch):
+    """Out of memory in one decode step of the batch: its items run once more; every reply is there and equals
+    the item alone."""
+    from points.runtime.engine import Engine
+
+    real, calls = Engine.step, []
+
+    def fails_once(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("no memory for this batch")
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(Engine, "step", fails_once)
+    inp, out = _texts(tmp_path, n=4), tmp_path / "out.jsonl"
+    assert run.main(_text_args(e2e_dir, inp, out)) == 0
+    want = {r["id"]: pipe.chat(r["messages"], max_new_tokens=NEW) for r in map(json.loads, inp.read_text().splitlines())}
+    assert {r["id"]: r["reply"] for r in _read(out)} == want
+
+
+def test_items_carry_their_own_generation_fields(e2e_dir, pipe, tmp_path, capsys):
+    """A line's own max_new_tokens / temperature / seed / stop / repetition_penalty override the command's;
+    each reply equals Pipeline.chat with that item's settings; a bad field is named with its line before any
+    work."""
+    items = [("a", {"max_new_tokens": 2}), ("b", {}), ("c", {"temperature": 0.9, "top_k": 20, "seed": 4}),
+             ("d", {"repetition_penalty": 1.4, "max_new_tokens": 7}), ("e", {"stop": ["the"], "max_new_tokens": 9})]
+    messages = lambda i: [{"role": "user", "content": f"Item {i}: tell me more."}]  # noqa: E731
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps({"id": i, "messages": messages(i), **g}) + "\n" for i, g in items))
+    assert run.main(["--model", str(e2e_dir), "--input", str(inp), "--output", str(out), "--max-new-tokens", "5",
+                     "--batch-size", "2"]) == 0
+    got = {r["id"]: r["reply"] for r in _read(out)}
+    for i, g in items:
+        assert got[i] == pipe.chat(messages(i), **({"max_new_tokens": 5} | g)), i
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "z", "messages": messages("z")}) + "\n"
+                   + json.dumps({"id": "y", "messages": messages("y"), "top_p": 3}) + "\n")
+    assert run.main(["--model", str(e2e_dir), "--input", str(bad), "--output", str(tmp_path / "o2.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}, line 2: \"top_p\" = 3: expected a number in (0, 1]" in err
+    assert not (tmp_path / "o2.jsonl").exists()

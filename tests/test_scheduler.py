@@ -215,6 +215,33 @@ def test_worker_thread_survives_a_failed_step(pipe, alone, monkeypatch, capsys):
     assert "a decode step failed (OutOfMemoryError" in capsys.readouterr().err
 
 
+def test_a_failing_prefix_cache_and_cancels_from_callbacks_end_no_other_request(pipe, alone, monkeypatch, capsys):
+    """The prefix cache failing to keep a finished row (memory) ends that request normally; a callback that
+    cancels another request, or its own, in the middle of a step leaves the rest of the batch running."""
+    s = _scheduler(pipe, max_batch=3, prefix=PrefixCache())
+    monkeypatch.setattr(s.prefix, "put", lambda *a: (_ for _ in ()).throw(torch.OutOfMemoryError("no room")))
+    first = _submit(pipe, s, _conv(1), max_new_tokens=5)
+    assert first.text() == alone(_conv(1), max_new_tokens=5) and first.finish_reason in ("stop", "length")
+    assert "could not keep a finished request (OutOfMemoryError" in capsys.readouterr().err
+    victim = _submit(pipe, s, _conv(2), max_new_tokens=40)
+    cfg = GenerationConfig(max_new_tokens=40)
+    prompt, ids = prepare(pipe.tokenizer, pipe.processor, _conv(3), cfg, pipe.model.decoder.cfg.max_seq_len)
+    killer = s.submit(prompt, ids, cfg, on_event=lambda r, e: (victim.cancel(), r.cancel()))
+    survivor = _submit(pipe, s, _conv(4), max_new_tokens=6)
+    while s.step():
+        pass
+    assert victim.finish_reason == "cancelled" and killer.finish_reason == "cancelled"
+    assert survivor.reply == alone(_conv(4), max_new_tokens=6)
+
+
+def test_an_unstarted_stream_that_is_dropped_is_cancelled(pipe):
+    s = pipe.scheduler
+    stream = pipe.chat(_conv(5), stream=True, max_new_tokens=50)
+    request = stream.request
+    del stream
+    assert request.finish_reason == "cancelled" and not s.waiting
+
+
 def test_compiled_step_with_idle_rows_equals_eager(e2e_dir, alone):
     """The compiled step runs the busy rows rounded up to a power of two (1, 2, then 3 = max_batch rows here,
     a free row in between ignored): the replies of staggered requests equal the eager ones alone."""

@@ -72,6 +72,32 @@ class Served:
         return self.proc.wait(timeout=60)
 
 
+def _oversized(server, chunked: bool):
+    """A body over the 1 MiB limit: announced by Content-Length (only its first KiB sent: the answer must come
+    from the header alone), or chunked without a length (1 MiB + 64 KiB sent)."""
+    import http.client
+
+    host, port = server.url.removeprefix("http://").split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=60)
+    c.putrequest("POST", "/v1/chat/completions")
+    c.putheader("Authorization", f"Bearer {KEY}")
+    c.putheader("Content-Type", "application/json")
+    if chunked:
+        c.putheader("Transfer-Encoding", "chunked")
+        c.endheaders()
+        for _ in range(17):
+            c.send(b"10000\r\n" + b" " * 0x10000 + b"\r\n")
+        c.send(b"0\r\n\r\n")
+    else:
+        c.putheader("Content-Length", str(2 << 20))
+        c.endheaders()
+        c.send(b" " * 1024)
+    r = c.getresponse()
+    answer = r.status, json.loads(r.read())
+    c.close()
+    return answer
+
+
 def _answer(request):
     try:
         with urllib.request.urlopen(request, timeout=60) as r:
@@ -90,7 +116,7 @@ def images(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(e2e_dir, images):
-    s = Served(e2e_dir, "--api-key", KEY, "--max-batch", "4", "--max-queue", "6", "--max-body-mb", "1",
+    s = Served(e2e_dir, "--api-key", KEY, "--max-batch", "4", "--max-queue", "8", "--max-body-mb", "1",
                "--allow-local-images", str(images / "inner"), "--served-model-name", "points-e2e")
     yield s
     assert s.stop() == 0
@@ -148,7 +174,7 @@ def test_stream_concatenates_to_the_reply(client, pipe, images):
 
 
 def test_concurrent_clients_each_get_their_alone_reply(client, pipe, images):
-    """Eight clients at once on four rows (the rest queue): each reply is the conversation's own."""
+    """Eight clients at once on four rows (the rest queue, 8 places): each reply is the conversation's own."""
     convs = [_messages(i, images / "photo.png" if i % 3 == 0 else None) for i in range(8)]
     got = [None] * 8
 
@@ -187,6 +213,13 @@ def test_official_chat_route(server, pipe):
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 10**400}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 1e-40}, 400, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "top_k": 10**20}, 400, "top_k"),
+    ({"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 10**400}, 400, "repetition_penalty"),
+    ({"messages": [{"role": "user", "content": "x"}], "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ({"messages": [{"role": "user", "content": "\ud800"}]}, 400, "messages[0].content"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, 400, "messages[0].content[0].text"),
     ({"messages": [{"role": "user", "content": "x"}], "model": "gpt-9"}, 404, "model"),
     ({"messages": [{"role": "assistant", "content": "x"}]}, 400, "messages"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**6}, 400, "messages"),
@@ -232,8 +265,9 @@ def test_transport_errors(server):
     status, _, body = server.post("/v1/chat/completions", None, raw=b'{"messages": [{"role": "user", "content": "x"}], '
                                                                   b'"temperature": NaN}')
     assert status == 400 and body["error"]["param"] == "temperature"
-    status, _, body = server.post("/v1/chat/completions", None, raw=b" " * (2 << 20))  # 2 MiB over the 1 MiB limit
-    assert status == 413 and "--max-body-mb" in body["error"]["message"]
+    for chunked in (False, True):  # refused from Content-Length before the body is read; counted while reading
+        status, body = _oversized(server, chunked)
+        assert status == 413 and "--max-body-mb" in body["error"]["message"]
     status, _, body = server.get("/v1/nothing")
     assert status == 404 and body["error"]["message"] == "no route /v1/nothing"
     status, _, body = server.get("/v1/chat/completions")
@@ -252,14 +286,14 @@ def test_api_key(server, client):
 
 
 def test_a_full_queue_is_429_with_retry_after(server):
-    """4 rows and 6 places in the queue: of 16 requests at once some are refused with 429 and Retry-After,
+    """4 rows and 8 places in the queue: of 24 requests at once some are refused with 429 and Retry-After,
     every other one is answered; none is lost."""
-    answers = [None] * 16
+    answers = [None] * 24
 
     def ask(i):
-        answers[i] = server.post("/v1/chat/completions", {"messages": _messages(i), "max_tokens": 40})
+        answers[i] = server.post("/v1/chat/completions", {"messages": _messages(i), "max_tokens": 200})
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(16)]
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(24)]
     for t in threads:
         t.start()
     for t in threads:

@@ -30,6 +30,19 @@ class GenerationError(ValueError):
         return f"--{self.field.replace('_', '-')} {self.value}: expected {self.want}"
 
 
+TEMPERATURE_MIN = 1e-5  # below it logits / temperature overflow float32: 0 (greedy) or at least this
+
+
+def _finite(x) -> bool:
+    """A real int or float that float32 arithmetic can hold (no bool, nan, inf, or a 400-digit integer)."""
+    if not isinstance(x, (int, float)) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x) and abs(x) < 1e30
+    except OverflowError:
+        return False
+
+
 SEED_MAX = 2**64 - 1  # what torch.Generator.manual_seed takes (negative seeds would alias positive ones)
 
 
@@ -53,14 +66,14 @@ class GenerationConfig:
         object.__setattr__(self, "stop", tuple(self.stop or ()))
         if not isinstance(self.max_new_tokens, int) or isinstance(self.max_new_tokens, bool) or self.max_new_tokens < 1:
             bad("max_new_tokens", "an integer >= 1")
-        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
-            bad("temperature", "a number >= 0 (0 = greedy)")
+        if not _finite(self.temperature) or not (self.temperature == 0 or TEMPERATURE_MIN <= self.temperature):
+            bad("temperature", f"0 (greedy) or a finite number >= {TEMPERATURE_MIN}")
         if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
             bad("top_p", "a number in (0, 1]")
-        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or self.top_k < 0:
-            bad("top_k", "an integer >= 0 (0 = off)")
-        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
-            bad("repetition_penalty", "a number > 0 (1 = off)")
+        if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 0 <= self.top_k <= 2**31 - 1:
+            bad("top_k", "an integer from 0 (off) to 2**31 - 1")
+        if not _finite(self.repetition_penalty) or not self.repetition_penalty > 0:
+            bad("repetition_penalty", "a finite number > 0 (1 = off)")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
                                       or not 0 <= self.seed <= SEED_MAX):
             bad("seed", f"an integer from 0 to 2**64 - 1 ({SEED_MAX}), or None")

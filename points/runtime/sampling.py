@@ -80,7 +80,9 @@ class Picker:
     def _flags(self) -> None:
         """What the rows need, from the host copies: constants of the compiled step (a change recompiles)."""
         self.sampling = any(r[0] > 0 for r in self.rules)
-        self.k_max = max((r[1] for r in self.rules if r[0] > 0), default=0)
+        k_max = max((r[1] for r in self.rules if r[0] > 0), default=0)
+        # rounded up to a power of two (rows with a smaller k gather their own): few distinct compiled graphs
+        self.k_max = 0 if k_max == 0 else min(1 << (k_max - 1).bit_length(), self.vocab)
         self.p_any = any(r[0] > 0 and r[2] < 1 for r in self.rules)
         self.penalizing = any(r[3] != 1.0 for r in self.rules)
 

@@ -106,6 +106,34 @@ class Request:
     def text(self) -> str:
         return "".join(self)
 
+    def stream(self) -> "Stream":
+        """The pieces as an iterator that cancels the request when closed or dropped, even unstarted."""
+        return Stream(self)
+
+
+class Stream:
+    """An iterator over a request's pieces; `close()` (or being garbage-collected) cancels the request."""
+
+    def __init__(self, request: Request):
+        self.request, self._pieces = request, iter(request)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+        if not self.request.done:
+            self.request.cancel()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
 
 @dataclass
 class _Row:
@@ -135,6 +163,7 @@ class Scheduler:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._admitting: Request | None = None
+        self._in_step = False
 
     def use_engine(self, engine: Engine) -> None:
         """Run the steps on another engine (eager or compiled) from the next request on."""
@@ -165,7 +194,7 @@ class Scheduler:
     def _cancelled(self) -> None:
         """A request was cancelled: the worker frees its row at its next step; without a worker it is freed
         now (no step may come)."""
-        if self._thread is not None:
+        if self._thread is not None or self._in_step:  # (inside a step: freed at the next one)
             return self._wake()
         with self._lock, torch.inference_mode():
             self._free_finished()
@@ -227,6 +256,7 @@ class Scheduler:
         """Free finished rows, admit waiting requests into free rows, run one decode step. Returns whether
         any request is left (waiting or generating)."""
         with self._lock, torch.inference_mode():  # (the step holds no yield: the mode never leaks)
+            self._in_step = True
             try:
                 self._free_finished()
                 self._admit()
@@ -235,6 +265,8 @@ class Scheduler:
             except BaseException as e:  # the batch's failure (memory, an interrupt): its requests end
                 self._fail_all(e)
                 raise
+            finally:
+                self._in_step = False
             return bool(self.waiting) or any(r is not None for r in self.rows)
 
     def _free_finished(self) -> None:
@@ -258,11 +290,11 @@ class Scheduler:
                 first = self._prefill(i, request)
             except Exception as e:  # this request's failure only (an image that fails to encode, memory)
                 self.rows[i] = None
+                self._admitting = None
                 request.error = e
                 self._end(request, "error")
                 continue
-            finally:
-                self._admitting = None
+            self._admitting = None
             self._push(i, first)
 
     def _prefill(self, i: int, request: Request) -> int:
@@ -324,8 +356,9 @@ class Scheduler:
         self.next_input[:n] = chosen
         chosen = chosen.tolist()
         for i in busy:
-            self.rows[i].pos += 1
-            self._push(i, chosen[i])
+            if self.rows[i] is not None:  # (an on_event callback may have ended another row meanwhile)
+                self.rows[i].pos += 1
+                self._push(i, chosen[i])
 
     def _push(self, i: int, token: int) -> None:
         """Token `token` chosen for row i: its text to the request; the row ends at a stop, a stop string,
@@ -341,11 +374,19 @@ class Scheduler:
 
     def _finish(self, i: int, reason: str) -> None:
         row = self.rows[i]
+        if row is None:
+            return
         self.rows[i] = None
-        if self.prefix is not None:  # what the row holds: the prompt, then every chosen token fed back
-            self.prefix.put((row.key + row.chosen)[:row.pos], self.cache.view_rows(i, i + 1))
-        row.request.completion_tokens = row.reply.tokens
-        self._end(row.request, reason)
+        self.pick.set_row(i)  # greedy again: a freed row asks for no noise and no sampling graph
+        try:
+            if self.prefix is not None:  # what the row holds: the prompt, then every chosen token fed back
+                self.prefix.put((row.key + row.chosen)[:row.pos], self.cache.view_rows(i, i + 1))
+        except Exception as e:  # the cache is an optimisation: its failure (memory) ends no request
+            print(f"points scheduler: the prefix cache could not keep a finished request ({type(e).__name__}: "
+                  f"{e})", file=sys.stderr, flush=True)
+        finally:
+            row.request.completion_tokens = row.reply.tokens
+            self._end(row.request, reason)
 
     def _end(self, request: Request, reason: str) -> None:
         request.finish_reason = reason

@@ -283,7 +283,10 @@ def process(pipe, items: list[Item], gen: dict, journal: Journal, progress: Prog
             if progress:
                 progress.update(len(failed))
         if live:
-            scheduler.step()
+            try:
+                scheduler.step()
+            except ITEM_ERRORS:  # a whole step failed (memory): its requests ended with step_failed, retried below
+                pass
         records, generated = [], 0
         for request in [r for r in live if r.done]:
             it = live.pop(request)

@@ -90,7 +90,7 @@ class Images:
         if self.local_dir is None:
             raise _bad(param, "local image paths are refused (start the server with --allow-local-images DIR); "
                               "send the image as a data:image/...;base64 URL")
-        path = Path(url.removeprefix("file://")).expanduser()
+        path = Path(url.removeprefix("file://"))
         path = (path if path.is_absolute() else self.local_dir / path).resolve()
         if not path.is_relative_to(self.local_dir):
             raise _bad(param, f"local images must lie inside {self.local_dir}")
@@ -106,10 +106,19 @@ class Images:
         import urllib.error
         import urllib.request
 
+        import http.client
+
+        deadline, data = time.monotonic() + self.timeout_s, bytearray()
         try:
             with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
-                data = response.read(self.max_bytes + 1)
-        except (urllib.error.URLError, OSError, ValueError) as e:
+                while len(data) <= self.max_bytes:  # the whole download within the time limit, not each read
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"not complete within {self.timeout_s:g} s")
+                    chunk = response.read(min(65536, self.max_bytes + 1 - len(data)))
+                    if not chunk:
+                        break
+                    data += chunk
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
             raise _bad(param, f"the image could not be fetched ({getattr(e, 'reason', e)})") from None
         if len(data) > self.max_bytes:
             raise ApiError(413, f"{param}: the image is over the limit of {self.max_bytes // MIB} MiB", param,
@@ -131,6 +140,8 @@ def messages_of(body: dict, images: Images) -> list[dict]:
             raise _bad(f"{where}.role", f"expected \"system\", \"user\" or \"assistant\", got {m.get('role')!r:.40}")
         content = m.get("content")
         if isinstance(content, str):
+            if not _text(content):
+                raise _bad(f"{where}.content", "expected Unicode text (a lone surrogate cannot be encoded)")
             out.append({"role": m["role"], "content": content})
             continue
         if not isinstance(content, list):
@@ -140,8 +151,8 @@ def messages_of(body: dict, images: Images) -> list[dict]:
             at = f"{where}.content[{j}]"
             kind = part.get("type") if isinstance(part, dict) else None
             if kind == "text":
-                if not isinstance(part.get("text"), str):
-                    raise _bad(f"{at}.text", "expected a string")
+                if not _text(part.get("text")):
+                    raise _bad(f"{at}.text", "expected a string of Unicode text")
                 parts.append({"type": "text", "text": part["text"]})
             elif kind == "image_url":
                 image_url = part.get("image_url")
@@ -152,6 +163,17 @@ def messages_of(body: dict, images: Images) -> list[dict]:
                                "\"image_url\": {\"url\"}}")
         out.append({"role": m["role"], "content": parts})
     return out
+
+
+def _text(s) -> bool:
+    """A string that is Unicode text (JSON lets a lone surrogate through; no tokenizer can encode it)."""
+    if not isinstance(s, str):
+        return False
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # OpenAI request field -> (Pipeline.chat keyword, check)
@@ -170,9 +192,8 @@ GEN_FIELDS = {"max_tokens": ("max_new_tokens", _integer, "an integer >= 1"),
               "top_k": ("top_k", _integer, "an integer >= 0"),
               "repetition_penalty": ("repetition_penalty", _number, "a number > 0"),
               "seed": ("seed", _integer, "an integer"),
-              "stop": ("stop", lambda v: isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str)
-                                                                                         for s in v)),
-                       "a string or a list of strings")}
+              "stop": ("stop", lambda v: (_text(v) and 0 < len(v) <= 256) or (isinstance(v, list) and len(v) <= 4 and all(
+                  _text(s) and 0 < len(s) <= 256 for s in v)), "a string or a list of at most 4 strings of 1-256 characters")}
 
 
 def generation_of(body: dict) -> dict:
@@ -258,7 +279,7 @@ class Server:
         text = await job.text(request)
         return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": self.name,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": job.request.finish_reason, "logprobs": None}],
+                                          "finish_reason": job.finish_reason(), "logprobs": None}],
                              "usage": job.usage()})
 
     async def official_chat(self, request):
@@ -285,8 +306,8 @@ class Server:
                 raise self._too_large()
         try:
             body = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the body is not JSON ({e})") from None
+        except ValueError as e:  # (JSONDecodeError, bad UTF-8, an integer of thousands of digits)
+            raise ApiError(400, f"the body is not JSON that can be read ({e})") from None
         except RecursionError:
             raise ApiError(400, "the body is nested too deeply to be read") from None
         if not isinstance(body, dict):
@@ -351,7 +372,7 @@ class Server:
                 yield "data: " + json.dumps(ApiError(500, f"generation failed: {job.request.error}",
                                                      type="server_error").body()) + "\n\n"
             else:
-                yield chunk({}, job.request.finish_reason)
+                yield chunk({}, job.finish_reason())
                 if usage_chunk:
                     yield ("data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
                                                   "model": self.name, "choices": [], "usage": job.usage()}) + "\n\n")
@@ -433,6 +454,10 @@ class _Job:
         if self.request.error is not None:
             raise ApiError(500, f"generation failed: {self.request.error}", type="server_error")
         return self.request.reply
+
+    def finish_reason(self) -> str:
+        """OpenAI's words: "stop" or "length" (a request cut short by the server's shutdown says "length")."""
+        return "stop" if self.request.finish_reason == "stop" else "length"
 
     def usage(self) -> dict:
         r = self.request
