@@ -152,7 +152,7 @@ def test_context_limit(pipe, convs):
 
 @pytest.mark.parametrize("gen, message", [
     ({"max_new_tokens": 0}, r"max_new_tokens = 0: expected an integer >= 1"),
-    ({"temperature": -1.0}, r"temperature = -1.0: expected a number >= 0"),
+    ({"temperature": -1.0}, r"temperature = -1.0: expected 0 \(greedy\) or a finite number >= 1e-05"),
     ({"top_p": 0.0}, r"top_p = 0.0: expected a number in \(0, 1\]"),
     ({"top_p": 1.5}, r"top_p = 1.5"),
     ({"top_k": -1}, r"top_k = -1"),

@@ -260,7 +260,7 @@ class Server:
                                                          "owned_by": "points"}]})
 
     async def completions(self, request):
-        from starlette.responses import JSONResponse, StreamingResponse
+        from starlette.responses import JSONResponse
 
         body = await self._body(request)
         if body.get("model") not in (None, self.name):
@@ -274,8 +274,8 @@ class Server:
         job = await self._submit(body)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if stream:
-            return StreamingResponse(self._events(job, ident, created, usage_chunk), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
+            return _CancellingStream(job, self._events(job, ident, created, usage_chunk),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         text = await job.text(request)
         return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": self.name,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
@@ -397,6 +397,23 @@ class Server:
         from starlette.responses import JSONResponse
 
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _CancellingStream(job, events, **kw):
+    """A StreamingResponse that cancels its request however the response ends: finished, or cut off by the
+    client's disconnect (Starlette cancels the sending task; the events generator may be left suspended at
+    a yield, so its own `finally` cannot be relied on to run promptly)."""
+    from starlette.responses import StreamingResponse
+
+    class Response(StreamingResponse):
+        async def __call__(self, scope, receive, send):
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                if not job.request.done:
+                    job.request.cancel()
+
+    return Response(events, **kw)
 
 
 class _Guard:
