@@ -20,6 +20,7 @@ from points.runtime.engine import Engine
 from points.runtime.generation import GenerationConfig, prepare
 from points.runtime.prefix import PrefixCache
 from points.runtime.scheduler import Scheduler
+from points.runtime.scoring import Score, score_batch
 
 
 @dataclass
@@ -105,6 +106,16 @@ class Pipeline:
             for r in requests:
                 if not r.done:
                     r.cancel()
+
+
+    def score(self, messages: list[dict], reply, end: bool = True) -> Score:
+        """The log-probability of `reply` (a string, or a list of ids) after `messages`, token by token
+        (points.runtime.scoring); end=True also scores the closing <|im_end|>."""
+        return self.score_batch([(messages, reply)], end=end)[0]
+
+    def score_batch(self, pairs: list, end: bool = True) -> list[Score]:
+        """One Score per (messages, reply) pair, from one padded forward."""
+        return score_batch(self.model, self.tokenizer, self.processor, pairs, end=end, attn=self.engine.attn)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

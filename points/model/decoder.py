@@ -106,7 +106,8 @@ class Decoder(nn.Module):
         tokens [B, T] (or embeds [B, T, H], e.g. with image features spliced in).
         meta: where these tokens sit and where their K/V go, from `cache.reserve(T)`; without it the
             sequence starts at position 0, nothing is kept and SDPA attends.
-        last [B]: return only the logits at index last[b] of each row -> [B, vocab]; default [B, T, vocab].
+        last [B]: return only the logits at index last[b] of each row -> [B, vocab]; [B, K]: at K indices per
+            row -> [B, K, vocab]; default [B, T, vocab].
         """
         x = self.embed(tokens) if embeds is None else embeds
         B, T, _ = x.shape
@@ -118,5 +119,6 @@ class Decoder(nn.Module):
         for layer in self.layers:
             x = layer(x, rope, meta)
         if last is not None:
-            x = x[torch.arange(B, device=x.device), last]  # [B, H]
+            rows = torch.arange(B, device=x.device)
+            x = x[rows if last.dim() == 1 else rows[:, None], last]  # [B, H] or [B, K, H]
         return self.lm_head(self.norm(x)).float()

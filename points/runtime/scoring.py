@@ -1,0 +1,88 @@
+"""Scoring: the log-probability of a given reply after a conversation, token by token, in float32.
+
+    score = pipe.score(messages, "A cat on a mat.")      # .tokens, .logprobs, .logprob, .perplexity
+
+The context is the prompt `chat(messages)` builds; the reply is a string (tokenized as the model would have
+produced it: plain text, special-token strings read as characters) or a list of ids taken as they are;
+`end=True` also scores the `<|im_end|>` that closes the turn (not added when the ids end with it). Several
+(messages, reply) pairs run as one right-padded forward, their images packed into one vision call; only
+the reply positions go through lm_head, and log_softmax runs on float32 logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from points.io.chat import build_prompt
+from points.runtime.vision import image_features
+
+
+@dataclass(frozen=True)
+class Score:
+    tokens: list[int]  # the scored ids (the reply's, and <|im_end|> with end=True)
+    logprobs: list[float]  # log p(token | everything before it), one per token, float32 arithmetic
+    logprob: float  # their sum
+
+    @property
+    def perplexity(self) -> float:
+        """exp(-mean log-probability)."""
+        return math.exp(-self.logprob / len(self.tokens))
+
+
+def reply_ids(tokenizer, reply, end: bool, vocab: int, name: str = "reply") -> list[int]:
+    """The reply as the ids to score (see the module's docstring); ValueError naming `name` otherwise."""
+    if isinstance(reply, str):
+        ids = tokenizer.encode(reply)
+    elif isinstance(reply, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in reply):
+        ids = list(reply)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary (0 to {vocab - 1})")
+    else:
+        raise ValueError(f"{name}: expected a string or a list of token ids, got {type(reply).__name__}")
+    if end and (not ids or ids[-1] != tokenizer.im_end_id):
+        ids.append(tokenizer.im_end_id)
+    if not ids:
+        raise ValueError(f"{name}: nothing to score (an empty reply with end=False)")
+    return ids
+
+
+@torch.inference_mode()
+def score_batch(model, tokenizer, processor, pairs: list, *, end: bool = True, attn: str = "auto") -> list[Score]:
+    """(messages, reply) pairs -> one Score each, from one padded forward."""
+    if not isinstance(pairs, list) or not pairs:
+        raise ValueError("score_batch: expected a non-empty list of (messages, reply) pairs")
+    rows, prompts = [], []
+    limit = model.decoder.cfg.max_seq_len
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"pairs[{i}]: expected (messages, reply)")
+        prompt = build_prompt(pair[0], processor)
+        context = prompt.token_ids(tokenizer)
+        reply = reply_ids(tokenizer, pair[1], end, model.decoder.cfg.vocab_size, f"pairs[{i}] reply")
+        if len(context) + len(reply) > limit:
+            raise ValueError(f"pairs[{i}]: {len(context)} prompt + {len(reply)} reply tokens exceed the context of "
+                             f"{limit} tokens")
+        rows.append((context, reply))
+        prompts.append(prompt)
+    device = model.decoder.embed.weight.device
+    longest = max(len(c) + len(r) for c, r in rows)
+    padded = torch.full((len(rows), longest), tokenizer.eos_id, dtype=torch.long)
+    most = max(len(r) for _, r in rows)
+    where = torch.zeros(len(rows), most, dtype=torch.long)  # the position whose logits predict each reply token
+    for b, (context, reply) in enumerate(rows):
+        padded[b, :len(context) + len(reply)] = torch.tensor(context + reply)
+        where[b, :len(reply)] = torch.arange(len(context) - 1, len(context) + len(reply) - 1)
+    with_images = [p for p in prompts if p.pixel_values is not None]
+    features = None if not with_images else image_features(
+        model, torch.cat([p.pixel_values for p in with_images]), torch.cat([p.grid_thw for p in with_images]), attn)
+    logits = model.decoder(embeds=model.embed(padded.to(device), features), last=where.to(device))  # [B, K, V] fp32
+    logp = torch.log_softmax(logits, dim=-1)
+    out = []
+    for b, (_, reply) in enumerate(rows):
+        values = logp[b, :len(reply)].gather(1, torch.tensor(reply, device=device)[:, None])[:, 0].tolist()
+        out.append(Score(list(reply), values, float(sum(values))))
+    return out
