@@ -176,39 +176,34 @@ def _text(s) -> bool:
     return True
 
 
-# OpenAI request field -> (Pipeline.chat keyword, check)
-def _number(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _integer(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-GEN_FIELDS = {"max_tokens": ("max_new_tokens", _integer, "an integer >= 1"),
-              "max_completion_tokens": ("max_new_tokens", _integer, "an integer >= 1"),
-              "temperature": ("temperature", _number, "a number >= 0"),
-              "top_p": ("top_p", _number, "a number in (0, 1]"),
-              "top_k": ("top_k", _integer, "an integer >= 0"),
-              "repetition_penalty": ("repetition_penalty", _number, "a number > 0"),
-              "seed": ("seed", _integer, "an integer"),
-              "stop": ("stop", lambda v: (_text(v) and 0 < len(v) <= 256) or (isinstance(v, list) and len(v) <= 4 and all(
-                  _text(s) and 0 < len(s) <= 256 for s in v)), "a string or a list of at most 4 strings of 1-256 characters")}
+# OpenAI request field -> Pipeline.chat keyword (the values are checked by GenerationConfig)
+GEN_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
+              "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty", "seed": "seed",
+              "stop": "stop"}
+STOP_LIMIT = (4, 256)  # stop strings per request, characters each (OpenAI's bound: each is scanned every token)
 
 
 def generation_of(body: dict) -> dict:
-    """The request's generation fields -> `Pipeline.chat` keywords (absent or null fields keep the defaults:
-    greedy, as the model card)."""
-    gen = {}
-    for name, (keyword, ok, want) in GEN_FIELDS.items():
-        value = body.get(name)
-        if value is None:
-            continue
-        if not ok(value):
-            raise _bad(name, f"expected {want}, got {value!r:.40}")
-        gen[keyword] = value
+    """The request's generation fields -> `Pipeline.chat` keywords, checked before any image is read (absent or
+    null fields keep the defaults: greedy, as the model card); a bad one is named by its field in the request."""
+    from points.runtime.generation import GenerationConfig, GenerationError
+
+    gen, named = {}, {}
+    for name, keyword in GEN_FIELDS.items():
+        if body.get(name) is not None:
+            gen[keyword], named[keyword] = body[name], name
     if body.get("n") not in (None, 1):
         raise _bad("n", "only n = 1 is supported")
+    stop = gen.get("stop")
+    stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else None
+    if stop is not None and (stops is None or not 0 < len(stops) <= STOP_LIMIT[0]
+                             or not all(_text(x) and 0 < len(x) <= STOP_LIMIT[1] for x in stops)):
+        raise _bad("stop", f"expected a string or a list of at most {STOP_LIMIT[0]} strings of 1-{STOP_LIMIT[1]} "
+                           f"characters, got {stop!r:.40}")
+    try:  # (max_new_tokens, when absent, is set from the prompt's length later: any valid value checks the rest)
+        GenerationConfig.from_kwargs(**({"max_new_tokens": 1} | gen))
+    except GenerationError as e:
+        raise _bad(named.get(e.field, e.field), f"expected {e.want}, got {e.value!r:.40}") from None
     return gen
 
 
@@ -322,7 +317,6 @@ class Server:
         """Check the request and queue it (the images are decoded off the event loop)."""
         from starlette.concurrency import run_in_threadpool
 
-        from points.runtime.generation import GenerationError
         from points.runtime.scheduler import QueueFull
 
         gen = generation_of(body)
@@ -344,9 +338,6 @@ class Server:
 
         try:
             job.request = await run_in_threadpool(prepare)
-        except GenerationError as e:
-            field = {"max_new_tokens": "max_tokens"}.get(e.field, e.field)
-            raise _bad(field, f"expected {e.want}, got {e.value!r:.40}") from None
         except QueueFull as e:
             raise ApiError(429, f"the server is busy ({e}); retry shortly", type="rate_limit_error",
                            code="queue_full", headers={"Retry-After": "1"}) from None
