@@ -34,7 +34,7 @@ import points
 from points.io.checkpoint import DTYPES
 from points.runtime.generation import GenerationConfig, Reply, prepare
 from points.runtime.sampling import Picker
-from points.runtime.vision import image_features
+from points.runtime.vision import padded_embeds
 from points.tooling import run as runner
 from points.tooling.measure import machine, matmul_rate
 from points.tooling.synthetic import SHAPES, checkpoint_in
@@ -74,15 +74,8 @@ def fixed_batches(pipe, its: list[runner.Item], batch_size: int) -> tuple[dict, 
     for start in range(0, len(prepared), batch_size):
         batch = prepared[start:start + batch_size]
         lengths = [p[1] for p in batch]
-        padded = torch.full((len(batch), max(lengths)), tok.eos_id, dtype=torch.long)
-        for i, p in enumerate(batch):
-            padded[i, :p[1]] = torch.tensor(p[5])
         with torch.inference_mode():
-            with_images = [p[4] for p in batch if p[4].pixel_values is not None]
-            features = None if not with_images else image_features(
-                model, torch.cat([p.pixel_values for p in with_images]), torch.cat([p.grid_thw for p in with_images]),
-                engine.attn)
-            embeds = model.embed(padded, features)
+            embeds = padded_embeds(model, [p[5] for p in batch], [p[4] for p in batch], tok.eos_id, engine.attn)
         rows = [Reply(tok, ()) for _ in batch]
         most = max(p[3].max_new_tokens for p in batch)
         for step, chosen in enumerate(engine.generate(Picker(len(batch), model.decoder.cfg.vocab_size, engine.device),

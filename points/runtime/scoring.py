@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from points.io.chat import build_prompt
-from points.runtime.vision import image_features
+from points.runtime.vision import padded_embeds
 
 
 @dataclass(frozen=True)
@@ -69,17 +69,11 @@ def score_batch(model, tokenizer, processor, pairs: list, *, end: bool = True, a
         rows.append((context, reply))
         prompts.append(prompt)
     device = model.decoder.embed.weight.device
-    longest = max(len(c) + len(r) for c, r in rows)
-    padded = torch.full((len(rows), longest), tokenizer.eos_id, dtype=torch.long)
-    most = max(len(r) for _, r in rows)
-    where = torch.zeros(len(rows), most, dtype=torch.long)  # the position whose logits predict each reply token
+    where = torch.zeros(len(rows), max(len(r) for _, r in rows), dtype=torch.long)  # the positions predicting the reply
     for b, (context, reply) in enumerate(rows):
-        padded[b, :len(context) + len(reply)] = torch.tensor(context + reply)
         where[b, :len(reply)] = torch.arange(len(context) - 1, len(context) + len(reply) - 1)
-    with_images = [p for p in prompts if p.pixel_values is not None]
-    features = None if not with_images else image_features(
-        model, torch.cat([p.pixel_values for p in with_images]), torch.cat([p.grid_thw for p in with_images]), attn)
-    logits = model.decoder(embeds=model.embed(padded.to(device), features), last=where.to(device))  # [B, K, V] fp32
+    embeds = padded_embeds(model, [c + r for c, r in rows], prompts, tokenizer.eos_id, attn)
+    logits = model.decoder(embeds=embeds, last=where.to(device))  # [B, K, V] float32
     logp = torch.log_softmax(logits, dim=-1)
     out = []
     for b, (_, reply) in enumerate(rows):

@@ -42,6 +42,18 @@ def image_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, at
     return model.image_features(pixel_values, grid_thw, kernel)
 
 
+def padded_embeds(model, rows: list[list[int]], prompts: list, pad_id: int, attn: str = "auto") -> torch.Tensor:
+    """Token rows right-padded with `pad_id` (never attended) -> embeddings [B, T, hidden], every image of every
+    prompt (points.io.chat.Prompt: pixel_values, grid_thw) encoded in one packed call and spliced in."""
+    padded = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
+    for b, row in enumerate(rows):
+        padded[b, :len(row)] = torch.tensor(row)
+    with_images = [p for p in prompts if p.pixel_values is not None]
+    features = None if not with_images else image_features(
+        model, torch.cat([p.pixel_values for p in with_images]), torch.cat([p.grid_thw for p in with_images]), attn)
+    return model.embed(padded.to(model.decoder.embed.weight.device), features)
+
+
 class VisionRunner:
     def __init__(self, model, *, attn: str = "auto", buckets: tuple[int, ...] = BUCKETS, max_segments: int = 16,
                  graphs: bool | None = None):
