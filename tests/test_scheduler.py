@@ -215,6 +215,44 @@ def test_worker_thread_survives_a_failed_step(pipe, alone, monkeypatch, capsys):
     assert "a decode step failed (OutOfMemoryError" in capsys.readouterr().err
 
 
+def test_cancels_from_another_thread_during_admission_never_take_a_decode_step(pipe, alone, monkeypatch):
+    """A client that goes away while its request is being popped from the queue or prefilled (the server's
+    case: the first chunk is sent before the request has a row): it leaves in that same step, no row is
+    decoded for it, and `load()` counts it as busy or waiting at every moment until it has ended."""
+    s = _scheduler(pipe, max_batch=2)
+    early = _submit(pipe, s, _conv(1), max_new_tokens=30)  # cancelled after its pop, before its prefill
+    late = _submit(pipe, s, _conv(2), max_new_tokens=30)  # cancelled during its prefill
+    other = _submit(pipe, s, _conv(3), max_new_tokens=6)
+    real, seen = s._prefill, []
+
+    def prefill(i, request):
+        seen.append((request, s.load()))
+        if request is late:
+            late.cancel()
+        return real(i, request)
+
+    class Queue(list):
+        def pop(self, *a):
+            r = list.pop(self, *a)
+            if r is early:
+                early.cancel()
+            return r
+
+    s.waiting = Queue(s.waiting)
+    monkeypatch.setattr(s, "_prefill", prefill)
+    decoded = []
+    monkeypatch.setattr(s, "_decode", lambda real_decode=s._decode: (decoded.append(
+        [r.request for r in s.rows if r is not None]), real_decode())[1])
+    s.step()
+    assert early.finish_reason == "cancelled" and early.completion_tokens == 0
+    assert late.finish_reason == "cancelled" and late.completion_tokens <= 1
+    assert [r for r, _ in seen] == [late, other] and seen[0][1] == (1, 1)  # late prefilling, other waiting
+    assert decoded == [[other]]
+    while s.step():
+        pass
+    assert other.reply == alone(_conv(3), max_new_tokens=6) and s.load() == (0, 0)
+
+
 def test_a_failing_prefix_cache_and_cancels_from_callbacks_end_no_other_request(pipe, alone, monkeypatch, capsys):
     """The prefix cache failing to keep a finished row (memory) ends that request normally; a callback that
     cancels another request, or its own, in the middle of a step leaves the rest of the batch running."""

@@ -303,18 +303,29 @@ def test_a_full_queue_is_429_with_retry_after(server):
     assert all(a[1].get("Retry-After") == "1" and a[2]["error"]["code"] == "queue_full" for a in answers if a[0] == 429)
 
 
-def test_a_client_that_leaves_mid_stream_frees_its_row(server, client):
-    """A stream dropped after its first chunk: its row is free again at once (health shows no busy row)."""
-    deadline = time.time() + 60  # (earlier tests' requests finish first)
-    while time.time() < deadline and server.get("/health", key=None)[2]["busy_rows"]:
+def _idle_within(server, seconds: float) -> bool:
+    """Whether the server has no request prefilling, generating or waiting within `seconds`."""
+    deadline = time.time() + seconds
+    while True:
+        health = server.get("/health", key=None)[2]
+        if health["busy_rows"] == 0 and health["waiting"] == 0:
+            return True
+        if time.time() > deadline:
+            return False
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("after", ["role", "content"])
+def test_a_client_that_leaves_mid_stream_frees_its_row(server, client, after):
+    """A stream dropped after its first chunk (sent before the request has a row) or after its first piece of
+    text: the request leaves the server at once, wherever it was (queued, being prefilled, generating)."""
+    assert _idle_within(server, 60)  # (earlier tests' requests finish first)
     stream = client.chat.completions.create(model="points-e2e", messages=_messages(9), max_tokens=2000, stream=True)
-    next(iter(stream))
+    chunks = iter(stream)
+    while not (chunk := next(chunks)).choices[0].delta.content and after == "content":
+        pass
     stream.close()
-    deadline = time.time() + 10
-    while time.time() < deadline and server.get("/health", key=None)[2]["busy_rows"]:
-        time.sleep(0.05)
-    assert server.get("/health", key=None)[2]["busy_rows"] == 0
+    assert _idle_within(server, 10)
 
 
 def test_sigterm_finishes_running_requests_then_exits_0(e2e_dir):

@@ -191,6 +191,12 @@ class Scheduler:
         """Rows generating now."""
         return sum(r is not None for r in self.rows)
 
+    def load(self) -> tuple[int, int]:
+        """(requests being prefilled or generating, requests waiting), read together: a request moving from
+        the queue into a row is counted in one of the two, never in neither."""
+        with self._work:
+            return self.busy + (self._admitting is not None), len(self.waiting)
+
     def _cancelled(self) -> None:
         """A request was cancelled: the worker frees its row at its next step; without a worker it is freed
         now (no step may come)."""
@@ -260,6 +266,7 @@ class Scheduler:
             try:
                 self._free_finished()
                 self._admit()
+                self._free_finished()  # (one cancelled while it was being prefilled leaves before any decode)
                 if any(r is not None for r in self.rows):
                     self._decode()
             except BaseException as e:  # the batch's failure (memory, an interrupt): its requests end
@@ -283,9 +290,12 @@ class Scheduler:
             with self._work:
                 if not self.waiting:
                     return
-                request = self.waiting.pop(0)
+                request = self._admitting = self.waiting.pop(0)
+            if request.cancelled:  # (cancelled since this step freed the others)
+                self._admitting = None
+                self._end(request, "cancelled")
+                continue
             i = self.rows.index(None)
-            self._admitting = request
             try:
                 first = self._prefill(i, request)
             except Exception as e:  # this request's failure only (an image that fails to encode, memory)

@@ -245,8 +245,9 @@ class Server:
     async def health(self, request):
         from starlette.responses import JSONResponse
 
-        return JSONResponse({"status": "ok", "model": self.name, "busy_rows": self.scheduler.busy,
-                             "waiting": len(self.scheduler.waiting), "pid": os.getpid()})
+        busy, waiting = self.scheduler.load()
+        return JSONResponse({"status": "ok", "model": self.name, "busy_rows": busy, "waiting": waiting,
+                             "pid": os.getpid()})
 
     async def models(self, request):
         from starlette.responses import JSONResponse
