@@ -322,7 +322,7 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server, client, after):
     assert _idle_within(server, 60)  # (earlier tests' requests finish first)
     stream = client.chat.completions.create(model="points-e2e", messages=_messages(9), max_tokens=2000, stream=True)
     chunks = iter(stream)
-    while not (chunk := next(chunks)).choices[0].delta.content and after == "content":
+    while not next(chunks).choices[0].delta.content and after == "content":
         pass
     stream.close()
     assert _idle_within(server, 10)
