@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from points.tooling import run
+from points.tooling import jobs, run
 
 PHOTO = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 NEW = 5
@@ -57,7 +57,7 @@ def dataset(tmp_path_factory):
 
 
 def _absolute(messages, folder):
-    return run._absolute_images(json.loads(json.dumps(messages)), folder)
+    return jobs._absolute_images(json.loads(json.dumps(messages)), folder)
 
 
 def _expected(pipe, dataset):

@@ -66,7 +66,7 @@ def fixed_batches(pipe, its: list[runner.Item], batch_size: int) -> tuple[dict, 
     tok, model, engine = pipe.tokenizer, pipe.model, pipe.engine
     prepared = []
     for it in its:
-        cfg = GenerationConfig(**it.gen)
+        cfg = GenerationConfig(**it.fields)
         prompt, ids = prepare(tok, pipe.processor, it.messages, cfg, model.decoder.cfg.max_seq_len)
         prepared.append((0 if prompt.grid_thw is None else len(prompt.grid_thw), len(ids), it, cfg, prompt, ids))
     prepared.sort(key=lambda p: (p[0], p[1], p[2].index))
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
         pipe.prefix = None
         pipe.chat(its[0].messages, max_new_tokens=4)
         t0 = time.perf_counter()
-        single = [pipe.chat(it.messages, **it.gen) for it in its]
+        single = [pipe.chat(it.messages, **it.fields) for it in its]
         t_loop = time.perf_counter() - t0
         t0 = time.perf_counter()
         fixed, fixed_tokens = fixed_batches(pipe, its, args.batch_size)

@@ -1,0 +1,328 @@
+"""What `points run` and `points score` share: a JSONL dataset in, one result line per id out, journaled as
+each item finishes, resumable, one run per output at a time, split across torchrun's processes.
+
+    items = read_items(args.input, fields=("reply",))     # checked line by line before any work
+    return drive(Job("points score", args, items, key, results=("tokens", "logprob", "perplexity"), work=...))
+
+The rules (exit codes, the journal and its settings file, the lock, the ranks' shares) are written once in
+`points run --help` (points/tooling/run.py's docstring) and hold for every command built on `drive`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from points.errors import CheckpointError, WriteError
+from points.io.atomic import Terminated, sigterm_raises, write_text_atomically
+from points.io.outputs import OutputError, OutputLock, check_output
+from points.io.processor import is_url
+from points.io.progress import Progress
+
+
+class RunError(ValueError):
+    """A problem with the run's input or files, named in the message (exit code 2)."""
+
+
+@dataclass
+class Item:
+    index: int  # position in the input
+    id: str
+    messages: list
+    line: int
+    fields: dict = field(default_factory=dict)  # the line's other fields the command reads (`read_items(fields=)`)
+    text: str = ""  # the input line as it was
+
+
+def _absolute_images(messages, folder: Path):
+    """Image paths relative to the input file's folder -> absolute (other values are left for the prompt
+    builder to check and report)."""
+    for m in messages:
+        content = m.get("content") if isinstance(m, dict) else None
+        for item in content if isinstance(content, list) else ():
+            if (isinstance(item, dict) and item.get("type") == "image" and isinstance(item.get("image"), str)
+                    and not is_url(item["image"])):  # a URL is left whole, for the processor to refuse
+                path = Path(item["image"]).expanduser()
+                item["image"] = str(path if path.is_absolute() else folder / path)
+    return messages
+
+
+def read_items(path: Path, fields: tuple[str, ...] = ()) -> list[Item]:
+    """Every line of the input checked (JSON, a non-empty string "id" used once, a non-empty list
+    "messages"); the `fields` a line carries are kept in its Item. Image paths are made absolute."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RunError(f"--input {path}: cannot read ({e})") from None
+    items, seen = [], {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RunError(f"{where}: not JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise RunError(f"{where}: expected an object {{\"id\": ..., \"messages\": [...]}}, got {type(obj).__name__}")
+        if not isinstance(obj.get("id"), str) or not obj["id"]:
+            raise RunError(f"{where}: \"id\" must be a non-empty string, got {obj.get('id')!r:.60}")
+        if not isinstance(obj.get("messages"), list) or not obj["messages"]:
+            raise RunError(f"{where}: \"messages\" must be a non-empty list (as for Pipeline.chat)")
+        if obj["id"] in seen:
+            raise RunError(f"{where}: id {obj['id']!r} already used on line {seen[obj['id']]}")
+        seen[obj["id"]] = n
+        kept = {k: obj[k] for k in fields if k in obj}
+        items.append(Item(len(items), obj["id"], _absolute_images(obj["messages"], path.parent), n, kept, line))
+    if not items:
+        raise RunError(f"--input {path}: no items (expected one JSON object per line)")
+    return items
+
+
+# ----------------------------------------------------------------------------------------------- journal
+
+
+def journals(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f"{out.name}.journal.*"), key=lambda p: p.name)
+
+
+def _meta_path(out: Path) -> Path:
+    return out.with_name(out.name + ".journal-run.json")
+
+
+def read_records(path: Path, results: tuple[str, ...]) -> list[dict]:
+    """The complete lines of a journal (or of OUT) that are records (an "id" and one of the `results` keys,
+    or "error"): a last line without its newline (cut by a kill) and other lines are ignored."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in data.split(b"\n")[:-1]:  # the piece after the last newline is incomplete (or empty)
+        try:
+            r = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(r, dict) and isinstance(r.get("id"), str) and any(k in r for k in (*results, "error")):
+            records.append(r)
+    return records
+
+
+class Journal:
+    """This rank's append-only journal: one JSON line per finished item, durable when `append` returns. A
+    failed append (a full disk) is cut off again, so the journal only ever holds whole records."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            data = path.read_bytes()
+            keep = data.rfind(b"\n") + 1
+            if keep != len(data):  # drop a last line cut short by a kill before appending after it
+                os.ftruncate(self.fd, keep)
+        except OSError as e:
+            raise WriteError(path, e) from None
+
+    def append(self, records: list[dict]) -> None:
+        data = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
+        size = os.fstat(self.fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self.fd, view):]
+            os.fsync(self.fd)
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError:
+                pass  # a cut last line is dropped by the next run anyway
+            raise WriteError(self.path, e, "; it keeps the items finished before, and the same command resumes "
+                                           "from them once there is room") from None
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def check_meta(out: Path, key: dict, rank: int, results: tuple[str, ...]) -> None:
+    """Refuse journals written under another key; rank 0 records the key (a record with no results beside
+    it, left by a run that failed before its first result, is replaced)."""
+    meta = _meta_path(out)
+    if meta.exists():
+        try:
+            old = json.loads(meta.read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old == key:
+            return
+        if any(read_records(path, results) for path in journals(out)):
+            differ = sorted(k for k in key if not isinstance(old, dict) or old.get(k) != key[k])
+            files = ", ".join(p.name for p in [meta] + journals(out))
+            raise RunError(f"{out}: its journal ({files}) was written by a run with other "
+                           f"{', '.join(differ) or 'settings'}; run with the same settings to resume, or delete "
+                           "those files to start over")
+    if rank == 0:
+        write_text_atomically(meta, json.dumps(key) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+
+
+class Dist:
+    """torch.distributed when torchrun started us (WORLD_SIZE > 1), else a single process."""
+
+    def __init__(self, device_arg: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = device_arg
+        self.group = False
+        if self.world > 1:
+            import torch.distributed as dist
+
+            cuda = device_arg.startswith("cuda")
+            if cuda:
+                self.device = f"cuda:{self.local_rank}"
+                torch.cuda.set_device(self.local_rank)
+            dist.init_process_group("nccl" if cuda else "gloo")
+            self.group = True
+
+    def barrier(self) -> None:
+        if self.group:
+            import torch.distributed as dist
+
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+
+# what an item can raise (an unreadable image, a prompt over the context; memory for its row)
+ITEM_ERRORS = (ValueError, OSError, torch.OutOfMemoryError)
+
+
+def item_error(it: Item, e: Exception) -> dict:
+    """The error record of an item, its message starting with the item's id."""
+    name = f"item {it.id!r}: "
+    return {"id": it.id, "error": str(e) if str(e).startswith(name) else name + str(e)}
+
+
+def finish(out: Path, items: list[Item], results: tuple[str, ...],
+           before: Callable[[list[dict]], None] | None = None) -> int:
+    """Rank 0, after every rank is done: OUT in input order from the journals, atomically (after
+    `before(records)`, given them in input order, has written what it writes); then the journals go.
+    Returns the number of ids without a record (0 unless something went wrong)."""
+    found = {}
+    for path in journals(out):
+        for r in read_records(path, results):
+            found.setdefault(r["id"], r)
+    missing = [it.id for it in items if it.id not in found]
+    if missing:
+        return len(missing)
+    records = [{k: found[it.id][k] for k in ("id", *results, "error") if k in found[it.id]} for it in items]
+    kept = ", ".join(p.name for p in journals(out))
+    try:
+        if before is not None:
+            before(records)
+        write_text_atomically(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    except WriteError as e:
+        raise WriteError(e.path, e, f"; every result is kept in {kept}: the same command writes it once there "
+                                    "is room") from None
+    for path in journals(out) + [_meta_path(out)]:
+        path.unlink(missing_ok=True)
+    return 0
+
+
+@dataclass
+class Job:
+    """One command over a dataset: what `drive` needs to know of it."""
+
+    name: str  # "points run"
+    args: object  # the parsed arguments: .input, .output, .model, .device
+    read: Callable[[], list[Item]]  # the items, every line checked (raises RunError)
+    key: Callable[[list[Item]], dict]  # what the records depend on (the journal's settings file)
+    work: Callable[[list[Item], "Dist", Journal, Progress], None]  # this rank's share into the journal
+    results: tuple[str, ...]  # the keys of a result record besides "id" ("error" is always one)
+    outputs: tuple[tuple[str, Path], ...] = ()  # other files written at the end, checked first: (flag, path)
+    before: Callable[[list[Item], list[dict]], None] | None = None  # writes them, before OUT (rank 0)
+
+
+def drive(job: Job) -> int:
+    """Check everything, take the lock, read the journals, run this rank's share of what is left, and (rank
+    0) write the outputs; the exit code (see points/tooling/run.py's docstring)."""
+    args, out, dist, lock = job.args, job.args.output, None, None
+    from points.io.config import read_config
+    from points.pipeline import resolve_device
+
+    try:
+        with sigterm_raises():
+            # everything that can be checked is checked before any file is written
+            items = job.read()
+            check_output(out, source=args.input)
+            for flag, path in job.outputs:
+                check_output(path, source=args.input, flag=flag)
+                if path.resolve() == Path(out).resolve():
+                    raise OutputError(f"{flag} {path}: is also --output; choose another path")
+            read_config(args.model)
+            resolve_device(args.device)  # a device this machine has
+            dist = Dist(args.device)
+            if dist.rank == 0:
+                lock = OutputLock(out).acquire()
+            dist.barrier()  # the lock is held before any rank reads or writes the journals
+            check_meta(out, job.key(items), dist.rank, job.results)
+            done = {r["id"] for path in journals(out) for r in read_records(path, job.results)}
+            dist.barrier()  # every rank has read the journals before any rank appends to its own
+            remaining = [it for it in items if it.id not in done]
+            share = remaining[dist.rank::dist.world]
+            label = f"{job.name} (rank {dist.rank} of {dist.world})" if dist.world > 1 else job.name
+            if share:
+                journal = Journal(out.with_name(f"{out.name}.journal.{dist.rank}"))
+                enabled = {"auto": None, "on": True, "off": False}[args.progress]
+                progress = Progress(label, len(share), unit="items", enabled=enabled)
+                try:
+                    job.work(share, dist, journal, progress)
+                finally:
+                    journal.close()
+                    progress.close()
+            dist.barrier()
+            if dist.rank == 0:
+                before = None if job.before is None else (lambda records: job.before(items, records))
+                missing = finish(out, items, job.results, before)
+                if missing:
+                    print(f"{job.name}: {missing} item(s) have no result in the journals of {out}; run again to "
+                          f"finish them", file=sys.stderr)
+                    return 1
+                errors = sum("error" in r for r in read_records(out, job.results))
+                print(f"{job.name}: {len(items)} items -> {out} ({len(items) - len(remaining)} from an earlier "
+                      f"run, {errors} with an error)", file=sys.stderr)
+            return 0
+    except KeyboardInterrupt:
+        print(f"\n{job.name}: interrupted; finished items are kept in {out}.journal.*; the same command "
+              f"resumes", file=sys.stderr)
+        return 130
+    except Terminated:
+        print(f"{job.name}: terminated (SIGTERM); finished items are kept in {out}.journal.*; the same command "
+              f"resumes", file=sys.stderr)
+        return 143
+    except (RunError, CheckpointError, OutputError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if lock is not None:
+            lock.release()
+        if dist is not None:
+            dist.close()
