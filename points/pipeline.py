@@ -111,7 +111,8 @@ class Pipeline:
     def score(self, messages: list[dict], reply, end: bool = True) -> Score:
         """The log-probability of `reply` (a string, or a list of ids) after `messages`, token by token
         (points.runtime.scoring); end=True also scores the closing <|im_end|>."""
-        return self.score_batch([(messages, reply)], end=end)[0]
+        return score_batch(self.model, self.tokenizer, self.processor, [(messages, reply)], end=end,
+                           attn=self.engine.attn, alone=True)[0]
 
     def score_batch(self, pairs: list, end: bool = True) -> list[Score]:
         """One Score per (messages, reply) pair, from one padded forward."""

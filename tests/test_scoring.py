@@ -74,11 +74,13 @@ def test_score_batch_rows_equal_each_alone(pipe):
 def test_end_is_not_added_twice_and_bad_replies_are_named(pipe):
     end = pipe.tokenizer.im_end_id
     assert pipe.score(TEXT, [5, end]).tokens == [5, end]
-    with pytest.raises(ValueError, match=r"pairs\[0\] reply: token id -1 is outside the vocabulary"):
+    with pytest.raises(ValueError, match=r"^reply: token id -1 is outside the vocabulary"):
         pipe.score(TEXT, [-1])
-    with pytest.raises(ValueError, match=r"pairs\[0\] reply: expected a string or a list of token ids"):
+    with pytest.raises(ValueError, match=r"^reply: expected a string or a list of token ids"):
         pipe.score(TEXT, 3.5)
     with pytest.raises(ValueError, match="nothing to score"):
         pipe.score(TEXT, "", end=False)
+    with pytest.raises(ValueError, match=r"^pairs\[1\] reply: token id 1000000 is outside"):
+        pipe.score_batch([(TEXT, "fine"), (TEXT, [1_000_000])])
     with pytest.raises(ValueError, match="score_batch: expected a non-empty list"):
         pipe.score_batch([])

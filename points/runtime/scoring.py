@@ -29,7 +29,10 @@ class Score:
     @property
     def perplexity(self) -> float:
         """exp(-mean log-probability)."""
-        return math.exp(-self.logprob / len(self.tokens))
+        try:
+            return math.exp(-self.logprob / len(self.tokens))
+        except OverflowError:  # (a mean log-probability below -709)
+            return math.inf
 
 
 def reply_ids(tokenizer, reply, end: bool, vocab: int, name: str = "reply") -> list[int]:
@@ -51,21 +54,24 @@ def reply_ids(tokenizer, reply, end: bool, vocab: int, name: str = "reply") -> l
 
 
 @torch.inference_mode()
-def score_batch(model, tokenizer, processor, pairs: list, *, end: bool = True, attn: str = "auto") -> list[Score]:
-    """(messages, reply) pairs -> one Score each, from one padded forward."""
+def score_batch(model, tokenizer, processor, pairs: list, *, end: bool = True, attn: str = "auto",
+                alone: bool = False) -> list[Score]:
+    """(messages, reply) pairs -> one Score each, from one padded forward. A bad pair is named `pairs[i]` in
+    the error (`alone=True`, for a single pair: by its field alone, "reply: ...")."""
     if not isinstance(pairs, list) or not pairs:
         raise ValueError("score_batch: expected a non-empty list of (messages, reply) pairs")
     rows, prompts = [], []
     limit = model.decoder.cfg.max_seq_len
     for i, pair in enumerate(pairs):
+        where = "" if alone else f"pairs[{i}] "
         if not isinstance(pair, (tuple, list)) or len(pair) != 2:
             raise ValueError(f"pairs[{i}]: expected (messages, reply)")
         prompt = build_prompt(pair[0], processor)
         context = prompt.token_ids(tokenizer)
-        reply = reply_ids(tokenizer, pair[1], end, model.decoder.cfg.vocab_size, f"pairs[{i}] reply")
+        reply = reply_ids(tokenizer, pair[1], end, model.decoder.cfg.vocab_size, f"{where}reply")
         if len(context) + len(reply) > limit:
-            raise ValueError(f"pairs[{i}]: {len(context)} prompt + {len(reply)} reply tokens exceed the context of "
-                             f"{limit} tokens")
+            raise ValueError(f"{where}messages + reply: {len(context)} prompt + {len(reply)} reply tokens exceed "
+                             f"the context of {limit} tokens")
         rows.append((context, reply))
         prompts.append(prompt)
     device = model.decoder.embed.weight.device

@@ -1,15 +1,15 @@
-"""The `points` command (also `python -m points`): chat, convert, demo, bench, run, serve (`points COMMAND --help`)."""
+"""The `points` command (also `python -m points`): chat and the commands of COMMANDS (`points COMMAND --help`)."""
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import signal
 import sys
 import time
 
 from points.io.atomic import Terminated
-from points.tooling import convert, run
 from points.tooling.options import (add_generation_options, add_weight_options, check_weight_options,
                                     generation_kwargs, image_error)
 
@@ -162,6 +162,18 @@ HELP = ("/image PATH adds an image to your next message, /reset forgets the conv
         "/help shows this, /quit leaves.")
 
 
+
+# the commands with their own parser: name -> (module under points.tooling, the line `points --help` shows)
+COMMANDS = {
+    "convert": ("convert", "convert a checkpoint into this project's layout (atomic)"),
+    "demo": ("demo", "the whole pipeline offline on a generated checkpoint (random weights)"),
+    "bench": ("bench", "benchmark against transformers on the same random weights"),
+    "run": ("run", "a checkpoint over a JSONL dataset: batched, resumable, torchrun-aware"),
+    "score": ("score", "each JSONL line's reply scored (log-probability, perplexity); keep the most likely"),
+    "serve": ("serve", "an OpenAI-compatible HTTP server (continuous batching; needs points[serve])"),
+}
+
+
 def main(argv=None) -> int:
     from points import __version__
 
@@ -179,28 +191,13 @@ def main(argv=None) -> int:
     c.add_argument("--no-prefix-cache", action="store_true",
                    help="prefill every turn from scratch (default: reuse the earlier turns' KV cache)")
     c.add_argument("--verbose", action="store_true", help="after each reply: time to its first piece, tokens reused")
-    for name, text in (("convert", "convert a checkpoint into this project's layout (atomic)"),
-                       ("demo", "the whole pipeline offline on a generated checkpoint (random weights)"),
-                       ("bench", "benchmark against transformers on the same random weights"),
-                       ("run", "a checkpoint over a JSONL dataset: batched, resumable, torchrun-aware"),
-                       ("serve", "an OpenAI-compatible HTTP server (continuous batching; needs points[serve])")):
+    for name, (_, text) in COMMANDS.items():
         sub.add_parser(name, help=text, add_help=False)  # listed here; their own parsers read their arguments
     argv = sys.argv[1:] if argv is None else list(argv)
     name = argv[0] if argv else "points"
     try:
-        if argv and argv[0] in ("convert", "demo", "bench", "run", "serve"):
-            if argv[0] == "run":
-                return run.main(argv[1:])
-            if argv[0] == "serve":
-                from points.tooling import serve
-                return serve.main(argv[1:])
-            if argv[0] == "convert":
-                return convert.main(argv[1:])
-            if argv[0] == "demo":
-                from points.tooling import demo
-                return demo.main(argv[1:])
-            from points.tooling import bench
-            return bench.main(argv[1:])
+        if argv and argv[0] in COMMANDS:
+            return importlib.import_module(f"points.tooling.{COMMANDS[argv[0]][0]}").main(argv[1:])
         args = p.parse_args(argv)
         check_weight_options(c, args)
         return _chat(args)
