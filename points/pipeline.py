@@ -18,6 +18,7 @@ from points.model.vlm import POINTSModel
 from points.runtime.attention import use_triton
 from points.runtime.engine import Engine
 from points.runtime.generation import GenerationConfig, prepare
+from points.runtime.look import Look, look
 from points.runtime.prefix import PrefixCache
 from points.runtime.scheduler import Scheduler
 from points.runtime.scoring import Score, score_batch
@@ -117,6 +118,11 @@ class Pipeline:
     def score_batch(self, pairs: list, end: bool = True) -> list[Score]:
         """One Score per (messages, reply) pair, from one padded forward."""
         return score_batch(self.model, self.tokenizer, self.processor, pairs, end=end, attn=self.engine.attn)
+
+    def look(self, messages: list[dict], reply=None, **record) -> Look:
+        """One forward with its hidden states and chosen attention probabilities recorded
+        (points.runtime.look: layers=, heads=, vision_layers=, vision_heads=, hidden=)."""
+        return look(self.model, self.tokenizer, self.processor, messages, reply, **record)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

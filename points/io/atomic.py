@@ -10,19 +10,25 @@ On any failure the sibling is removed, SIGTERM included (while the block runs, S
 left by processes that no longer exist (SIGKILL, a power cut) are removed when the next one starts, for any
 destination in the same folder. `save_tensors` writes a safetensors file with the mode the process umask
 gives new files (safetensors' own writer leaves 0600) and turns a failed write (a full disk) into a
-`WriteError` naming the file. `write_text_atomically` replaces a file whole or not at all.
+`WriteError` naming the file; `stream_tensors` writes one piece by piece, never holding it whole.
+`write_text_atomically` replaces a file whole or not at all.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import os
 import re
 import shutil
 import signal
+import struct
 import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
+
+import torch
 
 from points.errors import WriteError
 
@@ -163,6 +169,40 @@ def by_size(named: Iterable[tuple[str, object]], max_bytes: int) -> Iterator[dic
         shard[name], size = t, size + n
     if shard:
         yield shard
+
+
+# the safetensors names of the dtypes the stream writer writes
+SAFETENSORS_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                     torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def stream_tensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], pieces: Iterable[torch.Tensor],
+                   metadata: dict[str, str] | None = None) -> None:
+    """A safetensors file written as its tensors are made, so that only the piece at hand is in memory: the
+    header from `specs` (name, dtype, shape; the tensors in that order), then `pieces` (each a tensor of its
+    tensor's dtype: its rows, in order, covering every tensor of `specs` exactly). A failed write, or pieces
+    that do not add up, raise (WriteError / ValueError) and leave a file the caller discards."""
+    header, offset = {}, 0
+    for name, dtype, shape in specs:
+        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    written = 0
+    with writing(path), open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        for piece in pieces:
+            data = piece.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+            f.write(data)
+            written += data.nbytes
+        if written != offset:
+            raise ValueError(f"stream_tensors: {written} bytes given for {path}, {offset} announced by the header")
+        f.flush()
+        os.fsync(f.fileno())
+    os.chmod(path, file_mode())
 
 
 def write_text_atomically(path: Path, text: str) -> None:

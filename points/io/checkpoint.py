@@ -127,12 +127,16 @@ class TensorFiles:
     def file_of(self, name: str) -> str:
         return self._file[name]
 
+    def metadata(self, file: str) -> dict[str, str] | None:
+        """The `__metadata__` of one of the files (e.g. {"format": "pt"})."""
+        return self._open[file].metadata()
+
     def release(self, file: str) -> None:
         """Let go of a file's handle (its map lives on only as long as a tensor views it)."""
         self._open.pop(file, None)
 
 
-def _forget_pages(t: torch.Tensor) -> None:
+def forget_pages(t: torch.Tensor) -> None:
     """`t` is a view of a file's memory map whose bytes have been copied and will not be read again: drop the
     map's pages that lie wholly inside it, so that they stop counting as this process's resident memory
     (the file is untouched; a later read would fault them in again). A no-op where madvise is unavailable."""
@@ -421,7 +425,7 @@ def _built(entries: list[Entry], files: TensorFiles, dtype: torch.dtype,
             e.layout.join(sources, out)
             for name, src in zip(e.sources, sources):
                 if name not in viewed:
-                    _forget_pages(src)
+                    forget_pages(src)
             del sources
             yield e, out
         for f, end in last.items():

@@ -8,6 +8,11 @@ or "triton" (`points.kernels`, imported only when asked for), chosen by whoever 
 (`points.runtime.attention` holds the measured rule); the modules hold no kernel choice of their own, and a
 model called without one runs SDPA.
 
+Recording: either one may carry a `record` (an `AttentionRecord`; `points.runtime.look` has the one users
+meet). The layers it `wants` then attend on the eager path, which computes the attention probabilities
+(scores and softmax in float32) and hands them to `record.keep`; every other layer, and every forward
+without a record, runs its kernel as before.
+
 SDPA, decoder: grouped-query attention without repeating K/V: the `rep` query heads that share one KV
 head are folded into the query-length axis, so each KV head meets one [rep * T, D] block of queries.
 Queries are processed in chunks (`AttentionMeta.query_chunk`) so that no mask larger than
@@ -19,7 +24,7 @@ kernel, GQA included).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +37,16 @@ def check_kernel(kernel: str) -> str:
     if kernel not in KERNELS:
         raise ValueError(f"attention kernel {kernel!r}: expected one of {KERNELS}")
     return kernel
+
+
+class AttentionRecord(Protocol):
+    """What a forward records of its attention: `part` is "decoder" or "vision", `layer` the block's index.
+    keep() gets decoder probabilities [B, Hq, T, S] (key slot s of the cache, s <= the query's position) and
+    vision ones [H, n, n] for each frame (`frame`: its index in the packing), float32."""
+
+    def wants(self, part: str, layer: int) -> bool: ...
+
+    def keep(self, part: str, layer: int, probs: torch.Tensor, frame: int = 0) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,7 @@ class AttentionMeta:
         nothing.
     kernel: "sdpa" or "triton" for a prefill (T > 1); one-token steps always run SDPA.
     query_chunk: queries per masked SDPA call.
+    record: an AttentionRecord, or None (the layers it wants run the eager path).
     """
 
     positions: torch.Tensor
@@ -55,6 +71,7 @@ class AttentionMeta:
     cache: Any = None
     kernel: str = "sdpa"
     query_chunk: int = QUERY_CHUNK
+    record: Any = None
 
     def __post_init__(self):
         check_kernel(self.kernel)
@@ -79,6 +96,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     """
     cache = meta.cache
     T = q.shape[1]
+    if meta.record is not None and meta.record.wants("decoder", layer):
+        if cache is None:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        else:
+            k, v = cache.write(layer, meta.positions, k, v, meta.kv_len)
+        y, probs = eager_causal(q.transpose(1, 2), k, v, meta.positions)
+        meta.record.keep("decoder", layer, probs)
+        return y.transpose(1, 2)
     if T > 1 and meta.kernel == "triton":
         if cache is not None:
             cache.write(layer, meta.positions, k, v, meta.kv_len)
@@ -122,6 +147,30 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
     return y.reshape(B, Hq, T, D)
 
 
+def eager_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor):
+    """The same attention as `sdpa_causal`, written out: q [B, Hq, T, D], k/v [B, Hkv, S, D] ->
+    (out [B, Hq, T, D], probabilities [B, Hq, T, S] float32). Scores and softmax in float32; the
+    probabilities meet V in V's dtype, as transformers' eager attention does."""
+    probs = _probs(q, k, torch.arange(k.shape[2], device=q.device) <= q_pos[:, None, :, None])
+    return _apply(probs, v), probs
+
+
+def _probs(q: torch.Tensor, k: torch.Tensor, visible: torch.Tensor | None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D)) in float32 over the visible keys; K/V heads shared by consecutive query heads."""
+    rep = q.shape[-3] // k.shape[-3]
+    k = k.repeat_interleave(rep, dim=-3) if rep > 1 else k
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if visible is not None:
+        scores = scores.masked_fill(~visible, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
+def _apply(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    rep = probs.shape[-3] // v.shape[-3]
+    v = v.repeat_interleave(rep, dim=-3) if rep > 1 else v
+    return torch.matmul(probs.to(v.dtype), v)
+
+
 def _triton_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMeta, layer: int):
     """Causal attention of a prefill on the Triton varlen kernel. With a cache (k/v already written into
     it) the kernel reads the cache in place, each row using its first position + T slots; GQA without
@@ -149,12 +198,14 @@ class Packing:
         made once per forward (`Packing.of`), not once per block.
     longest: an upper bound on every segment's length.
     kernel: "sdpa" (one call per frame; needs host bounds) or "triton" (one launch for all).
+    record: an AttentionRecord, or None (the blocks it wants run the eager path, frame by frame).
     """
 
     bounds: list[int] | None
     cu: torch.Tensor | None
     longest: int
     kernel: str = "sdpa"
+    record: Any = None
 
     def __post_init__(self):
         check_kernel(self.kernel)
@@ -171,13 +222,26 @@ class Packing:
         return Packing(list(bounds), cu, longest, kernel)
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing) -> torch.Tensor:
-    """Non-causal attention over packed sequences: q/k/v [L, H, D] -> [L, H, D].
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, packing: Packing,
+                     layer: int = 0) -> torch.Tensor:
+    """Non-causal attention over packed sequences: q/k/v [L, H, D] -> [L, H, D] (`layer`: the block's index,
+    for a record).
 
     Token i attends only to tokens of its own segment. Triton: one launch of the varlen flash kernel over
     every segment. SDPA: each segment on its own (empty ones skipped). Either way memory grows with the
     largest segment, never with L x L. Scale 1/sqrt(D).
     """
+    record = packing.record
+    if record is not None and record.wants("vision", layer):
+        if packing.bounds is None:
+            raise ValueError("Packing: recording attention needs host bounds")
+        out = torch.empty_like(q)
+        for frame, (start, end) in enumerate(zip(packing.bounds[:-1], packing.bounds[1:])):
+            seg = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # [H, n, D]
+            probs = _probs(seg[0], seg[1], None)
+            record.keep("vision", layer, probs, frame)
+            out[start:end] = _apply(probs, seg[2]).transpose(0, 1)
+        return out
     if packing.kernel == "triton":
         from points.kernels.flash_varlen import flash_attn_varlen
 

@@ -60,8 +60,9 @@ def frame_bounds(grid_thw: list[tuple[int, int, int]]) -> list[int]:
 
 
 class VisionAttention(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, layer: int = 0):
         super().__init__()
+        self.layer = layer  # which block (for a record of the attention: points.model.attention)
         self.head_dim = cfg.head_dim
         self.qkv = nn.Linear(cfg.embed_dim, 3 * cfg.embed_dim, bias=True)  # rows [q; k; v]
         self.proj = nn.Linear(cfg.embed_dim, cfg.embed_dim, bias=True)
@@ -69,7 +70,7 @@ class VisionAttention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], packing: Packing):
         q, k, v = rearrange(self.qkv(x), "l (qkv h d) -> qkv l h d", qkv=3, d=self.head_dim)  # [L, H, D] each
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        y = varlen_attention(q, k, v, packing)  # each frame attends to itself only
+        y = varlen_attention(q, k, v, packing, self.layer)  # each frame attends to itself only
         return self.proj(rearrange(y, "l h d -> l (h d)"))
 
 
@@ -85,10 +86,10 @@ class VisionMLP(nn.Module):
 
 
 class VisionBlock(nn.Module):
-    def __init__(self, cfg: VisionConfig):
+    def __init__(self, cfg: VisionConfig, layer: int = 0):
         super().__init__()
         self.norm1 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
-        self.attn = VisionAttention(cfg)
+        self.attn = VisionAttention(cfg, layer)
         self.norm2 = LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.mlp = VisionMLP(cfg)
 
@@ -102,7 +103,7 @@ class VisionEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.patch_embed = nn.Linear(cfg.patch_dim, cfg.embed_dim, bias=False)
-        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.depth))
+        self.blocks = nn.ModuleList(VisionBlock(cfg, i) for i in range(cfg.depth))
 
     def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor, kernel: str = "sdpa") -> torch.Tensor:
         """pixel_values [L, patch_dim] (any float dtype; cast to the encoder's), grid_thw [n, 3] -> [L, embed_dim].

@@ -67,6 +67,23 @@ def matmul_rate(n: int, k: int, m: int, dtype: torch.dtype, device: torch.device
     return 2 * n * k * m / best
 
 
+VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile",
+                "amx_bf16", "amx_int8")
+
+
+def cpu_flags() -> str:
+    """The vector units /proc/cpuinfo reports that decide which kernels win (space-separated, in VECTOR_FLAGS'
+    order; "" where it cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return " ".join(f for f in VECTOR_FLAGS if f in have)
+    except OSError:
+        pass
+    return ""
+
+
 def machine(device: torch.device) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -76,8 +93,8 @@ def machine(device: torch.device) -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform()}
+    info = {"cpu": cpu, "cpu_flags": cpu_flags(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     try:
