@@ -40,6 +40,8 @@ def test_score_matches_transformers_log_softmax(pipe, e2e_reference):
     with torch.no_grad():
         logp = reference(torch.tensor([context + reply])).logits[0].float().log_softmax(-1)
     want = [logp[len(context) - 1 + i, t].item() for i, t in enumerate(reply)]
+    print(f"\nscore vs transformers' log_softmax, fp32: max |error| "
+          f"{(torch.tensor(s.logprobs) - torch.tensor(want)).abs().max().item():.2g} over {len(reply)} tokens")
     torch.testing.assert_close(torch.tensor(s.logprobs), torch.tensor(want), rtol=0, atol=1e-4)
 
 

@@ -170,6 +170,7 @@ COMMANDS = {
     "bench": ("bench", "benchmark against transformers on the same random weights"),
     "run": ("run", "a checkpoint over a JSONL dataset: batched, resumable, torchrun-aware"),
     "score": ("score", "each JSONL line's reply scored (log-probability, perplexity); keep the most likely"),
+    "explain": ("explain", "where the model looked in an image while answering, drawn over it (attention)"),
     "soup": ("soup", "the weighted mean of checkpoints of one architecture, from their memory maps (float64)"),
     "serve": ("serve", "an OpenAI-compatible HTTP server (continuous batching; needs points[serve])"),
 }
