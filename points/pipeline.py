@@ -122,7 +122,8 @@ class Pipeline:
     def look(self, messages: list[dict], reply=None, **record) -> Look:
         """One forward with its hidden states and chosen attention probabilities recorded
         (points.runtime.look: layers=, heads=, vision_layers=, vision_heads=, hidden=)."""
-        return look(self.model, self.tokenizer, self.processor, messages, reply, **record)
+        with self.scheduler.paused():  # (its hooks sit on the shared modules: no step may run meanwhile)
+            return look(self.model, self.tokenizer, self.processor, messages, reply, **record)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

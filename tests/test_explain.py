@@ -32,9 +32,15 @@ def _look(h=4, w=6, reply=3):
 
 
 def test_the_grid_is_the_merged_windows_in_raster_order_averaged_over_layers_heads_and_queries():
+    from points.model.vision import patch_positions
+
     seen = _look()
     grid, share = explain.attention_to_image(seen)
-    want = 1.5 * torch.arange(1, 7, dtype=torch.float32).reshape(2, 3) / 1000  # mean of layers 1x and 2x
+    want = torch.zeros(2, 3)  # image token j is merged window j: where the encoder puts window j's patches
+    rows = patch_positions([(1, 4, 6)], 2)
+    for j in range(6):
+        r, c = (rows[4 * j:4 * j + 4] // 2).unique(dim=0)[0].tolist()
+        want[r, c] = 1.5 * (j + 1) / 1000  # the mean of layers 1x and 2x
     torch.testing.assert_close(grid, want)
     assert share == pytest.approx(1.5 * 21 / 1000)
     seen.attentions[0][:, seen.reply_start - 1 + 1, 3] = 0.5  # only the query that chose reply token 1
@@ -75,7 +81,8 @@ def test_the_command_draws_the_picture(e2e_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--token", "999"], "--token 999: the reply has"),
-    (["--layers", "99"], "layers: index 99 is out of range"),
+    (["--layers", "99"], "--layers: index 99 is out of range (there are 2)"),
+    (["--heads", "-8"], "--heads: index -8 is out of range (there are 7)"),
     (["--image-missing"], None),
 ])
 def test_bad_arguments_are_one_line(e2e_dir, tmp_path, capsys, extra, message):

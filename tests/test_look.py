@@ -122,4 +122,5 @@ def test_nothing_recorded_runs_the_usual_kernels_and_recording_changes_no_number
         again = pipe.model(enc.input_ids, enc.pixel_values, enc.grid_thw)[0]
     assert torch.equal(again, usual)
     assert pipe.look(TWO, layers=None).attentions == {}  # hidden states only: hooks, no eager path
-    assert pipe.chat(TEXT, max_new_tokens=3) == pipe.chat(TEXT, max_new_tokens=3)
+    left = [name for name, m in pipe.model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    assert left == []  # every hook removed again

@@ -62,6 +62,8 @@ def test_staggered_arrivals_and_departures_equal_each_alone(pipe, alone, photo):
     for r, (m, new) in zip(requests, convs):
         assert r.done and r.reply == alone(m, max_new_tokens=new)
         assert r.completion_tokens <= new and r.finish_reason in ("stop", "length")
+        assert len(r.token_ids) == r.completion_tokens and pipe.tokenizer.decode(r.token_ids) == r.reply
+        assert (r.token_ids[-1] in s.stop_ids) == (r.finish_reason == "stop")
 
 
 def test_cancelled_rows_leave_and_others_are_unchanged(pipe, alone):

@@ -112,7 +112,7 @@ def test_a_journal_resumes_and_torchrun_two_processes_equal_one(e2e_dir, dataset
     out.unlink()
     args = score.parser().parse_args(_args(e2e_dir, dataset, out))
     items = score.read(dataset[0])
-    jobs.check_meta(out, score.run_key(args, items), 0, score.RESULTS)
+    jobs.check_meta(out, score.run_key(args, items), 0)
     journal = jobs.Journal(out.with_name(out.name + ".journal.0"))
     journal.append([{"id": "cap-1", "tokens": 1, "logprob": -1.5, "perplexity": 4.5}])  # (marked: not recomputed)
     journal.close()
@@ -144,6 +144,37 @@ def test_bad_lines_are_named_before_any_work(e2e_dir, tmp_path, capsys, line, me
     err = capsys.readouterr().err
     assert err.startswith(f"error: {src}, line 1: ") and message in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_a_non_finite_score_is_the_items_error():
+    from points.runtime.scoring import Score
+
+    it = jobs.Item(0, "x", [], 1)
+    assert score._record(it, Score([5], [float("-inf")], float("-inf"))) == {
+        "id": "x", "error": "item 'x': the reply's log-probability is -inf (perplexity inf): not a finite number"}
+    assert score._record(it, Score([5, 6], [-800.0, -800.0], -1600.0))["error"].endswith("not a finite number")
+    assert score._record(it, Score([5], [-2.0], -2.0))["perplexity"] == pytest.approx(7.389056)
+
+
+def test_a_checkpoint_that_fails_to_load_leaves_no_journal_and_a_run_journal_is_refused(e2e_dir, dataset,
+                                                                                      tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in ("config.json", "tokenizer.json", "preprocessor_config.json"):
+        (broken / f).write_bytes((e2e_dir / f).read_bytes())
+    (broken / "model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # a header, no tensors
+    out = tmp_path / "out.jsonl"
+    assert score.main(["--model", str(broken), "--input", str(dataset[0]), "--output", str(out)]) == 2
+    assert capsys.readouterr().err.startswith("error: ") and not list(tmp_path.glob("out.jsonl*"))
+    from points.tooling import run
+
+    run_args = run.parser().parse_args(_args(e2e_dir, dataset, out))
+    jobs.check_meta(out, run.run_key(run_args, run.read_items(dataset[0])), 0)
+    journal = jobs.Journal(out.with_name(out.name + ".journal.0"))
+    journal.append([{"id": "cap-1", "error": "item 'cap-1': an error of points run"}])
+    journal.close()
+    assert score.main(_args(e2e_dir, dataset, out)) == 2
+    assert "was written by a run with other" in capsys.readouterr().err
 
 
 def test_bad_flags(e2e_dir, dataset, tmp_path, capsys):

@@ -119,7 +119,8 @@ def test_config_and_argument_errors(inputs, tmp_path, capsys):
     write_checkpoint(other, (dict(llm, ffn_hidden_size=600), vision), tokenizer="bytes")
     out = tmp_path / "soup"
     cases = [
-        ([str(inputs[0]), str(other)], "the decoder's ffn_size (as points reads it) is 600"),
+        ([str(inputs[0]), str(other)], "the decoder's ffn_size (as points reads it) is 600, " + str(inputs[0])
+         + "'s 592 (config.json differs at llm_config.ffn_hidden_size)"),
         ([str(inputs[0]), str(inputs[1]), "--weights", "1"], "--weights: 1 given for 2 inputs"),
         ([str(inputs[0]), str(inputs[1]), "--weights", "1", "-1"], "expected numbers >= 0 with a positive sum"),
         ([str(inputs[0]), str(tmp_path / "none")], "none: does not exist; expected a checkpoint directory"),
@@ -135,6 +136,40 @@ def test_config_and_argument_errors(inputs, tmp_path, capsys):
         soup.main([str(inputs[0]), "--output", str(out)])
     assert "a soup needs two checkpoints or more" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wide"]
+
+
+def test_single_file_inputs_a_scalar_and_the_index_size(inputs, tmp_path):
+    """Inputs as one model.safetensors each (no index), holding a 0-d tensor too: the output is one file of
+    the same names; an index's total_size (with "metadata": null in the input) is the output's bytes."""
+    from safetensors.torch import save_file
+
+    singles = []
+    for i, src in enumerate(inputs[:2]):
+        d = tmp_path / f"single{i}"
+        d.mkdir()
+        for f in src.iterdir():
+            if not f.name.endswith(".safetensors") and f.name != INDEX:
+                (d / f.name).write_bytes(f.read_bytes())
+        save_file({**_tensors(src), "scale": torch.tensor(float(i + 1))}, str(d / "model.safetensors"),
+                  metadata={"format": "pt"})
+        singles.append(d)
+    out = soup.soup(singles, tmp_path / "soup", weights=[1, 3])
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in singles[0].iterdir())
+    got = _tensors(out)
+    assert got["scale"].shape == () and got["scale"].item() == 1.75
+    want = _mean(singles, [1, 3])
+    assert all(torch.equal(got[n], want[n]) for n in want)
+    index = json.loads((inputs[0] / INDEX).read_text())
+    index["metadata"] = None
+    (inputs[0] / INDEX).write_text(json.dumps(index))
+    try:
+        sharded = soup.soup(inputs[:2], tmp_path / "sharded", dtype="float32")
+    finally:
+        index["metadata"] = {}
+        (inputs[0] / INDEX).write_text(json.dumps(index))
+    size = json.loads((sharded / INDEX).read_text())["metadata"]["total_size"]
+    assert size == sum(t.nbytes for t in _tensors(sharded).values()) and size == 2 * sum(
+        t.nbytes for t in _tensors(inputs[0]).values())
 
 
 def test_an_interrupted_soup_leaves_nothing(inputs, tmp_path, monkeypatch):

@@ -61,7 +61,7 @@ class Record:
                 (probs if heads is None else probs[heads]).float().cpu())
 
 
-def _indices(value, n: int, name: str) -> list[int]:
+def indices(value, n: int, name: str) -> list[int]:
     """`value` ("all", None or a list of ints, negative from the end) -> sorted indices in [0, n)."""
     if value is None:
         return []
@@ -86,10 +86,10 @@ def look(model, tokenizer, processor, messages, reply=None, *, layers="all", hea
     from points.runtime.scoring import reply_ids
 
     dcfg, vcfg = model.decoder.cfg, model.vision.cfg
-    layers = _indices(layers, dcfg.n_layers, "layers")
-    vision_layers = _indices(vision_layers, vcfg.depth, "vision_layers")
-    heads = None if heads is None else _indices(heads, dcfg.n_heads, "heads")
-    vision_heads = None if vision_heads is None else _indices(vision_heads, vcfg.n_heads, "vision_heads")
+    layers = indices(layers, dcfg.n_layers, "layers")
+    vision_layers = indices(vision_layers, vcfg.depth, "vision_layers")
+    heads = None if heads is None else indices(heads, dcfg.n_heads, "heads")
+    vision_heads = None if vision_heads is None else indices(vision_heads, vcfg.n_heads, "vision_heads")
     prompt = build_prompt(messages, processor)
     ids = prompt.token_ids(tokenizer)
     start = len(ids)

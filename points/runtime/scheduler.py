@@ -29,6 +29,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -62,6 +63,7 @@ class Request:
     completion_tokens: int = 0
     cancelled: bool = False
     step_failed: bool = False  # it ended with a failure of a whole decode step, not of its own
+    token_ids: list[int] = field(default_factory=list)  # once done: the ids chosen for it (a stop token included)
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     pieces: list[str] = field(default_factory=list)  # every piece emitted so far
 
@@ -190,6 +192,12 @@ class Scheduler:
     def busy(self) -> int:
         """Rows generating now."""
         return sum(r is not None for r in self.rows)
+
+    @contextmanager
+    def paused(self):
+        """No step runs while the block runs (e.g. a recorded forward on the same modules: points.runtime.look)."""
+        with self._lock:
+            yield
 
     def load(self) -> tuple[int, int]:
         """(requests being prefilled or generating, requests waiting), read together: a request moving from
@@ -332,7 +340,9 @@ class Scheduler:
         pick = self.pick.view(i, i + 1)
         pick.draw()
         first = int(pick(logits)[0])
-        self.rows[i] = _Row(request, Reply(self.tokenizer, cfg.stop), key, len(ids))
+        with self._work:  # (in a row and no longer admitting at once: load() counts it once)
+            self.rows[i] = _Row(request, Reply(self.tokenizer, cfg.stop), key, len(ids))
+            self._admitting = None
         self.next_input[i] = first
         return first
 
@@ -396,6 +406,7 @@ class Scheduler:
                   f"{e})", file=sys.stderr, flush=True)
         finally:
             row.request.completion_tokens = row.reply.tokens
+            row.request.token_ids = row.chosen[:row.reply.tokens]
             self._end(row.request, reason)
 
     def _end(self, request: Request, reason: str) -> None:

@@ -3,7 +3,7 @@
     points explain --model DIR --image photo.jpg --prompt "What is in the picture?" --output heat.png
                    [--layers 20 27 | all] [--heads 0 5] [--token 3] [--max-new-tokens 64]
 
-The reply is generated greedily, then one recorded forward over the prompt and that reply
+The reply is generated greedily, then one recorded forward over the prompt and the reply's own token ids
 (`Pipeline.look`) gives the decoder's attention probabilities of the chosen layers (default: all) and heads
 (default: all). For each reply token, the query that chose it (the position before it) is read; its
 attention to the image's tokens is averaged over layers, heads and reply tokens (or taken for one token,
@@ -14,8 +14,9 @@ smoothing, coloured from dark (the least attended cell) to bright (the most), ov
 prompt, the reply (the chosen token in [brackets]), the layers and heads used and how much of that
 attention went to the image at all. The PNG is written atomically.
 
-Cost: the reply's generation, then one forward with the chosen layers on the eager path (their
-probabilities heads x L x L in float32; with images of a few hundred tokens, a few MB per layer).
+Cost: the reply's generation, then one forward with the chosen layers on the eager path, their
+probabilities kept in float32: heads x L x L x 4 bytes a layer (28 heads at L = 400 tokens: 18 MB a layer,
+0.5 GB for all 28; at L = 1,300, a large image, 190 MB a layer: choose a few --layers there).
 """
 
 from __future__ import annotations
@@ -71,6 +72,13 @@ def colour(values: np.ndarray) -> np.ndarray:
     return ((1 - f) * ANCHORS[i] + f * ANCHORS[i + 1]).round().astype(np.uint8)
 
 
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # (Pillow before 10.1: one bitmap size)
+        return ImageFont.load_default()
+
+
 def draw(picture: Image.Image, grid: torch.Tensor, lines: list[str], width: int = 640) -> Image.Image:
     """The map over the picture (scaled to `width`), a colour bar, and `lines` of text under them."""
     gh, gw = grid.shape
@@ -81,7 +89,7 @@ def draw(picture: Image.Image, grid: torch.Tensor, lines: list[str], width: int 
     heat = Image.fromarray(colour(relative)).resize((w, h), Image.NEAREST)
     base = picture.convert("RGB").resize((w, h), Image.BICUBIC)
     blended = Image.blend(base, heat, 0.5)
-    font = ImageFont.load_default(size=15)
+    font = _font(15)
     wrapped = [piece for line in lines for piece in (textwrap.wrap(line, width=max(20, w // 8)) or [""])]
     line_h, pad, bar_h = 20, 10, 14
     out = Image.new("RGB", (w, h + bar_h + 2 * pad + line_h * len(wrapped) + pad), "white")
@@ -89,8 +97,8 @@ def draw(picture: Image.Image, grid: torch.Tensor, lines: list[str], width: int 
     ramp = Image.fromarray(colour(np.linspace(0, 1, w)[None].repeat(bar_h, 0)))
     out.paste(ramp, (0, h + pad // 2))
     ink = ImageDraw.Draw(out)
-    ink.text((4, h + pad // 2), "less", fill="white", font=ImageFont.load_default(size=11))
-    ink.text((w - 40, h + pad // 2), "more", fill="black", font=ImageFont.load_default(size=11))
+    ink.text((4, h + pad // 2), "less", fill="white", font=_font(11))
+    ink.text((w - 40, h + pad // 2), "more", fill="black", font=_font(11))
     y = h + bar_h + pad
     for line in wrapped:
         ink.text((pad, y), line, fill="black", font=font)
@@ -141,15 +149,25 @@ def main(argv=None) -> int:
         import points
         from points.io.processor import open_image
 
+        from points.runtime.look import indices
+
         pipe = points.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
                            quantize_lm_head=args.quantize_lm_head or None)
+        cfg = pipe.model.decoder.cfg
+        indices(layers, cfg.n_layers, "--layers")  # named now, before the reply is generated
+        if args.heads is not None:
+            indices(args.heads, cfg.n_heads, "--heads")
         messages = [{"role": "user", "content": [{"type": "image", "image": args.image},
                                                  {"type": "text", "text": args.prompt}]}]
-        reply = pipe.chat(messages, max_new_tokens=args.max_new_tokens)
-        if not reply:
+        request = pipe.submit(messages, max_new_tokens=args.max_new_tokens)
+        request.text()
+        ids = request.token_ids
+        if ids and ids[-1] in (pipe.tokenizer.im_end_id, pipe.tokenizer.eos_id):
+            ids = ids[:-1]  # the closing token chose nothing more
+        if not ids:
             print("error: the model's reply is empty: there is nothing to explain", file=sys.stderr)
             return 2
-        seen = pipe.look(messages, reply, layers=layers, heads=args.heads, hidden=False)
+        seen = pipe.look(messages, ids, layers=layers, heads=args.heads, hidden=False)
         grid, share = attention_to_image(seen, 0, args.token)
         ids = seen.tokens[seen.reply_start:]
         text = pipe.tokenizer.decode(ids)

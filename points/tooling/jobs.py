@@ -149,9 +149,25 @@ class Journal:
         os.close(self.fd)
 
 
-def check_meta(out: Path, key: dict, rank: int, results: tuple[str, ...]) -> None:
+def _has_records(path: Path) -> bool:
+    """Whether a journal holds any whole record, whatever command wrote it."""
+    try:
+        lines = path.read_bytes().split(b"\n")[:-1]
+    except OSError:
+        return False
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(r, dict) and isinstance(r.get("id"), str):
+            return True
+    return False
+
+
+def check_meta(out: Path, key: dict, rank: int) -> bool:
     """Refuse journals written under another key; rank 0 records the key (a record with no results beside
-    it, left by a run that failed before its first result, is replaced)."""
+    it, left by a run that failed before its first result, is replaced). Returns whether it wrote it."""
     meta = _meta_path(out)
     if meta.exists():
         try:
@@ -159,8 +175,8 @@ def check_meta(out: Path, key: dict, rank: int, results: tuple[str, ...]) -> Non
         except (OSError, json.JSONDecodeError):
             old = None
         if old == key:
-            return
-        if any(read_records(path, results) for path in journals(out)):
+            return False
+        if any(_has_records(path) for path in journals(out)):  # (any command's: a `points run` journal too)
             differ = sorted(k for k in key if not isinstance(old, dict) or old.get(k) != key[k])
             files = ", ".join(p.name for p in [meta] + journals(out))
             raise RunError(f"{out}: its journal ({files}) was written by a run with other "
@@ -168,6 +184,14 @@ def check_meta(out: Path, key: dict, rank: int, results: tuple[str, ...]) -> Non
                            "those files to start over")
     if rank == 0:
         write_text_atomically(meta, json.dumps(key) + "\n")
+    return rank == 0
+
+
+def forget_meta(out: Path) -> None:
+    """The settings file goes again when no journal holds a record (a run that stopped before any result)."""
+    if not any(_has_records(path) for path in journals(out)):
+        for path in journals(out) + [_meta_path(out)]:
+            path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -252,7 +276,8 @@ class Job:
     args: object  # the parsed arguments: .input, .output, .model, .device
     read: Callable[[], list[Item]]  # the items, every line checked (raises RunError)
     key: Callable[[list[Item]], dict]  # what the records depend on (the journal's settings file)
-    work: Callable[[list[Item], "Dist", Journal, Progress], None]  # this rank's share into the journal
+    load: Callable[["Dist"], object]  # the model on this rank's device (before any journal is opened)
+    work: Callable[[object, list[Item], Journal, Progress], None]  # (model, this rank's share) into the journal
     results: tuple[str, ...]  # the keys of a result record besides "id" ("error" is always one)
     outputs: tuple[tuple[str, Path], ...] = ()  # other files written at the end, checked first: (flag, path)
     before: Callable[[list[Item], list[dict]], None] | None = None  # writes them, before OUT (rank 0)
@@ -280,18 +305,24 @@ def drive(job: Job) -> int:
             if dist.rank == 0:
                 lock = OutputLock(out).acquire()
             dist.barrier()  # the lock is held before any rank reads or writes the journals
-            check_meta(out, job.key(items), dist.rank, job.results)
+            wrote = check_meta(out, job.key(items), dist.rank)
             done = {r["id"] for path in journals(out) for r in read_records(path, job.results)}
             dist.barrier()  # every rank has read the journals before any rank appends to its own
             remaining = [it for it in items if it.id not in done]
             share = remaining[dist.rank::dist.world]
             label = f"{job.name} (rank {dist.rank} of {dist.world})" if dist.world > 1 else job.name
             if share:
+                try:
+                    model = job.load(dist)
+                except BaseException:  # a checkpoint that fails to load leaves no journal files behind
+                    if wrote:
+                        forget_meta(out)
+                    raise
                 journal = Journal(out.with_name(f"{out.name}.journal.{dist.rank}"))
                 enabled = {"auto": None, "on": True, "off": False}[args.progress]
                 progress = Progress(label, len(share), unit="items", enabled=enabled)
                 try:
-                    job.work(share, dist, journal, progress)
+                    job.work(model, share, journal, progress)
                 finally:
                     journal.close()
                     progress.close()

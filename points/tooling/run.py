@@ -26,7 +26,8 @@ written whole under a temporary name and renamed, then the journals are removed 
 leaves journals that still hold everything, so the next run only rewrites OUT). The settings the records
 depend on (model, input, generation settings) are kept beside them (`OUT.journal-run.json`); records written
 with other settings are refused rather than mixed in, while a settings file with no records beside it (a
-run that failed before its first result) is simply replaced. A finished OUT is never read
+run that failed before its first result) is simply replaced, and a run whose model fails to load removes
+the one it wrote. A finished OUT is never read
 back: it carries no record of the settings that made it, so the same command after a finished run runs
 every item again. Ctrl-C stops with a one-line
 message and keeps what finished.
@@ -52,7 +53,7 @@ from pathlib import Path
 
 from points.io.progress import Progress
 from points.tooling.jobs import ITEM_ERRORS, Item, Job, Journal, RunError, drive, item_error
-from points.tooling.jobs import check_meta as _check_meta
+from points.tooling.jobs import check_meta  # noqa: F401 (one of the names tests and tools use from here)
 from points.tooling.jobs import read_items as _read_items
 from points.tooling.jobs import read_records as _read_records
 from points.tooling.options import add_generation_options, add_weight_options, check_weight_options, generation_kwargs
@@ -68,10 +69,6 @@ def read_items(path: Path) -> list[Item]:
 
 def read_records(path: Path) -> list[dict]:
     return _read_records(path, RESULTS)
-
-
-def check_meta(out: Path, key: dict, rank: int) -> None:
-    _check_meta(out, key, rank, RESULTS)
 
 
 def run_key(args, items: list[Item]) -> dict:
@@ -164,12 +161,14 @@ def main(argv=None) -> int:
                 raise RunError(f"{args.input}, line {it.line}: \"{e.field}\" = {e.value!r}: expected {e.want}") from None
         return items
 
-    def work(share, dist, journal, progress):
+    def load(dist):
         import points
 
-        pipe = points.load(args.model, device=dist.device, dtype=args.dtype, quantize=args.quantize,
+        return points.load(args.model, device=dist.device, dtype=args.dtype, quantize=args.quantize,
                            quantize_lm_head=args.quantize_lm_head or None, compile=args.compile,
                            max_batch=args.batch_size)
+
+    def work(pipe, share, journal, progress):
         process(pipe, share, generation_kwargs(args), journal, progress)
 
-    return drive(Job("points run", args, read, lambda items: run_key(args, items), work, RESULTS))
+    return drive(Job("points run", args, read, lambda items: run_key(args, items), load, work, RESULTS))

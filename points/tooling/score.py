@@ -60,6 +60,11 @@ def run_key(args, items: list[Item]) -> dict:
 
 
 def _record(it: Item, s) -> dict:
+    """Its result line; a log-probability or perplexity that is not a finite number (a token of probability 0
+    in float32, a mean below -709) is the item's error, so that OUT stays strict JSON and sortable."""
+    if not (math.isfinite(s.logprob) and math.isfinite(s.perplexity)):
+        return item_error(it, ValueError(f"the reply's log-probability is {s.logprob} (perplexity {s.perplexity}): "
+                                         "not a finite number"))
     return {"id": it.id, "tokens": len(s.tokens), "logprob": s.logprob, "perplexity": s.perplexity}
 
 
@@ -118,11 +123,13 @@ def main(argv=None) -> int:
         p.error(f"--keep-fraction {args.keep_fraction}: expected a number from 0 to 1")
     check_weight_options(p, args)
 
-    def work(share, dist, journal, progress):
+    def load(dist):
         import points
 
-        pipe = points.load(args.model, device=dist.device, dtype=args.dtype, quantize=args.quantize,
+        return points.load(args.model, device=dist.device, dtype=args.dtype, quantize=args.quantize,
                            quantize_lm_head=args.quantize_lm_head or None)
+
+    def work(pipe, share, journal, progress):
         process(pipe, share, args.batch_size, journal, progress)
 
     def before(items, records):
@@ -131,5 +138,5 @@ def main(argv=None) -> int:
             write_text_atomically(args.filtered, "".join(line + "\n" for line in lines))
 
     outputs = (("--filtered", args.filtered),) if args.filtered is not None else ()
-    return drive(Job("points score", args, lambda: read(args.input), lambda items: run_key(args, items), work,
+    return drive(Job("points score", args, lambda: read(args.input), lambda items: run_key(args, items), load, work,
                      RESULTS, outputs, before))

@@ -58,9 +58,11 @@ def _check_inputs(inputs: list[Path]) -> list[TensorFiles]:
         if cfg != first_cfg:
             a, b = to_dict(first_cfg), to_dict(cfg)
             part, field = next((part, k) for part in ("decoder", "vision") for k in a[part] if a[part][k] != b[part][k])
+            keys = _differing_keys(inputs[0], path)
             raise CheckpointError(f"{path}/config.json: the {part}'s {field} (as points reads it) is "
-                                  f"{b[part][field]!r}, {inputs[0]}'s {a[part][field]!r}; a soup needs one "
-                                  "architecture")
+                                  f"{b[part][field]!r}, {inputs[0]}'s {a[part][field]!r}"
+                                  + (f" (config.json differs at {', '.join(keys)})" if keys else "")
+                                  + "; a soup needs one architecture")
         files = TensorFiles(path)
         missing, extra = sorted(base.names - files.names), sorted(files.names - base.names)
         if missing:
@@ -75,9 +77,25 @@ def _check_inputs(inputs: list[Path]) -> list[TensorFiles]:
             if files.dtype_name(name) != base.dtype_name(name):
                 raise CheckpointError(f"{files.where(name)}: tensor {name} is {files.dtype_name(name)}, "
                                       f"{base.where(name)} {base.dtype_name(name)}; soup checkpoints of one dtype "
-                                      "(--dtype chooses the output's)")
+                                      "(convert them all with points convert --dtype first)")
         opened.append(files)
     return opened
+
+
+def _differing_keys(a: Path, b: Path, most: int = 3) -> list[str]:
+    """The first few keys (dotted, one level into llm_config / vision_config) whose values differ between two
+    config.json files."""
+    try:
+        x, y = (json.loads((p / "config.json").read_text()) for p in (a, b))
+    except (OSError, ValueError):
+        return []
+    out = []
+    for k in sorted(set(x) | set(y)):
+        if isinstance(x.get(k), dict) and isinstance(y.get(k), dict):
+            out += [f"{k}.{j}" for j in sorted(set(x[k]) | set(y[k])) if x[k].get(j) != y[k].get(j)]
+        elif x.get(k) != y.get(k):
+            out.append(k)
+    return out[:most]
 
 
 def _weights(weights: list[float] | None, n: int) -> list[float]:
@@ -193,7 +211,8 @@ def _carry(first: Path, tmp: Path, dtype: str | None, total: int, base: TensorFi
                 shutil.copyfile(entry, tmp / name)
     if (first / INDEX).is_file():
         index = json.loads((first / INDEX).read_text())
-        index["metadata"] = {**index.get("metadata", {}), "total_size": total}
+        metadata = index.get("metadata")
+        index["metadata"] = {**(metadata if isinstance(metadata, dict) else {}), "total_size": total}
         with writing(tmp / INDEX):
             (tmp / INDEX).write_text(json.dumps(index, indent=1) + "\n")
     elif not (tmp / SINGLE).is_file():
