@@ -80,9 +80,9 @@ def score_batch(model, tokenizer, processor, pairs: list, *, end: bool = True, a
         where[b, :len(reply)] = torch.arange(len(context) - 1, len(context) + len(reply) - 1)
     embeds = padded_embeds(model, [c + r for c, r in rows], prompts, tokenizer.eos_id, attn)
     logits = model.decoder(embeds=embeds, last=where.to(device))  # [B, K, V] float32
-    logp = torch.log_softmax(logits, dim=-1)
     out = []
-    for b, (_, reply) in enumerate(rows):
-        values = logp[b, :len(reply)].gather(1, torch.tensor(reply, device=device)[:, None])[:, 0].tolist()
+    for b, (_, reply) in enumerate(rows):  # (row by row: a [B, K, V] log_softmax at once ran 4x slower on a CPU)
+        logp = torch.log_softmax(logits[b, :len(reply)], dim=-1)
+        values = logp.gather(1, torch.tensor(reply, device=device)[:, None])[:, 0].tolist()
         out.append(Score(list(reply), values, float(sum(values))))
     return out
