@@ -5,9 +5,7 @@
         y = cpu_int8.int8_gemv(x, weight_int8, scale)      # x [..., K] float, weight [N, K] int8, scale [N]
 
 Optional, like Triton: it needs an x86-64 CPU with AVX2 and FMA and a C++ compiler (`$CXX`, else g++/c++; the
-one torch.compile uses on the CPU). The library is built once per source text, compiler and flags into
-`$POINTS_CACHE/kernels` (default `~/.cache/points/kernels`), written under a temporary name and renamed, so
-concurrent first uses do not see half a file. Where anything is missing, `available()` is False,
+one torch.compile uses on the CPU), built and cached by `cpu_build`. Where anything is missing, `available()` is False,
 `reason()` says why, and `points.runtime.quantize` uses PyTorch's kernels instead. `POINTS_CPU_KERNELS=0`
 turns it off.
 
@@ -18,93 +16,34 @@ call (no graph break) in the compiled decode step.
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import torch
 
+from points.kernels import cpu_build
+
 SOURCE = Path(__file__).with_name("int8_gemv.cpp")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 
 _lock = threading.Lock()
 _state: dict = {}
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("POINTS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "points")
-    return Path(root) / "kernels"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CXX"), "g++", "c++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-def _build(compiler: str) -> Path:
-    source = SOURCE.read_bytes()
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
-    key = hashlib.sha256(source + repr((version, FLAGS)).encode()).hexdigest()[:16]
-    target = cache_dir() / f"int8_gemv-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".int8_gemv-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {done.stderr.strip()[-500:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+def _setup(lib: ctypes.CDLL) -> None:
+    fn = lib.points_int8_gemv
+    fn.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3)
+    fn.restype = ctypes.c_int
 
 
 def _load() -> ctypes.CDLL | None:
     if "lib" in _state:
         return _state["lib"]
     with _lock:
-        if "lib" in _state:
-            return _state["lib"]
-        lib, why = None, None
-        if os.environ.get("POINTS_CPU_KERNELS", "1") == "0":
-            why = "turned off by POINTS_CPU_KERNELS=0"
-        elif platform.machine().lower() not in ("x86_64", "amd64"):
-            why = f"needs an x86-64 CPU (this is {platform.machine()})"
-        elif not {"avx2", "fma", "f16c"} <= _cpu_flags():
-            why = "needs a CPU with AVX2, FMA and F16C"
-        elif (compiler := _compiler()) is None:
-            why = "no C++ compiler found ($CXX, g++, c++)"
-        else:
-            try:
-                lib = ctypes.CDLL(str(_build(compiler)))
-                fn = lib.points_int8_gemv
-                fn.argtypes = ([ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                               ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 3)
-                fn.restype = ctypes.c_int
-            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                lib, why = None, f"could not build or load the kernel: {e}"
-        _state["why"], _state["lib"] = why, lib  # "lib" last: _load's unlocked check
-        return lib
+        if "lib" not in _state:
+            lib, why = cpu_build.load(SOURCE, _setup)
+            _state["why"], _state["lib"] = why, lib  # "lib" last: _load's unlocked check
+        return _state["lib"]
 
 
 def available() -> bool:

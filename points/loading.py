@@ -5,6 +5,8 @@
       -> the modules built on the meta device (nothing allocated, no random init) and given those tensors
       -> a decoder stored in int8 gets Int8Linear skeletons first; quantize="int8" swaps them in after
          (points.runtime.quantize)
+      -> on the CPU, the decoder's float nn.Linear layers become GemvLinear (points.runtime.cpu_linear): the
+         same parameters, few-row products on the kernel measured fastest on this machine
 
 Reading and validating files is points.io's; this module is the only one that puts files and modules
 together, so io never imports the runtime.
@@ -26,6 +28,7 @@ from points.model.config import ModelConfig
 from points.model.decoder import Decoder
 from points.model.projector import PatchMerger
 from points.model.vision import VisionEncoder
+from points.runtime.cpu_linear import use_cpu_kernels
 from points.runtime.quantize import int8_skeleton, quantize_decoder
 
 
@@ -90,8 +93,11 @@ def build(directory: str | Path, make: Callable[[ModelConfig], torch.nn.Module],
 
     module = materialize(skeleton, state, prefix)
     del state
+    decoder = getattr(module, "decoder", module)
     if after is not None:
-        quantize_decoder(getattr(module, "decoder", module), after["scheme"], lm_head=after["lm_head"])
+        quantize_decoder(decoder, after["scheme"], lm_head=after["lm_head"])
+    if isinstance(decoder, Decoder) and torch.device(device).type == "cpu":
+        use_cpu_kernels(decoder)  # few-row products on the measured fastest kernel (the same parameters)
     return module
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """One-row products (the decode step's matrix-vector reads), streamed over many distinct weights so that
-nothing stays in cache, per weight layout: PyTorch's usual row-major [out, in] against the same values
-stored transposed (strides (1, out)), which some CPUs' BLAS reads faster.
+nothing stays in cache, per weight layout and kernel: PyTorch's usual row-major [out, in] against the same
+values stored transposed (strides (1, out)), which some CPUs' BLAS reads faster, and this project's own
+float kernel (`points.kernels.cpu_gemv`, row-major weights) on each instruction set the CPU has.
 
     python tools/bench_linear.py                          # 40 weights of [9728, 896] (Qwen2.5-0.5B's up_gate)
     python tools/bench_linear.py --shape 896x4864 --dtype bfloat16 --rows 4
@@ -23,16 +24,16 @@ from points.io.checkpoint import DTYPES
 from points.tooling.measure import copy_bandwidth, machine
 
 
-def stream(x: torch.Tensor, weights: list[torch.Tensor], repeat: int) -> float:
+def stream(x: torch.Tensor, weights: list[torch.Tensor], repeat: int, product=F.linear) -> float:
     """Seconds per product: min over `repeat` passes of one product per weight."""
     best = float("inf")
     with torch.inference_mode():
         for w in weights:  # warm-up pass
-            F.linear(x, w)
+            product(x, w)
         for _ in range(repeat):
             t0 = time.perf_counter()
             for w in weights:
-                F.linear(x, w)
+                product(x, w)
             best = min(best, (time.perf_counter() - t0) / len(weights))
     return best
 
@@ -51,7 +52,11 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(device)
     info = machine(device)
     print(f"one-row products over {args.count} distinct [{out_f}, {in_f}] weights, {args.rows} row(s); "
-          f"{info['cpu']}, {info['threads']} threads, torch {info['torch']}; copy bandwidth {bw / 1e9:.1f} GB/s")
+          f"{info['cpu']} ({info['cpu_flags']}), {info['threads']} threads, torch {info['torch']}; copy bandwidth "
+          f"{bw / 1e9:.1f} GB/s")
+    from points.kernels import cpu_gemv
+
+    isas = cpu_gemv.ISAS[:cpu_gemv.ISAS.index(cpu_gemv.isa()) + 1] if cpu_gemv.available() else ()
     result = {"machine": info, "copy_bytes_per_s": bw, "shape": [out_f, in_f], "count": args.count,
               "rows": args.rows, "results": []}
     g = torch.Generator().manual_seed(0)
@@ -61,10 +66,13 @@ def main(argv=None) -> int:
         row_major = [torch.randn(out_f, in_f, generator=g).to(dtype) for _ in range(args.count)]
         transposed = [w.t().contiguous().t() for w in row_major]  # same values and shape, strides (1, out)
         nbytes = out_f * in_f * dtype.itemsize
-        for layout, weights in (("row-major", row_major), ("transposed", transposed)):
-            s = stream(x, weights, args.repeat)
+        runs = [("torch row-major", row_major, F.linear), ("torch transposed", transposed, F.linear)]
+        runs += [(f"points {isa}", row_major, lambda x, w, isa=isa: cpu_gemv.float_gemv(x, w, which=isa))
+                 for isa in isas if isa != "avx512_bf16" or dtype == torch.bfloat16]
+        for layout, weights, product in runs:
+            s = stream(x, weights, args.repeat, product)
             result["results"].append({"dtype": name, "layout": layout, "s": s, "bytes_per_s": nbytes / s})
-            print(f"  {name:9} {layout:10} {s * 1e6:8.0f} us  {nbytes / s / 1e9:6.1f} GB/s  "
+            print(f"  {name:9} {layout:20} {s * 1e6:8.0f} us  {nbytes / s / 1e9:6.1f} GB/s  "
                   f"({nbytes / s / bw:.0%} of the copy bandwidth)")
         del row_major, transposed
     if args.json:

@@ -36,7 +36,7 @@ from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor
 from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
 from points.runtime.vision import image_features
-from points.tooling.measure import (Timing, copy_bandwidth, decode_bytes, load_probe, machine, matmul_rate,
+from points.tooling.measure import (Timing, copy_stats, decode_bytes, load_probe, machine, matmul_rate,
                                     ours_decode, prefill_flops, sync, theirs_decode, timed, vision_flops,
                                     vision_grid)
 from points.tooling.options import add_weight_options, check_weight_options
@@ -114,7 +114,11 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
     else:  # the same random weights drawn straight into memory (no 17 GB written and read back at 7B)
         from points.tooling.synthetic import random_model
 
+        from points.runtime.cpu_linear import use_cpu_kernels
+
         model = random_model(preset, device, dtype)
+        if device.type == "cpu":  # what points.load does on the CPU (points.loading.build)
+            use_cpu_kernels(model.decoder)
         processor, engine = ImageProcessor(max_pixels=RELEASE_MAX_PIXELS), Engine(model.decoder, attn=attn)
     weights = {name: sum(p.numel() * p.element_size() for p in part.parameters())
                for name, part in (("decoder", model.decoder), ("vision", model.vision), ("projector", model.projector))}
@@ -130,10 +134,12 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
         quantize_decoder(model.decoder, quantize, lm_head=quantize_lm_head)
         weights["decoder"] = sum(p.numel() * p.element_size() for p in model.decoder.parameters())
 
-    bw, rate_llm, rate_vis = _machine_rates(model.cfg, sizes, device, dtype)
+    copies, rate_llm, rate_vis = _machine_rates(model.cfg, sizes, device, dtype)
+    bw = copies.best
     result = {"preset": preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "repeat": repeat,
               "quick": sizes is QUICK, "quantize": quantize and {"scheme": quantize, "lm_head": quantize_lm_head},
               "machine": machine(device), "weights_bytes": weights, "copy_bytes_per_s": bw,
+              "copy_median_bytes_per_s": copies.median, "copy_spread": copies.spread,
               "matmul_flops_per_s": {"decoder": rate_llm, "vision": rate_vis}, "rows": []}
     b = Bench(model, engine, processor, llm, vision, device, dtype, repeat, attn, sizes, bw, rate_llm, rate_vis, result)
     print(_header(result), flush=True)
@@ -162,10 +168,11 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
     return result
 
 
-def _machine_rates(cfg, sizes: Sizes, device: torch.device, dtype: torch.dtype) -> tuple[float, float, float]:
-    """The floors' denominators: copy bandwidth (bytes/s), the matmul rate (FLOP/s) on decoder and on vision
-    shapes, each the best of the square probes and its own shapes'."""
-    bw, (d, v) = copy_bandwidth(device), (cfg.decoder, cfg.vision)
+def _machine_rates(cfg, sizes: Sizes, device: torch.device, dtype: torch.dtype):
+    """The floors' denominators: the copy bandwidth (`copy_stats`: its best is the floor's bytes/s), the
+    matmul rate (FLOP/s) on decoder and on vision shapes, each the best of the square probes and its own
+    shapes'."""
+    bw, (d, v) = copy_stats(device), (cfg.decoder, cfg.vision)
     square = max(matmul_rate(n, n, n, dtype, device) for n in sizes.matmul)
     rate_llm = max(square, matmul_rate(sizes.long // 2, d.hidden_size, d.ffn_size, dtype, device))
     rate_vis = max(square, matmul_rate(sizes.long, v.embed_dim, v.mlp_dim, dtype, device),
@@ -322,7 +329,8 @@ def _header(r: dict) -> str:
     ours = f" (ours: decoder {q['scheme']}{' with lm_head' if q['lm_head'] else ''})" if q else ""
     return (f"points bench, preset {r['preset']}, {r['dtype']}{ours} on {r['device']} ({where}), torch {m['torch']}, "
             f"transformers {m.get('transformers', 'absent')}; min/median of {r['repeat']} runs after a warm-up\n"
-            f"copy bandwidth {r['copy_bytes_per_s'] / 1e9:.1f} GB/s; matmul rate {r['matmul_flops_per_s']['decoder'] / 1e9:.0f} "
+            f"copy bandwidth {r['copy_bytes_per_s'] / 1e9:.1f} GB/s (best of 10 copies of 1 GiB; median "
+            f"{r['copy_median_bytes_per_s'] / 1e9:.1f}, spread {r['copy_spread']:.0%}); matmul rate {r['matmul_flops_per_s']['decoder'] / 1e9:.0f} "
             f"GFLOP/s (decoder shapes), {r['matmul_flops_per_s']['vision'] / 1e9:.0f} GFLOP/s (vision shapes)\n"
             f"{'row':46} {'points min / median':>22} {'transformers min / median':>27} {'ratio':>6} "
             f"{'floor':>9} {'of floor':>8}")

@@ -50,12 +50,30 @@ def timed(fn, device: torch.device, repeat: int = 5, warmup: int = 1) -> Timing:
     return Timing(min(runs), statistics.median(runs), runs)
 
 
-def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
-    """Bytes read + written per second by one large copy (best of 5)."""
-    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)
+@dataclass
+class Bandwidth:
+    best: float  # bytes read + written per second, the best copy
+    median: float
+    spread: float  # (best - slowest) / best over the timed copies
+
+    def __str__(self) -> str:
+        return f"{self.best / 1e9:.1f} GB/s (median {self.median / 1e9:.1f}, spread {self.spread:.0%})"
+
+
+def copy_stats(device: torch.device, nbytes: int = 1 << 30, repeat: int = 10, warmup: int = 2) -> Bandwidth:
+    """Bytes read + written per second by a copy of `nbytes` (1 GiB: far beyond any CPU's last-level cache,
+    which a 256 MiB copy was not, the cause of floors that moved 2x between runs), `warmup` untimed copies
+    (pages faulted in, clocks up), then `repeat` timed ones."""
     x = torch.ones(nbytes, dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
-    return 2 * nbytes / timed(lambda: y.copy_(x), device, repeat=5).min_s
+    t = timed(lambda: y.copy_(x), device, repeat=repeat, warmup=warmup)
+    rates = sorted(2 * nbytes / s for s in t.runs)
+    return Bandwidth(rates[-1], statistics.median(rates), (rates[-1] - rates[0]) / rates[-1])
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
+    """The floors' bandwidth: the best of `copy_stats` (bytes read + written per second)."""
+    return copy_stats(device, nbytes or (1 << 30)).best
 
 
 def matmul_rate(n: int, k: int, m: int, dtype: torch.dtype, device: torch.device) -> float:

@@ -1,0 +1,100 @@
+"""Building this project's C++ CPU kernels on first use (`int8_gemv.cpp`, `float_gemv.cpp`) and loading them.
+
+A library is built once per source text, compiler and flags into `$POINTS_CACHE/kernels` (default
+`~/.cache/points/kernels`), written under a temporary name and renamed, so concurrent first uses do not see
+half a file. `load(source, flags, setup)` returns the library with `setup` having declared its functions, or
+None and the reason (no x86-64 CPU with AVX2/FMA/F16C, no compiler, a failed build, `POINTS_CPU_KERNELS=0`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("POINTS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "points")
+    return Path(root) / "kernels"
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_flags() -> frozenset[str]:
+    """The flags /proc/cpuinfo reports (read once)."""
+    return frozenset(_read_flags())
+
+
+def _read_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "g++", "c++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def build(source: Path, cxx: str, flags: list[str] = FLAGS) -> Path:
+    text = source.read_bytes()
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    key = hashlib.sha256(text + repr((version, flags)).encode()).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{source.stem}-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *flags, str(source), "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{cxx} failed on {source.name}: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load(source: Path, setup: Callable[[ctypes.CDLL], None], flags: list[str] = FLAGS) -> tuple[ctypes.CDLL | None, str | None]:
+    """(the library, None), or (None, why it is not available)."""
+    if os.environ.get("POINTS_CPU_KERNELS", "1") == "0":
+        return None, "turned off by POINTS_CPU_KERNELS=0"
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None, f"needs an x86-64 CPU (this is {platform.machine()})"
+    if not {"avx2", "fma", "f16c"} <= cpu_flags():
+        return None, "needs a CPU with AVX2, FMA and F16C"
+    cxx = compiler()
+    if cxx is None:
+        return None, "no C++ compiler found ($CXX, g++, c++)"
+    try:
+        lib = ctypes.CDLL(str(build(source, cxx, flags)))
+        setup(lib)
+    except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
+        return None, f"could not build or load {source.name}: {e}"
+    return lib, None
