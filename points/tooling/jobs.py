@@ -24,6 +24,7 @@ from points.io.atomic import Terminated, sigterm_raises, write_text_atomically
 from points.io.outputs import OutputError, OutputLock, check_output
 from points.io.processor import is_url
 from points.io.progress import Progress
+from points.tooling.options import progress_enabled
 
 
 class RunError(ValueError):
@@ -283,6 +284,13 @@ class Job:
     before: Callable[[list[Item], list[dict]], None] | None = None  # writes them, before OUT (rank 0)
 
 
+def add_dataset_options(p, line: str) -> None:
+    """--model, --input (a JSONL of `line` objects) and --output: what every command on `drive` reads."""
+    p.add_argument("--model", required=True, help="checkpoint directory (released layout or ours)")
+    p.add_argument("--input", required=True, type=Path, help=f"JSONL: one {line} object per line")
+    p.add_argument("--output", required=True, type=Path, help="JSONL written at the end, one line per input id")
+
+
 def drive(job: Job) -> int:
     """Check everything, take the lock, read the journals, run this rank's share of what is left, and (rank
     0) write the outputs; the exit code (see points/tooling/run.py's docstring)."""
@@ -319,8 +327,7 @@ def drive(job: Job) -> int:
                         forget_meta(out)
                     raise
                 journal = Journal(out.with_name(f"{out.name}.journal.{dist.rank}"))
-                enabled = {"auto": None, "on": True, "off": False}[args.progress]
-                progress = Progress(label, len(share), unit="items", enabled=enabled)
+                progress = Progress(label, len(share), unit="items", enabled=progress_enabled(args))
                 try:
                     job.work(model, share, journal, progress)
                 finally:

@@ -43,6 +43,17 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="for sampling (default: none)")
 
 
+def add_progress_option(p: argparse.ArgumentParser) -> None:
+    """--progress auto|on|off (`points run`, `score`, `soup`); `progress_enabled` reads it."""
+    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
+                   help="the progress line (auto: when stderr is a terminal)")
+
+
+def progress_enabled(args) -> bool | None:
+    """--progress as `Progress(enabled=)`: None (auto), True or False."""
+    return {"auto": None, "on": True, "off": False}[args.progress]
+
+
 def image_error(flag: str, path: str) -> str | None:
     """None if `path` is an image the processor can read, else the error line naming the flag and the path
     (`points chat --image` and `/image`, `points demo --image`: checked before anything loads)."""

@@ -52,11 +52,12 @@ import json
 from pathlib import Path
 
 from points.io.progress import Progress
-from points.tooling.jobs import ITEM_ERRORS, Item, Job, Journal, RunError, drive, item_error
+from points.tooling.jobs import ITEM_ERRORS, Item, Job, Journal, RunError, add_dataset_options, drive, item_error
 from points.tooling.jobs import check_meta  # noqa: F401 (one of the names tests and tools use from here)
 from points.tooling.jobs import read_items as _read_items
 from points.tooling.jobs import read_records as _read_records
-from points.tooling.options import add_generation_options, add_weight_options, check_weight_options, generation_kwargs
+from points.tooling.options import (add_generation_options, add_progress_option, add_weight_options,
+                                    check_weight_options, generation_kwargs)
 
 # generation fields an input line may carry for itself, over the command's (--max-new-tokens etc.)
 ITEM_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
@@ -126,16 +127,13 @@ def process(pipe, items: list[Item], gen: dict, journal: Journal, progress: Prog
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="points run", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory (released layout or ours)")
-    p.add_argument("--input", required=True, type=Path, help="JSONL: one {\"id\", \"messages\"} object per line")
-    p.add_argument("--output", required=True, type=Path, help="JSONL written at the end, one line per input id")
+    add_dataset_options(p, '{"id", "messages"}')
     p.add_argument("--batch-size", type=int, default=8,
                    help="rows decoded at once; items join as rows come free (default: %(default)s)")
     add_generation_options(p)
     add_weight_options(p, device_help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) ")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
-                   help="the progress line (auto: when stderr is a terminal)")
+    add_progress_option(p)
     return p
 
 

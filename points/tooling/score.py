@@ -34,8 +34,9 @@ from pathlib import Path
 
 from points.io.atomic import write_text_atomically
 from points.io.progress import Progress
-from points.tooling.jobs import ITEM_ERRORS, Item, Job, Journal, RunError, drive, item_error, read_items
-from points.tooling.options import add_weight_options, check_weight_options
+from points.tooling.jobs import (ITEM_ERRORS, Item, Job, Journal, RunError, add_dataset_options, drive, item_error,
+                                 read_items)
+from points.tooling.options import add_progress_option, add_weight_options, check_weight_options
 
 RESULTS = ("tokens", "logprob", "perplexity")
 
@@ -98,10 +99,7 @@ def kept(items: list[Item], records: list[dict], fraction: float) -> list[str]:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="points score", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="checkpoint directory (released layout or ours)")
-    p.add_argument("--input", required=True, type=Path,
-                   help="JSONL: one {\"id\", \"messages\", \"reply\"} object per line")
-    p.add_argument("--output", required=True, type=Path, help="JSONL written at the end, one line per input id")
+    add_dataset_options(p, '{"id", "messages", "reply"}')
     p.add_argument("--batch-size", type=int, default=None,
                    help="items per padded forward (default: 8 on CUDA, 1 on the CPU, where the prefill is compute-bound "
                         "and a padded batch measured 0.93x the same items one at a time)")
@@ -109,8 +107,7 @@ def parser() -> argparse.ArgumentParser:
                    help="with --filtered: the fraction (0 to 1) of scored items to keep, lowest perplexity first")
     p.add_argument("--filtered", type=Path, default=None, help="with --keep-fraction: JSONL of the kept input lines")
     add_weight_options(p, device_help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) ")
-    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
-                   help="the progress line (auto: when stderr is a terminal)")
+    add_progress_option(p)
     return p
 
 

@@ -37,6 +37,7 @@ from points.io.atomic import partial_dir, stream_tensors, writing
 from points.io.checkpoint import DTYPES, INDEX, SINGLE, TensorFiles, forget_pages
 from points.io.config import read_config, to_dict
 from points.io.progress import Progress
+from points.tooling.options import add_progress_option, progress_enabled
 
 BLOCK_BYTES = 32 << 20  # float64 bytes of accumulator per block of rows
 
@@ -227,14 +228,13 @@ def main(argv=None) -> int:
     p.add_argument("--weights", nargs="+", type=float, default=None,
                    help="one per input, >= 0, normalized to sum 1 (default: equal)")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: each tensor's stored dtype")
-    p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",
-                   help="the progress line (auto: when stderr is a terminal)")
+    add_progress_option(p)
     args = p.parse_args(argv)
     if len(args.inputs) < 2:
         p.error(f"{len(args.inputs)} input given; a soup needs two checkpoints or more")
     try:
         out = soup(args.inputs, args.output, weights=args.weights, dtype=args.dtype,
-                   progress={"auto": None, "on": True, "off": False}[args.progress])
+                   progress=progress_enabled(args))
     except (CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
