@@ -3,7 +3,8 @@
 A library is built once per source text, compiler and flags into `$POINTS_CACHE/kernels` (default
 `~/.cache/points/kernels`), written under a temporary name and renamed, so concurrent first uses do not see
 half a file. `load(source, flags, setup)` returns the library with `setup` having declared its functions, or
-None and the reason (no x86-64 CPU with AVX2/FMA/F16C, no compiler, a failed build, `POINTS_CPU_KERNELS=0`).
+None and the reason (no x86-64 CPU with AVX2/FMA/F16C, no compiler, a failed build, `POINTS_CPU_KERNELS=0`);
+`Library` does that once per process, on first use.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -98,3 +100,30 @@ def load(source: Path, setup: Callable[[ctypes.CDLL], None], flags: list[str] = 
     except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
         return None, f"could not build or load {source.name}: {e}"
     return lib, None
+
+
+class Library:
+    """A kernel's library, built and loaded on the first `get()` (once per process, thread-safe)."""
+
+    def __init__(self, source: Path, setup: Callable[[ctypes.CDLL], None]):
+        self.source, self.setup = source, setup
+        self._lock = threading.Lock()
+        self._done = False
+        self._lib: ctypes.CDLL | None = None
+        self._why: str | None = None
+
+    def get(self) -> ctypes.CDLL | None:
+        if not self._done:
+            with self._lock:
+                if not self._done:
+                    self._lib, self._why = load(self.source, self.setup)
+                    self._done = True  # (last: get's unlocked check)
+        return self._lib
+
+    def available(self) -> bool:
+        return self.get() is not None
+
+    def reason(self) -> str | None:
+        """Why the kernel is not available (None when it is)."""
+        self.get()
+        return self._why

@@ -26,7 +26,7 @@ ISAS = ("avx2", "avx512", "avx512_bf16")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1}
 
 _lock = threading.Lock()
-_state: dict = {}
+_state: dict = {}  # the measured plans, by dtype
 
 
 def _setup(lib: ctypes.CDLL) -> None:
@@ -35,23 +35,16 @@ def _setup(lib: ctypes.CDLL) -> None:
     fn.restype = ctypes.c_int
 
 
-def _load() -> ctypes.CDLL | None:
-    if "lib" in _state:
-        return _state["lib"]
-    with _lock:
-        if "lib" not in _state:
-            lib, why = cpu_build.load(SOURCE, _setup)
-            _state["why"], _state["lib"] = why, lib
-        return _state["lib"]
+_library = cpu_build.Library(SOURCE, _setup)
 
 
 def available() -> bool:
-    return _load() is not None
+    return _library.available()
 
 
 def reason() -> str | None:
-    _load()
-    return _state["why"]
+    """Why the kernel is not available (None when it is)."""
+    return _library.reason()
 
 
 def isa() -> str:
@@ -66,7 +59,7 @@ def isa() -> str:
 
 
 def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, which: str | None = None) -> torch.Tensor:
-    lib = _load()
+    lib = _library.get()
     if lib is None:
         raise RuntimeError(f"points::float_gemv is not available: {reason()}")
     n, k = weight.shape
@@ -162,7 +155,7 @@ def plan(dtype: torch.dtype) -> dict[int, str | None]:
 
     if dtype not in DTYPE_CODES or not available():
         return {}
-    key = ("plans", dtype)
+    key = dtype
     if key in _state:
         return _state[key]
     with _lock:

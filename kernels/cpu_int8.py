@@ -16,7 +16,6 @@ call (no graph break) in the compiled decode step.
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 
 import torch
@@ -24,9 +23,6 @@ import torch
 from points.kernels import cpu_build
 
 SOURCE = Path(__file__).with_name("int8_gemv.cpp")
-
-_lock = threading.Lock()
-_state: dict = {}
 
 
 def _setup(lib: ctypes.CDLL) -> None:
@@ -36,31 +32,23 @@ def _setup(lib: ctypes.CDLL) -> None:
     fn.restype = ctypes.c_int
 
 
-def _load() -> ctypes.CDLL | None:
-    if "lib" in _state:
-        return _state["lib"]
-    with _lock:
-        if "lib" not in _state:
-            lib, why = cpu_build.load(SOURCE, _setup)
-            _state["why"], _state["lib"] = why, lib  # "lib" last: _load's unlocked check
-        return _state["lib"]
+_library = cpu_build.Library(SOURCE, _setup)
 
 
 def available() -> bool:
-    return _load() is not None
+    return _library.available()
 
 
 def reason() -> str | None:
     """Why the kernel is not available (None when it is)."""
-    _load()
-    return _state["why"]
+    return _library.reason()
 
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def _run(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    lib = _load()
+    lib = _library.get()
     if lib is None:
         raise RuntimeError(f"points::int8_gemv is not available: {reason()}")
     n, k = weight.shape
