@@ -12,11 +12,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from points.io.processor import smart_resize
+from points.kernels import cpu_build
 from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
 
@@ -92,25 +92,12 @@ VECTOR_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
 def cpu_flags() -> str:
     """The vector units /proc/cpuinfo reports that decide which kernels win (space-separated, in VECTOR_FLAGS'
     order; "" where it cannot be read)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return " ".join(f for f in VECTOR_FLAGS if f in have)
-    except OSError:
-        pass
-    return ""
+    have = cpu_build.cpu_flags()
+    return " ".join(f for f in VECTOR_FLAGS if f in have)
 
 
 def machine(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_build.cpu_model()
     info = {"cpu": cpu, "cpu_flags": cpu_flags(), "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
     if device.type == "cuda":
