@@ -312,7 +312,6 @@ class Scheduler:
                 request.error = e
                 self._end(request, "error")
                 continue
-            self._admitting = None
             self._push(i, first)
 
     def _prefill(self, i: int, request: Request) -> int:
