@@ -66,13 +66,12 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, which
     code = ISAS.index(which or isa())
     if code == 2 and weight.dtype != torch.bfloat16:
         code = 1  # (the dot-product instruction is bf16's)
-    x2, weight = x.reshape(-1, k).contiguous(), weight.contiguous()  # bound to names: see cpu_int8._run
-    if bias is not None:
-        bias = bias.contiguous()
+    # bound to names, so that a copy lives until the call returns
+    x2, weight, bias = x.reshape(-1, k).contiguous(), weight.contiguous(), None if bias is None else bias.contiguous()
     y = torch.empty(x2.shape[0], n, dtype=x.dtype)
     lib.points_float_gemv(x2.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
                           DTYPE_CODES[x.dtype], code, x2.shape[0], n, k)
-    return y.reshape(*x.shape[:-1], n)
+    return y.view(*x.shape[:-1], n)
 
 
 @torch.library.custom_op("points::float_gemv", mutates_args=())
@@ -103,6 +102,14 @@ def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     if which is not None and (which not in ISAS or ISAS.index(which) > ISAS.index(isa())):
         raise ValueError(f"float_gemv: which = {which!r}, expected one of {ISAS[:ISAS.index(isa()) + 1]} (what this "
                          "CPU has)")
+    return _run(x, weight, bias, which)
+
+
+def planned(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, which: str) -> torch.Tensor:
+    """float_gemv without its checks, for a caller that made them once (GemvLinear: the weight's dtype and
+    shape fixed at the swap, `which` from the plan, x checked on the way in)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.points.float_gemv(x, weight, bias, which)
     return _run(x, weight, bias, which)
 
 

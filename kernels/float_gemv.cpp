@@ -168,36 +168,43 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void row_bf16dp(const uin
   }
 }
 
-// Every activation row against weight row n, four rows at a time; the sums into out[m * N + n].
+// Up to four activation rows (mb of them) against weight row wn; their float32 sums into s[0..mb).
 template <int DT>
-inline void weight_row(int isa, const float* xf, const uint16_t* xh, int64_t M, const void* wn, int64_t K, float* out,
-                       int64_t N) {
-  int64_t m = 0;
+inline void rows_block(int isa, const float* xf, const uint16_t* xh, int mb, const void* wn, int64_t K, float* s) {
   if (DT == kBFloat16 && isa == 2) {
     const uint16_t* w = static_cast<const uint16_t*>(wn);
-    for (; m + 4 <= M; m += 4) row_bf16dp<4, 2>(xh + m * K, K, w, K, out + m * N, N);
-    switch (M - m) {
-      case 3: row_bf16dp<3, 2>(xh + m * K, K, w, K, out + m * N, N); break;
-      case 2: row_bf16dp<2, 2>(xh + m * K, K, w, K, out + m * N, N); break;
-      case 1: row_bf16dp<1, 4>(xh + m * K, K, w, K, out + m * N, N); break;
-      default: break;
+    switch (mb) {
+      case 4: row_bf16dp<4, 2>(xh, K, w, K, s, 1); break;
+      case 3: row_bf16dp<3, 2>(xh, K, w, K, s, 1); break;
+      case 2: row_bf16dp<2, 2>(xh, K, w, K, s, 1); break;
+      default: row_bf16dp<1, 4>(xh, K, w, K, s, 1); break;
     }
   } else if (isa >= 1) {
-    for (; m + 4 <= M; m += 4) row_avx512<DT, 4, 2>(xf + m * K, K, wn, K, out + m * N, N);
-    switch (M - m) {
-      case 3: row_avx512<DT, 3, 2>(xf + m * K, K, wn, K, out + m * N, N); break;
-      case 2: row_avx512<DT, 2, 2>(xf + m * K, K, wn, K, out + m * N, N); break;
-      case 1: row_avx512<DT, 1, 4>(xf + m * K, K, wn, K, out + m * N, N); break;
-      default: break;
+    switch (mb) {
+      case 4: row_avx512<DT, 4, 2>(xf, K, wn, K, s, 1); break;
+      case 3: row_avx512<DT, 3, 2>(xf, K, wn, K, s, 1); break;
+      case 2: row_avx512<DT, 2, 2>(xf, K, wn, K, s, 1); break;
+      default: row_avx512<DT, 1, 4>(xf, K, wn, K, s, 1); break;
     }
   } else {
-    for (; m + 4 <= M; m += 4) row_avx2<DT, 4, 2>(xf + m * K, K, wn, K, out + m * N, N);
-    switch (M - m) {
-      case 3: row_avx2<DT, 3, 2>(xf + m * K, K, wn, K, out + m * N, N); break;
-      case 2: row_avx2<DT, 2, 2>(xf + m * K, K, wn, K, out + m * N, N); break;
-      case 1: row_avx2<DT, 1, 4>(xf + m * K, K, wn, K, out + m * N, N); break;
-      default: break;
+    switch (mb) {
+      case 4: row_avx2<DT, 4, 2>(xf, K, wn, K, s, 1); break;
+      case 3: row_avx2<DT, 3, 2>(xf, K, wn, K, s, 1); break;
+      case 2: row_avx2<DT, 2, 2>(xf, K, wn, K, s, 1); break;
+      default: row_avx2<DT, 1, 4>(xf, K, wn, K, s, 1); break;
     }
+  }
+}
+
+// Every activation row against weight row n, four at a time; y[m, n] = sum + bias[n], rounded once.
+template <int DT>
+inline void weight_row(int isa, const float* xf, const uint16_t* xh, int64_t M, const void* wn, int64_t K,
+                       float b, void* y, int64_t n, int64_t N) {
+  for (int64_t m = 0; m < M; m += 4) {
+    const int mb = static_cast<int>(M - m < 4 ? M - m : 4);
+    float s[4];
+    rows_block<DT>(isa, xf + m * K, xh + m * K, mb, wn, K, s);
+    for (int i = 0; i < mb; i++) store(y, (m + i) * N + n, s[i] + b, DT);
   }
 }
 
@@ -209,7 +216,7 @@ extern "C" int points_float_gemv(const void* x, const void* w, const void* bias,
                                  int64_t M, int64_t N, int64_t K) {
   if ((dtype != kFloat32 && dtype != kBFloat16) || isa < 0 || isa > 2) return 1;
   if (M <= 0 || N <= 0 || K <= 0) return 0;
-  std::vector<float> sums(M * N), widened;
+  std::vector<float> widened;
   const float* xf = static_cast<const float*>(x);
   const uint16_t* xh = static_cast<const uint16_t*>(x);
   if (dtype == kBFloat16 && isa != 2) {
@@ -218,18 +225,16 @@ extern "C" int points_float_gemv(const void* x, const void* w, const void* bias,
     xf = widened.data();
   }
   const int64_t esize = dtype == kFloat32 ? 4 : 2;
-  float* out = sums.data();
-  // Below about 64 KiB of weights the fork/join costs more than it saves.
+  // Below about 64 KiB of weights the fork/join costs more than it saves. Each thread writes its own
+  // columns of y: no buffer of sums, no serial pass after the loop.
 #pragma omp parallel for schedule(static) if (N * K * esize >= (int64_t{1} << 16))
   for (int64_t n = 0; n < N; n++) {
     const void* wn = static_cast<const char*>(w) + n * K * esize;
+    const float b = bias ? load(bias, n, dtype) : 0.0f;
     if (dtype == kFloat32)
-      weight_row<kFloat32>(isa, xf, xh, M, wn, K, out + n, N);
+      weight_row<kFloat32>(isa, xf, xh, M, wn, K, b, y, n, N);
     else
-      weight_row<kBFloat16>(isa, xf, xh, M, wn, K, out + n, N);
+      weight_row<kBFloat16>(isa, xf, xh, M, wn, K, b, y, n, N);
   }
-  for (int64_t m = 0; m < M; m++)
-    for (int64_t n = 0; n < N; n++)
-      store(y, m * N + n, out[m * N + n] + (bias ? load(bias, n, dtype) : 0.0f), dtype);
   return 0;
 }

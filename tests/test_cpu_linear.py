@@ -25,7 +25,7 @@ def test_same_parameters_and_numbers(dtype):
     assert all(type(m) is GemvLinear for m in (net[0], net[2]))
     assert all(a is b for a, b in zip(net.parameters(), params))
     assert {k: v.data_ptr() for k, v in net.state_dict().items()} == state
-    assert len(net[0].plan) == len(cpu_gemv.ROWS)
+    assert len(net[0].by_rows) == cpu_gemv.ROWS[-1] + 1 and net[0].by_rows[0] is None
     ref = _net(dtype)
     with torch.inference_mode():
         for rows in (1, 3, 8, 9, 40):

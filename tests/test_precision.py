@@ -89,7 +89,7 @@ def test_rotary_in_bfloat16_is_applied_in_float32(official_dir, device, monkeypa
     positions = torch.arange(16384 - T, 16384, device=device)[None]
     model(torch.randint(0, 1000, (1, T), generator=torch.Generator().manual_seed(4)).to(device),
           meta=AttentionMeta(positions, T, fresh=True))
-    q, k, _ = (t.unflatten(-1, (-1, attn.head_dim)) for t in seen["qkv"].split(attn.split, dim=-1))
+    q, k, _ = seen["qkv"].unflatten(-1, (-1, attn.head_dim)).split(attn.heads, dim=-2)
     cos, sin = rotary_tables(positions, inv_freq(attn.head_dim, model.cfg.rope_theta, device))
     cos, sin = cos[:, :, None], sin[:, :, None]
 

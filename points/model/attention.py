@@ -133,6 +133,9 @@ def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
     if fresh and T > 1 and (q.device.type == "cpu" or q.dtype in (torch.float16, torch.bfloat16)):
         return F.scaled_dot_product_attention(q, k[:, :, :T], v[:, :, :T], is_causal=True, enable_gqa=True)
     S = k.shape[2]
+    if T == 1:  # a decode step: the rep queries of a KV head share one row of the mask, broadcast
+        visible = torch.arange(S, device=q.device) <= q_pos[:, :, None]  # [B, 1, S]
+        return F.scaled_dot_product_attention(q.view(B, Hkv, rep, D), k, v, attn_mask=visible[:, None]).view(B, Hq, 1, D)
     q = q.view(B, Hkv, rep, T, D)
     out = []
     for start in range(0, T, query_chunk):

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
 
 from points.model.config import DecoderConfig
@@ -36,9 +35,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        # F.rms_norm is that formula (pow, mean, add, rsqrt, mul in one call, the same bits), over float32 here
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -49,14 +47,15 @@ class Attention(nn.Module):
         q_dim, kv_dim = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         self.qkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.out = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
-        self.split = (q_dim, kv_dim, kv_dim)
+        self.heads = (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMeta):
-        q, k, v = (rearrange(t, "b t (h d) -> b t h d", d=self.head_dim)
-                   for t in self.qkv(x).split(self.split, dim=-1))
-        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)  # [B, T, Hq, D], [B, T, Hkv, D]
+        qkv = self.qkv(x).unflatten(-1, (-1, self.head_dim))  # [B, T, Hq + 2 Hkv, D]
+        n_q, n_kv, _ = self.heads
+        qk = apply_rotary(qkv[:, :, :n_q + n_kv], *rope)  # q's and k's heads turned together
+        q, k, v = qk[:, :, :n_q], qk[:, :, n_q:], qkv[:, :, n_q + n_kv:]  # [B, T, Hq, D], [B, T, Hkv, D] x 2
         y = causal_attention(q, k, v, meta, self.layer)  # [B, T, Hq, D]
-        return self.out(rearrange(y, "b t h d -> b t (h d)"))
+        return self.out(y.flatten(-2))
 
 
 class SwiGLU(nn.Module):

@@ -20,15 +20,16 @@ from points.kernels import cpu_gemv
 
 
 class GemvLinear(nn.Linear):
-    plan: tuple = ()  # the product for 1..ROWS[i] rows: cpu_gemv.plan of the weight's dtype, fixed at the swap
+    # by_rows[r]: the product for r rows from cpu_gemv.plan of the weight's dtype, fixed at the swap (None: PyTorch's;
+    # r past the end: PyTorch's)
+    by_rows: tuple = ()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if (0 < rows <= cpu_gemv.ROWS[-1] and x.device.type == "cpu" and x.dtype == self.weight.dtype
+        rows = x.numel() // self.in_features if self.in_features else 0
+        which = self.by_rows[rows] if rows < len(self.by_rows) else None
+        if (which is not None and x.is_cpu and x.dtype == self.weight.dtype
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
-            which = next(c for r, c in zip(cpu_gemv.ROWS, self.plan) if rows <= r) if self.plan else None
-            if which is not None:
-                return cpu_gemv.float_gemv(x, self.weight, self.bias, which)
+            return cpu_gemv.planned(x, self.weight, self.bias, which)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -45,7 +46,8 @@ def use_cpu_kernels(module: nn.Module) -> int:
                 new = GemvLinear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
                 new.weight, new.bias = child.weight, child.bias
                 found = cpu_gemv.plan(child.weight.dtype)
-                new.plan = tuple(found.get(r) for r in cpu_gemv.ROWS)
+                new.by_rows = (None,) + tuple(found.get(next(r for r in cpu_gemv.ROWS if r >= rows))
+                                              for rows in range(1, cpu_gemv.ROWS[-1] + 1))
                 setattr(parent, name, new)
                 swapped += 1
     return swapped
