@@ -90,3 +90,22 @@ def test_bench_prefix_tool_tiny(tmp_path):
     cache, plain = result["rows"]
     assert cache["reused_tokens"] >= result["turn1_tokens"] and plain["reused_tokens"] == 0
     assert cache["prefilled_tokens"] + cache["reused_tokens"] == result["turn2_tokens"] == plain["prefilled_tokens"]
+
+
+def test_bench_soup_tool_tiny(tmp_path):
+    """tools/bench_soup.py on three tiny checkpoints: both ways timed; ours is the mean rounded once (0 elements
+    differ), the official way's bf16 sum is not."""
+    done = subprocess.run([sys.executable, str(ROOT / "tools/bench_soup.py"), "--preset", "tiny", "--inputs", "3",
+                           "--rounds", "1", "--bursts", "1", "--workdir", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert rows["points soup"][2].strip() == "0.0000%" and rows["official way"][2].strip() != "0.0000%"
+    assert "official / ours time" in done.stdout
+
+
+def test_profile_step_tool_tiny(tmp_path):
+    """tools/profile_step.py on the tiny preset: the step split into the kernel's products and the rest."""
+    done = subprocess.run([sys.executable, str(ROOT / "tools/profile_step.py"), "--preset", "tiny", "--prompt", "8",
+                           "--steps", "2", "--workdir", str(tmp_path)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "the products" in done.stdout and "ATen ops:" in done.stdout

@@ -36,7 +36,7 @@ from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor
 from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
 from points.runtime.vision import image_features
-from points.tooling.measure import (Timing, copy_stats, decode_bytes, load_probe, machine, matmul_rate,
+from points.tooling.measure import (BURSTS, Timing, copy_stats, decode_bytes, load_probe, machine, matmul_rate,
                                     ours_decode, prefill_flops, sync, theirs_decode, timed, vision_flops,
                                     vision_grid)
 from points.tooling.options import add_weight_options, check_weight_options
@@ -139,7 +139,7 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
     result = {"preset": preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "repeat": repeat,
               "quick": sizes is QUICK, "quantize": quantize and {"scheme": quantize, "lm_head": quantize_lm_head},
               "machine": machine(device), "weights_bytes": weights, "copy_bytes_per_s": bw,
-              "copy_median_bytes_per_s": copies.median, "copy_spread": copies.spread,
+              "copy_median_bytes_per_s": copies.median, "copy_spread": copies.spread, "copy_bursts": copies.bursts,
               "matmul_flops_per_s": {"decoder": rate_llm, "vision": rate_vis}, "rows": []}
     b = Bench(model, engine, processor, llm, vision, device, dtype, repeat, attn, sizes, bw, rate_llm, rate_vis, result)
     print(_header(result), flush=True)
@@ -172,7 +172,7 @@ def _machine_rates(cfg, sizes: Sizes, device: torch.device, dtype: torch.dtype):
     """The floors' denominators: the copy bandwidth (`copy_stats`: its best is the floor's bytes/s), the
     matmul rate (FLOP/s) on decoder and on vision shapes, each the best of the square probes and its own
     shapes'."""
-    bw, (d, v) = copy_stats(device), (cfg.decoder, cfg.vision)
+    bw, (d, v) = copy_stats(device, bursts=1 if sizes is QUICK else BURSTS), (cfg.decoder, cfg.vision)
     square = max(matmul_rate(n, n, n, dtype, device) for n in sizes.matmul)
     rate_llm = max(square, matmul_rate(sizes.long // 2, d.hidden_size, d.ffn_size, dtype, device))
     rate_vis = max(square, matmul_rate(sizes.long, v.embed_dim, v.mlp_dim, dtype, device),
@@ -329,7 +329,8 @@ def _header(r: dict) -> str:
     ours = f" (ours: decoder {q['scheme']}{' with lm_head' if q['lm_head'] else ''})" if q else ""
     return (f"points bench, preset {r['preset']}, {r['dtype']}{ours} on {r['device']} ({where}), torch {m['torch']}, "
             f"transformers {m.get('transformers', 'absent')}; min/median of {r['repeat']} runs after a warm-up\n"
-            f"copy bandwidth {r['copy_bytes_per_s'] / 1e9:.1f} GB/s (best of 10 copies of 1 GiB; median "
+            f"copy bandwidth {r['copy_bytes_per_s'] / 1e9:.1f} GB/s (the best copy of 1 GiB in {len(r['copy_bursts'])} "
+            f"burst(s) a second apart: {' '.join(f'{b / 1e9:.1f}' for b in r['copy_bursts'])}; median "
             f"{r['copy_median_bytes_per_s'] / 1e9:.1f}, spread {r['copy_spread']:.0%}); matmul rate {r['matmul_flops_per_s']['decoder'] / 1e9:.0f} "
             f"GFLOP/s (decoder shapes), {r['matmul_flops_per_s']['vision'] / 1e9:.0f} GFLOP/s (vision shapes)\n"
             f"{'row':46} {'points min / median':>22} {'transformers min / median':>27} {'ratio':>6} "
