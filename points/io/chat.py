@@ -53,14 +53,16 @@ class ImageError(ValueError):
 
 
 class _Parts(list):
-    def text(self, s: str) -> None:
-        if self and not self[-1][1]:
-            self[-1] = (self[-1][0] + s, False)
-        elif s:
-            self.append((s, False))
+    """(text, is_marker, is_target) pieces; neighbouring plain text of the same kind is joined."""
 
-    def marker(self, s: str) -> None:
-        self.append((s, True))
+    def text(self, s: str, target: bool = False) -> None:
+        if self and not self[-1][1] and self[-1][2] == target:
+            self[-1] = (self[-1][0] + s, False, target)
+        elif s:
+            self.append((s, False, target))
+
+    def marker(self, s: str, target: bool = False) -> None:
+        self.append((s, True, target))
 
 
 def _items(message: dict, i: int) -> list[dict]:
@@ -83,6 +85,48 @@ def _items(message: dict, i: int) -> list[dict]:
 
 
 def build_prompt(messages: list[dict], processor: ImageProcessor) -> Prompt:
+    """The prompt that asks for the reply to `messages` (whose last message is the user's)."""
+    parts, pixels, grids = _render(messages, processor, training=False)
+    last = messages[-1]["role"]
+    if last != "user":
+        raise ValueError(f"messages: the last message must come from the user (to be answered), not {last!r}")
+    parts.marker(IM_START)
+    parts.text("assistant\n")
+    return Prompt([(t, m) for t, m, _ in parts], torch.cat(pixels) if pixels else None,
+                  torch.tensor(grids, dtype=torch.long) if grids else None)
+
+
+@dataclass
+class Conversation:
+    """A whole conversation rendered for training: the pieces of `Prompt` with, for each, whether its tokens
+    are targets (an assistant turn's text and its closing <|im_end|>; never the role header, the newline
+    after <|im_end|>, a system or user turn, or an image)."""
+    parts: list[tuple[str, bool, bool]]  # (text, is_marker, is_target)
+    pixel_values: torch.Tensor | None
+    grid_thw: torch.Tensor | None
+
+    def token_ids(self, tokenizer) -> tuple[list[int], list[bool]]:
+        """The ids and, for each, whether it is a target. An assistant turn's text is tokenized apart from the
+        header before it, so that its first token is its own."""
+        ids, target = [], []
+        for t, marker, is_target in self.parts:
+            piece = tokenizer.encode(t, special=marker)
+            ids += piece
+            target += [is_target] * len(piece)
+        return ids, target
+
+
+def build_conversation(messages: list[dict], processor: ImageProcessor) -> Conversation:
+    """`messages` as the model reads them in training: every turn closed, nothing asked for after the last;
+    at least one assistant turn (the targets)."""
+    parts, pixels, grids = _render(messages, processor, training=True)
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("messages: no assistant turn (training needs at least one reply to learn)")
+    return Conversation(list(parts), torch.cat(pixels) if pixels else None,
+                        torch.tensor(grids, dtype=torch.long) if grids else None)
+
+
+def _render(messages: list[dict], processor: ImageProcessor, training: bool):
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages: expected a non-empty list of {'role': ..., 'content': ...} dicts")
     parts, pixels, grids = _Parts(), [], []
@@ -93,11 +137,12 @@ def build_prompt(messages: list[dict], processor: ImageProcessor) -> Prompt:
             raise ValueError(f"messages[{i}].role = {m['role']!r}; expected one of {ROLES}")
         if m["role"] == "system" and i != 0:
             raise ValueError(f"messages[{i}]: a system message may only come first")
+        target = training and m["role"] == "assistant"
         parts.marker(IM_START)
         parts.text(f"{m['role']}\n")
         for j, item in enumerate(_items(m, i)):
             if item["type"] == "text":
-                parts.text(item["text"])
+                parts.text(item["text"], target)
                 continue
             if m["role"] == "system":
                 raise ValueError(f"messages[{i}].content[{j}]: a system message cannot hold images")
@@ -109,12 +154,6 @@ def build_prompt(messages: list[dict], processor: ImageProcessor) -> Prompt:
             grids.append(grid)
             parts.marker(f"{VISION_START}{IMAGE_PAD * processor.tokens(grid)}{VISION_END}")
             parts.text("\n")
-        parts.marker(IM_END)
+        parts.marker(IM_END, target)
         parts.text("\n")
-    last = messages[-1]["role"]
-    if last != "user":
-        raise ValueError(f"messages: the last message must come from the user (to be answered), not {last!r}")
-    parts.marker(IM_START)
-    parts.text("assistant\n")
-    return Prompt(list(parts), torch.cat(pixels) if pixels else None,
-                  torch.tensor(grids, dtype=torch.long) if grids else None)
+    return parts, pixels, grids

@@ -17,11 +17,14 @@ class Progress:
         self.enabled = self.stream.isatty() if enabled is None else enabled
         self.label, self.total, self.unit, self.total_bytes = label, total, unit, total_bytes
         self.done = self.bytes = self.tokens = 0
+        self.note = ""  # a figure of the work's own, shown after the rates (e.g. a training loss)
         self.start = self._last = time.perf_counter()
         if self.enabled and total_bytes is None:  # a dataset run shows where it starts
             self._draw(self.start)
 
-    def update(self, items: int = 1, nbytes: int = 0, tokens: int = 0) -> None:
+    def update(self, items: int = 1, nbytes: int = 0, tokens: int = 0, note: str | None = None) -> None:
+        if note is not None:
+            self.note = note
         self.done += items
         self.bytes += nbytes
         self.tokens += tokens
@@ -40,7 +43,8 @@ class Progress:
         rate = self.done / dt
         eta = (self.total - self.done) / rate if rate > 0 else None
         eta_s = "--" if eta is None else f"{int(eta // 60)}m{int(eta % 60):02d}s"
-        return f"{head}  {rate:.2f} {self.unit}/s  {self.tokens / dt:.1f} tok/s  ETA {eta_s}   "
+        note = f"  {self.note}" if self.note else ""
+        return f"{head}  {rate:.2f} {self.unit}/s  {self.tokens / dt:.1f} tok/s{note}  ETA {eta_s}   "
 
     def _draw(self, now: float) -> None:
         self.stream.write("\r" + self.line(now))

@@ -49,8 +49,8 @@ class Tokenizer:
         special=True (the chat template's markers): they become their ids."""
         return (self._tok if special else self._plain).encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int]) -> str:
-        return self._tok.decode(list(ids), skip_special_tokens=True)
+    def decode(self, ids: list[int], skip_special: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special)
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)

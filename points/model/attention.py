@@ -63,6 +63,8 @@ class AttentionMeta:
     kernel: "sdpa" or "triton" for a prefill (T > 1); one-token steps always run SDPA.
     query_chunk: queries per masked SDPA call.
     record: an AttentionRecord, or None (the layers it wants run the eager path).
+    segments: bounds (0, end of sequence 1, ..., T) of sequences packed into one row (training): each attends
+        causally within itself only (its positions restarting at 0 is the caller's: `positions`); no cache.
     """
 
     positions: torch.Tensor
@@ -72,9 +74,16 @@ class AttentionMeta:
     kernel: str = "sdpa"
     query_chunk: int = QUERY_CHUNK
     record: Any = None
+    segments: tuple[int, ...] | None = None
 
     def __post_init__(self):
         check_kernel(self.kernel)
+        if self.segments is not None:
+            b = self.segments
+            if (self.cache is not None or self.positions.shape[0] != 1 or len(b) < 2 or b[0] != 0
+                    or b[-1] != self.positions.shape[1] or any(x >= y for x, y in zip(b[:-1], b[1:]))):
+                raise ValueError(f"AttentionMeta.segments {b}: expected increasing bounds from 0 to the row's "
+                                 f"{self.positions.shape[1]} tokens, one row and no cache")
 
     @staticmethod
     def no_cache(batch_size: int, n_tokens: int, device: torch.device, kernel: str = "sdpa") -> "AttentionMeta":
@@ -96,6 +105,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     """
     cache = meta.cache
     T = q.shape[1]
+    if meta.segments is not None:
+        return packed_causal(q, k, v, meta.segments)
     if meta.record is not None and meta.record.wants("decoder", layer):
         if cache is None:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -113,6 +124,15 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
     else:
         k, v = cache.write(layer, meta.positions, k, v, meta.kv_len)  # [B, Hkv, kv_len, D]
     return sdpa_causal(q.transpose(1, 2), k, v, meta.positions, meta.fresh, meta.query_chunk).transpose(1, 2)
+
+
+def packed_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: tuple[int, ...]) -> torch.Tensor:
+    """q [1, T, Hq, D], k/v [1, T, Hkv, D] of sequences packed into one row at `bounds` -> [1, T, Hq, D]: each
+    sequence's causal attention on its own (SDPA's causal kernel with GQA, differentiable), nothing across."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    out = [F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True, enable_gqa=True)
+           for a, b in zip(bounds[:-1], bounds[1:])]
+    return (out[0] if len(out) == 1 else torch.cat(out, dim=2)).transpose(1, 2)
 
 
 def sdpa_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor,

@@ -54,13 +54,14 @@ def _absolute_images(messages, folder: Path):
     return messages
 
 
-def read_items(path: Path, fields: tuple[str, ...] = ()) -> list[Item]:
+def read_items(path: Path, fields: tuple[str, ...] = (), flag: str = "--input") -> list[Item]:
     """Every line of the input checked (JSON, a non-empty string "id" used once, a non-empty list
-    "messages"); the `fields` a line carries are kept in its Item. Image paths are made absolute."""
+    "messages"); the `fields` a line carries are kept in its Item. Image paths are made absolute. `flag`: the
+    option that named the file, for the messages."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise RunError(f"--input {path}: cannot read ({e})") from None
+        raise RunError(f"{flag} {path}: cannot read ({e})") from None
     items, seen = [], {}
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -82,7 +83,7 @@ def read_items(path: Path, fields: tuple[str, ...] = ()) -> list[Item]:
         kept = {k: obj[k] for k in fields if k in obj}
         items.append(Item(len(items), obj["id"], _absolute_images(obj["messages"], path.parent), n, kept, line))
     if not items:
-        raise RunError(f"--input {path}: no items (expected one JSON object per line)")
+        raise RunError(f"{flag} {path}: no items (expected one JSON object per line)")
     return items
 
 
