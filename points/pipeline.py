@@ -142,7 +142,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
          progress: bool | None = None, attn: str = "auto", compile: bool = False, quantize: str | None = None,
-         quantize_lm_head: bool | None = None, prefix_cache: bool = True, max_batch: int = 8) -> Pipeline:
+         quantize_lm_head: bool | None = None, prefix_cache: bool = True, max_batch: int = 8,
+         adapter: str | Path | None = None) -> Pipeline:
     """A POINTS-1.5 checkpoint directory (released layout or ours) -> Pipeline, on `device` in `dtype`
     (None keeps the checkpoint's dtype).
 
@@ -162,7 +163,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     to 16384 tokens, points.runtime.prefix) and a request that starts like an earlier one (the same
     conversation continued, a shared system text, the same images) prefills only what is new;
     `pipe.prefix.clear()` forgets it, `prefix_cache=False` turns it off. `max_batch`: rows the scheduler
-    decodes at once (requests beyond it wait for a free row)."""
+    decodes at once (requests beyond it wait for a free row).
+
+    `adapter`: a LoRA adapter directory (`points finetune`'s output) applied on top (points.runtime.lora: the
+    base weights stay as loaded, each adapted projection adds its low-rank update); it is checked against this
+    checkpoint (config.json and the weights' fingerprint it recorded) and refused, naming what differs, when it
+    was trained on another one."""
     device = resolve_device(device)
     path = checkpoint_dir(path)
     use_triton(attn, device)  # a forced backend that cannot run fails here, before any loading
@@ -171,5 +177,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     model = build(path, lambda cfg: CardModel(cfg, tokenizer.image_pad_id), parts=("decoder", "vision", "projector"),
                   prefix="", dtype=dtype, device=device, progress=progress, quantize=quantize,
                   quantize_lm_head=quantize_lm_head)
+    if adapter is not None:
+        from points.runtime.lora import load_adapter
+
+        load_adapter(model, adapter, (path / "config.json").read_bytes())
+        model.requires_grad_(False)
     return Pipeline(model, tokenizer, processor, Engine(model.decoder, compile=compile, attn=attn),
                     prefix_cache=prefix_cache, max_batch=max_batch)

@@ -173,6 +173,8 @@ COMMANDS = {
     "explain": ("explain", "where the model looked in an image while answering, drawn over it (attention)"),
     "soup": ("soup", "the weighted mean of checkpoints of one architecture, from their memory maps (float64)"),
     "serve": ("serve", "an OpenAI-compatible HTTP server (continuous batching; needs points[serve])"),
+    "finetune": ("finetune", "LoRA or full fine-tuning on JSONL conversations: packed, resumable, torchrun-aware"),
+    "merge": ("merge", "a LoRA adapter folded into its base, written in the base's layout"),
 }
 
 

@@ -1,0 +1,394 @@
+"""`points finetune`: LoRA (default) or full fine-tuning on conversations; packed, resumable, torchrun-aware.
+
+    points finetune --model DIR --data TRAIN.jsonl --output OUT                      # LoRA rank 8, q k v out up gate down
+    points finetune --model DIR --data TRAIN.jsonl --output OUT --full --freeze vision,projector
+    torchrun --nproc-per-node 2 -m points finetune ...                               # data parallel (gloo / nccl)
+
+Data: one JSON object per line, {"id": ..., "messages": [...]} as for `points run`, whose assistant turns are
+the targets: the loss is on each assistant turn's tokens and its closing <|im_end|>; the prompt, system text
+and image positions are masked. Every line is checked and encoded before training starts (a bad one is named
+with its line). Conversations are packed into rows of at most --batch-tokens tokens with no attention across
+them (points.runtime.training); a step is --grad-accum rows per process, its loss the mean over all of the
+step's target tokens (so one process with --grad-accum 2 and two with 1 take the same steps). AdamW, linear
+warm-up and cosine decay; float32 or bf16 autocast (trainable weights always float32: the master copy).
+
+OUT holds, at the end, the adapter (adapter.safetensors + adapter.json: `points.load(DIR, adapter=OUT)`,
+`points merge DIR OUT MERGED`) or, with --full, a whole checkpoint in the model's layout (`points.load(OUT)`),
+and log.jsonl: one line per optimizer step {"step", "loss", "tokens", "lr"}. Every --save-every steps a
+checkpoint (the trainable weights, AdamW's state, the RNG states, the step) is written atomically
+(OUT/checkpoint-STEP, then OUT/latest names it); the same command after an interruption (even kill -9)
+resumes from it and takes exactly the steps an uninterrupted run takes. Exit codes: 0 done, 2 bad arguments or
+data, 1 a file that cannot be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+from points.errors import CheckpointError, WriteError
+from points.io.atomic import write_bytes_atomically, write_text_atomically
+from points.io.checkpoint import DTYPES
+from points.io.progress import Progress
+from points.tooling.jobs import Dist, RunError, read_items
+from points.tooling.options import add_progress_option, progress_enabled
+
+PARTS = ("vision", "projector", "decoder")
+LATEST, LOG, DONE = "latest", "log.jsonl", "finetune.json"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from points.runtime.lora import DECODER_TARGETS, TARGETS
+
+    p = argparse.ArgumentParser(prog="points finetune", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, type=Path, help="checkpoint directory (released layout or ours)")
+    p.add_argument("--data", required=True, type=Path, help="JSONL: {\"id\", \"messages\"} per line")
+    p.add_argument("--output", required=True, type=Path, help="the run's directory (resumed when it holds one)")
+    kind = p.add_mutually_exclusive_group()
+    kind.add_argument("--lora-rank", type=int, default=None, help="LoRA rank (default 8)")
+    kind.add_argument("--full", action="store_true", help="train every weight not frozen (no adapter)")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="default: %(default)s")
+    p.add_argument("--lora-dropout", type=float, default=0.0, help="default: %(default)s")
+    p.add_argument("--lora-targets", default=",".join(DECODER_TARGETS),
+                   help=f"comma-separated, of {','.join(TARGETS)} (default: %(default)s)")
+    p.add_argument("--freeze", default="", help=f"with --full: parts kept as they are, of {','.join(PARTS)}")
+    p.add_argument("--epochs", type=int, default=1, help="default: %(default)s")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default 2e-4 LoRA, 1e-5 full)")
+    p.add_argument("--warmup", type=int, default=0, help="warm-up steps (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW's (default: %(default)s)")
+    p.add_argument("--batch-tokens", type=int, default=2048, help="tokens per packed row (default: %(default)s)")
+    p.add_argument("--grad-accum", type=int, default=1, help="rows per process per step (default: %(default)s)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward")
+    p.add_argument("--seed", type=int, default=0, help="data order and adapter init (default: %(default)s)")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default: %(default)s)")
+    p.add_argument("--device", default="cpu", help="default: %(default)s")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype: bfloat16 runs under autocast, trainable weights stay float32 (default: "
+                        "%(default)s)")
+    add_progress_option(p)
+    return p
+
+
+def _check(p: argparse.ArgumentParser, args) -> None:
+    from points.runtime.lora import TARGETS
+
+    for flag, value, least in (("--epochs", args.epochs, 1), ("--batch-tokens", args.batch_tokens, 16),
+                               ("--grad-accum", args.grad_accum, 1), ("--save-every", args.save_every, 1),
+                               ("--warmup", args.warmup, 0)):
+        if value < least:
+            p.error(f"{flag} {value}: expected an integer >= {least}")
+    if args.max_steps is not None and args.max_steps < 1:
+        p.error(f"--max-steps {args.max_steps}: expected an integer >= 1")
+    if args.lora_rank is not None and args.lora_rank < 1:
+        p.error(f"--lora-rank {args.lora_rank}: expected an integer >= 1")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr {args.lr}: expected a finite number > 0")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        p.error(f"--weight-decay {args.weight_decay}: expected a finite number >= 0")
+    if not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        p.error(f"--lora-alpha {args.lora_alpha}: expected a finite number > 0")
+    if not 0 <= args.lora_dropout < 1:
+        p.error(f"--lora-dropout {args.lora_dropout}: expected a number in [0, 1)")
+    targets = [t for t in args.lora_targets.split(",") if t]
+    bad = [t for t in targets if t not in TARGETS]
+    if bad or not targets:
+        p.error(f"--lora-targets {args.lora_targets!r}: expected comma-separated names of {','.join(TARGETS)}")
+    args.lora_targets = tuple(targets)
+    freeze = [f for f in args.freeze.split(",") if f]
+    if any(f not in PARTS for f in freeze):
+        p.error(f"--freeze {args.freeze!r}: expected comma-separated parts of {','.join(PARTS)}")
+    if freeze and not args.full:
+        p.error("--freeze goes with --full (LoRA trains only its adapters: choose them with --lora-targets)")
+    if args.full and len(set(freeze)) == len(PARTS):
+        p.error(f"--freeze {args.freeze}: every part frozen leaves nothing to train")
+    args.freeze = tuple(freeze)
+    if args.lr is None:
+        args.lr = 1e-5 if args.full else 2e-4
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+
+def _key(args, data_sha: str) -> dict:
+    """What a resumed run must share with the one that wrote the checkpoint."""
+    keep = ("lora_rank", "full", "lora_alpha", "lora_dropout", "lora_targets", "freeze", "epochs", "max_steps", "lr",
+            "warmup", "weight_decay", "batch_tokens", "grad_accum", "seed", "dtype")
+    return {"model": str(args.model.resolve()), "data_sha256": data_sha,
+            **{k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in keep}}
+
+
+def _epoch_rows(examples, epoch: int, seed: int, batch_tokens: int):
+    from points.runtime.training import pack
+
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    order = torch.randperm(len(examples), generator=g).tolist()
+    return pack([examples[i] for i in order], batch_tokens)
+
+
+def _steps(examples, args, world: int) -> list[list]:
+    """Every optimizer step's rows (all processes'), in order: each epoch's shuffled, packed rows in groups of
+    grad_accum * world."""
+    group, steps = args.grad_accum * world, []
+    for epoch in range(args.epochs):
+        rows = _epoch_rows(examples, epoch, args.seed, args.batch_tokens)
+        steps += [rows[i:i + group] for i in range(0, len(rows), group)]
+    return steps[:args.max_steps] if args.max_steps else steps
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def _trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(out: Path, step: int, model, opt, dist: Dist) -> None:
+    """OUT/checkpoint-STEP written whole under a temporary name, renamed, then OUT/latest names it; the older
+    ones are removed after. Each process writes its own RNG state."""
+    from safetensors.torch import save
+
+    final = out / f"checkpoint-{step}"
+    tmp = out / f".checkpoint-{step}.partial"
+    if dist.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    torch.save({"torch": torch.get_rng_state()}, tmp / f"rng-{dist.rank}.pt")
+    if dist.rank == 0:
+        state = {n: p.detach().float().contiguous().cpu() for n, p in _trainable(model).items()}
+        write_bytes_atomically(tmp / "trainable.safetensors", save(state))
+        torch.save({"step": step, "optimizer": opt.state_dict(), "world": dist.world}, tmp / "state.pt")
+    dist.barrier()
+    if dist.rank == 0:
+        for f in tmp.iterdir():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        os.rename(tmp, final)
+        write_text_atomically(out / LATEST, final.name + "\n")
+        for old in out.glob("checkpoint-*"):
+            if old != final:
+                shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def _load_checkpoint(out: Path, model, opt, dist: Dist) -> int:
+    """The step the checkpoint OUT/latest names was written after (0 without one)."""
+    from safetensors.torch import load_file
+
+    latest = out / LATEST
+    if not latest.is_file():
+        return 0
+    where = out / latest.read_text().strip()
+    state = torch.load(where / "state.pt", weights_only=False)
+    if state.get("world") != dist.world:
+        raise RunError(f"{where}: written by {state.get('world')} process(es), resumed with {dist.world}; resume "
+                       "with the same number (the RNG states are per process)")
+    params = _trainable(model)
+    saved = load_file(str(where / "trainable.safetensors"))
+    if set(saved) != set(params):
+        raise RunError(f"{where}/trainable.safetensors: its tensors are not this run's trainable weights")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(saved[n])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(torch.load(where / f"rng-{dist.rank}.pt", weights_only=False)["torch"])
+    return int(state["step"])
+
+
+def _kept_log(out: Path, step: int) -> list[str]:
+    """log.jsonl's lines of the steps up to `step` (a killed run may have logged steps past its checkpoint)."""
+    path = out / LOG
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            break  # a torn last line
+    return kept
+
+
+# ----------------------------------------------------------------------------------------------- the run
+
+def _setup_model(args, device):
+    import points
+    from points.runtime.lora import LoraConfig, add_lora
+
+    load_dtype = torch.float32 if args.full else DTYPES[args.dtype]
+    pipe = points.load(args.model, device=device, dtype=load_dtype, progress=False, prefix_cache=False)
+    model = pipe.model
+    if getattr(model.decoder, "quantization", None):
+        raise RunError(f"--model {args.model}: int8-quantized; fine-tuning needs the float checkpoint")
+    model.train()
+    if args.full:
+        model.requires_grad_(True)
+        for part in args.freeze:
+            getattr(model, part).requires_grad_(False)
+        for p in model.parameters():  # the master weights: float32, writable (not the file's memory map)
+            if p.requires_grad:
+                p.data = p.data.clone()
+    else:
+        add_lora(model, LoraConfig(rank=args.lora_rank or 8, alpha=args.lora_alpha, dropout=args.lora_dropout,
+                                   targets=args.lora_targets), seed=args.seed)
+    if args.gradient_checkpointing:
+        from points.runtime.training import checkpoint_blocks
+
+        checkpoint_blocks(model)
+    return pipe, model
+
+
+def _encode_all(items, pipe, args, path: Path):
+    from points.io.chat import ImageError
+    from points.runtime.training import encode_example
+
+    limit = min(args.batch_tokens, pipe.model.decoder.cfg.max_seq_len)
+    examples = []
+    for it in items:
+        try:
+            examples.append(encode_example(it.messages, pipe.tokenizer, pipe.processor, limit, it.id))
+        except (ValueError, ImageError, OSError) as e:
+            raise RunError(f"{path}, line {it.line} (id {it.id!r}): {e}") from None
+    return examples
+
+
+def _all_reduce(tensors: list[torch.Tensor]) -> None:
+    import torch.distributed as dist
+
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    i = 0
+    for t in tensors:
+        t.copy_(flat[i:i + t.numel()].view_as(t))
+        i += t.numel()
+
+
+def train(args, dist: Dist) -> int:
+    from points.runtime.training import Schedule, row_loss
+
+    out: Path = args.output
+    items = read_items(args.data, flag="--data")
+    data_sha = hashlib.sha256(args.data.read_bytes()).hexdigest()
+    key = _key(args, data_sha)
+    done = out / DONE
+    if done.is_file():
+        recorded = json.loads(done.read_text())
+        if recorded.get("key") != key:
+            raise RunError(f"{out}: holds a finished run with other settings or data; pick another --output")
+        print(f"points finetune: {out} is finished already ({recorded['steps']} steps)", file=sys.stderr)
+        return 0
+    if (out / "run.json").is_file():
+        try:
+            recorded = json.loads((out / "run.json").read_text())
+        except ValueError:
+            recorded = {}
+        if recorded.get("key") != key:
+            raise RunError(f"{out}: holds a run with other settings or data (run.json); the same command resumes "
+                           "it, another --output starts afresh")
+    elif out.exists() and any(out.iterdir()):
+        raise RunError(f"{out}: exists and is not a finetune run's directory; pick another --output")
+    device = torch.device(dist.device)
+    pipe, model = _setup_model(args, device)
+    examples = _encode_all(items, pipe, args, args.data)
+    steps = _steps(examples, args, dist.world)
+    if dist.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(out / "run.json", json.dumps({"key": key}, indent=1) + "\n")
+    params = list(_trainable(model).values())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    schedule = Schedule(len(steps), args.warmup)
+    torch.manual_seed(args.seed * 1000 + dist.rank)  # dropout's masks: the same on every run (resumed: restored)
+    start = _load_checkpoint(out, model, opt, dist)
+    log_lines = _kept_log(out, start) if dist.rank == 0 else []
+    if dist.rank == 0:
+        write_text_atomically(out / LOG, "".join(line + "\n" for line in log_lines))
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bfloat16"
+                else nullcontext())
+    bar = Progress("points finetune", len(steps), unit="steps", enabled=progress_enabled(args) and dist.rank == 0)
+    bar.done = start
+    log = open(out / LOG, "a") if dist.rank == 0 else None
+    try:
+        for step in range(start, len(steps)):
+            rows = steps[step]
+            total = sum(r.n_targets for r in rows)
+            mine = rows[dist.rank * args.grad_accum:(dist.rank + 1) * args.grad_accum]
+            lr = args.lr * schedule(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for row in mine:
+                with autocast:
+                    loss, _ = row_loss(model, row)
+                (loss / total).backward()
+                loss_sum += loss.detach().double().cpu()
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if dist.group:
+                _all_reduce([p.grad for p in params])
+                _all_reduce([loss_sum])
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens = sum(r.n_tokens for r in rows)
+            record = {"step": step + 1, "loss": float(loss_sum) / total, "tokens": tokens, "lr": lr}
+            if log is not None:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            bar.update(tokens=tokens, note=f"loss {record['loss']:.4f}")
+            if (step + 1) % args.save_every == 0 and step + 1 < len(steps):
+                _save_checkpoint(out, step + 1, model, opt, dist)
+    finally:
+        if log is not None:
+            log.close()
+        bar.close()
+    if dist.rank == 0:
+        _finish(args, out, model, pipe, key, len(steps))
+    dist.barrier()
+    return 0
+
+
+def _finish(args, out: Path, model, pipe, key: dict, n_steps: int) -> None:
+    """The result (adapter or checkpoint), then finetune.json marking the run finished, then the checkpoints
+    are removed."""
+    if args.full:
+        from points.tooling.merge import write_model
+
+        write_model(model, args.model, out)
+    else:
+        from points.runtime.lora import base_identity, save_adapter
+
+        model.eval()
+        save_adapter(model, out, base=base_identity(model, (args.model / "config.json").read_bytes())
+                     | {"path": str(args.model.resolve())})
+    write_text_atomically(out / DONE, json.dumps({"key": key, "steps": n_steps, "finished": time.time()}) + "\n")
+    for old in list(out.glob("checkpoint-*")) + list(out.glob(".checkpoint-*")):
+        shutil.rmtree(old, ignore_errors=True)
+    (out / LATEST).unlink(missing_ok=True)
+
+
+def main(argv=None) -> int:
+    p = _parser()
+    args = p.parse_args(argv)
+    _check(p, args)
+    dist = Dist(args.device)
+    try:
+        return train(args, dist)
+    except (RunError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        dist.close()
