@@ -85,44 +85,36 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
 
 
-def test_lora_run_end_to_end(e2e_dir, tmp_path):
-    data = _write_data(tmp_path / "train.jsonl")
-    out = tmp_path / "run"
-    done = _finetune("--model", e2e_dir, "--data", data, "--output", out, "--lora-rank", 4, "--epochs", 3,
-                     "--batch-tokens", 96, "--lr", 5e-3, "--seed", 1)
-    assert done.returncode == 0, done.stderr
-    log = _log(out)
-    assert [r["step"] for r in log] == list(range(1, len(log) + 1)) and len(log) >= 6
-    assert all(set(r) == {"step", "loss", "tokens", "lr"} for r in log)
-    assert log[-1]["loss"] < log[0]["loss"] * 0.8, [r["loss"] for r in log]
-    assert (out / "adapter.safetensors").is_file() and not list(out.glob("checkpoint-*"))
-    tuned, base = points.load(e2e_dir, adapter=out), points.load(e2e_dir)
-    rows = pack([encode_example(c, base.tokenizer, base.processor, 4096) for c in CONVS], 4096)
-    with torch.no_grad():
-        assert row_loss(tuned.model, rows[0])[0] < 0.8 * row_loss(base.model, rows[0])[0]
-    again = _finetune("--model", e2e_dir, "--data", data, "--output", out, "--lora-rank", 4, "--epochs", 3,
-                      "--batch-tokens", 96, "--lr", 5e-3, "--seed", 1)
-    assert again.returncode == 0 and "finished already" in again.stderr
+def test_bad_data_is_named_before_training(e2e_dir, tmp_path, capsys):
+    from points.tooling import finetune
 
-
-def test_bad_data_is_named_before_training(e2e_dir, tmp_path):
     data = _write_data(tmp_path / "train.jsonl", 3)
     with open(data, "a") as f:
         f.write(json.dumps({"id": "bad", "messages": [{"role": "user", "content": "no reply"}]}) + "\n")
-    done = _finetune("--model", e2e_dir, "--data", data, "--output", tmp_path / "run")
-    assert done.returncode == 2 and f"{data}, line 4 (id 'bad'): messages: no assistant turn" in done.stderr
-    assert not (tmp_path / "run").exists() and "Traceback" not in done.stderr
-    bad = _finetune("--model", e2e_dir, "--data", data, "--output", tmp_path / "r", "--freeze", "vision")
-    assert bad.returncode == 2 and "--freeze goes with --full" in bad.stderr
+    assert finetune.main(["--model", str(e2e_dir), "--data", str(data), "--output", str(tmp_path / "run")]) == 2
+    assert f"{data}, line 4 (id 'bad'): messages: no assistant turn" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(SystemExit) as e:
+        finetune.main(["--model", str(e2e_dir), "--data", str(data), "--output", str(tmp_path / "r"), "--freeze", "vision"])
+    assert e.value.code == 2 and "--freeze goes with --full" in capsys.readouterr().err
 
 
 def test_resume_after_kill_equals_an_uninterrupted_run(e2e_dir, tmp_path):
-    data = _write_data(tmp_path / "train.jsonl", 24)
-    common = ["--model", e2e_dir, "--data", data, "--lora-rank", 4, "--epochs", 4, "--batch-tokens", 64,
-              "--lr", 3e-3, "--save-every", 3, "--lora-dropout", 0.1]
+    data = _write_data(tmp_path / "train.jsonl", 16)
+    common = ["--model", e2e_dir, "--data", data, "--lora-rank", 4, "--epochs", 2, "--batch-tokens", 64,
+              "--lr", 6e-3, "--save-every", 3, "--lora-dropout", 0.1]
     whole = _finetune(*common, "--output", tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr
     want = _log(tmp_path / "whole")
+    # the uninterrupted run: a line per step, the loss going down, the adapter at the end and no checkpoint left
+    assert [r["step"] for r in want] == list(range(1, len(want) + 1)) and len(want) >= 6
+    assert all(set(r) == {"step", "loss", "tokens", "lr"} for r in want)
+    assert want[-1]["loss"] < 0.8 * want[0]["loss"], [r["loss"] for r in want]
+    assert (tmp_path / "whole" / "adapter.safetensors").is_file() and not list((tmp_path / "whole").glob("checkpoint-*"))
+    tuned, base = points.load(e2e_dir, adapter=tmp_path / "whole"), points.load(e2e_dir)
+    rows = pack([encode_example(c, base.tokenizer, base.processor, 4096) for c in CONVS], 4096)
+    with torch.no_grad():
+        assert row_loss(tuned.model, rows[0])[0] < 0.8 * row_loss(base.model, rows[0])[0]
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "points", "finetune", *map(str, common), "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -144,6 +136,8 @@ def test_resume_after_kill_equals_an_uninterrupted_run(e2e_dir, tmp_path):
     assert [r["loss"] for r in got] == [r["loss"] for r in want]  # exactly: same steps, same numbers
     a = (out / "adapter.safetensors").read_bytes()
     assert a == (tmp_path / "whole" / "adapter.safetensors").read_bytes()
+    again = _finetune(*common, "--output", out)
+    assert again.returncode == 0 and "finished already" in again.stderr
 
 
 def test_two_processes_equal_one(e2e_dir, tmp_path):

@@ -96,7 +96,7 @@ def test_bench_soup_tool_tiny(tmp_path):
     """tools/bench_soup.py on three tiny checkpoints: both ways timed; ours is the mean rounded once (0 elements
     differ), the official way's bf16 sum is not."""
     done = subprocess.run([sys.executable, str(ROOT / "tools/bench_soup.py"), "--preset", "tiny", "--inputs", "3",
-                           "--rounds", "1", "--bursts", "1", "--workdir", str(tmp_path)], capture_output=True, text=True)
+                           "--rounds", "1", "--quick", "--workdir", str(tmp_path)], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     rows = {line.split("|")[1].strip(): line.split("|")[2:] for line in done.stdout.splitlines() if line.startswith("| ")}
     assert rows["points soup"][2].strip() == "0.0000%" and rows["official way"][2].strip() != "0.0000%"

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from points.io.checkpoint import DTYPES
 from points.kernels import cpu_int8
 from points.io.quantized import quantize_int8
-from points.tooling.measure import copy_bandwidth, machine
+from points.tooling.measure import BURSTS, copy_bandwidth, machine
 from points.tooling.synthetic import SHAPES, hf_config
 from points.io.config import from_hf_dict
 
@@ -100,13 +100,14 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=list(DTYPES), nargs="+", default=None)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4])
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--bursts", type=int, default=BURSTS, help=f"copy-bandwidth bursts (default {BURSTS}; 1: a quick look)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
     dtypes = [DTYPES[d] for d in (args.dtype or (["bfloat16"] if device.type == "cuda" else ["float32", "bfloat16"]))]
     torch._dynamo.config.recompile_limit = 256  # one graph per weight shape, row count and dtype
-    bw = copy_bandwidth(device)
+    bw = copy_bandwidth(device, bursts=args.bursts)
     info = machine(device)
     sh = shapes(args.preset, args.layers, args.lm_head)
     print(f"int8 weight-only products, preset {args.preset}, {len(sh)} weights per pass, on "

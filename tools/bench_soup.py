@@ -3,7 +3,7 @@
 how far each lands from the exact mean.
 
     python tools/bench_soup.py                       # 3 random `small` checkpoints (bf16), 2 rounds
-    python tools/bench_soup.py --preset tiny --rounds 1 --bursts 1    # a quick look
+    python tools/bench_soup.py --preset tiny --rounds 1 --quick      # a quick look
 
 The official way (WePOINTS `wepoints/utils/models/model_soup.py`) loads every model whole, then for each
 tensor sums the N state dicts in the model dtype (bf16) and divides by N, then saves. Here it is done with the
@@ -117,7 +117,8 @@ def main(argv=None) -> int:
     p.add_argument("--inputs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=None)
-    p.add_argument("--bursts", type=int, default=BURSTS, help=f"copy-bandwidth bursts (default {BURSTS}; 1 for a quick look)")
+    p.add_argument("--quick", action="store_true", help="one copy-bandwidth burst and a 128 MiB disk probe (to see that "
+                   "it runs; the floor means little)")
     args = p.parse_args(argv)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-soup-"))
     inputs = []
@@ -131,8 +132,8 @@ def main(argv=None) -> int:
     for d in inputs:  # into the page cache, for both sides alike
         for f in d.glob("*.safetensors"):
             f.read_bytes()
-    bandwidth = copy_bandwidth(torch.device("cpu"), bursts=args.bursts)
-    disk = disk_write_rate(work)
+    bandwidth = copy_bandwidth(torch.device("cpu"), bursts=1 if args.quick else BURSTS)
+    disk = disk_write_rate(work, (128 << 20) if args.quick else (1 << 30))
     floor = max((args.inputs + 1) * size / bandwidth, size / disk)  # bytes moved in memory; the output to disk
     rows = {"points soup": OURS, "official way": OFFICIAL}
     results = {name: [] for name in rows}

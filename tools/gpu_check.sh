@@ -50,7 +50,7 @@ step precision "${limits[1]}" "$py" tools/precision.py --preset "$preset" --devi
 step tune "${limits[2]}" "$py" tools/tune_attention.py --device "$device" "${tune_args[@]}" --json "$out/tune.json"
 step bench "${limits[3]}" "$py" -m points bench "${bench_args[@]}" --rows decode prefill vision "${compile_args[@]}" --json "$out/bench.json"
 [ "$mode" = "--dry-run" ] || step bench_triton "${limits[4]}" "$py" -m points bench "${bench_args[@]}" --rows prefill vision --attn triton --json "$out/bench_triton.json"
-step int8_products "${limits[5]}" "$py" tools/bench_int8.py --preset "$( [ "$device" = cuda ] && echo 7b || echo tiny )" --device "$device" --dtype "$( [ "$device" = cuda ] && echo bfloat16 || echo float32 )" --rows 1 4 --repeat 2 --json "$out/int8_products.json"
+step int8_products "${limits[5]}" "$py" tools/bench_int8.py --preset "$( [ "$device" = cuda ] && echo 7b || echo tiny )" --device "$device" --dtype "$( [ "$device" = cuda ] && echo bfloat16 || echo float32 )" --rows 1 4 --repeat 2 $( [ "$mode" = "--dry-run" ] && echo --bursts 1 ) --json "$out/int8_products.json"
 step int8_decode "${limits[6]}" "$py" -m points bench "${bench_args[@]}" --rows decode "${compile_args[@]}" --quantize int8 --json "$out/bench_int8.json"
 
 echo

@@ -105,16 +105,17 @@ def _row(group: list[Example]) -> Row:
 
 def row_loss(model, row: Row) -> tuple[torch.Tensor, int]:
     """(the summed next-token cross-entropy over the row's targets, float32; how many targets). The model is
-    a POINTSModel; its device is the one the row is moved to."""
-    device = model.decoder.embed.weight.device
+    a POINTSModel (or a Decoder alone, for rows without images); the row is moved to its device."""
+    decoder = getattr(model, "decoder", model)
+    device = decoder.embed.weight.device
     ids = row.ids.to(device)[None]
-    features = None
     if row.pixel_values is not None:
-        features = model.image_features(row.pixel_values.to(device), row.grid_thw)
-    embeds = model.embed(ids, features)
+        embeds = model.embed(ids, model.image_features(row.pixel_values.to(device), row.grid_thw))
+    else:
+        embeds = decoder.embed(ids)
     meta = AttentionMeta(row.positions.to(device)[None], row.n_tokens, fresh=True, segments=row.bounds)
     where = torch.nonzero(row.targets).squeeze(1)  # token t is predicted at position t - 1
-    logits = model.decoder(embeds=embeds, meta=meta, last=(where - 1).to(device)[None])[0]  # [K, vocab] float32
+    logits = decoder(embeds=embeds, meta=meta, last=(where - 1).to(device)[None])[0]  # [K, vocab] float32
     return F.cross_entropy(logits, ids[0, where.to(device)], reduction="sum"), len(where)
 
 
@@ -136,7 +137,7 @@ def checkpoint_blocks(model) -> int:
     """Gradient checkpointing for every decoder and vision block: each block's activations are recomputed in
     the backward pass instead of kept (an instance-level forward; the module's state and state_dict are
     unchanged). Returns how many blocks."""
-    blocks = list(model.decoder.layers) + list(getattr(getattr(model, "vision", None), "blocks", []))
+    blocks = list(getattr(model, "decoder", model).layers) + list(getattr(getattr(model, "vision", None), "blocks", []))
     for block in blocks:
         plain = type(block).forward.__get__(block)
         block.forward = _checkpointed(plain)
