@@ -36,12 +36,11 @@ from pathlib import Path
 
 import torch
 
-from points.errors import CheckpointError, WriteError
 from points.io.atomic import write_bytes_atomically, write_text_atomically
 from points.io.checkpoint import DTYPES
 from points.io.progress import Progress
 from points.tooling.jobs import Dist, RunError, read_items
-from points.tooling.options import add_progress_option, progress_enabled
+from points.tooling.options import add_progress_option, exit_code, progress_enabled
 
 PARTS = ("vision", "projector", "decoder")
 LATEST, LOG, DONE = "latest", "log.jsonl", "finetune.json"
@@ -383,12 +382,6 @@ def main(argv=None) -> int:
     _check(p, args)
     dist = Dist(args.device)
     try:
-        return train(args, dist)
-    except (RunError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except WriteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return exit_code(lambda: train(args, dist))
     finally:
         dist.close()

@@ -27,7 +27,7 @@ from points.io.atomic import by_size, partial_dir, write_shards, writing
 from points.io.checkpoint import CARRIED_FILES, INDEX, MAX_SHARD_BYTES, TensorFiles, plan
 from points.io.config import read_config
 from points.io.progress import Progress
-from points.tooling.options import add_progress_option, progress_enabled
+from points.tooling.options import add_progress_option, exit_code, progress_enabled
 
 
 def _write_like(src: Path, folder: Path, replaced: dict[str, torch.Tensor], progress: bool | None) -> None:
@@ -118,13 +118,10 @@ def main(argv=None) -> int:
     p.add_argument("out", type=Path, help="the new checkpoint directory")
     add_progress_option(p)
     args = p.parse_args(argv)
-    try:
+
+    def run() -> int:
         out = merge(args.model, args.adapter, args.out, progress=progress_enabled(args))
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except WriteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"points merge: {args.adapter} into {args.model} -> {out}", file=sys.stderr)
-    return 0
+        print(f"points merge: {args.adapter} into {args.model} -> {out}", file=sys.stderr)
+        return 0
+
+    return exit_code(run)

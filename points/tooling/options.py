@@ -9,7 +9,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Callable
 
+from points.errors import WriteError
 from points.io.checkpoint import DTYPES
 from points.io.quantized import SCHEMES
 
@@ -70,3 +73,16 @@ def generation_kwargs(args) -> dict:
     """The generation options as `Pipeline.chat`'s keywords."""
     return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+
+
+def exit_code(run: Callable[[], int]) -> int:
+    """run()'s exit code, or the command line's one for what it raises, said in one line on stderr: bad input
+    (a ValueError: CheckpointError, RunError, OutputError, ...) 2; a file that cannot be written (WriteError) 1."""
+    try:
+        return run()
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except WriteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1

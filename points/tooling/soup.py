@@ -37,7 +37,7 @@ from points.io.atomic import partial_dir, stream_tensors, writing
 from points.io.checkpoint import DTYPES, INDEX, SINGLE, TensorFiles, forget_pages
 from points.io.config import read_config, to_dict
 from points.io.progress import Progress
-from points.tooling.options import add_progress_option, progress_enabled
+from points.tooling.options import add_progress_option, exit_code, progress_enabled
 
 BLOCK_BYTES = 32 << 20  # float64 bytes of accumulator per block of rows
 
@@ -232,14 +232,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if len(args.inputs) < 2:
         p.error(f"{len(args.inputs)} input given; a soup needs two checkpoints or more")
-    try:
-        out = soup(args.inputs, args.output, weights=args.weights, dtype=args.dtype,
-                   progress=progress_enabled(args))
-    except (CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except WriteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(f"points soup: {len(args.inputs)} checkpoints -> {out}", file=sys.stderr)
-    return 0
+
+    def run() -> int:
+        out = soup(args.inputs, args.output, weights=args.weights, dtype=args.dtype, progress=progress_enabled(args))
+        print(f"points soup: {len(args.inputs)} checkpoints -> {out}", file=sys.stderr)
+        return 0
+
+    return exit_code(run)
