@@ -39,10 +39,6 @@ class Example:
     pixel_values: torch.Tensor | None
     grid_thw: torch.Tensor | None
 
-    @property
-    def n_targets(self) -> int:
-        return int(self.targets[1:].sum())
-
 
 def encode_example(messages: list[dict], tokenizer, processor, max_len: int, id: str = "conversation") -> Example:
     """One conversation -> an Example; ValueError (naming `id`) when it has no target or is over max_len."""
