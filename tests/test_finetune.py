@@ -1,6 +1,8 @@
 """Fine-tuning: the targets of a conversation, packing without attention across examples, `points finetune`
 end to end (LoRA and --full), its resume after kill -9 and its 2-process run, equal to one process."""
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -8,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -76,9 +79,27 @@ def test_packed_row_equals_its_examples_alone(pipe, e2e_dir):
         assert scale > 0 and err <= 1e-5 * scale, f"{k}: max |error| {err:.3g} against max |grad| {scale:.3g}"
 
 
-def _finetune(*args, env=None, **kw):
-    return subprocess.run([sys.executable, "-m", "points", "finetune", *map(str, args)], capture_output=True,
-                          text=True, env=env, **kw)
+# one thread per process, as torchrun sets it, so that one process's products sum in the same order as each of
+# two processes' (with two threads they differ in the last bits and AdamW's first steps magnify that)
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def _finetune_here(*args, threads: int | None = None):
+    """`points finetune` run in this process (no interpreter to start: torch and its optimizers are imported
+    already), with `threads` intra-op threads if given (what OMP_NUM_THREADS gives a process of its own); its
+    exit code and what it wrote to stderr. Torch's thread count and RNG are restored after."""
+    from points.tooling import finetune
+
+    err, before, rng = io.StringIO(), torch.get_num_threads(), torch.get_rng_state()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        with contextlib.redirect_stderr(err):
+            code = finetune.main([str(a) for a in args])
+    finally:
+        torch.set_num_threads(before)
+        torch.set_rng_state(rng)
+    return SimpleNamespace(returncode=code, stderr=err.getvalue())
 
 
 def _log(out: Path) -> list[dict]:
@@ -103,7 +124,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(e2e_dir, tmp_path):
     data = _write_data(tmp_path / "train.jsonl", 16)
     common = ["--model", e2e_dir, "--data", data, "--lora-rank", 4, "--epochs", 2, "--batch-tokens", 64,
               "--lr", 6e-3, "--save-every", 3, "--lora-dropout", 0.1]
-    whole = _finetune(*common, "--output", tmp_path / "whole")
+    whole = _finetune_here(*common, "--output", tmp_path / "whole", threads=1)
     assert whole.returncode == 0, whole.stderr
     want = _log(tmp_path / "whole")
     # the uninterrupted run: a line per step, the loss going down, the adapter at the end and no checkpoint left
@@ -117,7 +138,7 @@ def test_resume_after_kill_equals_an_uninterrupted_run(e2e_dir, tmp_path):
         assert row_loss(tuned.model, rows[0])[0] < 0.8 * row_loss(base.model, rows[0])[0]
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "points", "finetune", *map(str, common), "--output", str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ONE_THREAD)
     deadline = time.time() + 120
     while time.time() < deadline:  # kill -9 once a checkpoint is there and a step or more past it is logged
         if (out / "latest").is_file() and (out / "log.jsonl").is_file():
@@ -129,56 +150,100 @@ def test_resume_after_kill_equals_an_uninterrupted_run(e2e_dir, tmp_path):
     proc.wait()
     lines = (out / "log.jsonl").read_text().splitlines()
     assert proc.returncode == -signal.SIGKILL and 4 <= len(lines) < len(want), len(lines)
-    resumed = _finetune(*common, "--output", out)
+    resumed = _finetune_here(*common, "--output", out, threads=1)
     assert resumed.returncode == 0, resumed.stderr
     got = _log(out)
     assert [r["step"] for r in got] == [r["step"] for r in want]
     assert [r["loss"] for r in got] == [r["loss"] for r in want]  # exactly: same steps, same numbers
     a = (out / "adapter.safetensors").read_bytes()
     assert a == (tmp_path / "whole" / "adapter.safetensors").read_bytes()
-    again = _finetune(*common, "--output", out)
+    again = _finetune_here(*common, "--output", out)
     assert again.returncode == 0 and "finished already" in again.stderr
 
 
-def test_two_processes_equal_one(e2e_dir, tmp_path):
-    """torchrun, 2 processes on gloo with --grad-accum 1 against one process with --grad-accum 2: the same
-    global batch per step, the same losses."""
-    data = _write_data(tmp_path / "train.jsonl", 12)
-    common = ["--model", e2e_dir, "--data", data, "--lora-rank", 4, "--epochs", 2, "--batch-tokens", 64,
-              "--lr", 3e-3]
-    one = _finetune(*common, "--grad-accum", 2, "--output", tmp_path / "one")
-    assert one.returncode == 0, one.stderr
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "points",
-                          "finetune", *map(str, common), "--grad-accum", "1", "--output", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = _log(tmp_path / "one"), _log(tmp_path / "two")
+def _with_image(data: Path) -> Path:
+    from test_end_to_end import _gradient
+
+    _gradient(64, 48).save(data.parent / "g.png")
+    with open(data, "a") as f:
+        f.write(json.dumps({"id": "img", "messages": [
+            {"role": "user", "content": [{"type": "image", "image": "g.png"}, {"type": "text", "text": "Colours?"}]},
+            {"role": "assistant", "content": "Red and green."}]}) + "\n")
+    return data
+
+
+def _torchrun(*args, background: bool = False):
+    """`points finetune` in 2 processes under torchrun; background: started in a session of its own (killed as
+    a group), its output dropped."""
+    env = ONE_THREAD
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "points", "finetune",
+           *map(str, args)]
+    if background:
+        return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+
+
+def _same_losses(a: list[dict], b: list[dict]) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b] and [r["tokens"] for r in a] == [r["tokens"] for r in b]
     for x, y in zip(a, b):
         assert abs(x["loss"] - y["loss"]) <= 1e-6 * abs(x["loss"]), (x, y)
 
 
-def test_full_finetune_writes_a_loadable_checkpoint(e2e_dir, tmp_path):
-    """--full with the vision encoder frozen, on text and an image: the decoder's and the projector's tensors
-    change, the encoder's do not; OUT is a checkpoint in the base's layout that points.load reads."""
-    from test_end_to_end import _gradient
+def test_two_processes_equal_one(e2e_dir, tmp_path):
+    """torchrun, 2 processes on gloo under DDP with --grad-accum 1 against one process with --grad-accum 2: the
+    same global batch per step, the same losses and adapters; LoRA on the vision encoder too, with one image
+    among text-only rows (a process whose rows have none leaves those adapters unused that step)."""
+    data = _with_image(_write_data(tmp_path / "train.jsonl", 12))
+    common = ["--model", e2e_dir, "--data", data, "--lora-rank", 4, "--epochs", 2, "--batch-tokens", 96,
+              "--lr", 3e-3, "--lora-targets", "q,v,down,vision"]
+    one = _finetune_here(*common, "--grad-accum", 2, "--output", tmp_path / "one", threads=1)
+    assert one.returncode == 0, one.stderr
+    two = _torchrun(*common, "--grad-accum", 1, "--output", tmp_path / "two")
+    assert two.returncode == 0, two.stderr[-3000:]
+    _same_losses(_log(tmp_path / "one"), _log(tmp_path / "two"))
+    from safetensors.torch import load_file
 
-    data = _write_data(tmp_path / "train.jsonl", 6)
-    _gradient(64, 48).save(tmp_path / "g.png")
-    with open(data, "a") as f:
-        f.write(json.dumps({"id": "img", "messages": [
-            {"role": "user", "content": [{"type": "image", "image": "g.png"}, {"type": "text", "text": "Colours?"}]},
-            {"role": "assistant", "content": "Red and green."}]}) + "\n")
-    out = tmp_path / "full"
-    done = _finetune("--model", e2e_dir, "--data", data, "--output", out, "--full", "--freeze", "vision",
-                     "--batch-tokens", 96, "--lr", 1e-3, "--gradient-checkpointing")
-    assert done.returncode == 0, done.stderr
+    a, b = load_file(tmp_path / "one" / "adapter.safetensors"), load_file(tmp_path / "two" / "adapter.safetensors")
+    assert a.keys() == b.keys() and any(".vision." in k or k.startswith("vision.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), (k, (a[k] - b[k]).abs().max().item())  # two gradients summed: exact
+
+
+def test_full_finetune_sharded_resumes_and_equals_one_process(e2e_dir, tmp_path):
+    """--full with the projector frozen, on text and an image, with gradient checkpointing. One process with
+    --grad-accum 2: the decoder's and the encoder's tensors change, the projector's do not, and OUT is a
+    checkpoint in the base's layout that points.load reads. Two processes under FSDP2 (weights, gradients and
+    AdamW's state sharded), killed with -9 after a checkpoint and resumed: the same losses and weights."""
     from points.io.checkpoint import TensorFiles
 
-    src, new = TensorFiles(e2e_dir), TensorFiles(out)
+    data = _with_image(_write_data(tmp_path / "train.jsonl", 10))
+    common = ["--model", e2e_dir, "--data", data, "--full", "--freeze", "projector", "--batch-tokens", 96,
+              "--lr", 1e-3, "--gradient-checkpointing", "--epochs", 2, "--save-every", 2]
+    done = _finetune_here(*common, "--grad-accum", 2, "--output", tmp_path / "one", threads=1)
+    assert done.returncode == 0, done.stderr
+    src, new = TensorFiles(e2e_dir), TensorFiles(tmp_path / "one")
     assert src.names == new.names
     changed = {n for n in src.names if not torch.equal(src.get(n), new.get(n))}
-    assert changed and not any(n.startswith("vision_encoder.") for n in changed)
-    assert any(n.startswith("vision_projector.") for n in changed)
-    points.load(out).chat(CONVS[0][:1], max_new_tokens=2)
+    assert not any(n.startswith("vision_projector.") for n in changed)
+    assert any(n.startswith("vision_encoder.") for n in changed) and any(n.startswith("llm.") for n in changed)
+    points.load(tmp_path / "one").chat(CONVS[0][:1], max_new_tokens=2)
+    want = _log(tmp_path / "one")
+    out = tmp_path / "two"
+    proc = _torchrun(*common, "--grad-accum", 1, "--output", out, background=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # kill -9 once past a checkpoint
+        if (out / "latest").is_file() and (out / "log.jsonl").is_file():
+            if len((out / "log.jsonl").read_text().splitlines()) >= 3:
+                break
+        time.sleep(0.002)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 3 <= len((out / "log.jsonl").read_text().splitlines()) < len(want)
+    resumed = _torchrun(*common, "--grad-accum", 1, "--output", out)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _same_losses(want, _log(out))
+    two = TensorFiles(out)
+    assert two.names == new.names
+    for n in new.names:  # exactly: each process's products in one process's order, two gradients summed
+        assert torch.equal(two.get(n), new.get(n)), (n, (two.get(n) - new.get(n)).abs().max().item())

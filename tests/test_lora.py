@@ -147,3 +147,60 @@ def test_points_merge_writes_the_base_layout(e2e_dir, tmp_path, capsys):
 
     assert merge.main([str(e2e_dir), str(adapter), str(tmp_path / "m")]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+def test_lora_equals_peft_loss_gradients_and_steps():
+    """Our LoRA (rank 4 on all seven projections, B non-zero) against transformers + peft's on the same
+    decoder weights and the same adapters, float32, three examples of different lengths unpacked (theirs one
+    right-padded batch): the loss, every adapter gradient (per part), and five AdamW steps' losses."""
+    from points.runtime.training import Example, pack, row_loss
+    from points.tooling.reference import padded_batch, peft_lora, transformers_decoder
+    from points.tooling.synthetic import random_decoder
+
+    torch.manual_seed(0)
+    decoder = random_decoder("tiny", dtype=torch.float32).train()
+    llm = transformers_decoder(decoder).train()  # on the plain projections' tensors, before the swap
+    add_lora(decoder, LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "out", "up", "gate", "down")), seed=0)
+    _randomize(decoder, seed=3)
+    theirs, pairs = peft_lora(llm, decoder, 4, 8.0)
+    g = torch.Generator().manual_seed(5)
+    batch = []
+    for i, n in enumerate((23, 40, 31)):
+        targets = torch.zeros(n, dtype=torch.bool)
+        targets[n // 3:] = True
+        batch.append(Example(f"e{i}", torch.randint(0, decoder.cfg.vocab_size, (n,), generator=g), targets, None, None))
+    rows = [pack([e], 4096)[0] for e in batch]
+    ids, mask, labels = padded_batch(batch)
+
+    def ours():
+        return sum(row_loss(decoder, r)[0] for r in rows) / sum(r.n_targets for r in rows)
+
+    def peft():
+        return theirs(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    a, b = ours(), peft()
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    a.backward()
+    b.backward()
+    assert len(pairs) == 2 * 7 * decoder.cfg.n_layers
+    for mine, part, other in pairs:
+        got, want = mine.grad[part], other.grad
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), (got - want).abs().max()
+    ours_params = [p for p in decoder.parameters() if p.requires_grad]
+    peft_params = [p for p in theirs.parameters() if p.requires_grad]
+    assert sum(p.numel() for p in ours_params) == sum(p.numel() for p in peft_params)
+    losses = []
+    for params, loss_fn in ((ours_params, ours), (peft_params, peft)):
+        for p in params:
+            p.grad = None
+        opt, got = torch.optim.AdamW(params, lr=1e-2), []
+        for _ in range(5):
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            got.append(loss.item())
+        losses.append(got)
+    assert losses[0][-1] < losses[0][0]
+    for x, y in zip(*losses):
+        assert abs(x - y) <= 1e-5 * abs(y), losses

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """LoRA training: this project's packed rows against transformers + peft's padded batches, same weights, same
-initial adapters, same data, one sitting. Needs `pip install peft` (a benchmark-only dependency).
+initial adapters, same data, one sitting. Needs peft (in the test extra: `pip install -e ".[test]"`).
 
     python tools/bench_finetune.py                         # small preset (Qwen2.5-0.5B-shaped decoder), fp32
     python tools/bench_finetune.py --preset tiny --examples 8 --steps 2     # a quick look
@@ -27,12 +27,10 @@ import torch
 from points.runtime.lora import LoraConfig, add_lora, lora_layers
 from points.runtime.training import Example, pack, row_loss
 from points.tooling.measure import machine
-from points.tooling.reference import transformers_decoder
+from points.tooling.reference import padded_batch, peft_lora, transformers_decoder
 from points.tooling.synthetic import SHAPES, random_decoder
 
 TARGETS = ("q", "k", "v", "out", "up", "gate", "down")
-HF_NAMES = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "out": "self_attn.o_proj",
-            "up": "mlp.up_proj", "gate": "mlp.gate_proj", "down": "mlp.down_proj"}
 
 
 def examples(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[Example]:
@@ -47,47 +45,8 @@ def examples(n: int, lo: int, hi: int, vocab: int, seed: int) -> list[Example]:
     return out
 
 
-def peft_model(llm, decoder, rank: int, alpha: float):
-    """peft's LoRA on the same projections of `llm` (transformers' Qwen2ForCausalLM on our decoder's tensors,
-    built before our adapters), its adapters set to ours (A per part, B per part): both start alike."""
-    from peft import LoraConfig as PeftConfig, get_peft_model
-
-    llm.requires_grad_(False)
-    model = get_peft_model(llm, PeftConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                                           target_modules=[HF_NAMES[t].split(".")[1] for t in TARGETS]))
-    layers = lora_layers(decoder)
-    cfg = decoder.cfg
-    with torch.no_grad():
-        for i in range(cfg.n_layers):
-            block = model.base_model.model.model.layers[i]
-            for fused, names in (("attn.qkv", ("q", "k", "v")), ("mlp.up_gate", ("up", "gate")),
-                                 ("attn.out", ("out",)), ("mlp.down", ("down",))):
-                ours = layers[f"layers.{i}.{fused}"]
-                row = 0
-                for p, name in enumerate(names):
-                    mod = block.get_submodule(HF_NAMES[name])
-                    a, b = ours.parts[p]
-                    mod.lora_A["default"].weight.copy_(ours.lora_a[p * rank:(p + 1) * rank])
-                    mod.lora_B["default"].weight.copy_(ours.lora_b[row:row + b - a])
-                    row += b - a
-    return model
-
-
-def padded(batch: list[Example]):
-    """A right-padded batch as a padding collator makes it: ids, attention mask, labels (-100 off targets)."""
-    T = max(len(e.ids) for e in batch)
-    ids = torch.zeros(len(batch), T, dtype=torch.long)
-    mask = torch.zeros(len(batch), T, dtype=torch.long)
-    labels = torch.full((len(batch), T), -100)
-    for r, e in enumerate(batch):
-        n = len(e.ids)
-        ids[r, :n], mask[r, :n] = e.ids, 1
-        labels[r, :n][e.targets] = e.ids[e.targets]
-    return ids, mask, labels
-
-
 def theirs_loss(model, batch: list[Example]) -> torch.Tensor:
-    ids, mask, labels = padded(batch)
+    ids, mask, labels = padded_batch(batch)
     return model(input_ids=ids, attention_mask=mask, labels=labels).loss
 
 
@@ -163,7 +122,7 @@ def main(argv=None) -> int:
         g = torch.Generator().manual_seed(1)
         for layer in lora_layers(decoder).values():
             layer.lora_b.copy_(torch.randn(layer.lora_b.shape, generator=g) * 0.01)
-    theirs = peft_model(llm, decoder, args.rank, 2.0 * args.rank).train()
+    theirs = peft_lora(llm, decoder, args.rank, 2.0 * args.rank)[0].train()
     data = examples(args.examples, args.min_len, args.max_len, decoder.cfg.vocab_size, seed=2)
     info = machine(torch.device("cpu"))
     print(f"# {info['cpu']} ({info['cpu_flags']}), {info['threads']} threads, torch {info['torch']}; {args.preset}, "

@@ -14,6 +14,8 @@
 - `row_loss` computes the logits only where a target follows (lm_head on those positions, not on the
   whole row) and returns the summed cross-entropy and the number of targets, so that a step of several rows
   (gradient accumulation, several processes) divides once by the step's total.
+- `RowLoss`: the model with `row_loss` as its forward (the loss alone), the module torch.distributed's
+  wrappers take (DDP, FSDP2's root), so that their hooks run around a row's whole forward.
 - `Schedule`: linear warm-up, then cosine decay to zero; `checkpoint_blocks`: gradient checkpointing of each
   decoder and vision block (recomputed in the backward pass; the modules are not changed).
 """
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from points.io.chat import build_conversation
@@ -113,6 +116,18 @@ def row_loss(model, row: Row) -> tuple[torch.Tensor, int]:
     where = torch.nonzero(row.targets).squeeze(1)  # token t is predicted at position t - 1
     logits = decoder(embeds=embeds, meta=meta, last=(where - 1).to(device)[None])[0]  # [K, vocab] float32
     return F.cross_entropy(logits, ids[0, where.to(device)], reduction="sum"), len(where)
+
+
+class RowLoss(nn.Module):
+    """`row_loss(model, row)[0]` as a module's forward; `.model` is the model itself (its parameters are this
+    module's, under the prefix "model.")."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, row: Row) -> torch.Tensor:
+        return row_loss(self.model, row)[0]
 
 
 class Schedule:

@@ -12,6 +12,13 @@ them (points.runtime.training); a step is --grad-accum rows per process, its los
 step's target tokens (so one process with --grad-accum 2 and two with 1 take the same steps). AdamW, linear
 warm-up and cosine decay; float32 or bf16 autocast (trainable weights always float32: the master copy).
 
+Under torchrun each process takes its share of a step's rows. LoRA runs under DistributedDataParallel (every
+process holds the model; the adapters' gradients are summed in buckets while the backward runs); --full
+defaults to FSDP2 (`fully_shard` on each decoder block, the embeddings, lm_head and the rest: each process
+keeps 1/N of the weights, their gradients and AdamW's state, gathering a unit's weights for its forward and
+backward), or DDP with --parallel ddp. Either way the gradients are summed, not averaged, so a step's loss is the same mean over all
+of its target tokens as on one process.
+
 OUT holds, at the end, the adapter (adapter.safetensors + adapter.json: `points.load(DIR, adapter=OUT)`,
 `points merge DIR OUT MERGED`) or, with --full, a whole checkpoint in the model's layout (`points.load(OUT)`),
 and log.jsonl: one line per optimizer step {"step", "loss", "tokens", "lr"}. Every --save-every steps a
@@ -72,6 +79,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute each block in the backward")
     p.add_argument("--seed", type=int, default=0, help="data order and adapter init (default: %(default)s)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (default: %(default)s)")
+    p.add_argument("--parallel", choices=["ddp", "fsdp"], default=None,
+                   help="under torchrun: DDP (every process holds the model; the default with LoRA) or FSDP2 "
+                        "(weights, gradients and optimizer state sharded; --full only, its default)")
     p.add_argument("--device", default="cpu", help="default: %(default)s")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype: bfloat16 runs under autocast, trainable weights stay float32 (default: "
@@ -113,6 +123,10 @@ def _check(p: argparse.ArgumentParser, args) -> None:
     if args.full and len(set(freeze)) == len(PARTS):
         p.error(f"--freeze {args.freeze}: every part frozen leaves nothing to train")
     args.freeze = tuple(freeze)
+    if args.parallel == "fsdp" and not args.full:
+        p.error("--parallel fsdp goes with --full (LoRA's adapters are small: DDP, the default, replicates them)")
+    if args.parallel is None:
+        args.parallel = "fsdp" if args.full else "ddp"
     if args.lr is None:
         args.lr = 1e-5 if args.full else 2e-4
 
@@ -122,7 +136,7 @@ def _check(p: argparse.ArgumentParser, args) -> None:
 def _key(args, data_sha: str) -> dict:
     """What a resumed run must share with the one that wrote the checkpoint."""
     keep = ("lora_rank", "full", "lora_alpha", "lora_dropout", "lora_targets", "freeze", "epochs", "max_steps", "lr",
-            "warmup", "weight_decay", "batch_tokens", "grad_accum", "seed", "dtype")
+            "warmup", "weight_decay", "batch_tokens", "grad_accum", "seed", "dtype", "parallel")
     return {"model": str(args.model.resolve()), "data_sha256": data_sha,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in keep}}
 
@@ -151,11 +165,44 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(out: Path, step: int, model, opt, dist: Dist) -> None:
+_WHOLE = dict(full_state_dict=True, cpu_offload=True)
+
+
+def _train_state(net, model, opt, sharded: bool) -> tuple[dict, dict]:
+    """(the trainable weights under the model's names, float32 on the CPU; the optimizer's state), whole on
+    process 0. Sharded (FSDP2), the shards are gathered: every process calls it."""
+    names = set(_trainable(model))
+    if not sharded:
+        return {n: p.detach().float().contiguous().cpu() for n, p in _trainable(model).items()}, opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    weights = get_model_state_dict(net, options=StateDictOptions(**_WHOLE, ignore_frozen_params=True))
+    weights = {n.removeprefix("model."): t.float().contiguous() for n, t in weights.items()}
+    return ({n: t for n, t in weights.items() if n in names},
+            get_optimizer_state_dict(net, opt, options=StateDictOptions(**_WHOLE)))
+
+
+def _set_train_state(net, model, opt, sharded: bool, weights: dict, optim: dict) -> None:
+    if not sharded:
+        with torch.no_grad():
+            for n, p in _trainable(model).items():
+                p.copy_(weights[n])
+        opt.load_state_dict(optim)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    set_model_state_dict(net, {"model." + n: t for n, t in weights.items()},
+                         options=StateDictOptions(full_state_dict=True, strict=False))
+    set_optimizer_state_dict(net, opt, optim, options=StateDictOptions(full_state_dict=True))
+
+
+def _save_checkpoint(out: Path, step: int, net, model, opt, dist: Dist, sharded: bool) -> None:
     """OUT/checkpoint-STEP written whole under a temporary name, renamed, then OUT/latest names it; the older
-    ones are removed after. Each process writes its own RNG state."""
+    ones are removed after. Each process writes its own RNG state; sharded, the weights and the optimizer's
+    state are gathered whole (a checkpoint reads the same whatever the sharding)."""
     from safetensors.torch import save
 
+    weights, optim = _train_state(net, model, opt, sharded)
     final = out / f"checkpoint-{step}"
     tmp = out / f".checkpoint-{step}.partial"
     if dist.rank == 0:
@@ -164,9 +211,8 @@ def _save_checkpoint(out: Path, step: int, model, opt, dist: Dist) -> None:
     dist.barrier()
     torch.save({"torch": torch.get_rng_state()}, tmp / f"rng-{dist.rank}.pt")
     if dist.rank == 0:
-        state = {n: p.detach().float().contiguous().cpu() for n, p in _trainable(model).items()}
-        write_bytes_atomically(tmp / "trainable.safetensors", save(state))
-        torch.save({"step": step, "optimizer": opt.state_dict(), "world": dist.world}, tmp / "state.pt")
+        write_bytes_atomically(tmp / "trainable.safetensors", save(weights))
+        torch.save({"step": step, "optimizer": optim, "world": dist.world}, tmp / "state.pt")
     dist.barrier()
     if dist.rank == 0:
         for f in tmp.iterdir():
@@ -180,7 +226,7 @@ def _save_checkpoint(out: Path, step: int, model, opt, dist: Dist) -> None:
     dist.barrier()
 
 
-def _load_checkpoint(out: Path, model, opt, dist: Dist) -> int:
+def _load_checkpoint(out: Path, net, model, opt, dist: Dist, sharded: bool) -> int:
     """The step the checkpoint OUT/latest names was written after (0 without one)."""
     from safetensors.torch import load_file
 
@@ -192,14 +238,10 @@ def _load_checkpoint(out: Path, model, opt, dist: Dist) -> int:
     if state.get("world") != dist.world:
         raise RunError(f"{where}: written by {state.get('world')} process(es), resumed with {dist.world}; resume "
                        "with the same number (the RNG states are per process)")
-    params = _trainable(model)
     saved = load_file(str(where / "trainable.safetensors"))
-    if set(saved) != set(params):
+    if set(saved) != set(_trainable(model)):
         raise RunError(f"{where}/trainable.safetensors: its tensors are not this run's trainable weights")
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(saved[n])
-    opt.load_state_dict(state["optimizer"])
+    _set_train_state(net, model, opt, sharded, saved, state["optimizer"])
     torch.set_rng_state(torch.load(where / f"rng-{dist.rank}.pt", weights_only=False)["torch"])
     return int(state["step"])
 
@@ -262,19 +304,60 @@ def _encode_all(items, pipe, args, path: Path):
     return examples
 
 
-def _all_reduce(tensors: list[torch.Tensor]) -> None:
+def _sum_hook(_, bucket):
+    """DDP's communication hook: a bucket's gradients summed over the processes (DDP's own hook averages)."""
     import torch.distributed as dist
 
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    dist.all_reduce(flat)
-    i = 0
-    for t in tensors:
-        t.copy_(flat[i:i + t.numel()].view_as(t))
-        i += t.numel()
+    return dist.all_reduce(bucket.buffer(), async_op=True).get_future().then(lambda fut: fut.value()[0])
+
+
+def _distribute(model, args, dist: Dist):
+    """The module a step calls (`training.RowLoss` around the model) and whether its weights are sharded.
+    One process: RowLoss itself. Under torchrun with DDP: wrapped, gradients summed by `_sum_hook` as the
+    backward produces them, each gradient a view into its bucket (not a second copy); the trainable weights
+    start equal on every process (the same checkpoint, the adapters from --seed), so DDP's first broadcast,
+    which would also copy every frozen memory-mapped weight, is skipped. FSDP2: `fully_shard` on each decoder
+    block, the embeddings and lm_head (each gathered only while it runs, in the forward and again in the
+    backward), then on RowLoss for the rest (the final norm, the vision encoder and the projector: one group,
+    gathered for the whole step, so that a process whose rows hold no image still joins every collective; its
+    unused weights reduce zeros)."""
+    from points.runtime.training import RowLoss
+
+    net = RowLoss(model)
+    if not dist.group:
+        return net, False
+    if args.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        decoder = model.decoder
+        units = [fully_shard(m) for m in (*decoder.layers, decoder.embed, decoder.lm_head)] + [fully_shard(net)]
+        for unit in units:
+            unit.set_gradient_divide_factor(1.0)  # summed, as on one process
+            unit.set_force_sum_reduction_for_comms(True)  # as ReduceOp.SUM (gloo has no PREMUL_SUM)
+        net.set_reduce_scatter_unused_params(True)
+        return net, True
+    from torch.nn.parallel import DistributedDataParallel
+
+    side = any(p.requires_grad for part in (model.vision, model.projector) for p in part.parameters())
+    ddp = DistributedDataParallel(net, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None,
+                                  forward_sync_buffers=False, init_sync=False, gradient_as_bucket_view=True,
+                                  find_unused_parameters=side)  # a text-only row leaves the vision side unused
+    ddp.register_comm_hook(None, _sum_hook)
+    return ddp, False
+
+
+def _my_rows(rows: list, dist: Dist, grad_accum: int) -> list[tuple]:
+    """This process's (row, weight) pairs of a step. Under torchrun every process takes exactly grad_accum
+    forward and backward passes, so that their collectives pair up; a short last step pads with weight-0
+    passes over one of its rows (their gradients are zeros)."""
+    mine = [(row, 1.0) for row in rows[dist.rank * grad_accum:(dist.rank + 1) * grad_accum]]
+    if dist.group:
+        mine += [(rows[0], 0.0)] * (grad_accum - len(mine))
+    return mine
 
 
 def train(args, dist: Dist) -> int:
-    from points.runtime.training import Schedule, row_loss
+    from points.runtime.training import Schedule
 
     out: Path = args.output
     items = read_items(args.data, flag="--data")
@@ -304,11 +387,12 @@ def train(args, dist: Dist) -> int:
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomically(out / "run.json", json.dumps({"key": key}, indent=1) + "\n")
-    params = list(_trainable(model).values())
+    net, sharded = _distribute(model, args, dist)
+    params = list(_trainable(model).values())  # (sharded: the DTensor shards)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     schedule = Schedule(len(steps), args.warmup)
     torch.manual_seed(args.seed * 1000 + dist.rank)  # dropout's masks: the same on every run (resumed: restored)
-    start = _load_checkpoint(out, model, opt, dist)
+    start = _load_checkpoint(out, net, model, opt, dist, sharded)
     log_lines = _kept_log(out, start) if dist.rank == 0 else []
     if dist.rank == 0:
         write_text_atomically(out / LOG, "".join(line + "\n" for line in log_lines))
@@ -321,22 +405,24 @@ def train(args, dist: Dist) -> int:
         for step in range(start, len(steps)):
             rows = steps[step]
             total = sum(r.n_targets for r in rows)
-            mine = rows[dist.rank * args.grad_accum:(dist.rank + 1) * args.grad_accum]
             lr = args.lr * schedule(step)
             for group in opt.param_groups:
                 group["lr"] = lr
             loss_sum = torch.zeros((), dtype=torch.float64)
-            for row in mine:
-                with autocast:
-                    loss, _ = row_loss(model, row)
-                (loss / total).backward()
-                loss_sum += loss.detach().double().cpu()
-            for p in params:
+            mine = _my_rows(rows, dist, args.grad_accum)
+            for i, (row, weight) in enumerate(mine):
+                # DDP sums the gradients once a step, after the last pass (FSDP2 reduces every pass's shards)
+                quiet = hasattr(net, "no_sync") and i < len(mine) - 1
+                with net.no_sync() if quiet else nullcontext():
+                    with autocast:
+                        loss = net(row)
+                    (loss / total if weight else loss * 0.0).backward()
+                loss_sum += weight * loss.detach().double().cpu()
+            for p in params:  # weights no row reached this step: zeros, so AdamW treats them as on any step
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
             if dist.group:
-                _all_reduce([p.grad for p in params])
-                _all_reduce([loss_sum])
+                dist.all_reduce(loss_sum)  # for the log
             opt.step()
             opt.zero_grad(set_to_none=True)
             tokens = sum(r.n_tokens for r in rows)
@@ -346,24 +432,35 @@ def train(args, dist: Dist) -> int:
                 log.flush()
             bar.update(tokens=tokens, note=f"loss {record['loss']:.4f}")
             if (step + 1) % args.save_every == 0 and step + 1 < len(steps):
-                _save_checkpoint(out, step + 1, model, opt, dist)
+                _save_checkpoint(out, step + 1, net, model, opt, dist, sharded)
     finally:
         if log is not None:
             log.close()
         bar.close()
+    whole = _whole_weights(net) if sharded else None
     if dist.rank == 0:
-        _finish(args, out, model, pipe, key, len(steps))
+        _finish(args, out, model, key, len(steps), whole)
     dist.barrier()
     return 0
 
 
-def _finish(args, out: Path, model, pipe, key: dict, n_steps: int) -> None:
-    """The result (adapter or checkpoint), then finetune.json marking the run finished, then the checkpoints
-    are removed."""
+def _whole_weights(net) -> dict[str, torch.Tensor]:
+    """Every weight of a sharded model gathered whole on process 0 (every process calls it), by the model's
+    names."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    names = {n for n, _ in net.model.named_parameters()}
+    weights = get_model_state_dict(net, options=StateDictOptions(**_WHOLE))
+    return {n.removeprefix("model."): t for n, t in weights.items() if n.removeprefix("model.") in names}
+
+
+def _finish(args, out: Path, model, key: dict, n_steps: int, whole: dict | None) -> None:
+    """The result (adapter or checkpoint; `whole`: a sharded model's weights gathered), then finetune.json
+    marking the run finished, then the checkpoints are removed."""
     if args.full:
         from points.tooling.merge import write_model
 
-        write_model(model, args.model, out)
+        write_model(model, args.model, out, state=whole)
     else:
         from points.runtime.lora import base_identity, save_adapter
 

@@ -224,6 +224,15 @@ class Dist:
 
             dist.barrier()
 
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """Summed over the processes, in place (nothing on one process)."""
+        if self.group:
+            import torch.distributed as dist
+
+            on = tensor.to(self.device)  # nccl reduces CUDA tensors only
+            dist.all_reduce(on)
+            tensor.copy_(on)
+
     def close(self) -> None:
         if self.group:
             import torch.distributed as dist

@@ -92,11 +92,11 @@ def merge(model: str | Path, adapter: str | Path, out: str | Path, *, progress: 
     return out
 
 
-def write_model(model, src: Path, out: Path, progress: bool | None = None) -> None:
-    """A fine-tuned POINTSModel's weights written into `out` (an existing directory) in the layout of the
-    checkpoint `src` it was loaded from: the files go into a temporary folder inside `out`, then are moved
-    in, config.json last."""
-    state = {n: p.detach() for n, p in model.named_parameters()}
+def write_model(model, src: Path, out: Path, progress: bool | None = None, state: dict | None = None) -> None:
+    """A fine-tuned POINTSModel's weights (or `state`, its parameters by name, gathered from shards) written
+    into `out` (an existing directory) in the layout of the checkpoint `src` it was loaded from: the files go
+    into a temporary folder inside `out`, then are moved in, config.json last."""
+    state = state if state is not None else {n: p.detach() for n, p in model.named_parameters()}
     tmp = out / f".model.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:

@@ -9,7 +9,8 @@ module. Two ways to build the reference:
   checkpoint layout by code written independently of `points.io.checkpoint`, and
   `save_checkpoint` puts them on disk for our loader to read.
 - `transformers_decoder` / `transformers_vision`: transformers' modules holding *our* tensors (no copy), to
-  time both implementations on the very same weights.
+  time both implementations on the very same weights; `peft_lora`: peft's LoRA on the first, set to our
+  adapters.
 
 The transformers configs of a decoder and a vision encoder are written once, from our config dataclasses
 (`qwen2_config`, `vision_config`).
@@ -209,6 +210,60 @@ def transformers_decoder(decoder) -> Qwen2ForCausalLM:
         llm.model.rotary_emb = type(llm.model.rotary_emb)(cfg)
     return llm.eval()
 
+
+
+_PEFT_NAMES = (("attn.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+               ("mlp.up_gate", ("mlp.up_proj", "mlp.gate_proj")), ("attn.out", ("self_attn.o_proj",)),
+               ("mlp.down", ("mlp.down_proj",)))
+
+
+def peft_lora(llm: Qwen2ForCausalLM, decoder, rank: int, alpha: float):
+    """transformers + peft's LoRA (needs peft) on `llm`, transformers' Qwen2ForCausalLM on our decoder's tensors
+    (`transformers_decoder`, built before our adapters were added), on all seven projections, its adapters set
+    to our decoder's (LoRA on q, k, v, out, up, gate and down, the same rank and alpha). Returns peft's model
+    and the pairs (our adapter tensor, its rows, peft's tensor) that hold the same numbers: our fused A of a
+    projection stacks each part's A_p, our B each part's rows of B."""
+    from peft import LoraConfig as PeftConfig, get_peft_model
+
+    from points.runtime.lora import lora_layers
+
+    llm.requires_grad_(False)
+    modules = sorted({name.split(".")[1] for _, names in _PEFT_NAMES for name in names})
+    model = get_peft_model(llm, PeftConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, bias="none",
+                                           target_modules=modules))
+    ours, pairs = lora_layers(decoder), []
+    for i in range(decoder.cfg.n_layers):
+        block = model.base_model.model.model.layers[i]
+        for fused, names in _PEFT_NAMES:
+            layer = ours[f"layers.{i}.{fused}"]
+            if len(layer.parts) != len(names) or layer.rank != rank:
+                raise ValueError(f"peft_lora: layers.{i}.{fused} has {len(layer.parts)} adapted part(s) of rank "
+                                 f"{layer.rank}; expected {len(names)} of rank {rank} (all seven projections)")
+            row = 0
+            for p, name in enumerate(names):
+                mod, (a, b) = block.get_submodule(name), layer.parts[p]
+                pairs.append((layer.lora_a, slice(p * rank, (p + 1) * rank), mod.lora_A["default"].weight))
+                pairs.append((layer.lora_b, slice(row, row + b - a), mod.lora_B["default"].weight))
+                row += b - a
+    with torch.no_grad():
+        for mine, rows, theirs in pairs:
+            theirs.copy_(mine[rows])
+    return model, pairs
+
+
+def padded_batch(examples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`training.Example`s (text only) as a padding collator makes a batch for transformers: the ids
+    right-padded to the longest, the attention mask, the labels (-100 off the targets; transformers shifts
+    them, as our targets are the tokens predicted from the position before)."""
+    T = max(len(e.ids) for e in examples)
+    ids = torch.zeros(len(examples), T, dtype=torch.long)
+    mask = torch.zeros(len(examples), T, dtype=torch.long)
+    labels = torch.full((len(examples), T), -100)
+    for r, e in enumerate(examples):
+        n = len(e.ids)
+        ids[r, :n], mask[r, :n] = e.ids, 1
+        labels[r, :n][e.targets] = e.ids[e.targets]
+    return ids, mask, labels
 
 def transformers_vision(model) -> Qwen2VisionTransformerPretrainedModel:
     """transformers' Qwen2-VL vision tower holding the tensors of our POINTSModel's encoder. The tower always
