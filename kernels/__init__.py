@@ -6,4 +6,6 @@
 - `cpu_int8` (C++ with AVX2, built on first use by the machine's compiler, called through ctypes): the int8
   weight-only product for a few rows; `points.runtime.quantize` calls it, and falls back to PyTorch's
   kernels where it cannot be built.
+- `triton_int8` (Triton): the int8 weight-only product for a few rows on CUDA; `points.runtime.quantize`
+  imports it only when that kernel is chosen.
 """

@@ -29,7 +29,7 @@ from points.model.decoder import Decoder
 from points.model.projector import PatchMerger
 from points.model.vision import VisionEncoder
 from points.runtime.cpu_linear import use_cpu_kernels
-from points.runtime.quantize import int8_skeleton, quantize_decoder
+from points.runtime.quantize import cuda_notice, int8_skeleton, quantize_decoder
 
 
 class _SkipInit(TorchFunctionMode):
@@ -96,6 +96,8 @@ def build(directory: str | Path, make: Callable[[ModelConfig], torch.nn.Module],
     decoder = getattr(module, "decoder", module)
     if after is not None:
         quantize_decoder(decoder, after["scheme"], lm_head=after["lm_head"])
+    elif stored is not None:
+        cuda_notice(device)  # (quantize_decoder gives it for the swap)
     if isinstance(decoder, Decoder) and torch.device(device).type == "cpu":
         use_cpu_kernels(decoder)  # few-row products on the measured fastest kernel (the same parameters)
     return module

@@ -41,14 +41,17 @@ def test_round_trip_error_is_half_a_step(dtype):
 
 
 needs_gemv = pytest.mark.skipif(not cpu_int8.available(), reason=f"points.kernels.cpu_int8: {cpu_int8.reason()}")
+needs_triton = pytest.mark.skipif(not qz.HAS_TRITON, reason="Triton is not installed")
 
 
-@pytest.mark.parametrize("kernel", ["int8pack", "dequantize", pytest.param("gemv", marks=needs_gemv)])
+@pytest.mark.parametrize("kernel", ["int8pack", "dequantize", pytest.param("gemv", marks=needs_gemv),
+                                    pytest.param("triton", marks=needs_triton)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("inner", [64, 77])
 def test_each_kernel_matches_the_dequantized_product(kernel, dtype, rows, inner):
-    """77 inputs: the C++ kernel's vector loop, its 8-wide tail and its scalar tail all run."""
+    """77 inputs: the C++ kernel's vector loop, its 8-wide tail and its scalar tail all run (the Triton
+    kernel: in its CPU interpreter without CUDA, a masked last block of K)."""
     g = torch.Generator().manual_seed(1)
     q, s = quantized.quantize_int8((torch.randn(96, inner, generator=g) * 0.05).to(dtype))
     x, bias = torch.randn(2, rows, inner, generator=g).to(dtype), torch.randn(96, generator=g).to(dtype)
@@ -100,9 +103,78 @@ def test_gemv_kernel_checks_its_arguments_and_compiles_as_one_op():
     x = torch.randn(3, 32)
     ref = x.double() @ (w_t.double() * s2.double()[:, None]).T + b2.double()
     torch.testing.assert_close(cpu_int8.int8_gemv(x, w_t, s2, b2).double(), ref, rtol=1e-5, atol=1e-5)
-    torch._dynamo.reset()
-    compiled = torch.compile(lambda x: cpu_int8.int8_gemv(x, q, s) * 2, fullgraph=True)
+    torch._dynamo.reset()  # (inductor with the op inside: test_compiled_int8_step_equals_eager)
+    compiled = torch.compile(lambda x: cpu_int8.int8_gemv(x, q, s) * 2, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(x), cpu_int8.int8_gemv(x, q, s) * 2, rtol=0, atol=0)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_kernel_rounds_once_with_k_split(dtype):
+    """points.kernels.triton_int8 (on CUDA when there is one, else in Triton's interpreter) against float64:
+    two tiles of output channels with a ragged last one, K ragged and split 1, 2 and 3 ways (the partial
+    sums added in order by the second kernel), 1 to 17 rows (17: a second tile of rows), a strided x, with
+    and without a bias: float32 sums and one rounding, as the CPU kernel."""
+    from points.kernels.triton_int8 import int8_mm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(3)
+    q, s = quantized.quantize_int8((torch.randn(100, 300, generator=g) * 0.05).to(dtype))
+    bias = torch.randn(100, generator=g).to(dtype)
+    q, s, bias = q.to(device), s.to(device), bias.to(device)
+    for rows, split, with_bias in ((1, 1, True), (3, 2, False), (17, 3, True)):
+        x = torch.randn(rows, 600, generator=g).to(dtype).to(device)[:, ::2]
+        ref = x.double() @ (q.double() * s.double()[:, None]).T + (bias.double() if with_bias else 0)
+        got = int8_mm(x, q, s, bias if with_bias else None, block_k=64, split_k=split)
+        assert got.dtype == dtype and got.shape == (rows, 100)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+        else:
+            exact = (got == ref.to(dtype)).float().mean()
+            assert exact > 0.97, exact
+            torch.testing.assert_close(got.double(), ref, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10,
+                                       atol=1e-5)
+
+
+@needs_triton
+def test_triton_kernel_checks_its_arguments_and_compiles_as_one_op():
+    from points.kernels.triton_int8 import int8_mm
+
+    q, s = quantized.quantize_int8(torch.randn(16, 32))
+    with pytest.raises(ValueError, match=r"weight int8 \[N, 32\] expected"):
+        int8_mm(torch.randn(1, 32), q.float(), s)
+    with pytest.raises(ValueError, match=r"scale and bias \[16\] expected"):
+        int8_mm(torch.randn(1, 32), q, s[:8])
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        int8_mm(torch.randn(1, 32).double(), q, s)
+    x = torch.randn(2, 3, 32)
+    torch._dynamo.reset()
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda x: int8_mm(x, q, s) * 2, fullgraph=True, backend=counter)
+    torch.testing.assert_close(compiled(x), int8_mm(x, q, s) * 2, rtol=0, atol=0)
+    op = torch.ops.points.int8_mm
+    assert counter.frame_count == 1 and any(n.target in (op, op.default) for gm in counter.graphs
+                                            for n in gm.graph.nodes)  # one opaque call in the graph
+
+
+def test_auto_kernel_rule_on_cuda_and_its_notice(monkeypatch):
+    """CUDA: the Triton kernel up to TRITON_ROWS rows where Triton is installed, else the dequantize-multiply;
+    int8 on CUDA warns once what it may cost; on the CPU it says nothing."""
+    monkeypatch.setattr(qz, "HAS_TRITON", True)
+    assert qz.choose_kernel("cuda", 1, torch.bfloat16, 3584) == "triton"
+    assert qz.choose_kernel("cuda", qz.TRITON_ROWS, torch.float16, 3584) == "triton"
+    assert qz.choose_kernel("cuda", qz.TRITON_ROWS + 1, torch.bfloat16, 3584) == "dequantize"
+    monkeypatch.setattr(qz, "HAS_TRITON", False)
+    assert qz.choose_kernel("cuda", 1, torch.bfloat16, 3584) == "dequantize"
+    with pytest.warns(UserWarning, match="bfloat16 may decode faster"):
+        qz.cuda_notice(torch.device("cuda", 0))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        qz.cuda_notice(torch.device("cpu"))
 
 
 def test_auto_kernel_rule(monkeypatch):
@@ -199,14 +271,21 @@ def test_quantized_weights_take_a_quarter_of_fp32_on_disk(official_dir, tmp_path
     assert weights(full) - weights(q8) >= 0.99 * 3 * (layers + 1000 * 224)
 
 
-def test_compiled_int8_step_equals_eager(official_dir):
+@pytest.mark.parametrize("kernel", ["auto", pytest.param("triton", marks=needs_triton)])
+def test_compiled_int8_step_equals_eager(official_dir, kernel):
+    """auto: this CPU's kernel under inductor; triton: the Triton kernel forced (the one CUDA's auto takes;
+    here in the interpreter), a custom op inside the compiled step (aot_eager: the plumbing, not inductor)."""
     decoder = points.load_decoder(official_dir, quantize="int8")
+    for parent, name in qz.quantized_linears(decoder):
+        getattr(parent, name).kernel = kernel
     prompt = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(4))
     lengths = torch.tensor([9, 6])
     runs = []
-    for engine in (Engine(decoder), Engine(decoder, compile=True)):
+    backend = "inductor" if kernel == "auto" else "aot_eager"
+    for engine in (Engine(decoder), Engine(decoder, compile=True, backend=backend)):
         torch._dynamo.reset()
-        runs.append([t.tolist() for t in engine.generate(Picker(2, 1000, torch.device("cpu")), 12, tokens=prompt,
+        steps = 12 if kernel == "auto" else 2  # (the interpreter runs each product in Python)
+        runs.append([t.tolist() for t in engine.generate(Picker(2, 1000, torch.device("cpu")), steps, tokens=prompt,
                                                          lengths=lengths)])
     assert runs[1] == runs[0]
 

@@ -19,11 +19,20 @@ docs/benchmarks.md has the figures):
 - CPU, more rows, or where that kernel is not available: `torch.ops.aten._weight_int8pack_mm` for bf16 /
   fp16 activations; for float32 the dequantization (`F.linear(x, W8.to(x.dtype)) * scale`), which measured
   faster there than the int8pack kernel;
-- CUDA: the dequantize-multiply written out, which inductor fuses into the product under torch.compile
-  (the compiled decode step); in eager it materialises W (the portable fallback, slow).
+- CUDA, up to TRITON_ROWS rows, where Triton is installed: `points.kernels.triton_int8`, this project's
+  Triton kernel (int8 rows read once, scaled in registers, K split where N alone leaves the GPU idle; the
+  custom op `points::int8_mm` in the compiled step). Not yet measured on a GPU: the last GPU run (H200,
+  2026-11-27) predates it and measured the other two paths at 0.06x (`_weight_int8pack_mm`) and 0.41x (the
+  compiled dequantize-multiply) of the bf16 products, so until a run says otherwise int8 on CUDA warns once
+  that bfloat16 may be faster (`cuda_notice`);
+- CUDA, more rows or without Triton: the dequantize-multiply written out, which inductor fuses into the
+  product under torch.compile; in eager it materialises W (the portable fallback, slow).
 """
 
 from __future__ import annotations
+
+import importlib.util
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -33,16 +42,22 @@ from points.io.quantized import check_scheme, quantize_int8, quantized_modules
 from points.kernels import cpu_int8
 
 GEMV_ROWS = 64  # up to this many rows the CPU kernel beats the others (bench_int8: 1.0x int8pack at 64 in bf16)
-KERNELS = ("auto", "gemv", "int8pack", "dequantize")  # auto: the rule above; the others force one
+TRITON_ROWS = 16  # one tile of the Triton kernel's rows (decode batches); prefills take the dequantize-multiply
+KERNELS = ("auto", "gemv", "int8pack", "dequantize", "triton")  # auto: the rule above; the others force one
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def choose_kernel(device_type: str, rows: int, dtype: torch.dtype, inner: int) -> str:
+    """The rule above: the kernel "auto" takes for `rows` rows of `inner` inputs in `dtype` on a device."""
+    if device_type != "cpu":
+        return "triton" if device_type == "cuda" and HAS_TRITON and rows <= TRITON_ROWS else "dequantize"
+    if rows <= GEMV_ROWS and cpu_int8.available():
+        return "gemv"
+    return "dequantize" if dtype == torch.float32 or inner % 8 else "int8pack"
 
 
 def _auto_kernel(x: torch.Tensor) -> str:
-    if x.device.type != "cpu":
-        return "dequantize"
-    rows = x.numel() // x.shape[-1]
-    if rows <= GEMV_ROWS and cpu_int8.available():
-        return "gemv"
-    return "dequantize" if x.dtype == torch.float32 or x.shape[-1] % 8 else "int8pack"
+    return choose_kernel(x.device.type, x.numel() // x.shape[-1], x.dtype, x.shape[-1])
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
@@ -52,6 +67,10 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias
         kernel = _auto_kernel(x)
     if kernel == "gemv":
         return cpu_int8.int8_gemv(x, weight, scale, bias)
+    if kernel == "triton":
+        from points.kernels.triton_int8 import int8_mm
+
+        return int8_mm(x, weight, scale, bias)
     if kernel == "int8pack":
         if x.shape[-1] % 8:  # torch 2.13's CPU kernel reads past the end there (segfaults at 2+ rows in bf16)
             raise ValueError(f"int8 kernel 'int8pack': the input size must be a multiple of 8, got {x.shape[-1]}")
@@ -102,6 +121,17 @@ def check_kernel(kernel: str) -> str:
     return kernel
 
 
+CUDA_NOTICE = ("points: int8 on CUDA runs this project's Triton kernel, not yet measured on a GPU; the last GPU "
+               "run (H200) measured int8's other paths at 0.06x-0.41x of the bfloat16 products, so bfloat16 may "
+               "decode faster (README, 'int8 on CUDA')")
+
+
+def cuda_notice(device: torch.device) -> None:
+    """The one-time warning of what int8 costs on CUDA (until a GPU run measures the Triton kernel faster)."""
+    if torch.device(device).type == "cuda":
+        warnings.warn(CUDA_NOTICE, stacklevel=3)
+
+
 def quantized_linears(decoder, lm_head: bool = False) -> list[tuple[nn.Module, str]]:
     """(parent module, attribute) of every projection the scheme quantizes (points.io.quantized), in order."""
     out = []
@@ -118,6 +148,7 @@ def quantize_decoder(decoder, scheme: str = "int8", *, lm_head: bool = False, ke
     check_scheme(scheme)
     if isinstance(decoder.layers[0].attn.qkv, Int8Linear):
         raise ValueError("quantize_decoder: this decoder is already quantized")
+    cuda_notice(decoder.embed.weight.device)
     for parent, name in quantized_linears(decoder, lm_head):
         setattr(parent, name, Int8Linear.from_linear(getattr(parent, name), kernel))
     decoder.quantization = {"scheme": scheme, "lm_head": lm_head}
