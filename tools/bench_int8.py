@@ -7,6 +7,8 @@ per kernel that could run a quantized decode step:
 - int8 dequantized eagerly (`F.linear(x, w.to(dtype)) * scale`: the portable fallback),
 - `torch.ops.aten._weight_int8pack_mm` (PyTorch's int8 weight-only kernel),
 - on the CPU, this project's own kernel (`points.kernels.cpu_int8`, AVX2, built on first use),
+- on CUDA, this project's Triton kernel (`points.kernels.triton_int8`; tested in the interpreter by
+  tests/test_quantize.py, not timed there),
 - the same dequantize-multiply under `torch.compile` (inductor fuses the cast into the product),
 - int4, group-wise (128 inputs per scale and zero point): `aten._weight_int4pack_mm_for_cpu` on the CPU,
   `aten._weight_int4pack_mm` on CUDA (bf16 activations; measured only: points does not offer int4 yet).
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from points.io.checkpoint import DTYPES
 from points.kernels import cpu_int8
 from points.io.quantized import quantize_int8
+from points.runtime.quantize import HAS_TRITON
 from points.tooling.measure import BURSTS, copy_bandwidth, machine
 from points.tooling.synthetic import SHAPES, hf_config
 from points.io.config import from_hf_dict
@@ -136,6 +139,11 @@ def main(argv=None) -> int:
                     lambda: [cpu_int8.int8_gemv(xs[q.shape[1]], q, s) for q, s in qweights], b8)
             elif device.type == "cpu":
                 print(f"  points.kernels.cpu_int8 not available: {cpu_int8.reason()}")
+            if HAS_TRITON and device.type == "cuda":
+                from points.kernels.triton_int8 import int8_mm
+
+                variants["int8, points.kernels.triton_int8"] = (
+                    lambda: [int8_mm(xs[q.shape[1]], q, s) for q, s in qweights], b8)
             if dtype == torch.bfloat16:
                 try:
                     packed4 = [pack_int4(w, device) for w in weights]
