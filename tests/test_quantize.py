@@ -66,6 +66,17 @@ def test_each_kernel_matches_the_dequantized_product(kernel, dtype, rows, inner)
     torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
 
 
+def _rounded_once(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, atol: float) -> None:
+    """float32: within float32 summation error of the float64 `ref`; bf16 / fp16: nearly every element equal to
+    `ref` rounded once to the dtype (float32 sums move the result by far less than the rounding's half ulp)."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=atol)
+        return
+    exact = (got == ref.to(dtype)).float().mean()
+    assert exact > 0.97, exact
+    torch.testing.assert_close(got.double(), ref, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10, atol=atol)
+
+
 @needs_gemv
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_gemv_kernel_rounds_once(dtype):
@@ -79,13 +90,7 @@ def test_gemv_kernel_rounds_once(dtype):
         ref = (x.double() @ (q.double() * s.double()[:, None]).T)
         got = cpu_int8.int8_gemv(x, q, s)
         assert got.dtype == dtype and got.shape == (rows, 200)
-        if dtype == torch.float32:
-            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
-        else:  # float32 sums move the result by far less than the one final rounding's half ulp
-            exact = (got == ref.to(dtype)).float().mean()
-            assert exact > 0.97, exact
-            torch.testing.assert_close(got.double(), ref, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10,
-                                       atol=1e-6)
+        _rounded_once(got, ref, dtype, atol=1e-6)
 
 
 @needs_gemv
@@ -127,13 +132,7 @@ def test_triton_kernel_rounds_once_with_k_split(dtype):
         ref = x.double() @ (q.double() * s.double()[:, None]).T + (bias.double() if with_bias else 0)
         got = int8_mm(x, q, s, bias if with_bias else None, block_k=64, split_k=split)
         assert got.dtype == dtype and got.shape == (rows, 100)
-        if dtype == torch.float32:
-            torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
-        else:
-            exact = (got == ref.to(dtype)).float().mean()
-            assert exact > 0.97, exact
-            torch.testing.assert_close(got.double(), ref, rtol=2 ** -7 if dtype == torch.bfloat16 else 2 ** -10,
-                                       atol=1e-5)
+        _rounded_once(got, ref, dtype, atol=1e-5)
 
 
 @needs_triton
