@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from points.kernels import cpu_build
+from points.kernels.int8_args import check_int8_args
 
 SOURCE = Path(__file__).with_name("int8_gemv.cpp")
 
@@ -82,14 +83,7 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     (the custom-op dispatch costs about 25 us a call, a tenth of a one-row product)."""
     if x.device.type != "cpu" or weight.device.type != "cpu":
         raise ValueError(f"int8_gemv: CPU tensors expected, got x on {x.device}, weight on {weight.device}")
-    if weight.dtype != torch.int8 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"int8_gemv: weight int8 [N, {x.shape[-1]}] expected, got {weight.dtype} "
-                         f"{list(weight.shape)}")
-    if scale.shape != (weight.shape[0],) or (bias is not None and bias.shape != scale.shape):
-        raise ValueError(f"int8_gemv: scale and bias [{weight.shape[0]}] expected, got {list(scale.shape)} and "
-                         f"{None if bias is None else list(bias.shape)}")
-    if x.dtype not in DTYPE_CODES or scale.dtype not in DTYPE_CODES:
-        raise ValueError(f"int8_gemv: x and scale in float32, bfloat16 or float16, got {x.dtype} and {scale.dtype}")
+    check_int8_args("int8_gemv", x, weight, scale, bias)
     if torch.compiler.is_compiling():
         return torch.ops.points.int8_gemv(x, weight, scale, bias)
     return _run(x, weight, scale, bias)

@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from points.kernels.int8_args import check_int8_args
+
 # Triton's CPU interpreter multiplies bf16 operands of tl.dot as raw bits (the flash kernel's note): there
 # the operands are upcast to float32 first (products of bf16 values and int8 are exact in float32 anyway);
 # and it converts float32 to bf16 by truncating: there the output is rounded on its bits first (`_rounded`).
@@ -156,13 +158,7 @@ def int8_mm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: to
     x's dtype: float32 sums, scale and bias applied in float32, one rounding. block_n, block_k, split_k: the
     tiles (None: 64 x 128 on a GPU) and the split of K (None: `split_k_for`), for tests and tuning; under
     torch.compile the custom op `points::int8_mm` runs with the defaults."""
-    if weight.dtype != torch.int8 or weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"int8_mm: weight int8 [N, {x.shape[-1]}] expected, got {weight.dtype} {list(weight.shape)}")
-    if scale.shape != (weight.shape[0],) or (bias is not None and bias.shape != scale.shape):
-        raise ValueError(f"int8_mm: scale and bias [{weight.shape[0]}] expected, got {list(scale.shape)} and "
-                         f"{None if bias is None else list(bias.shape)}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"int8_mm: x in float32, bfloat16 or float16, got {x.dtype}")
+    check_int8_args("int8_mm", x, weight, scale, bias)
     if not (x.device == weight.device == scale.device):
         raise ValueError(f"int8_mm: x, weight and scale on one device, got {x.device}, {weight.device}, {scale.device}")
     if torch.compiler.is_compiling():

@@ -93,15 +93,27 @@ def test_gemv_kernel_rounds_once(dtype):
         _rounded_once(got, ref, dtype, atol=1e-6)
 
 
-@needs_gemv
-def test_gemv_kernel_checks_its_arguments_and_compiles_as_one_op():
+@pytest.mark.parametrize("kernel", [pytest.param("gemv", marks=needs_gemv), pytest.param("triton", marks=needs_triton)])
+def test_int8_kernels_check_their_arguments(kernel):
+    """The CPU and the Triton kernel share one contract (points.kernels.int8_args): each names itself."""
+    if kernel == "gemv":
+        fn, name = cpu_int8.int8_gemv, "int8_gemv"
+    else:
+        from points.kernels.triton_int8 import int8_mm as fn
+
+        name = "int8_mm"
     q, s = quantized.quantize_int8(torch.randn(16, 32))
-    with pytest.raises(ValueError, match=r"weight int8 \[N, 32\] expected"):
-        cpu_int8.int8_gemv(torch.randn(1, 32), q.float(), s)
-    with pytest.raises(ValueError, match=r"scale and bias \[16\] expected"):
-        cpu_int8.int8_gemv(torch.randn(1, 32), q, s[:8])
-    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
-        cpu_int8.int8_gemv(torch.randn(1, 32).double(), q, s)
+    with pytest.raises(ValueError, match=rf"{name}: weight int8 \[N, 32\] expected"):
+        fn(torch.randn(1, 32), q.float(), s)
+    with pytest.raises(ValueError, match=rf"{name}: scale and bias \[16\] expected"):
+        fn(torch.randn(1, 32), q, s[:8])
+    with pytest.raises(ValueError, match=f"{name}: x and scale in float32, bfloat16 or float16"):
+        fn(torch.randn(1, 32).double(), q, s)
+
+
+@needs_gemv
+def test_gemv_kernel_copies_strided_inputs_and_compiles_as_one_op():
+    q, s = quantized.quantize_int8(torch.randn(16, 32))
     # non-contiguous weight, scale and bias: copied to contiguous tensors that live through the call
     w_t = q.t().contiguous().t()
     s2, b2 = torch.randn(32).to(s.dtype)[::2], torch.randn(32)[::2]
@@ -136,16 +148,10 @@ def test_triton_kernel_rounds_once_with_k_split(dtype):
 
 
 @needs_triton
-def test_triton_kernel_checks_its_arguments_and_compiles_as_one_op():
+def test_triton_kernel_compiles_as_one_op():
     from points.kernels.triton_int8 import int8_mm
 
     q, s = quantized.quantize_int8(torch.randn(16, 32))
-    with pytest.raises(ValueError, match=r"weight int8 \[N, 32\] expected"):
-        int8_mm(torch.randn(1, 32), q.float(), s)
-    with pytest.raises(ValueError, match=r"scale and bias \[16\] expected"):
-        int8_mm(torch.randn(1, 32), q, s[:8])
-    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
-        int8_mm(torch.randn(1, 32).double(), q, s)
     x = torch.randn(2, 3, 32)
     torch._dynamo.reset()
     from torch._dynamo.testing import CompileCounterWithBackend
