@@ -171,14 +171,14 @@ _WHOLE = dict(full_state_dict=True, cpu_offload=True)
 def _train_state(net, model, opt, sharded: bool) -> tuple[dict, dict]:
     """(the trainable weights under the model's names, float32 on the CPU; the optimizer's state), whole on
     process 0. Sharded (FSDP2), the shards are gathered: every process calls it."""
-    names = set(_trainable(model))
+    trainable = _trainable(model)
     if not sharded:
-        return {n: p.detach().float().contiguous().cpu() for n, p in _trainable(model).items()}, opt.state_dict()
+        return {n: p.detach().float().contiguous().cpu() for n, p in trainable.items()}, opt.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     weights = get_model_state_dict(net, options=StateDictOptions(**_WHOLE, ignore_frozen_params=True))
     weights = {n.removeprefix("model."): t.float().contiguous() for n, t in weights.items()}
-    return ({n: t for n, t in weights.items() if n in names},
+    return ({n: t for n, t in weights.items() if n in trainable},
             get_optimizer_state_dict(net, opt, options=StateDictOptions(**_WHOLE)))
 
 
