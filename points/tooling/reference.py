@@ -211,7 +211,6 @@ def transformers_decoder(decoder) -> Qwen2ForCausalLM:
     return llm.eval()
 
 
-
 _PEFT_NAMES = (("attn.qkv", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                ("mlp.up_gate", ("mlp.up_proj", "mlp.gate_proj")), ("attn.out", ("self_attn.o_proj",)),
                ("mlp.down", ("mlp.down_proj",)))
