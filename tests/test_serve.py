@@ -1,5 +1,6 @@
-"""`points serve` as a client meets it: a real server process (uvicorn on a free loopback port) and the real
-`openai` client; replies equal `Pipeline.chat` of the same conversation alone."""
+"""`points serve` as a client meets it: a real server process (uvicorn on a free loopback port; in this process
+where a test holds the scheduler) and the real `openai` client; replies equal `Pipeline.chat` of the same
+conversation alone."""
 
 import base64
 import json
@@ -34,7 +35,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Served:
+class _Http:
+    """Requests to the server at `self.url`: (status, headers, JSON body)."""
+
+    def post(self, path, body, key=KEY, raw=None, headers=None):
+        data = raw if raw is not None else json.dumps(body).encode()
+        h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+        request = urllib.request.Request(self.url + path, data=data, headers=h, method="POST")
+        return _answer(request)
+
+    def get(self, path, key=KEY, headers=None):
+        h = {**({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
+        return _answer(urllib.request.Request(self.url + path, headers=h))
+
+
+class Served(_Http):
+    """`points serve` in a process of its own, its stderr lines in `lines`."""
+
     def __init__(self, model, *flags):
         self.proc = subprocess.Popen([sys.executable, "-m", "points", "serve", "--model", str(model), "--port",
                                       str(_free_port()), *flags], stderr=subprocess.PIPE, text=True)
@@ -57,19 +74,39 @@ class Served:
         for line in self.proc.stderr:
             self.lines.append(line)
 
-    def post(self, path, body, key=KEY, raw=None, headers=None):
-        data = raw if raw is not None else json.dumps(body).encode()
-        h = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {}), **(headers or {})}
-        request = urllib.request.Request(self.url + path, data=data, headers=h, method="POST")
-        return _answer(request)
-
-    def get(self, path, key=KEY):
-        h = {"Authorization": f"Bearer {key}"} if key else {}
-        return _answer(urllib.request.Request(self.url + path, headers=h))
-
     def stop(self):
         self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=60)
+
+
+class InProcess(_Http):
+    """`points serve` in this process: the command's app and shutdown (serve.http_server) under uvicorn in a
+    thread, so that a test can reach its scheduler (`self.server.scheduler`)."""
+
+    def __init__(self, model, *flags):
+        from points.tooling import serve
+
+        args = serve.parser().parse_args(["--model", str(model), *flags])
+        self.server = serve.build(vars(args))
+        self.http = serve.http_server(self.server, "127.0.0.1", 0, args.grace_seconds)
+        self.thread = threading.Thread(target=self.http.run, daemon=True)
+        self.thread.start()
+        assert _within(60, lambda: self.http.started), "the server did not start"
+        self.url = f"http://127.0.0.1:{self.http.servers[0].sockets[0].getsockname()[1]}"
+
+    def stop(self):
+        self.http.should_exit = True
+        self.thread.join(60)
+
+
+def _within(seconds: float, condition) -> bool:
+    """Whether `condition()` holds within `seconds`."""
+    deadline = time.time() + seconds
+    while not condition():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def _oversized(server, chunked: bool):
@@ -242,6 +279,42 @@ def test_bad_requests_are_4xx_json_naming_the_field(server, body, status, param)
     assert answer["error"]["param"] == param and answer["error"]["message"].startswith(param), answer
 
 
+@pytest.mark.parametrize("route, field, value, says", [
+    *[("/v1/chat/completions", field, value, "not supported yet") for field, value in [
+        ("logprobs", True), ("top_logprobs", 2), ("n", 2), ("frequency_penalty", 0.5), ("presence_penalty", -1),
+        ("logit_bias", {"13": 5}), ("response_format", {"type": "json_object"}), ("tool_choice", "auto"),
+        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])]],
+    *[("/v1/chat/completions", field, value, "expected") for field, value in [
+        ("tools", "x"), ("response_format", 5), ("frequency_penalty", "x"), ("n", True), ("max_tokens", True),
+        ("seed", True), ("top_k", True), ("top_p", True), ("temperature", False), ("stream_options", 5), ("user", 5),
+        ("stop", 5), ("model", 7)]],
+    ("/v1/chat/completions", "best_of", 2, "unrecognized request field"),
+    ("/chat", "top_p", True, "expected a number"),
+    ("/chat", "stream", True, "unrecognized request field"),
+])
+def test_a_field_not_served_as_asked_is_a_400_naming_it(server, route, field, value, says):
+    """Every request field is in serve.FIELDS: of the wrong type (a boolean is no number), not supported yet
+    (accepted only at its "off" value) or unknown, it is refused, never silently ignored."""
+    status, _, answer = server.post(route, {"messages": _messages(0), "max_tokens": 1, field: value})
+    assert status == 400 and answer["error"]["param"] == field, answer
+    assert answer["error"]["message"].startswith(f"{field}: ") and says in answer["error"]["message"], answer
+
+
+def test_the_openai_client_gets_off_values_served_and_the_rest_refused(client, pipe):
+    messages = _messages(1)
+    got = client.chat.completions.create(
+        model="points-e2e", messages=messages, max_tokens=NEW, n=1, logprobs=False, frequency_penalty=0,
+        presence_penalty=0.0, logit_bias={}, tools=[], tool_choice="none", parallel_tool_calls=False,
+        response_format={"type": "text"}, user="u-1")
+    assert got.choices[0].message.content == pipe.chat(_ours(messages), max_new_tokens=NEW)
+    for field, extra in [("logprobs", {"logprobs": True}),
+                         ("response_format", {"response_format": {"type": "json_object"}}),
+                         ("n", {"extra_body": {"n": True}}), ("guided_json", {"extra_body": {"guided_json": {}}})]:
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model="points-e2e", messages=messages, max_tokens=NEW, **extra)
+        assert refused.value.param == field
+
+
 def test_local_images_only_inside_the_allowed_folder(server, images, pipe):
     inner = images / "inner"
     Image.open(PHOTO).resize((84, 56)).save(inner / "ok.png")
@@ -274,6 +347,49 @@ def test_transport_errors(server):
     assert status == 405
 
 
+def test_a_client_that_leaves_while_sending_its_body_is_not_logged(server):
+    """20 clients announce a 1000-byte body, send 10 bytes and leave: no traceback, no internal error in the log
+    (at most a line each), and the server answers on."""
+    host, port = server.url.removeprefix("http://").split(":")
+    before = len(server.lines)
+    for _ in range(20):
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
+                      "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"messages\"".encode())
+    time.sleep(0.5)  # (the server logs a disconnect, if at all, as it happens)
+    assert server.get("/v1/models")[0] == 200
+    logged = server.lines[before:]
+    assert len(logged) <= 20, "".join(logged)
+    assert not any(word in line for line in logged for word in ("Traceback", "Exception", "internal error")), logged
+
+
+@pytest.mark.parametrize("argv, env, named", [
+    (["--api-key", ""], None, "--api-key"),
+    ([], "", "POINTS_API_KEY"),
+    (["--api-key", "clé-1"], "fine", "--api-key"),
+    (["--api-key", "two words"], None, "--api-key"),
+    ([], "key\n", "POINTS_API_KEY"),
+])
+def test_an_api_key_that_cannot_work_is_refused_at_start(tmp_path, monkeypatch, capsys, argv, env, named):
+    """An empty key (`--api-key "$KEY"` with KEY unset) would serve openly, one outside visible ASCII could never
+    match: either is one line naming where it came from, exit 2, before the model loads."""
+    from points.tooling import serve
+
+    monkeypatch.delenv("POINTS_API_KEY", raising=False)
+    if env is not None:
+        monkeypatch.setenv("POINTS_API_KEY", env)
+    assert serve.main(["--model", str(tmp_path / "never-loaded"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {named} ") and err.count("\n") == 1, err
+
+
+def test_the_bearer_scheme_in_any_case(server):
+    for scheme in ("bearer", "BEARER", "bEaReR", "Bearer "):
+        assert server.get("/v1/models", key=None, headers={"Authorization": f"{scheme} {KEY}"})[0] == 200, scheme
+    for value in (f"Basic {KEY}", f"bearer {KEY.upper()}", f"Bearer{KEY}", KEY, "bearer"):
+        assert server.get("/v1/models", key=None, headers={"Authorization": value})[0] == 401, value
+
+
 def test_api_key(server, client):
     for key in (None, "wrong", KEY + "x"):
         status, _, body = server.get("/v1/models", key=key)
@@ -303,16 +419,53 @@ def test_a_full_queue_is_429_with_retry_after(server):
     assert all(a[1].get("Retry-After") == "1" and a[2]["error"]["code"] == "queue_full" for a in answers if a[0] == 429)
 
 
+def _burst(served, n: int, body: dict):
+    """`n` requests at once: their threads, and their answers as they come (None until then)."""
+    answers = [None] * n
+
+    def ask(i):
+        answers[i] = served.post("/v1/chat/completions", body, key=None)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, answers
+
+
+def test_max_queue_counts_the_requests_beyond_the_rows(e2e_dir):
+    """--max-batch 2 --max-queue 2: 2 requests run, 2 wait, the next is refused (429). While the scheduler is
+    held (no step: no request changes place) 12 requests arrive at once: with both rows free exactly 4 get in,
+    with both rows taken by long requests exactly 2."""
+    served = InProcess(e2e_dir, "--max-batch", "2", "--max-queue", "2", "--grace-seconds", "0")
+    scheduler, threads = served.server.scheduler, []
+    try:
+        for long, admitted in ((0, 4), (2, 2)):
+            threads += _burst(served, long, {"messages": _messages(9), "max_tokens": 2000})[0]
+            assert _within(30, lambda: scheduler.load() == (long, 0))
+            with scheduler.paused():
+                burst, answers = _burst(served, 12, {"messages": _messages(1), "max_tokens": NEW})
+                assert _within(30, lambda: sum(a is not None for a in answers) + len(scheduler.waiting) == 12)
+                assert len(scheduler.waiting) == admitted
+                assert all(a[0] == 429 for a in answers if a is not None)
+            threads += burst
+            if not long:
+                for t in burst:
+                    t.join()
+                assert sorted(a[0] for a in answers) == [200] * admitted + [429] * (12 - admitted)
+    finally:
+        served.stop()  # (--grace-seconds 0: the long requests are ended at once)
+        for t in threads:
+            t.join()
+
+
 def _idle_within(server, seconds: float) -> bool:
     """Whether the server has no request prefilling, generating or waiting within `seconds`."""
-    deadline = time.time() + seconds
-    while True:
-        health = server.get("/health", key=None)[2]
-        if health["busy_rows"] == 0 and health["waiting"] == 0:
-            return True
-        if time.time() > deadline:
-            return False
-        time.sleep(0.05)
+    return _within(seconds, lambda: _load(server) == (0, 0))
+
+
+def _load(server) -> tuple[int, int]:
+    health = server.get("/health", key=None)[2]
+    return health["busy_rows"], health["waiting"]
 
 
 @pytest.mark.parametrize("after", ["role", "content"])
@@ -328,22 +481,50 @@ def test_a_client_that_leaves_mid_stream_frees_its_row(server, client, after):
     assert _idle_within(server, 10)
 
 
-def test_sigterm_finishes_running_requests_then_exits_0(e2e_dir):
-    served = Served(e2e_dir, "--grace-seconds", "30")
-    answer = {}
+def _events(url: str, body: dict, into: list) -> None:
+    """A streamed request: each `data:` payload into `into` as it comes, until the server ends the response (a
+    transfer cut short as "cut: ...")."""
+    import http.client
 
-    def ask():
-        answer["got"] = served.post("/v1/chat/completions", {"messages": _messages(4), "max_tokens": 60}, key=None)
+    host, port = url.removeprefix("http://").split(":")
+    c = http.client.HTTPConnection(host, int(port), timeout=120)
+    c.request("POST", "/v1/chat/completions", json.dumps(body | {"stream": True}), {"Content-Type": "application/json"})
+    try:
+        for line in c.getresponse():
+            if line.startswith(b"data: "):
+                into.append(line[6:].strip().decode())
+    except (http.client.HTTPException, OSError) as e:
+        into.append(f"cut: {e!r}")
+    c.close()
 
-    t = threading.Thread(target=ask)
-    t.start()
-    deadline = time.time() + 30
-    while time.time() < deadline and not served.get("/health", key=None)[2]["busy_rows"]:
-        time.sleep(0.01)
+
+def test_sigterm_finishes_running_requests_ends_the_rest_then_exits_0(e2e_dir):
+    """SIGTERM with --grace-seconds 2: a short request running then finishes whole; the long ones are ended by
+    the server when the grace period is over: the stream's last chunk has finish_reason "length", then
+    `data: [DONE]`; the plain request gets its JSON answer. Exit 0, one line about them, no traceback."""
+    served = Served(e2e_dir, "--grace-seconds", "2")
+    long, short = {"messages": _messages(9), "max_tokens": 4000}, {"messages": _messages(4), "max_tokens": 12}
+    events, got = [], {}
+    threads = [threading.Thread(target=_events, args=(served.url, long, events)),
+               threading.Thread(target=lambda: got.update(long=served.post("/v1/chat/completions", long, key=None)))]
+    for t in threads:
+        t.start()
+    assert _within(30, lambda: _load(served) == (2, 0))
+    threads.append(threading.Thread(target=lambda: got.update(short=served.post("/v1/chat/completions", short,
+                                                                                 key=None))))
+    threads[-1].start()
+    assert _within(30, lambda: _load(served)[0] == 3 or "short" in got)
     assert served.stop() == 0
-    t.join()
-    assert answer["got"][0] == 200 and answer["got"][2]["choices"][0]["message"]["content"] is not None
-    assert "points serve: stopped" in "".join(served.lines) and "Traceback" not in "".join(served.lines)
+    for t in threads:
+        t.join()
+    assert events[-1] == "[DONE]" and json.loads(events[-2])["choices"][0]["finish_reason"] == "length", events[-3:]
+    status, _, body = got["long"]
+    assert status == 200 and body["choices"][0]["finish_reason"] == "length"
+    assert 0 < body["usage"]["completion_tokens"] < 4000
+    status, _, body = got["short"]
+    assert status == 200 and (body["usage"]["completion_tokens"] == 12 or body["choices"][0]["finish_reason"] == "stop")
+    log = "".join(served.lines)
+    assert "Traceback" not in log and log.count("ended 2 request(s)") == 1 and "points serve: stopped" in log, log
 
 
 def test_loopback_by_default_no_key_and_remote_images_when_allowed(e2e_dir, images, pipe, tmp_path):

@@ -9,13 +9,17 @@ Routes: POST /v1/chat/completions (the Chat Completions API, streamed as server-
 concurrent requests decode together; a greedy reply equals `Pipeline.chat` of the same conversation alone.
 
 Safe by default: it binds 127.0.0.1; with --api-key every route but /health needs `Authorization: Bearer KEY`
-(compared in constant time); a body over --max-body-mb is refused (413) before it is read whole; images come
-as `data:image/...;base64,...` URLs (bytes counted before decoding, pixels checked from the header before
-decoding: points.io.processor), `http(s)://` only with --allow-remote-images (size and time bounded), local
-paths or `file://` only inside --allow-local-images DIR (resolved, links included, never outside it). A bad
-request is a 400 JSON error naming the field (`{"error": {"message", "type", "param", "code"}}`), a full queue
-429 with Retry-After; never a 500 for bad input. SIGTERM: no new connections, running requests finish
-within --grace-seconds, exit 0. A client that disconnects has its request cancelled within one step.
+(the scheme in any case, the key compared exactly, in constant time; an empty key, or one with a character
+outside visible ASCII, is refused at start); a body over --max-body-mb is refused (413) before it is read
+whole; images come as `data:image/...;base64,...` URLs (bytes counted before decoding, pixels checked from the
+header before decoding: points.io.processor), `http(s)://` only with --allow-remote-images (size and time
+bounded), local paths or `file://` only inside --allow-local-images DIR (resolved, links included, never
+outside it). A bad request is a 400 JSON error naming the field (`{"error": {"message", "type", "param",
+"code"}}`): a field of the wrong type, one not supported yet (FIELDS), an unknown one; more than --max-batch
+running + --max-queue waiting requests is 429 with Retry-After; never a 500 for bad input. SIGTERM: no new
+connections, running requests get --grace-seconds to finish, then the server ends them (a stream's last chunk
+says finish_reason "length", then `data: [DONE]`) and exits 0. A client that disconnects has its request
+cancelled within one step, unlogged.
 """
 
 from __future__ import annotations
@@ -34,10 +38,13 @@ import sys
 import threading
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 MIB = 1 << 20
 DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,(.*)", re.S)
+API_KEY = re.compile(r"[!-~]+")  # visible ASCII: a key any client's header can carry unchanged
+CLOSE_AFTER_S = 5.0  # SIGTERM: after the grace period, the seconds before connections still open are closed
 
 
 class ApiError(Exception):
@@ -176,24 +183,77 @@ def _text(s) -> bool:
     return True
 
 
-# OpenAI request field -> Pipeline.chat keyword (the values are checked by GenerationConfig)
-GEN_FIELDS = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens", "temperature": "temperature",
-              "top_p": "top_p", "top_k": "top_k", "repetition_penalty": "repetition_penalty", "seed": "seed",
-              "stop": "stop"}
+JSON_TYPES = {"an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),  # (True == 1 in Python)
+              "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              "a boolean": lambda v: isinstance(v, bool), "a string": lambda v: isinstance(v, str),
+              "a list": lambda v: isinstance(v, list), "an object": lambda v: isinstance(v, dict)}
+
+
+@dataclass(frozen=True)
+class Field:
+    """A request field the server knows: its JSON type(s) as the error says them ("a string or a list"); the
+    `Pipeline.chat` keyword it sets (the value then checked by GenerationConfig); `only`: the values accepted
+    while the field is not supported yet (its "off" values)."""
+
+    kind: str
+    keyword: str | None = None
+    only: tuple = ()
+
+    def fits(self, value) -> bool:
+        return any(JSON_TYPES[kind](value) for kind in self.kind.split(" or "))
+
+
+# The Chat Completions request fields; any other is refused. Supporting one = giving it a keyword (or reading it
+# in the route) and dropping its `only`.
+FIELDS = {
+    "messages": Field("a list"),  # (each message checked by messages_of)
+    "model": Field("a string"),
+    "stream": Field("a boolean"),
+    "stream_options": Field("an object"),
+    "user": Field("a string"),  # (metadata: unused)
+    "max_tokens": Field("an integer", "max_new_tokens"),
+    "max_completion_tokens": Field("an integer", "max_new_tokens"),
+    "temperature": Field("a number", "temperature"),
+    "top_p": Field("a number", "top_p"),
+    "top_k": Field("an integer", "top_k"),  # (an extension)
+    "repetition_penalty": Field("a number", "repetition_penalty"),  # (an extension)
+    "seed": Field("an integer", "seed"),
+    "stop": Field("a string or a list", "stop"),
+    "n": Field("an integer", only=(1,)),
+    "logprobs": Field("a boolean", only=(False,)),
+    "top_logprobs": Field("an integer", only=(0,)),
+    "frequency_penalty": Field("a number", only=(0,)),
+    "presence_penalty": Field("a number", only=(0,)),
+    "logit_bias": Field("an object", only=({},)),
+    "response_format": Field("an object", only=({"type": "text"},)),
+    "tools": Field("a list", only=([],)),
+    "tool_choice": Field("a string or an object", only=("none",)),
+    "parallel_tool_calls": Field("a boolean"),  # (without tools nothing is called)
+}
+OFFICIAL_FIELDS = {name: FIELDS[name] for name in ("messages", "max_tokens", "temperature", "top_p", "top_k")}
 STOP_LIMIT = (4, 256)  # stop strings per request, characters each (OpenAI's bound: each is scanned every token)
 
 
-def generation_of(body: dict) -> dict:
-    """The request's generation fields -> `Pipeline.chat` keywords, checked before any image is read (absent or
-    null fields keep the defaults: greedy, as the model card); a bad one is named by its field in the request."""
+def generation_of(body: dict, fields: dict[str, Field] = FIELDS) -> dict:
+    """Every field of the request checked against `fields` (an unknown one, one of the wrong type or not
+    supported yet is a 400 naming it), before any image is read -> the generation settings as `Pipeline.chat`
+    keywords (absent or null fields keep the defaults: greedy, as the model card)."""
     from points.runtime.generation import GenerationConfig, GenerationError
 
     gen, named = {}, {}
-    for name, keyword in GEN_FIELDS.items():
-        if body.get(name) is not None:
-            gen[keyword], named[keyword] = body[name], name
-    if body.get("n") not in (None, 1):
-        raise _bad("n", "only n = 1 is supported")
+    for name, value in body.items():
+        field = fields.get(name)
+        if field is None:
+            raise ApiError(400, f"{name:.100}: unrecognized request field", name[:100])
+        if value is None:
+            continue
+        if not field.fits(value):
+            raise _bad(name, f"expected {field.kind}, got {value!r:.40}")
+        if field.only and value not in field.only:
+            allowed = " or ".join(json.dumps(v) for v in field.only)
+            raise _bad(name, f"not supported yet (only {allowed} is accepted), got {value!r:.40}")
+        if field.keyword is not None:
+            gen[field.keyword], named[field.keyword] = value, name
     stop = gen.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else None
     if stop is not None and (stops is None or not 0 < len(stops) <= STOP_LIMIT[0]
@@ -210,26 +270,31 @@ def generation_of(body: dict) -> dict:
 # --------------------------------------------------------------------------------------------- the app
 
 class Server:
-    """The app's state: the pipeline, its scheduler running in a worker thread, the limits."""
+    """The app's state: the pipeline, its scheduler running in a worker thread, the limits, the requests in."""
 
     def __init__(self, pipe, name: str, *, api_key: str | None = None, max_body_bytes: int = 20 * MIB,
-                 images: Images | None = None):
+                 images: Images | None = None, max_queue: int):
         self.pipe, self.name, self.api_key = pipe, name, api_key
         self.max_body_bytes = max_body_bytes
         self.images = images or Images(max_body_bytes)
         self.scheduler = pipe.scheduler
+        self.capacity = self.scheduler.max_batch + max_queue  # requests in at once: the rows, then the queue
+        self.jobs: set[_Job] = set()  # the requests in, from their admission until their request ends
+        self.ending = False  # SIGTERM's grace period is over: every request is ended
         self.created = int(time.time())
 
     def app(self):
         from starlette.applications import Starlette
         from starlette.exceptions import HTTPException
+        from starlette.requests import ClientDisconnect
         from starlette.routing import Route
 
         routes = [Route("/health", self.health, methods=["GET"]),
                   Route("/v1/models", self.models, methods=["GET"]),
                   Route("/v1/chat/completions", self.completions, methods=["POST"]),
                   Route("/chat", self.official_chat, methods=["POST"])]
-        handlers = {ApiError: self._api_error, HTTPException: self._http_error, Exception: self._internal_error}
+        handlers = {ApiError: self._api_error, HTTPException: self._http_error, ClientDisconnect: self._client_gone,
+                    Exception: self._internal_error}
         lifespan = contextlib.asynccontextmanager(self._lifespan)
         return _Guard(Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan), self)
 
@@ -259,15 +324,13 @@ class Server:
         from starlette.responses import JSONResponse
 
         body = await self._body(request)
+        gen = generation_of(body)
         if body.get("model") not in (None, self.name):
             raise ApiError(404, f"model: {body['model']!r:.60} is not served here (this server serves "
                                 f"{self.name!r})", "model", code="model_not_found")
-        stream = body.get("stream", False)
-        if not isinstance(stream, bool):
-            raise _bad("stream", "expected true or false")
-        options = body.get("stream_options") or {}
-        usage_chunk = isinstance(options, dict) and options.get("include_usage") is True
-        job = await self._submit(body)
+        stream = body.get("stream") or False
+        usage_chunk = (body.get("stream_options") or {}).get("include_usage") is True
+        job = await self._submit(body, gen)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if stream:
             return _CancellingStream(job, self._events(job, ident, created, usage_chunk),
@@ -284,8 +347,7 @@ class Server:
         from starlette.responses import JSONResponse
 
         body = await self._body(request)
-        body = {k: body.get(k) for k in ("messages", "max_tokens", "temperature", "top_p", "top_k")}
-        job = await self._submit(body)
+        job = await self._submit(body, generation_of(body, OFFICIAL_FIELDS))
         text = await job.text(request)
         return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
 
@@ -314,15 +376,17 @@ class Server:
         return ApiError(413, f"the body is over the limit of {self.max_body_bytes / MIB:g} MiB (--max-body-mb)",
                         code="body_too_large")
 
-    async def _submit(self, body: dict) -> "_Job":
-        """Check the request and queue it (the images are decoded off the event loop)."""
+    async def _submit(self, body: dict, gen: dict) -> "_Job":
+        """Admit the request (429 when --max-batch + --max-queue are in: counted here, on the event loop, from
+        admission to the end, so a burst cannot race past the bound) and queue it, its images decoded off the
+        event loop."""
         from starlette.concurrency import run_in_threadpool
 
-        from points.runtime.scheduler import QueueFull
-
-        gen = generation_of(body)
-        loop = asyncio.get_running_loop()
-        job = _Job(loop)
+        if len(self.jobs) >= self.capacity:
+            raise ApiError(429, f"the server is busy ({len(self.jobs)} requests in: --max-batch "
+                                f"{self.scheduler.max_batch} running, the rest waiting); retry shortly",
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
+        job = _Job(asyncio.get_running_loop(), self.jobs)
 
         def prepare():
             from points.io.chat import build_prompt
@@ -339,16 +403,27 @@ class Server:
 
         try:
             job.request = await run_in_threadpool(prepare)
-        except QueueFull as e:
-            raise ApiError(429, f"the server is busy ({e}); retry shortly", type="rate_limit_error",
-                           code="queue_full", headers={"Retry-After": "1"}) from None
-        except ApiError:
-            raise
         except ValueError as e:  # the conversation or an image, named by the prompt builder
             text = str(e)
             param = text.split(":", 1)[0] if text.startswith("messages") else "messages"
             raise ApiError(400, text, param) from None
+        finally:
+            if job.request is None:  # never queued
+                self.jobs.discard(job)
+        if self.ending:
+            job.request.cancel()
         return job
+
+    def end_requests(self) -> None:
+        """SIGTERM's grace period is over: every request is ended (cancelled in the scheduler: a stream sends its
+        last chunk and [DONE], a plain request its answer, both with finish_reason "length")."""
+        self.ending = True
+        running = [job.request for job in self.jobs if job.request is not None and not job.request.done]
+        for request in running:
+            request.cancel()
+        if running:
+            print(f"points serve: ended {len(running)} request(s) still running after --grace-seconds "
+                  "(finish_reason \"length\")", file=sys.stderr, flush=True)
 
     async def _events(self, job: "_Job", ident: str, created: int, usage_chunk: bool):
         def chunk(delta: dict, finish=None, **extra) -> str:
@@ -379,6 +454,9 @@ class Server:
         status = exc.status_code
         message = {404: f"no route {request.url.path}", 405: f"{request.method} is not allowed on {request.url.path}"}
         return self.error(ApiError(status, message.get(status, exc.detail), code="not_found" if status == 404 else None))
+
+    async def _client_gone(self, request, exc):  # (it left while sending its body: nobody reads this)
+        return self.error(ApiError(400, "the client disconnected before its body was complete"))
 
     async def _internal_error(self, request, exc):
         print(f"points serve: internal error on {request.url.path}: {exc!r}", file=sys.stderr)
@@ -416,8 +494,9 @@ class _Guard:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http" and scope["path"] != "/health" and self.server.api_key is not None:
-            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.server.api_key}".encode()):
+            scheme, _, given = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            # (the scheme is case-insensitive, RFC 9110 11.1; the key is visible ASCII: compared as bytes)
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(b" "), self.server.api_key.encode()):
                 error = ApiError(401, "a valid API key is needed (Authorization: Bearer KEY)",
                                  type="authentication_error", code="invalid_api_key")
                 return await Server.error(error)(scope, receive, send)
@@ -425,13 +504,22 @@ class _Guard:
 
 
 class _Job:
-    """One request seen from the event loop: the scheduler thread's events arrive in an asyncio queue."""
+    """One request seen from the event loop: the scheduler thread's events arrive in an asyncio queue; it is in
+    `jobs` until its last event arrives."""
 
-    def __init__(self, loop):
-        self.loop, self.queue, self.request = loop, asyncio.Queue(), None
+    def __init__(self, loop, jobs: set):
+        self.loop, self.queue, self.request, self.jobs = loop, asyncio.Queue(), None, jobs
+        jobs.add(self)
 
     def event(self, request, event) -> None:  # called in the scheduler's thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+        self.loop.call_soon_threadsafe(self._arrived, event)
+
+    def _arrived(self, event) -> None:
+        from points.runtime.scheduler import _END
+
+        if event is _END:
+            self.jobs.discard(self)
+        self.queue.put_nowait(event)
 
     async def pieces(self):
         from points.runtime.scheduler import _END
@@ -465,7 +553,7 @@ class _Job:
         return self.request.reply
 
     def finish_reason(self) -> str:
-        """OpenAI's words: "stop" or "length" (a request cut short by the server's shutdown says "length")."""
+        """OpenAI's words: "stop" or "length" (a request cut short, by the server's shutdown too, says "length")."""
         return "stop" if self.request.finish_reason == "stop" else "length"
 
     def usage(self) -> dict:
@@ -495,11 +583,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--max-batch", type=int, default=8, help="rows decoded at once (default: %(default)s)")
     p.add_argument("--max-queue", type=int, default=64,
-                   help="requests that may wait for a row; beyond it 429 with Retry-After (default: %(default)s)")
+                   help="requests that may wait for a row, beyond the --max-batch running; beyond it 429 with "
+                        "Retry-After (default: %(default)s)")
     p.add_argument("--max-body-mb", type=float, default=20, help="request body limit, MiB (default: %(default)s)")
     p.add_argument("--max-image-mb", type=float, default=None, help="one image's limit, MiB (default: the body's)")
-    p.add_argument("--api-key", default=os.environ.get("POINTS_API_KEY"),
-                   help="require `Authorization: Bearer KEY` (default: $POINTS_API_KEY, else no key)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY`, KEY in visible ASCII (default: $POINTS_API_KEY, else "
+                        "no key)")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's)")
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs (off: a server that fetches what clients name can be aimed at its "
@@ -508,7 +598,8 @@ def parser() -> argparse.ArgumentParser:
                    help="accept local paths and file:// image URLs inside DIR only")
     p.add_argument("--remote-timeout", type=float, default=10.0, help="seconds for a remote image (default: %(default)s)")
     p.add_argument("--grace-seconds", type=float, default=30.0,
-                   help="SIGTERM: how long running requests may take to finish (default: %(default)s)")
+                   help="SIGTERM: how long running requests may take to finish; then they are ended, finish_reason "
+                        "\"length\" (default: %(default)s)")
     p.add_argument("--no-prefix-cache", action="store_true", help="prefill every request from scratch")
     p.add_argument("--replicas", type=int, default=None,
                    help="N model replicas under Ray Serve (one per GPU on CUDA; pip install 'points[ray]'), routed "
@@ -519,36 +610,37 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    from points.tooling.options import check_weight_options
+    from points.tooling.options import check_weight_options, exit_code
 
     check_weight_options(p, args)
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
-                             ("--port", args.port, 0)):
-        if value < low:
+                             ("--port", args.port, 0), ("--replicas", args.replicas, 1)):
+        if value is not None and value < low:
             p.error(f"{flag} {value}: expected an integer >= {low}")
     if not args.max_body_mb > 0 or (args.max_image_mb is not None and not args.max_image_mb > 0):
         p.error("--max-body-mb and --max-image-mb must be > 0")
     if args.allow_local_images is not None and not args.allow_local_images.is_dir():
         p.error(f"--allow-local-images {args.allow_local_images}: not a directory")
+    return exit_code(lambda: _serve(args))
+
+
+def _serve(args) -> int:
+    where = "--api-key" if args.api_key is not None else "POINTS_API_KEY"
+    if args.api_key is None:
+        args.api_key = os.environ.get("POINTS_API_KEY")
+    if args.api_key is not None and not API_KEY.fullmatch(args.api_key):  # (an open server, or a key no one can send)
+        raise ValueError(f"{where} is empty: give a key, or none at all to serve without one" if not args.api_key else
+                         f"{where} has a character outside visible ASCII (a space, a control or a non-ASCII "
+                         "character): no client's Authorization header can carry it")
     try:
         import uvicorn  # noqa: F401
         import starlette  # noqa: F401
     except ImportError as e:
-        print(f"error: points serve needs the serving extra ({e.name} is missing): pip install 'points[serve]'",
-              file=sys.stderr)
-        return 2
+        raise ValueError(f"points serve needs the serving extra ({e.name} is missing): pip install "
+                         "'points[serve]'") from None
     if args.replicas is not None:
-        if args.replicas < 1:
-            p.error(f"--replicas {args.replicas}: expected an integer >= 1")
         return run_ray(args)
-    from points.errors import CheckpointError
-
-    try:
-        server = build(vars(args))
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return run(server, args.host, args.port, args.grace_seconds)
+    return run(build(vars(args)), args.host, args.port, args.grace_seconds)
 
 
 def build(options: dict) -> Server:
@@ -559,12 +651,11 @@ def build(options: dict) -> Server:
     pipe = points.load(o.model, device=o.device, dtype=o.dtype, quantize=o.quantize,
                        quantize_lm_head=o.quantize_lm_head or None, compile=o.compile,
                        prefix_cache=not o.no_prefix_cache, max_batch=o.max_batch)
-    pipe.scheduler.max_queue = o.max_queue
     body = int(o.max_body_mb * MIB)
     images = Images(int(o.max_image_mb * MIB) if o.max_image_mb else body, o.allow_remote_images,
                     o.allow_local_images, o.remote_timeout)
     name = o.served_model_name or Path(o.model).resolve().name
-    return Server(pipe, name, api_key=o.api_key or None, max_body_bytes=body, images=images)
+    return Server(pipe, name, api_key=o.api_key, max_body_bytes=body, images=images, max_queue=o.max_queue)
 
 
 def run_ray(args) -> int:
@@ -574,8 +665,7 @@ def run_ray(args) -> int:
         import ray
         from ray import serve
     except ImportError:
-        print("error: --replicas needs Ray Serve: pip install 'points[ray]'", file=sys.stderr)
-        return 2
+        raise ValueError("--replicas needs Ray Serve: pip install 'points[ray]'") from None
     options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     cuda = args.device.startswith("cuda")
 
@@ -608,14 +698,38 @@ def run_ray(args) -> int:
     return 0
 
 
-def run(server: Server, host: str, port: int, grace: float) -> int:
-    """Serve until SIGTERM / Ctrl-C (uvicorn's graceful shutdown: no new connections, running requests get
-    `grace` seconds); one line with the address once requests are accepted."""
+def http_server(server: Server, host: str, port: int, grace: float):
+    """The app under uvicorn, whose graceful shutdown (SIGTERM, Ctrl-C, `should_exit`) stops accepting
+    connections and waits for the running requests; `grace` seconds later the server ends them itself (each
+    gets its last chunk or its answer; uvicorn would cancel their tasks: streams cut, a traceback each), and
+    CLOSE_AFTER_S later it closes the connections still open (a body still arriving: its task sees a
+    disconnect)."""
     import uvicorn
 
+    class Http(uvicorn.Server):
+        async def shutdown(self, sockets=None):
+            loop = asyncio.get_running_loop()
+            timers = [loop.call_later(grace, server.end_requests),
+                      loop.call_later(grace + CLOSE_AFTER_S, self.close_connections)]
+            try:
+                await super().shutdown(sockets)
+            finally:
+                for timer in timers:
+                    timer.cancel()
+
+        def close_connections(self):
+            for connection in list(self.server_state.connections):
+                connection.transport.close()
+
     config = uvicorn.Config(server.app(), host=host, port=port, log_level="warning", access_log=False,
-                            timeout_graceful_shutdown=grace, lifespan="on")
-    http = uvicorn.Server(config)
+                            timeout_graceful_shutdown=grace + 2 * CLOSE_AFTER_S, lifespan="on")
+    return Http(config)
+
+
+def run(server: Server, host: str, port: int, grace: float) -> int:
+    """Serve until SIGTERM / Ctrl-C (http_server's graceful shutdown); one line with the address once requests
+    are accepted."""
+    http = http_server(server, host, port, grace)
 
     def announce():
         while not http.started and not http.should_exit:
