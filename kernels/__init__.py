@@ -9,3 +9,7 @@
 - `triton_int8` (Triton): the int8 weight-only product for a few rows on CUDA; `points.runtime.quantize`
   imports it only when that kernel is chosen.
 """
+
+from points import submodules
+
+__getattr__ = submodules(__name__)  # `points.kernels.NAME` imports the module NAME on first use

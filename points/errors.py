@@ -1,5 +1,5 @@
 """The exception types users catch: a checkpoint or config that cannot be honoured, a file that cannot be
-written."""
+written, a SIGTERM turned into an exception so that cleanups run."""
 
 import re
 
@@ -28,3 +28,8 @@ class WriteError(OSError):
 
     def __str__(self) -> str:
         return self.args[0]
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived while a command was writing (points.io.atomic.sigterm_raises); exit status 143 when
+    uncaught by the command line."""

@@ -100,3 +100,29 @@ def test_bad_arguments_are_one_line(e2e_dir, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit):
         explain.main(["--model", str(e2e_dir), "--image", str(PHOTO), "--prompt", "?", "--output", "x.jpg"])
     assert "expected a .png path" in capsys.readouterr().err
+
+
+def test_an_output_that_is_the_image_is_refused_and_the_image_kept(e2e_dir, tmp_path, capsys):
+    """The heat map never replaces its own input, however the path is spelled (a new user's probe lost the image)."""
+    image = tmp_path / "in.png"
+    Image.open(PHOTO).save(image)
+    before = image.read_bytes()
+    for output in (image, tmp_path / "x" / ".." / "in.png"):
+        (tmp_path / "x").mkdir(exist_ok=True)
+        argv = ["--model", str(e2e_dir), "--image", str(image), "--prompt", "?", "--output", str(output)]
+        assert explain.main(argv) == 2
+        assert capsys.readouterr().err == (f"error: --output {output}: is the input file (--image {image}); writing it "
+                                           "would replace it: choose another output path\n")
+    assert image.read_bytes() == before
+
+
+def test_layers_and_heads_are_checked_before_the_model_loads(e2e_dir, tmp_path, capsys):
+    """A directory with config.json alone: had the weights been read, the error would name them."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_bytes((e2e_dir / "config.json").read_bytes())
+    argv = ["--model", str(tmp_path / "model"), "--image", str(PHOTO), "--prompt", "?", "--output",
+            str(tmp_path / "heat.png")]
+    assert explain.main([*argv, "--layers", "99"]) == 2
+    assert capsys.readouterr().err == "error: --layers: index 99 is out of range (there are 2)\n"
+    assert explain.main([*argv, "--heads", "7"]) == 2
+    assert capsys.readouterr().err == "error: --heads: index 7 is out of range (there are 7)\n"

@@ -118,6 +118,17 @@ def test_bad_data_is_named_before_training(e2e_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         finetune.main(["--model", str(e2e_dir), "--data", str(data), "--output", str(tmp_path / "r"), "--freeze", "vision"])
     assert e.value.code == 2 and "--freeze goes with --full" in capsys.readouterr().err
+    # an output that is a file, or the model's own directory: one line each, before anything is read
+    (tmp_path / "file").write_text("not a directory\n")
+    assert finetune.main(["--model", str(e2e_dir), "--data", str(data), "--output", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err == (f"error: --output {tmp_path / 'file'}: is a file; expected a directory (it is "
+                                       "created if missing)\n")
+    assert finetune.main(["--model", str(e2e_dir), "--data", str(data), "--output", str(tmp_path / "file" / "run")]) == 2
+    assert capsys.readouterr().err == (f"error: --output {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file, so "
+                                       "no directory can be made under it\n")
+    assert finetune.main(["--model", str(e2e_dir), "--data", str(data), "--output", str(e2e_dir), "--full"]) == 2
+    assert capsys.readouterr().err == (f"error: --output {e2e_dir}: is the input directory (--model {e2e_dir}); "
+                                       "writing there would replace its files: choose another output directory\n")
 
 
 def test_resume_after_kill_equals_an_uninterrupted_run(e2e_dir, tmp_path):
@@ -131,6 +142,11 @@ def test_resume_after_kill_equals_an_uninterrupted_run(e2e_dir, tmp_path):
     assert [r["step"] for r in want] == list(range(1, len(want) + 1)) and len(want) >= 6
     assert all(set(r) == {"step", "loss", "tokens", "lr"} for r in want)
     assert want[-1]["loss"] < 0.8 * want[0]["loss"], [r["loss"] for r in want]
+    # said on stderr whether or not it is a terminal (here it is a StringIO): what starts, and what ended
+    assert (f"points finetune: 16 conversations, {len(want)} steps (LoRA rank 4, 1 process) -> {tmp_path / 'whole'}\n"
+            in whole.stderr)
+    assert whole.stderr.endswith(f"points finetune: {len(want)} steps done -> {tmp_path / 'whole'} (adapter.safetensors, "
+                                 f"last loss {want[-1]['loss']:.4f}; log.jsonl)\n")
     assert (tmp_path / "whole" / "adapter.safetensors").is_file() and not list((tmp_path / "whole").glob("checkpoint-*"))
     tuned, base = points.load(e2e_dir, adapter=tmp_path / "whole"), points.load(e2e_dir)
     rows = pack([encode_example(c, base.tokenizer, base.processor, 4096) for c in CONVS], 4096)

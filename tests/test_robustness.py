@@ -131,6 +131,20 @@ def test_la_alpha_is_dropped(tmp_path):
     _same_as_rgb_of(tmp_path / "la.png", la.convert("L"))  # fully transparent, yet the grey values stay
 
 
+def test_premultiplied_la_from_the_python_api():
+    """A PIL image in mode "La" (pillow converts it to RGB only through LA): read as its LA form is."""
+    la = Image.merge("LA", (Image.linear_gradient("L").resize((60, 40)), Image.new("L", (60, 40), 200)))
+    premultiplied = la.convert("La")
+    assert np.array_equal(np.asarray(open_image(premultiplied)), np.asarray(premultiplied.convert("LA").convert("RGB")))
+
+
+def test_stream_must_be_a_bool(pipe):
+    messages = [{"role": "user", "content": "Hi"}]
+    for value in ("yes", 1, None):
+        with pytest.raises(TypeError, match=r"^stream: expected True or False, got "):
+            pipe.chat(messages, stream=value, max_new_tokens=1)
+
+
 def test_palette_with_transparency(tmp_path, recwarn):
     p = Image.open(PHOTO).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     p.info["transparency"] = 0
@@ -208,6 +222,32 @@ def test_help_for_each_command(command, capsys):
     assert capsys.readouterr().out.startswith("usage: points" + (f" {command[0]}" if command else ""))
 
 
+def test_help_version_and_bad_flags_answer_without_torch():
+    """`--help`, `--version` and a bad flag of every command, in a fresh interpreter: torch (2-3 s to import) is
+    never imported, so they answer at once; `import points` is as light, and its modules come on first use."""
+    from points.tooling.cli import COMMANDS
+
+    code = f"""
+import contextlib, io, sys
+from points.tooling import cli
+for argv in [["--version"], ["--help"], ["chat", "--help"], ["chat", "--bogus"]] + [
+        [c, flag] for c in {sorted(COMMANDS)!r} for flag in ("--help", "--bogus")]:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()) as err:
+        try:
+            cli.main(argv)
+        except SystemExit as e:
+            assert e.code == (2 if "--bogus" in argv else 0), (argv, e.code, err.getvalue())
+    assert "torch" not in sys.modules, argv
+import points
+assert "torch" not in sys.modules
+points.runtime.layout.transpose_tall_linears  # README's call after `import points`
+assert "torch" in sys.modules and not hasattr(points, "no_such_name")
+print("ok")
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0 and run.stdout == "ok\n", run.stderr
+
+
 def test_version():
     """The installed entry point itself, in a fresh interpreter (`python -m points`)."""
     run = _points("--version")
@@ -242,7 +282,7 @@ def test_demo_cache_dir_that_is_a_file(tmp_path, capsys):
     assert capsys.readouterr().err == (f"error: --cache-dir {tmp_path / 'cache'}: is a file; expected a folder (it is "
                                        "created if missing)\n")
     assert demo.main(["--cache-dir", str(tmp_path / "cache" / "below")]) == 1  # a parent that is a file
-    assert capsys.readouterr().err.startswith(f"error: --cache-dir {tmp_path / 'cache' / 'below'}: cannot be written (")
+    assert capsys.readouterr().err.startswith(f"error: --cache-dir {tmp_path / 'cache' / 'below'}: cannot write (")
 
 
 @pytest.mark.parametrize("size", ["-1", "0", "1e-10", "inf", "nan"])

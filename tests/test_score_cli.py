@@ -189,3 +189,18 @@ def test_bad_flags(e2e_dir, dataset, tmp_path, capsys):
     assert "--filtered" in capsys.readouterr().err and not out.exists()
     assert score.main(_args(e2e_dir, dataset, out, "--keep-fraction", "0.2", "--filtered", str(dataset[0]))) == 2
     assert "is the input file" in capsys.readouterr().err
+
+
+def test_a_full_disk_before_the_lock_is_one_line_and_leaves_no_lock(e2e_dir, dataset, small_disk, capsys):
+    """A disk already full when the run starts: the lock's holder line cannot be written. One line naming the
+    lock file, exit 1, nothing left on the disk (`points run` takes the same lock: jobs.drive)."""
+    disk = small_disk(8)
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(OSError, match="No space left"):  # every page of the disk taken
+        while True:
+            os.write(fd, b"x" * 4096)
+    os.close(fd)
+    out = disk / "scores.jsonl"
+    assert score.main(["--model", str(e2e_dir), "--input", str(dataset[0]), "--output", str(out)]) == 1
+    assert capsys.readouterr().err == f"error: {out}.lock: cannot write (No space left on device)\n"
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]

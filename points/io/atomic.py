@@ -26,15 +26,12 @@ import struct
 import threading
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable, Iterator
 
-import torch
+from points.errors import Terminated, WriteError
 
-from points.errors import WriteError
-
-
-class Terminated(BaseException):
-    """SIGTERM arrived while a directory was being built (exit status 143 when uncaught by the CLI)."""
+if TYPE_CHECKING:  # (torch is imported where tensors are written: the command line reads this module first)
+    import torch
 
 
 def _alive(pid: int) -> bool:
@@ -132,6 +129,9 @@ def writing(path: Path):
         raise WriteError(path, e) from None
 
 
+MAX_SHARD_BYTES = 5 * 10**9  # the largest shard the writers make (points convert --max-shard-gb)
+
+
 def shard_name(i: int, count: int) -> str:
     return f"model-{i + 1:05d}-of-{count:05d}.safetensors"
 
@@ -171,9 +171,9 @@ def by_size(named: Iterable[tuple[str, object]], max_bytes: int) -> Iterator[dic
         yield shard
 
 
-# the safetensors names of the dtypes the stream writer writes
-SAFETENSORS_DTYPE = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                     torch.int8: "I8", torch.int32: "I32", torch.int64: "I64", torch.uint8: "U8", torch.bool: "BOOL"}
+# the safetensors names of the dtypes the stream writer writes (torch.float32 -> "float32" -> "F32")
+SAFETENSORS_DTYPE = {"float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8",
+                     "int32": "I32", "int64": "I64", "uint8": "U8", "bool": "BOOL"}
 
 
 def stream_tensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ...]]], pieces: Iterable[torch.Tensor],
@@ -182,10 +182,13 @@ def stream_tensors(path: Path, specs: list[tuple[str, torch.dtype, tuple[int, ..
     header from `specs` (name, dtype, shape; the tensors in that order), then `pieces` (each a tensor of its
     tensor's dtype: its rows, in order, covering every tensor of `specs` exactly). A failed write, or pieces
     that do not add up, raise (WriteError / ValueError) and leave a file the caller discards."""
+    import torch
+
     header, offset = {}, 0
     for name, dtype, shape in specs:
-        n = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        header[name] = {"dtype": SAFETENSORS_DTYPE[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        n = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPE[str(dtype).removeprefix("torch.")], "shape": list(shape),
+                        "data_offsets": [offset, offset + n]}
         offset += n
     if metadata:
         header["__metadata__"] = dict(metadata)

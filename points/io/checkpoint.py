@@ -41,22 +41,21 @@ from einops import rearrange
 from safetensors import SafetensorError, safe_open
 
 from points.errors import CheckpointError, WriteError
-from points.io.atomic import partial_dir, write_shards, writing
-from points.io.config import absent_shape_fields, read_config, read_quantization, to_dict
+from points.io.atomic import MAX_SHARD_BYTES, partial_dir, write_shards, writing
+from points.io.config import DTYPE_NAMES, absent_shape_fields, read_config, read_quantization, to_dict
 from points.io.progress import Progress
 from points.io.quantized import check_scheme, quantize_int8, quantized_modules
 from points.model.config import ModelConfig
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-MAX_SHARD_BYTES = 5 * 10**9
 # Non-weight files a checkpoint directory may carry that a converted directory keeps.
 CARRIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                  "merges.txt", "added_tokens.json", "preprocessor_config.json", "generation_config.json",
                  "chat_template.json", "chat_template.jinja")
 DROPPED_PREFIXES = ("vision_encoder.merger.",)  # Qwen2-VL's own merger: built, never run by POINTS
 DROPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_pos_emb.inv_freq")  # recomputed, never needed
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # the dtypes we run
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # the dtypes we run
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 

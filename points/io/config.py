@@ -24,6 +24,8 @@ from points.errors import CheckpointError
 from points.io.quantized import SCHEMES
 from points.model.config import ConfigError, DecoderConfig, ModelConfig, VisionConfig
 
+DTYPE_NAMES = ("float32", "float16", "bfloat16")  # the dtypes a checkpoint is run in (checkpoint.DTYPES: torch's)
+
 FORMAT = "points"
 FORMAT_VERSION = 2  # 2: the MLP's fused projection is `mlp.up_gate`, rows [up; gate] (1: gate_up, [gate; up])
 

@@ -1,12 +1,14 @@
 """Where a dataset command (`points run`, `points score`) writes: checked before any work, held by one run.
 
-    check_output(out, source=inp)   # refuses, naming the reason, before anything is read or written
+    check_output(out, sources={"--input": inp})   # refuses, naming the reason, before anything is read or written
+    check_output_dir(out, sources={"--model": model})   # the same for an output directory (points finetune)
     with OutputLock(out):           # an exclusive flock on `OUT.lock`; a second run is told who holds it
         ...
 
-`check_output` refuses an output that is the input (the same file once paths and links are resolved), a
-directory, and a folder that does not exist or cannot be written (tried by creating a file in it, which
-also answers for read-only mounts and root). `OutputLock` takes `fcntl.flock` on a file beside OUT, writes
+`check_output` refuses an output that is one of the inputs (the same file once paths and links are
+resolved), a directory, and a folder that does not exist or cannot be written (tried by creating a file in
+it, which also answers for read-only mounts and root). `check_output_dir` refuses a file, an input
+directory, and a path under which nothing can be created. `OutputLock` takes `fcntl.flock` on a file beside OUT, writes
 its holder (pid, host, start time) into it, and removes it when released; the lock goes with the process, so
 a killed run never leaves a lock that blocks (a leftover file is taken over by the next run).
 """
@@ -20,22 +22,48 @@ import tempfile
 import time
 from pathlib import Path
 
+from points.errors import WriteError
+
 
 class OutputError(ValueError):
     """An output that cannot be written, or is being written by another run; the message says which."""
 
 
-def check_output(out: Path, *, source: Path | None = None, flag: str = "--output") -> None:
+def check_output(out: Path, *, sources: dict[str, Path] | None = None, flag: str = "--output") -> None:
     out = Path(out)
     if out.is_dir():
         raise OutputError(f"{flag} {out}: is a directory; expected a file path (it is written at the end)")
-    if source is not None and out.exists() and os.path.samefile(out, source):
-        raise OutputError(f"{flag} {out}: is the input file (--input {source}); writing it would replace the "
-                          "dataset: choose another output path")
+    for source_flag, source in (sources or {}).items():
+        if out.exists() and Path(source).exists() and os.path.samefile(out, source):
+            raise OutputError(f"{flag} {out}: is the input file ({source_flag} {source}); writing it would replace "
+                              "it: choose another output path")
     folder = out.parent
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
         raise OutputError(f"{flag} {out}: the folder {folder} {what}; create it first")
+    _probe(folder, out, flag)
+
+
+def check_output_dir(out: Path, *, sources: dict[str, Path] | None = None, flag: str = "--output") -> None:
+    """An output directory (made if missing, with its parents): not a file, not an input directory, and
+    writable where it will be made."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{flag} {out}: is a file; expected a directory (it is created if missing)")
+    for source_flag, source in (sources or {}).items():
+        if out.exists() and Path(source).exists() and os.path.samefile(out, source):
+            raise OutputError(f"{flag} {out}: is the input directory ({source_flag} {source}); writing there would "
+                              "replace its files: choose another output directory")
+    existing = out
+    while not existing.exists():  # the nearest folder that exists: the one written into first
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{flag} {out}: {existing} is a file, so no directory can be made under it")
+    _probe(existing, out, flag)
+
+
+def _probe(folder: Path, out: Path, flag: str) -> None:
+    """Refuse (naming `flag`) a folder in which no file can be created."""
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{out.name}.probe-", dir=folder)
     except OSError as e:
@@ -53,8 +81,13 @@ class OutputLock:
         self.fd: int | None = None
 
     def acquire(self) -> "OutputLock":
+        """Take the lock (OutputError if another run holds it); a lock file that cannot be made or written (a
+        full disk) is a WriteError naming it, and nothing of ours is left behind."""
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as e:
+                raise WriteError(self.path, e) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -69,10 +102,14 @@ class OutputLock:
             if same:
                 break
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
-                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         self.fd = fd
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}, since "
+                          f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        except OSError as e:
+            self.release()
+            raise WriteError(self.path, e) from None
         return self
 
     def release(self) -> None:

@@ -8,7 +8,10 @@ dtype), W8 = round(W / scale) in [-127, 127]; the layer computes x @ (W8 * scale
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # (torch is imported by the functions that compute: the command line reads SCHEMES alone)
+    import torch
 
 SCHEMES = ("int8",)
 PROJECTIONS = ("attn.qkv", "attn.out", "mlp.up_gate", "mlp.down")  # of every decoder layer
@@ -29,6 +32,8 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype | None = None) 
     """weight [out, in] (any float dtype) -> (int8 [out, in], scale [out] in `scale_dtype`, default the
     weight's). The scale is rounded to its dtype first and the weight divided by the rounded scale, so that
     W8 * scale is the dequantized weight exactly as the layer uses it. A zero row gets scale 1."""
+    import torch
+
     scale_dtype = scale_dtype or weight.dtype
     w = weight.detach().float()
     amax = w.abs().amax(dim=1)
@@ -37,5 +42,7 @@ def quantize_int8(weight: torch.Tensor, scale_dtype: torch.dtype | None = None) 
     return q, scale
 
 
-def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return (q.float() * scale.float()[:, None]).to(dtype)
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """int8 [out, in] and scale [out] -> the weight in `dtype` (default float32)."""
+    w = q.float() * scale.float()[:, None]
+    return w if dtype is None else w.to(dtype)

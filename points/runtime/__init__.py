@@ -2,3 +2,7 @@
 (`sampling`), the engine that prefills and steps, eager or compiled (`engine`), the vision runner
 (`vision`), the prefix cache (`prefix`), weight-only int8 (`quantize`) and text generation over them
 (`generation`)."""
+
+from points import submodules
+
+__getattr__ = submodules(__name__)  # `points.runtime.NAME` imports the module NAME on first use

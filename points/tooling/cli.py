@@ -9,9 +9,9 @@ import signal
 import sys
 import time
 
-from points.io.atomic import Terminated
+from points.errors import Terminated
 from points.tooling.options import (add_generation_options, add_weight_options, check_weight_options,
-                                    generation_kwargs, image_error)
+                                    check_image, exit_code, generation_kwargs)
 
 
 class _StopOnInterrupt:
@@ -106,9 +106,12 @@ class _Session:
             path = rest.strip()
             if not path:
                 print("usage: /image PATH (the image goes with your next message)", file=sys.stderr)
-            elif (error := image_error("/image", path)) is not None:  # checked now, not with the next message
-                print(error, file=sys.stderr)
             else:
+                try:
+                    check_image("/image", path)  # now, not with the next message
+                except ValueError as e:
+                    print(f"error: {e}", file=sys.stderr)
+                    return True
                 self.images.append(path)
                 print(f"(image {path} goes with your next message)", file=sys.stderr)
         else:
@@ -138,20 +141,13 @@ def _chat(args) -> int:
     try:
         GenerationConfig.from_kwargs(**gen)
     except GenerationError as e:
-        print(f"error: {e.flag()}", file=sys.stderr)
-        return 2
+        raise ValueError(e.flag()) from None
     images = list(args.image or [])
     for path in images:  # before the model loads (and before the first prompt)
-        if (error := image_error("--image", path)) is not None:
-            print(error, file=sys.stderr)
-            return 2
-    try:
-        pipe = points.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                           quantize_lm_head=args.quantize_lm_head or None, prefix_cache=not args.no_prefix_cache,
-                           compile=args.compile)
-    except (points.CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        check_image("--image", path)
+    pipe = points.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                       quantize_lm_head=args.quantize_lm_head or None, prefix_cache=not args.no_prefix_cache,
+                       compile=args.compile)
     session = _Session(pipe, gen, images, interactive=args.prompt is None, verbose=args.verbose)
     if args.prompt is not None:
         return 0 if session.ask(args.prompt) else 2
@@ -204,7 +200,7 @@ def main(argv=None) -> int:
             return importlib.import_module(f"points.tooling.{COMMANDS[argv[0]][0]}").main(argv[1:])
         args = p.parse_args(argv)
         check_weight_options(c, args)
-        return _chat(args)
+        return exit_code(lambda: _chat(args))
     except KeyboardInterrupt:  # one line, not a traceback; partial outputs were removed on the way out
         print(f"\npoints {name}: interrupted", file=sys.stderr)
         return 130

@@ -4,11 +4,9 @@ weights_convert.py SRC DST`): a released POINTS-1.5 checkpoint -> this project's
 with one scale per output channel (points.io.quantized); `points.load` maps them back as they are."""
 
 import argparse
-import sys
 
-from points.io.checkpoint import MAX_SHARD_BYTES, convert
-from points.errors import CheckpointError, WriteError
-from points.tooling.options import add_weight_options, check_weight_options
+from points.io.atomic import MAX_SHARD_BYTES
+from points.tooling.options import add_weight_options, check_weight_options, exit_code
 
 
 def main(argv=None, prog: str = "points convert") -> int:
@@ -21,14 +19,13 @@ def main(argv=None, prog: str = "points convert") -> int:
     check_weight_options(p, args)
     if not 1 <= args.max_shard_gb * 1e9 < float("inf"):
         p.error(f"--max-shard-gb {args.max_shard_gb:g}: expected a size in GB > 0 (at least one byte; default 5)")
-    try:
-        out = convert(args.src, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9),
-                      quantize=args.quantize, quantize_lm_head=args.quantize_lm_head)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except WriteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return exit_code(lambda: _convert(args))
+
+
+def _convert(args) -> int:
+    from points.io.checkpoint import convert
+
+    out = convert(args.src, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 1e9),
+                  quantize=args.quantize, quantize_lm_head=args.quantize_lm_head)
     print(f"wrote {out}")
     return 0

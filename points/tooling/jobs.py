@@ -15,16 +15,16 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-
-from points.errors import CheckpointError, WriteError
-from points.io.atomic import Terminated, sigterm_raises, write_text_atomically
+from points.errors import Terminated, WriteError
+from points.io.atomic import sigterm_raises, write_text_atomically
 from points.io.outputs import OutputError, OutputLock, check_output
-from points.io.processor import is_url
 from points.io.progress import Progress
 from points.tooling.options import progress_enabled
+
+if TYPE_CHECKING:  # (torch is imported where it runs: the commands' --help reads this module first)
+    import torch
 
 
 class RunError(ValueError):
@@ -44,6 +44,8 @@ class Item:
 def _absolute_images(messages, folder: Path):
     """Image paths relative to the input file's folder -> absolute (other values are left for the prompt
     builder to check and report)."""
+    from points.io.processor import is_url
+
     for m in messages:
         content = m.get("content") if isinstance(m, dict) else None
         for item in content if isinstance(content, list) else ():
@@ -209,6 +211,7 @@ class Dist:
         self.device = device_arg
         self.group = False
         if self.world > 1:
+            import torch
             import torch.distributed as dist
 
             cuda = device_arg.startswith("cuda")
@@ -243,8 +246,12 @@ class Dist:
 # ----------------------------------------------------------------------------------------------- the run
 
 
-# what an item can raise (an unreadable image, a prompt over the context; memory for its row)
-ITEM_ERRORS = (ValueError, OSError, torch.OutOfMemoryError)
+def item_errors() -> tuple[type[BaseException], ...]:
+    """What an item can raise: an unreadable image, a prompt over the context (ValueError, OSError); memory for
+    its row (torch.OutOfMemoryError)."""
+    import torch
+
+    return ValueError, OSError, torch.OutOfMemoryError
 
 
 def item_error(it: Item, e: Exception) -> dict:
@@ -303,7 +310,8 @@ def add_dataset_options(p, line: str) -> None:
 
 def drive(job: Job) -> int:
     """Check everything, take the lock, read the journals, run this rank's share of what is left, and (rank
-    0) write the outputs; the exit code (see points/tooling/run.py's docstring)."""
+    0) write the outputs; the exit code (see points/tooling/run.py's docstring; bad input and unwritable files
+    raise, for `options.exit_code`)."""
     args, out, dist, lock = job.args, job.args.output, None, None
     from points.io.config import read_config
     from points.pipeline import resolve_device
@@ -312,9 +320,9 @@ def drive(job: Job) -> int:
         with sigterm_raises():
             # everything that can be checked is checked before any file is written
             items = job.read()
-            check_output(out, source=args.input)
+            check_output(out, sources={"--input": args.input})
             for flag, path in job.outputs:
-                check_output(path, source=args.input, flag=flag)
+                check_output(path, sources={"--input": args.input}, flag=flag)
                 if path.resolve() == Path(out).resolve():
                     raise OutputError(f"{flag} {path}: is also --output; choose another path")
             read_config(args.model)
@@ -363,12 +371,6 @@ def drive(job: Job) -> int:
         print(f"{job.name}: terminated (SIGTERM); finished items are kept in {out}.journal.*; the same command "
               f"resumes", file=sys.stderr)
         return 143
-    except (RunError, CheckpointError, OutputError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except WriteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     finally:
         if lock is not None:
             lock.release()

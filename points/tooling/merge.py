@@ -20,19 +20,23 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from points.errors import CheckpointError, WriteError
-from points.io.atomic import by_size, partial_dir, write_shards, writing
-from points.io.checkpoint import CARRIED_FILES, INDEX, MAX_SHARD_BYTES, TensorFiles, plan
+from points.io.atomic import MAX_SHARD_BYTES, by_size, partial_dir, write_shards, writing
 from points.io.config import read_config
 from points.io.progress import Progress
 from points.tooling.options import add_progress_option, exit_code, progress_enabled
+
+if TYPE_CHECKING:
+    import torch
 
 
 def _write_like(src: Path, folder: Path, replaced: dict[str, torch.Tensor], progress: bool | None) -> None:
     """MODEL's tensors into `folder` (which exists), those of our parameters in `replaced` (our names, any
     float dtype) in their new values, the rest copied; the index, config.json and the carried files."""
+    from points.io.checkpoint import CARRIED_FILES, INDEX, TensorFiles, plan
+
     cfg, naming = read_config(src)
     files = TensorFiles(src)
     entries = plan(cfg, naming, files.names)

@@ -13,7 +13,7 @@ import sys
 from typing import Callable
 
 from points.errors import WriteError
-from points.io.checkpoint import DTYPES
+from points.io.config import DTYPE_NAMES
 from points.io.quantized import SCHEMES
 
 
@@ -23,7 +23,7 @@ def add_weight_options(p: argparse.ArgumentParser, *, device: str | None = "cpu"
     --quantize and --quantize-lm-head."""
     if device is not None:
         p.add_argument("--device", default=device, help=f"{device_help}(default: %(default)s)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=dtype,
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=dtype,
                    help="default: %(default)s" if dtype else "default: the checkpoint's")
     p.add_argument("--quantize", choices=list(SCHEMES), default=None,
                    help="weight-only int8 decoder projections (per-channel scales; a checkpoint converted with "
@@ -57,16 +57,16 @@ def progress_enabled(args) -> bool | None:
     return {"auto": None, "on": True, "off": False}[args.progress]
 
 
-def image_error(flag: str, path: str) -> str | None:
-    """None if `path` is an image the processor can read, else the error line naming the flag and the path
-    (`points chat --image` and `/image`, `points demo --image`: checked before anything loads)."""
+def check_image(flag: str, path: str) -> None:
+    """Raises a ValueError naming the flag and the path unless `path` is an image the processor can read
+    (`points chat --image` and `/image`, `points demo --image`, `points explain --image`: checked before
+    anything loads)."""
     from points.io.processor import open_image
 
     try:
         open_image(path)
     except ValueError as e:
-        return f"error: {flag} {e}"
-    return None
+        raise ValueError(f"{flag} {e}") from None
 
 
 def generation_kwargs(args) -> dict:

@@ -52,12 +52,13 @@ import json
 from pathlib import Path
 
 from points.io.progress import Progress
-from points.tooling.jobs import ITEM_ERRORS, Item, Job, Journal, RunError, add_dataset_options, drive, item_error
+from points.tooling.jobs import (Item, Job, Journal, RunError, add_dataset_options, drive, item_error,
+                                 item_errors)
 from points.tooling.jobs import check_meta  # noqa: F401 (one of the names tests and tools use from here)
 from points.tooling.jobs import read_items as _read_items
 from points.tooling.jobs import read_records as _read_records
 from points.tooling.options import (add_generation_options, add_progress_option, add_weight_options,
-                                    check_weight_options, generation_kwargs)
+                                    check_weight_options, exit_code, generation_kwargs)
 
 # generation fields an input line may carry for itself, over the command's (--max-new-tokens etc.)
 ITEM_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
@@ -93,7 +94,7 @@ def process(pipe, items: list[Item], gen: dict, journal: Journal, progress: Prog
             it = pending.pop()
             try:
                 live[pipe.submit(it.messages, f"item {it.id!r}", **(gen | it.fields))] = it
-            except ITEM_ERRORS as e:
+            except item_errors() as e:
                 failed.append(item_error(it, e))
         if failed:
             journal.append(failed)
@@ -102,12 +103,12 @@ def process(pipe, items: list[Item], gen: dict, journal: Journal, progress: Prog
         if live:
             try:
                 scheduler.step()
-            except ITEM_ERRORS:  # a whole step failed (memory): its requests ended with step_failed, retried below
+            except item_errors():  # a whole step failed (memory): its requests ended with step_failed, retried below
                 pass
         records, generated = [], 0
         for request in [r for r in live if r.done]:
             it = live.pop(request)
-            if request.error is not None and not isinstance(request.error, ITEM_ERRORS):
+            if request.error is not None and not isinstance(request.error, item_errors()):
                 raise request.error
             if request.step_failed and it.id not in retried:
                 retried.add(it.id)  # a step of the whole batch failed: once more, in another batch
@@ -169,4 +170,5 @@ def main(argv=None) -> int:
     def work(pipe, share, journal, progress):
         process(pipe, share, generation_kwargs(args), journal, progress)
 
-    return drive(Job("points run", args, read, lambda items: run_key(args, items), load, work, RESULTS))
+    return exit_code(lambda: drive(Job("points run", args, read, lambda items: run_key(args, items), load, work,
+                                       RESULTS)))

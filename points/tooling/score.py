@@ -34,9 +34,9 @@ from pathlib import Path
 
 from points.io.atomic import write_text_atomically
 from points.io.progress import Progress
-from points.tooling.jobs import (ITEM_ERRORS, Item, Job, Journal, RunError, add_dataset_options, drive, item_error,
+from points.tooling.jobs import (Item, Job, Journal, RunError, add_dataset_options, drive, item_error, item_errors,
                                  read_items)
-from points.tooling.options import add_progress_option, add_weight_options, check_weight_options
+from points.tooling.options import add_progress_option, add_weight_options, check_weight_options, exit_code
 
 RESULTS = ("tokens", "logprob", "perplexity")
 
@@ -77,12 +77,12 @@ def process(pipe, items: list[Item], batch_size: int, journal: Journal, progress
         try:
             records = [_record(it, s) for it, s in zip(batch, pipe.score_batch(
                 [(it.messages, it.fields["reply"]) for it in batch]))]
-        except ITEM_ERRORS:  # one item's fault (or the batch's memory): each alone, its error its own record
+        except item_errors():  # one item's fault (or the batch's memory): each alone, its error its own record
             records = []
             for it in batch:
                 try:
                     records.append(_record(it, pipe.score(it.messages, it.fields["reply"])))
-                except ITEM_ERRORS as e:
+                except item_errors() as e:
                     records.append(item_error(it, e))
         journal.append(records)
         if progress:
@@ -139,5 +139,5 @@ def main(argv=None) -> int:
             write_text_atomically(args.filtered, "".join(line + "\n" for line in lines))
 
     outputs = (("--filtered", args.filtered),) if args.filtered is not None else ()
-    return drive(Job("points score", args, lambda: read(args.input), lambda items: run_key(args, items), load, work,
-                     RESULTS, outputs, before))
+    return exit_code(lambda: drive(Job("points score", args, lambda: read(args.input), lambda items: run_key(args, items),
+                                       load, work, RESULTS, outputs, before)))

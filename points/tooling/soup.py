@@ -30,19 +30,25 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
 
 from points.errors import CheckpointError, WriteError
 from points.io.atomic import partial_dir, stream_tensors, writing
-from points.io.checkpoint import DTYPES, INDEX, SINGLE, TensorFiles, forget_pages
-from points.io.config import read_config, to_dict
+from points.io.config import DTYPE_NAMES, read_config, to_dict
 from points.io.progress import Progress
 from points.tooling.options import add_progress_option, exit_code, progress_enabled
+
+if TYPE_CHECKING:  # (imported where they run: `points soup --help` and a bad flag answer without torch)
+    import torch
+
+    from points.io.checkpoint import TensorFiles
 
 BLOCK_BYTES = 32 << 20  # float64 bytes of accumulator per block of rows
 
 
 def _check_inputs(inputs: list[Path]) -> list[TensorFiles]:
+    from points.io.checkpoint import TensorFiles
+
     """Open every input and check it against the first; CheckpointError naming the file and tensor."""
     first_cfg, first_naming = read_config(inputs[0])
     opened = [TensorFiles(inputs[0])]
@@ -117,6 +123,10 @@ def _blocks(opened: list[TensorFiles], name: str, weights: list[float], dtype: t
     cancel give 0), then rounded once to `dtype`. The blocks live in `buffers`, reused from block to block
     (fresh allocations would fault their pages in every time); each yielded block is only valid until the
     next one is asked for."""
+    import torch
+
+    from points.io.checkpoint import forget_pages
+
     total = math.fsum(weights)
     views = [files.get(name) for files in opened]  # memory maps: nothing read yet
     shape = views[0].shape
@@ -142,6 +152,8 @@ def _blocks(opened: list[TensorFiles], name: str, weights: list[float], dtype: t
 
 def _buffer(buffers: dict, key, n: int, dtype: torch.dtype) -> torch.Tensor:
     """The first `n` elements of the reused buffer `key` (grown when needed)."""
+    import torch
+
     if key not in buffers or buffers[key].numel() < n:
         buffers[key] = torch.empty(n, dtype=dtype)
     return buffers[key][:n]
@@ -151,6 +163,8 @@ def soup(inputs: list[str | Path], output: str | Path, *, weights: list[float] |
          dtype: str | None = None, progress: bool | None = None) -> Path:
     """Write the weighted mean of the checkpoints `inputs` to the new directory `output` (see the module's
     docstring); returns it."""
+    from points.io.checkpoint import DTYPES
+
     inputs, output = [Path(p) for p in inputs], Path(output)
     if len(inputs) < 2:
         raise ValueError(f"points soup: {len(inputs)} input(s); a soup needs two checkpoints or more")
@@ -168,7 +182,7 @@ def soup(inputs: list[str | Path], output: str | Path, *, weights: list[float] |
     by_file: dict[str, list[str]] = {}
     for name in sorted(base.names):
         by_file.setdefault(base.file_of(name), []).append(name)
-    total = sum(math.prod(base.shape(n)) * torch.empty((), dtype=out_dtype[n]).element_size() for n in base.names)
+    total = sum(math.prod(base.shape(n)) * out_dtype[n].itemsize for n in base.names)
     tmp = None
     try:
         with partial_dir(output) as tmp:
@@ -199,6 +213,8 @@ def soup(inputs: list[str | Path], output: str | Path, *, weights: list[float] |
 
 def _carry(first: Path, tmp: Path, dtype: str | None, total: int, base: TensorFiles) -> None:
     """The first input's other files into `tmp`: its index (the same shards) and config (dtype updated)."""
+    from points.io.checkpoint import INDEX, SINGLE
+
     for entry in sorted(first.iterdir()):
         name = entry.name
         if not entry.is_file() or name.endswith(".safetensors") or name == INDEX:
@@ -227,7 +243,7 @@ def main(argv=None) -> int:
     p.add_argument("--output", required=True, type=Path, help="the new checkpoint directory")
     p.add_argument("--weights", nargs="+", type=float, default=None,
                    help="one per input, >= 0, normalized to sum 1 (default: equal)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: each tensor's stored dtype")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None, help="default: each tensor's stored dtype")
     add_progress_option(p)
     args = p.parse_args(argv)
     if len(args.inputs) < 2:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from points.io.atomic import by_size, partial_dir, write_shards
-from points.io.checkpoint import INDEX, MAX_SHARD_BYTES, plan
+from points.io.atomic import MAX_SHARD_BYTES, by_size, partial_dir, write_shards
+from points.io.checkpoint import INDEX, plan
 from points.io.config import from_hf_dict
 from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor
 
