@@ -49,12 +49,14 @@ class _SkipInit(TorchFunctionMode):
 
 def materialize(factory: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], prefix: str):
     """Build a module without allocating its parameters (meta device), then adopt the loaded tensors
-    named `prefix` + its own names as its parameters (no copy); every parameter must be filled (strict)."""
+    named `prefix` + its own names as its parameters (no copy); every parameter must be filled (strict). Each
+    parameter keeps the `requires_grad` its module gave it (PyTorch's default, True; False for int8 weights
+    and their scales), so the loaded model trains as it is."""
     with torch.device("meta"), _SkipInit():
         module = factory()
     module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)},
                            strict=True, assign=True)
-    return module.eval().requires_grad_(False)
+    return module.eval()
 
 
 def quantization_steps(directory: str | Path, quantize: str | None, quantize_lm_head: bool | None):

@@ -90,6 +90,8 @@ class Pipeline:
 
     def chat(self, messages: list[dict], *, stream: bool = False, **gen) -> str | Iterator[str]:
         """The reply to one conversation; with stream=True an iterator of text pieces."""
+        if not isinstance(stream, bool):
+            raise TypeError(f"stream: expected True or False, got {type(stream).__name__} {stream!r:.40}")
         request = self.submit(messages, **gen)
         return request.stream() if stream else request.text()
 
@@ -168,7 +170,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     `adapter`: a LoRA adapter directory (`points finetune`'s output) applied on top (points.runtime.lora: the
     base weights stay as loaded, each adapted projection adds its low-rank update); it is checked against this
     checkpoint (config.json and the weights' fingerprint it recorded) and refused, naming what differs, when it
-    was trained on another one."""
+    was trained on another one: its adapters train, the base is frozen (peft's rule). Without one every float
+    parameter trains as in any nn.Module (`pipe.model.train()`, then autograd); generation, scoring and `look`
+    run under inference_mode, and a direct `pipe.model(...)` for inference belongs under `torch.no_grad()`."""
     device = resolve_device(device)
     path = checkpoint_dir(path)
     use_triton(attn, device)  # a forced backend that cannot run fails here, before any loading
@@ -180,7 +184,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     if adapter is not None:
         from points.runtime.lora import load_adapter
 
-        load_adapter(model, adapter, (path / "config.json").read_bytes())
-        model.requires_grad_(False)
+        load_adapter(model, adapter, (path / "config.json").read_bytes())  # base frozen, adapters trainable
     return Pipeline(model, tokenizer, processor, Engine(model.decoder, compile=compile, attn=attn),
                     prefix_cache=prefix_cache, max_batch=max_batch)

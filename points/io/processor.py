@@ -68,7 +68,8 @@ def open_image(image) -> Image.Image:
 
     Files are refused before decoding when their header declares more than MAX_IMAGE_PIXELS pixels
     (decompression bombs). EXIF orientation is ignored, as the reference ignores it. 16-bit grayscale is
-    scaled to 8 bits (the reference's convert("RGB") clips it to white); alpha is dropped, not composited."""
+    scaled to 8 bits (the reference's convert("RGB") clips it to white); alpha is dropped, not composited
+    (premultiplied "La" and "RGBa" are un-premultiplied first, as pillow converts them)."""
     if isinstance(image, Image.Image):
         img = image
     elif isinstance(image, str) and is_url(image):
@@ -102,6 +103,8 @@ def open_image(image) -> Image.Image:
         img = Image.fromarray((np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8), mode="L")
     elif img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")  # the same colours as P -> RGB, without pillow's palette warning
+    elif img.mode == "La":  # premultiplied grey + alpha: pillow converts it to RGB only through LA
+        img = img.convert("LA")
     return img.convert("RGB")
 
 
