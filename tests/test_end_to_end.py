@@ -155,6 +155,7 @@ def test_context_limit(pipe, convs):
     ({"temperature": -1.0}, r"temperature = -1.0: expected 0 \(greedy\) or a finite number >= 1e-05"),
     ({"top_p": 0.0}, r"top_p = 0.0: expected a number in \(0, 1\]"),
     ({"top_p": 1.5}, r"top_p = 1.5"),
+    ({"top_p": True}, r"^top_p = True: expected a number in \(0, 1\]$"),  # (True == 1 in Python: never a number)
     ({"top_k": -1}, r"top_k = -1"),
     ({"repetition_penalty": 0}, r"repetition_penalty = 0"),
     ({"beams": 2}, r"unknown generation argument\(s\) beams"),

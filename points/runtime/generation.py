@@ -68,7 +68,7 @@ class GenerationConfig:
             bad("max_new_tokens", "an integer >= 1")
         if not _finite(self.temperature) or not (self.temperature == 0 or TEMPERATURE_MIN <= self.temperature):
             bad("temperature", f"0 (greedy) or a finite number >= {TEMPERATURE_MIN}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not _finite(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "a number in (0, 1]")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 0 <= self.top_k <= 2**31 - 1:
             bad("top_k", "an integer from 0 (off) to 2**31 - 1")
