@@ -54,6 +54,21 @@ def converted_dir(tmp_path_factory, official_dir):
     return points.convert(official_dir, tmp_path_factory.mktemp("converted") / "out", max_shard_bytes=400_000)
 
 
+@pytest.fixture(scope="session")
+def ref_qwen3_decoder():
+    return reference.reference_qwen3_decoder()
+
+
+@pytest.fixture(scope="session")
+def gui_dir(tmp_path_factory, ref_qwen3_decoder):
+    """POINTS-GUI-G's released layout at tiny shapes: a Qwen3 decoder under transformers' own names
+    (`llm.model.layers.N.self_attn.q_norm`, ...), the vision tower and projector as POINTS-1.5 has them."""
+    vision = dict(reference.TINY_VISION, hidden_size=reference.TINY_QWEN3["hidden_size"])
+    tensors = ({f"llm.{k}": v for k, v in ref_qwen3_decoder.state_dict().items()}
+               | reference.vision_tensors(*reference.reference_vision(vision)))
+    return reference.save_checkpoint(tmp_path_factory.mktemp("gui"), reference.gui_config(), tensors, shards=2)
+
+
 # --------------------------------------------------------------------------- end to end
 
 E2E_LLM = dict(reference.TINY_LLM, vocab_size=152064, hidden_size=112, ffn_hidden_size=592, num_attention_heads=7,

@@ -112,6 +112,35 @@ def test_qwen2_naming_config():
         from_hf_dict(reference.checkpoint_config(dict(llm, rope_scaling={"type": "yarn"}), reference.REAL_VISION))
 
 
+def test_qwen3_config_of_gui_g():
+    """POINTS-GUI-G-8B: a points_gui config whose llm_config is a Qwen3Config dump (family.md's shapes)."""
+    llm = dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+               num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               rms_norm_eps=1e-6, rope_theta=1000000.0, attention_bias=False, max_position_embeddings=40960)
+    d = from_hf_dict(reference.gui_config(llm, reference.REAL_VISION)).decoder
+    assert (d.head_dim, d.qk_norm, d.qkv_bias, d.out_bias, d.n_kv_heads, d.ffn_size) == (128, True, False, False, 8,
+                                                                                           12288)
+    no_head_dim = {k: v for k, v in llm.items() if k != "head_dim"} | {"hidden_size": 2048}
+    assert from_hf_dict(reference.gui_config(no_head_dim, reference.REAL_VISION)).decoder.head_dim == 128  # the default
+    with pytest.raises(points.CheckpointError, match=r"^config.json: llm_config.head_dim = 127: must be even for "
+                                                      r"rotary embeddings$"):
+        from_hf_dict(reference.gui_config(dict(llm, head_dim=127), reference.REAL_VISION))
+    with pytest.raises(points.CheckpointError, match=r"llm_config.attention_bias = 'no': expected true or false"):
+        from_hf_dict(reference.gui_config(dict(llm, attention_bias="no"), reference.REAL_VISION))
+
+
+def test_a_converted_config_without_the_newer_fields_still_reads():
+    """head_dim and qk_norm came after format_version 2: a file written before them takes their defaults."""
+    cfg = from_hf_dict(reference.checkpoint_config())
+    d = to_dict(cfg)
+    for field in ("head_dim", "qk_norm"):
+        del d["decoder"][field]
+    assert from_dict(d) == cfg
+    del d["decoder"]["qkv_bias"]
+    with pytest.raises(points.CheckpointError, match="decoder is missing required field"):
+        from_dict(d)
+
+
 def test_our_layout_round_trips_and_is_exact():
     cfg = from_hf_dict(reference.checkpoint_config())
     d = json.loads(json.dumps(to_dict(cfg)))

@@ -1,4 +1,5 @@
-"""Decoder logits against transformers' Qwen2ForCausalLM, with weights that went through our mapping."""
+"""Decoder logits against transformers' Qwen2ForCausalLM (POINTS-1.5, every naming) and Qwen3ForCausalLM
+(POINTS-GUI-G), with weights that went through our mapping."""
 
 import dataclasses
 
@@ -11,16 +12,44 @@ from points.model.attention import AttentionMeta
 LENGTHS = [1, 7, 40]
 
 
-@pytest.fixture(scope="module", params=["official_dir", "qwen2_dir", "converted_dir"])
-def decoder(request):
-    return points.load_decoder(request.getfixturevalue(request.param))
+# checkpoint fixture -> the transformers model its weights came from
+CHECKPOINTS = {"official_dir": "ref_decoder", "qwen2_dir": "ref_decoder", "converted_dir": "ref_decoder",
+               "gui_dir": "ref_qwen3_decoder", "gui_converted_dir": "ref_qwen3_decoder"}
+
+
+@pytest.fixture(scope="module")
+def gui_converted_dir(gui_dir, tmp_path_factory):
+    return points.convert(gui_dir, tmp_path_factory.mktemp("gui-converted") / "out")
+
+
+@pytest.fixture(scope="module", params=list(CHECKPOINTS))
+def pair(request):
+    """(our decoder loaded from a checkpoint, the transformers decoder whose weights it holds)."""
+    return (points.load_decoder(request.getfixturevalue(request.param)),
+            request.getfixturevalue(CHECKPOINTS[request.param]))
+
+
+@pytest.fixture
+def decoder(pair):
+    return pair[0]
+
+
+@pytest.fixture
+def theirs(pair):
+    return pair[1]
+
+
+def test_qwen3_decoder_is_read_as_qwen3(gui_dir):
+    """GUI-G's config: head_dim apart from hidden / heads, q/k norms, no q/k/v bias, its own vocabulary."""
+    d = points.load_decoder(gui_dir).cfg
+    assert (d.head_dim, d.hidden_size // d.n_heads, d.qk_norm, d.qkv_bias, d.out_bias) == (32, 40, True, False, False)
 
 
 @pytest.mark.parametrize("length", LENGTHS)
-def test_logits_match_transformers(decoder, ref_decoder, length):
+def test_logits_match_transformers(decoder, theirs, length):
     tokens = torch.randint(0, decoder.cfg.vocab_size, (2, length), generator=torch.Generator().manual_seed(length))
     with torch.no_grad():
-        expected = ref_decoder(tokens).logits
+        expected = theirs(tokens).logits
         got = decoder(tokens)
     assert got.dtype == torch.float32
     assert got.shape == (2, length, decoder.cfg.vocab_size)
@@ -29,7 +58,7 @@ def test_logits_match_transformers(decoder, ref_decoder, length):
     torch.testing.assert_close(got, expected)
 
 
-def test_query_chunks_match_transformers(decoder, ref_decoder):
+def test_query_chunks_match_transformers(decoder, theirs):
     """Long inputs are attended in query chunks (each reading only the keys it can see): 4 queries a chunk
     (the metadata's query_chunk) over a continuation of 15 tokens after 3 cached ones."""
     tokens = torch.randint(0, decoder.cfg.vocab_size, (2, 18), generator=torch.Generator().manual_seed(2))
@@ -37,18 +66,18 @@ def test_query_chunks_match_transformers(decoder, ref_decoder):
         cache = decoder.new_cache(2, max_len=32)
         decoder(tokens[:, :3], meta=cache.reserve(3))
         meta = dataclasses.replace(cache.reserve(15), query_chunk=4)
-        torch.testing.assert_close(decoder(tokens[:, 3:], meta=meta), ref_decoder(tokens).logits[:, 3:])
+        torch.testing.assert_close(decoder(tokens[:, 3:], meta=meta), theirs(tokens).logits[:, 3:])
         whole = dataclasses.replace(AttentionMeta.no_cache(2, 18, tokens.device), fresh=False, query_chunk=4)
-        torch.testing.assert_close(decoder(tokens, meta=whole), ref_decoder(tokens).logits)
+        torch.testing.assert_close(decoder(tokens, meta=whole), theirs(tokens).logits)
 
 
-def test_right_padded_rows_match_transformers(decoder, ref_decoder):
+def test_right_padded_rows_match_transformers(decoder, theirs):
     """Rows of different lengths in one batch: real positions equal transformers with its padding mask."""
     lengths = [23, 9]
     tokens = torch.randint(0, decoder.cfg.vocab_size, (2, 23), generator=torch.Generator().manual_seed(3))
     mask = torch.tensor([[1] * n + [0] * (23 - n) for n in lengths])
     with torch.no_grad():
-        expected = ref_decoder(tokens, attention_mask=mask).logits
+        expected = theirs(tokens, attention_mask=mask).logits
         got = decoder(tokens)
     for row, n in enumerate(lengths):
         torch.testing.assert_close(got[row, :n], expected[row, :n])

@@ -11,6 +11,7 @@ Namings read:
   `attention.dense`, `mlp.dense_h_to_4h` (rows [up; gate]), `mlp.dense_4h_to_h`, `llm.lm.embed_in`,
   `llm.lm.final_layer_norm`, `llm.embed_out`.
 - 'qwen2': later POINTS releases (`llm.model.layers.N.self_attn.q_proj`, `mlp.gate_proj`, `llm.lm_head`).
+- 'qwen3': POINTS-GUI-G, the Qwen2 names plus `self_attn.q_norm` / `self_attn.k_norm` (and no q/k/v bias).
 - 'points': our own layout, as written by `convert` (names = our module names, nothing re-laid).
 Vision tensors (`vision_encoder.*`, `vision_projector.*`) are named alike in both released namings.
 
@@ -277,6 +278,8 @@ def _decoder_plan(cfg: ModelConfig, naming: str, names: set[str]) -> list[Entry]
             plan += _linear(f"{t}.attn.out", q_rows, [(f"{attn}.o_proj", H)], d.out_bias)
             plan += _linear(f"{t}.mlp.up_gate", H, [(f"{s}.mlp.up_proj", F), (f"{s}.mlp.gate_proj", F)], d.ffn_up_bias)
             plan += _linear(f"{t}.mlp.down", F, [(f"{s}.mlp.down_proj", H)], d.ffn_down_bias)
+        if d.qk_norm:  # (Qwen3) one RMSNorm weight over each head's D, for q and for k
+            plan += [_same(f"{t}.attn.{n}.weight", f"{attn}.{n}.weight", (d.head_dim,)) for n in ("q_norm", "k_norm")]
         plan.append(_same(f"{t}.attn_norm.weight", f"{s}.input_layernorm.weight", (H,)))
         plan.append(_same(f"{t}.mlp_norm.weight", f"{s}.post_attention_layernorm.weight", (H,)))
     plan.append(_same("decoder.norm.weight", f"{norm}.weight", (H,)))
@@ -307,7 +310,7 @@ def _vision_plan(cfg: ModelConfig) -> list[Entry]:
 def plan(cfg: ModelConfig, naming: str, names: Iterable[str] = (), quantization: dict | None = None) -> list[Entry]:
     """Every parameter of the composed model, in module order, with its checkpoint sources.
 
-    naming: 'custom_llama', 'qwen2' or 'points'; `names` (the checkpoint's tensor names) is only consulted
+    naming: 'custom_llama', 'qwen2', 'qwen3' or 'points'; `names` (the checkpoint's tensor names) is only consulted
     to detect a tied Qwen2 lm_head. `quantization` (our layout only): the quantized projections' weights are
     int8 and each has a `.scale` [out] beside it (points.io.quantized)."""
     if naming == "points":

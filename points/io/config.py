@@ -38,7 +38,9 @@ def to_dict(cfg: ModelConfig) -> dict:
 
 
 def from_dict(d: dict, where: str = "config") -> ModelConfig:
-    """The project's own layout: every field present, nothing defaulted."""
+    """The project's own layout: every field present, nothing defaulted (but the fields added since version 2
+    with a default of their own, e.g. the decoder's head_dim and qk_norm, which a file written before them
+    leaves out)."""
     found = d.get("format_version")
     if found != FORMAT_VERSION:
         hint = ("; it was written by an earlier points whose MLP rows were [gate; up]: convert the released "
@@ -53,7 +55,8 @@ def _exact(kind, d: dict, key: str, where: str):
     if not isinstance(section, dict):
         raise CheckpointError(f"{where}: missing section {key!r}")
     names = {f.name for f in dataclasses.fields(kind)}
-    missing = sorted(names - section.keys())
+    required = {f.name for f in dataclasses.fields(kind) if f.default is dataclasses.MISSING}
+    missing = sorted(required - section.keys())
     if missing:
         raise CheckpointError(f"{where}: {key} is missing required field(s) {', '.join(missing)}")
     unknown = sorted(section.keys() - names)
@@ -73,6 +76,7 @@ CUSTOM_LLAMA_NAMES = dict(n_layers="num_layers", n_heads="num_attention_heads", 
                           ffn_down_bias="mlp_fc2_bias")
 QWEN2_NAMES = dict(n_layers="num_hidden_layers", n_heads="num_attention_heads", n_kv_heads="num_key_value_heads",
                    ffn_size="intermediate_size", norm_eps="rms_norm_eps", max_seq_len="max_position_embeddings")
+QWEN3_NAMES = QWEN2_NAMES | dict(qkv_bias="attention_bias", out_bias="attention_bias")
 VISION_NAMES = dict(n_heads="num_heads")
 
 
@@ -111,13 +115,21 @@ QWEN2_DEFAULTS = dict(
     rms_norm_eps=1e-6, rope_theta=10000.0, use_sliding_window=False, rope_scaling=None,
 )
 
+# transformers Qwen3Config class defaults (4.x field names), for Qwen3 llm_configs (POINTS-GUI-G).
+QWEN3_DEFAULTS = dict(
+    vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+    num_attention_heads=32, num_key_value_heads=32, head_dim=128, hidden_act="silu",
+    max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=10000.0, attention_bias=False,
+    use_sliding_window=False, rope_scaling=None,
+)
+
 # transformers Qwen2VLVisionConfig class defaults.
 QWEN2VL_VISION_DEFAULTS = dict(
     depth=32, embed_dim=1280, num_heads=16, mlp_ratio=4, hidden_act="quick_gelu", in_channels=3,
     patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
 )
 
-POINTS_MODEL_TYPES = ("pointsv1.5_chat",)
+POINTS_MODEL_TYPES = ("pointsv1.5_chat", "points_gui")  # POINTS-1.5 and Reader; POINTS-GUI-G
 
 
 def _require(field: str, value: Any, allowed: tuple, where: str, absent: bool) -> None:
@@ -148,8 +160,11 @@ def _custom_llama(llm: dict, where: str, file: str) -> DecoderConfig:
         ffn_up_bias=get("mlp_fc1_bias"), ffn_down_bias=get("mlp_fc2_bias"))
 
 
-def _qwen2(llm: dict, where: str, file: str) -> DecoderConfig:
-    get = lambda k: llm.get(k, QWEN2_DEFAULTS[k])  # noqa: E731
+def _qwen(llm: dict, where: str, file: str, qwen3: bool) -> DecoderConfig:
+    """A Qwen2 or Qwen3 llm_config (transformers' names): Qwen3 adds head_dim and q/k norms, drops the q/k/v
+    bias (attention_bias)."""
+    defaults = QWEN3_DEFAULTS if qwen3 else QWEN2_DEFAULTS
+    get = lambda k: llm.get(k, defaults[k])  # noqa: E731
     _require("hidden_act", get("hidden_act"), ("silu",), where, "hidden_act" not in llm)
     _require("use_sliding_window", get("use_sliding_window"), (False,), where, False)
     theta = get("rope_theta")
@@ -158,13 +173,14 @@ def _qwen2(llm: dict, where: str, file: str) -> DecoderConfig:
     _require("rope_type", rope.get("rope_type", "default"), ("default",), where, False)
     _require("rope_scaling", get("rope_scaling"), (None,), where, False)
     heads = get("num_attention_heads")
+    qwen3_fields = dict(qkv_bias=get("attention_bias"), out_bias=get("attention_bias"), head_dim=get("head_dim"),
+                        qk_norm=True) if qwen3 else dict(qkv_bias=True, out_bias=False)
     return _built(
-        DecoderConfig, QWEN2_NAMES, "llm_config", llm, file,
+        DecoderConfig, QWEN3_NAMES if qwen3 else QWEN2_NAMES, "llm_config", llm, file,
         vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), n_layers=get("num_hidden_layers"),
         n_heads=heads, n_kv_heads=get("num_key_value_heads") or heads, ffn_size=get("intermediate_size"),
         norm_eps=get("rms_norm_eps"), rope_theta=float(theta), rope_scale=1.0,
-        max_seq_len=get("max_position_embeddings"), qkv_bias=True, out_bias=False,
-        ffn_up_bias=False, ffn_down_bias=False)
+        max_seq_len=get("max_position_embeddings"), ffn_up_bias=False, ffn_down_bias=False, **qwen3_fields)
 
 
 def _vision(vc: dict, where: str, file: str) -> VisionConfig:
@@ -180,13 +196,15 @@ def _vision(vc: dict, where: str, file: str) -> VisionConfig:
 
 
 def llm_naming(llm: dict) -> str:
-    """'custom_llama' (the 7B release) or 'qwen2' (later POINTS releases), from the llm_config."""
+    """'custom_llama' (the 7B release), 'qwen2' (POINTS-Reader) or 'qwen3' (POINTS-GUI-G), from the
+    llm_config."""
     mt = llm.get("model_type")
-    if mt in ("custom_llama", "qwen2"):
+    if mt in ("custom_llama", "qwen2", "qwen3"):
         return mt
     if mt is None:
         return "qwen2" if "intermediate_size" in llm else "custom_llama"
-    raise CheckpointError(f"llm_config.model_type = {mt!r} is not supported; expected 'custom_llama' or 'qwen2'")
+    raise CheckpointError(f"llm_config.model_type = {mt!r} is not supported; expected 'custom_llama', 'qwen2' or "
+                          "'qwen3'")
 
 
 def from_hf_dict(d: dict, where: str = "config.json") -> ModelConfig:
@@ -198,8 +216,11 @@ def from_hf_dict(d: dict, where: str = "config.json") -> ModelConfig:
         if not isinstance(d.get(key), dict):
             raise CheckpointError(f"{where}: missing required section {key!r} (a POINTS-1.5 config has both "
                                   "llm_config and vision_config)")
-    llm = d["llm_config"]
-    decoder = (_custom_llama if llm_naming(llm) == "custom_llama" else _qwen2)(llm, f"{where}: llm_config", where)
+    llm, naming = d["llm_config"], llm_naming(d["llm_config"])
+    if naming == "custom_llama":
+        decoder = _custom_llama(llm, f"{where}: llm_config", where)
+    else:
+        decoder = _qwen(llm, f"{where}: llm_config", where, qwen3=naming == "qwen3")
     return ModelConfig(decoder=decoder, vision=_vision(d["vision_config"], f"{where}: vision_config", where))
 
 
@@ -231,7 +252,7 @@ def absent_shape_fields(directory: str | Path) -> list[str]:
         fields += [] if "num_hidden_layers" in llm else ["num_layers"]  # either one gives the layer count
     else:
         fields = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "intermediate_size"]
+                  "intermediate_size"] + (["head_dim", "attention_bias"] if llm_naming(llm) == "qwen3" else [])
     out = [f"llm_config.{k}" for k in fields if k not in llm]
     out += [f"vision_config.{k}" for k in ("depth", "embed_dim", "num_heads", "mlp_ratio", "patch_size",
                                           "temporal_patch_size", "spatial_merge_size") if k not in vc]

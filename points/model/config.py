@@ -1,6 +1,6 @@
 """Model configuration: what the modules are built from.
 
-Three frozen dataclasses: `DecoderConfig` (the Qwen2.5 language model), `VisionConfig` (the Qwen2-VL NaViT
+Three frozen dataclasses: `DecoderConfig` (the Qwen2.5 / Qwen3 language model), `VisionConfig` (the Qwen2-VL NaViT
 encoder) and `ModelConfig` (both, plus the projector, which has no free parameters of its own). Values are
 type- and range-checked on construction, so that a bad value names its field instead of failing deep in a
 module. Reading them from a checkpoint's config.json (the released vocabularies and ours) is
@@ -48,22 +48,25 @@ class DecoderConfig:
     out_bias: bool
     ffn_up_bias: bool  # bias of the fused gate/up projection
     ffn_down_bias: bool
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
+    head_dim: int | None = None  # per head; None: hidden_size / n_heads (Qwen2), given apart in Qwen3 (128 at 4096 / 32)
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each q and k head (weight [head_dim]) before the rotary
 
     def __post_init__(self):
         _validate(self, "decoder")
-        if self.hidden_size % self.n_heads:
-            raise ConfigError("decoder", "{hidden_size} is not divisible by {n_heads}", hidden_size=self.hidden_size,
-                              n_heads=self.n_heads)
+        derived = self.head_dim is None
+        if derived:
+            if self.hidden_size % self.n_heads:
+                raise ConfigError("decoder", "{hidden_size} is not divisible by {n_heads}",
+                                  hidden_size=self.hidden_size, n_heads=self.n_heads)
+            object.__setattr__(self, "head_dim", self.hidden_size // self.n_heads)
         if self.n_heads % self.n_kv_heads:
             raise ConfigError("decoder", "{n_heads} is not a multiple of {n_kv_heads}", n_heads=self.n_heads,
                               n_kv_heads=self.n_kv_heads)
-        if self.head_dim % 2:
+        if self.head_dim % 2 and derived:
             raise ConfigError("decoder", f"{{hidden_size}} / {{n_heads}} gives head_dim {self.head_dim}, which must be "
                               "even for rotary embeddings", hidden_size=self.hidden_size, n_heads=self.n_heads)
+        if self.head_dim % 2:
+            raise ConfigError("decoder", "{head_dim}: must be even for rotary embeddings", head_dim=self.head_dim)
 
 
 @dataclass(frozen=True)
@@ -116,6 +119,10 @@ def _validate(cfg, section: str) -> None:
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         want = f.type if isinstance(f.type, str) else f.type.__name__
+        if want.endswith(" | None"):  # optional: absent, or a value of its type
+            if v is None:
+                continue
+            want = want.removesuffix(" | None")
         ok = {"int": isinstance(v, int) and not isinstance(v, bool) and v > 0,
               "float": isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0,
               "bool": isinstance(v, bool)}[want]

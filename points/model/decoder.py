@@ -1,11 +1,12 @@
-"""The language model: Qwen2.5 math (the released checkpoint calls it CustomLlama).
+"""The language model: Qwen2.5 math (the released checkpoint calls it CustomLlama), and Qwen3's.
 
     tokens [B, T] -> embed [B, T, H]
       -> n_layers x ( x + Attention(RMSNorm(x)),  x + SwiGLU(RMSNorm(x)) )
       -> RMSNorm -> lm_head -> logits [B, T, vocab] in float32
 
 Attention: grouped-query (n_heads query heads share n_kv_heads K/V heads in consecutive groups), q/k/v
-with bias, output projection without, 1-D RoPE in float32. Positions are 0..L-1 over the whole sequence
+with bias, output projection without, 1-D RoPE in float32. Qwen3 (`qk_norm`): no q/k/v bias, an RMSNorm over
+each head of q and of k (weights [head_dim]) before the rotary, head_dim given apart from hidden / heads. Positions are 0..L-1 over the whole sequence
 (image tokens included); with a KV cache each row continues from its own length. The layers get one
 `AttentionMeta` per forward (positions, the cache, how much of it to read, the kernel: points.model.attention)
 and pass it through; the modules themselves hold no kernel choice.
@@ -48,11 +49,18 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
         self.out = nn.Linear(q_dim, cfg.hidden_size, bias=cfg.out_bias)
         self.heads = (cfg.n_heads, cfg.n_kv_heads, cfg.n_kv_heads)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], meta: AttentionMeta):
         qkv = self.qkv(x).unflatten(-1, (-1, self.head_dim))  # [B, T, Hq + 2 Hkv, D]
         n_q, n_kv, _ = self.heads
-        qk = apply_rotary(qkv[:, :, :n_q + n_kv], *rope)  # q's and k's heads turned together
+        qk = qkv[:, :, :n_q + n_kv]
+        if self.qk_norm:  # (Qwen3) each head normed over its D
+            qk = torch.cat([self.q_norm(qk[:, :, :n_q]), self.k_norm(qk[:, :, n_q:])], dim=2)
+        qk = apply_rotary(qk, *rope)  # q's and k's heads turned together
         q, k, v = qk[:, :, :n_q], qk[:, :, n_q:], qkv[:, :, n_q + n_kv:]  # [B, T, Hq, D], [B, T, Hkv, D] x 2
         y = causal_attention(q, k, v, meta, self.layer)  # [B, T, Hq, D]
         return self.out(y.flatten(-2))

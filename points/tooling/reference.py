@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger, Qwen2VisionTransformerPretrainedModel
 
@@ -63,6 +63,15 @@ def qwen2_config(d: DecoderConfig, **kw) -> Qwen2Config:
                        rope_parameters={"rope_type": "default", "rope_theta": d.rope_theta}, **kw)
 
 
+def qwen3_config(d: DecoderConfig, **kw) -> Qwen3Config:
+    """transformers' Qwen3Config for our decoder (POINTS-GUI-G's: head_dim given apart, q/k norms, no bias)."""
+    return Qwen3Config(vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.ffn_size,
+                       num_hidden_layers=d.n_layers, num_attention_heads=d.n_heads, num_key_value_heads=d.n_kv_heads,
+                       head_dim=d.head_dim, rms_norm_eps=d.norm_eps, max_position_embeddings=d.max_seq_len,
+                       attention_bias=d.qkv_bias, tie_word_embeddings=False,
+                       rope_parameters={"rope_type": "default", "rope_theta": d.rope_theta}, **kw)
+
+
 def vision_config(v: VisionConfig, hidden_size: int) -> Qwen2VLVisionConfig:
     """transformers' Qwen2VLVisionConfig for our encoder; hidden_size is its merger's (POINTS' projector's)
     output, the decoder's width."""
@@ -88,6 +97,29 @@ def reference_decoder(llm: dict = TINY_LLM, seed: int = 0) -> Qwen2ForCausalLM:
     model = Qwen2ForCausalLM(qwen2_config(model_config(llm).decoder, attn_implementation="eager")).eval()
     _redraw(model, seed)
     return model
+
+
+# Qwen3-8B's proportions made tiny: head_dim apart from hidden / heads (32, not 160 / 4 = 40), 4 query and 2 KV
+# heads, no bias, eps 1e-6, theta 1e6; a 1000-token vocabulary, 2 layers
+TINY_QWEN3 = dict(model_type="qwen3", vocab_size=1000, hidden_size=160, intermediate_size=480, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=32, hidden_act="silu", rms_norm_eps=1e-6,
+                  rope_theta=1000000.0, attention_bias=False, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def reference_qwen3_decoder(llm: dict = TINY_QWEN3, seed: int = 0) -> Qwen3ForCausalLM:
+    """transformers' Qwen3ForCausalLM (eager attention) with the shapes of this llm_config, re-drawn (its q/k
+    norm weights away from one, so that a norm read from the wrong tensor shows)."""
+    decoder = model_config(llm, dict(TINY_VISION, hidden_size=llm["hidden_size"])).decoder
+    model = Qwen3ForCausalLM(qwen3_config(decoder, attn_implementation="eager")).eval()
+    _redraw(model, seed)
+    return model
+
+
+def gui_config(llm: dict = TINY_QWEN3, vision: dict = TINY_VISION) -> dict:
+    """POINTS-GUI-G's config.json (a POINTSGUIConfig dump, SGLang's spelling) for these sections."""
+    return {"architectures": ["POINTSGUIModel"], "model_type": "points_gui", "hidden_size": llm["hidden_size"],
+            "tie_word_embeddings": False, "llm_config": dict(llm),
+            "vision_config": dict(vision, hidden_size=llm["hidden_size"]), "torch_dtype": "float32"}
 
 
 def reference_vision(vision: dict = TINY_VISION, seed: int = 1):
