@@ -42,6 +42,7 @@ def qwen2_dir(tmp_path_factory, ref_decoder, ref_vision):
         num_attention_heads=llm["num_attention_heads"], num_key_value_heads=llm["num_kv_heads"],
         rms_norm_eps=llm["layernorm_epsilon"], rope_theta=float(llm["rotary_emb_base"]),
         max_position_embeddings=llm["max_position_embeddings"], hidden_act="silu", tie_word_embeddings=False))
+    config["tie_word_embeddings"] = False  # (absent, the official loader would tie lm_head to the embedding)
     tensors = reference.qwen2_tensors(ref_decoder) | reference.vision_tensors(*ref_vision)
     return reference.save_checkpoint(tmp_path_factory.mktemp("qwen2"), config, tensors, shards=1)
 

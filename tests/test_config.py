@@ -129,11 +129,28 @@ def test_qwen3_config_of_gui_g():
         from_hf_dict(reference.gui_config(dict(llm, attention_bias="no"), reference.REAL_VISION))
 
 
+@pytest.mark.parametrize("top", [None, False, True])
+@pytest.mark.parametrize("llm_flag", [None, False, True])
+@pytest.mark.parametrize("naming", ["qwen2", "qwen3", "custom_llama"])
+def test_the_official_tying_rule(top, llm_flag, naming):
+    """Reader's and GUI-G's loader ties lm_head to the embedding when the top-level tie_word_embeddings (absent:
+    true) or the llm_config's is true; POINTS-1.5's (CustomLlama) never ties."""
+    llm = {"custom_llama": reference.TINY_LLM, "qwen2": dict(reference.TINY_QWEN3, model_type="qwen2"),
+           "qwen3": reference.TINY_QWEN3}[naming]
+    llm = {k: v for k, v in llm.items() if k != "tie_word_embeddings"} | (
+        {} if llm_flag is None else {"tie_word_embeddings": llm_flag})
+    config = reference.checkpoint_config(llm, dict(reference.TINY_VISION, hidden_size=llm["hidden_size"]))
+    if top is not None:
+        config["tie_word_embeddings"] = top
+    want = naming != "custom_llama" and (top is not False or llm_flag is True)
+    assert from_hf_dict(config).decoder.tied is want
+
+
 def test_a_converted_config_without_the_newer_fields_still_reads():
-    """head_dim and qk_norm came after format_version 2: a file written before them takes their defaults."""
+    """head_dim, qk_norm and tied came after format_version 2: a file written before them takes their defaults."""
     cfg = from_hf_dict(reference.checkpoint_config())
     d = to_dict(cfg)
-    for field in ("head_dim", "qk_norm"):
+    for field in ("head_dim", "qk_norm", "tied"):
         del d["decoder"][field]
     assert from_dict(d) == cfg
     del d["decoder"]["qkv_bias"]

@@ -117,3 +117,25 @@ def test_tied_qwen2_checkpoint_loads_and_saves(qwen2_dir, tmp_path):
     assert torch.equal(model.lm_head.weight, model.embed.weight)
     assert model.lm_head.weight.data_ptr() != model.embed.weight.data_ptr()
     save_file(model.state_dict(), str(tmp_path / "saved.safetensors"))
+
+
+def test_a_tied_checkpoint_reads_its_head_from_the_embedding(qwen2_dir, ref_decoder, ref_vision, tmp_path):
+    """POINTS-Reader's rule: a Qwen2 llm_config without a top-level tie_word_embeddings is tied, so a stored
+    llm.lm_head (here deliberately different) is not read, as transformers' tie_weights discards it; without a
+    stored head it loads the same."""
+    import copy
+
+    config = json.loads((qwen2_dir / "config.json").read_text())
+    del config["tie_word_embeddings"]  # (the fixture says false; absent means true)
+    tensors = reference.qwen2_tensors(ref_decoder) | reference.vision_tensors(*ref_vision)
+    tied = copy.deepcopy(ref_decoder)
+    tied.lm_head.weight = tied.model.embed_tokens.weight
+    tokens = torch.randint(0, 1000, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tied(tokens).logits
+    for name, stored in (("with-head", tensors), ("without-head", {k: v for k, v in tensors.items()
+                                                                   if k != "llm.lm_head.weight"})):
+        decoder = points.load_decoder(reference.save_checkpoint(tmp_path / name, config, stored, shards=1))
+        assert decoder.cfg.tied and torch.equal(decoder.lm_head.weight, decoder.embed.weight)
+        with torch.no_grad():
+            torch.testing.assert_close(decoder(tokens), want)

@@ -257,8 +257,8 @@ def _decoder_plan(cfg: ModelConfig, naming: str, names: set[str]) -> list[Entry]
         embed, norm, head = "llm.lm.embed_in", "llm.lm.final_layer_norm", "llm.embed_out"
     else:
         embed, norm, head = "llm.model.embed_tokens", "llm.model.norm", "llm.lm_head"
-        if f"{head}.weight" not in names and f"{embed}.weight" in names:
-            head = embed  # a tied Qwen2 checkpoint stores the embedding once
+        if d.tied or (f"{head}.weight" not in names and f"{embed}.weight" in names):
+            head = embed  # tied: the head is the embedding (a stored llm.lm_head is not read: see `unread`)
     plan = [_same("decoder.embed.weight", f"{embed}.weight", (V, H))]
     for i in range(d.n_layers):
         t = f"decoder.layers.{i}"
@@ -341,10 +341,17 @@ def is_dropped(name: str) -> bool:
     return name.startswith(DROPPED_PREFIXES) or name.endswith(DROPPED_SUFFIXES)
 
 
-def check(entries: list[Entry], files: TensorFiles, absent: Callable[[], list[str]] = list) -> None:
+def unread(cfg: ModelConfig, naming: str) -> set[str]:
+    """Tensors a checkpoint may store that this model never reads: a tied decoder's own lm_head (the official
+    loader ties it to the embedding whatever the file holds)."""
+    return {"llm.lm_head.weight"} if cfg.decoder.tied and naming in ("qwen2", "qwen3") else set()
+
+
+def check(entries: list[Entry], files: TensorFiles, absent: Callable[[], list[str]] = list,
+          allowed: set[str] = frozenset()) -> None:
     """Strict agreement of the plan with the files, from headers alone (no tensor data read). `absent()`: the
     config.json fields the file leaves out, named in a mismatch (their defaults shaped what was expected);
-    asked only when there is a mismatch to explain."""
+    asked only when there is a mismatch to explain. `allowed`: tensors the files may hold unplanned."""
     names = files.names
 
     def note() -> str:
@@ -361,7 +368,7 @@ def check(entries: list[Entry], files: TensorFiles, absent: Callable[[], list[st
     if missing:
         raise CheckpointError(f"{files.directory}: missing tensor(s) {_few(missing)}; expected e.g. {missing[0]} "
                               f"of shape {list(wanted[missing[0]])}{note()}")
-    extra = sorted(n for n in names if n not in wanted and not is_dropped(n))
+    extra = sorted(n for n in names if n not in wanted and not is_dropped(n) and n not in allowed)
     if extra:
         raise CheckpointError(f"{files.directory}: unexpected tensor(s) {_few(extra)} (in {files.where(extra[0]).name}); "
                               f"this model has no parameter for them{note()}")
@@ -399,7 +406,7 @@ def _open(directory: str | Path) -> tuple[ModelConfig, TensorFiles, list[Entry]]
     cfg, naming = read_config(directory)
     files = TensorFiles(directory)
     entries = plan(cfg, naming, files.names, read_quantization(directory) if naming == "points" else None)
-    check(entries, files, lambda: absent_shape_fields(directory))
+    check(entries, files, lambda: absent_shape_fields(directory), unread(cfg, naming))
     return cfg, files, entries
 
 
@@ -477,7 +484,7 @@ def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,
     """Our state dict back into a released naming (the exact inverse of loading)."""
     out = {}
     for e in plan(cfg, naming, ()):
-        if e.target in state:
+        if e.target in state and not out.keys() >= set(e.sources):  # (tied: the head is the embedding, written once)
             out.update(zip(e.sources, (t.contiguous() for t in e.layout.split(state[e.target], e.source_shapes))))
     return out
 

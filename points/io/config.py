@@ -160,9 +160,9 @@ def _custom_llama(llm: dict, where: str, file: str) -> DecoderConfig:
         ffn_up_bias=get("mlp_fc1_bias"), ffn_down_bias=get("mlp_fc2_bias"))
 
 
-def _qwen(llm: dict, where: str, file: str, qwen3: bool) -> DecoderConfig:
+def _qwen(llm: dict, where: str, file: str, qwen3: bool, tied: bool) -> DecoderConfig:
     """A Qwen2 or Qwen3 llm_config (transformers' names): Qwen3 adds head_dim and q/k norms, drops the q/k/v
-    bias (attention_bias)."""
+    bias (attention_bias). `tied`: the official loader's tying rule, applied by the caller."""
     defaults = QWEN3_DEFAULTS if qwen3 else QWEN2_DEFAULTS
     get = lambda k: llm.get(k, defaults[k])  # noqa: E731
     _require("hidden_act", get("hidden_act"), ("silu",), where, "hidden_act" not in llm)
@@ -180,7 +180,8 @@ def _qwen(llm: dict, where: str, file: str, qwen3: bool) -> DecoderConfig:
         vocab_size=get("vocab_size"), hidden_size=get("hidden_size"), n_layers=get("num_hidden_layers"),
         n_heads=heads, n_kv_heads=get("num_key_value_heads") or heads, ffn_size=get("intermediate_size"),
         norm_eps=get("rms_norm_eps"), rope_theta=float(theta), rope_scale=1.0,
-        max_seq_len=get("max_position_embeddings"), ffn_up_bias=False, ffn_down_bias=False, **qwen3_fields)
+        max_seq_len=get("max_position_embeddings"), ffn_up_bias=False, ffn_down_bias=False, tied=tied,
+        **qwen3_fields)
 
 
 def _vision(vc: dict, where: str, file: str) -> VisionConfig:
@@ -217,10 +218,12 @@ def from_hf_dict(d: dict, where: str = "config.json") -> ModelConfig:
             raise CheckpointError(f"{where}: missing required section {key!r} (a POINTS-1.5 config has both "
                                   "llm_config and vision_config)")
     llm, naming = d["llm_config"], llm_naming(d["llm_config"])
-    if naming == "custom_llama":
+    if naming == "custom_llama":  # (POINTS-1.5's own loader never ties, whatever the file says)
         decoder = _custom_llama(llm, f"{where}: llm_config", where)
-    else:
-        decoder = _qwen(llm, f"{where}: llm_config", where, qwen3=naming == "qwen3")
+    else:  # the official loader of Reader and GUI-G (transformers 4.5x): the top-level flag, absent = true, or the
+        # llm_config's (Qwen2Config / Qwen3Config default: false)
+        tied = d.get("tie_word_embeddings", True) is True or llm.get("tie_word_embeddings", False) is True
+        decoder = _qwen(llm, f"{where}: llm_config", where, qwen3=naming == "qwen3", tied=tied)
     return ModelConfig(decoder=decoder, vision=_vision(d["vision_config"], f"{where}: vision_config", where))
 
 

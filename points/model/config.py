@@ -50,6 +50,7 @@ class DecoderConfig:
     ffn_down_bias: bool
     head_dim: int | None = None  # per head; None: hidden_size / n_heads (Qwen2), given apart in Qwen3 (128 at 4096 / 32)
     qk_norm: bool = False  # Qwen3: an RMSNorm over each q and k head (weight [head_dim]) before the rotary
+    tied: bool = False  # the checkpoint's lm_head is its embedding matrix (POINTS-Reader); read from it when loading
 
     def __post_init__(self):
         _validate(self, "decoder")
