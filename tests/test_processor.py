@@ -130,3 +130,27 @@ def test_output_shape_matches_grid(H, W):
     pv, (t, gh, gw) = ImageProcessor()(Image.new("RGB", (W, H)))
     assert t == 1 and gh % 2 == 0 and gw % 2 == 0
     assert pv.shape == (gh * gw, 1176)
+
+
+def test_an_image_items_own_max_pixels_shrinks_it_first_as_reader_does():
+    """POINTS-Reader's chat: w x h over the item's max_pixels -> (floor(w / b), floor(h / b)), b = sqrt(w h / N),
+    bicubic, then the processor as usual; at or under it, nothing changes."""
+    import math
+
+    from points.io.chat import build_prompt
+
+    img = Image.open(PHOTO).convert("RGB")  # 512 x 600
+    n = 100_000
+    b = math.sqrt(img.width * img.height / n)
+    shrunk = img.resize((math.floor(img.width / b), math.floor(img.height / b)), Image.Resampling.BICUBIC)
+    proc = ImageProcessor()
+    want, grid = proc(shrunk)
+    got, got_grid = proc(img, max_pixels=n)
+    assert got_grid == grid and torch.equal(got, want) and grid != proc(img)[1]
+    assert torch.equal(proc(img, max_pixels=img.width * img.height)[0], proc(img)[0])
+    prompt = build_prompt([{"role": "user", "content": [{"type": "image", "image": img, "max_pixels": n},
+                                                        {"type": "text", "text": "Read it."}]}], proc)
+    assert torch.equal(prompt.pixel_values, want)
+    for bad in (0, 1.5, True, "100"):
+        with pytest.raises(ValueError, match=r"^messages\[0\].content\[0\].max_pixels = .*: expected an integer >= 1"):
+            build_prompt([{"role": "user", "content": [{"type": "image", "image": img, "max_pixels": bad}]}], proc)

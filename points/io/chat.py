@@ -4,7 +4,8 @@
     ... one block per message (texts and images concatenated in item order, no separator) ...
     <|im_start|>assistant\n                                  (after a final user message)
 
-N = h * w / 4 for an image resized to a grid of h x w patches. No system prompt unless the conversation
+N = h * w / 4 for an image resized to a grid of h x w patches (an image item may carry its own
+"max_pixels", POINTS-Reader's: the image is shrunk to it first, see ImageProcessor). No system prompt unless the conversation
 brings one (an extension: rendered as a ChatML system block); without one the prompt is exactly the
 reference's.
 
@@ -81,6 +82,10 @@ def _items(message: dict, i: int) -> list[dict]:
         if item["type"] == "image" and item.get("image") is None:
             raise ValueError(f"{where}: an image item needs an image (path, pathlib.Path, PIL image or bytes) "
                              "under 'image'")
+        limit = item.get("max_pixels") if item["type"] == "image" else None
+        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+            raise ValueError(f"{where}.max_pixels = {limit!r:.40}: expected an integer >= 1 (the image's own pixel "
+                             "budget, POINTS-Reader's)")
     return content
 
 
@@ -147,7 +152,7 @@ def _render(messages: list[dict], processor: ImageProcessor, training: bool):
             if m["role"] == "system":
                 raise ValueError(f"messages[{i}].content[{j}]: a system message cannot hold images")
             try:
-                pv, grid = processor(item["image"])
+                pv, grid = processor(item["image"], item.get("max_pixels"))
             except ValueError as e:
                 raise ImageError(f"messages[{i}].content[{j}]", str(e)) from None
             pixels.append(pv)

@@ -142,9 +142,16 @@ class ImageProcessor:
                 "temporal_patch_size": self.temporal_patch_size, "merge_size": self.merge_size,
                 "image_mean": list(self.mean), "image_std": list(self.std)}
 
-    def __call__(self, image) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """One image -> pixel_values [gh * gw, 3 * 2 * 14 * 14] float32 and its grid (1, gh, gw)."""
+    def __call__(self, image, max_pixels: int | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """One image -> pixel_values [gh * gw, 3 * 2 * 14 * 14] float32 and its grid (1, gh, gw).
+
+        `max_pixels` (an image item's own, as POINTS-Reader's chat takes it): an image of more pixels is first
+        shrunk to (floor(w / b), floor(h / b)), b = sqrt(w * h / max_pixels), bicubic, then processed as usual."""
         img = open_image(image)
+        if max_pixels is not None and img.width * img.height > max_pixels:
+            b = math.sqrt(img.width * img.height / max_pixels)
+            img = img.resize((max(1, math.floor(img.width / b)), max(1, math.floor(img.height / b))),
+                             resample=Image.Resampling.BICUBIC)
         factor = self.patch_size * self.merge_size
         h, w = smart_resize(img.height, img.width, factor, self.min_pixels, self.max_pixels)
         if (img.height, img.width) != (h, w):
