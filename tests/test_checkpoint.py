@@ -5,7 +5,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
@@ -85,16 +84,23 @@ def test_convert_to_bf16_and_tokenizer_carried(official_dir, tmp_path):
     assert all(torch.equal(state[k], ref[k].to(torch.bfloat16)) for k in ref)
 
 
-def test_convert_command_line(official_dir, tmp_path):
+def test_convert_command_line(official_dir, tmp_path, monkeypatch, capsys):
+    """weights_convert.py run as a script (its `__main__` block, here in this process: runpy), stderr not a
+    terminal."""
+    import runpy
+
+    def script(*args) -> int:
+        monkeypatch.setattr(sys, "argv", ["weights_convert.py", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(str(ROOT / "weights_convert.py"), run_name="__main__")
+        return e.value.code
+
     dst = tmp_path / "cli"
-    run = subprocess.run([sys.executable, str(ROOT / "weights_convert.py"), str(official_dir), str(dst),
-                          "--dtype", "float16"], capture_output=True, text=True, cwd=ROOT)
-    assert run.returncode == 0, run.stderr
-    assert run.stderr == ""  # not a terminal: no progress display
+    assert script(official_dir, dst, "--dtype", "float16") == 0
+    assert capsys.readouterr().err == ""  # not a terminal: no progress display
     assert json.loads((dst / "config.json").read_text())["dtype"] == "float16"
-    again = subprocess.run([sys.executable, str(ROOT / "weights_convert.py"), str(official_dir), str(dst)],
-                           capture_output=True, text=True, cwd=ROOT)
-    assert again.returncode == 2 and "already exists" in again.stderr
+    assert script(official_dir, dst) == 2
+    assert "already exists" in capsys.readouterr().err
 
 
 def test_interrupted_conversion_leaves_nothing(official_dir, tmp_path, monkeypatch):

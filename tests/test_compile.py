@@ -41,17 +41,17 @@ SAMPLED = dict(temperature=0.8, top_k=40, top_p=0.9, penalty=1.3, seed=11)
 
 @pytest.mark.parametrize("rule", [{}, SAMPLED], ids=["greedy", "sampled"])
 def test_compiled_generation_recompiles_once_per_key_block(official_dir, rule):
-    """200 tokens chosen inside the step after a 100-token prompt: the cache is 512 slots (300 rounded up to
-    a power of two) and the keys cross one 256-slot block boundary, so exactly 2 graphs for the choosing
-    step, plus 1 for the logits-only step that ends `_generate`; same tokens and final logits."""
+    """24 tokens chosen inside the step after a 240-token prompt: the cache is 512 slots (300 rounded up to
+    a power of two) and the keys cross one 256-slot block boundary (16 steps in), so exactly 2 graphs for the
+    choosing step, plus 1 for the logits-only step that ends `_generate`; same tokens and final logits."""
     from torch._dynamo.testing import CompileCounter
 
-    prompt = torch.randint(0, 1000, (1, 100), generator=torch.Generator().manual_seed(7))
-    expected = _generate(Engine(points.load_decoder(official_dir)), prompt, 200, 300, **rule)
+    prompt = torch.randint(0, 1000, (1, 240), generator=torch.Generator().manual_seed(7))
+    expected = _generate(Engine(points.load_decoder(official_dir)), prompt, 24, 300, **rule)
     torch._dynamo.reset()
     counter = CompileCounter()
     compiled = Engine(points.load_decoder(official_dir), compile=True, backend=counter)
-    got = _generate(compiled, prompt, 200, 300, **rule)
+    got = _generate(compiled, prompt, 24, 300, **rule)
     assert counter.frame_count == 3
     assert got[0] == expected[0]
     torch.testing.assert_close(got[1], expected[1])

@@ -4,8 +4,6 @@ changing nothing, merge equal to the unmerged adapter, adapters saved, loaded on
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -132,9 +130,9 @@ def test_points_merge_writes_the_base_layout(e2e_dir, tmp_path, capsys):
         want = pipe.model(enc.input_ids)
     adapter = save_adapter(pipe.model, tmp_path / "adapter",
                            base=base_identity(pipe.model, (e2e_dir / "config.json").read_bytes()))
-    done = subprocess.run([sys.executable, "-m", "points", "merge", str(e2e_dir), str(adapter), str(tmp_path / "m")],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    from points.tooling import cli, merge
+
+    assert cli.main(["merge", str(e2e_dir), str(adapter), str(tmp_path / "m")]) == 0, capsys.readouterr().err
     src, out = TensorFiles(e2e_dir), TensorFiles(tmp_path / "m")
     assert src.names == out.names
     changed = {n for n in src.names if not torch.equal(src.get(n), out.get(n))}
@@ -144,8 +142,6 @@ def test_points_merge_writes_the_base_layout(e2e_dir, tmp_path, capsys):
     merged = points.load(tmp_path / "m")
     with torch.no_grad():
         torch.testing.assert_close(merged.model(enc.input_ids), want, rtol=1e-5, atol=1e-5)
-    from points.tooling import merge
-
     assert merge.main([str(e2e_dir), str(adapter), str(tmp_path / "m")]) == 2
     assert "already exists" in capsys.readouterr().err
 
@@ -156,10 +152,11 @@ def test_lora_equals_peft_loss_gradients_and_steps():
     right-padded batch): the loss, every adapter gradient (per part), and five AdamW steps' losses."""
     from points.runtime.training import Example, pack, row_loss
     from points.tooling.reference import padded_batch, peft_lora, transformers_decoder
-    from points.tooling.synthetic import random_decoder
+    from points.tooling.synthetic import SHAPES, random_decoder
 
     torch.manual_seed(0)
-    decoder = random_decoder("tiny", dtype=torch.float32).train()
+    widths, vision = SHAPES["tiny"]  # its widths with a 1000-token vocabulary (lm_head has no adapter)
+    decoder = random_decoder((dict(widths, vocab_size=1000), vision), dtype=torch.float32).train()
     llm = transformers_decoder(decoder).train()  # on the plain projections' tensors, before the swap
     add_lora(decoder, LoraConfig(rank=4, alpha=8.0, targets=("q", "k", "v", "out", "up", "gate", "down")), seed=0)
     _randomize(decoder, seed=3)

@@ -254,7 +254,7 @@ def test_version():
     assert run.returncode == 0 and run.stdout.strip() == f"points {points.__version__}"
 
 
-def test_demo_runs_offline_and_says_the_weights_are_random(tmp_path, capsys):
+def test_demo_runs_offline_and_says_the_weights_are_random(tmp_path, capsys, tokenizer_built_once):
     from points.tooling import demo
 
     cache = tmp_path / "cache"

@@ -373,16 +373,18 @@ def test_one_bad_item_is_its_own_error(e2e_dir, pipe, tmp_path, monkeypatch):
     assert got["b"]["error"].startswith("item 'b': ") and "b.png: file not found" in got["b"]["error"]
 
 
-def test_sigterm_then_kill_9_then_resume(e2e_dir, pipe, tmp_path):
+def test_sigterm_then_kill_9_then_resume(e2e_dir, pipe, tmp_path, capsys):
     """A real `points run` process (24 items, batch size 1): SIGTERM once a few items are journaled gives exit
     143 and one line, as Ctrl-C does; the same command resumes, and a SIGKILL a few items later loses no
-    finished item; the third run ends with every reply, each equal to the item alone."""
+    finished item; the third run (the same command, here in this process: no signal is sent to it) ends with
+    every reply, each equal to the item alone."""
     messages = [[{"role": "user", "content": f"Question {i}: " + "why? " * (i % 5)}] for i in range(24)]
     path = tmp_path / "many.jsonl"
     path.write_text("".join(json.dumps({"id": f"q{i}", "messages": m}) + "\n" for i, m in enumerate(messages)))
     out = tmp_path / "out.jsonl"
-    cmd = [sys.executable, "-m", "points", "run", "--model", str(e2e_dir), "--input", str(path), "--output", str(out),
-           "--max-new-tokens", str(NEW), "--batch-size", "1"]
+    args = ["--model", str(e2e_dir), "--input", str(path), "--output", str(out), "--max-new-tokens", str(NEW),
+            "--batch-size", "1"]
+    cmd = [sys.executable, "-m", "points", "run", *args]
     journal = tmp_path / "out.jsonl.journal.0"
 
     def start_and_wait(at_least):
@@ -405,8 +407,7 @@ def test_sigterm_then_kill_9_then_resume(e2e_dir, pipe, tmp_path):
     proc.kill()
     proc.wait()
     assert not out.exists() and first + 3 <= len(run.read_records(journal)) < 24
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert run.main(args) == 0, capsys.readouterr().err
     assert _read(out) == [{"id": f"q{i}", "reply": pipe.chat(m, max_new_tokens=NEW)} for i, m in enumerate(messages)]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["many.jsonl", "out.jsonl"]
 

@@ -41,7 +41,10 @@ def _mean(inputs, weights, dtype=None):
 
 
 def test_the_soup_is_the_float64_mean_rounded_once_in_the_first_inputs_layout(inputs, tmp_path, monkeypatch):
-    monkeypatch.setattr(soup, "BLOCK_BYTES", 4096)  # many blocks per tensor: the block seams are exercised too
+    # blocks of 100 rows of the decoder's width (float64): every tensor of over 100 rows (the vocabulary's, each
+    # layer's projections, the vision encoder's) in several blocks, the last one short: the block seams are
+    # exercised too (at 4096 bytes the vocabulary's two tensors alone made 76,000 blocks of 4 rows)
+    monkeypatch.setattr(soup, "BLOCK_BYTES", 8 * 112 * 100)
     out = tmp_path / "soup"
     assert soup.main([*map(str, inputs), "--output", str(out), "--weights", "1", "2", "1"]) == 0
     got, want = _tensors(out), _mean(inputs, [1, 2, 1])

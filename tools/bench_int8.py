@@ -105,6 +105,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--bursts", type=int, default=BURSTS, help=f"copy-bandwidth bursts (default {BURSTS}; 1: a quick look)")
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--compile-backend", choices=["inductor", "aot_eager", "eager"], default="inductor",
+                   help="torch.compile's backend for the compiled row (default inductor; eager / aot_eager trace it "
+                        "as dynamo does without generating kernels, for a quick check that it compiles, as in "
+                        "`points bench`)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -125,7 +129,7 @@ def main(argv=None) -> int:
         def dq(x, w, s):
             return F.linear(x, w.to(x.dtype)) * s
 
-        compiled = torch.compile(dq, dynamic=False)
+        compiled = torch.compile(dq, dynamic=False, backend=args.compile_backend)
         for rows in args.rows:
             xs = {k: torch.randn(rows, k, generator=g, device=device).to(dtype) for k in {s[1] for s in sh}}
             variants = {
@@ -153,7 +157,8 @@ def main(argv=None) -> int:
                 except Exception as e:  # noqa: BLE001
                     print(f"  int4 packing not available: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
             if not args.no_compile:
-                variants["int8, compiled dequantize-multiply"] = (
+                backend = "" if args.compile_backend == "inductor" else f" ({args.compile_backend} backend)"
+                variants["int8, compiled dequantize-multiply" + backend] = (
                     lambda: [compiled(xs[q.shape[1]], q, s) for q, s in qweights], b8)
             base = None
             for name, (fn, nbytes) in variants.items():

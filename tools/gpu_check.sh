@@ -24,6 +24,7 @@ if [ "$mode" = "--dry-run" ]; then
     pytest_args=(--collect-only -q tests/test_kernels.py)  # the step's plumbing; CI runs the whole suite
     bench_args=(--preset tiny --device cpu --dtype float32 --repeat 1 --quick)
     compile_args=(--compile --compile-backend eager)  # dynamo traces the step; inductor's CPU build is not the GPU's
+    # (and so in the int8 products' compiled row: --compile-backend eager below)
     limits=(600 600 600 600 600 600 600 600)
 else
     device=cuda preset=7b-width tune_args=()
@@ -52,7 +53,7 @@ step precision "${limits[1]}" "$py" tools/precision.py --preset "$preset" --devi
 step tune "${limits[2]}" "$py" tools/tune_attention.py --device "$device" "${tune_args[@]}" --json "$out/tune.json"
 step bench "${limits[3]}" "$py" -m points bench "${bench_args[@]}" --rows decode prefill vision "${compile_args[@]}" --json "$out/bench.json"
 [ "$mode" = "--dry-run" ] || step bench_triton "${limits[4]}" "$py" -m points bench "${bench_args[@]}" --rows prefill vision --attn triton --json "$out/bench_triton.json"
-step int8_products "${limits[5]}" "$py" tools/bench_int8.py --preset "$( [ "$device" = cuda ] && echo 7b || echo tiny )" --device "$device" --dtype "$( [ "$device" = cuda ] && echo bfloat16 || echo float32 )" --rows 1 4 --repeat 2 $( [ "$mode" = "--dry-run" ] && echo --bursts 1 ) --json "$out/int8_products.json"
+step int8_products "${limits[5]}" "$py" tools/bench_int8.py --preset "$( [ "$device" = cuda ] && echo 7b || echo tiny )" --device "$device" --dtype "$( [ "$device" = cuda ] && echo bfloat16 || echo float32 )" --rows 1 4 --repeat 2 $( [ "$mode" = "--dry-run" ] && echo --bursts 1 --compile-backend eager ) --json "$out/int8_products.json"
 step int8_decode "${limits[6]}" "$py" -m points bench "${bench_args[@]}" --rows decode "${compile_args[@]}" --quantize int8 --json "$out/bench_int8.json"
 # points serve under 1 / 8 / 16 clients, the small preset as in the CPU rows (a 7B checkpoint would be written
 # to disk first); not in the dry run (two servers' start-up), run by hand on the CPU with --preset tiny

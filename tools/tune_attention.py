@@ -38,7 +38,9 @@ CAUSAL = [512, 2048, 8192]
 CACHED = [(512, 1024), (2048, 2048)]  # (new tokens, past tokens)
 # tried besides CONFIGS (never the best on the H200 of 2026-11-27; kept in the sweep for other cards)
 EXTRA = [(128, 128, 8, 2), (128, 32, 4, 4), (64, 32, 4, 4), (64, 64, 8, 2)]
-DRY = dict(vision=[(3, 40), (1, 64)], causal=[48], cached=[(16, 24)], vision_heads=2, llm_heads=(7, 1))
+# --dry-run: every kind of row at the fewest tiles that still cover several segments, a segment cut inside a
+# tile, grouped query heads and past keys (the interpreter runs each tile in Python)
+DRY = dict(vision=[(2, 24), (1, 16)], causal=[16], cached=[(8, 16)], vision_heads=2, llm_heads=(7, 1))
 WARMUP = 2  # untimed calls before each timing (autotuning, compilation); none in a dry run (the interpreter)
 
 

@@ -33,17 +33,19 @@ class Sizes:
     ragged: tuple[int, ...]  # batch 4's prompts (right-padded here, left-padded for transformers)
     matmul: tuple[int, ...]  # square products probed for the matmul rate
     long: int  # the M of the shape-specific matmul probes
+    copy: int  # bytes of each copy that probes the bandwidth (measure.copy_stats: why 1 GiB)
 
 
 SIZES = Sizes(vision={"vision 448x448": [(448, 448)], "vision 1008x756": [(1008, 756)],
                       "vision 4 mixed, packed": [(336, 336), (448, 672), (560, 420), (224, 896)]},
               prefill=(512, 2048), decode_prompt=512, decode_new=64, ragged=(512, 400, 300, 200),
-              matmul=(1024, 2048, 4096), long=4096)
+              matmul=(1024, 2048, 4096), long=4096, copy=1 << 30)
 # --quick: every row at a fraction of the work, to see that each runs (tools/gpu_check.sh --dry-run, tests);
 # its figures mean little
 QUICK = Sizes(vision={"vision 224x224": [(224, 224)], "vision 336x252": [(336, 252)],
                       "vision 4 mixed, packed": [(112, 112), (112, 168), (168, 112), (56, 224)]},
-              prefill=(64, 128), decode_prompt=64, decode_new=8, ragged=(64, 50, 40, 30), matmul=(256, 512), long=512)
+              prefill=(64, 128), decode_prompt=64, decode_new=8, ragged=(64, 50, 40, 30), matmul=(256, 512), long=512,
+              copy=256 << 20)
 DECODE_PROMPT = SIZES.decode_prompt  # the decode profile's prompt
 
 
@@ -121,6 +123,7 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
               "quick": sizes is QUICK, "quantize": quantize and {"scheme": quantize, "lm_head": quantize_lm_head},
               "machine": machine(device), "weights_bytes": weights, "copy_bytes_per_s": bw,
               "copy_median_bytes_per_s": copies.median, "copy_spread": copies.spread, "copy_bursts": copies.bursts,
+              "copy_probe_bytes": sizes.copy,
               "matmul_flops_per_s": {"decoder": rate_llm, "vision": rate_vis}, "rows": []}
     b = Bench(model, engine, processor, llm, vision, device, dtype, repeat, attn, sizes, bw, rate_llm, rate_vis, result)
     print(_header(result), flush=True)
@@ -153,7 +156,7 @@ def _machine_rates(cfg, sizes: Sizes, device: torch.device, dtype: torch.dtype):
     """The floors' denominators: the copy bandwidth (`copy_stats`: its best is the floor's bytes/s), the
     matmul rate (FLOP/s) on decoder and on vision shapes, each the best of the square probes and its own
     shapes'."""
-    bw, (d, v) = copy_stats(device, bursts=1 if sizes is QUICK else BURSTS), (cfg.decoder, cfg.vision)
+    bw, (d, v) = copy_stats(device, sizes.copy, bursts=1 if sizes is QUICK else BURSTS), (cfg.decoder, cfg.vision)
     square = max(matmul_rate(n, n, n, dtype, device) for n in sizes.matmul)
     rate_llm = max(square, matmul_rate(sizes.long // 2, d.hidden_size, d.ffn_size, dtype, device))
     rate_vis = max(square, matmul_rate(sizes.long, v.embed_dim, v.mlp_dim, dtype, device),
@@ -310,8 +313,8 @@ def _header(r: dict) -> str:
     ours = f" (ours: decoder {q['scheme']}{' with lm_head' if q['lm_head'] else ''})" if q else ""
     return (f"points bench, preset {r['preset']}, {r['dtype']}{ours} on {r['device']} ({where}), torch {m['torch']}, "
             f"transformers {m.get('transformers', 'absent')}; min/median of {r['repeat']} runs after a warm-up\n"
-            f"copy bandwidth {r['copy_bytes_per_s'] / 1e9:.1f} GB/s (the best copy of 1 GiB in {len(r['copy_bursts'])} "
-            f"burst(s) a second apart: {' '.join(f'{b / 1e9:.1f}' for b in r['copy_bursts'])}; median "
+            f"copy bandwidth {r['copy_bytes_per_s'] / 1e9:.1f} GB/s (the best copy of {r['copy_probe_bytes'] >> 20} MiB in "
+            f"{len(r['copy_bursts'])} burst(s) a second apart: {' '.join(f'{b / 1e9:.1f}' for b in r['copy_bursts'])}; median "
             f"{r['copy_median_bytes_per_s'] / 1e9:.1f}, spread {r['copy_spread']:.0%}); matmul rate {r['matmul_flops_per_s']['decoder'] / 1e9:.0f} "
             f"GFLOP/s (decoder shapes), {r['matmul_flops_per_s']['vision'] / 1e9:.0f} GFLOP/s (vision shapes)\n"
             f"{'row':46} {'points min / median':>22} {'transformers min / median':>27} {'ratio':>6} "
