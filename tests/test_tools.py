@@ -89,9 +89,19 @@ def test_points_bench_load_rows(workdir, tmp_path, capsys):
     assert "ratio" in printed and "of floor" in printed
 
 
-def test_points_bench_rejects_bad_arguments():
-    run = subprocess.run([sys.executable, "-m", "points", "bench", "--repeat", "0"], capture_output=True, text=True)
-    assert run.returncode == 2 and "--repeat must be >= 1" in run.stderr
+def test_points_bench_rejects_bad_arguments(tmp_path, capsys):
+    """One line and exit 2, before any measuring: a flag out of range, a device the machine lacks, a --json
+    whose folder is missing (found before the run, not after it)."""
+    from points.tooling import bench
+
+    with pytest.raises(SystemExit) as e:
+        bench.main(["--repeat", "0"])
+    assert e.value.code == 2 and "--repeat must be >= 1" in capsys.readouterr().err
+    assert bench.main(["--preset", "tiny", "--device", "bogus"]) == 2
+    assert capsys.readouterr().err.startswith("error: device 'bogus' is not a valid torch device")
+    assert bench.main(["--preset", "tiny", "--json", str(tmp_path / "missing" / "b.json")]) == 2
+    assert capsys.readouterr().err == (f"error: --json {tmp_path / 'missing' / 'b.json'}: the folder "
+                                       f"{tmp_path / 'missing'} does not exist; create it first\n")
 
 
 def test_bench_run_tool_tiny(workdir, tmp_path, tokenizer_built_once):

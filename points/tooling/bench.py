@@ -28,7 +28,8 @@ import tempfile
 from pathlib import Path
 
 from points.io.atomic import write_text_atomically
-from points.tooling.options import add_weight_options, check_weight_options
+from points.io.outputs import check_output, check_output_dir
+from points.tooling.options import add_weight_options, check_weight_options, exit_code
 
 
 def main(argv=None) -> int:
@@ -57,21 +58,27 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
-    import torch
-
-    from points.tooling.benchmark import QUICK, SIZES, run
-
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: CUDA is not available on this machine")
-    dtype = getattr(torch, args.dtype)
     check_weight_options(p, args)
     if args.transposed and args.quantize:
         p.error("--transposed and --quantize are two different weight layouts; pick one")
+    return exit_code(lambda: _bench(args))
+
+
+def _bench(args) -> int:
+    import torch
+
+    from points.pipeline import resolve_device
+    from points.tooling.benchmark import QUICK, SIZES, run
+
+    if args.json is not None:
+        check_output(args.json, flag="--json")  # before the measuring, not after it
+    if args.workdir is not None:
+        check_output_dir(args.workdir, flag="--workdir")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(auto if args.device == "auto" else args.device)
+    dtype = getattr(torch, args.dtype)
     if args.transposed and (device.type != "cpu" or dtype != torch.float32):
-        p.error("--transposed: the transposed layout is for float32 on the CPU")
+        raise ValueError("--transposed: the transposed layout is for float32 on the CPU")
     options = dict(compile_step=args.compile, profile=args.profile, transposed=args.transposed, attn=args.attn,
                    quantize=args.quantize, quantize_lm_head=args.quantize_lm_head, compile_backend=args.compile_backend,
                    sizes=QUICK if args.quick else SIZES)
