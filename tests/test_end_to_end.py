@@ -136,6 +136,23 @@ def test_sampling_is_seeded(pipe, convs):
     assert pipe.chat(messages, max_new_tokens=8, temperature=0.7, top_k=1, seed=3) == pipe.chat(messages, max_new_tokens=8)
 
 
+@pytest.mark.parametrize("question", ["Hello!", "Count to ten."])
+def test_repetition_penalty_is_the_official_calls(pipe, e2e_reference, question):
+    """The official call: `generate(inputs_embeds=..., repetition_penalty=p)`, so the penalty sees the reply's
+    tokens, not the prompt's. The conversation holds the model's own earlier reply, so that counting the prompt
+    would change the reply (it does, for both questions: checked against `generate(input_ids=...)`)."""
+    ask = [{"role": "user", "content": question}]
+    messages = ask + [{"role": "assistant", "content": pipe.chat(ask, max_new_tokens=16)}] + ask
+    enc = pipe.encode(messages)
+    with torch.no_grad():
+        embeds = reference.splice_reference(*e2e_reference, enc.input_ids, None, None)
+        out = e2e_reference[0].generate(inputs_embeds=embeds, attention_mask=torch.ones_like(enc.input_ids),
+                                        max_new_tokens=16, do_sample=False, repetition_penalty=1.8,
+                                        eos_token_id=[151645, 151643], pad_token_id=151643)
+    tokens = [t for t in out[0].tolist() if t not in (151645, 151643)]
+    assert len(tokens) == 16 and pipe.chat(messages, max_new_tokens=16, repetition_penalty=1.8) == pipe.tokenizer.decode(tokens)
+
+
 def test_repetition_penalty_changes_greedy_reply(pipe, convs):
     messages = convs["text_only"][0]
     assert pipe.chat(messages, max_new_tokens=16, repetition_penalty=50.0) != pipe.chat(messages, max_new_tokens=16)

@@ -7,7 +7,8 @@ generator, so that a seeded request draws the same tokens whatever else is in th
 (temperature 0) is argmax. Sampling is Gumbel-max: softmax(logits / temperature) after top-k and top-p
 filtering, divided by exponential noise drawn outside the graph; the argmax of that is a draw from the
 filtered distribution (the same law as torch.multinomial, a different stream). The repetition penalty is
-transformers' rule over every token seen so far (prompt and reply).
+transformers' rule over the tokens generated so far, the prompt's not counted: every member's official call
+gives `generate` the prompt as `inputs_embeds` alone, so its penalty sees only the reply.
 """
 
 from __future__ import annotations
@@ -87,9 +88,9 @@ class Picker:
         self.penalizing = any(r[3] != 1.0 for r in self.rules)
 
     def set_row(self, row: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                penalty: float = 1.0, seed: int | None = None, prompt: list[int] | None = None) -> None:
-        """Row `row` gets a new request's rule: its generator seeded with `seed` (random without one) and,
-        with a penalty, the prompt's tokens as seen."""
+                penalty: float = 1.0, seed: int | None = None) -> None:
+        """Row `row` gets a new request's rule: its generator seeded with `seed` (random without one), nothing
+        seen yet."""
         self.rules[row] = (float(temperature), int(top_k), float(top_p), float(penalty))
         self.temperature[row], self.top_k[row], self.top_p[row], self.penalty[row] = self.rules[row]
         if temperature > 0:
@@ -100,8 +101,6 @@ class Picker:
             self.seen = torch.zeros(self.batch, self.vocab, dtype=torch.bool, device=self.device)
         if self.seen is not None:
             self.seen[row] = False
-            if penalty != 1.0 and prompt:
-                self.seen[row, torch.tensor(prompt, device=self.device)] = True
         self._flags()
 
     def view(self, start: int, stop: int) -> "Picker":

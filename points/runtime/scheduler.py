@@ -335,7 +335,7 @@ class Scheduler:
         embeds = model.embed(torch.tensor([ids[reused:]], device=engine.device), features)
         logits = engine.prefill(row, embeds=embeds)
         self.pick.set_row(i, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                          penalty=cfg.repetition_penalty, seed=cfg.seed, prompt=ids)
+                          penalty=cfg.repetition_penalty, seed=cfg.seed)
         pick = self.pick.view(i, i + 1)
         pick.draw()
         first = int(pick(logits)[0])
