@@ -263,3 +263,12 @@ def test_full_finetune_sharded_resumes_and_equals_one_process(e2e_dir, tmp_path)
     assert two.names == new.names
     for n in new.names:  # exactly: each process's products in one process's order, two gradients summed
         assert torch.equal(two.get(n), new.get(n)), (n, (two.get(n) - new.get(n)).abs().max().item())
+
+
+def test_the_help_names_every_lora_target():
+    """--lora-targets' help is written out (so that --help needs no torch): it names every target there is."""
+    from points.runtime.lora import DECODER_TARGETS, TARGETS
+    from points.tooling.finetune import TARGETS_HELP
+
+    names = TARGETS_HELP.split("of ", 1)[1]
+    assert all(t in names.replace(",", " ").split() for t in TARGETS) and len(DECODER_TARGETS) == 7
