@@ -33,10 +33,9 @@ def check_output(out: Path, *, sources: dict[str, Path] | None = None, flag: str
     out = Path(out)
     if out.is_dir():
         raise OutputError(f"{flag} {out}: is a directory; expected a file path (it is written at the end)")
-    for source_flag, source in (sources or {}).items():
-        if out.exists() and Path(source).exists() and os.path.samefile(out, source):
-            raise OutputError(f"{flag} {out}: is the input file ({source_flag} {source}); writing it would replace "
-                              "it: choose another output path")
+    if (given := _input_at(out, sources)) is not None:
+        raise OutputError(f"{flag} {out}: is the input file ({' '.join(given)}); writing it would replace it: "
+                          "choose another output path")
     folder = out.parent
     if not folder.is_dir():
         what = "is not a folder" if folder.exists() else "does not exist"
@@ -50,16 +49,23 @@ def check_output_dir(out: Path, *, sources: dict[str, Path] | None = None, flag:
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{flag} {out}: is a file; expected a directory (it is created if missing)")
-    for source_flag, source in (sources or {}).items():
-        if out.exists() and Path(source).exists() and os.path.samefile(out, source):
-            raise OutputError(f"{flag} {out}: is the input directory ({source_flag} {source}); writing there would "
-                              "replace its files: choose another output directory")
+    if (given := _input_at(out, sources)) is not None:
+        raise OutputError(f"{flag} {out}: is the input directory ({' '.join(given)}); writing there would replace "
+                          "its files: choose another output directory")
     existing = out
     while not existing.exists():  # the nearest folder that exists: the one written into first
         existing = existing.parent
     if not existing.is_dir():
         raise OutputError(f"{flag} {out}: {existing} is a file, so no directory can be made under it")
     _probe(existing, out, flag)
+
+
+def _input_at(out: Path, sources: dict[str, Path] | None) -> tuple[str, str] | None:
+    """(flag, path) of the input that `out` is (the same file or directory once links and `..` are resolved)."""
+    for flag, source in (sources or {}).items():
+        if out.exists() and Path(source).exists() and os.path.samefile(out, source):
+            return flag, str(source)
+    return None
 
 
 def _probe(folder: Path, out: Path, flag: str) -> None:
