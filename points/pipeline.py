@@ -178,7 +178,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     use_triton(attn, device)  # a forced backend that cannot run fails here, before any loading
     tokenizer = Tokenizer(path)
     processor = ImageProcessor.from_dir(path)
-    model = build(path, lambda cfg: CardModel(cfg, tokenizer.image_pad_id), parts=("decoder", "vision", "projector"),
+    model = build(path, CardModel, parts=("decoder", "vision", "projector"),
                   prefix="", dtype=dtype, device=device, progress=progress, quantize=quantize,
                   quantize_lm_head=quantize_lm_head)
     if adapter is not None:

@@ -18,14 +18,12 @@ from points.model.decoder import Decoder
 from points.model.projector import PatchMerger
 from points.model.vision import VisionEncoder
 
-IMAGE_PAD_ID = 151655  # <|image_pad|> in Qwen2.5; `points.load` sets it from tokenizer.json
-
 
 class POINTSModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, image_token_id: int = IMAGE_PAD_ID):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.image_token_id = image_token_id
+        self.image_token_id = cfg.image_token_id  # <|image_pad|>: part of the config (`points.load` checks tokenizer.json agrees)
         self.vision = VisionEncoder(cfg.vision)
         self.projector = PatchMerger(cfg)
         self.decoder = Decoder(cfg.decoder)

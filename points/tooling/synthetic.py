@@ -132,9 +132,8 @@ def random_model(shapes: str | tuple[dict, dict], device: str | torch.device = "
     from points.model.vlm import POINTSModel
 
     cfg = from_hf_dict(hf_config(*(SHAPES[shapes] if isinstance(shapes, str) else shapes)))
-    image_pad = FIRST_ADDED_ID + ADDED.index("<|image_pad|>")
     with torch.device(device):
-        model = POINTSModel(cfg, image_pad).to(dtype)
+        model = POINTSModel(cfg).to(dtype)
     return _fill_random(model, seed)
 
 
