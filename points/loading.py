@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from points.errors import CheckpointError
 from points.io.checkpoint import load_state_dict
-from points.io.config import read_config, read_quantization
+from points.io.config import CheckpointConfig, read_config
 from points.io.quantized import check_scheme
 from points.model.config import ModelConfig
 from points.model.decoder import Decoder
@@ -59,13 +59,13 @@ def materialize(factory: Callable[[], torch.nn.Module], state: dict[str, torch.T
     return module.eval()
 
 
-def quantization_steps(directory: str | Path, quantize: str | None, quantize_lm_head: bool | None):
+def quantization_steps(config: CheckpointConfig, quantize: str | None, quantize_lm_head: bool | None):
     """(how the checkpoint stores its decoder, what to quantize after loading) for `points.load`'s
     quantize / quantize_lm_head arguments. A checkpoint stored quantized loads as it is: asking for another
     scheme, or for lm_head other than it is stored, is an error (convert again from the float checkpoint)."""
     if quantize is not None:
         check_scheme(quantize)
-    stored = read_quantization(directory) if read_config(directory)[1] == "points" else None
+    stored, directory = config.quantization, config.directory
     if stored is None:
         if quantize_lm_head and quantize is None:
             raise ValueError("quantize_lm_head=True needs quantize (e.g. quantize='int8')")
@@ -79,13 +79,16 @@ def quantization_steps(directory: str | Path, quantize: str | None, quantize_lm_
     return stored, None
 
 
-def build(directory: str | Path, make: Callable[[ModelConfig], torch.nn.Module], *, parts: tuple[str, ...],
+def build(source: str | Path | CheckpointConfig, make: Callable[[ModelConfig], torch.nn.Module], *,
+          parts: tuple[str, ...],
           prefix: str, dtype=None, device="cpu", progress: bool | None = None, quantize: str | None = None,
           quantize_lm_head: bool | None = None) -> torch.nn.Module:
     """`make(cfg)` (a module holding a `decoder`, or a Decoder itself) with the checkpoint's tensors of
-    `parts` (names after `prefix`): the one sequence every loader runs."""
-    stored, after = quantization_steps(directory, quantize, quantize_lm_head)
-    cfg, state = load_state_dict(directory, parts=parts, dtype=dtype, device=device, progress=progress)
+    `parts` (names after `prefix`): the one sequence every loader runs. `source`: the checkpoint directory, or
+    its config.json already read (points.io.config.read_config)."""
+    config = source if isinstance(source, CheckpointConfig) else read_config(source)
+    stored, after = quantization_steps(config, quantize, quantize_lm_head)
+    cfg, state = load_state_dict(config, parts=parts, dtype=dtype, device=device, progress=progress)
 
     def skeleton():
         module = make(cfg)

@@ -10,7 +10,7 @@ import torch
 
 from points.errors import CheckpointError
 from points.io.chat import build_prompt
-from points.io.config import checkpoint_dir
+from points.io.config import checkpoint_dir, read_config
 from points.io.processor import ImageProcessor
 from points.io.tokenizer import Tokenizer
 from points.loading import build
@@ -176,9 +176,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     device = resolve_device(device)
     path = checkpoint_dir(path)
     use_triton(attn, device)  # a forced backend that cannot run fails here, before any loading
+    config = read_config(path)  # (once: every step below takes it)
     tokenizer = Tokenizer(path)
+    config = config.with_tokenizer(tokenizer.image_pad_id, path / "tokenizer.json")
     processor = ImageProcessor.from_dir(path)
-    model = build(path, CardModel, parts=("decoder", "vision", "projector"),
+    model = build(config, CardModel, parts=("decoder", "vision", "projector"),
                   prefix="", dtype=dtype, device=device, progress=progress, quantize=quantize,
                   quantize_lm_head=quantize_lm_head)
     if adapter is not None:

@@ -15,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import points
-from points.io.checkpoint import TensorFiles, to_hf_state_dict
+from points.io.checkpoint import to_hf_state_dict
+from points.io.tensors import TensorFiles
 from points.tooling import reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +180,8 @@ def test_written_files_get_the_umask_mode(official_dir, tmp_path, umask):
 def test_progress_display_counts_tensors_and_bytes(official_dir, tmp_path, capsys):
     points.convert(official_dir, tmp_path / "p", progress=True)
     err = capsys.readouterr().err
-    n = len(points.io.checkpoint.plan(*points.read_config(official_dir)))
+    config = points.read_config(official_dir)
+    n = len(points.io.names.plan(config.model, config.naming))
     assert f"{n}/{n} tensors" in err and "GB" in err and "100%" in err
 
 

@@ -58,7 +58,7 @@ def test_interactive_session_keeps_the_conversation(e2e_dir, pipe):
 
 def test_bad_model_directory(tmp_path):
     run = _run("chat", "--model", str(tmp_path), "--prompt", "hi")
-    assert run.returncode == 2 and "tokenizer.json: not found" in run.stderr
+    assert run.returncode == 2 and "config.json: not found" in run.stderr
 
 
 def test_convert_subcommand(official_dir, tmp_path):

@@ -231,7 +231,7 @@ def test_full_finetune_sharded_resumes_and_equals_one_process(e2e_dir, tmp_path)
     --grad-accum 2: the decoder's and the encoder's tensors change, the projector's do not, and OUT is a
     checkpoint in the base's layout that points.load reads. Two processes under FSDP2 (weights, gradients and
     AdamW's state sharded), killed with -9 after a checkpoint and resumed: the same losses and weights."""
-    from points.io.checkpoint import TensorFiles
+    from points.io.tensors import TensorFiles
 
     data = _with_image(_write_data(tmp_path / "train.jsonl", 10))
     common = ["--model", e2e_dir, "--data", data, "--full", "--freeze", "projector", "--batch-tokens", 96,

@@ -107,12 +107,17 @@ def test_released_layout_copies_only_what_it_re_lays(official_dir):
 
 
 def test_tied_qwen2_checkpoint_loads_and_saves(qwen2_dir, tmp_path):
-    """A Qwen2-naming checkpoint without lm_head (tied to the embedding): both parameters hold the
-    embedding, as separate tensors, so the state still saves."""
+    """A Qwen2-naming checkpoint whose config ties (no top-level tie_word_embeddings: true) and that stores no
+    lm_head: both parameters hold the embedding, as separate tensors, so the state still saves. The same files
+    under a config that says untied are refused, naming the missing head (no silent tying)."""
     tensors = load_file(qwen2_dir / "model.safetensors")
     del tensors["llm.lm_head.weight"]
-    tied = reference.save_checkpoint(tmp_path / "tied", json.loads((qwen2_dir / "config.json").read_text()), tensors,
-                                     shards=1)
+    config = json.loads((qwen2_dir / "config.json").read_text())
+    untied = reference.save_checkpoint(tmp_path / "untied", config, tensors, shards=1)
+    with pytest.raises(points.CheckpointError, match=r"missing tensor\(s\) llm.lm_head.weight"):
+        points.load_decoder(untied)
+    del config["tie_word_embeddings"]
+    tied = reference.save_checkpoint(tmp_path / "tied", config, tensors, shards=1)
     model = points.load_decoder(tied)
     assert torch.equal(model.lm_head.weight, model.embed.weight)
     assert model.lm_head.weight.data_ptr() != model.embed.weight.data_ptr()

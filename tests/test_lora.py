@@ -11,7 +11,7 @@ from torch import nn
 
 import points
 from points.errors import CheckpointError
-from points.io.checkpoint import TensorFiles
+from points.io.tensors import TensorFiles
 from points.runtime.lora import (LoraConfig, LoraLinear, add_lora, adapter_state, base_identity, load_adapter,
                                  lora_layers, merge_lora, save_adapter)
 

@@ -176,7 +176,7 @@ def test_exif_orientation_is_ignored_like_the_reference(tmp_path):
 
 def test_load_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(points.CheckpointError, match=r"tokenizer.json: not found"):
+    with pytest.raises(points.CheckpointError, match=r"config.json: not found"):
         points.load(tmp_path)
 
 
@@ -187,7 +187,7 @@ def test_load_refuses_another_model_type(e2e_dir, tmp_path):
     shutil.copytree(e2e_dir, other)
     cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps(dict(cfg, model_type="llava")))
-    with pytest.raises(points.CheckpointError, match=r"config.json: model_type 'llava' is not a POINTS-1.5 model"):
+    with pytest.raises(points.CheckpointError, match=r"config.json: model_type 'llava' is not a POINTS model"):
         points.load(other)
 
 

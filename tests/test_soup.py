@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 import points
 from points.io.atomic import stream_tensors
-from points.io.checkpoint import INDEX, TensorFiles
+from points.io.tensors import INDEX, TensorFiles
 from points.tooling import soup
 from points.tooling.synthetic import SHAPES, write_checkpoint
 

@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         losses = [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines()]
         rows.append({"run": name, "peak_rss_bytes": peak, "losses": losses})
         print(f"{name:22s} largest process's peak {peak / 1e9:6.2f} GB   losses {[f'{x:.6f}' for x in losses]}")
-    from points.io.checkpoint import TensorFiles
+    from points.io.tensors import TensorFiles
 
     first = rows[0]["losses"]
     agree = all(len(r["losses"]) == len(first) and all(abs(a - b) <= 1e-6 * abs(b) for a, b in zip(r["losses"], first))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from points.io.checkpoint import TensorFiles
+from points.io.tensors import TensorFiles
 from points.tooling.measure import BURSTS, copy_bandwidth, machine
 from points.tooling.synthetic import SHAPES, write_checkpoint
 

@@ -1,28 +1,32 @@
-"""config.json: the released POINTS-1.5 vocabularies and this project's own, read into `ModelConfig`.
+"""config.json: every member's released vocabulary and this project's own, read once into `CheckpointConfig`.
 
 Two on-disk vocabularies are read:
-- the released POINTS-1.5 `config.json`: `llm_config` in WeChat's CustomLlama field names
-  (`ffn_hidden_size`, `num_kv_heads`, `layernorm_epsilon`, `rotary_emb_base`, ...) or, for later POINTS
-  releases, in Qwen2 names (`intermediate_size`, `num_key_value_heads`, `rms_norm_eps`, `rope_theta`);
-  `vision_config` in transformers' `Qwen2VLVisionConfig` names. Absent fields take the defaults of the
-  class that wrote them, exactly as the reference code would.
-- the project's own layout (written by `points convert`): `{"format": "points", "decoder": {...},
-  "vision": {...}}` with every field spelled out; nothing is defaulted there.
+- a released config.json (POINTS-1.5, POINTS-Reader, POINTS-GUI-G, VersaViT): the top-level `model_type` and
+  the `llm_config`'s name the member (points.model.family); `llm_config` is in WeChat's CustomLlama field names
+  (`ffn_hidden_size`, `num_kv_heads`, `layernorm_epsilon`, `rotary_emb_base`, ...: POINTS-1.5) or in
+  transformers' Qwen2 / Qwen3 names (`intermediate_size`, `num_key_value_heads`, `rms_norm_eps`, `head_dim`:
+  the later members); `vision_config` in transformers' `Qwen2VLVisionConfig` names. Absent fields take the
+  defaults of the class that wrote them, exactly as the reference code would; the member's tying rule decides
+  whether lm_head is the embedding.
+- the project's own layout (written by `points convert`): `{"format": "points", "member": ..., "decoder":
+  {...}, "vision": {...}}` with every field spelled out; nothing is defaulted there (but fields added since).
 
 Anything this implementation cannot honour (a LayerNorm decoder, another activation, partial rotary,
-sliding windows, RoPE scaling) raises `CheckpointError` naming the field.
+sliding windows, RoPE scaling, an unknown member) raises `CheckpointError` naming the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from points.errors import CheckpointError
 from points.io.quantized import SCHEMES
 from points.model.config import ConfigError, DecoderConfig, ModelConfig, VisionConfig
+from points.model.family import POINTS15, Member, member, member_of
 
 DTYPE_NAMES = ("float32", "float16", "bfloat16")  # the dtypes a checkpoint is run in (checkpoint.DTYPES: torch's)
 
@@ -33,7 +37,8 @@ FORMAT_VERSION = 2  # 2: the MLP's fused projection is `mlp.up_gate`, rows [up; 
 # --------------------------------------------------------------------------- our own layout
 
 def to_dict(cfg: ModelConfig) -> dict:
-    return {"format": FORMAT, "format_version": FORMAT_VERSION,
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "member": cfg.member,
+            "image_token_id": cfg.image_token_id,
             "decoder": dataclasses.asdict(cfg.decoder), "vision": dataclasses.asdict(cfg.vision)}
 
 
@@ -46,8 +51,20 @@ def from_dict(d: dict, where: str = "config") -> ModelConfig:
         hint = ("; it was written by an earlier points whose MLP rows were [gate; up]: convert the released "
                 "checkpoint again") if found == 1 else ""
         raise CheckpointError(f"{where}: format_version {found!r} is not supported (expected {FORMAT_VERSION}){hint}")
-    return ModelConfig(decoder=_exact(DecoderConfig, d, "decoder", where),
-                       vision=_exact(VisionConfig, d, "vision", where))
+    unknown = sorted(d.keys() - {"format", "format_version", "member", "image_token_id", "decoder", "vision", "dtype",
+                                 "quantization"})
+    if unknown:
+        raise CheckpointError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    name = d.get("member", POINTS15.name)  # (absent: written before the family, by a POINTS-1.5-only points)
+    try:
+        member(name)
+    except (KeyError, TypeError):
+        raise CheckpointError(f"{where}: member {name!r} is not a POINTS family member") from None
+    decoder, vision = _exact(DecoderConfig, d, "decoder", where), _exact(VisionConfig, d, "vision", where)
+    try:
+        return ModelConfig(decoder, vision, name, d.get("image_token_id", ModelConfig.image_token_id))
+    except ConfigError as e:
+        raise CheckpointError(e.render(where=where)) from None
 
 
 def _exact(kind, d: dict, key: str, where: str):
@@ -129,9 +146,6 @@ QWEN2VL_VISION_DEFAULTS = dict(
     patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
 )
 
-POINTS_MODEL_TYPES = ("pointsv1.5_chat", "points_gui")  # POINTS-1.5 and Reader; POINTS-GUI-G
-
-
 def _require(field: str, value: Any, allowed: tuple, where: str, absent: bool) -> None:
     if value not in allowed:
         note = " (the class default, the field is absent)" if absent else ""
@@ -196,43 +210,77 @@ def _vision(vc: dict, where: str, file: str) -> VisionConfig:
         in_channels=vc.get("in_channels", vc.get("in_chans", QWEN2VL_VISION_DEFAULTS["in_channels"])))
 
 
-def llm_naming(llm: dict) -> str:
-    """'custom_llama' (the 7B release), 'qwen2' (POINTS-Reader) or 'qwen3' (POINTS-GUI-G), from the
-    llm_config."""
+NAMINGS = ("custom_llama", "qwen2", "qwen3")  # the llm_config vocabularies read (each member's `naming`)
+
+
+def llm_naming(llm: dict, where: str = "config.json") -> str:
+    """The llm_config's vocabulary: its model_type, or for a file without one (early dumps), qwen2 when it
+    spells intermediate_size and custom_llama otherwise."""
     mt = llm.get("model_type")
-    if mt in ("custom_llama", "qwen2", "qwen3"):
-        return mt
     if mt is None:
         return "qwen2" if "intermediate_size" in llm else "custom_llama"
-    raise CheckpointError(f"llm_config.model_type = {mt!r} is not supported; expected 'custom_llama', 'qwen2' or "
-                          "'qwen3'")
+    if mt not in NAMINGS:
+        raise CheckpointError(f"{where}: llm_config.model_type = {mt!r} is not supported; expected one of "
+                              f"{list(NAMINGS)}")
+    return mt
+
+
+def tied(m: Member, d: dict) -> bool:
+    """The member's official tying rule: POINTS-1.5's loader never ties; Reader's and GUI-G's (transformers
+    4.5x) tie when the top-level tie_word_embeddings (absent = true) or the llm_config's (absent = false) is
+    true."""
+    if m.ties == "never":
+        return False
+    return d.get("tie_word_embeddings", True) is True or d["llm_config"].get("tie_word_embeddings", False) is True
+
+
+def _decoder(d: dict, naming: str, m: Member, where: str) -> DecoderConfig:
+    llm, at = d["llm_config"], f"{where}: llm_config"
+    if naming == "custom_llama":
+        return _custom_llama(llm, at, where)
+    return _qwen(llm, at, where, qwen3=naming == "qwen3", tied=tied(m, d))
 
 
 def from_hf_dict(d: dict, where: str = "config.json") -> ModelConfig:
-    """The released POINTS-1.5 config.json (a POINTSV15ChatConfig dump)."""
-    mt = d.get("model_type")
-    if mt is not None and mt not in POINTS_MODEL_TYPES:
-        raise CheckpointError(f"{where}: model_type {mt!r} is not a POINTS-1.5 model; expected {POINTS_MODEL_TYPES}")
+    """A released config.json of any member (a POINTSV15ChatConfig / POINTSGUIConfig dump)."""
     for key in ("llm_config", "vision_config"):
         if not isinstance(d.get(key), dict):
-            raise CheckpointError(f"{where}: missing required section {key!r} (a POINTS-1.5 config has both "
+            raise CheckpointError(f"{where}: missing required section {key!r} (a POINTS config has both "
                                   "llm_config and vision_config)")
-    llm, naming = d["llm_config"], llm_naming(d["llm_config"])
-    if naming == "custom_llama":  # (POINTS-1.5's own loader never ties, whatever the file says)
-        decoder = _custom_llama(llm, f"{where}: llm_config", where)
-    else:  # the official loader of Reader and GUI-G (transformers 4.5x): the top-level flag, absent = true, or the
-        # llm_config's (Qwen2Config / Qwen3Config default: false)
-        tied = d.get("tie_word_embeddings", True) is True or llm.get("tie_word_embeddings", False) is True
-        decoder = _qwen(llm, f"{where}: llm_config", where, qwen3=naming == "qwen3", tied=tied)
-    return ModelConfig(decoder=decoder, vision=_vision(d["vision_config"], f"{where}: vision_config", where))
+    naming = llm_naming(d["llm_config"], where)
+    m = member_of(d.get("model_type"), naming, where)
+    return ModelConfig(decoder=_decoder(d, naming, m, where),
+                       vision=_vision(d["vision_config"], f"{where}: vision_config", where), member=m.name)
 
 
-def read_quantization(directory: str | Path) -> dict | None:
-    """The weight quantization a checkpoint in our layout was written with ({"scheme": "int8", "lm_head":
-    bool}), or None (float weights; every released checkpoint). Checked: a known scheme, a boolean lm_head."""
-    path = Path(directory) / "config.json"
-    d = json.loads(path.read_text())
-    q = d.get("quantization") if isinstance(d, dict) and d.get("format") == FORMAT else None
+# config.json's fields that shape tensors, per llm_config vocabulary (named when the file leaves one out)
+SHAPE_FIELDS = {
+    "custom_llama": ("vocab_size", "hidden_size", "num_attention_heads", "num_kv_heads", "ffn_hidden_size",
+                     "qkv_proj_bias", "out_proj_bias", "mlp_fc1_bias", "mlp_fc2_bias"),
+    "qwen2": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size"),
+    "qwen3": ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size", "head_dim", "attention_bias"),
+}
+VISION_SHAPE_FIELDS = ("depth", "embed_dim", "num_heads", "mlp_ratio", "patch_size", "temporal_patch_size",
+                       "spatial_merge_size")
+
+
+def _absent_shape_fields(d: dict, naming: str) -> tuple[str, ...]:
+    llm, vc = d["llm_config"], d["vision_config"]
+    fields = list(SHAPE_FIELDS[naming])
+    if naming == "custom_llama" and "num_hidden_layers" not in llm:
+        fields.append("num_layers")  # (either one gives the layer count)
+    out = [f"llm_config.{k}" for k in fields if k not in llm]
+    out += [f"vision_config.{k}" for k in VISION_SHAPE_FIELDS if k not in vc]
+    if "in_channels" not in vc and "in_chans" not in vc:
+        out.append("vision_config.in_channels")
+    return tuple(out)
+
+
+def _quantization(d: dict, path: Path) -> dict | None:
+    """Our layout's {"scheme": "int8", "lm_head": bool}, checked; None for float weights."""
+    q = d.get("quantization")
     if q is None:
         return None
     if (not isinstance(q, dict) or q.get("scheme") not in SCHEMES or not isinstance(q.get("lm_head"), bool)
@@ -240,28 +288,6 @@ def read_quantization(directory: str | Path) -> dict | None:
         raise CheckpointError(f"{path}: quantization {q!r} is not supported; expected {{\"scheme\": one of "
                               f"{list(SCHEMES)}, \"lm_head\": true or false}}")
     return q
-
-
-def absent_shape_fields(directory: str | Path) -> list[str]:
-    """The fields of a released config.json that shape tensors and that the file leaves out (so the writing
-    class's defaults shaped the expected tensors), dotted in the file's own names; [] for our layout."""
-    d = json.loads((Path(directory) / "config.json").read_text())
-    if not isinstance(d, dict) or d.get("format") == FORMAT:
-        return []
-    llm, vc = d.get("llm_config") or {}, d.get("vision_config") or {}
-    if llm_naming(llm) == "custom_llama":
-        fields = ["vocab_size", "hidden_size", "num_attention_heads", "num_kv_heads", "ffn_hidden_size",
-                  "qkv_proj_bias", "out_proj_bias", "mlp_fc1_bias", "mlp_fc2_bias"]
-        fields += [] if "num_hidden_layers" in llm else ["num_layers"]  # either one gives the layer count
-    else:
-        fields = ["vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "intermediate_size"] + (["head_dim", "attention_bias"] if llm_naming(llm) == "qwen3" else [])
-    out = [f"llm_config.{k}" for k in fields if k not in llm]
-    out += [f"vision_config.{k}" for k in ("depth", "embed_dim", "num_heads", "mlp_ratio", "patch_size",
-                                          "temporal_patch_size", "spatial_merge_size") if k not in vc]
-    if "in_channels" not in vc and "in_chans" not in vc:
-        out.append("vision_config.in_channels")
-    return out
 
 
 def checkpoint_dir(directory: str | Path) -> Path:
@@ -274,13 +300,38 @@ def checkpoint_dir(directory: str | Path) -> Path:
     return directory
 
 
-def read_config(directory: str | Path) -> tuple[ModelConfig, str]:
-    """Read `config.json` of a checkpoint directory.
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """A checkpoint directory's config.json, read once: what every reader of the directory needs of it."""
 
-    Returns the config and the tensor naming the directory uses: 'points' (our layout),
-    'custom_llama' (the released 7B checkpoint) or 'qwen2' (later POINTS releases).
-    """
-    path = checkpoint_dir(directory) / "config.json"
+    directory: Path
+    model: ModelConfig
+    naming: str  # the tensor names of the files: 'points' (ours) or the member's (points.io.names.NAMINGS)
+    quantization: dict | None = None  # our layout's stored weight quantization ({"scheme", "lm_head"}); None: floats
+    absent: tuple[str, ...] = ()  # shape fields a released config.json leaves out (their class defaults were used)
+    image_token_stated: bool = True  # config.json names the image token id (ours does; releases leave it to the tokenizer)
+
+    def with_tokenizer(self, image_pad_id: int, tokenizer_path: Path) -> CheckpointConfig:
+        """The config whose image token id is the tokenizer's <|image_pad|> where config.json states none (the
+        releases: the official code finds the token by its string); where it states one, the two must agree."""
+        if not self.image_token_stated:
+            return dataclasses.replace(self, model=dataclasses.replace(self.model, image_token_id=image_pad_id),
+                                       image_token_stated=True)
+        if image_pad_id != self.model.image_token_id:
+            raise CheckpointError(f"{tokenizer_path}: <|image_pad|> is id {image_pad_id}, but "
+                                  f"{self.directory / 'config.json'} says the image token id is "
+                                  f"{self.model.image_token_id}")
+        return self
+
+    @property
+    def member(self) -> Member:
+        return member(self.model.member)
+
+
+def read_config(directory: str | Path) -> CheckpointConfig:
+    """Read `config.json` of a checkpoint directory (our layout, or any member's released one), once."""
+    directory = checkpoint_dir(directory)
+    path = directory / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{path}: not found; a POINTS checkpoint directory holds config.json")
     try:
@@ -290,9 +341,17 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, str]:
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: expected a JSON object at the top level")
     if d.get("format") == FORMAT:
-        return from_dict(d, str(path)), "points"
+        return CheckpointConfig(directory, from_dict(d, str(path)), "points", _quantization(d, path),
+                                image_token_stated="image_token_id" in d)
     try:
         cfg = from_hf_dict(d, str(path))
     except TypeError as e:  # a field of the wrong JSON type reaching arithmetic
         raise CheckpointError(f"{path}: {e}") from None
-    return cfg, llm_naming(d["llm_config"])
+    naming = llm_naming(d["llm_config"])
+    stated = d.get("image_token_id")
+    if stated is not None:
+        try:
+            cfg = dataclasses.replace(cfg, image_token_id=stated)
+        except ConfigError as e:
+            raise CheckpointError(e.render(where=str(path))) from None
+    return CheckpointConfig(directory, cfg, naming, None, _absent_shape_fields(d, naming), stated is not None)

@@ -115,10 +115,9 @@ class ModelConfig:
     def __post_init__(self):
         if not isinstance(self.member, str) or not self.member:
             raise ConfigError("model", "{member}: expected a member's name", member=self.member)
-        if not isinstance(self.image_token_id, int) or isinstance(self.image_token_id, bool) or not (
-                0 <= self.image_token_id < self.decoder.vocab_size):
-            raise ConfigError("model", f"{{image_token_id}}: expected a token id below the vocabulary's "
-                              f"{self.decoder.vocab_size}", image_token_id=self.image_token_id)
+        if not isinstance(self.image_token_id, int) or isinstance(self.image_token_id, bool) or self.image_token_id < 0:
+            raise ConfigError("model", "{image_token_id}: expected a token id (an integer >= 0)",
+                              image_token_id=self.image_token_id)
 
     @property
     def merge_dim(self) -> int:  # projector input: one spatial-merge window of vision features

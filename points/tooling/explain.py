@@ -162,7 +162,7 @@ def explain(args, layers) -> int:
 
     check_image("--image", args.image)
     check_output(args.output, sources={"--image": args.image})
-    cfg = read_config(args.model)[0].decoder
+    cfg = read_config(args.model).model.decoder
     indices(layers, cfg.n_layers, "--layers")
     if args.heads is not None:
         indices(args.heads, cfg.n_heads, "--heads")

@@ -35,11 +35,13 @@ if TYPE_CHECKING:
 def _write_like(src: Path, folder: Path, replaced: dict[str, torch.Tensor], progress: bool | None) -> None:
     """MODEL's tensors into `folder` (which exists), those of our parameters in `replaced` (our names, any
     float dtype) in their new values, the rest copied; the index, config.json and the carried files."""
-    from points.io.checkpoint import CARRIED_FILES, INDEX, TensorFiles, plan
+    from points.io.checkpoint import CARRIED_FILES
+    from points.io.names import plan
+    from points.io.tensors import INDEX, TensorFiles
 
-    cfg, naming = read_config(src)
+    config = read_config(src)
     files = TensorFiles(src)
-    entries = plan(cfg, naming, files.names)
+    entries = plan(config.model, config.naming, config.quantization)
     new = {}
     for e in entries:
         if e.target in replaced:

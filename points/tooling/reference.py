@@ -31,7 +31,8 @@ from points.tooling.synthetic import random_value
 from points.io.checkpoint import to_hf_state_dict
 from points.io.config import from_hf_dict
 from points.model.config import DecoderConfig, ModelConfig, VisionConfig
-from points.tooling.synthetic import REAL_LLM, REAL_VISION, hf_config
+from points.model.family import CUSTOM_LLAMA_7B as REAL_LLM, GUI_G, VISION as REAL_VISION
+from points.tooling.synthetic import hf_config
 
 # Tiny shapes derived from the real ones: the same 7:1 query/KV head grouping, ffn/hidden ~ 5.3,
 # RMSNorm eps 1e-5 and theta 1e6 from the release; 2 layers, a 1000-token vocabulary.
@@ -117,9 +118,7 @@ def reference_qwen3_decoder(llm: dict = TINY_QWEN3, seed: int = 0) -> Qwen3ForCa
 
 def gui_config(llm: dict = TINY_QWEN3, vision: dict = TINY_VISION) -> dict:
     """POINTS-GUI-G's config.json (a POINTSGUIConfig dump, SGLang's spelling) for these sections."""
-    return {"architectures": ["POINTSGUIModel"], "model_type": "points_gui", "hidden_size": llm["hidden_size"],
-            "tie_word_embeddings": False, "llm_config": dict(llm),
-            "vision_config": dict(vision, hidden_size=llm["hidden_size"]), "torch_dtype": "float32"}
+    return hf_config(llm, dict(vision, hidden_size=llm["hidden_size"]), member=GUI_G)
 
 
 def reference_vision(vision: dict = TINY_VISION, seed: int = 1):

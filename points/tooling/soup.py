@@ -41,16 +41,17 @@ from points.tooling.options import add_progress_option, exit_code, progress_enab
 if TYPE_CHECKING:  # (imported where they run: `points soup --help` and a bad flag answer without torch)
     import torch
 
-    from points.io.checkpoint import TensorFiles
+    from points.io.tensors import TensorFiles
 
 BLOCK_BYTES = 32 << 20  # float64 bytes of accumulator per block of rows
 
 
 def _check_inputs(inputs: list[Path]) -> list[TensorFiles]:
-    from points.io.checkpoint import TensorFiles
-
     """Open every input and check it against the first; CheckpointError naming the file and tensor."""
-    first_cfg, first_naming = read_config(inputs[0])
+    from points.io.tensors import TensorFiles
+
+    first = read_config(inputs[0])
+    first_cfg, first_naming = first.model, first.naming
     opened = [TensorFiles(inputs[0])]
     base = opened[0]
     for name in sorted(base.names):
@@ -58,10 +59,14 @@ def _check_inputs(inputs: list[Path]) -> list[TensorFiles]:
             raise CheckpointError(f"{base.where(name)}: tensor {name} is {base.dtype_name(name)}; a soup averages "
                                   "float checkpoints (soup the float ones, then quantize the soup)")
     for path in inputs[1:]:
-        cfg, naming = read_config(path)
+        config = read_config(path)
+        cfg, naming = config.model, config.naming
         if naming != first_naming:
             raise CheckpointError(f"{path}: its tensors are in the {naming!r} layout, {inputs[0]}'s in "
                                   f"{first_naming!r}; soup checkpoints of one layout (convert them first)")
+        if cfg.member != first_cfg.member:
+            raise CheckpointError(f"{path}: a {cfg.member} checkpoint, {inputs[0]} a {first_cfg.member} one; a soup "
+                                  "needs one architecture")
         if cfg != first_cfg:
             a, b = to_dict(first_cfg), to_dict(cfg)
             part, field = next((part, k) for part in ("decoder", "vision") for k in a[part] if a[part][k] != b[part][k])
@@ -125,7 +130,7 @@ def _blocks(opened: list[TensorFiles], name: str, weights: list[float], dtype: t
     next one is asked for."""
     import torch
 
-    from points.io.checkpoint import forget_pages
+    from points.io.tensors import forget_pages
 
     total = math.fsum(weights)
     views = [files.get(name) for files in opened]  # memory maps: nothing read yet
@@ -213,7 +218,7 @@ def soup(inputs: list[str | Path], output: str | Path, *, weights: list[float] |
 
 def _carry(first: Path, tmp: Path, dtype: str | None, total: int, base: TensorFiles) -> None:
     """The first input's other files into `tmp`: its index (the same shards) and config (dtype updated)."""
-    from points.io.checkpoint import INDEX, SINGLE
+    from points.io.tensors import INDEX, SINGLE
 
     for entry in sorted(first.iterdir()):
         name = entry.name

