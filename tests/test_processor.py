@@ -154,3 +154,113 @@ def test_an_image_items_own_max_pixels_shrinks_it_first_as_reader_does():
     for bad in (0, 1.5, True, "100"):
         with pytest.raises(ValueError, match=r"^messages\[0\].content\[0\].max_pixels = .*: expected an integer >= 1"):
             build_prompt([{"role": "user", "content": [{"type": "image", "image": img, "max_pixels": bad}]}], proc)
+
+
+# --------------------------------------------------------------------------- rules="qwen2vl" (Reader, GUI-G)
+# transformers' stock processor against POINTS-1.5's on the sizes where their smart_resize differs.
+# Sizes are PIL's (width, height); processor settings (min_pixels, max_pixels) as given.
+
+DEFAULT = (3136, 1003520)
+SMALL_MAX = (3136, 28 * 28 * 20)  # low enough that shrinking floors a thin side to 0
+EDGES = {  # name: (size, settings, what "points" gives: a grid, or the start of its error)
+    "side_under_28": ((20, 15), DEFAULT, (1, 4, 6)),
+    "aspect_200_exactly": ((5600, 28), DEFAULT, (1, 2, 400)),
+    "aspect_200_exactly_side_under_28": ((2000, 10), DEFAULT, (1, 2, 58)),
+    "aspect_just_under_200_side_under_28": ((1999, 10), DEFAULT, (1, 2, 58)),
+    "aspect_just_over_200": ((5601, 28), DEFAULT, "image size 5601x28: aspect ratio 200.0357 is over 200"),
+    "aspect_just_over_200_side_under_28": ((2001, 10), DEFAULT, (1, 2, 58)),
+    "shrink_floors_a_side_to_0": ((1500, 30), SMALL_MAX, "image size 1500x30: resizes to 868x0"),
+    "upscale_by_min_pixels": ((40, 40), DEFAULT, (1, 4, 4)),
+    "upscale_by_larger_min_pixels": ((90, 50), (28 * 28 * 16, 1003520), (1, 6, 12)),
+}
+
+
+@pytest.mark.parametrize("name", EDGES)
+def test_qwen2vl_rules_match_transformers_stock_processor(name):
+    """Pixels bit for bit and the grid, or both refuse the image."""
+    (W, H), (lo, hi), _ = EDGES[name]
+    img = Image.effect_noise((W, H), 64).convert("RGB")
+    proc = ImageProcessor(min_pixels=lo, max_pixels=hi, rules="qwen2vl")
+    try:
+        expected, grid = _ref(img, min_pixels=lo, max_pixels=hi)
+    except ValueError:
+        with pytest.raises(ValueError, match=rf"^image size {W}x{H}: aspect ratio .* is over 200"):
+            proc(img)
+        return
+    got, our_grid = proc(img)
+    assert our_grid == grid and torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", EDGES)
+def test_points_rules_keep_points_behaviour_at_the_edges(name):
+    """POINTS-1.5's rule (wepoints/utils/images.py): no aspect check under a 28 px side, no clamp when shrinking."""
+    (W, H), (lo, hi), want = EDGES[name]
+    proc = ImageProcessor(min_pixels=lo, max_pixels=hi, rules="points")
+    img = Image.new("RGB", (W, H), (1, 2, 3))
+    if isinstance(want, str):
+        with pytest.raises(ValueError, match=f"^{want}"):
+            proc(img)
+        return
+    pv, grid = proc(img)
+    h, w = _spec_resize(H, W, lo=lo, hi=hi)
+    assert grid == want == (1, h // 14, w // 14) and pv.shape == (h * w // 196, 1176)
+
+
+def test_the_rules_differ_exactly_where_documented():
+    """Same grid under both rules except: aspect over 200 with a side under 28, and a shrink that floors to 0."""
+    differ = set()
+    for name, ((W, H), (lo, hi), _) in EDGES.items():
+        out = {}
+        for rules in ("points", "qwen2vl"):
+            try:
+                out[rules] = smart_resize(H, W, 28, lo, hi, rules=rules)
+            except ValueError:
+                out[rules] = None
+        if out["points"] != out["qwen2vl"]:
+            differ.add(name)
+    assert differ == {"aspect_just_over_200_side_under_28", "shrink_floors_a_side_to_0"}
+    assert smart_resize(30, 1500, 28, *SMALL_MAX, rules="qwen2vl") == (28, 868)  # area 24304 > max_pixels 15680
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 6000), st.integers(1, 6000), st.sampled_from([56 * 56, 28 * 28 * 16, 28 * 28 * 256]),
+       st.sampled_from([28 * 28 * 4, 28 * 28 * 20, 28 * 28 * 1280, 12_845_056]))
+def test_qwen2vl_smart_resize_is_transformers(H, W, lo, hi):
+    """Every size: the same target as transformers' own smart_resize, or both refuse it."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as stock
+
+    try:
+        expected = stock(H, W, 28, lo, hi)
+    except ValueError:
+        with pytest.raises(ValueError, match=rf"^image size {W}x{H}: aspect ratio"):
+            smart_resize(H, W, 28, lo, hi, rules="qwen2vl")
+        return
+    assert smart_resize(H, W, 28, lo, hi, rules="qwen2vl") == expected
+
+
+def test_rules_reach_the_processor_from_dir_and_are_checked(tmp_path):
+    (tmp_path / "preprocessor_config.json").write_text('{"min_pixels": 3136, "max_pixels": 15680}')
+    proc = ImageProcessor.from_dir(tmp_path, rules="qwen2vl")
+    assert (proc.rules, proc.max_pixels) == ("qwen2vl", 15680)
+    assert proc(Image.new("RGB", (1500, 30)))[1] == (1, 2, 62)
+    assert ImageProcessor.from_dir(tmp_path / "absent", rules="qwen2vl") == ImageProcessor(rules="qwen2vl")
+    assert ImageProcessor.from_dir(tmp_path).rules == "points"
+    for bad in ("Qwen2VL", "stock", None):
+        with pytest.raises(ValueError, match=r"^rules = .*: expected one of 'points', 'qwen2vl'$"):
+            ImageProcessor.from_dir(tmp_path, rules=bad)
+        with pytest.raises(ValueError, match=r"^rules = "):
+            smart_resize(56, 56, rules=bad)
+
+
+def test_an_image_items_own_max_pixels_under_qwen2vl_rules():
+    """Reader's per-image shrink first, then the stock processor: the same pixels as transformers' on the shrunk
+    image (a thin one, whose grid the stock clamp decides)."""
+    img = Image.effect_noise((3000, 60), 64).convert("RGB")
+    n = 45_000
+    b = math.sqrt(img.width * img.height / n)
+    shrunk = img.resize((math.floor(img.width / b), math.floor(img.height / b)), Image.Resampling.BICUBIC)
+    expected, grid = _ref(shrunk, min_pixels=3136, max_pixels=28 * 28 * 20)
+    got, our_grid = ImageProcessor(max_pixels=28 * 28 * 20, rules="qwen2vl")(img, max_pixels=n)
+    assert our_grid == grid and torch.equal(got, expected)
+    with pytest.raises(ValueError, match="resizes to .*x0"):
+        ImageProcessor(max_pixels=28 * 28 * 20, rules="points")(img, max_pixels=n)

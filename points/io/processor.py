@@ -1,4 +1,4 @@
-"""The image processor (POINTS' `Qwen2ImageProcessorForPOINTSV15`), with pillow and numpy only.
+"""The image processor, with pillow and numpy only, under either member's resize rules.
 
     image (path | pathlib.Path | PIL.Image | bytes)
       -> RGB (PIL convert: alpha dropped, not composited, as the reference's chat() does)
@@ -6,6 +6,11 @@
       -> x / 255 (float64, then float32) -> (x - CLIP mean) / CLIP std (float32), channels first
       -> two identical frames (temporal patch 2) -> rows of 2x2 merge windows
       -> pixel_values [gh * gw, 1176] float32, grid (1, gh, gw)
+
+Two sets of rules, which differ only in smart_resize's edge cases (the pixels are otherwise identical):
+    "points"   POINTS-1.5's `Qwen2ImageProcessorForPOINTSV15` (wepoints/utils/images.py)
+    "qwen2vl"  transformers' stock `Qwen2VLImageProcessor` (5.x: qwen2_vl/image_processing_pil_qwen2_vl.py),
+               which POINTS-Reader and POINTS-GUI-G call
 """
 
 from __future__ import annotations
@@ -31,23 +36,41 @@ RELEASE_MAX_PIXELS = 12_845_056  # what Qwen2-VL releases ship in preprocessor_c
 MAX_IMAGE_PIXELS = 89_478_485  # pillow's default decompression-bomb threshold (about 9459 x 9459)
 
 
+RULES = ("points", "qwen2vl")
+
+
+def check_rules(rules: str) -> str:
+    """`rules` itself when it names a set of rules, else one line naming it."""
+    if rules not in RULES:
+        raise ValueError(f"rules = {rules!r}: expected one of {', '.join(map(repr, RULES))}")
+    return rules
+
+
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = MIN_PIXELS,
-                 max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+                 max_pixels: int = MAX_PIXELS, rules: str = "points") -> tuple[int, int]:
     """Target (height, width): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept.
 
-    POINTS' version: sides under `factor` do not raise (a side may round to 0; the min_pixels branch then
-    grows it). Python's round (banker's rounding), as the reference."""
+    Python's round (banker's rounding), floor when shrinking to max_pixels, ceil when growing to min_pixels,
+    as both references. Where they differ:
+      aspect ratio over 200   "points" refuses it only when both sides are at least `factor` (a thinner image
+                              goes through the min_pixels branch); "qwen2vl" refuses it at any size.
+      shrinking to max_pixels "points" may floor a side to 0 (refused below); "qwen2vl" keeps it at `factor`,
+                              even when that leaves the area over max_pixels."""
+    check_rules(rules)
     if min(height, width) < 1:
         raise ValueError(f"image size {width}x{height}: both sides must be at least 1 pixel")
-    if min(height, width) >= factor and max(height, width) / min(height, width) > 200:
-        raise ValueError(f"image size {width}x{height}: aspect ratio {max(height, width) / min(height, width):.1f} "
-                         "is over 200, which the model cannot take")
+    ratio = max(height, width) / min(height, width)
+    if ratio > 200 and (rules == "qwen2vl" or min(height, width) >= factor):
+        shown = f"{ratio:.1f}" if round(ratio, 1) > 200 else f"{ratio:.4f}"  # never "200.0 is over 200"
+        raise ValueError(f"image size {width}x{height}: aspect ratio {shown} is over 200, which the model "
+                         "cannot take")
     h = round(height / factor) * factor
     w = round(width / factor) * factor
     if h * w > max_pixels:
         beta = math.sqrt(height * width / max_pixels)
-        h = math.floor(height / beta / factor) * factor
-        w = math.floor(width / beta / factor) * factor
+        least = factor if rules == "qwen2vl" else 0
+        h = max(least, math.floor(height / beta / factor) * factor)
+        w = max(least, math.floor(width / beta / factor) * factor)
     elif h * w < min_pixels:
         beta = math.sqrt(min_pixels / (height * width))
         h = math.ceil(height * beta / factor) * factor
@@ -117,13 +140,19 @@ class ImageProcessor:
     merge_size: int = 2
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    rules: str = "points"  # "points" or "qwen2vl": whose smart_resize (see the module docstring)
+
+    def __post_init__(self):
+        check_rules(self.rules)
 
     @classmethod
-    def from_dir(cls, directory: str | Path) -> "ImageProcessor":
-        """From `preprocessor_config.json` when present (min/max pixels, mean, std), else the defaults."""
+    def from_dir(cls, directory: str | Path, rules: str = "points") -> "ImageProcessor":
+        """From `preprocessor_config.json` when present (min/max pixels, mean, std), else the defaults.
+
+        `rules` is the member's (points.model.family), not the file's: both kinds of file name the same class."""
         path = Path(directory) / "preprocessor_config.json"
         if not path.is_file():
-            return cls()
+            return cls(rules=rules)
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -133,10 +162,10 @@ class ImageProcessor:
                    max_pixels=int(d.get("max_pixels", size.get("longest_edge", MAX_PIXELS))),
                    patch_size=int(d.get("patch_size", 14)), temporal_patch_size=int(d.get("temporal_patch_size", 2)),
                    merge_size=int(d.get("merge_size", 2)), mean=tuple(d.get("image_mean", CLIP_MEAN)),
-                   std=tuple(d.get("image_std", CLIP_STD)))
+                   std=tuple(d.get("image_std", CLIP_STD)), rules=rules)
 
     def to_json(self) -> dict:
-        """The preprocessor_config.json that `from_dir` reads back into this processor."""
+        """The preprocessor_config.json that `from_dir` reads back into this processor (given the same rules)."""
         return {"image_processor_type": "Qwen2VLImageProcessor", "min_pixels": self.min_pixels,
                 "max_pixels": self.max_pixels, "patch_size": self.patch_size,
                 "temporal_patch_size": self.temporal_patch_size, "merge_size": self.merge_size,
@@ -152,8 +181,7 @@ class ImageProcessor:
             b = math.sqrt(img.width * img.height / max_pixels)
             img = img.resize((max(1, math.floor(img.width / b)), max(1, math.floor(img.height / b))),
                              resample=Image.Resampling.BICUBIC)
-        factor = self.patch_size * self.merge_size
-        h, w = smart_resize(img.height, img.width, factor, self.min_pixels, self.max_pixels)
+        h, w = self.target_size(img.height, img.width)
         if (img.height, img.width) != (h, w):
             img = img.resize((w, h), resample=Image.Resampling.BICUBIC)
         x = (np.asarray(img, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)
@@ -164,6 +192,11 @@ class ImageProcessor:
         rows = repeat(x, "(wh mh y) (ww mw x) c -> (wh ww mh mw) (c t y x)", mh=m, mw=m, y=p, x=p,
                       t=self.temporal_patch_size)
         return torch.from_numpy(np.ascontiguousarray(rows)), (1, h // p, w // p)
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) an image of this size is resized to, under this processor's rules."""
+        return smart_resize(height, width, self.patch_size * self.merge_size, self.min_pixels, self.max_pixels,
+                            self.rules)
 
     def tokens(self, grid: tuple[int, int, int]) -> int:
         """LLM tokens for one image: one per merge window."""
