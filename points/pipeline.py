@@ -9,11 +9,12 @@ from typing import Iterator
 import torch
 
 from points.errors import CheckpointError
-from points.io.chat import build_prompt
+from points.io.chat import ImageError, Point, build_prompt, preset_of, read_point, with_preset
 from points.io.config import checkpoint_dir, read_config
-from points.io.processor import ImageProcessor
+from points.io.processor import ImageProcessor, open_image
 from points.io.tokenizer import Tokenizer
 from points.loading import build
+from points.model.family import Member, Preset, member
 from points.model.vlm import POINTSModel
 from points.runtime.attention import use_triton
 from points.runtime.engine import Engine
@@ -74,42 +75,83 @@ class Pipeline:
     def prefix(self, cache: PrefixCache | None) -> None:
         self.scheduler.prefix = cache
 
+    @property
+    def member(self) -> Member:
+        """The family member the loaded checkpoint is (points.model.family: its presets, roles, processor)."""
+        return member(self.model.cfg.member)
+
+    def preset(self, name: str) -> Preset:
+        """This model's preset `name` (points.io.chat.PresetError, naming the presets it has, otherwise)."""
+        return preset_of(self.member, name)
+
     def encode(self, messages: list[dict]) -> Encoded:
         """The reference's prompt for `messages`, tokenized, with its images processed."""
         prompt = build_prompt(messages, self.processor)
         ids = torch.tensor([prompt.token_ids(self.tokenizer)], dtype=torch.long)
         return Encoded(ids, prompt.pixel_values, prompt.grid_thw)
 
-    def submit(self, messages: list[dict], name: str = "conversation", *, on_event=None, **gen):
+    def submit(self, messages: list[dict], name: str = "conversation", *, preset: str | None = None,
+               on_event=None, **gen):
         """A conversation queued on the scheduler -> its `Request` (iterate it for the text pieces; `cancel()`).
         The prompt is built and checked here: a bad message or image raises now, naming `name`. on_event:
-        called with (request, piece or the end) from the thread that runs the steps."""
+        called with (request, piece or the end) from the thread that runs the steps.
+
+        `preset`: one of this model's presets (`pipe.member.presets`; another is a PresetError naming them):
+        its system turn goes first when the conversation has none, its prompt becomes the text of a user turn
+        that carries only images (points.io.chat.with_preset), and its decoding settings are the defaults that
+        the keywords given here override."""
+        if preset is not None:
+            chosen = self.preset(preset)
+            messages, gen = with_preset(messages, chosen), dict(chosen.generation) | gen
         cfg = GenerationConfig.from_kwargs(**gen)
         prompt, ids = prepare(self.tokenizer, self.processor, messages, cfg, self.model.decoder.cfg.max_seq_len, name)
         return self.scheduler.submit(prompt, ids, cfg, on_event)
 
-    def chat(self, messages: list[dict], *, stream: bool = False, **gen) -> str | Iterator[str]:
-        """The reply to one conversation; with stream=True an iterator of text pieces."""
+    def chat(self, messages: list[dict], *, stream: bool = False, preset: str | None = None,
+             **gen) -> str | Iterator[str]:
+        """The reply to one conversation; with stream=True an iterator of text pieces. `preset`: see `submit`
+        (`pipe.chat([{"role": "user", "content": [{"type": "image", "image": "page.png"}]}], preset="reader")`
+        asks POINTS-Reader its document question, with its decoding settings)."""
         if not isinstance(stream, bool):
             raise TypeError(f"stream: expected True or False, got {type(stream).__name__} {stream!r:.40}")
-        request = self.submit(messages, **gen)
+        request = self.submit(messages, preset=preset, **gen)
         return request.stream() if stream else request.text()
 
-    def chat_batch(self, conversations: list[list[dict]], **gen) -> list[str]:
+    def chat_batch(self, conversations: list[list[dict]], *, preset: str | None = None, **gen) -> list[str]:
         """One reply per conversation, all queued at once and run together (at most max_batch rows at a time;
-        each reply equals, greedy, that conversation's `chat`)."""
+        each reply equals, greedy, that conversation's `chat`); `preset` applies to each (see `submit`)."""
         if not isinstance(conversations, list) or not conversations:
             raise ValueError("chat_batch: expected a non-empty list of conversations")
         requests = []
         try:
             for i, messages in enumerate(conversations):
-                requests.append(self.submit(messages, f"conversation {i}", **gen))
+                requests.append(self.submit(messages, f"conversation {i}", preset=preset, **gen))
             return [r.text() for r in requests]
         finally:
             for r in requests:
                 if not r.done:
                     r.cancel()
 
+    def locate(self, image, instruction: str, **gen) -> Point:
+        """Where in `image` (a path, bytes or PIL image) the element `instruction` names is, asked as POINTS-GUI-G
+        is asked: its "gui" preset (its published system prompt, greedy, at most 64 new tokens unless `gen`
+        says otherwise) on one user turn [image, instruction]. The reply "(x, y)" is read by
+        points.io.chat.parse_point (fractions in [0, 1], or thousandths in 0-1000) and returned as a `Point`:
+        x, y in pixels of the image as given (before the processor's resize), nx, ny the fractions, and the
+        reply. A reply with no such point raises points.io.chat.PointError (a ValueError holding `.reply`);
+        a model without the "gui" preset (any member but POINTS-GUI-G) raises a ValueError."""
+        if "gui" not in self.member.presets:
+            raise ValueError(f"locate: {self.member.name} is not a grounding model (it has no \"gui\" preset; "
+                             "POINTS-GUI-G has)")
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise ValueError(f"locate: instruction: expected a non-empty string, got {instruction!r:.40}")
+        try:
+            picture = open_image(image)  # (once: its size here, its pixels for the processor)
+        except ValueError as e:
+            raise ImageError("locate: image", str(e)) from None
+        messages = [{"role": "user", "content": [{"type": "image", "image": picture},
+                                                 {"type": "text", "text": instruction}]}]
+        return read_point(self.submit(messages, "locate", preset="gui", **gen).text(), picture.size)
 
     def score(self, messages: list[dict], reply, end: bool = True) -> Score:
         """The log-probability of `reply` (a string, or a list of ids) after `messages`, token by token
@@ -179,7 +221,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     config = read_config(path)  # (once: every step below takes it)
     tokenizer = Tokenizer(path)
     config = config.with_tokenizer(tokenizer.image_pad_id, path / "tokenizer.json")
-    processor = ImageProcessor.from_dir(path)
+    processor = ImageProcessor.from_dir(path, rules=config.member.processor)  # the member's own resize rules
     model = build(config, CardModel, parts=("decoder", "vision", "projector"),
                   prefix="", dtype=dtype, device=device, progress=progress, quantize=quantize,
                   quantize_lm_head=quantize_lm_head)

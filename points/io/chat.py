@@ -14,16 +14,22 @@ messages' text, the newlines), so that a message's text is tokenized as text wha
 (`<|im_end|>` typed by a user is characters, not the end of a turn). Neighbouring plain pieces are joined
 before tokenizing, so a conversation without special-token strings gets exactly the ids of the whole
 rendered text, as the reference tokenizes it.
+
+A member's preset (points.model.family.Preset, `Pipeline.chat(..., preset=)`) is applied to the messages before
+they are rendered (`with_preset`); a grounding reply `(x, y)` is read back into a point of the image
+(`read_point`).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
 
 from points.io.processor import ImageProcessor
 from points.io.tokenizer import IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START
+from points.model.family import MEMBERS, Member, Preset
 
 ROLES = ("system", "user", "assistant")
 
@@ -162,3 +168,105 @@ def _render(messages: list[dict], processor: ImageProcessor, training: bool):
         parts.marker(IM_END, target)
         parts.text("\n")
     return parts, pixels, grids
+
+
+# --------------------------------------------------------------------------- presets
+
+class PresetError(ValueError):
+    """A preset the model does not have: its `name` and the `reason` (which names the presets it has)."""
+
+    def __init__(self, name, reason: str):
+        self.name, self.reason = name, reason
+        super().__init__(f"preset {name!r:.60}: {reason}")
+
+
+def preset_of(member: Member, name: str) -> Preset:
+    """`member`'s preset `name`; a PresetError naming the presets it has when it has no such one (another
+    member's preset is named as that member's)."""
+    if not isinstance(name, str):
+        raise PresetError(name, f"expected a preset's name (a string), got {type(name).__name__}")
+    if name in member.presets:
+        return member.presets[name]
+    have = f"its presets: {', '.join(sorted(member.presets))}" if member.presets else "it has none"
+    owners = [m.name for m in MEMBERS if name in m.presets]
+    whose = f"a preset of {', '.join(owners)}, not of" if owners else "no preset of"
+    raise PresetError(name, f"{whose} this model ({member.name}; {have})")
+
+
+def _images_only(message) -> bool:
+    content = message.get("content") if isinstance(message, dict) else None
+    return (isinstance(content, list) and bool(content)
+            and all(isinstance(item, dict) and item.get("type") == "image" for item in content))
+
+
+def with_preset(messages: list[dict], preset: Preset) -> list[dict]:
+    """`messages` as `preset` asks (a new list; the caller's messages are not changed):
+
+    - its `system` text becomes a first system turn, unless the conversation starts with its own;
+    - its `prompt` becomes the text of every user turn that carries only images (no text item), put after
+      them: [image] -> [image, {"type": "text", "text": prompt}] (every such turn, so that a continued
+      conversation renders its earlier turns as before and the prefix cache finds them).
+
+    A turn with any text of its own is left as it is. Malformed messages are left for build_prompt to name."""
+    if not isinstance(messages, list):
+        return messages
+    out = list(messages)
+    if preset.prompt is not None:
+        out = [dict(m, content=[*m["content"], {"type": "text", "text": preset.prompt}])
+               if _images_only(m) and m.get("role") == "user" else m for m in out]
+    if preset.system is not None and not (out and isinstance(out[0], dict) and out[0].get("role") == "system"):
+        out.insert(0, {"role": "system", "content": preset.system})
+    return out
+
+
+# --------------------------------------------------------------------------- a grounding reply
+
+# "(x, y)" or "[x, y]", spaces anywhere, numbers as 0.123, .5, 12 or 431.5 (a sign read to be refused)
+_NUMBER = r"([-+]?(?:\d+(?:\.\d*)?|\.\d+))"
+_PAIR = re.compile(rf"[(\[]\s*{_NUMBER}\s*,\s*{_NUMBER}\s*[)\]]")
+
+
+class PointError(ValueError):
+    """A reply that is not a point of the image: the `reply` text, and why."""
+
+    def __init__(self, reply: str, why: str):
+        self.reply = reply
+        super().__init__(f"{why}: the reply was {reply!r:.200}")
+
+
+@dataclass(frozen=True)
+class Point:
+    """Where in an image: `x`, `y` in pixels of the original image (before any resize; 0 at the left and top
+    edges, the width and height at the right and bottom ones), `nx`, `ny` the same as fractions of its width
+    and height, and the model's `reply` it was read from."""
+
+    x: float
+    y: float
+    nx: float
+    ny: float
+    reply: str
+
+
+def parse_point(reply: str) -> tuple[float, float]:
+    """The first "(x, y)" (or "[x, y]") of a grounding reply -> (nx, ny), fractions of the image's width and
+    height. POINTS-GUI-G replies in [0, 1] (three decimals, as its system prompt asks): a pair whose values are
+    both at most 1 is read so. A pair with a value above 1 cannot be in that convention; it is read in the other
+    one grounding models and datasets use, thousandths (0-1000, Qwen2-VL's), both values divided by 1000 (a
+    pixel reading would need the resized size the model saw, which no member was trained to reply in). A
+    negative value or one above 1000 is no point of the image: PointError, as is a reply with no pair."""
+    found = _PAIR.search(reply) if isinstance(reply, str) else None
+    if found is None:
+        raise PointError(reply, "no point (x, y) in the reply")
+    x, y = float(found[1]), float(found[2])
+    if min(x, y) < 0 or max(x, y) > 1000:
+        raise PointError(reply, f"the point ({found[1]}, {found[2]}) is outside the image (expected values in "
+                                "[0, 1], or thousandths in [0, 1000])")
+    scale = 1.0 if max(x, y) <= 1 else 1000.0
+    return x / scale, y / scale
+
+
+def read_point(reply: str, size: tuple[int, int]) -> Point:
+    """A grounding reply (parse_point) as a Point of an image of `size` = (width, height) pixels."""
+    nx, ny = parse_point(reply)
+    width, height = size
+    return Point(nx * width, ny * height, nx, ny, reply)

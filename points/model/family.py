@@ -106,12 +106,19 @@ def _sizes(real: dict, tiny: dict, small: dict | None = None, real_name: str = "
 READER_PROMPT = ("Please extract all the text from the image with the following requirements:\n"
                  "1. Return tables in HTML format.\n"
                  "2. Return all other text in Markdown format.")
-# GUI-G's system prompt, as family.md describes it (its published text was not available here: see
-# docs/family.md); users decode greedily with 32-64 new tokens
-GUI_SYSTEM = ("You are a GUI grounding assistant. Given a screenshot and an instruction, locate the single UI "
-              "element the instruction refers to and reply only with the coordinates of its center point, "
-              "normalized to [0, 1] relative to the image width and height, with three decimals, strictly in "
-              "the form (x, y).")
+# GUI-G's system prompt. The words are the paper's (arXiv 2602.06391, Figure 3's system turn); the line breaks
+# (a blank line after the first sentence, one at the end) are those of a third-party copy of the model card's
+# example call (a FastAPI service around `model.chat`, found by its text in a public-code index). The official
+# files (github.com/Tencent/POINTS-GUI, the card on huggingface.co/tencent/POINTS-GUI-G) could not be read
+# here: check them against this string. Users decode greedily with 32-64 new tokens.
+GUI_SYSTEM = ("You are a GUI agent. Based on the UI screenshot provided, please locate the exact position of the "
+              "element that matches the instruction given by the user.\n"
+              "\n"
+              "Requirements for the output:\n"
+              "- Return only the point (x, y) representing the center of the target element\n"
+              "- Coordinates must be normalized to the range [0, 1]\n"
+              "- Round each coordinate to three decimal places\n"
+              "- Format the output as strictly (x, y) without any additional text\n")
 
 POINTS15 = Member(
     name="points-1.5", title="POINTS-1.5-Qwen-2.5-7B-Chat", model_type="pointsv1.5_chat", naming="custom_llama",

@@ -3,7 +3,9 @@ a conversation turned into a checked prompt (`prepare`), and a reply's text as t
 steps themselves run on the scheduler (`points.runtime.scheduler`).
 
 Greedy by default (temperature 0, as the reference always decodes); temperature / top-k / top-p sampling
-with an optional seed; repetition penalty (transformers' rule, over the prompt's and the reply's tokens).
+with an optional seed; repetition penalty (transformers' rule, over the reply's tokens only, as every member's
+official call applies it: points.runtime.sampling). A member's preset (`Pipeline.chat(..., preset=)`) gives
+defaults that the settings given override.
 The choice of the next token (points.runtime.sampling.Picker) runs inside the decode step, so a compiled
 engine does step + choice in one graph.
 A reply stops at <|im_end|> (the reference) or <|endoftext|> (an extension), at an extra stop string

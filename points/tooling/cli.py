@@ -10,8 +10,8 @@ import sys
 import time
 
 from points.errors import Terminated
-from points.tooling.options import (add_generation_options, add_weight_options, check_weight_options,
-                                    check_image, exit_code, generation_kwargs)
+from points.tooling.options import (add_generation_options, add_preset_option, add_weight_options, check_image,
+                                    check_preset, check_weight_options, exit_code, generation_kwargs)
 
 
 class _StopOnInterrupt:
@@ -33,18 +33,22 @@ class _StopOnInterrupt:
 
 
 class _Session:
-    """One `points chat`: the conversation so far, the images for the next message, and the replies."""
+    """One `points chat`: the conversation so far, the images for the next message, and the replies (every turn
+    asked with the --preset, if any)."""
 
-    def __init__(self, pipe, gen: dict, images: list[str], *, interactive: bool, verbose: bool):
-        self.pipe, self.gen, self.images = pipe, gen, images
+    def __init__(self, pipe, gen: dict, images: list[str], *, preset: str | None = None, interactive: bool,
+                 verbose: bool):
+        self.pipe, self.gen, self.images, self.preset = pipe, gen, images, preset
         self.interactive, self.verbose = interactive, verbose
         self.messages: list[dict] = []
 
-    def ask(self, text: str) -> bool:
-        """Stream the reply to `text` (with the pending images); False (and nothing kept) on a bad turn."""
+    def ask(self, text: str | None) -> bool:
+        """Stream the reply to `text` (with the pending images; None: the images alone, for the preset's prompt);
+        False (and nothing kept) on a bad turn."""
         from points.io.chat import ImageError
 
-        content = [{"type": "image", "image": p} for p in self.images] + [{"type": "text", "text": text}]
+        content = [{"type": "image", "image": p} for p in self.images]
+        content += [{"type": "text", "text": text}] if text is not None else []
         self.images.clear()  # an image belongs to the turn that introduced it
         self.messages.append({"role": "user", "content": content})
         prefix = self.pipe.prefix
@@ -76,7 +80,7 @@ class _Session:
         """Print the reply as it comes -> (reply, seconds to its first piece, stopped by Ctrl-C)."""
         reply, start, first = "", time.perf_counter(), None
         with _StopOnInterrupt() if self.interactive else contextlib.nullcontext() as stop:
-            pieces = self.pipe.chat(self.messages, stream=True, **self.gen)
+            pieces = self.pipe.chat(self.messages, stream=True, preset=self.preset, **self.gen)
             try:
                 for piece in pieces:
                     first = time.perf_counter() - start if first is None else first
@@ -145,11 +149,15 @@ def _chat(args) -> int:
     images = list(args.image or [])
     for path in images:  # before the model loads (and before the first prompt)
         check_image("--image", path)
+    preset = check_preset(args.model, args.preset)
+    # --image with a preset that has a prompt (reader) and no --prompt: one reply, to the images and that prompt
+    prompt_only = args.prompt is None and bool(images) and preset is not None and preset.prompt is not None
     pipe = points.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
                        quantize_lm_head=args.quantize_lm_head or None, prefix_cache=not args.no_prefix_cache,
                        compile=args.compile)
-    session = _Session(pipe, gen, images, interactive=args.prompt is None, verbose=args.verbose)
-    if args.prompt is not None:
+    session = _Session(pipe, gen, images, preset=args.preset, interactive=args.prompt is None and not prompt_only,
+                       verbose=args.verbose)
+    if args.prompt is not None or prompt_only:
         return 0 if session.ask(args.prompt) else 2
     return session.loop()
 
@@ -183,8 +191,10 @@ def main(argv=None) -> int:
     c = sub.add_parser("chat", help="chat with a checkpoint (streams the reply; interactive without --prompt)")
     c.add_argument("--model", required=True, help="checkpoint directory (released layout or ours)")
     c.add_argument("--image", action="append", help="an image for the (first) message; repeatable")
-    c.add_argument("--prompt", help="one question; without it an interactive multi-turn session")
+    c.add_argument("--prompt", help="one question; without it an interactive multi-turn session (or, with --image "
+                   "and a --preset that has a prompt, as reader has, one reply to that prompt)")
     add_generation_options(c)
+    add_preset_option(c)
     add_weight_options(c)
     c.add_argument("--compile", action="store_true", help="torch.compile the decode step (the first reply waits "
                    "for the compiler, the later ones are faster)")

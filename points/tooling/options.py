@@ -3,6 +3,7 @@
 
     add_weight_options(p)             # --dtype, --quantize, --quantize-lm-head (and --device unless device=None)
     add_generation_options(p)         # --max-new-tokens, --temperature, --top-p, --top-k, --repetition-penalty, --seed
+    add_preset_option(p)              # --preset NAME (a preset of the checkpoint's family member)
     args = p.parse_args(argv); check_weight_options(p, args)
 """
 
@@ -36,14 +37,40 @@ def check_weight_options(p: argparse.ArgumentParser, args) -> None:
         p.error("--quantize-lm-head needs --quantize int8")
 
 
+GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+
+
 def add_generation_options(p: argparse.ArgumentParser) -> None:
-    """The generation options `points chat` and `points run` share (defaults shown in --help)."""
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="default: %(default)s")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: %(default)s = off)")
-    p.add_argument("--top-k", type=int, default=0, help="default: %(default)s = off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="default: %(default)s = off")
+    """The generation options `points chat` and `points run` share (defaults shown in --help: GenerationConfig's,
+    or the --preset's). An option not given stays None, so that a preset's setting is not overridden."""
+    p.add_argument("--max-new-tokens", type=int, help="default: 1024")
+    p.add_argument("--temperature", type=float, help="0 = greedy (default: 0.0)")
+    p.add_argument("--top-p", type=float, help="nucleus sampling (default: 1.0 = off)")
+    p.add_argument("--top-k", type=int, help="default: 0 = off")
+    p.add_argument("--repetition-penalty", type=float, help="default: 1.0 = off")
     p.add_argument("--seed", type=int, default=None, help="for sampling (default: none)")
+
+
+def add_preset_option(p: argparse.ArgumentParser, text: str = "") -> None:
+    """--preset NAME: one of the checkpoint's member's presets (points.model.family); `check_preset` checks it."""
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="a preset of the checkpoint's model (POINTS-Reader: reader, POINTS-GUI-G: gui): its system "
+                        "turn, its prompt for a turn of images only, and its decoding settings as the defaults (a "
+                        "setting given still wins)" + text)
+
+
+def check_preset(model: str, name: str | None):
+    """The preset `name` of the checkpoint at `model` (its member read from config.json, before anything loads),
+    None for None; a ValueError naming --preset when the checkpoint's member has no such preset."""
+    if name is None:
+        return None
+    from points.io.chat import PresetError, preset_of
+    from points.io.config import read_config
+
+    try:
+        return preset_of(read_config(model).member, name)
+    except PresetError as e:
+        raise ValueError(f"--preset {e.name}: {e.reason}") from None
 
 
 def add_progress_option(p: argparse.ArgumentParser) -> None:
@@ -70,9 +97,9 @@ def check_image(flag: str, path: str) -> None:
 
 
 def generation_kwargs(args) -> dict:
-    """The generation options as `Pipeline.chat`'s keywords."""
-    return {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "repetition_penalty": args.repetition_penalty, "seed": args.seed}
+    """The generation options given, as `Pipeline.chat`'s keywords (those not given are left to the preset's
+    defaults and GenerationConfig's)."""
+    return {name: getattr(args, name) for name in GENERATION_OPTIONS if getattr(args, name) is not None}
 
 
 def exit_code(run: Callable[[], int]) -> int:

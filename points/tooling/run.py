@@ -42,6 +42,13 @@ order, at most --batch-size at a time: an item joins the batch as soon as a row 
 its reply ends, and its record is journaled then; each reply equals (greedy, float32) the item run alone.
 A line may carry its own generation fields (max_new_tokens, temperature, top_p, top_k, repetition_penalty,
 seed, stop) over the command's: {"id": "a", "messages": [...], "max_new_tokens": 16}.
+
+Presets: --preset NAME asks every item with one of the checkpoint's presets (POINTS-Reader's "reader",
+POINTS-GUI-G's "gui": its system turn, its prompt for a user turn of images only, its decoding settings as the
+defaults under the options given); a line's own "preset" (a name, or null for none) replaces the command's for
+that item, and its generation fields still win: {"id": "p1", "messages": [{"role": "user", "content":
+[{"type": "image", "image": "page1.png"}]}], "preset": "reader"}. A preset the checkpoint's member lacks is
+named with its line before any work.
 """
 
 from __future__ import annotations
@@ -57,8 +64,9 @@ from points.tooling.jobs import (Item, Job, Journal, RunError, add_dataset_optio
 from points.tooling.jobs import check_meta  # noqa: F401 (one of the names tests and tools use from here)
 from points.tooling.jobs import read_items as _read_items
 from points.tooling.jobs import read_records as _read_records
-from points.tooling.options import (add_generation_options, add_progress_option, add_weight_options,
-                                    check_weight_options, exit_code, generation_kwargs)
+from points.tooling.options import (GENERATION_OPTIONS, add_generation_options, add_preset_option,
+                                    add_progress_option, add_weight_options, check_preset, check_weight_options,
+                                    exit_code, generation_kwargs)
 
 # generation fields an input line may carry for itself, over the command's (--max-new-tokens etc.)
 ITEM_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "stop")
@@ -66,7 +74,14 @@ RESULTS = ("reply",)  # a result record: {"id", "reply"} (or {"id", "error"})
 
 
 def read_items(path: Path) -> list[Item]:
-    return _read_items(path, ITEM_FIELDS)
+    """The input's items; an item's `fields` hold its generation fields and its "preset", if it names one."""
+    return _read_items(path, ITEM_FIELDS + ("preset",))
+
+
+def item_settings(item: Item, gen: dict, preset: str | None) -> tuple[str | None, dict]:
+    """(the preset, the generation keywords) an item runs with: its own over the command's `preset` and `gen`."""
+    fields = dict(item.fields)
+    return fields.pop("preset", preset), gen | fields
 
 
 def read_records(path: Path) -> list[dict]:
@@ -74,16 +89,22 @@ def read_records(path: Path) -> list[dict]:
 
 
 def run_key(args, items: list[Item]) -> dict:
-    """What a journal's records depend on: a journal written under another key is not mixed in."""
+    """What a journal's records depend on: a journal written under another key is not mixed in (the generation
+    settings as they apply: the options given over GenerationConfig's defaults; the --preset)."""
+    from points.runtime.generation import GenerationConfig
+
     digest = hashlib.sha256(json.dumps([[it.id, it.messages, it.fields] for it in items], sort_keys=True).encode()).hexdigest()
+    defaults = {name: getattr(GenerationConfig, name) for name in GENERATION_OPTIONS}
     return {"model": str(Path(args.model).resolve()), "input_sha256": digest, "dtype": args.dtype,
-            "quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head, "gen": generation_kwargs(args)}
+            "quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head,
+            "gen": defaults | generation_kwargs(args), "preset": args.preset}
 
 
-def process(pipe, items: list[Item], gen: dict, journal: Journal, progress: Progress | None) -> int:
+def process(pipe, items: list[Item], gen: dict, journal: Journal, progress: Progress | None,
+            preset: str | None = None) -> int:
     """Run `items` (this rank's share) on the pipeline's scheduler, each with the command's generation
-    settings `gen` under its own fields, and append every result to the journal as soon as it finishes;
-    return the number of tokens generated. Prompts are built (and their images read) as rows come free,
+    settings `gen` and `preset` under its own fields, and append every result to the journal as soon as it
+    finishes; return the number of tokens generated. Prompts are built (and their images read) as rows come free,
     a few ahead, so that only those items' images are held. An item's failure is that item's error record,
     never the run's; an item caught in a failed step (memory for the whole batch) runs again once."""
     scheduler = pipe.scheduler
@@ -92,8 +113,9 @@ def process(pipe, items: list[Item], gen: dict, journal: Journal, progress: Prog
         failed = []
         while pending and len(live) < 2 * scheduler.max_batch:
             it = pending.pop()
+            chosen, settings = item_settings(it, gen, preset)
             try:
-                live[pipe.submit(it.messages, f"item {it.id!r}", **(gen | it.fields))] = it
+                live[pipe.submit(it.messages, f"item {it.id!r}", preset=chosen, **settings)] = it
             except item_errors() as e:
                 failed.append(item_error(it, e))
         if failed:
@@ -132,6 +154,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8,
                    help="rows decoded at once; items join as rows come free (default: %(default)s)")
     add_generation_options(p)
+    add_preset_option(p, "; a line's own \"preset\" replaces it")
     add_weight_options(p, device_help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) ")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     add_progress_option(p)
@@ -152,12 +175,23 @@ def main(argv=None) -> int:
         p.error(e.flag())
 
     def read():
-        items = read_items(args.input)
+        from points.io.chat import PresetError, preset_of
+        from points.io.config import read_config
+
+        items, gen, member = read_items(args.input), generation_kwargs(args), None
+        if args.preset is not None or any("preset" in it.fields for it in items):
+            check_preset(args.model, args.preset)  # (the flag named as such, before the lines)
+            member = read_config(args.model).member
         for it in items:
+            preset, settings = item_settings(it, gen, args.preset)
             try:
-                GenerationConfig.from_kwargs(**(generation_kwargs(args) | it.fields))
+                GenerationConfig.from_kwargs(**settings)
+                if preset is not None:
+                    preset_of(member, preset)
             except GenerationError as e:
                 raise RunError(f"{args.input}, line {it.line}: \"{e.field}\" = {e.value!r}: expected {e.want}") from None
+            except PresetError as e:
+                raise RunError(f"{args.input}, line {it.line}: \"preset\" = {e.name!r:.60}: {e.reason}") from None
         return items
 
     def load(dist):
@@ -168,7 +202,7 @@ def main(argv=None) -> int:
                            max_batch=args.batch_size)
 
     def work(pipe, share, journal, progress):
-        process(pipe, share, generation_kwargs(args), journal, progress)
+        process(pipe, share, generation_kwargs(args), journal, progress, args.preset)
 
     return exit_code(lambda: drive(Job("points run", args, read, lambda items: run_key(args, items), load, work,
                                        RESULTS)))

@@ -2,11 +2,18 @@
 Starlette, served by uvicorn; `pip install 'points[serve]'`).
 
     points serve --model DIR [--host 127.0.0.1] [--port 8000] [--max-batch 8] [--max-queue 64] [--api-key KEY]
+                 [--preset NAME]
 
 Routes: POST /v1/chat/completions (the Chat Completions API, streamed as server-sent events with
 "stream": true), GET /v1/models, GET /health (no key needed), and the official WePOINTS server's POST /chat
 (its body and its answer). Every request is one row of the scheduler (points.runtime.scheduler), so
 concurrent requests decode together; a greedy reply equals `Pipeline.chat` of the same conversation alone.
+
+Presets (an extension): a request's "preset" field names one of the model's presets (POINTS-Reader's
+"reader", POINTS-GUI-G's "gui"; GET /v1/models lists them beside the model's "member"), applied as
+`Pipeline.chat(..., preset=)` applies it: its system turn, its prompt for a user turn of images only, its
+decoding settings as the defaults under the request's own fields. `--preset NAME` is the preset of every
+request that names none (on /chat too). A name the model lacks is a 400 naming the field "preset".
 
 Safe by default: it binds 127.0.0.1; with --api-key every route but /health needs `Authorization: Bearer KEY`
 (the scheme in any case, the key compared exactly, in constant time; an empty key, or one with a character
@@ -229,6 +236,7 @@ FIELDS = {
     "tools": Field("a list", only=([],)),
     "tool_choice": Field("a string or an object", only=("none",)),
     "parallel_tool_calls": Field("a boolean"),  # (without tools nothing is called)
+    "preset": Field("a string"),  # (an extension: one of the model's presets, read by the route)
 }
 OFFICIAL_FIELDS = {name: FIELDS[name] for name in ("messages", "max_tokens", "temperature", "top_p", "top_k")}
 STOP_LIMIT = (4, 256)  # stop strings per request, characters each (OpenAI's bound: each is scanned every token)
@@ -273,8 +281,9 @@ class Server:
     """The app's state: the pipeline, its scheduler running in a worker thread, the limits, the requests in."""
 
     def __init__(self, pipe, name: str, *, api_key: str | None = None, max_body_bytes: int = 20 * MIB,
-                 images: Images | None = None, max_queue: int):
+                 images: Images | None = None, max_queue: int, preset: str | None = None):
         self.pipe, self.name, self.api_key = pipe, name, api_key
+        self.preset = preset  # the preset of every request that names none (--preset; checked by `build`)
         self.max_body_bytes = max_body_bytes
         self.images = images or Images(max_body_bytes)
         self.scheduler = pipe.scheduler
@@ -317,20 +326,24 @@ class Server:
     async def models(self, request):
         from starlette.responses import JSONResponse
 
+        member = self.pipe.member  # (extensions beside OpenAI's fields: the family member, its presets)
         return JSONResponse({"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
-                                                         "owned_by": "points"}]})
+                                                         "owned_by": "points", "member": member.name,
+                                                         "presets": sorted(member.presets),
+                                                         "default_preset": self.preset}]})
 
     async def completions(self, request):
         from starlette.responses import JSONResponse
 
         body = await self._body(request)
         gen = generation_of(body)
+        preset = self._preset(body.get("preset"))
         if body.get("model") not in (None, self.name):
             raise ApiError(404, f"model: {body['model']!r:.60} is not served here (this server serves "
                                 f"{self.name!r})", "model", code="model_not_found")
         stream = body.get("stream") or False
         usage_chunk = (body.get("stream_options") or {}).get("include_usage") is True
-        job = await self._submit(body, gen)
+        job = await self._submit(body, gen, preset)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if stream:
             return _CancellingStream(job, self._events(job, ident, created, usage_chunk),
@@ -347,7 +360,7 @@ class Server:
         from starlette.responses import JSONResponse
 
         body = await self._body(request)
-        job = await self._submit(body, generation_of(body, OFFICIAL_FIELDS))
+        job = await self._submit(body, generation_of(body, OFFICIAL_FIELDS), self._preset(None))
         text = await job.text(request)
         return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
 
@@ -372,14 +385,26 @@ class Server:
             raise ApiError(400, "the body must be a JSON object")
         return body
 
+    def _preset(self, name: str | None):
+        """The request's preset (its field, else --preset's, else None), a 400 naming "preset" if the model lacks it."""
+        from points.io.chat import PresetError
+
+        name = self.preset if name is None else name
+        if name is None:
+            return None
+        try:
+            return self.pipe.preset(name)
+        except PresetError as e:
+            raise ApiError(400, f"preset: {e.reason}", "preset", code="preset_not_found") from None
+
     def _too_large(self) -> ApiError:
         return ApiError(413, f"the body is over the limit of {self.max_body_bytes / MIB:g} MiB (--max-body-mb)",
                         code="body_too_large")
 
-    async def _submit(self, body: dict, gen: dict) -> "_Job":
+    async def _submit(self, body: dict, gen: dict, preset=None) -> "_Job":
         """Admit the request (429 when --max-batch + --max-queue are in: counted here, on the event loop, from
         admission to the end, so a burst cannot race past the bound) and queue it, its images decoded off the
-        event loop."""
+        event loop; `preset` (a family Preset, or None) applied to its messages and under its settings."""
         from starlette.concurrency import run_in_threadpool
 
         if len(self.jobs) >= self.capacity:
@@ -389,15 +414,20 @@ class Server:
         job = _Job(asyncio.get_running_loop(), self.jobs)
 
         def prepare():
-            from points.io.chat import build_prompt
+            from points.io.chat import build_prompt, with_preset
             from points.runtime.generation import GenerationConfig, check_room
 
-            prompt = build_prompt(messages_of(body, self.images), self.pipe.processor)
+            messages = messages_of(body, self.images)
+            defaults = dict(preset.generation) if preset is not None else {}
+            settings = defaults | gen
+            prompt = build_prompt(with_preset(messages, preset) if preset is not None else messages,
+                                  self.pipe.processor)
             ids = prompt.token_ids(self.pipe.tokenizer)
             limit = self.pipe.model.decoder.cfg.max_seq_len
-            if "max_new_tokens" not in gen:  # as many as the context leaves, up to the default
-                gen["max_new_tokens"] = max(1, min(GenerationConfig.max_new_tokens, limit - len(ids)))
-            cfg = GenerationConfig.from_kwargs(**gen)
+            if "max_new_tokens" not in gen:  # as many as the context leaves, up to the default (the preset's)
+                most = defaults.get("max_new_tokens", GenerationConfig.max_new_tokens)
+                settings["max_new_tokens"] = max(1, min(most, limit - len(ids)))
+            cfg = GenerationConfig.from_kwargs(**settings)
             check_room(len(ids), cfg.max_new_tokens, limit, "messages")
             return self.scheduler.submit(prompt, ids, cfg, job.event)
 
@@ -572,7 +602,7 @@ async def _disconnected(http_request) -> None:
 # --------------------------------------------------------------------------------------------- command
 
 def parser() -> argparse.ArgumentParser:
-    from points.tooling.options import add_weight_options
+    from points.tooling.options import add_preset_option, add_weight_options
 
     p = argparse.ArgumentParser(prog="points serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -601,6 +631,7 @@ def parser() -> argparse.ArgumentParser:
                    help="SIGTERM: how long running requests may take to finish; then they are ended, finish_reason "
                         "\"length\" (default: %(default)s)")
     p.add_argument("--no-prefix-cache", action="store_true", help="prefill every request from scratch")
+    add_preset_option(p, "; the preset of every request whose \"preset\" field names none")
     p.add_argument("--replicas", type=int, default=None,
                    help="N model replicas under Ray Serve (one per GPU on CUDA; pip install 'points[ray]'), routed "
                         "to the least loaded; default: one process, no Ray")
@@ -647,7 +678,10 @@ def build(options: dict) -> Server:
     """The pipeline and the app's state from `points serve`'s options (as a dict: it travels to Ray replicas)."""
     import points
 
+    from points.tooling.options import check_preset
+
     o = argparse.Namespace(**options)
+    check_preset(o.model, o.preset)  # (before the weights load)
     pipe = points.load(o.model, device=o.device, dtype=o.dtype, quantize=o.quantize,
                        quantize_lm_head=o.quantize_lm_head or None, compile=o.compile,
                        prefix_cache=not o.no_prefix_cache, max_batch=o.max_batch)
@@ -655,7 +689,8 @@ def build(options: dict) -> Server:
     images = Images(int(o.max_image_mb * MIB) if o.max_image_mb else body, o.allow_remote_images,
                     o.allow_local_images, o.remote_timeout)
     name = o.served_model_name or Path(o.model).resolve().name
-    return Server(pipe, name, api_key=o.api_key, max_body_bytes=body, images=images, max_queue=o.max_queue)
+    return Server(pipe, name, api_key=o.api_key, max_body_bytes=body, images=images, max_queue=o.max_queue,
+                  preset=o.preset)
 
 
 def run_ray(args) -> int:
