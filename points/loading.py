@@ -49,14 +49,30 @@ class _SkipInit(TorchFunctionMode):
 
 def materialize(factory: Callable[[], torch.nn.Module], state: dict[str, torch.Tensor], prefix: str):
     """Build a module without allocating its parameters (meta device), then adopt the loaded tensors
-    named `prefix` + its own names as its parameters (no copy); every parameter must be filled (strict). Each
-    parameter keeps the `requires_grad` its module gave it (PyTorch's default, True; False for int8 weights
+    named `prefix` + its own names as its parameters (no copy); every parameter must be filled (strict), and
+    the module's own ties (a Parameter under two names) hold after. Each parameter keeps the `requires_grad` its module gave it (PyTorch's default, True; False for int8 weights
     and their scales), so the loaded model trains as it is."""
     with torch.device("meta"), _SkipInit():
         module = factory()
+    shared = _aliases(module)
     module.load_state_dict({k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)},
                            strict=True, assign=True)
+    for name, first in shared.items():  # (assigning gave each name a Parameter of its own: tie them again)
+        owner, _, attr = name.rpartition(".")
+        setattr(module.get_submodule(owner), attr, module.get_parameter(first))
     return module.eval()
+
+
+def _aliases(module: torch.nn.Module) -> dict[str, str]:
+    """The module's tied parameters (a tied head: `lm_head.weight` is `embed.weight`): each further name of a
+    Parameter -> its first name."""
+    first, out = {}, {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        if id(p) in first:
+            out[name] = first[id(p)]
+        else:
+            first[id(p)] = name
+    return out
 
 
 def quantization_steps(config: CheckpointConfig, quantize: str | None, quantize_lm_head: bool | None):

@@ -327,3 +327,18 @@ def test_index_with_a_bad_weight_map(broken):
     (broken / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["a", "b"]}))
     with pytest.raises(points.CheckpointError, match=r"index.json: 'weight_map' must be an object mapping tensor"):
         points.load_decoder(broken)
+
+
+def test_a_tied_state_whose_head_differs_is_refused_not_dropped():
+    """Reader's head is its embedding (one released tensor): a state that holds them equal writes it once; one
+    whose head differs is refused, naming both, where writing it would drop one in silence."""
+    from points.io.config import from_hf_dict
+    from points.tooling.synthetic import hf_config, sections
+
+    cfg = from_hf_dict(hf_config(*sections("reader-tiny")[1:]))
+    embed = torch.randn(cfg.decoder.vocab_size, cfg.decoder.hidden_size)
+    out = to_hf_state_dict({"decoder.embed.weight": embed, "decoder.lm_head.weight": embed}, cfg)
+    assert list(out) == ["llm.model.embed_tokens.weight"] and torch.equal(out["llm.model.embed_tokens.weight"], embed)
+    with pytest.raises(points.CheckpointError, match="decoder.lm_head.weight differs from decoder.embed.weight, but "
+                                                     "the model is tied"):
+        to_hf_state_dict({"decoder.embed.weight": embed, "decoder.lm_head.weight": embed + 1}, cfg)

@@ -1,5 +1,6 @@
 """Fine-tuning: the targets of a conversation, packing without attention across examples, `points finetune`
-end to end (LoRA and --full), its resume after kill -9 and its 2-process run, equal to one process."""
+end to end (LoRA and --full), its resume after kill -9 and its 2-process run, equal to one process; a tied
+decoder (POINTS-Reader) trained and written as one matrix."""
 
 import contextlib
 import io
@@ -26,6 +27,24 @@ CONVS = [
      {"role": "assistant", "content": "Five."}],
     [{"role": "user", "content": "Say hello."}, {"role": "assistant", "content": "Hello <|im_end|> there."}],
 ]
+
+
+@pytest.fixture(scope="module")
+def reader_dir(tmp_path_factory, tokenizer_json):
+    """A tied POINTS-Reader in its released layout (no llm.lm_head stored: the head is the embedding), float32,
+    with the real tokenizer and the e2e model's small images."""
+    import shutil
+
+    from conftest import E2E_MAX_PIXELS
+    from points.io.processor import ImageProcessor
+    from points.tooling.synthetic import write_checkpoint
+
+    d = write_checkpoint(tmp_path_factory.mktemp("reader") / "tied", "reader-tiny", dtype=torch.float32,
+                         tokenizer="bytes")
+    shutil.copy(tokenizer_json, d / "tokenizer.json")
+    (d / "preprocessor_config.json").write_text(json.dumps(ImageProcessor(max_pixels=E2E_MAX_PIXELS).to_json()))
+    assert points.load_decoder(d).cfg.tied
+    return d
 
 
 def _write_data(path: Path, n: int = 12) -> Path:
@@ -200,6 +219,25 @@ def _torchrun(*args, background: bool = False):
     return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
 
+def _kill_run(proc) -> None:
+    """kill -9 a torchrun started by `_torchrun(background=True)` and its workers (which torchrun starts in
+    sessions of their own: killing its process group alone leaves them running to the end)."""
+    def tree(pid: int) -> list[int]:
+        kids = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    kids += tree(int(entry.name))
+            except (OSError, ValueError):
+                continue  # (gone meanwhile)
+        return [pid] + kids
+
+    for pid in tree(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+
+
 def _same_losses(a: list[dict], b: list[dict]) -> None:
     assert [r["step"] for r in a] == [r["step"] for r in b] and [r["tokens"] for r in a] == [r["tokens"] for r in b]
     for x, y in zip(a, b):
@@ -226,23 +264,26 @@ def test_two_processes_equal_one(e2e_dir, tmp_path):
         assert torch.equal(a[k], b[k]), (k, (a[k] - b[k]).abs().max().item())  # two gradients summed: exact
 
 
-def test_full_finetune_sharded_resumes_and_equals_one_process(e2e_dir, tmp_path):
-    """--full with the projector frozen, on text and an image, with gradient checkpointing. One process with
-    --grad-accum 2: the decoder's and the encoder's tensors change, the projector's do not, and OUT is a
-    checkpoint in the base's layout that points.load reads. Two processes under FSDP2 (weights, gradients and
-    AdamW's state sharded), killed with -9 after a checkpoint and resumed: the same losses and weights."""
+def test_full_finetune_sharded_resumes_and_equals_one_process(reader_dir, tmp_path):
+    """--full with the projector frozen, on text and an image, with gradient checkpointing, of a tied decoder
+    (POINTS-Reader: one matrix for the embedding and the head, so FSDP2 shards the two modules as one group).
+    One process with --grad-accum 2: the decoder's and the encoder's tensors change, the projector's do not,
+    and OUT is a checkpoint in the base's layout that points.load reads. Two processes under FSDP2 (weights,
+    gradients and AdamW's state sharded), killed with -9 after a checkpoint and resumed: the same losses and
+    weights. (An untied decoder, POINTS-1.5's, shards its embedding and head apart: that path is not run under
+    torchrun here; its layout is written by the same writer in tests/test_lora.py's merge.)"""
     from points.io.tensors import TensorFiles
 
     data = _with_image(_write_data(tmp_path / "train.jsonl", 10))
-    common = ["--model", e2e_dir, "--data", data, "--full", "--freeze", "projector", "--batch-tokens", 96,
+    common = ["--model", reader_dir, "--data", data, "--full", "--freeze", "projector", "--batch-tokens", 96,
               "--lr", 1e-3, "--gradient-checkpointing", "--epochs", 2, "--save-every", 2]
     done = _finetune_here(*common, "--grad-accum", 2, "--output", tmp_path / "one", threads=1)
     assert done.returncode == 0, done.stderr
-    src, new = TensorFiles(e2e_dir), TensorFiles(tmp_path / "one")
+    src, new = TensorFiles(reader_dir), TensorFiles(tmp_path / "one")
     assert src.names == new.names
     changed = {n for n in src.names if not torch.equal(src.get(n), new.get(n))}
     assert not any(n.startswith("vision_projector.") for n in changed)
-    assert any(n.startswith("vision_encoder.") for n in changed) and any(n.startswith("llm.") for n in changed)
+    assert any(n.startswith("vision_encoder.") for n in changed) and "llm.model.embed_tokens.weight" in changed
     points.load(tmp_path / "one").chat(CONVS[0][:1], max_new_tokens=2)
     want = _log(tmp_path / "one")
     out = tmp_path / "two"
@@ -253,16 +294,100 @@ def test_full_finetune_sharded_resumes_and_equals_one_process(e2e_dir, tmp_path)
             if len((out / "log.jsonl").read_text().splitlines()) >= 3:
                 break
         time.sleep(0.002)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_run(proc)
     assert 3 <= len((out / "log.jsonl").read_text().splitlines()) < len(want)
     resumed = _torchrun(*common, "--grad-accum", 1, "--output", out)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "; resuming after step " in resumed.stderr  # (not a run its killed workers went on to finish)
     _same_losses(want, _log(out))
     two = TensorFiles(out)
     assert two.names == new.names
     for n in new.names:  # exactly: each process's products in one process's order, two gradients summed
         assert torch.equal(two.get(n), new.get(n)), (n, (two.get(n) - new.get(n)).abs().max().item())
+
+
+def _untied(decoder):
+    """The decoder with lm_head given a Parameter of its own holding the same numbers (two weights, as a tied
+    checkpoint trained without its tie would have)."""
+    decoder.lm_head.weight = torch.nn.Parameter(decoder.embed.weight.detach().clone())
+    return decoder
+
+
+def test_a_tied_decoder_trains_one_weight(reader_dir, tmp_path):
+    """`points finetune --full` of a tied decoder takes AdamW's step on one matrix whose gradient is the
+    lookup's plus the head's (as transformers trains tied embeddings) and writes it once, as the embedding:
+    one step from the CLI gives w - lr g / (|g| + eps), g the tied gradient (the embedding's or the head's
+    step alone differ from it by up to 2 lr); it loads back tied, the config as it was."""
+    from points.io.tensors import TensorFiles
+    from points.tooling import merge
+
+    data = _write_data(tmp_path / "train.jsonl", 1)
+    lr = 1e-3
+    done = _finetune_here("--model", reader_dir, "--data", data, "--output", tmp_path / "out", "--full",
+                          "--lr", lr, "--max-steps", 1, "--freeze", "vision,projector")
+    assert done.returncode == 0, done.stderr
+    pipe = points.load(reader_dir, prefix_cache=False)
+    model, decoder = pipe.model.train(), pipe.model.decoder
+    (row,) = pack([encode_example(CONVS[0], pipe.tokenizer, pipe.processor, 2048)], 2048)
+    w0 = decoder.embed.weight.detach().clone()
+
+    def adam_step(g):  # AdamW's first step (m / sqrt(v) = g / |g|), weight decay 0
+        return w0 - lr * g / (g.abs() + 1e-8)
+
+    decoder.requires_grad_(True)
+    assert decoder.lm_head.weight is decoder.embed.weight
+    (row_loss(model, row)[0] / row.n_targets).backward()
+    want = adam_step(decoder.embed.weight.grad)
+    src, out = TensorFiles(reader_dir), TensorFiles(tmp_path / "out")
+    assert src.names == out.names and "llm.lm_head.weight" not in out.names
+    got = out.get("llm.model.embed_tokens.weight")
+    torch.testing.assert_close(got, want, rtol=0, atol=lr * 1e-3)
+    _untied(decoder).zero_grad(set_to_none=True)
+    (row_loss(model, row)[0] / row.n_targets).backward()
+    for alone in (decoder.embed.weight.grad, decoder.lm_head.weight.grad):
+        assert (got - adam_step(alone)).abs().max() > lr
+    assert (tmp_path / "out" / "config.json").read_bytes() == (reader_dir / "config.json").read_bytes()
+    tuned = points.load_decoder(tmp_path / "out")
+    assert tuned.cfg.tied and tuned.lm_head.weight is tuned.embed.weight and torch.equal(tuned.embed.weight, got)
+    # trained with its two tensors apart (a user's own loop): refused, naming both, where writing it in the
+    # released layout would keep one of the two silently
+    with torch.no_grad():
+        decoder.lm_head.weight += 1
+    (tmp_path / "apart").mkdir()
+    with pytest.raises(points.CheckpointError, match=r"decoder.embed.weight and decoder.lm_head.weight differ"):
+        merge.write_model(model, reader_dir, tmp_path / "apart")
+    assert not list((tmp_path / "apart").iterdir())
+
+
+def test_a_tied_head_gradient_is_the_sum_and_transformers(qwen2_dir, tmp_path):
+    """The tied weight's gradient is the lookup's plus the head's, and equals transformers' tied
+    Qwen2ForCausalLM's on the same batch (float32)."""
+    from safetensors.torch import load_file
+
+    from points.tooling import reference
+
+    config = json.loads((qwen2_dir / "config.json").read_text())
+    del config["tie_word_embeddings"]  # (absent: tied, as POINTS-Reader's release)
+    tensors = {k: v for k, v in load_file(qwen2_dir / "model.safetensors").items() if k != "llm.lm_head.weight"}
+    tied = reference.save_checkpoint(tmp_path / "tied", config, tensors, shards=1)
+    tokens = torch.randint(0, 1000, (2, 13), generator=torch.Generator().manual_seed(0))
+
+    def loss(logits):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+
+    decoder = points.load_decoder(tied).train().requires_grad_(True)
+    assert decoder.lm_head.weight is decoder.embed.weight
+    loss(decoder(tokens)).backward()
+    got = decoder.embed.weight.grad
+    apart = _untied(points.load_decoder(tied)).train().requires_grad_(True)
+    loss(apart(tokens)).backward()
+    torch.testing.assert_close(got, apart.embed.weight.grad + apart.lm_head.weight.grad, rtol=1e-5, atol=1e-7)
+    llm = reference.transformers_decoder(points.load_decoder(tied)).train().requires_grad_(True)
+    assert llm.lm_head.weight is llm.model.embed_tokens.weight
+    loss(llm(tokens).logits).backward()
+    want = llm.model.embed_tokens.weight.grad
+    err, scale = (got - want).abs().max().item(), want.abs().max().item()
+    assert scale > 0 and err <= 1e-5 * scale, (err, scale)
 
 
 def test_the_help_names_every_lora_target():

@@ -108,8 +108,10 @@ def test_released_layout_copies_only_what_it_re_lays(official_dir):
 
 def test_tied_qwen2_checkpoint_loads_and_saves(qwen2_dir, tmp_path):
     """A Qwen2-naming checkpoint whose config ties (no top-level tie_word_embeddings: true) and that stores no
-    lm_head: both parameters hold the embedding, as separate tensors, so the state still saves. The same files
-    under a config that says untied are refused, naming the missing head (no silent tying)."""
+    lm_head: the head is the embedding's Parameter itself (one tensor, as transformers ties it; it trains as one
+    and is held once), and still after the CPU kernels' swap; the state saves as transformers saves a tied model
+    (safetensors' save_model). The same files under a config that says untied are refused, naming the missing
+    head (no silent tying)."""
     tensors = load_file(qwen2_dir / "model.safetensors")
     del tensors["llm.lm_head.weight"]
     config = json.loads((qwen2_dir / "config.json").read_text())
@@ -119,9 +121,11 @@ def test_tied_qwen2_checkpoint_loads_and_saves(qwen2_dir, tmp_path):
     del config["tie_word_embeddings"]
     tied = reference.save_checkpoint(tmp_path / "tied", config, tensors, shards=1)
     model = points.load_decoder(tied)
-    assert torch.equal(model.lm_head.weight, model.embed.weight)
-    assert model.lm_head.weight.data_ptr() != model.embed.weight.data_ptr()
-    save_file(model.state_dict(), str(tmp_path / "saved.safetensors"))
+    assert model.lm_head.weight is model.embed.weight and len(list(model.parameters())) == len(model.state_dict()) - 1
+    assert torch.equal(model.embed.weight, tensors["llm.model.embed_tokens.weight"])
+    from safetensors.torch import save_model
+
+    save_model(model, str(tmp_path / "saved.safetensors"))
 
 
 def test_a_tied_checkpoint_reads_its_head_from_the_embedding(qwen2_dir, ref_decoder, ref_vision, tmp_path):

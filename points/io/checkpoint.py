@@ -24,7 +24,7 @@ import torch
 from points.errors import CheckpointError, WriteError
 from points.io.atomic import MAX_SHARD_BYTES, partial_dir, write_shards, writing
 from points.io.config import DTYPE_NAMES, CheckpointConfig, read_config, to_dict
-from points.io.names import Entry, check, plan, quantized_weights, unread
+from points.io.names import Entry, Same, check, plan, quantized_weights, unread
 from points.io.progress import Progress
 from points.io.quantized import check_scheme, quantize_int8
 from points.io.tensors import INDEX, TensorFiles, forget_pages
@@ -67,19 +67,25 @@ def _built(entries: list[Entry], files: TensorFiles, dtype: torch.dtype,
     """Our tensor for each entry, in `dtype` on `device`, in order. On the CPU a tensor that is its source
     unchanged (same dtype, no re-layout) is the mapped source itself; every other tensor is written once
     into fresh memory, after which the map's pages of its sources are dropped (they would otherwise stay
-    resident beside the copy for as long as the map lives). A file's handle is let go after the last entry
-    that reads it."""
+    resident beside the copy for as long as the map lives). A second entry built the same way from the same
+    source (a tied head: the embedding) gets the very tensor the first got, no copy. A file's handle is let go
+    after the last entry that reads it."""
     last = {}
     for i, e in enumerate(entries):
         for name in e.sources:
             last[files.file_of(name)] = i
-    viewed = set()  # a source handed out as a view is copied if a second entry uses it (tied weights)
+    viewed = set()  # sources handed out as views of the map (their pages are kept)
+    made = {}  # (sources, shape, dtype) of a plain (`Same`) entry -> the tensor it got
     for i, e in enumerate(entries):
         want = e.dtype or dtype
         stored = torch.int8 if e.dtype == torch.int8 else files.dtype(e.sources[0])  # (check() saw I8 there)
-        if e.layout.view and device.type == "cpu" and stored == want and e.sources[0] not in viewed:
+        key = (e.sources, e.shape, want) if isinstance(e.layout, Same) else None
+        if key in made:
+            yield e, made[key]
+        elif e.layout.view and device.type == "cpu" and stored == want and e.sources[0] not in viewed:
             viewed.add(e.sources[0])
-            yield e, files.get(e.sources[0]).reshape(e.shape)
+            made[key] = files.get(e.sources[0]).reshape(e.shape)
+            yield e, made[key]
         else:
             out = torch.empty(e.shape, dtype=want, device=device)
             sources = [files.get(name) for name in e.sources]
@@ -88,6 +94,8 @@ def _built(entries: list[Entry], files: TensorFiles, dtype: torch.dtype,
                 if name not in viewed:
                     forget_pages(src)
             del sources
+            if key is not None:
+                made[key] = out
             yield e, out
         for f, end in last.items():
             if end == i:
@@ -134,12 +142,20 @@ def load_state_dict(source: str | Path | CheckpointConfig, *, parts: tuple[str, 
 
 def to_hf_state_dict(state: dict[str, torch.Tensor], cfg: ModelConfig,
                      naming: str | None = None) -> dict[str, torch.Tensor]:
-    """Our state dict back into a released naming (the exact inverse of loading); None: the member's own."""
-    out = {}
+    """Our state dict back into a released naming (the exact inverse of loading); None: the member's own. A tied
+    head is the embedding, written once: a state whose two differ is refused (one would be lost)."""
+    out, by = {}, {}
     naming = naming or member(cfg.member).naming
     for e in plan(cfg, naming):
-        if e.target in state and not out.keys() >= set(e.sources):  # (tied: the head is the embedding, written once)
-            out.update(zip(e.sources, (t.contiguous() for t in e.layout.split(state[e.target], e.source_shapes))))
+        if e.target not in state:
+            continue
+        if out.keys() >= set(e.sources):  # (tied: the head is the embedding, written already)
+            if not torch.equal(state[e.target], state[by[e.sources[0]]]):
+                raise CheckpointError(f"{e.target} differs from {by[e.sources[0]]}, but the model is tied (both are "
+                                      f"{e.sources[0]} in the {naming!r} layout); tie them, or write an untied model")
+            continue
+        out.update(zip(e.sources, (t.contiguous() for t in e.layout.split(state[e.target], e.source_shapes))))
+        by.update(dict.fromkeys(e.sources, e.target))
     return out
 
 
@@ -199,6 +215,9 @@ def _write_converted(src: Path, tmp: Path, config: CheckpointConfig, files: Tens
     """`convert`'s files, written into the folder `tmp` (raises WriteError naming the file that failed)."""
     cfg = config.model
     dtype = resolve_dtype(dtype, files, entries)
+    # our names that the written layout reads from another tensor (a tied head: the embedding, written once)
+    stored_once = {e.target for e in plan(cfg, "points", quantization) if e.sources != (e.target,) and e.dtype is None}
+    entries = [e for e in entries if e.target not in stored_once]
     shards = _shard(entries, dtype, max_shard_bytes)
     total = sum(_nbytes(e.shape, e.dtype or dtype) for e in entries)
     with writing(tmp):
@@ -218,7 +237,8 @@ def _write_converted(src: Path, tmp: Path, config: CheckpointConfig, files: Tens
 
     weight_map = write_shards((tensors_of(shard) for shard in shards), tmp, len(shards), {"format": "pt"})
     bar.close()
-    size = sum(_nbytes(e.shape, e.dtype or dtype) for e in plan(cfg, "points", quantization))
+    size = sum(_nbytes(e.shape, e.dtype or dtype) for e in plan(cfg, "points", quantization)
+               if e.target not in stored_once)
     written = to_dict(cfg) | {"dtype": str(dtype).removeprefix("torch.")}
     if not config.image_token_stated:  # (a release leaves it to its tokenizer: so does the converted copy)
         del written["image_token_id"]

@@ -209,7 +209,9 @@ def plan(cfg: ModelConfig, naming: str, quantization: dict | None = None) -> lis
     """Every parameter of the composed model, in module order, with its checkpoint sources.
 
     naming: 'points' or a key of NAMINGS. `quantization` (our layout only): the quantized projections' weights
-    are int8 and each has a `.scale` [out] beside it (points.io.quantized)."""
+    are int8 and each has a `.scale` [out] beside it (points.io.quantized). A tied decoder's head is its
+    embedding in every layout, ours too (stored once), unless it is stored quantized (then it is a tensor of its
+    own)."""
     if naming == "points":
         quantized = set(quantized_weights(cfg, quantization))
         out = []
@@ -218,6 +220,8 @@ def plan(cfg: ModelConfig, naming: str, quantization: dict | None = None) -> lis
                 out.append(Entry(e.target, e.shape, (e.target,), (e.shape,), Same(), torch.int8))
                 scale = e.target.removesuffix("weight") + "scale"
                 out.append(_same(scale, scale, e.shape[:1]))
+            elif e.target == "decoder.lm_head.weight" and cfg.decoder.tied:  # stored once, as the embedding
+                out.append(_same(e.target, "decoder.embed.weight", e.shape))
             else:
                 out.append(_same(e.target, e.target, e.shape))
         return out
@@ -242,9 +246,11 @@ def is_dropped(name: str) -> bool:
 
 def unread(cfg: ModelConfig, naming: str) -> set[str]:
     """Tensors a checkpoint may store that this model never reads: a tied decoder's own lm_head (the official
-    loader ties it to the embedding whatever the file holds)."""
+    loader ties it to the embedding whatever the file holds; our layout stores it no more, but did)."""
+    if not cfg.decoder.tied:
+        return set()
     n = NAMINGS.get(naming)
-    return {f"{n.head}.weight"} if cfg.decoder.tied and n is not None and n.head != n.embed else set()
+    return {f"{n.head}.weight"} if n is not None else {"decoder.lm_head.weight"}
 
 
 def check(entries: list[Entry], files: TensorFiles, absent: tuple[str, ...] = (),

@@ -98,6 +98,8 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tied:  # (POINTS-Reader) the head is the embedding matrix: one Parameter, as transformers ties it
+            self.lm_head.weight = self.embed.weight
 
     def new_cache(self, batch_size: int, max_len: int | None = None, *, block: int = 1) -> KVCache:
         """A cache on this model's device and dtype; max_len defaults to the context length (block: see

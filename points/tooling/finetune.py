@@ -16,11 +16,13 @@ Under torchrun each process takes its share of a step's rows. LoRA runs under Di
 process holds the model; the adapters' gradients are summed in buckets while the backward runs); --full
 defaults to FSDP2 (`fully_shard` on each decoder block, the embeddings, lm_head and the rest: each process
 keeps 1/N of the weights, their gradients and AdamW's state, gathering a unit's weights for its forward and
-backward), or DDP with --parallel ddp. Either way the gradients are summed, not averaged, so a step's loss is the same mean over all
+backward; a tied head, POINTS-Reader's, is its embedding's Parameter, so the two modules are one unit), or DDP
+with --parallel ddp. Either way the gradients are summed, not averaged, so a step's loss is the same mean over all
 of its target tokens as on one process.
 
 OUT holds, at the end, the adapter (adapter.safetensors + adapter.json: `points.load(DIR, adapter=OUT)`,
-`points merge DIR OUT MERGED`) or, with --full, a whole checkpoint in the model's layout (`points.load(OUT)`),
+`points merge DIR OUT MERGED`) or, with --full, a whole checkpoint in the model's layout (`points.load(OUT)`;
+a tied decoder trains and writes one matrix for its embedding and head, as the official model does),
 and log.jsonl: one line per optimizer step {"step", "loss", "tokens", "lr"}. Every --save-every steps a
 checkpoint (the trainable weights, AdamW's state, the RNG states, the step) is written atomically
 (OUT/checkpoint-STEP, then OUT/latest names it); the same command after an interruption (even kill -9)

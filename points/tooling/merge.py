@@ -40,6 +40,8 @@ def _write_like(src: Path, folder: Path, replaced: dict[str, torch.Tensor], prog
     from points.io.tensors import INDEX, TensorFiles
 
     config = read_config(src)
+    if config.model.decoder.tied:
+        _check_tied(src, replaced)
     files = TensorFiles(src)
     entries = plan(config.model, config.naming, config.quantization)
     new = {}
@@ -72,6 +74,19 @@ def _write_like(src: Path, folder: Path, replaced: dict[str, torch.Tensor], prog
                 shutil.copyfile(src / name, folder / name)
 
 
+def _check_tied(src: Path, replaced: dict[str, torch.Tensor]) -> None:
+    """MODEL's decoder is tied (config.json: the head is the embedding matrix, stored once), so new values for
+    both must be one matrix: written, either would silently replace the other."""
+    import torch
+
+    embed, head = replaced.get("decoder.embed.weight"), replaced.get("decoder.lm_head.weight")
+    if embed is not None and head is not None and not (embed.shape == head.shape and torch.equal(embed, head)):
+        raise CheckpointError(f"{src}: its decoder is tied (lm_head is the embedding matrix, one tensor), but "
+                              "decoder.embed.weight and decoder.lm_head.weight differ: written, one would silently "
+                              "replace the other. Train them as the one Parameter a tied decoder holds "
+                              "(lm_head.weight is embed.weight)")
+
+
 def merge(model: str | Path, adapter: str | Path, out: str | Path, *, progress: bool | None = None) -> Path:
     """The adapter at `adapter` folded into the checkpoint at `model`, written to `out` (which must not
     exist). The adapter is checked against the base (points.runtime.lora.load_adapter) first."""
@@ -101,7 +116,9 @@ def merge(model: str | Path, adapter: str | Path, out: str | Path, *, progress: 
 def write_model(model, src: Path, out: Path, progress: bool | None = None, state: dict | None = None) -> None:
     """A fine-tuned POINTSModel's weights (or `state`, its parameters by name, gathered from shards) written
     into `out` (an existing directory) in the layout of the checkpoint `src` it was loaded from: the files go
-    into a temporary folder inside `out`, then are moved in, config.json last."""
+    into a temporary folder inside `out`, then are moved in, config.json last. A tied decoder's head is its
+    embedding (one Parameter, written once); a model whose two differ is refused (CheckpointError, nothing
+    left in `out`)."""
     state = state if state is not None else {n: p.detach() for n, p in model.named_parameters()}
     tmp = out / f".model.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

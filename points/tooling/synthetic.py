@@ -97,7 +97,11 @@ def write_checkpoint(directory: str | Path, shapes: str | tuple[dict, dict] = "t
         g = torch.Generator().manual_seed(seed)
 
         def released():  # drawn in our layout, written in the released one, one shard in memory at a time
+            written = set()
             for e in plan(cfg, m.naming):
+                if written.issuperset(e.sources):  # (a tied head: the embedding, written already)
+                    continue
+                written.update(e.sources)
                 ours = random_value(e.target, torch.randn(e.shape, generator=g)).to(dtype)
                 for name, t in zip(e.sources, e.layout.split(ours, e.source_shapes)):
                     yield name, t.contiguous()

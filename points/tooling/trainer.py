@@ -214,9 +214,10 @@ def _distribute(model, args, dist: Dist):
     start equal on every process (the same checkpoint, the adapters from --seed), so DDP's first broadcast,
     which would also copy every frozen memory-mapped weight, is skipped. FSDP2: `fully_shard` on each decoder
     block, the embeddings and lm_head (each gathered only while it runs, in the forward and again in the
-    backward), then on RowLoss for the rest (the final norm, the vision encoder and the projector: one group,
-    gathered for the whole step, so that a process whose rows hold no image still joins every collective; its
-    unused weights reduce zeros)."""
+    backward; a tied pair, one Parameter, is one group of the two modules: its gradient, the lookup's plus the
+    head's, is reduced whole), then on RowLoss for the rest (the final norm, the vision encoder and the
+    projector: one group, gathered for the whole step, so that a process whose rows hold no image still joins
+    every collective; its unused weights reduce zeros)."""
     from points.runtime.training import RowLoss
 
     net = RowLoss(model)
@@ -226,8 +227,11 @@ def _distribute(model, args, dist: Dist):
         from torch.distributed.fsdp import fully_shard
 
         decoder = model.decoder
-        units = [fully_shard(m) for m in (*decoder.layers, decoder.embed, decoder.lm_head)] + [fully_shard(net)]
-        for unit in units:
+        ends = ([[decoder.embed, decoder.lm_head]] if decoder.lm_head.weight is decoder.embed.weight
+                else [decoder.embed, decoder.lm_head])  # tied: one Parameter, so one group for both modules
+        units = [fully_shard(m) for m in (*decoder.layers, *ends)] + [fully_shard(net)]
+        for unit in units:  # (a group's fully_shard gives its modules' list: the first stands for the group)
+            unit = unit[0] if isinstance(unit, list) else unit
             unit.set_gradient_divide_factor(1.0)  # summed, as on one process
             unit.set_force_sum_reduction_for_comms(True)  # as ReduceOp.SUM (gloo has no PREMUL_SUM)
         net.set_reduce_scatter_unused_params(True)
