@@ -142,3 +142,61 @@ def test_profile_step_tool_tiny(workdir, capsys):
     assert _tool("profile_step", "--preset", "tiny", "--prompt", 8, "--steps", 2, "--workdir", workdir) == 0
     printed = capsys.readouterr().out
     assert "the products" in printed and "ATen ops:" in printed
+
+
+# config fields (besides rope, head_dim and bias, checked apart) that decide what transformers computes
+_RUN_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "rms_norm_eps", "hidden_act", "tie_word_embeddings")
+
+
+@pytest.mark.parametrize("size", ["7b", "reader-3b", "gui-8b", "versavit-8b"])
+def test_bench_reference_is_the_members_own_transformers_model(size):
+    """The class and config `points bench` builds its transformers side from (reference.causal_lm, on the
+    meta device) are what transformers itself makes of the member's released llm_config: the same class, the
+    same shapes, head_dim, eps, theta and tie (POINTS-Reader's 151,936-row head tied to its embedding). For
+    POINTS-1.5, whose CustomLlama config transformers cannot read, the released facts: untied, 152,064 rows."""
+    from transformers import CONFIG_MAPPING
+
+    from points.io.config import from_hf_dict
+    from points.model import family
+    from points.tooling import reference
+
+    m, llm, vision = family.size(size)
+    ours = reference.causal_lm(from_hf_dict(family.config_json(m, llm, vision)).decoder)
+    if m.naming == "custom_llama":
+        assert type(ours).__name__ == "Qwen2ForCausalLM" and not ours.config.tie_word_embeddings
+        assert ours.config.vocab_size == 152064 and ours.lm_head.weight is not ours.model.embed_tokens.weight
+        return
+    theirs = CONFIG_MAPPING[llm["model_type"]](**llm)
+    assert type(ours).__name__ == llm["architectures"][0]
+    assert {f: getattr(ours.config, f) for f in _RUN_FIELDS} == {f: getattr(theirs, f) for f in _RUN_FIELDS}
+    assert ours.config.rope_parameters["rope_theta"] == theirs.rope_parameters["rope_theta"]
+    head_dim = lambda c: getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads  # noqa: E731
+    released = llm.get("head_dim", llm["hidden_size"] // llm["num_attention_heads"])
+    assert head_dim(ours.config) == head_dim(theirs) == released
+    assert getattr(ours.config, "attention_bias", None) == getattr(theirs, "attention_bias", None)
+    assert (ours.lm_head.weight is ours.model.embed_tokens.weight) == (size == "reader-3b")
+
+
+@pytest.mark.parametrize("size", ["reader-tiny", "gui-tiny"])
+def test_bench_reference_gives_our_logits(size):
+    """transformers' side of `points bench` (reference.transformers_decoder) on a tiny Reader (tied
+    Qwen2ForCausalLM) and GUI-G (Qwen3ForCausalLM, head_dim 24 against 64 / 4 heads) decoder: our very tensors
+    (a tied head is our embedding, no copy) and our logits at fp32 tolerance. A tied decoder whose lm_head
+    is not its embedding is refused, not silently measured as another model."""
+    from points.tooling import reference
+    from points.tooling.synthetic import random_decoder
+
+    decoder = random_decoder(size, dtype=torch.float32)
+    assert (decoder.lm_head.weight is decoder.embed.weight) == decoder.cfg.tied  # (one Parameter, as points.load)
+    llm = reference.transformers_decoder(decoder)
+    assert llm.model.embed_tokens.weight.data_ptr() == decoder.embed.weight.data_ptr()
+    assert (llm.lm_head.weight is llm.model.embed_tokens.weight) == decoder.cfg.tied
+    ids = torch.randint(0, decoder.cfg.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(ids), llm(ids).logits)
+    if decoder.cfg.tied:  # untied by hand, then changed
+        decoder.lm_head.weight = torch.nn.Parameter(decoder.embed.weight.detach().clone())
+        decoder.lm_head.weight.data[0, 0] += 1
+        with pytest.raises(ValueError, match="lm_head does not hold the embedding's numbers"):
+            reference.transformers_decoder(decoder)

@@ -206,12 +206,13 @@ def size_names() -> list[str]:
     """Every named size: POINTS-1.5's bare ("tiny", "small", "7b") and each member's "<short>-<size>"."""
     names = list(POINTS15.sizes)
     for short, m in SHORT.items():
-        names += [f"{short}-{s}" for s in m.sizes]
+        names += [f"{short}-{s}" for s in m.sizes] if m is not POINTS15 else []
     return names
 
 
 def size(name: str) -> tuple[Member, dict, dict]:
-    """(member, llm_config, vision_config) of a named size: "tiny" (POINTS-1.5's), "reader-3b", "gui-tiny"..."""
+    """(member, llm_config, vision_config) of a named size: "tiny" (POINTS-1.5's; "points-tiny" too), "reader-3b",
+    "gui-tiny", ..."""
     short, _, which = name.rpartition("-")
     m = SHORT.get(short or "points")
     if m is None or which not in m.sizes:

@@ -2,21 +2,28 @@
 
     points bench --preset small                   # CPU: Qwen2.5-0.5B-shaped decoder + the real vision encoder
     points bench --preset 7b --device cuda --dtype bfloat16
+    points bench --preset gui-8b --device cuda --dtype bfloat16   # POINTS-GUI-G's shapes (Qwen3-8B decoder)
     points bench --preset tiny --repeat 1 --quick # a quick look that every row runs (figures mean little)
 
-A random-weight checkpoint of the preset's shapes is written in the released layout
-(points.tooling.synthetic), loaded with `points.load`; the transformers reference (Qwen2ForCausalLM, the
-Qwen2-VL vision tower and PatchMerger; points.tooling.reference) is built on the very same tensors (no
-copy). Each row runs one warm-up and then --repeat timed runs of both, reporting min and median, the ratio (transformers' time / ours, > 1 = we are faster),
-the row's physical floor on this machine and the fraction of it we reach. Floors: decode = the bytes one
-step must read (weights but the embedding table, plus the visible KV cache) over the measured copy
-bandwidth; prefill and vision = their matmul FLOPs over the measured matmul rate; load = the weights'
-bytes over the copy bandwidth. Load time and peak resident memory are measured in fresh processes, for
-the released layout and for the same weights converted into ours (`points convert`), --repeat runs each
-(the first one reads the files from disk). Each JSON row names what it measured (`kind`: vision / prefill /
-decode / load, with its images and patches, tokens, batch and prompt lengths, compiled, layout).
-`--json` writes every figure with the machine's description; `--profile` prints the decode step's top ops.
-A benchmark, not a test: compare within one run on a quiet machine.
+--preset: any named size of the family (points.model.family): POINTS-1.5's tiny / small / 7b and each
+member's <member>-tiny and released size (reader-3b, gui-8b, versavit-8b). A random-weight checkpoint of
+those shapes is written in the member's released layout (points.tooling.synthetic), loaded with
+`points.load`; the transformers reference (points.tooling.reference: the member's decoder class, the Qwen2-VL
+vision tower and PatchMerger) is built on the very same tensors (no copy): Qwen2ForCausalLM for POINTS-1.5,
+Qwen2ForCausalLM with tie_word_embeddings for POINTS-Reader, Qwen3ForCausalLM (q/k norms, head_dim given
+apart) for POINTS-GUI-G and VersaViT; images are resized under the member's processor rules.
+
+Each row runs one warm-up and then --repeat timed runs of both, reporting min and median, the ratio
+(transformers' time / ours, > 1 = we are faster), the row's physical floor on this machine and the fraction of
+it we reach. Floors: decode = the bytes one step must read (weights but the embedding table, a tied head
+counted once as the head, plus the visible KV cache) over the measured copy bandwidth; prefill and vision =
+their matmul FLOPs (vision: encoder and projector) over the measured matmul rate; load = the checkpoint's
+weight bytes (a tied head once) over the copy bandwidth. Load time and peak resident memory are measured in
+fresh processes, for the released layout and for the same weights converted into ours (`points convert`),
+--repeat runs each (the first one reads the files from disk). Each JSON row names what it measured (`kind`:
+vision / prefill / decode / load, with its images and patches, tokens, batch and prompt lengths, compiled,
+layout). `--json` writes every figure with the machine's description; `--profile` prints the decode step's top
+ops. A benchmark, not a test: compare within one run on a quiet machine.
 """
 
 from __future__ import annotations
@@ -29,13 +36,15 @@ from pathlib import Path
 
 from points.io.atomic import write_text_atomically
 from points.io.outputs import check_output, check_output_dir
+from points.model.family import size_names
 from points.tooling.options import add_weight_options, check_weight_options, exit_code
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="points bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", choices=["tiny", "small", "7b"], default="small")
+    p.add_argument("--preset", choices=size_names(), default="small", metavar="SIZE",
+                   help="a named size of the family (default small): " + ", ".join(size_names()))
     add_weight_options(p, device="auto", dtype="float32", device_help="auto: cuda when this machine has it, else cpu ")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per row after one warm-up (default 5)")
     p.add_argument("--rows", nargs="+", choices=["vision", "prefill", "decode", "load"],
@@ -54,10 +63,14 @@ def main(argv=None) -> int:
                         "each row runs; the figures mean little")
     p.add_argument("--workdir", type=Path, default=None,
                    help="where the random checkpoints are kept between runs (default: a temporary directory)")
+    p.add_argument("--prefill", type=int, nargs="+", metavar="TOKENS", default=None,
+                   help="the prefill rows' prompt lengths (default 512 2048; --quick 64 128)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
+    if args.prefill is not None and min(args.prefill) < 1:
+        p.error(f"--prefill {min(args.prefill)}: expected prompt lengths >= 1")
     check_weight_options(p, args)
     if args.transposed and args.quantize:
         p.error("--transposed and --quantize are two different weight layouts; pick one")
@@ -68,6 +81,8 @@ def _bench(args) -> int:
     import torch
 
     from points.pipeline import resolve_device
+    import dataclasses
+
     from points.tooling.benchmark import QUICK, SIZES, run
 
     if args.json is not None:
@@ -82,6 +97,8 @@ def _bench(args) -> int:
     options = dict(compile_step=args.compile, profile=args.profile, transposed=args.transposed, attn=args.attn,
                    quantize=args.quantize, quantize_lm_head=args.quantize_lm_head, compile_backend=args.compile_backend,
                    sizes=QUICK if args.quick else SIZES)
+    if args.prefill is not None:
+        options["sizes"] = dataclasses.replace(options["sizes"], prefill=tuple(args.prefill))
     if args.workdir is None:
         with tempfile.TemporaryDirectory(prefix="points-bench-") as tmp:
             result = run(args.preset, device, dtype, args.repeat, Path(tmp), set(args.rows), **options)

@@ -1,12 +1,16 @@
 """The rows of `points bench` (the command and its options: points/tooling/bench.py): this implementation and
-transformers timed on the same weights, each row with its physical floor on this machine.
+transformers timed on the same weights, each row with its physical floor on this machine. Any named size of
+any family member (points.model.family): the transformers side is the member's own class
+(points.tooling.reference.transformers_decoder), its images resized under the member's processor rules.
 
     result = run("small", torch.device("cpu"), torch.float32, repeat=5, workdir=tmp, rows={"decode"}, sizes=SIZES)
+    result = run("reader-tiny", ...)   # POINTS-Reader's shapes: a tied Qwen2ForCausalLM on the other side
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import statistics
 import sys
 from dataclasses import dataclass
@@ -15,12 +19,13 @@ from pathlib import Path
 import torch
 
 from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor
+from points.model.family import member
 from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
 from points.runtime.vision import image_features
 from points.tooling.measure import (BURSTS, Timing, copy_stats, decode_bytes, load_probe, machine, matmul_rate,
-                                    ours_decode, prefill_flops, sync, theirs_decode, timed, vision_flops,
-                                    vision_grid)
+                                    ours_decode, prefill_flops, projector_flops, sync, theirs_decode, timed,
+                                    vision_flops, vision_grid)
 
 
 @dataclass(frozen=True)
@@ -102,9 +107,10 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
         model = random_model(preset, device, dtype)
         if device.type == "cpu":  # what points.load does on the CPU (points.loading.build)
             use_cpu_kernels(model.decoder)
-        processor, engine = ImageProcessor(max_pixels=RELEASE_MAX_PIXELS), Engine(model.decoder, attn=attn)
-    weights = {name: sum(p.numel() * p.element_size() for p in part.parameters())
-               for name, part in (("decoder", model.decoder), ("vision", model.vision), ("projector", model.projector))}
+        # the processor write_checkpoint writes, under the member's rules (as points.load reads it)
+        processor = ImageProcessor(max_pixels=RELEASE_MAX_PIXELS, rules=member(model.cfg.member).processor)
+        engine = Engine(model.decoder, attn=attn)
+    weights = weight_bytes(model)
     try:
         from points.tooling import reference
         llm, vision = reference.transformers_decoder(model.decoder), reference.transformers_vision(model)
@@ -115,11 +121,12 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
         from points.runtime.quantize import quantize_decoder
 
         quantize_decoder(model.decoder, quantize, lm_head=quantize_lm_head)
-        weights["decoder"] = sum(p.numel() * p.element_size() for p in model.decoder.parameters())
+        weights = weight_bytes(model)
 
     copies, rate_llm, rate_vis = _machine_rates(model.cfg, sizes, device, dtype)
     bw = copies.best
-    result = {"preset": preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."), "repeat": repeat,
+    result = {"preset": preset, "member": model.cfg.member, "device": str(device),
+              "dtype": str(dtype).removeprefix("torch."), "repeat": repeat,
               "quick": sizes is QUICK, "quantize": quantize and {"scheme": quantize, "lm_head": quantize_lm_head},
               "machine": machine(device), "weights_bytes": weights, "copy_bytes_per_s": bw,
               "copy_median_bytes_per_s": copies.median, "copy_spread": copies.spread, "copy_bursts": copies.bursts,
@@ -152,6 +159,15 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
     return result
 
 
+def weight_bytes(model) -> dict[str, int]:
+    """Bytes of each part's distinct weights, as the checkpoint holds them: a tied decoder's float head is
+    its embedding's Parameter, counted once; an int8 head (--quantize-lm-head) is a tensor of its own."""
+    d = model.decoder
+    out = {"decoder": sum(p.numel() * p.element_size() for p in d.parameters())}  # (each Parameter once)
+    return out | {name: sum(p.numel() * p.element_size() for p in getattr(model, name).parameters())
+                  for name in ("vision", "projector")}
+
+
 def _machine_rates(cfg, sizes: Sizes, device: torch.device, dtype: torch.dtype):
     """The floors' denominators: the copy bandwidth (`copy_stats`: its best is the floor's bytes/s), the
     matmul rate (FLOP/s) on decoder and on vision shapes, each the best of the square probes and its own
@@ -166,7 +182,8 @@ def _machine_rates(cfg, sizes: Sizes, device: torch.device, dtype: torch.dtype):
 
 def vision_rows(b: Bench, g: torch.Generator) -> None:
     """Each image set encoded and projected (and, on CUDA, replayed from the vision runner's CUDA graphs)
-    against transformers' vision tower with its PatchMerger; floor: the FLOPs over the matmul rate."""
+    against transformers' vision tower with its PatchMerger; floor: the encoder's and the projector's FLOPs
+    over the matmul rate."""
     v = b.model.cfg.vision
     graphs = None
     if b.device.type == "cuda" and b.attn != "sdpa":
@@ -180,7 +197,8 @@ def vision_rows(b: Bench, g: torch.Generator) -> None:
             mine = b.timed(lambda: image_features(b.model, pixels, grid, b.attn))
             ref = None if b.vision is None else b.timed(
                 lambda: b.vision(pixels.to(b.dtype), grid.to(b.device)).pooler_output)
-        patches, floor = int(grid.prod(-1).sum()), vision_flops(v, grid) / b.rate_vis
+        patches = int(grid.prod(-1).sum())
+        floor = (vision_flops(v, grid) + projector_flops(b.model.cfg, grid)) / b.rate_vis
         b.add(f"{label} ({patches} patches)", "s", mine, ref, floor, kind="vision", images=len(images),
               patches=patches, cuda_graphs=False)
         if graphs is not None and graphs.graphs:  # bucketed and replayed from CUDA graphs
@@ -253,12 +271,13 @@ def load_rows(ckpt: Path, hf_dir: Path | None, workdir: Path, device: torch.devi
     probes = {side: f"import points\nload = lambda: points.load({str(path)!r}, device={str(device)!r}, "
                     f"dtype=torch.{dt}, progress=False{asked[side]})"
               for side, path in (("released", ckpt), ("converted", converted))}
-    if hf_dir is not None:
+    if hf_dir is not None:  # the class transformers saved the decoder as (Qwen2ForCausalLM / Qwen3ForCausalLM)
+        cls = json.loads((hf_dir / "llm" / "config.json").read_text())["architectures"][0]
         probes["transformers"] = f"""
-from transformers import Qwen2ForCausalLM
+from transformers import {cls}
 from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 def load():
-    llm = Qwen2ForCausalLM.from_pretrained({str(hf_dir / 'llm')!r}, dtype=torch.{dt}).to({str(device)!r})
+    llm = {cls}.from_pretrained({str(hf_dir / 'llm')!r}, dtype=torch.{dt}).to({str(device)!r})
     vis = Qwen2VisionTransformerPretrainedModel.from_pretrained({str(hf_dir / 'vision')!r}, dtype=torch.{dt}).to({str(device)!r})
     return llm, vis
 """
@@ -311,7 +330,8 @@ def _header(r: dict) -> str:
     where = m.get("gpu") or f"{m['cpu']}, {m['threads']} threads"
     q = r.get("quantize")
     ours = f" (ours: decoder {q['scheme']}{' with lm_head' if q['lm_head'] else ''})" if q else ""
-    return (f"points bench, preset {r['preset']}, {r['dtype']}{ours} on {r['device']} ({where}), torch {m['torch']}, "
+    return (f"points bench, preset {r['preset']} ({member(r['member']).title}), {r['dtype']}{ours} on {r['device']} "
+            f"({where}), torch {m['torch']}, "
             f"transformers {m.get('transformers', 'absent')}; min/median of {r['repeat']} runs after a warm-up\n"
             f"copy bandwidth {r['copy_bytes_per_s'] / 1e9:.1f} GB/s (the best copy of {r['copy_probe_bytes'] >> 20} MiB in "
             f"{len(r['copy_bursts'])} burst(s) a second apart: {' '.join(f'{b / 1e9:.1f}' for b in r['copy_bursts'])}; median "

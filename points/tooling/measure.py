@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from points.io.processor import smart_resize
 from points.kernels import cpu_build
 from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
@@ -133,11 +132,9 @@ def machine(device: torch.device) -> dict:
 # --------------------------------------------------------------------------- work sizes
 
 def vision_grid(sizes: list[tuple[int, int]], processor) -> torch.Tensor:
-    """[n, 3] (t, h, w) in patches after the checkpoint's image processor resizes images of these sizes."""
-    factor = processor.patch_size * processor.merge_size
-    return torch.tensor([(1, *(s // processor.patch_size for s in
-                               smart_resize(h, w, factor, processor.min_pixels, processor.max_pixels)))
-                         for h, w in sizes])
+    """[n, 3] (t, h, w) in patches after the checkpoint's image processor (under its member's rules) resizes
+    images of these sizes."""
+    return torch.tensor([(1, *(s // processor.patch_size for s in processor.target_size(h, w))) for h, w in sizes])
 
 
 def vision_flops(v, grid: torch.Tensor) -> float:
@@ -150,8 +147,17 @@ def vision_flops(v, grid: torch.Tensor) -> float:
     return 2 * L * v.patch_dim * E + v.depth * (L * 2 * (4 * E * E + 2 * E * M) + attention)
 
 
+def projector_flops(cfg, grid: torch.Tensor) -> float:
+    """Matmul FLOPs of the projector over one encode's features: per merge window (L / m^2 of them) a
+    [merge_dim, merge_dim] and a [merge_dim, decoder width] product (the width is the member's decoder's)."""
+    windows = int(grid.prod(-1).sum()) // cfg.vision.spatial_merge_size ** 2
+    return 2 * windows * cfg.merge_dim * (cfg.merge_dim + cfg.decoder.hidden_size)
+
+
 def prefill_flops(d, T: int) -> float:
-    """Matmul FLOPs of a T-token prefill computing the last position's logits (causal attention: half)."""
+    """Matmul FLOPs of a T-token prefill computing the last position's logits (causal attention: half). The
+    q/k/v and output projections are hidden x (heads + 2 kv_heads) x head_dim and heads x head_dim x hidden
+    with head_dim as the config gives it (Qwen3's is not hidden / heads); q/k norms and rotary are no matmuls."""
     per_token = 2 * d.n_layers * (d.hidden_size * (d.n_heads + 2 * d.n_kv_heads) * d.head_dim
                                   + d.n_heads * d.head_dim * d.hidden_size + 3 * d.hidden_size * d.ffn_size)
     attention = d.n_layers * 2 * T * T * d.n_heads * d.head_dim  # 4 T^2 H D / 2
@@ -159,10 +165,15 @@ def prefill_flops(d, T: int) -> float:
 
 
 def decode_bytes(decoder, kv_len: int, batch: int) -> int:
-    """Bytes one decode step must read: every weight except the embedding table (one row each), the
-    visible K/V of every row."""
+    """Bytes one decode step must read: every weight but the embedding table, of which each row reads one
+    row; the visible K/V of every row (K and V: n_kv_heads x head_dim each, head_dim as the config gives it).
+    The head is counted once as lm_head whether or not it is tied: a tied head is the embedding matrix, read
+    whole by the head's product (the embedding row a token looks up comes on top, as for an untied one). A head
+    that shares the embedding's very Parameter is counted too (hence remove_duplicate=False: deduplicated,
+    named_parameters would give it only under the embedding's name)."""
     d = decoder.cfg
-    w = sum(p.numel() * p.element_size() for n, p in decoder.named_parameters() if n != "embed.weight")
+    w = sum(p.numel() * p.element_size() for n, p in decoder.named_parameters(remove_duplicate=False)
+            if n != "embed.weight")
     item = decoder.embed.weight.element_size()
     return w + batch * d.hidden_size * item + 2 * d.n_layers * batch * d.n_kv_heads * kv_len * d.head_dim * item
 

@@ -13,7 +13,7 @@ module. Two ways to build the reference:
   adapters.
 
 The transformers configs of a decoder and a vision encoder are written once, from our config dataclasses
-(`qwen2_config`, `vision_config`).
+(`qwen2_config` / `qwen3_config`, the class a member's decoder needs: `causal_lm`; `vision_config`).
 """
 
 from __future__ import annotations
@@ -55,12 +55,12 @@ def model_config(llm: dict = TINY_LLM, vision: dict = TINY_VISION) -> ModelConfi
 # --------------------------------------------------------------------------- transformers configs
 
 def qwen2_config(d: DecoderConfig, **kw) -> Qwen2Config:
-    """transformers' Qwen2Config for our decoder: the release's eps and theta (not Qwen2.5's defaults), an
-    untied head (the release stores `embed_out` apart)."""
+    """transformers' Qwen2Config for our decoder: the checkpoint's eps and theta (not Qwen2.5's defaults), its
+    head tied as the checkpoint says (POINTS-1.5 never: `embed_out` is stored apart; POINTS-Reader: tied)."""
     return Qwen2Config(vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.ffn_size,
                        num_hidden_layers=d.n_layers, num_attention_heads=d.n_heads,
                        num_key_value_heads=d.n_kv_heads, rms_norm_eps=d.norm_eps,
-                       max_position_embeddings=d.max_seq_len, tie_word_embeddings=False,
+                       max_position_embeddings=d.max_seq_len, tie_word_embeddings=d.tied,
                        rope_parameters={"rope_type": "default", "rope_theta": d.rope_theta}, **kw)
 
 
@@ -69,8 +69,20 @@ def qwen3_config(d: DecoderConfig, **kw) -> Qwen3Config:
     return Qwen3Config(vocab_size=d.vocab_size, hidden_size=d.hidden_size, intermediate_size=d.ffn_size,
                        num_hidden_layers=d.n_layers, num_attention_heads=d.n_heads, num_key_value_heads=d.n_kv_heads,
                        head_dim=d.head_dim, rms_norm_eps=d.norm_eps, max_position_embeddings=d.max_seq_len,
-                       attention_bias=d.qkv_bias, tie_word_embeddings=False,
+                       attention_bias=d.qkv_bias, tie_word_embeddings=d.tied,
                        rope_parameters={"rope_type": "default", "rope_theta": d.rope_theta}, **kw)
+
+
+def causal_lm(d: DecoderConfig, **kw) -> Qwen2ForCausalLM | Qwen3ForCausalLM:
+    """The transformers class that runs this decoder, on the meta device (no memory): Qwen3ForCausalLM for a
+    decoder with q/k norms (POINTS-GUI-G, VersaViT), Qwen2ForCausalLM otherwise (POINTS-1.5, POINTS-Reader).
+    A difference in tensors (a bias, a head_dim) fails `transformers_decoder`'s strict load; the rotary's
+    position scale, which no tensor shows, is refused here."""
+    if d.rope_scale != 1:
+        raise ValueError(f"rope_scale {d.rope_scale}: transformers' Qwen2 / Qwen3 rotary has no position scale")
+    cls, cfg = (Qwen3ForCausalLM, qwen3_config(d, **kw)) if d.qk_norm else (Qwen2ForCausalLM, qwen2_config(d, **kw))
+    with torch.device("meta"):
+        return cls(cfg)
 
 
 def vision_config(v: VisionConfig, hidden_size: int) -> Qwen2VLVisionConfig:
@@ -228,17 +240,28 @@ def greedy_reference(decoder, embeds, steps: int, stop_ids: tuple[int, ...]) -> 
 
 # --------------------------------------------------------------------------- transformers on our tensors
 
-def transformers_decoder(decoder) -> Qwen2ForCausalLM:
-    """transformers' Qwen2ForCausalLM holding our decoder's very tensors (views, no copy; our qkv and
-    up_gate rows split into its q/k/v and up/gate projections)."""
-    cfg = qwen2_config(decoder.cfg, dtype=decoder.embed.weight.dtype)
+def transformers_decoder(decoder) -> Qwen2ForCausalLM | Qwen3ForCausalLM:
+    """transformers' model of our decoder's member (`causal_lm`: Qwen3ForCausalLM with its q/k norms, or
+    Qwen2ForCausalLM, tied where the checkpoint ties) holding our decoder's very tensors (views, no copy; our
+    qkv and up_gate rows split into its q/k/v and up/gate projections). A tied head is transformers' own tie:
+    lm_head *is* the embedding there, so ours must hold the embedding's numbers (as `points.load` makes it)."""
+    d, embed = decoder.cfg, decoder.embed.weight
+    llm = causal_lm(d, dtype=embed.dtype)
     state = to_hf_state_dict({f"decoder.{k}": t for k, t in decoder.state_dict().items()},
-                             ModelConfig(decoder.cfg, _ANY_VISION), naming="qwen2")
-    with torch.device("meta"):
-        llm = Qwen2ForCausalLM(cfg)
-    llm.load_state_dict({k.removeprefix("llm."): t for k, t in state.items()}, strict=True, assign=True)
-    with torch.device(decoder.embed.weight.device):  # its rotary table is a non-persistent buffer: build it
-        llm.model.rotary_emb = type(llm.model.rotary_emb)(cfg)
+                             ModelConfig(d, _ANY_VISION), naming="qwen3" if d.qk_norm else "qwen2")
+    if d.tied:  # (to_hf_state_dict writes a tied head once, as the embedding: the released files' way)
+        head = decoder.lm_head.weight
+        if head is not embed and not (head.dtype == embed.dtype and torch.equal(head, embed)):
+            raise ValueError("transformers_decoder: the decoder is tied (its checkpoint's head is the embedding), "
+                             "but its lm_head does not hold the embedding's numbers")
+    missing, unexpected = llm.load_state_dict({k.removeprefix("llm."): t for k, t in state.items()}, strict=False,
+                                              assign=True)
+    if unexpected or missing != (["lm_head.weight"] if d.tied else []):
+        raise ValueError(f"transformers_decoder: {type(llm).__name__} missing {missing}, unexpected {unexpected}")
+    if d.tied:
+        llm.tie_weights()  # lm_head.weight = model.embed_tokens.weight, as from_pretrained ties it
+    with torch.device(embed.device):  # its rotary table is a non-persistent buffer: build it
+        llm.model.rotary_emb = type(llm.model.rotary_emb)(llm.config)
     return llm.eval()
 
 
@@ -301,7 +324,7 @@ def transformers_vision(model) -> Qwen2VisionTransformerPretrainedModel:
     projector's tensors, so `pooler_output` is the image features."""
     cfg = vision_config(model.cfg.vision, model.cfg.decoder.hidden_size)
     ours = {k: t for k, t in model.state_dict().items() if k.startswith(("vision.", "projector."))}
-    state = to_hf_state_dict(ours, model.cfg, naming="qwen2")
+    state = to_hf_state_dict(ours, model.cfg)  # (the vision tensors are named alike in every member)
     with torch.device("meta"):
         tower = Qwen2VisionTransformerPretrainedModel(cfg)
     take = lambda prefix: {k.removeprefix(prefix): t for k, t in state.items() if k.startswith(prefix)}  # noqa: E731
