@@ -300,3 +300,18 @@ def test_demo_with_an_unreadable_image(tmp_path, capsys):
     assert demo.main(["--cache-dir", str(tmp_path / "c"), "--image", str(tmp_path / "missing.jpg")]) == 2
     assert capsys.readouterr().err == f"error: --image {tmp_path / 'missing.jpg'}: file not found\n"
     assert not (tmp_path / "c").exists()  # refused before the demo checkpoint is written
+
+
+def test_demo_of_another_member_asks_with_its_preset(tmp_path, capsys, tokenizer_built_once):
+    """`points demo --model reader`: a random tiny POINTS-Reader in its released layout, asked with its preset
+    (the document prompt on a turn of the picture alone); the reply is the pipeline's."""
+    from points.tooling import demo
+
+    cache = tmp_path / "cache"
+    assert demo.main(["--cache-dir", str(cache), "--model", "reader", "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr()
+    assert "POINTS-Reader" in out.err and "preset 'reader'" in out.err and "'reader-tiny' shapes" in out.err
+    pipe = points.load(next(cache.glob("demo-reader-tiny-*")))
+    assert pipe.member.name == "points-reader"
+    picture = [{"role": "user", "content": [{"type": "image", "image": str(cache / "demo-house.png")}]}]
+    assert out.out == pipe.chat(picture, preset="reader", max_new_tokens=3, seed=0) + "\n"  # (its sampling, seeded)

@@ -3,9 +3,12 @@
 
     python tools/precision.py --preset tiny --device cpu
     python tools/precision.py --preset 7b-width --device cuda      # real widths, 2 layers (a GPU run)
+    python tools/precision.py --preset reader-width                # POINTS-Reader's widths (tied), 2 layers
+    python tools/precision.py --preset gui-width                   # POINTS-GUI-G's (Qwen3), 2 layers
 
-The reference (`Qwen2ForCausalLM`, random weights re-drawn as in the tests) is written to disk in the
-released CustomLlama layout and loaded back through `points.load_decoder`, exactly as in the parity suite.
+The reference (the member's own class: `Qwen2ForCausalLM`, tied for Reader, or `Qwen3ForCausalLM`; random
+weights re-drawn as in the tests) is written to disk in the member's released layout (CustomLlama's for
+POINTS-1.5) and loaded back through `points.load_decoder`, exactly as in the parity suites.
 Prints one table row per dtype: max |error|, error relative to max |logit|, transformers' own gap in the
 same dtype, argmax agreement. `--json PATH` also writes the rows.
 """
@@ -21,12 +24,17 @@ from pathlib import Path
 import torch
 
 import points
+from points.model import family
 from points.tooling import reference
 
 PRESETS = {
     "tiny": (reference.TINY_LLM, 64),
     # the released widths (hidden 3584, ffn 18944, 28 query / 4 KV heads, vocab 152064), 2 layers
     "7b-width": (dict(reference.REAL_LLM, num_layers=2, num_hidden_layers=2), 512),
+    # POINTS-Reader's Qwen2.5-3B widths (hidden 2048, ffn 11008, 16 / 2 heads, tied, vocab 151936), 2 layers
+    "reader-width": (dict(family.QWEN25_3B, num_hidden_layers=2), 256),
+    # POINTS-GUI-G's Qwen3-8B widths (hidden 4096, head_dim 128, q/k norms, vocab 151936), 2 layers
+    "gui-width": (dict(family.QWEN3_8B, num_hidden_layers=2), 256),
 }
 
 
@@ -41,10 +49,13 @@ def main(argv=None) -> int:
     length = args.tokens or length
     dev = torch.device(args.device)
     t0 = time.perf_counter()
+    naming = llm.get("model_type", "custom_llama")
     with torch.device(dev):
-        ref = reference.reference_decoder(llm)
+        ref = reference.reference_qwen3_decoder(llm) if naming == "qwen3" else reference.reference_decoder(llm)
     vision = dict(reference.TINY_VISION, hidden_size=llm["hidden_size"])
-    tensors = reference.custom_llama_tensors(ref) | reference.vision_tensors(*reference.reference_vision(vision))
+    decoder_tensors = (reference.custom_llama_tensors(ref) if naming == "custom_llama" else
+                       {f"llm.{k}": v for k, v in ref.state_dict().items()})  # (Qwen names as transformers has them)
+    tensors = decoder_tensors | reference.vision_tensors(*reference.reference_vision(vision))
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = reference.save_checkpoint(Path(tmp) / "ckpt", reference.checkpoint_config(llm, vision),
                                           {k: v.cpu() for k, v in tensors.items()})
