@@ -191,3 +191,34 @@ def test_points_run_and_serve_answer_as_the_pipeline(member, picture, tmp_path):
         assert got.choices[0].message.content == expected
     finally:
         served.stop()
+
+
+def test_lora_finetune_then_merge_and_explain(member, picture, tmp_path):
+    """`points finetune` (LoRA, in this process, 2 steps) on the member's released directory, its adapter loaded
+    onto the base and merged into the base's own layout (`points merge`): the merged model's logits are the
+    adapted model's; `points explain` draws its attention over the picture."""
+    from points.tooling import explain, finetune, merge
+
+    d, pipe = member
+    data = tmp_path / "train.jsonl"
+    chat = _conversation(picture) + [{"role": "assistant", "content": "A gradient, dark to light."}]
+    data.write_text("".join(json.dumps({"id": f"c{i}", "messages": chat}) + "\n" for i in range(4)))
+    rng = torch.get_rng_state()
+    try:
+        assert finetune.main(["--model", str(d), "--data", str(data), "--output", str(tmp_path / "run"),
+                              "--max-steps", "2", "--batch-tokens", "256", "--lr", "0.05", "--progress", "off"]) == 0
+    finally:
+        torch.set_rng_state(rng)
+    adapted = points.load(d, adapter=tmp_path / "run")
+    assert merge.main([str(d), str(tmp_path / "run"), str(tmp_path / "merged"), "--progress", "off"]) == 0
+    merged = points.load(tmp_path / "merged")
+    assert merged.member.name == pipe.member.name
+    enc = pipe.encode(_conversation(picture))
+    with torch.no_grad():
+        want = adapted.model(enc.input_ids, enc.pixel_values, enc.grid_thw)
+        assert (want - pipe.model(enc.input_ids, enc.pixel_values, enc.grid_thw)).abs().max() > 1e-4  # (it trained)
+        torch.testing.assert_close(merged.model(enc.input_ids, enc.pixel_values, enc.grid_thw), want,
+                                   rtol=1e-5, atol=1e-5)
+    assert explain.main(["--model", str(d), "--image", str(picture), "--prompt", "What is shown?",
+                         "--output", str(tmp_path / "seen.png"), "--max-new-tokens", "2"]) == 0
+    assert Image.open(tmp_path / "seen.png").size[0] == 640

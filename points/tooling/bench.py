@@ -65,12 +65,17 @@ def main(argv=None) -> int:
                    help="where the random checkpoints are kept between runs (default: a temporary directory)")
     p.add_argument("--prefill", type=int, nargs="+", metavar="TOKENS", default=None,
                    help="the prefill rows' prompt lengths (default 512 2048; --quick 64 128)")
+    p.add_argument("--decode-prompt", type=int, metavar="TOKENS", default=None,
+                   help="the decode rows' prompt: batch 1's length, batch 4's the longest of four at 1, 0.78, 0.59 "
+                        "and 0.39 of it (default 512; --quick 64)")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     if args.repeat < 1:
         p.error("--repeat must be >= 1")
     if args.prefill is not None and min(args.prefill) < 1:
         p.error(f"--prefill {min(args.prefill)}: expected prompt lengths >= 1")
+    if args.decode_prompt is not None and args.decode_prompt < 4:
+        p.error(f"--decode-prompt {args.decode_prompt}: expected a prompt length >= 4")
     check_weight_options(p, args)
     if args.transposed and args.quantize:
         p.error("--transposed and --quantize are two different weight layouts; pick one")
@@ -99,6 +104,10 @@ def _bench(args) -> int:
                    sizes=QUICK if args.quick else SIZES)
     if args.prefill is not None:
         options["sizes"] = dataclasses.replace(options["sizes"], prefill=tuple(args.prefill))
+    if args.decode_prompt is not None:
+        n = args.decode_prompt
+        options["sizes"] = dataclasses.replace(options["sizes"], decode_prompt=n,
+                                               ragged=(n, round(n * 400 / 512), round(n * 300 / 512), round(n * 200 / 512)))
     if args.workdir is None:
         with tempfile.TemporaryDirectory(prefix="points-bench-") as tmp:
             result = run(args.preset, device, dtype, args.repeat, Path(tmp), set(args.rows), **options)

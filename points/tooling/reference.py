@@ -247,13 +247,13 @@ def transformers_decoder(decoder) -> Qwen2ForCausalLM | Qwen3ForCausalLM:
     lm_head *is* the embedding there, so ours must hold the embedding's numbers (as `points.load` makes it)."""
     d, embed = decoder.cfg, decoder.embed.weight
     llm = causal_lm(d, dtype=embed.dtype)
-    state = to_hf_state_dict({f"decoder.{k}": t for k, t in decoder.state_dict().items()},
-                             ModelConfig(d, _ANY_VISION), naming="qwen3" if d.qk_norm else "qwen2")
     if d.tied:  # (to_hf_state_dict writes a tied head once, as the embedding: the released files' way)
         head = decoder.lm_head.weight
         if head is not embed and not (head.dtype == embed.dtype and torch.equal(head, embed)):
             raise ValueError("transformers_decoder: the decoder is tied (its checkpoint's head is the embedding), "
                              "but its lm_head does not hold the embedding's numbers")
+    state = to_hf_state_dict({f"decoder.{k}": t for k, t in decoder.state_dict().items()},
+                             ModelConfig(d, _ANY_VISION), naming="qwen3" if d.qk_norm else "qwen2")
     missing, unexpected = llm.load_state_dict({k.removeprefix("llm."): t for k, t in state.items()}, strict=False,
                                               assign=True)
     if unexpected or missing != (["lm_head.weight"] if d.tied else []):
