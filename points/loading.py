@@ -3,8 +3,8 @@
 
     the files, read and checked and mapped into our names (points.io.checkpoint.load_state_dict)
       -> the modules built on the meta device (nothing allocated, no random init) and given those tensors
-      -> a decoder stored in int8 gets Int8Linear skeletons first; quantize="int8" swaps them in after
-         (points.runtime.quantize)
+      -> a decoder stored in int8, or asked for in int8 (quantize="int8": its weights quantized as they are
+         read, so the float weights are never held whole), gets Int8Linear skeletons (points.runtime.quantize)
       -> on the CPU, the decoder's float nn.Linear layers become GemvLinear (points.runtime.cpu_linear): the
          same parameters, few-row products on the kernel measured fastest on this machine
 
@@ -29,7 +29,7 @@ from points.model.decoder import Decoder
 from points.model.projector import PatchMerger
 from points.model.vision import VisionEncoder
 from points.runtime.cpu_linear import use_cpu_kernels
-from points.runtime.quantize import cuda_notice, int8_skeleton, quantize_decoder
+from points.runtime.quantize import cuda_notice, int8_skeleton
 
 
 class _SkipInit(TorchFunctionMode):
@@ -104,21 +104,21 @@ def build(source: str | Path | CheckpointConfig, make: Callable[[ModelConfig], t
     its config.json already read (points.io.config.read_config)."""
     config = source if isinstance(source, CheckpointConfig) else read_config(source)
     stored, after = quantization_steps(config, quantize, quantize_lm_head)
-    cfg, state = load_state_dict(config, parts=parts, dtype=dtype, device=device, progress=progress)
+    cfg, state = load_state_dict(config, parts=parts, dtype=dtype, device=device, progress=progress,
+                                 quantize=after)  # (quantized as read: the float weights are never whole)
+    int8 = stored or after
 
     def skeleton():
         module = make(cfg)
-        if stored is not None:
-            int8_skeleton(getattr(module, "decoder", module), lm_head=stored["lm_head"])
+        if int8 is not None:
+            int8_skeleton(getattr(module, "decoder", module), lm_head=int8["lm_head"])
         return module
 
     module = materialize(skeleton, state, prefix)
     del state
     decoder = getattr(module, "decoder", module)
-    if after is not None:
-        quantize_decoder(decoder, after["scheme"], lm_head=after["lm_head"])
-    elif stored is not None:
-        cuda_notice(device)  # (quantize_decoder gives it for the swap)
+    if int8 is not None:
+        cuda_notice(device)
     if isinstance(decoder, Decoder) and torch.device(device).type == "cpu":
         use_cpu_kernels(decoder)  # few-row products on the measured fastest kernel (the same parameters)
     return module

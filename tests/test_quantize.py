@@ -330,3 +330,30 @@ def test_errors(official_dir, tmp_path):
     with pytest.raises(CheckpointError, match="decoder.layers.0.attn.out.weight is F32; config.json says it is "
                                               "quantized, so it must be int8"):
         points.load_decoder(out)
+
+
+@pytest.mark.parametrize("member", ["points-1.5", "reader-tiny"])
+@pytest.mark.parametrize("lm_head", [False, True])
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+@torch.no_grad()
+def test_load_time_quantization_is_the_module_swap(official_dir, tmp_path, member, lm_head, dtype):
+    """`quantize="int8"` quantizes each weight as it is read (the float weights are never whole): the same
+    int8 rows, scales and float tensors as loading the float decoder and swapping its modules afterwards
+    (`quantize_decoder`), for the released layout (a view of the map, or a cast when `dtype` differs) and a
+    tied Reader whose quantized head is its embedding, which stays float and shared with nothing."""
+    from points.tooling.synthetic import write_checkpoint
+
+    d = official_dir if member == "points-1.5" else write_checkpoint(tmp_path / "reader", member,
+                                                                    dtype=torch.float32, tokenizer="bytes")
+    swapped = qz.quantize_decoder(points.load_decoder(d, dtype=dtype), lm_head=lm_head)
+    read = points.load_decoder(d, dtype=dtype, quantize="int8", quantize_lm_head=lm_head)
+    assert read.quantization == swapped.quantization == {"scheme": "int8", "lm_head": lm_head}
+    assert isinstance(read.lm_head, qz.Int8Linear) is lm_head and isinstance(read.layers[0].attn.qkv, qz.Int8Linear)
+    a, b = swapped.state_dict(), read.state_dict()
+    assert a.keys() == b.keys()
+    for name, t in a.items():
+        assert t.dtype == b[name].dtype and torch.equal(t, b[name]), name
+    if read.cfg.tied and not lm_head:
+        assert read.lm_head.weight is read.embed.weight
+    tokens = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(4))
+    assert torch.equal(read(tokens), swapped(tokens))

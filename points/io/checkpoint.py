@@ -62,14 +62,16 @@ def _open(config: CheckpointConfig) -> tuple[TensorFiles, list[Entry]]:
     return files, entries
 
 
-def _built(entries: list[Entry], files: TensorFiles, dtype: torch.dtype,
-           device: torch.device) -> Iterator[tuple[Entry, torch.Tensor]]:
+def _built(entries: list[Entry], files: TensorFiles, dtype: torch.dtype, device: torch.device,
+           to_quantize: frozenset[str] = frozenset()) -> Iterator[tuple[Entry, torch.Tensor, torch.Tensor | None]]:
     """Our tensor for each entry, in `dtype` on `device`, in order. On the CPU a tensor that is its source
     unchanged (same dtype, no re-layout) is the mapped source itself; every other tensor is written once
     into fresh memory, after which the map's pages of its sources are dropped (they would otherwise stay
     resident beside the copy for as long as the map lives). A second entry built the same way from the same
     source (a tied head: the embedding) gets the very tensor the first got, no copy. A file's handle is let go
-    after the last entry that reads it."""
+    after the last entry that reads it. An entry named in `to_quantize` comes as int8 with its scale
+    (points.io.quantized; the third item, None for the others): its float tensor is let go at once (a
+    view's pages dropped), so a model quantized while it is read never holds its float weights whole."""
     last = {}
     for i, e in enumerate(entries):
         for name in e.sources:
@@ -80,23 +82,31 @@ def _built(entries: list[Entry], files: TensorFiles, dtype: torch.dtype,
         want = e.dtype or dtype
         stored = torch.int8 if e.dtype == torch.int8 else files.dtype(e.sources[0])  # (check() saw I8 there)
         key = (e.sources, e.shape, want) if isinstance(e.layout, Same) else None
+        quantized = e.target in to_quantize
         if key in made:
-            yield e, made[key]
+            t = made[key]
         elif e.layout.view and device.type == "cpu" and stored == want and e.sources[0] not in viewed:
-            viewed.add(e.sources[0])
-            made[key] = files.get(e.sources[0]).reshape(e.shape)
-            yield e, made[key]
+            t = files.get(e.sources[0]).reshape(e.shape)
+            if quantized:  # (its float numbers are read once, here: drop the pages after)
+                yield e, *quantize_int8(t)
+                forget_pages(t)
+                t = None
+            else:
+                viewed.add(e.sources[0])
+                made[key] = t
         else:
-            out = torch.empty(e.shape, dtype=want, device=device)
+            t = torch.empty(e.shape, dtype=want, device=device)
             sources = [files.get(name) for name in e.sources]
-            e.layout.join(sources, out)
+            e.layout.join(sources, t)
             for name, src in zip(e.sources, sources):
                 if name not in viewed:
                     forget_pages(src)
             del sources
-            if key is not None:
-                made[key] = out
-            yield e, out
+            if key is not None and not quantized:
+                made[key] = t
+        if t is not None:
+            yield (e, *quantize_int8(t)) if quantized else (e, t, None)
+        del t
         for f, end in last.items():
             if end == i:
                 files.release(f)
@@ -116,14 +126,17 @@ def check_dtype_runs(dtype: torch.dtype, device: torch.device) -> None:
 
 def load_state_dict(source: str | Path | CheckpointConfig, *, parts: tuple[str, ...] = ("decoder", "vision", "projector"),
                     dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-                    progress: bool | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+                    progress: bool | None = None,
+                    quantize: dict | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Our state dict (names `decoder.*`, `vision.*`, `projector.*`, PyTorch's usual contiguous layout) for
     the requested parts.
 
     The whole checkpoint is checked from its headers first; only the requested parts are read. On the CPU,
     tensors already in our layout and in `dtype` are views of the mapped files (zero copy); the rest is
     written once into its final dtype on `device` and the map's pages it came from are dropped, so the
-    peak is the model plus one tensor's sources in flight. `source`: the directory, or its config already read."""
+    peak is the model plus one tensor's sources in flight. `source`: the directory, or its config already read.
+    quantize ({"scheme": "int8", "lm_head": bool}, of a float checkpoint): the scheme's weights come quantized
+    as they are read (`<name>.weight` int8 and `<name>.scale`, as a checkpoint stored quantized gives them)."""
     config = source if isinstance(source, CheckpointConfig) else read_config(source)
     files, entries = _open(config)
     dtype = resolve_dtype(dtype, files, entries)
@@ -132,10 +145,17 @@ def load_state_dict(source: str | Path | CheckpointConfig, *, parts: tuple[str, 
     chosen = [e for e in entries if e.target.split(".", 1)[0] in parts]
     bar = Progress(f"loading {config.directory.name}", len(chosen), unit="tensors",
                    total_bytes=sum(_nbytes(e.shape, e.dtype or dtype) for e in chosen), enabled=progress)
+    if quantize is not None:
+        check_scheme(quantize["scheme"])
+        if config.quantization:
+            raise CheckpointError(f"{config.directory}: already quantized ({config.quantization['scheme']})")
+    to_quantize = frozenset(quantized_weights(config.model, quantize))
     state = {}
-    for e, t in _built(chosen, files, dtype, device):
+    for e, t, scale in _built(chosen, files, dtype, device, to_quantize):
         state[e.target] = t
-        bar.update(nbytes=t.nbytes)
+        if scale is not None:
+            state[e.target.removesuffix("weight") + "scale"] = scale
+        bar.update(nbytes=_nbytes(e.shape, e.dtype or dtype))
     bar.close()
     return config.model, state
 
@@ -223,15 +243,15 @@ def _write_converted(src: Path, tmp: Path, config: CheckpointConfig, files: Tens
     with writing(tmp):
         tmp.mkdir(parents=True)
     bar = Progress(f"converting {src.name}", len(entries), unit="tensors", total_bytes=total, enabled=progress)
-    built = _built(entries, files, dtype, torch.device("cpu"))
+    built = _built(entries, files, dtype, torch.device("cpu"), frozenset(to_quantize))
 
     def tensors_of(shard):  # one shard's tensors in memory at a time
         tensors = {}
         for _ in shard:
-            e, t = next(built)
-            bar.update(nbytes=t.nbytes)
-            if e.target in to_quantize:
-                t, tensors[e.target.removesuffix("weight") + "scale"] = quantize_int8(t)
+            e, t, scale = next(built)
+            bar.update(nbytes=_nbytes(e.shape, e.dtype or dtype))
+            if scale is not None:
+                tensors[e.target.removesuffix("weight") + "scale"] = scale
             tensors[e.target] = t
         return tensors
 
