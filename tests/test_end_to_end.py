@@ -134,6 +134,10 @@ def test_sampling_is_seeded(pipe, convs):
     others = {pipe.chat(messages, max_new_tokens=8, temperature=1.0, seed=s) for s in range(2, 6)}
     assert len(others | {a}) > 1
     assert pipe.chat(messages, max_new_tokens=8, temperature=0.7, top_k=1, seed=3) == pipe.chat(messages, max_new_tokens=8)
+    # min_p 1 keeps the most likely token alone: greedy; 0.05 samples (seeded) among several
+    assert pipe.chat(messages, max_new_tokens=8, temperature=1.5, min_p=1.0, seed=4) == pipe.chat(messages, max_new_tokens=8)
+    b = pipe.chat(messages, max_new_tokens=8, temperature=1.0, min_p=0.05, seed=1)
+    assert b == pipe.chat(messages, max_new_tokens=8, temperature=1.0, min_p=0.05, seed=1)
 
 
 @pytest.mark.parametrize("question", ["Hello!", "Count to ten."])
@@ -174,6 +178,8 @@ def test_context_limit(pipe, convs):
     ({"top_p": 1.5}, r"top_p = 1.5"),
     ({"top_p": True}, r"^top_p = True: expected a number in \(0, 1\]$"),  # (True == 1 in Python: never a number)
     ({"top_k": -1}, r"top_k = -1"),
+    ({"min_p": 1.5}, r"^min_p = 1.5: expected a number in \[0 \(off\), 1\]$"),
+    ({"min_p": float("nan")}, r"^min_p = nan"),
     ({"repetition_penalty": 0}, r"repetition_penalty = 0"),
     ({"beams": 2}, r"unknown generation argument\(s\) beams"),
     ({"stop": 5}, r"^stop = 5: expected a non-empty string or a list of them$"),

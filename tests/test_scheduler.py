@@ -103,7 +103,7 @@ def test_rows_keep_their_own_settings(pipe, alone):
     too: its noise comes from its own generator)."""
     settings = [dict(max_new_tokens=8), dict(max_new_tokens=8, repetition_penalty=1.5),
                 dict(max_new_tokens=8, temperature=0.8, top_k=50, top_p=0.9, seed=3),
-                dict(max_new_tokens=8, temperature=1.2, seed=11)]
+                dict(max_new_tokens=8, temperature=1.2, seed=11, min_p=0.02)]
     want = [alone(_conv(i), **g) for i, g in enumerate(settings)]
     s = _scheduler(pipe, max_batch=4)
     requests = [_submit(pipe, s, _conv(i), **g) for i, g in enumerate(settings)]

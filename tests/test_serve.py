@@ -290,13 +290,20 @@ def test_bad_requests_are_4xx_json_naming_the_field(server, body, status, param)
         ("tools", "x"), ("response_format", 5), ("frequency_penalty", "x"), ("n", True), ("max_tokens", True),
         ("seed", True), ("top_k", True), ("top_p", True), ("temperature", False), ("stream_options", 5), ("user", 5),
         ("stop", 5), ("model", 7)]],
-    ("/v1/chat/completions", "best_of", 2, "unrecognized request field"),
+    *[("/v1/chat/completions", field, value, "not supported yet") for field, value in [
+        ("best_of", 2), ("store", True), ("audio", {"voice": "x"}), ("modalities", ["text", "audio"]),
+        ("reasoning_effort", "high"), ("functions", [{"name": "f"}]), ("prediction", {"type": "content"})]],
+    ("/v1/chat/completions", "min_p", "x", "expected a number"),
+    ("/v1/chat/completions", "min_p", 2, "expected a number in [0 (off), 1]"),
+    ("/v1/chat/completions", "do_sample", 1, "expected a boolean"),
+    ("/v1/chat/completions", "max_new_tokens", 2, "disagrees with max_tokens = 1"),
     ("/chat", "top_p", True, "expected a number"),
     ("/chat", "stream", True, "unrecognized request field"),
 ])
 def test_a_field_not_served_as_asked_is_a_400_naming_it(server, route, field, value, says):
-    """Every request field is in serve.FIELDS: of the wrong type (a boolean is no number), not supported yet
-    (accepted only at its "off" value) or unknown, it is refused, never silently ignored."""
+    """Every OpenAI request field and extension is in serve.FIELDS: of the wrong type (a boolean is no number),
+    not supported yet (accepted only at its "off" value) or disagreeing with another field of its setting, it is
+    refused, never silently ignored; /chat (the official route's small body) refuses any other field."""
     status, _, answer = server.post(route, {"messages": _messages(0), "max_tokens": 1, field: value})
     assert status == 400 and answer["error"]["param"] == field, answer
     assert answer["error"]["message"].startswith(f"{field}: ") and says in answer["error"]["message"], answer
@@ -315,6 +322,28 @@ def test_the_openai_client_gets_off_values_served_and_the_rest_refused(client, p
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="points-e2e", messages=messages, max_tokens=NEW, **extra)
         assert refused.value.param == field
+
+
+def test_extensions_are_honoured_and_unknown_fields_ignored_with_a_log_line(server, client, pipe):
+    """SGLang's sampling fields (POINTS-Reader's card sends them) through the openai client's extra_body:
+    do_sample false is greedy whatever the temperature, max_new_tokens is max_tokens, a seeded top_k / min_p
+    draw is the pipeline's; a field neither OpenAI's nor an extension is ignored and logged."""
+    messages = _messages(2)
+    greedy = pipe.chat(_ours(messages), max_new_tokens=NEW)
+
+    def ask(**extra_body):
+        got = client.chat.completions.create(model="points-e2e", messages=messages, extra_body=extra_body)
+        return got.choices[0].message.content
+    assert ask(max_new_tokens=NEW, do_sample=False, temperature=1.7, seed=3) == greedy
+    want = pipe.chat(_ours(messages), max_new_tokens=NEW, temperature=0.9, top_k=20, min_p=0.05,
+                     repetition_penalty=1.1, seed=5)
+    assert ask(max_new_tokens=NEW, temperature=0.9, top_k=20, min_p=0.05, repetition_penalty=1.1, seed=5) == want
+    assert ask(max_new_tokens=NEW, do_sample=True, seed=5) == pipe.chat(_ours(messages), max_new_tokens=NEW,
+                                                                        temperature=1.0, seed=5)
+    before = len(server.lines)
+    assert ask(max_new_tokens=NEW, skip_special_tokens=True, echo_this_back=[1]) == greedy
+    assert _within(10, lambda: any("ignored request field(s) 'skip_special_tokens', 'echo_this_back'" in line
+                                   for line in server.lines[before:])), server.lines[before:]
 
 
 def test_local_images_only_inside_the_allowed_folder(server, images, pipe):

@@ -2,7 +2,7 @@
 a conversation turned into a checked prompt (`prepare`), and a reply's text as tokens arrive (`Reply`). The
 steps themselves run on the scheduler (`points.runtime.scheduler`).
 
-Greedy by default (temperature 0, as the reference always decodes); temperature / top-k / top-p sampling
+Greedy by default (temperature 0, as the reference always decodes); temperature / top-k / top-p / min-p sampling
 with an optional seed; repetition penalty (transformers' rule, over the reply's tokens only, as every member's
 official call applies it: points.runtime.sampling). A member's preset (`Pipeline.chat(..., preset=)`) gives
 defaults that the settings given override.
@@ -54,6 +54,7 @@ class GenerationConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
+    min_p: float = 0.0  # 0 = off
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
@@ -74,6 +75,8 @@ class GenerationConfig:
             bad("top_p", "a number in (0, 1]")
         if not isinstance(self.top_k, int) or isinstance(self.top_k, bool) or not 0 <= self.top_k <= 2**31 - 1:
             bad("top_k", "an integer from 0 (off) to 2**31 - 1")
+        if not _finite(self.min_p) or not 0 <= self.min_p <= 1:
+            bad("min_p", "a number in [0 (off), 1]")
         if not _finite(self.repetition_penalty) or not self.repetition_penalty > 0:
             bad("repetition_penalty", "a finite number > 0 (1 = off)")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)

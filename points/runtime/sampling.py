@@ -1,11 +1,12 @@
 """Choosing the next token: logits [B, V] float32 -> token ids [B], as tensor ops only (no host sync),
 so that it runs inside the compiled decode step, in the same graph as the model.
 
-Every row has its own rule (the scheduler's rows belong to different requests): temperature, top-k, top-p
-and repetition penalty are per-row tensors, and a sampling row draws its noise from its own seeded
+Every row has its own rule (the scheduler's rows belong to different requests): temperature, top-k, top-p,
+min-p and repetition penalty are per-row tensors, and a sampling row draws its noise from its own seeded
 generator, so that a seeded request draws the same tokens whatever else is in the batch. Greedy
-(temperature 0) is argmax. Sampling is Gumbel-max: softmax(logits / temperature) after top-k and top-p
-filtering, divided by exponential noise drawn outside the graph; the argmax of that is a draw from the
+(temperature 0) is argmax. Sampling is Gumbel-max: softmax(logits / temperature) after top-k, top-p and
+min-p filtering (transformers' order and rules: min-p keeps the tokens whose probability is at least min_p
+times the most likely one's), divided by exponential noise drawn outside the graph; the argmax of that is a draw from the
 filtered distribution (the same law as torch.multinomial, a different stream). The repetition penalty is
 transformers' rule over the tokens generated so far, the prompt's not counted: every member's official call
 gives `generate` the prompt as `inputs_embeds` alone, so its penalty sees only the reply.
@@ -24,11 +25,12 @@ def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:
     return torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
 
 
-def filtered_probs(logits: torch.Tensor, temperature, top_k=0, top_p=1.0, *, k_max: int | None = None,
-                   p_any: bool | None = None) -> torch.Tensor:
-    """softmax(logits / temperature) restricted to the top_k tokens (0 = all) and to the smallest
-    most-likely prefix whose mass reaches top_p (never empty). Each setting is a number or a per-row tensor
-    [B]; with tensors, `k_max` (the largest top_k, 0 = no row filters) and `p_any` (some top_p < 1) come from
+def filtered_probs(logits: torch.Tensor, temperature, top_k=0, top_p=1.0, min_p=0.0, *, k_max: int | None = None,
+                   p_any: bool | None = None, min_any: bool | None = None) -> torch.Tensor:
+    """softmax(logits / temperature) restricted to the top_k tokens (0 = all), to the smallest
+    most-likely prefix whose mass reaches top_p (never empty), then to the tokens of probability at least
+    min_p times the largest (0 = all). Each setting is a number or a per-row tensor [B]; with tensors, `k_max`
+    (the largest top_k, 0 = no row filters), `p_any` (some top_p < 1) and `min_any` (some min_p > 0) come from
     the host, so that nothing here reads a tensor's value."""
     if not isinstance(temperature, torch.Tensor):
         temperature = torch.tensor(float(temperature), device=logits.device)
@@ -50,6 +52,12 @@ def filtered_probs(logits: torch.Tensor, temperature, top_k=0, top_p=1.0, *, k_m
         probs = sorted_logits.softmax(-1)
         drop = (probs.cumsum(-1) - probs > p) & (p < 1)
         logits = logits.masked_fill(drop.scatter(-1, order, drop), -math.inf)
+    if min_any is None:
+        min_any = float(min_p) > 0
+    if min_any:
+        m = torch.as_tensor(min_p, dtype=logits.dtype, device=logits.device).reshape(-1, 1)
+        probs = logits.softmax(-1)
+        logits = logits.masked_fill(probs < m * probs.amax(-1, keepdim=True), -math.inf)
     return logits.softmax(-1)
 
 
@@ -64,13 +72,15 @@ class Picker:
     `buffers()` are the tensors a call reads or writes in place."""
 
     def __init__(self, batch: int, vocab: int, device: torch.device, *, temperature: float = 0.0,
-                 top_k: int = 0, top_p: float = 1.0, penalty: float = 1.0, seed: int | None = None):
+                 top_k: int = 0, top_p: float = 1.0, penalty: float = 1.0, seed: int | None = None,
+                 min_p: float = 0.0):
         self.batch, self.vocab, self.device = batch, vocab, torch.device(device)
-        self.rules = [(float(temperature), int(top_k), float(top_p), float(penalty))] * batch  # host copies
+        self.rules = [(float(temperature), int(top_k), float(top_p), float(penalty), float(min_p))] * batch  # host
         self.temperature = torch.full((batch,), float(temperature), device=device)
         self.top_k = torch.full((batch,), int(top_k), dtype=torch.long, device=device)
         self.top_p = torch.full((batch,), float(top_p), device=device)
         self.penalty = torch.full((batch, 1), float(penalty), device=device)
+        self.min_p = torch.full((batch,), float(min_p), device=device)
         self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device) if penalty != 1.0 else None
         self.noise = torch.empty(batch, vocab, device=device) if temperature > 0 else None
         self.generator, self.generators = None, [None] * batch  # one for the whole batch, or one per row
@@ -86,13 +96,15 @@ class Picker:
         self.k_max = 0 if k_max == 0 else min(1 << (k_max - 1).bit_length(), self.vocab)
         self.p_any = any(r[0] > 0 and r[2] < 1 for r in self.rules)
         self.penalizing = any(r[3] != 1.0 for r in self.rules)
+        self.min_any = any(r[0] > 0 and r[4] > 0 for r in self.rules)
 
     def set_row(self, row: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                penalty: float = 1.0, seed: int | None = None) -> None:
+                penalty: float = 1.0, seed: int | None = None, min_p: float = 0.0) -> None:
         """Row `row` gets a new request's rule: its generator seeded with `seed` (random without one), nothing
         seen yet."""
-        self.rules[row] = (float(temperature), int(top_k), float(top_p), float(penalty))
-        self.temperature[row], self.top_k[row], self.top_p[row], self.penalty[row] = self.rules[row]
+        self.rules[row] = (float(temperature), int(top_k), float(top_p), float(penalty), float(min_p))
+        (self.temperature[row], self.top_k[row], self.top_p[row], self.penalty[row],
+         self.min_p[row]) = self.rules[row]
         if temperature > 0:
             if self.noise is None:
                 self.noise = torch.empty(self.batch, self.vocab, device=self.device)
@@ -108,7 +120,7 @@ class Picker:
         v = object.__new__(Picker)
         v.batch, v.vocab, v.device = stop - start, self.vocab, self.device
         v.rules, v.generator, v.generators = self.rules[start:stop], self.generator, self.generators[start:stop]
-        for name in ("temperature", "top_k", "top_p", "penalty", "seen", "noise"):
+        for name in ("temperature", "top_k", "top_p", "penalty", "min_p", "seen", "noise"):
             t = getattr(self, name)
             setattr(v, name, None if t is None else t[start:stop])
         v._flags()
@@ -137,7 +149,8 @@ class Picker:
         greedy = logits.argmax(-1)
         if not self.sampling:
             return greedy
-        probs = filtered_probs(logits, self.temperature, self.top_k, self.top_p, k_max=self.k_max, p_any=self.p_any)
+        probs = filtered_probs(logits, self.temperature, self.top_k, self.top_p, self.min_p, k_max=self.k_max,
+                               p_any=self.p_any, min_any=self.min_any)
         return torch.where(self.temperature > 0, (probs / self.noise).argmax(-1), greedy)
 
 

@@ -334,7 +334,7 @@ class Scheduler:
                                       torch.stack([prompt.grid_thw[images.index(im)] for im in later]), engine.attn)
         embeds = model.embed(torch.tensor([ids[reused:]], device=engine.device), features)
         logits = engine.prefill(row, embeds=embeds)
-        self.pick.set_row(i, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        self.pick.set_row(i, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
                           penalty=cfg.repetition_penalty, seed=cfg.seed)
         pick = self.pick.view(i, i + 1)
         pick.draw()

@@ -37,7 +37,7 @@ def check_weight_options(p: argparse.ArgumentParser, args) -> None:
         p.error("--quantize-lm-head needs --quantize int8")
 
 
-GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed")
+GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -47,6 +47,8 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, help="0 = greedy (default: 0.0)")
     p.add_argument("--top-p", type=float, help="nucleus sampling (default: 1.0 = off)")
     p.add_argument("--top-k", type=int, help="default: 0 = off")
+    p.add_argument("--min-p", type=float, help="keep the tokens at least this times as likely as the most likely "
+                                               "one (default: 0.0 = off)")
     p.add_argument("--repetition-penalty", type=float, help="default: 1.0 = off")
     p.add_argument("--seed", type=int, default=None, help="for sampling (default: none)")
 

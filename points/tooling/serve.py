@@ -22,8 +22,12 @@ whole; images come as `data:image/...;base64,...` URLs (bytes counted before dec
 header before decoding: points.io.processor), `http(s)://` only with --allow-remote-images (size and time
 bounded), local paths or `file://` only inside --allow-local-images DIR (resolved, links included, never
 outside it). A bad request is a 400 JSON error naming the field (`{"error": {"message", "type", "param",
-"code"}}`): a field of the wrong type, one not supported yet (FIELDS), an unknown one; more than --max-batch
-running + --max-queue waiting requests is 429 with Retry-After; never a 500 for bad input. SIGTERM: no new
+"code"}}`): a field of the wrong type, an OpenAI field not supported yet (FIELDS: every OpenAI field is
+listed, with the values accepted), two fields of one setting that disagree. A field that is neither OpenAI's
+nor an extension here is ignored with a log line, as vLLM does (the official /chat route refuses it).
+Extensions, as SGLang takes them (POINTS-Reader's model card sends them): top_k, min_p, repetition_penalty,
+max_new_tokens (max_tokens' other name), do_sample (false: greedy; true: the temperature given, else the
+preset's, else 1), preset. More than --max-batch running + --max-queue waiting requests is 429 with Retry-After; never a 500 for bad input. SIGTERM: no new
 connections, running requests get --grace-seconds to finish, then the server ends them (a stream's last chunk
 says finish_reason "length", then `data: [DONE]`) and exits 0. A client that disconnects has its request
 cancelled within one step, unlogged.
@@ -200,30 +204,34 @@ JSON_TYPES = {"an integer": lambda v: isinstance(v, int) and not isinstance(v, b
 class Field:
     """A request field the server knows: its JSON type(s) as the error says them ("a string or a list"); the
     `Pipeline.chat` keyword it sets (the value then checked by GenerationConfig); `only`: the values accepted
-    while the field is not supported yet (its "off" values)."""
+    while the field is not supported yet (its "off" values; () refuses every value but null)."""
 
     kind: str
     keyword: str | None = None
-    only: tuple = ()
+    only: tuple | None = None
 
     def fits(self, value) -> bool:
         return any(JSON_TYPES[kind](value) for kind in self.kind.split(" or "))
 
 
-# The Chat Completions request fields; any other is refused. Supporting one = giving it a keyword (or reading it
-# in the route) and dropping its `only`.
+# The Chat Completions request fields: OpenAI's (every one: a field this server cannot honour is refused unless it
+# has its "off" value) and the extensions SGLang and vLLM users send (marked). Supporting one = giving it a keyword
+# (or reading it in the route) and dropping its `only`. A field outside both is ignored, with a log line.
 FIELDS = {
     "messages": Field("a list"),  # (each message checked by messages_of)
     "model": Field("a string"),
     "stream": Field("a boolean"),
     "stream_options": Field("an object"),
     "user": Field("a string"),  # (metadata: unused)
+    "metadata": Field("an object"),  # (unused)
+    "service_tier": Field("a string"),  # (unused: one tier)
+    "prompt_cache_key": Field("a string"),  # (unused: the prefix cache keys on the prompt itself)
+    "safety_identifier": Field("a string"),  # (unused)
+    "store": Field("a boolean", only=(False,)),
     "max_tokens": Field("an integer", "max_new_tokens"),
     "max_completion_tokens": Field("an integer", "max_new_tokens"),
     "temperature": Field("a number", "temperature"),
     "top_p": Field("a number", "top_p"),
-    "top_k": Field("an integer", "top_k"),  # (an extension)
-    "repetition_penalty": Field("a number", "repetition_penalty"),  # (an extension)
     "seed": Field("an integer", "seed"),
     "stop": Field("a string or a list", "stop"),
     "n": Field("an integer", only=(1,)),
@@ -236,32 +244,67 @@ FIELDS = {
     "tools": Field("a list", only=([],)),
     "tool_choice": Field("a string or an object", only=("none",)),
     "parallel_tool_calls": Field("a boolean"),  # (without tools nothing is called)
-    "preset": Field("a string"),  # (an extension: one of the model's presets, read by the route)
+    "functions": Field("a list", only=([],)),  # (OpenAI's older tools)
+    "function_call": Field("a string or an object", only=("none",)),
+    "modalities": Field("a list", only=(["text"],)),
+    "audio": Field("an object", only=()),
+    "prediction": Field("an object", only=()),
+    "reasoning_effort": Field("a string", only=()),
+    "verbosity": Field("a string", only=()),
+    "web_search_options": Field("an object", only=()),
+    "best_of": Field("an integer", only=(1,)),  # (OpenAI's legacy completions; vLLM's)
+    # extensions (SGLang's sampling fields, as POINTS-Reader's model card sends them; vLLM has the same)
+    "top_k": Field("an integer", "top_k"),
+    "min_p": Field("a number", "min_p"),
+    "repetition_penalty": Field("a number", "repetition_penalty"),
+    "max_new_tokens": Field("an integer", "max_new_tokens"),
+    "do_sample": Field("a boolean"),  # (false: greedy; true: the temperature given, the preset's, else 1)
+    "preset": Field("a string"),  # (one of the model's presets, read by the route)
+    # vLLM's structured-output extensions: they change the reply, so refused until served (never ignored)
+    "guided_json": Field("a string or an object", only=()),
+    "guided_regex": Field("a string", only=()),
+    "guided_choice": Field("a list", only=()),
+    "guided_grammar": Field("a string", only=()),
+    "structured_outputs": Field("an object", only=()),
 }
 OFFICIAL_FIELDS = {name: FIELDS[name] for name in ("messages", "max_tokens", "temperature", "top_p", "top_k")}
 STOP_LIMIT = (4, 256)  # stop strings per request, characters each (OpenAI's bound: each is scanned every token)
 
 
-def generation_of(body: dict, fields: dict[str, Field] = FIELDS) -> dict:
-    """Every field of the request checked against `fields` (an unknown one, one of the wrong type or not
-    supported yet is a 400 naming it), before any image is read -> the generation settings as `Pipeline.chat`
-    keywords (absent or null fields keep the defaults: greedy, as the model card)."""
+def generation_of(body: dict, fields: dict[str, Field] = FIELDS, defaults: dict | None = None,
+                  strict: bool = True) -> dict:
+    """Every field of the request checked against `fields` (one of the wrong type or not supported yet is a 400
+    naming it; an unknown one too when `strict`, else left for the route to log), before any image is read ->
+    the generation settings as `Pipeline.chat` keywords (absent or null fields keep the defaults: greedy, as the
+    model card). Two fields of one setting (max_tokens and max_new_tokens) that disagree are a 400 naming the
+    second. `defaults` (a preset's settings): what do_sample true samples with when no temperature is given."""
     from points.runtime.generation import GenerationConfig, GenerationError
 
     gen, named = {}, {}
     for name, value in body.items():
         field = fields.get(name)
         if field is None:
-            raise ApiError(400, f"{name:.100}: unrecognized request field", name[:100])
+            if strict:
+                raise ApiError(400, f"{name:.100}: unrecognized request field", name[:100])
+            continue
         if value is None:
             continue
         if not field.fits(value):
             raise _bad(name, f"expected {field.kind}, got {value!r:.40}")
-        if field.only and value not in field.only:
-            allowed = " or ".join(json.dumps(v) for v in field.only)
+        if field.only is not None and value not in field.only:
+            allowed = " or ".join(json.dumps(v) for v in field.only or (None,))
             raise _bad(name, f"not supported yet (only {allowed} is accepted), got {value!r:.40}")
         if field.keyword is not None:
+            if field.keyword in gen and gen[field.keyword] != value:
+                raise _bad(name, f"{value!r:.40} disagrees with {named[field.keyword]} = {gen[field.keyword]!r:.40}")
             gen[field.keyword], named[field.keyword] = value, name
+    sample = body.get("do_sample") if "do_sample" in fields else None
+    if sample is False:  # greedy, whatever temperature says (as `generate(do_sample=False)`)
+        gen["temperature"], named["temperature"] = 0.0, "do_sample"
+    elif sample is True and not gen.get("temperature"):
+        if gen.get("temperature") == 0:
+            raise _bad("do_sample", "true needs a temperature > 0, got temperature 0")
+        gen["temperature"], named["temperature"] = (defaults or {}).get("temperature") or 1.0, "do_sample"
     stop = gen.get("stop")
     stops = [stop] if isinstance(stop, str) else stop if isinstance(stop, list) else None
     if stop is not None and (stops is None or not 0 < len(stops) <= STOP_LIMIT[0]
@@ -273,6 +316,11 @@ def generation_of(body: dict, fields: dict[str, Field] = FIELDS) -> dict:
     except GenerationError as e:
         raise _bad(named.get(e.field, e.field), f"expected {e.want}, got {e.value!r:.40}") from None
     return gen
+
+
+def ignored_fields(body: dict, fields: dict[str, Field] = FIELDS) -> list[str]:
+    """The request's fields that are neither OpenAI's nor this server's extensions (ignored, as vLLM does)."""
+    return [name for name in body if name not in fields]
 
 
 # --------------------------------------------------------------------------------------------- the app
@@ -336,8 +384,12 @@ class Server:
         from starlette.responses import JSONResponse
 
         body = await self._body(request)
-        gen = generation_of(body)
-        preset = self._preset(body.get("preset"))
+        preset = self._preset(body.get("preset") if isinstance(body.get("preset"), str) else None)
+        gen = generation_of(body, defaults=dict(preset.generation) if preset is not None else None, strict=False)
+        ignored = ignored_fields(body)
+        if ignored:
+            print(f"points serve: ignored request field(s) {', '.join(repr(n[:100]) for n in ignored[:8])} (neither "
+                  "OpenAI's nor this server's)", file=sys.stderr, flush=True)
         if body.get("model") not in (None, self.name):
             raise ApiError(404, f"model: {body['model']!r:.60} is not served here (this server serves "
                                 f"{self.name!r})", "model", code="model_not_found")
