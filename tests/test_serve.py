@@ -346,6 +346,38 @@ def test_extensions_are_honoured_and_unknown_fields_ignored_with_a_log_line(serv
                                    for line in server.lines[before:])), server.lines[before:]
 
 
+def test_cached_tokens_metrics_and_one_log_line_per_request(server, client, pipe):
+    """A conversation asked twice: the second's usage says the prefix cache saved all its prompt but the last
+    token (the one whose logits start the reply), with the same reply; /metrics (behind the key) is Prometheus'
+    text format, read back by prometheus_client's own parser, counting what the requests did; each request left
+    one log line under the id it answered with."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    messages = _messages(11, PHOTO)
+    want = pipe.chat(_ours(messages, PHOTO), max_new_tokens=NEW)
+    first = client.chat.completions.create(model="points-e2e", messages=messages, max_tokens=NEW)
+    second = client.chat.completions.create(model="points-e2e", messages=messages, max_tokens=NEW)
+    assert first.choices[0].message.content == second.choices[0].message.content == want
+    assert first.usage.prompt_tokens_details.cached_tokens < 8  # (at most the template's opening, cached by others)
+    assert second.usage.prompt_tokens_details.cached_tokens == second.usage.prompt_tokens - 1
+    assert server.get("/metrics", key=None)[0] == 401
+    scrape = urllib.request.Request(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+    with urllib.request.urlopen(scrape, timeout=60) as r:
+        assert r.status == 200 and r.headers["content-type"].startswith("text/plain"), r.headers
+        text = r.read().decode()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    assert samples[("points_requests_total", (("finish_reason", "length"),))] >= 2
+    assert samples[("points_prefix_cache_hit_tokens_total", ())] >= second.usage.prompt_tokens - 1
+    assert samples[("points_generation_tokens_total", ())] >= 2 * NEW
+    assert samples[("points_time_to_first_token_seconds_count", ())] >= 2
+    assert samples[("points_vision_encoder_seconds_count", ())] >= 1  # (the first; the second's image was cached)
+    assert ("points_rows_busy", ()) in samples and ("points_requests_waiting", ()) in samples
+    for got in (first, second):
+        assert _within(10, lambda: any(line.startswith(f"points serve: {got.id} /v1/chat/completions length ")
+                                       for line in server.lines)), got.id
+
+
 def test_local_images_only_inside_the_allowed_folder(server, images, pipe):
     inner = images / "inner"
     Image.open(PHOTO).resize((84, 56)).save(inner / "ok.png")

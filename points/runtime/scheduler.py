@@ -29,6 +29,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -64,6 +65,12 @@ class Request:
     cancelled: bool = False
     step_failed: bool = False  # it ended with a failure of a whole decode step, not of its own
     token_ids: list[int] = field(default_factory=list)  # once done: the ids chosen for it (a stop token included)
+    cached_tokens: int = 0  # prompt tokens restored from the prefix cache (not prefilled again)
+    images_encoded: int = 0  # images the vision encoder ran for (those of the cached prefix are not)
+    vision_seconds: float = 0.0  # the vision encoder's time for them
+    submitted_at: float = field(default_factory=time.perf_counter)  # perf_counter() times
+    first_token_at: float | None = None
+    finished_at: float | None = None
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     pieces: list[str] = field(default_factory=list)  # every piece emitted so far
 
@@ -330,8 +337,12 @@ class Scheduler:
         later = [im for im in images if im[0] >= reused]  # the images before `reused` are in the cache already
         features = None
         if later:
+            start = time.perf_counter()
             features = image_features(model, torch.cat([prompt.pixel_values[r:r + n] for _, _, r, n in later]),
                                       torch.stack([prompt.grid_thw[images.index(im)] for im in later]), engine.attn)
+            if features.is_cuda:  # (the time the encoder took, not the time to queue it)
+                torch.cuda.synchronize(features.device)
+            request.images_encoded, request.vision_seconds = len(later), time.perf_counter() - start
         embeds = model.embed(torch.tensor([ids[reused:]], device=engine.device), features)
         logits = engine.prefill(row, embeds=embeds)
         self.pick.set_row(i, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
@@ -339,6 +350,7 @@ class Scheduler:
         pick = self.pick.view(i, i + 1)
         pick.draw()
         first = int(pick(logits)[0])
+        request.cached_tokens, request.first_token_at = reused, time.perf_counter()
         with self._work:  # (in a row and no longer admitting at once: load() counts it once)
             self.rows[i] = _Row(request, Reply(self.tokenizer, cfg.stop), key, len(ids))
             self._admitting = None
@@ -409,7 +421,7 @@ class Scheduler:
             self._end(row.request, reason)
 
     def _end(self, request: Request, reason: str) -> None:
-        request.finish_reason = reason
+        request.finish_reason, request.finished_at = reason, time.perf_counter()
         request._emit(_END)
 
     def _fail_all(self, e: BaseException) -> None:

@@ -30,7 +30,14 @@ max_new_tokens (max_tokens' other name), do_sample (false: greedy; true: the tem
 preset's, else 1), preset. More than --max-batch running + --max-queue waiting requests is 429 with Retry-After; never a 500 for bad input. SIGTERM: no new
 connections, running requests get --grace-seconds to finish, then the server ends them (a stream's last chunk
 says finish_reason "length", then `data: [DONE]`) and exits 0. A client that disconnects has its request
-cancelled within one step, unlogged.
+cancelled within one step.
+
+For the operator (points.tooling.metrics): every request that ran leaves one line on stderr under its id (the
+response's `id`): route, finish reason, prompt / cached / completion tokens, time to first token and in all;
+`usage.prompt_tokens_details.cached_tokens` says how many prompt tokens the prefix cache saved; `GET /metrics`
+is Prometheus' text format (queue, busy rows, tokens, prefix-cache hits, time to first token, time per output
+token, the vision encoder's time), behind the key like every route but /health; under --replicas each replica
+counts its own.
 """
 
 from __future__ import annotations
@@ -51,6 +58,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+
+from points.tooling.metrics import Metrics, log_line
 
 MIB = 1 << 20
 DATA_URL = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,(.*)", re.S)
@@ -339,6 +348,7 @@ class Server:
         self.jobs: set[_Job] = set()  # the requests in, from their admission until their request ends
         self.ending = False  # SIGTERM's grace period is over: every request is ended
         self.created = int(time.time())
+        self.metrics = Metrics(self.scheduler)
 
     def app(self):
         from starlette.applications import Starlette
@@ -348,6 +358,7 @@ class Server:
 
         routes = [Route("/health", self.health, methods=["GET"]),
                   Route("/v1/models", self.models, methods=["GET"]),
+                  Route("/metrics", self.prometheus, methods=["GET"]),
                   Route("/v1/chat/completions", self.completions, methods=["POST"]),
                   Route("/chat", self.official_chat, methods=["POST"])]
         handlers = {ApiError: self._api_error, HTTPException: self._http_error, ClientDisconnect: self._client_gone,
@@ -370,6 +381,12 @@ class Server:
         busy, waiting = self.scheduler.load()
         return JSONResponse({"status": "ok", "model": self.name, "busy_rows": busy, "waiting": waiting,
                              "pid": os.getpid()})
+
+    async def prometheus(self, request):
+        from starlette.responses import Response
+
+        body, content_type = self.metrics.render()
+        return Response(body, media_type=content_type)
 
     async def models(self, request):
         from starlette.responses import JSONResponse
@@ -395,8 +412,8 @@ class Server:
                                 f"{self.name!r})", "model", code="model_not_found")
         stream = body.get("stream") or False
         usage_chunk = (body.get("stream_options") or {}).get("include_usage") is True
-        job = await self._submit(body, gen, preset)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        job = await self._submit(body, gen, preset, ident, "/v1/chat/completions")
         if stream:
             return _CancellingStream(job, self._events(job, ident, created, usage_chunk),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -412,7 +429,8 @@ class Server:
         from starlette.responses import JSONResponse
 
         body = await self._body(request)
-        job = await self._submit(body, generation_of(body, OFFICIAL_FIELDS), self._preset(None))
+        job = await self._submit(body, generation_of(body, OFFICIAL_FIELDS), self._preset(None),
+                                 f"chat-{uuid.uuid4().hex}", "/chat")
         text = await job.text(request)
         return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
 
@@ -453,17 +471,18 @@ class Server:
         return ApiError(413, f"the body is over the limit of {self.max_body_bytes / MIB:g} MiB (--max-body-mb)",
                         code="body_too_large")
 
-    async def _submit(self, body: dict, gen: dict, preset=None) -> "_Job":
+    async def _submit(self, body: dict, gen: dict, preset, ident: str, route: str) -> "_Job":
         """Admit the request (429 when --max-batch + --max-queue are in: counted here, on the event loop, from
         admission to the end, so a burst cannot race past the bound) and queue it, its images decoded off the
-        event loop; `preset` (a family Preset, or None) applied to its messages and under its settings."""
+        event loop; `preset` (a family Preset, or None) applied to its messages and under its settings. When it
+        ends it is counted in the metrics and logged in one line under `ident`."""
         from starlette.concurrency import run_in_threadpool
 
         if len(self.jobs) >= self.capacity:
             raise ApiError(429, f"the server is busy ({len(self.jobs)} requests in: --max-batch "
                                 f"{self.scheduler.max_batch} running, the rest waiting); retry shortly",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-        job = _Job(asyncio.get_running_loop(), self.jobs)
+        job = _Job(asyncio.get_running_loop(), self.jobs, lambda request: self._ended(ident, route, request))
 
         def prepare():
             from points.io.chat import build_prompt, with_preset
@@ -495,6 +514,10 @@ class Server:
         if self.ending:
             job.request.cancel()
         return job
+
+    def _ended(self, ident: str, route: str, request) -> None:
+        self.metrics.observe(request)
+        print(log_line(ident, route, request), file=sys.stderr, flush=True)
 
     def end_requests(self) -> None:
         """SIGTERM's grace period is over: every request is ended (cancelled in the scheduler: a stream sends its
@@ -589,18 +612,20 @@ class _Job:
     """One request seen from the event loop: the scheduler thread's events arrive in an asyncio queue; it is in
     `jobs` until its last event arrives."""
 
-    def __init__(self, loop, jobs: set):
-        self.loop, self.queue, self.request, self.jobs = loop, asyncio.Queue(), None, jobs
+    def __init__(self, loop, jobs: set, on_end=None):
+        self.loop, self.queue, self.request, self.jobs, self.on_end = loop, asyncio.Queue(), None, jobs, on_end
         jobs.add(self)
 
     def event(self, request, event) -> None:  # called in the scheduler's thread
-        self.loop.call_soon_threadsafe(self._arrived, event)
+        self.loop.call_soon_threadsafe(self._arrived, request, event)
 
-    def _arrived(self, event) -> None:
+    def _arrived(self, request, event) -> None:
         from points.runtime.scheduler import _END
 
         if event is _END:
             self.jobs.discard(self)
+            if self.on_end is not None:  # (the request may end before `submit`'s answer reaches the loop)
+                self.on_end(request)
         self.queue.put_nowait(event)
 
     async def pieces(self):
@@ -641,7 +666,8 @@ class _Job:
     def usage(self) -> dict:
         r = self.request
         return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                "total_tokens": r.prompt_tokens + r.completion_tokens}
+                "total_tokens": r.prompt_tokens + r.completion_tokens,
+                "prompt_tokens_details": {"cached_tokens": r.cached_tokens}}
 
 
 async def _disconnected(http_request) -> None:
@@ -718,6 +744,7 @@ def _serve(args) -> int:
     try:
         import uvicorn  # noqa: F401
         import starlette  # noqa: F401
+        import prometheus_client  # noqa: F401
     except ImportError as e:
         raise ValueError(f"points serve needs the serving extra ({e.name} is missing): pip install "
                          "'points[serve]'") from None
