@@ -221,7 +221,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     config = read_config(path)  # (once: every step below takes it)
     tokenizer = Tokenizer(path)
     config = config.with_tokenizer(tokenizer.image_pad_id, path / "tokenizer.json")
-    processor = ImageProcessor.from_dir(path, rules=config.member.processor)  # the member's own resize rules
+    processor = ImageProcessor.from_dir(path, rules=config.member.processor,  # the member's own resize rules
+                                        item_max_pixels=config.member.item_max_pixels)
     model = build(config, CardModel, parts=("decoder", "vision", "projector"),
                   prefix="", dtype=dtype, device=device, progress=progress, quantize=quantize,
                   quantize_lm_head=quantize_lm_head)

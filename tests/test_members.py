@@ -222,3 +222,25 @@ def test_lora_finetune_then_merge_and_explain(member, picture, tmp_path):
     assert explain.main(["--model", str(d), "--image", str(picture), "--prompt", "What is shown?",
                          "--output", str(tmp_path / "seen.png"), "--max-new-tokens", "2"]) == 0
     assert Image.open(tmp_path / "seen.png").size[0] == 640
+
+
+def test_an_image_items_own_max_pixels_follow_the_members_rule(member, picture):
+    """POINTS-Reader's chat shrinks an image over its item's max_pixels first (its official rule); the other
+    members take the item's bounds as the processor's (Qwen-VL's convention): the rule is the member's data."""
+    import dataclasses
+
+    from points.io.processor import open_image
+
+    d, pipe = member
+    rule = "prefit" if pipe.member.name == "points-reader" else "bounds"
+    assert pipe.processor.item_max_pixels == pipe.member.item_max_pixels == rule
+    n = 28 * 28 * 6
+    enc = pipe.encode([{"role": "user", "content": [{"type": "image", "image": picture, "max_pixels": n},
+                                                    {"type": "text", "text": "?"}]}])
+    if rule == "bounds":
+        want = dataclasses.replace(pipe.processor, max_pixels=n)(picture)[0]
+    else:
+        img = open_image(picture)
+        b = (img.width * img.height / n) ** 0.5
+        want = pipe.processor(img.resize((int(img.width // b), int(img.height // b)), Image.Resampling.BICUBIC))[0]
+    assert torch.equal(enc.pixel_values, want)

@@ -143,7 +143,7 @@ def test_an_image_items_own_max_pixels_shrinks_it_first_as_reader_does():
     n = 100_000
     b = math.sqrt(img.width * img.height / n)
     shrunk = img.resize((math.floor(img.width / b), math.floor(img.height / b)), Image.Resampling.BICUBIC)
-    proc = ImageProcessor()
+    proc = ImageProcessor(item_max_pixels="prefit")
     want, grid = proc(shrunk)
     got, got_grid = proc(img, max_pixels=n)
     assert got_grid == grid and torch.equal(got, want) and grid != proc(img)[1]
@@ -151,9 +151,36 @@ def test_an_image_items_own_max_pixels_shrinks_it_first_as_reader_does():
     prompt = build_prompt([{"role": "user", "content": [{"type": "image", "image": img, "max_pixels": n},
                                                         {"type": "text", "text": "Read it."}]}], proc)
     assert torch.equal(prompt.pixel_values, want)
-    for bad in (0, 1.5, True, "100"):
-        with pytest.raises(ValueError, match=r"^messages\[0\].content\[0\].max_pixels = .*: expected an integer >= 1"):
-            build_prompt([{"role": "user", "content": [{"type": "image", "image": img, "max_pixels": bad}]}], proc)
+    for key in ("max_pixels", "min_pixels"):
+        for bad in (0, 783, 1.5, True, "100"):
+            with pytest.raises(ValueError, match=rf"^messages\[0\].content\[0\].{key} = .*: expected an integer >= 784"):
+                build_prompt([{"role": "user", "content": [{"type": "image", "image": img, key: bad}]}], proc)
+
+
+@pytest.mark.parametrize("rules", ["points", "qwen2vl"])
+@pytest.mark.parametrize("bounds", [(3136, 50_000), (400_000, 2_000_000), (None, 20_000), (500_000, None)])
+def test_an_image_items_own_bounds_are_the_processors_with_those_bounds(rules, bounds):
+    """Qwen-VL's convention (every member but Reader): an image item's min_pixels / max_pixels are the
+    processor's bounds for that image: the same ids and pixels as a processor built with them, and for the
+    stock rules as transformers' processor with them; a min over the max is refused, naming the item."""
+    from points.io.chat import build_prompt
+
+    lo, hi = bounds
+    img = Image.open(PHOTO).convert("RGB")  # 512 x 600
+    proc = ImageProcessor(rules=rules)
+    own = ImageProcessor(min_pixels=lo or proc.min_pixels, max_pixels=hi or proc.max_pixels, rules=rules)
+    want, grid = own(img)
+    got, got_grid = proc(img, max_pixels=hi, min_pixels=lo)
+    assert got_grid == grid and torch.equal(got, want)
+    if rules == "qwen2vl":
+        expected, ref_grid = _ref(img, min_pixels=lo or proc.min_pixels, max_pixels=hi or proc.max_pixels)
+        assert ref_grid == grid and torch.equal(got, expected)
+    item = {"type": "image", "image": img} | ({"min_pixels": lo} if lo else {}) | ({"max_pixels": hi} if hi else {})
+    prompt = build_prompt([{"role": "user", "content": [item, {"type": "text", "text": "Read it."}]}], proc)
+    assert torch.equal(prompt.pixel_values, want) and prompt.grid_thw.tolist() == [list(grid)]
+    with pytest.raises(ValueError, match=r"^messages\[0\].content\[0\].min_pixels = 5000: expected at most max_pixels \(4000\)"):
+        build_prompt([{"role": "user", "content": [{"type": "image", "image": img, "min_pixels": 5000,
+                                                    "max_pixels": 4000}]}], proc)
 
 
 # --------------------------------------------------------------------------- rules="qwen2vl" (Reader, GUI-G)
@@ -260,7 +287,7 @@ def test_an_image_items_own_max_pixels_under_qwen2vl_rules():
     b = math.sqrt(img.width * img.height / n)
     shrunk = img.resize((math.floor(img.width / b), math.floor(img.height / b)), Image.Resampling.BICUBIC)
     expected, grid = _ref(shrunk, min_pixels=3136, max_pixels=28 * 28 * 20)
-    got, our_grid = ImageProcessor(max_pixels=28 * 28 * 20, rules="qwen2vl")(img, max_pixels=n)
+    got, our_grid = ImageProcessor(max_pixels=28 * 28 * 20, rules="qwen2vl", item_max_pixels="prefit")(img, max_pixels=n)
     assert our_grid == grid and torch.equal(got, expected)
     with pytest.raises(ValueError, match="resizes to .*x0"):
-        ImageProcessor(max_pixels=28 * 28 * 20, rules="points")(img, max_pixels=n)
+        ImageProcessor(max_pixels=28 * 28 * 20, rules="points", item_max_pixels="prefit")(img, max_pixels=n)

@@ -378,6 +378,54 @@ def test_cached_tokens_metrics_and_one_log_line_per_request(server, client, pipe
                                        for line in server.lines)), got.id
 
 
+def test_an_image_urls_own_pixel_bounds_and_detail(server, client, pipe):
+    """min_pixels / max_pixels inside an image_url part (SGLang's and Qwen-VL users' way) and detail "low" are
+    that image's bounds: the reply and prompt length are the pipeline's with the image item's own bounds; bounds
+    outside [784, the model's max_pixels], a min over the max, or an unknown detail are a 400 naming the field."""
+    from conftest import E2E_MAX_PIXELS
+
+    def ask(**image_url):
+        messages = _messages(12, PHOTO)
+        messages[0]["content"][0]["image_url"].update(image_url)
+        return client.chat.completions.create(model="points-e2e", messages=messages, max_tokens=NEW)
+
+    def ours(**item):
+        messages = _ours(_messages(12, PHOTO), PHOTO)
+        messages[0]["content"][0].update(item)
+        return pipe.chat(messages, max_new_tokens=NEW), len(pipe.encode(messages).input_ids[0])
+    full = ask()
+    for asked, item in [({"max_pixels": 28 * 28 * 16}, {"max_pixels": 28 * 28 * 16}),
+                        ({"min_pixels": 28 * 28 * 8, "max_pixels": 28 * 28 * 24}, {"min_pixels": 28 * 28 * 8,
+                                                                                   "max_pixels": 28 * 28 * 24})]:
+        got = ask(**asked)
+        text, tokens = ours(**item)
+        assert got.choices[0].message.content == text and got.usage.prompt_tokens == tokens
+        assert got.usage.prompt_tokens < full.usage.prompt_tokens
+    assert ask(detail="high").usage.prompt_tokens == full.usage.prompt_tokens
+    assert ask(detail="low").usage.prompt_tokens == full.usage.prompt_tokens  # (this model's max is under low's)
+    got = ask(detail="low", max_pixels=28 * 28 * 16)  # (an explicit max_pixels wins)
+    assert got.choices[0].message.content == ours(max_pixels=28 * 28 * 16)[0]
+    at = "messages[0].content[0].image_url"
+    for image_url, param in [({"max_pixels": 500}, f"{at}.max_pixels"), ({"max_pixels": E2E_MAX_PIXELS + 1}, f"{at}.max_pixels"),
+                             ({"min_pixels": "many"}, f"{at}.min_pixels"), ({"max_pixels": True}, f"{at}.max_pixels"),
+                             ({"min_pixels": 28 * 28 * 30, "max_pixels": 28 * 28 * 20}, f"{at}.min_pixels"),
+                             ({"detail": "ultra"}, f"{at}.detail")]:
+        body = {"messages": _messages(12, PHOTO), "max_tokens": NEW}
+        body["messages"][0]["content"][0]["image_url"].update(image_url)
+        status, _, answer = server.post("/v1/chat/completions", body)
+        assert status == 400 and answer["error"]["param"] == param, (image_url, answer)
+
+
+def test_detail_maps_to_documented_bounds():
+    from points.tooling.serve import _pixel_bounds
+
+    assert _pixel_bounds({"detail": "low"}, "x", 28 * 28 * 1280) == {"max_pixels": 448 * 448}
+    assert _pixel_bounds({"detail": "low"}, "x", 50_000) == {"max_pixels": 50_000}
+    assert _pixel_bounds({"detail": "high"}, "x", 10**6) == _pixel_bounds({"detail": "auto"}, "x", 10**6) == {}
+    assert _pixel_bounds({"detail": "low", "min_pixels": 1000, "max_pixels": 9000}, "x", 10**6) == {
+        "min_pixels": 1000, "max_pixels": 9000}
+
+
 def test_local_images_only_inside_the_allowed_folder(server, images, pipe):
     inner = images / "inner"
     Image.open(PHOTO).resize((84, 56)).save(inner / "ok.png")

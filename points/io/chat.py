@@ -5,7 +5,8 @@
     <|im_start|>assistant\n                                  (after a final user message)
 
 N = h * w / 4 for an image resized to a grid of h x w patches (an image item may carry its own
-"max_pixels", POINTS-Reader's: the image is shrunk to it first, see ImageProcessor). No system prompt unless the conversation
+"min_pixels" / "max_pixels": the processor's bounds for it, or for POINTS-Reader its chat's shrink first; see
+ImageProcessor.__call__). No system prompt unless the conversation
 brings one (an extension: rendered as a ChatML system block); without one the prompt is exactly the
 reference's.
 
@@ -88,11 +89,27 @@ def _items(message: dict, i: int) -> list[dict]:
         if item["type"] == "image" and item.get("image") is None:
             raise ValueError(f"{where}: an image item needs an image (path, pathlib.Path, PIL image or bytes) "
                              "under 'image'")
-        limit = item.get("max_pixels") if item["type"] == "image" else None
-        if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-            raise ValueError(f"{where}.max_pixels = {limit!r:.40}: expected an integer >= 1 (the image's own pixel "
-                             "budget, POINTS-Reader's)")
+        if item["type"] == "image":
+            check_item_pixels(item, where)
     return content
+
+
+ITEM_PIXELS_MIN = 28 * 28  # an image's own bounds: at least one merge window
+
+
+def check_item_pixels(item: dict, where: str) -> None:
+    """An image item's own `min_pixels` / `max_pixels` (ImageProcessor.__call__): integers >= 784 (one merge
+    window), the first not over the second; a ValueError naming `where`.<key> otherwise."""
+    given = {}
+    for key in ("min_pixels", "max_pixels"):
+        value = item.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < ITEM_PIXELS_MIN):
+            raise ValueError(f"{where}.{key} = {value!r:.40}: expected an integer >= {ITEM_PIXELS_MIN} (28 x 28, "
+                             "one merge window: the image's own pixel bound)")
+        given[key] = value
+    if None not in given.values() and given["min_pixels"] > given["max_pixels"]:
+        raise ValueError(f"{where}.min_pixels = {given['min_pixels']}: expected at most max_pixels "
+                         f"({given['max_pixels']})")
 
 
 def build_prompt(messages: list[dict], processor: ImageProcessor) -> Prompt:
@@ -158,7 +175,7 @@ def _render(messages: list[dict], processor: ImageProcessor, training: bool):
             if m["role"] == "system":
                 raise ValueError(f"messages[{i}].content[{j}]: a system message cannot hold images")
             try:
-                pv, grid = processor(item["image"], item.get("max_pixels"))
+                pv, grid = processor(item["image"], item.get("max_pixels"), item.get("min_pixels"))
             except ValueError as e:
                 raise ImageError(f"messages[{i}].content[{j}]", str(e)) from None
             pixels.append(pv)

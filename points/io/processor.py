@@ -15,6 +15,7 @@ Two sets of rules, which differ only in smart_resize's edge cases (the pixels ar
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -37,6 +38,7 @@ MAX_IMAGE_PIXELS = 89_478_485  # pillow's default decompression-bomb threshold (
 
 
 RULES = ("points", "qwen2vl")
+ITEM_MAX_PIXELS = ("bounds", "prefit")  # what an image item's own max_pixels means (ImageProcessor.__call__)
 
 
 def check_rules(rules: str) -> str:
@@ -141,18 +143,21 @@ class ImageProcessor:
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
     rules: str = "points"  # "points" or "qwen2vl": whose smart_resize (see the module docstring)
+    item_max_pixels: str = "bounds"  # what an image's own max_pixels means: "bounds" or "prefit" (see __call__)
 
     def __post_init__(self):
         check_rules(self.rules)
+        if self.item_max_pixels not in ITEM_MAX_PIXELS:
+            raise ValueError(f"item_max_pixels = {self.item_max_pixels!r}: expected one of {ITEM_MAX_PIXELS}")
 
     @classmethod
-    def from_dir(cls, directory: str | Path, rules: str = "points") -> "ImageProcessor":
+    def from_dir(cls, directory: str | Path, rules: str = "points", item_max_pixels: str = "bounds") -> "ImageProcessor":
         """From `preprocessor_config.json` when present (min/max pixels, mean, std), else the defaults.
 
         `rules` is the member's (points.model.family), not the file's: both kinds of file name the same class."""
         path = Path(directory) / "preprocessor_config.json"
         if not path.is_file():
-            return cls(rules=rules)
+            return cls(rules=rules, item_max_pixels=item_max_pixels)
         try:
             d = json.loads(path.read_text())
         except json.JSONDecodeError as e:
@@ -162,7 +167,7 @@ class ImageProcessor:
                    max_pixels=int(d.get("max_pixels", size.get("longest_edge", MAX_PIXELS))),
                    patch_size=int(d.get("patch_size", 14)), temporal_patch_size=int(d.get("temporal_patch_size", 2)),
                    merge_size=int(d.get("merge_size", 2)), mean=tuple(d.get("image_mean", CLIP_MEAN)),
-                   std=tuple(d.get("image_std", CLIP_STD)), rules=rules)
+                   std=tuple(d.get("image_std", CLIP_STD)), rules=rules, item_max_pixels=item_max_pixels)
 
     def to_json(self) -> dict:
         """The preprocessor_config.json that `from_dir` reads back into this processor (given the same rules)."""
@@ -171,17 +176,26 @@ class ImageProcessor:
                 "temporal_patch_size": self.temporal_patch_size, "merge_size": self.merge_size,
                 "image_mean": list(self.mean), "image_std": list(self.std)}
 
-    def __call__(self, image, max_pixels: int | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    def __call__(self, image, max_pixels: int | None = None,
+                 min_pixels: int | None = None) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """One image -> pixel_values [gh * gw, 3 * 2 * 14 * 14] float32 and its grid (1, gh, gw).
 
-        `max_pixels` (an image item's own, as POINTS-Reader's chat takes it): an image of more pixels is first
-        shrunk to (floor(w / b), floor(h / b)), b = sqrt(w * h / max_pixels), bicubic, then processed as usual."""
+        An image's own bounds (an image item's `min_pixels` / `max_pixels`): `min_pixels` replaces the
+        processor's for this image; `max_pixels` too under item_max_pixels="bounds" (Qwen-VL's convention: the
+        result is this processor's with those bounds), while under "prefit" (POINTS-Reader's chat) an image of
+        more pixels is first shrunk to (floor(w / b), floor(h / b)), b = sqrt(w * h / max_pixels), bicubic, then
+        processed within the processor's own max_pixels."""
         img = open_image(image)
-        if max_pixels is not None and img.width * img.height > max_pixels:
+        prefit = self.item_max_pixels == "prefit"
+        if prefit and max_pixels is not None and img.width * img.height > max_pixels:
             b = math.sqrt(img.width * img.height / max_pixels)
             img = img.resize((max(1, math.floor(img.width / b)), max(1, math.floor(img.height / b))),
                              resample=Image.Resampling.BICUBIC)
-        h, w = self.target_size(img.height, img.width)
+        own = self
+        if min_pixels is not None or (max_pixels is not None and not prefit):
+            own = dataclasses.replace(self, min_pixels=self.min_pixels if min_pixels is None else min_pixels,
+                                      max_pixels=self.max_pixels if max_pixels is None or prefit else max_pixels)
+        h, w = own.target_size(img.height, img.width)
         if (img.height, img.width) != (h, w):
             img = img.resize((w, h), resample=Image.Resampling.BICUBIC)
         x = (np.asarray(img, dtype=np.uint8).astype(np.float64) * (1 / 255)).astype(np.float32)

@@ -48,6 +48,9 @@ class Member:
     presets: MappingProxyType  # name -> Preset
     sizes: MappingProxyType  # size name -> (llm_config, vision_config), the member's config.json spelling
     top_level: MappingProxyType = field(default_factory=lambda: MappingProxyType({}))  # config.json keys besides
+    # an image item's own max_pixels: "bounds" (the processor's bound for that image, as Qwen-VL users send it) or
+    # "prefit" (POINTS-Reader's chat: an image over it shrunk first, then the processor's own bounds)
+    item_max_pixels: str = "bounds"
 
 
 def _frozen(d: dict) -> MappingProxyType:
@@ -138,6 +141,7 @@ POINTS15 = Member(
 READER = Member(
     name="points-reader", title="POINTS-Reader", model_type="pointsv1.5_chat", naming="qwen2",
     architectures=("POINTSV15ChatModel",), processor="qwen2vl", ties="official", roles=("user", "assistant"),
+    item_max_pixels="prefit",
     presets=_frozen({"reader": Preset(
         "reader", "POINTS-Reader's document prompt (tables as HTML, the rest as Markdown) and its README's decoding",
         prompt=READER_PROMPT,

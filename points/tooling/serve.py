@@ -153,8 +153,14 @@ class Images:
         return data
 
 
-def messages_of(body: dict, images: Images) -> list[dict]:
-    """The request's OpenAI messages -> `Pipeline.chat` messages (images as bytes), every field checked."""
+DETAIL = {"low": 448 * 448, "high": None, "auto": None}  # an image_url's detail -> its max_pixels (None: the model's)
+
+
+def messages_of(body: dict, images: Images, max_pixels: int | None = None) -> list[dict]:
+    """The request's OpenAI messages -> `Pipeline.chat` messages (images as bytes), every field checked.
+    An image_url's own `min_pixels` / `max_pixels` (as SGLang and Qwen-VL users send them) and `detail` (low:
+    at most 448 x 448 pixels, 256 image tokens, or the model's max_pixels if lower; high and auto: the model's
+    own bounds; an explicit max_pixels wins) become the image item's bounds, each within [784, `max_pixels`] (the model processor's)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _bad("messages", "expected a non-empty list of {\"role\", \"content\"} objects")
@@ -184,12 +190,38 @@ def messages_of(body: dict, images: Images) -> list[dict]:
             elif kind == "image_url":
                 image_url = part.get("image_url")
                 url = image_url.get("url") if isinstance(image_url, dict) else image_url
-                parts.append({"type": "image", "image": images.read(url, f"{at}.image_url.url")})
+                item = {"type": "image"} | (_pixel_bounds(image_url, f"{at}.image_url", max_pixels)
+                                            if isinstance(image_url, dict) else {})
+                parts.append(item | {"image": images.read(url, f"{at}.image_url.url")})
             else:
                 raise _bad(at, "expected {\"type\": \"text\", \"text\"} or {\"type\": \"image_url\", "
                                "\"image_url\": {\"url\"}}")
         out.append({"role": m["role"], "content": parts})
     return out
+
+
+def _pixel_bounds(image_url: dict, where: str, most: int | None) -> dict:
+    """An image_url's min_pixels / max_pixels / detail -> the image item's bounds (400s naming the field)."""
+    from points.io.chat import ITEM_PIXELS_MIN
+
+    detail = image_url.get("detail")
+    if detail is not None and detail not in DETAIL:
+        raise _bad(f"{where}.detail", f"expected \"low\", \"high\" or \"auto\", got {detail!r:.40}")
+    low = DETAIL.get(detail)
+    bounds = {"max_pixels": min(low, most or low)} if low is not None else {}  # (never over the model's own)
+    for key in ("min_pixels", "max_pixels"):
+        value = image_url.get(key)
+        if value is None:
+            continue
+        top = most if most is not None else value
+        if not JSON_TYPES["an integer"](value) or not ITEM_PIXELS_MIN <= value <= top:
+            raise _bad(f"{where}.{key}", f"expected an integer from {ITEM_PIXELS_MIN} (28 x 28) to {top} (the "
+                                         f"model's max_pixels), got {value!r:.40}")
+        bounds[key] = value
+    if bounds.get("min_pixels", 0) > bounds.get("max_pixels", most or bounds.get("min_pixels", 0)):
+        raise _bad(f"{where}.min_pixels", f"{bounds['min_pixels']} is over max_pixels "
+                                          f"({bounds.get('max_pixels', most)})")
+    return bounds
 
 
 def _text(s) -> bool:
@@ -488,7 +520,7 @@ class Server:
             from points.io.chat import build_prompt, with_preset
             from points.runtime.generation import GenerationConfig, check_room
 
-            messages = messages_of(body, self.images)
+            messages = messages_of(body, self.images, self.pipe.processor.max_pixels)
             defaults = dict(preset.generation) if preset is not None else {}
             settings = defaults | gen
             prompt = build_prompt(with_preset(messages, preset) if preset is not None else messages,
