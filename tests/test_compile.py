@@ -104,3 +104,11 @@ def test_compiled_pipeline_chat_equals_eager(e2e_dir, pipe):
         assert fast.chat_batch(conversations, **gen) == pipe.chat_batch(conversations, **gen)
         assert list(fast.chat(conversations[1], stream=True, **gen)) == list(pipe.chat(conversations[1], stream=True, **gen))
     assert 1 <= counter.frame_count <= 4  # greedy/sampled x batch 2/1, one cache size and one key block each
+    # a row recording its log-probabilities (written in place by the graph): the eager step's, beside a plain row
+    asked = [fast.submit(conversations[0], max_new_tokens=12, logprobs=2), fast.submit(conversations[1], max_new_tokens=12)]
+    want = pipe.submit(conversations[0], max_new_tokens=12, logprobs=2)
+    assert [r.text() for r in asked][0] == want.text()
+    assert [t for t, _, _ in asked[0].logprobs] == [t for t, _, _ in want.logprobs] and asked[1].logprobs == []
+    torch.testing.assert_close(torch.tensor([[lp, *(v for _, v in top)] for _, lp, top in asked[0].logprobs]),
+                               torch.tensor([[lp, *(v for _, v in top)] for _, lp, top in want.logprobs]),
+                               rtol=1e-5, atol=1e-5)

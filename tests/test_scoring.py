@@ -86,3 +86,26 @@ def test_end_is_not_added_twice_and_bad_replies_are_named(pipe):
         pipe.score_batch([(TEXT, "fine"), (TEXT, [1_000_000])])
     with pytest.raises(ValueError, match="score_batch: expected a non-empty list"):
         pipe.score_batch([])
+
+
+@pytest.mark.parametrize("messages", [TEXT, IMAGE], ids=["text", "image"])
+@pytest.mark.parametrize("gen", [dict(), dict(temperature=1.0, top_k=50, repetition_penalty=1.3, seed=2)],
+                         ids=["greedy", "sampled"])
+def test_a_replys_logprobs_are_its_score(pipe, messages, gen):
+    """logprobs=n records each generated token's log-probability under the model's own distribution (before
+    the penalty, temperature and filters: vLLM's default) and the n most likely: equal to `Pipeline.score` of
+    the same ids within 1e-5, in a batch beside a row that asks for none; greedy chooses the most likely."""
+    request = pipe.submit(messages, max_new_tokens=10, logprobs=3, **gen)
+    other = pipe.submit(TEXT, max_new_tokens=6, **gen)
+    request.text(), other.text()
+    assert other.logprobs == []
+    ids = [t for t, _, _ in request.logprobs]
+    assert ids == [t for t in request.token_ids if t not in (pipe.tokenizer.im_end_id, pipe.tokenizer.eos_id)]
+    score = pipe.score(messages, ids, end=False)
+    torch.testing.assert_close(torch.tensor([lp for _, lp, _ in request.logprobs]), torch.tensor(score.logprobs),
+                               rtol=0, atol=1e-5)
+    for token, lp, top in request.logprobs:
+        assert len(top) == 3 and [v for _, v in top] == sorted((v for _, v in top), reverse=True)
+        assert top[0][1] >= lp - 1e-6 and (token, lp) in top or lp <= top[-1][1] + 1e-6
+        if not gen:
+            assert top[0][0] == token

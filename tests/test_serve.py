@@ -18,6 +18,7 @@ from pathlib import Path
 
 import matplotlib
 import pytest
+import torch
 from PIL import Image
 
 openai = pytest.importorskip("openai")
@@ -283,7 +284,7 @@ def test_bad_requests_are_4xx_json_naming_the_field(server, body, status, param)
 
 @pytest.mark.parametrize("route, field, value, says", [
     *[("/v1/chat/completions", field, value, "not supported yet") for field, value in [
-        ("logprobs", True), ("top_logprobs", 2), ("n", 2), ("frequency_penalty", 0.5), ("presence_penalty", -1),
+        ("n", 2), ("frequency_penalty", 0.5), ("presence_penalty", -1),
         ("logit_bias", {"13": 5}), ("response_format", {"type": "json_object"}), ("tool_choice", "auto"),
         ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])]],
     *[("/v1/chat/completions", field, value, "expected") for field, value in [
@@ -294,6 +295,8 @@ def test_bad_requests_are_4xx_json_naming_the_field(server, body, status, param)
         ("best_of", 2), ("store", True), ("audio", {"voice": "x"}), ("modalities", ["text", "audio"]),
         ("reasoning_effort", "high"), ("functions", [{"name": "f"}]), ("prediction", {"type": "content"})]],
     ("/v1/chat/completions", "min_p", "x", "expected a number"),
+    ("/v1/chat/completions", "top_logprobs", 2, "needs \"logprobs\": true"),
+    ("/v1/chat/completions", "logprobs", 1, "expected a boolean"),
     ("/v1/chat/completions", "min_p", 2, "expected a number in [0 (off), 1]"),
     ("/v1/chat/completions", "do_sample", 1, "expected a boolean"),
     ("/v1/chat/completions", "max_new_tokens", 2, "disagrees with max_tokens = 1"),
@@ -316,8 +319,7 @@ def test_the_openai_client_gets_off_values_served_and_the_rest_refused(client, p
         presence_penalty=0.0, logit_bias={}, tools=[], tool_choice="none", parallel_tool_calls=False,
         response_format={"type": "text"}, user="u-1")
     assert got.choices[0].message.content == pipe.chat(_ours(messages), max_new_tokens=NEW)
-    for field, extra in [("logprobs", {"logprobs": True}),
-                         ("response_format", {"response_format": {"type": "json_object"}}),
+    for field, extra in [("response_format", {"response_format": {"type": "json_object"}}),
                          ("n", {"extra_body": {"n": True}}), ("guided_json", {"extra_body": {"guided_json": {}}})]:
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="points-e2e", messages=messages, max_tokens=NEW, **extra)
@@ -414,6 +416,35 @@ def test_an_image_urls_own_pixel_bounds_and_detail(server, client, pipe):
         body["messages"][0]["content"][0]["image_url"].update(image_url)
         status, _, answer = server.post("/v1/chat/completions", body)
         assert status == 400 and answer["error"]["param"] == param, (image_url, answer)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logprobs_in_openais_shape_are_the_replys_score(client, pipe, stream):
+    """logprobs / top_logprobs: each reply token's log-probability (the model's own distribution, float32) with
+    its text, bytes and the n most likely, equal to Pipeline.score of the reply's tokens within 1e-5; streamed,
+    the chunks' entries add up to the same list; top_logprobs past 20 is a 400."""
+    messages = _messages(13)
+    got = client.chat.completions.create(model="points-e2e", messages=messages, max_tokens=NEW, logprobs=True,
+                                         top_logprobs=3, stream=stream)
+    if stream:
+        chunks = list(got)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        content = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    else:
+        text, content = got.choices[0].message.content, got.choices[0].logprobs.content
+    assert text == pipe.chat(_ours(messages), max_new_tokens=NEW) and len(content) == NEW
+    alone = pipe.submit(_ours(messages), max_new_tokens=NEW)
+    alone.text()
+    score = pipe.score(_ours(messages), alone.token_ids[:NEW], end=False)
+    torch.testing.assert_close(torch.tensor([e.logprob for e in content]), torch.tensor(score.logprobs),
+                               rtol=0, atol=1e-5)
+    assert b"".join(bytes(e.bytes) for e in content).decode("utf-8", "replace") == text
+    for e in content:
+        assert len(e.top_logprobs) == 3 and e.top_logprobs[0].token == e.token  # (greedy: the most likely)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(model="points-e2e", messages=messages, max_tokens=NEW, logprobs=True,
+                                       top_logprobs=21)
+    assert refused.value.param == "top_logprobs"
 
 
 def test_detail_maps_to_documented_bounds():

@@ -24,6 +24,23 @@ VISION_START, VISION_END, IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|i
 REQUIRED = (IM_START, IM_END, END_OF_TEXT, VISION_START, VISION_END, IMAGE_PAD)
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """Byte-level BPE's alphabet (GPT-2's): each byte as the printable character its vocabulary writes it with."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_BYTE_OF = _byte_alphabet()
+
+
 class Tokenizer:
     def __init__(self, path: str | Path):
         path = Path(path)
@@ -45,6 +62,7 @@ class Tokenizer:
         self.ids = {s: self._tok.token_to_id(s) for s in REQUIRED}
         self.im_end_id, self.eos_id = self.ids[IM_END], self.ids[END_OF_TEXT]
         self.image_pad_id = self.ids[IMAGE_PAD]
+        self._added = None  # ids of the added tokens (token_bytes), read once when first asked
 
     def encode(self, text: str, *, special: bool = False) -> list[int]:
         """Text -> ids, no BOS added. special=False (user text): special-token strings are plain characters;
@@ -58,6 +76,18 @@ class Tokenizer:
 
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (byte-level BPE: its vocabulary string read back through the byte
+        alphabet; an added token: its text): what OpenAI's logprobs call a token's `bytes`."""
+        if self._added is None:
+            self._added = {i for i in self._tok.get_added_tokens_decoder()}
+        text = self._tok.id_to_token(int(token_id))
+        if text is None:
+            return b""
+        if token_id in self._added or any(c not in _BYTE_OF for c in text):
+            return text.encode("utf-8")
+        return bytes(_BYTE_OF[c] for c in text)
 
 
 class StreamDecoder:

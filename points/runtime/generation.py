@@ -58,6 +58,7 @@ class GenerationConfig:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None: off; n in 0-20: each token's log-probability and the n most likely's
 
     def __post_init__(self):
         def bad(name, want):
@@ -84,6 +85,9 @@ class GenerationConfig:
             bad("seed", f"an integer from 0 to 2**64 - 1 ({SEED_MAX}), or None")
         if not all(isinstance(s, str) and s for s in self.stop):
             bad("stop", "a non-empty string or a list of them")
+        if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
+                                          or not 0 <= self.logprobs <= 20):
+            bad("logprobs", "None (off) or an integer from 0 to 20 (the most likely tokens listed beside each)")
 
     @classmethod
     def from_kwargs(cls, **gen) -> "GenerationConfig":

@@ -10,6 +10,11 @@ times the most likely one's), divided by exponential noise drawn outside the gra
 filtered distribution (the same law as torch.multinomial, a different stream). The repetition penalty is
 transformers' rule over the tokens generated so far, the prompt's not counted: every member's official call
 gives `generate` the prompt as `inputs_embeds` alone, so its penalty sees only the reply.
+
+Log-probabilities (a row that asks for them, `set_row(logprobs=True)`): the log-softmax of the model's own
+logits, before the penalty, temperature and filters change them (vLLM's default, and what `Pipeline.score`
+computes), of the token chosen and of the TOP_LOGPROBS most likely, written in place into buffers the caller
+reads after the step (`chosen_logprob`, `top_logprob`, `top_id`), so the step keeps one output.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+TOP_LOGPROBS = 20  # the most likely tokens recorded with their log-probabilities (OpenAI's top_logprobs bound)
 
 
 def penalize(logits: torch.Tensor, seen: torch.Tensor, penalty) -> torch.Tensor:
@@ -73,9 +80,10 @@ class Picker:
 
     def __init__(self, batch: int, vocab: int, device: torch.device, *, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, penalty: float = 1.0, seed: int | None = None,
-                 min_p: float = 0.0):
+                 min_p: float = 0.0, logprobs: bool = False):
         self.batch, self.vocab, self.device = batch, vocab, torch.device(device)
-        self.rules = [(float(temperature), int(top_k), float(top_p), float(penalty), float(min_p))] * batch  # host
+        # host copies of each row's rule
+        self.rules = [(float(temperature), int(top_k), float(top_p), float(penalty), float(min_p), bool(logprobs))] * batch
         self.temperature = torch.full((batch,), float(temperature), device=device)
         self.top_k = torch.full((batch,), int(top_k), dtype=torch.long, device=device)
         self.top_p = torch.full((batch,), float(top_p), device=device)
@@ -83,6 +91,9 @@ class Picker:
         self.min_p = torch.full((batch,), float(min_p), device=device)
         self.seen = torch.zeros(batch, vocab, dtype=torch.bool, device=device) if penalty != 1.0 else None
         self.noise = torch.empty(batch, vocab, device=device) if temperature > 0 else None
+        self.chosen_logprob = self.top_logprob = self.top_id = None
+        if logprobs:
+            self._record_buffers()
         self.generator, self.generators = None, [None] * batch  # one for the whole batch, or one per row
         if temperature > 0:
             self.generator = _generator(device, seed)
@@ -97,14 +108,23 @@ class Picker:
         self.p_any = any(r[0] > 0 and r[2] < 1 for r in self.rules)
         self.penalizing = any(r[3] != 1.0 for r in self.rules)
         self.min_any = any(r[0] > 0 and r[4] > 0 for r in self.rules)
+        self.recording = any(r[5] for r in self.rules)
+
+    def _record_buffers(self) -> None:
+        k = min(TOP_LOGPROBS, self.vocab)
+        self.chosen_logprob = torch.zeros(self.batch, device=self.device)
+        self.top_logprob = torch.zeros(self.batch, k, device=self.device)
+        self.top_id = torch.zeros(self.batch, k, dtype=torch.long, device=self.device)
 
     def set_row(self, row: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                penalty: float = 1.0, seed: int | None = None, min_p: float = 0.0) -> None:
+                penalty: float = 1.0, seed: int | None = None, min_p: float = 0.0, logprobs: bool = False) -> None:
         """Row `row` gets a new request's rule: its generator seeded with `seed` (random without one), nothing
         seen yet."""
-        self.rules[row] = (float(temperature), int(top_k), float(top_p), float(penalty), float(min_p))
+        self.rules[row] = (float(temperature), int(top_k), float(top_p), float(penalty), float(min_p), bool(logprobs))
         (self.temperature[row], self.top_k[row], self.top_p[row], self.penalty[row],
-         self.min_p[row]) = self.rules[row]
+         self.min_p[row]) = self.rules[row][:5]
+        if logprobs and self.chosen_logprob is None:
+            self._record_buffers()
         if temperature > 0:
             if self.noise is None:
                 self.noise = torch.empty(self.batch, self.vocab, device=self.device)
@@ -120,14 +140,16 @@ class Picker:
         v = object.__new__(Picker)
         v.batch, v.vocab, v.device = stop - start, self.vocab, self.device
         v.rules, v.generator, v.generators = self.rules[start:stop], self.generator, self.generators[start:stop]
-        for name in ("temperature", "top_k", "top_p", "penalty", "min_p", "seen", "noise"):
+        for name in ("temperature", "top_k", "top_p", "penalty", "min_p", "seen", "noise", "chosen_logprob",
+                     "top_logprob", "top_id"):
             t = getattr(self, name)
             setattr(v, name, None if t is None else t[start:stop])
         v._flags()
         return v
 
     def buffers(self) -> list[torch.Tensor]:
-        return [t for t in (self.seen, self.noise) if t is not None]
+        return [t for t in (self.seen, self.noise, self.chosen_logprob, self.top_logprob, self.top_id)
+                if t is not None]
 
     def draw(self) -> None:
         """Fresh noise for the rows that sample (nothing for greedy rows)."""
@@ -141,6 +163,16 @@ class Picker:
 
     def __call__(self, logits: torch.Tensor, fed: torch.Tensor | None = None) -> torch.Tensor:
         """logits [B, V] float32 after the tokens `fed` [B, 1] (None for the prompt) -> ids [B] (int64)."""
+        ids = self._choose(logits, fed)
+        if self.recording:
+            lp = logits.log_softmax(-1)
+            top = lp.topk(self.top_logprob.shape[1], dim=-1)
+            self.top_logprob.copy_(top.values)
+            self.top_id.copy_(top.indices)
+            self.chosen_logprob.copy_(lp.gather(1, ids[:, None])[:, 0])
+        return ids
+
+    def _choose(self, logits: torch.Tensor, fed: torch.Tensor | None) -> torch.Tensor:
         if self.seen is not None:
             if fed is not None:
                 self.seen.scatter_(1, fed, True)

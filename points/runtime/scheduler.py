@@ -66,6 +66,9 @@ class Request:
     step_failed: bool = False  # it ended with a failure of a whole decode step, not of its own
     token_ids: list[int] = field(default_factory=list)  # once done: the ids chosen for it (a stop token included)
     cached_tokens: int = 0  # prompt tokens restored from the prefix cache (not prefilled again)
+    # with cfg.logprobs: per generated token but a stop token, (id, log-probability, [(id, log-probability)] of
+    # the cfg.logprobs most likely), the model's own distribution (points.runtime.sampling)
+    logprobs: list = field(default_factory=list)
     images_encoded: int = 0  # images the vision encoder ran for (those of the cached prefix are not)
     vision_seconds: float = 0.0  # the vision encoder's time for them
     submitted_at: float = field(default_factory=time.perf_counter)  # perf_counter() times
@@ -173,6 +176,7 @@ class Scheduler:
         self._stopping = False
         self._admitting: Request | None = None
         self._in_step = False
+        self._recorded: dict = {}  # the last choice's log-probabilities, by row (_read_logprobs)
 
     def use_engine(self, engine: Engine) -> None:
         """Run the steps on another engine (eager or compiled) from the next request on."""
@@ -346,10 +350,11 @@ class Scheduler:
         embeds = model.embed(torch.tensor([ids[reused:]], device=engine.device), features)
         logits = engine.prefill(row, embeds=embeds)
         self.pick.set_row(i, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
-                          penalty=cfg.repetition_penalty, seed=cfg.seed)
+                          penalty=cfg.repetition_penalty, seed=cfg.seed, logprobs=cfg.logprobs is not None)
         pick = self.pick.view(i, i + 1)
         pick.draw()
         first = int(pick(logits)[0])
+        self._recorded = self._read_logprobs(pick, [0], offset=i) if cfg.logprobs is not None else {}
         request.cached_tokens, request.first_token_at = reused, time.perf_counter()
         with self._work:  # (in a row and no longer admitting at once: load() counts it once)
             self.rows[i] = _Row(request, Reply(self.tokenizer, cfg.stop), key, len(ids))
@@ -386,16 +391,31 @@ class Scheduler:
         chosen = self.engine.step(self.next_input[:n, None], view, pick)
         self.next_input[:n] = chosen
         chosen = chosen.tolist()
+        self._recorded = self._read_logprobs(pick, busy) if pick.recording else {}
         for i in busy:
             if self.rows[i] is not None:  # (an on_event callback may have ended another row meanwhile)
                 self.rows[i].pos += 1
                 self._push(i, chosen[i])
+
+    @staticmethod
+    def _read_logprobs(pick: Picker, rows: list[int], offset: int = 0) -> dict:
+        """Row (`offset` + its index in `pick`) -> (log-probability of its token, [(id, log-probability)] of the
+        most likely), for the `rows` of `pick` whose request asked (one host read of the recorded buffers)."""
+        asking = [r for r in rows if pick.rules[r][5]]
+        if not asking:
+            return {}
+        chosen = pick.chosen_logprob.tolist()
+        top, ids = pick.top_logprob.tolist(), pick.top_id.tolist()
+        return {offset + r: (chosen[r], list(zip(ids[r], top[r]))) for r in asking}
 
     def _push(self, i: int, token: int) -> None:
         """Token `token` chosen for row i: its text to the request; the row ends at a stop, a stop string,
         max_new_tokens, or when the cache is full."""
         row = self.rows[i]
         row.chosen.append(token)
+        recorded = self._recorded.get(i)
+        if recorded is not None and token not in self.stop_ids:
+            row.request.logprobs.append((token, recorded[0], recorded[1][:row.request.cfg.logprobs]))
         last = len(row.chosen) >= row.request.cfg.max_new_tokens
         piece = row.reply.push(token, token in self.stop_ids, last)
         if piece:

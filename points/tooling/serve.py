@@ -276,8 +276,8 @@ FIELDS = {
     "seed": Field("an integer", "seed"),
     "stop": Field("a string or a list", "stop"),
     "n": Field("an integer", only=(1,)),
-    "logprobs": Field("a boolean", only=(False,)),
-    "top_logprobs": Field("an integer", only=(0,)),
+    "logprobs": Field("a boolean"),  # (read after the loop: logprobs true sets the keyword, top_logprobs its n)
+    "top_logprobs": Field("an integer"),
     "frequency_penalty": Field("a number", only=(0,)),
     "presence_penalty": Field("a number", only=(0,)),
     "logit_bias": Field("an object", only=({},)),
@@ -339,6 +339,12 @@ def generation_of(body: dict, fields: dict[str, Field] = FIELDS, defaults: dict 
             if field.keyword in gen and gen[field.keyword] != value:
                 raise _bad(name, f"{value!r:.40} disagrees with {named[field.keyword]} = {gen[field.keyword]!r:.40}")
             gen[field.keyword], named[field.keyword] = value, name
+    if "logprobs" in fields:
+        top = body.get("top_logprobs")
+        if body.get("logprobs") is True:
+            gen["logprobs"], named["logprobs"] = top or 0, "top_logprobs" if top is not None else "logprobs"
+        elif top is not None:
+            raise _bad("top_logprobs", "needs \"logprobs\": true")
     sample = body.get("do_sample") if "do_sample" in fields else None
     if sample is False:  # greedy, whatever temperature says (as `generate(do_sample=False)`)
         gen["temperature"], named["temperature"] = 0.0, "do_sample"
@@ -447,12 +453,13 @@ class Server:
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         job = await self._submit(body, gen, preset, ident, "/v1/chat/completions")
         if stream:
-            return _CancellingStream(job, self._events(job, ident, created, usage_chunk),
+            return _CancellingStream(job, self._events(job, ident, created, usage_chunk, "logprobs" in gen),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         text = await job.text(request)
+        logprobs = None if "logprobs" not in gen else {"content": self._logprobs(job.request.logprobs)}
         return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": self.name,
                              "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": job.finish_reason(), "logprobs": None}],
+                                          "finish_reason": job.finish_reason(), "logprobs": logprobs}],
                              "usage": job.usage()})
 
     async def official_chat(self, request):
@@ -562,21 +569,34 @@ class Server:
             print(f"points serve: ended {len(running)} request(s) still running after --grace-seconds "
                   "(finish_reason \"length\")", file=sys.stderr, flush=True)
 
-    async def _events(self, job: "_Job", ident: str, created: int, usage_chunk: bool):
-        def chunk(delta: dict, finish=None, **extra) -> str:
+    def _logprobs(self, entries: list) -> list[dict]:
+        """Request.logprobs in OpenAI's shape: each token's text, log-probability, bytes and top_logprobs."""
+        def one(token: int, logprob: float) -> dict:
+            b = self.pipe.tokenizer.token_bytes(token)
+            return {"token": b.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(b)}
+        return [one(t, lp) | {"top_logprobs": [one(i, v) for i, v in top]} for t, lp, top in entries]
+
+    async def _events(self, job: "_Job", ident: str, created: int, usage_chunk: bool, logprobs: bool = False):
+        sent = 0  # the request's logprobs entries sent so far
+
+        def chunk(delta: dict, finish=None, upto: int | None = None, **extra) -> str:
+            nonlocal sent
+            lp = None
+            if logprobs and upto is not None:
+                lp, sent = {"content": self._logprobs(job.request.logprobs[sent:upto])}, upto
             return "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
                                           "model": self.name, "choices": [{"index": 0, "delta": delta,
                                                                            "finish_reason": finish,
-                                                                           "logprobs": None}], **extra}) + "\n\n"
+                                                                           "logprobs": lp}], **extra}) + "\n\n"
         try:
             yield chunk({"role": "assistant", "content": ""})
-            async for piece in job.pieces():
-                yield chunk({"content": piece})
+            async for piece, upto in job.pieces():
+                yield chunk({"content": piece}, upto=upto)
             if job.request.error is not None:
                 yield "data: " + json.dumps(ApiError(500, f"generation failed: {job.request.error}",
                                                      type="server_error").body()) + "\n\n"
             else:
-                yield chunk({}, job.finish_reason())
+                yield chunk({}, job.finish_reason(), upto=len(job.request.logprobs))
                 if usage_chunk:
                     yield ("data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
                                                   "model": self.name, "choices": [], "usage": job.usage()}) + "\n\n")
@@ -649,25 +669,26 @@ class _Job:
         jobs.add(self)
 
     def event(self, request, event) -> None:  # called in the scheduler's thread
-        self.loop.call_soon_threadsafe(self._arrived, request, event)
+        # (with the count of logprobs entries made so far: those a streamed piece carries)
+        self.loop.call_soon_threadsafe(self._arrived, request, event, len(request.logprobs))
 
-    def _arrived(self, request, event) -> None:
+    def _arrived(self, request, event, upto: int) -> None:
         from points.runtime.scheduler import _END
 
         if event is _END:
             self.jobs.discard(self)
             if self.on_end is not None:  # (the request may end before `submit`'s answer reaches the loop)
                 self.on_end(request)
-        self.queue.put_nowait(event)
+        self.queue.put_nowait((event, upto))
 
     async def pieces(self):
         from points.runtime.scheduler import _END
 
         while True:
-            event = await self.queue.get()
+            event, upto = await self.queue.get()
             if event is _END:
                 return
-            yield event
+            yield event, upto
 
     async def text(self, http_request) -> str:
         """The whole reply; the request is cancelled if the client goes away meanwhile."""
@@ -681,7 +702,7 @@ class _Job:
                 if not get.done():  # the client went away: nobody will read the answer
                     get.cancel()
                     break
-                if get.result() is _END:
+                if get.result()[0] is _END:
                     break
         finally:
             gone.cancel()
