@@ -252,7 +252,8 @@ def test_official_chat_route(server, pipe):
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "many"}, 400, "max_tokens"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": -1}, 400, "temperature"),
-    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 17}, 400, "n"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 10**400}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "temperature": 1e-40}, 400, "temperature"),
     ({"messages": [{"role": "user", "content": "x"}], "top_k": 10**20}, 400, "top_k"),
@@ -284,7 +285,7 @@ def test_bad_requests_are_4xx_json_naming_the_field(server, body, status, param)
 
 @pytest.mark.parametrize("route, field, value, says", [
     *[("/v1/chat/completions", field, value, "not supported yet") for field, value in [
-        ("n", 2), ("frequency_penalty", 0.5), ("presence_penalty", -1),
+        ("frequency_penalty", 0.5), ("presence_penalty", -1),
         ("logit_bias", {"13": 5}), ("response_format", {"type": "json_object"}), ("tool_choice", "auto"),
         ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])]],
     *[("/v1/chat/completions", field, value, "expected") for field, value in [
@@ -445,6 +446,44 @@ def test_logprobs_in_openais_shape_are_the_replys_score(client, pipe, stream):
         client.chat.completions.create(model="points-e2e", messages=messages, max_tokens=NEW, logprobs=True,
                                        top_logprobs=21)
     assert refused.value.param == "top_logprobs"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_choices_share_one_prefill_and_one_vision_encoding(server, client, pipe, tmp_path, stream):
+    """n = 3 sampled choices of a question with an image: choice k is the pipeline's reply seeded seed + k;
+    usage counts the prompt once and every choice's tokens; the prompt is prefilled and its image encoded once
+    (the others restore it from the prefix cache: /metrics counts one encoding and their restored tokens)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape():
+        request = urllib.request.Request(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return {s.name: s.value for f in text_string_to_metric_families(r.read().decode()) for s in f.samples
+                    if not s.labels}
+    photo = tmp_path / "crop.png"  # (an image no earlier request has had encoded)
+    Image.open(PHOTO).crop((10 * stream, 0, 300, 280)).save(photo)
+    messages = _messages(14 + stream, photo)
+    gen = dict(max_new_tokens=NEW, temperature=1.0, seed=7)
+    want = [pipe.chat(_ours(messages, photo), **(gen | {"seed": 7 + k})) for k in range(3)]
+    before = scrape()
+    got = client.chat.completions.create(model="points-e2e", messages=messages, max_tokens=NEW, temperature=1.0,
+                                         seed=7, n=3, stream=stream, stream_options={"include_usage": True} if stream else None)
+    if stream:
+        chunks = list(got)
+        texts = ["".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == k)
+                 for k in range(3)]
+        usage = chunks[-1].usage
+        assert sorted(c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason) == [0, 1, 2]
+    else:
+        assert [c.index for c in got.choices] == [0, 1, 2]
+        texts, usage = [c.message.content for c in got.choices], got.usage
+    assert texts == want
+    prompt = len(pipe.encode(_ours(messages, photo)).input_ids[0])
+    assert usage.prompt_tokens == prompt and usage.completion_tokens == 3 * NEW
+    after = scrape()
+    assert after["points_vision_encoder_seconds_count"] - before["points_vision_encoder_seconds_count"] == 1
+    saved = after["points_prefix_cache_hit_tokens_total"] - before["points_prefix_cache_hit_tokens_total"]
+    assert saved >= 2 * (prompt - 1), (saved, prompt)
 
 
 def test_detail_maps_to_documented_bounds():

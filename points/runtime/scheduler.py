@@ -69,6 +69,7 @@ class Request:
     # with cfg.logprobs: per generated token but a stop token, (id, log-probability, [(id, log-probability)] of
     # the cfg.logprobs most likely), the model's own distribution (points.runtime.sampling)
     logprobs: list = field(default_factory=list)
+    share_prompt: bool = False  # its prompt's K/V go to the prefix cache once prefilled (siblings: n > 1)
     images_encoded: int = 0  # images the vision encoder ran for (those of the cached prefix are not)
     vision_seconds: float = 0.0  # the vision encoder's time for them
     submitted_at: float = field(default_factory=time.perf_counter)  # perf_counter() times
@@ -188,10 +189,12 @@ class Scheduler:
     # ------------------------------------------------------------------ submitting and waiting
 
     def submit(self, prompt, ids: list[int], cfg: GenerationConfig,
-               on_event: Callable[[Request, object], None] | None = None) -> Request:
+               on_event: Callable[[Request, object], None] | None = None, *, share_prompt: bool = False) -> Request:
         """Queue a prepared prompt (points.runtime.generation.prepare); raises QueueFull when `max_queue`
-        requests wait already."""
-        request = Request(prompt, list(ids), cfg, self, on_event)
+        requests wait already. share_prompt: the prompt's K/V go into the prefix cache as soon as it is
+        prefilled (not only when the request ends), so requests for the same prompt queued after it (several
+        choices of one question) restore it instead of prefilling it and encoding its images again."""
+        request = Request(prompt, list(ids), cfg, self, on_event, share_prompt=share_prompt)
         with self._work:
             if self.max_queue is not None and len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
@@ -349,6 +352,8 @@ class Scheduler:
             request.images_encoded, request.vision_seconds = len(later), time.perf_counter() - start
         embeds = model.embed(torch.tensor([ids[reused:]], device=engine.device), features)
         logits = engine.prefill(row, embeds=embeds)
+        if request.share_prompt and self.prefix is not None:
+            self._keep(key[:len(ids)], row, "a prompt to share")
         self.pick.set_row(i, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
                           penalty=cfg.repetition_penalty, seed=cfg.seed, logprobs=cfg.logprobs is not None)
         pick = self.pick.view(i, i + 1)
@@ -431,14 +436,18 @@ class Scheduler:
         self.pick.set_row(i)  # greedy again: a freed row asks for no noise and no sampling graph
         try:
             if self.prefix is not None:  # what the row holds: the prompt, then every chosen token fed back
-                self.prefix.put((row.key + row.chosen)[:row.pos], self.cache.view_rows(i, i + 1))
-        except Exception as e:  # the cache is an optimisation: its failure (memory) ends no request
-            print(f"points scheduler: the prefix cache could not keep a finished request ({type(e).__name__}: "
-                  f"{e})", file=sys.stderr, flush=True)
+                self._keep((row.key + row.chosen)[:row.pos], self.cache.view_rows(i, i + 1), "a finished request")
         finally:
             row.request.completion_tokens = row.reply.tokens
             row.request.token_ids = row.chosen[:row.reply.tokens]
             self._end(row.request, reason)
+
+    def _keep(self, key: list[int], row, what: str) -> None:
+        try:
+            self.prefix.put(key, row)
+        except Exception as e:  # the cache is an optimisation: its failure (memory) ends no request
+            print(f"points scheduler: the prefix cache could not keep {what} ({type(e).__name__}: {e})",
+                  file=sys.stderr, flush=True)
 
     def _end(self, request: Request, reason: str) -> None:
         request.finish_reason, request.finished_at = reason, time.perf_counter()

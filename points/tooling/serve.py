@@ -27,7 +27,9 @@ listed, with the values accepted), two fields of one setting that disagree. A fi
 nor an extension here is ignored with a log line, as vLLM does (the official /chat route refuses it).
 Extensions, as SGLang takes them (POINTS-Reader's model card sends them): top_k, min_p, repetition_penalty,
 max_new_tokens (max_tokens' other name), do_sample (false: greedy; true: the temperature given, else the
-preset's, else 1), preset. More than --max-batch running + --max-queue waiting requests is 429 with Retry-After; never a 500 for bad input. SIGTERM: no new
+preset's, else 1), preset. logprobs / top_logprobs: the model's own log-probabilities (points.runtime.sampling). n (1-16): the
+choices share one prefill and one vision encoding through the prefix cache, choice k seeded seed + k. More than
+--max-batch running + --max-queue waiting requests (a request counts its n) is 429 with Retry-After; never a 500 for bad input. SIGTERM: no new
 connections, running requests get --grace-seconds to finish, then the server ends them (a stream's last chunk
 says finish_reason "length", then `data: [DONE]`) and exits 0. A client that disconnects has its request
 cancelled within one step.
@@ -47,6 +49,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import dataclasses
 import hmac
 import json
 import os
@@ -275,7 +278,7 @@ FIELDS = {
     "top_p": Field("a number", "top_p"),
     "seed": Field("an integer", "seed"),
     "stop": Field("a string or a list", "stop"),
-    "n": Field("an integer", only=(1,)),
+    "n": Field("an integer"),  # (1 to N_MAX choices, read by the route)
     "logprobs": Field("a boolean"),  # (read after the loop: logprobs true sets the keyword, top_logprobs its n)
     "top_logprobs": Field("an integer"),
     "frequency_penalty": Field("a number", only=(0,)),
@@ -308,6 +311,7 @@ FIELDS = {
     "guided_grammar": Field("a string", only=()),
     "structured_outputs": Field("an object", only=()),
 }
+N_MAX = 16  # choices per request
 OFFICIAL_FIELDS = {name: FIELDS[name] for name in ("messages", "max_tokens", "temperature", "top_p", "top_k")}
 STOP_LIMIT = (4, 256)  # stop strings per request, characters each (OpenAI's bound: each is scanned every token)
 
@@ -450,17 +454,22 @@ class Server:
                                 f"{self.name!r})", "model", code="model_not_found")
         stream = body.get("stream") or False
         usage_chunk = (body.get("stream_options") or {}).get("include_usage") is True
+        n = 1 if body.get("n") is None else body["n"]
+        if not 1 <= n <= N_MAX:
+            raise _bad("n", f"expected an integer from 1 to {N_MAX} (choices per request), got {n!r:.40}")
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        job = await self._submit(body, gen, preset, ident, "/v1/chat/completions")
+        jobs = await self._submit(body, gen, preset, ident, "/v1/chat/completions", n)
         if stream:
-            return _CancellingStream(job, self._events(job, ident, created, usage_chunk, "logprobs" in gen),
+            return _CancellingStream(jobs, self._events(jobs, ident, created, usage_chunk, "logprobs" in gen),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text = await job.text(request)
-        logprobs = None if "logprobs" not in gen else {"content": self._logprobs(job.request.logprobs)}
+        choices = []
+        for k, job in enumerate(jobs):
+            text = await job.text(request)
+            logprobs = None if "logprobs" not in gen else {"content": self._logprobs(job.request.logprobs)}
+            choices.append({"index": k, "message": {"role": "assistant", "content": text},
+                            "finish_reason": job.finish_reason(), "logprobs": logprobs})
         return JSONResponse({"id": ident, "object": "chat.completion", "created": created, "model": self.name,
-                             "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                                          "finish_reason": job.finish_reason(), "logprobs": logprobs}],
-                             "usage": job.usage()})
+                             "choices": choices, "usage": _usage(jobs)})
 
     async def official_chat(self, request):
         """The official WePOINTS server's route: {"messages", "max_tokens", "temperature", "top_p", "top_k"} ->
@@ -468,8 +477,8 @@ class Server:
         from starlette.responses import JSONResponse
 
         body = await self._body(request)
-        job = await self._submit(body, generation_of(body, OFFICIAL_FIELDS), self._preset(None),
-                                 f"chat-{uuid.uuid4().hex}", "/chat")
+        job, = await self._submit(body, generation_of(body, OFFICIAL_FIELDS), self._preset(None),
+                                  f"chat-{uuid.uuid4().hex}", "/chat")
         text = await job.text(request)
         return JSONResponse({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
 
@@ -510,18 +519,22 @@ class Server:
         return ApiError(413, f"the body is over the limit of {self.max_body_bytes / MIB:g} MiB (--max-body-mb)",
                         code="body_too_large")
 
-    async def _submit(self, body: dict, gen: dict, preset, ident: str, route: str) -> "_Job":
-        """Admit the request (429 when --max-batch + --max-queue are in: counted here, on the event loop, from
-        admission to the end, so a burst cannot race past the bound) and queue it, its images decoded off the
-        event loop; `preset` (a family Preset, or None) applied to its messages and under its settings. When it
-        ends it is counted in the metrics and logged in one line under `ident`."""
+    async def _submit(self, body: dict, gen: dict, preset, ident: str, route: str, n: int = 1) -> list["_Job"]:
+        """Admit the request's `n` choices (429 when they would pass --max-batch + --max-queue: counted here, on
+        the event loop, from admission to the end, so a burst cannot race past the bound) and queue them, its
+        images decoded once off the event loop; `preset` (a family Preset, or None) applied to its messages and
+        under its settings. The first choice shares its prompt through the prefix cache once prefilled (the
+        others restore it: one prefill, one vision encoding); choice k of a seeded request draws with seed + k.
+        When each ends it is counted in the metrics and logged in one line under `ident` (`ident`/k for n > 1)."""
         from starlette.concurrency import run_in_threadpool
 
-        if len(self.jobs) >= self.capacity:
+        if len(self.jobs) + n > self.capacity:
             raise ApiError(429, f"the server is busy ({len(self.jobs)} requests in: --max-batch "
                                 f"{self.scheduler.max_batch} running, the rest waiting); retry shortly",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
-        job = _Job(asyncio.get_running_loop(), self.jobs, lambda request: self._ended(ident, route, request))
+        loop = asyncio.get_running_loop()
+        jobs = [_Job(loop, self.jobs, lambda request, name=(ident if n == 1 else f"{ident}/{k}"):
+                     self._ended(name, route, request)) for k in range(n)]
 
         def prepare():
             from points.io.chat import build_prompt, with_preset
@@ -539,20 +552,24 @@ class Server:
                 settings["max_new_tokens"] = max(1, min(most, limit - len(ids)))
             cfg = GenerationConfig.from_kwargs(**settings)
             check_room(len(ids), cfg.max_new_tokens, limit, "messages")
-            return self.scheduler.submit(prompt, ids, cfg, job.event)
+            for k, job in enumerate(jobs):
+                seeded = cfg if cfg.seed is None or k == 0 else dataclasses.replace(cfg, seed=(cfg.seed + k) % 2**64)
+                job.request = self.scheduler.submit(prompt, ids, seeded, job.event, share_prompt=n > 1 and k == 0)
 
         try:
-            job.request = await run_in_threadpool(prepare)
+            await run_in_threadpool(prepare)
         except ValueError as e:  # the conversation or an image, named by the prompt builder
             text = str(e)
             param = text.split(":", 1)[0] if text.startswith("messages") else "messages"
             raise ApiError(400, text, param) from None
         finally:
-            if job.request is None:  # never queued
-                self.jobs.discard(job)
+            for job in jobs:
+                if job.request is None:  # never queued
+                    self.jobs.discard(job)
         if self.ending:
-            job.request.cancel()
-        return job
+            for job in jobs:
+                job.request.cancel()
+        return jobs
 
     def _ended(self, ident: str, route: str, request) -> None:
         self.metrics.observe(request)
@@ -576,33 +593,53 @@ class Server:
             return {"token": b.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(b)}
         return [one(t, lp) | {"top_logprobs": [one(i, v) for i, v in top]} for t, lp, top in entries]
 
-    async def _events(self, job: "_Job", ident: str, created: int, usage_chunk: bool, logprobs: bool = False):
-        sent = 0  # the request's logprobs entries sent so far
+    async def _events(self, jobs: list["_Job"], ident: str, created: int, usage_chunk: bool, logprobs: bool = False):
+        """The stream of `jobs` (a request's choices): each choice's role chunk, its pieces as they come (the
+        choices interleaved, each chunk naming its index), its last chunk with its finish reason, then the
+        usage chunk when asked and [DONE]."""
+        sent = [0] * len(jobs)  # each choice's logprobs entries sent so far
 
-        def chunk(delta: dict, finish=None, upto: int | None = None, **extra) -> str:
-            nonlocal sent
+        def chunk(k: int, delta: dict, finish=None, upto: int | None = None) -> str:
             lp = None
             if logprobs and upto is not None:
-                lp, sent = {"content": self._logprobs(job.request.logprobs[sent:upto])}, upto
+                lp, sent[k] = {"content": self._logprobs(jobs[k].request.logprobs[sent[k]:upto])}, upto
             return "data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
-                                          "model": self.name, "choices": [{"index": 0, "delta": delta,
+                                          "model": self.name, "choices": [{"index": k, "delta": delta,
                                                                            "finish_reason": finish,
-                                                                           "logprobs": lp}], **extra}) + "\n\n"
-        try:
-            yield chunk({"role": "assistant", "content": ""})
+                                                                           "logprobs": lp}]}) + "\n\n"
+        merged = asyncio.Queue()
+
+        async def feed(k: int, job: "_Job"):
             async for piece, upto in job.pieces():
-                yield chunk({"content": piece}, upto=upto)
-            if job.request.error is not None:
-                yield "data: " + json.dumps(ApiError(500, f"generation failed: {job.request.error}",
-                                                     type="server_error").body()) + "\n\n"
+                await merged.put((k, piece, upto))
+            await merged.put((k, None, None))
+        feeders = [asyncio.ensure_future(feed(k, job)) for k, job in enumerate(jobs)]
+        try:
+            for k in range(len(jobs)):
+                yield chunk(k, {"role": "assistant", "content": ""})
+            left = len(jobs)
+            while left:
+                k, piece, upto = await merged.get()
+                if piece is not None:
+                    yield chunk(k, {"content": piece}, upto=upto)
+                    continue
+                left -= 1
+                request = jobs[k].request
+                if request.error is not None:
+                    yield "data: " + json.dumps(ApiError(500, f"generation failed: {request.error}",
+                                                         type="server_error").body()) + "\n\n"
+                    break
+                yield chunk(k, {}, jobs[k].finish_reason(), upto=len(request.logprobs))
             else:
-                yield chunk({}, job.finish_reason(), upto=len(job.request.logprobs))
                 if usage_chunk:
                     yield ("data: " + json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created,
-                                                  "model": self.name, "choices": [], "usage": job.usage()}) + "\n\n")
+                                                  "model": self.name, "choices": [], "usage": _usage(jobs)}) + "\n\n")
             yield "data: [DONE]\n\n"
         finally:
-            job.request.cancel()  # a client that went away: its row is freed at the next step
+            for feeder in feeders:
+                feeder.cancel()
+            for job in jobs:
+                job.request.cancel()  # a client that went away: its row is freed at the next step
 
     async def _api_error(self, request, exc):
         return self.error(exc)
@@ -626,8 +663,8 @@ class Server:
         return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
 
-def _CancellingStream(job, events, **kw):
-    """A StreamingResponse that cancels its request however the response ends: finished, or cut off by the
+def _CancellingStream(jobs, events, **kw):
+    """A StreamingResponse that cancels its requests however the response ends: finished, or cut off by the
     client's disconnect (Starlette cancels the sending task; the events generator may be left suspended at
     a yield, so its own `finally` cannot be relied on to run promptly)."""
     from starlette.responses import StreamingResponse
@@ -637,8 +674,9 @@ def _CancellingStream(job, events, **kw):
             try:
                 await super().__call__(scope, receive, send)
             finally:
-                if not job.request.done:
-                    job.request.cancel()
+                for job in jobs:
+                    if not job.request.done:
+                        job.request.cancel()
 
     return Response(events, **kw)
 
@@ -716,11 +754,17 @@ class _Job:
         """OpenAI's words: "stop" or "length" (a request cut short, by the server's shutdown too, says "length")."""
         return "stop" if self.request.finish_reason == "stop" else "length"
 
-    def usage(self) -> dict:
-        r = self.request
-        return {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                "total_tokens": r.prompt_tokens + r.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": r.cached_tokens}}
+
+
+
+def _usage(jobs: list[_Job]) -> dict:
+    """A request's usage: its prompt once (and what the prefix cache saved of it for the first choice), the
+    completion tokens of every choice."""
+    first = jobs[0].request
+    completion = sum(job.request.completion_tokens for job in jobs)
+    return {"prompt_tokens": first.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": first.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": first.cached_tokens}}
 
 
 async def _disconnected(http_request) -> None:
