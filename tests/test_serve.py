@@ -286,7 +286,7 @@ def test_bad_requests_are_4xx_json_naming_the_field(server, body, status, param)
 @pytest.mark.parametrize("route, field, value, says", [
     *[("/v1/chat/completions", field, value, "not supported yet") for field, value in [
         ("frequency_penalty", 0.5), ("presence_penalty", -1),
-        ("logit_bias", {"13": 5}), ("response_format", {"type": "json_object"}), ("tool_choice", "auto"),
+        ("logit_bias", {"13": 5}), ("tool_choice", "auto"),
         ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])]],
     *[("/v1/chat/completions", field, value, "expected") for field, value in [
         ("tools", "x"), ("response_format", 5), ("frequency_penalty", "x"), ("n", True), ("max_tokens", True),
@@ -320,8 +320,10 @@ def test_the_openai_client_gets_off_values_served_and_the_rest_refused(client, p
         presence_penalty=0.0, logit_bias={}, tools=[], tool_choice="none", parallel_tool_calls=False,
         response_format={"type": "text"}, user="u-1")
     assert got.choices[0].message.content == pipe.chat(_ours(messages), max_new_tokens=NEW)
-    for field, extra in [("response_format", {"response_format": {"type": "json_object"}}),
-                         ("n", {"extra_body": {"n": True}}), ("guided_json", {"extra_body": {"guided_json": {}}})]:
+    for field, extra in [("response_format", {"response_format": {"type": "xml"}}),
+                         ("n", {"extra_body": {"n": True}}), ("guided_grammar", {"extra_body": {"guided_grammar": "root ::= x"}}),
+                         ("guided_json", {"extra_body": {"guided_json": {"type": "no-such-type"}}}),
+                         ("guided_regex", {"extra_body": {"guided_regex": "(unclosed"}})]:
         with pytest.raises(openai.BadRequestError) as refused:
             client.chat.completions.create(model="points-e2e", messages=messages, max_tokens=NEW, **extra)
         assert refused.value.param == field
@@ -484,6 +486,41 @@ def test_n_choices_share_one_prefill_and_one_vision_encoding(server, client, pip
     assert after["points_vision_encoder_seconds_count"] - before["points_vision_encoder_seconds_count"] == 1
     saved = after["points_prefix_cache_hit_tokens_total"] - before["points_prefix_cache_hit_tokens_total"]
     assert saved >= 2 * (prompt - 1), (saved, prompt)
+
+
+def test_structured_output_through_the_openai_clients_parse(client, pipe):
+    """client.chat.completions.parse with a Pydantic model (response_format json_schema, strict), vLLM's
+    guided_choice and guided_regex, streamed too: every reply parses, and equals the pipeline's constrained one."""
+    import typing
+
+    pydantic = pytest.importorskip("pydantic")
+    pytest.importorskip("llguidance")
+
+    class Line(pydantic.BaseModel):
+        item: str = pydantic.Field(max_length=8)
+        qty: int
+
+    class Invoice(pydantic.BaseModel):
+        title: str = pydantic.Field(max_length=12)
+        paid: bool
+        currency: typing.Literal["EUR", "USD"]
+        lines: list[Line] = pydantic.Field(max_length=2)
+
+    messages = [{"role": "user", "content": "Read the invoice."}]
+    got = client.chat.completions.parse(model="points-e2e", messages=messages, max_tokens=200,
+                                        response_format=Invoice)
+    invoice = got.choices[0].message.parsed
+    assert isinstance(invoice, Invoice) and got.choices[0].finish_reason == "stop"
+    from openai.lib._pydantic import to_strict_json_schema  # (the schema parse() sends)
+
+    assert got.choices[0].message.content == pipe.chat(messages, max_new_tokens=200, response_format={
+        "type": "json_schema", "json_schema": {"name": "Invoice", "schema": to_strict_json_schema(Invoice)}})
+    choice = client.chat.completions.create(model="points-e2e", messages=messages, max_tokens=10,
+                                            extra_body={"guided_choice": ["yes", "no"]})
+    assert choice.choices[0].message.content in ("yes", "no")
+    stream = client.chat.completions.create(model="points-e2e", messages=messages, max_tokens=20, stream=True,
+                                            extra_body={"guided_regex": "[0-9]{3}-[A-Z]{2}"})
+    assert re.fullmatch("[0-9]{3}-[A-Z]{2}", "".join(c.choices[0].delta.content or "" for c in stream if c.choices))
 
 
 def test_detail_maps_to_documented_bounds():

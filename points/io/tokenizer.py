@@ -77,6 +77,10 @@ class Tokenizer:
     def stream(self) -> "StreamDecoder":
         return StreamDecoder(self)
 
+    def to_json(self) -> str:
+        """tokenizer.json's text (for libraries that read a tokenizer themselves: points.runtime.grammar)."""
+        return self._tok.to_str()
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for (byte-level BPE: its vocabulary string read back through the byte
         alphabet; an added token: its text): what OpenAI's logprobs call a token's `bytes`."""

@@ -15,9 +15,10 @@ A reply stops at <|im_end|> (the reference) or <|endoftext|> (an extension), at 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from points.io.chat import build_prompt
+from points.runtime.grammar import GrammarError, check_response_format
 
 
 class GenerationError(ValueError):
@@ -59,6 +60,7 @@ class GenerationConfig:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: off; n in 0-20: each token's log-probability and the n most likely's
+    response_format: dict | None = field(default=None, hash=False)  # a grammar (points.runtime.grammar); None: free
 
     def __post_init__(self):
         def bad(name, want):
@@ -88,6 +90,10 @@ class GenerationConfig:
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or not 0 <= self.logprobs <= 20):
             bad("logprobs", "None (off) or an integer from 0 to 20 (the most likely tokens listed beside each)")
+        try:
+            object.__setattr__(self, "response_format", check_response_format(self.response_format))
+        except GrammarError as e:
+            raise GenerationError("response_format", self.response_format, str(e).removeprefix("expected ")) from None
 
     @classmethod
     def from_kwargs(cls, **gen) -> "GenerationConfig":

@@ -82,8 +82,12 @@ class Picker:
                  top_k: int = 0, top_p: float = 1.0, penalty: float = 1.0, seed: int | None = None,
                  min_p: float = 0.0, logprobs: bool = False):
         self.batch, self.vocab, self.device = batch, vocab, torch.device(device)
-        # host copies of each row's rule
-        self.rules = [(float(temperature), int(top_k), float(top_p), float(penalty), float(min_p), bool(logprobs))] * batch
+        # host copies of each row's rule (the last: constrained by a grammar, `set_row` only)
+        self.rules = [(float(temperature), int(top_k), float(top_p), float(penalty), float(min_p), bool(logprobs),
+                       False)] * batch
+        # [B, ceil(V / 32)] int32, bit t % 32 of word t // 32: may a row choose token t (filled by the caller for a
+        # constrained row, before each choice; all ones for a free row): a grammar library's own bitmask layout
+        self.allowed = None
         self.temperature = torch.full((batch,), float(temperature), device=device)
         self.top_k = torch.full((batch,), int(top_k), dtype=torch.long, device=device)
         self.top_p = torch.full((batch,), float(top_p), device=device)
@@ -109,6 +113,7 @@ class Picker:
         self.penalizing = any(r[3] != 1.0 for r in self.rules)
         self.min_any = any(r[0] > 0 and r[4] > 0 for r in self.rules)
         self.recording = any(r[5] for r in self.rules)
+        self.constraining = any(r[6] for r in self.rules)
 
     def _record_buffers(self) -> None:
         k = min(TOP_LOGPROBS, self.vocab)
@@ -117,10 +122,16 @@ class Picker:
         self.top_id = torch.zeros(self.batch, k, dtype=torch.long, device=self.device)
 
     def set_row(self, row: int, *, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                penalty: float = 1.0, seed: int | None = None, min_p: float = 0.0, logprobs: bool = False) -> None:
+                penalty: float = 1.0, seed: int | None = None, min_p: float = 0.0, logprobs: bool = False,
+                constrained: bool = False) -> None:
         """Row `row` gets a new request's rule: its generator seeded with `seed` (random without one), nothing
         seen yet."""
-        self.rules[row] = (float(temperature), int(top_k), float(top_p), float(penalty), float(min_p), bool(logprobs))
+        self.rules[row] = (float(temperature), int(top_k), float(top_p), float(penalty), float(min_p), bool(logprobs),
+                           bool(constrained))
+        if constrained and self.allowed is None:
+            self.allowed = torch.full((self.batch, (self.vocab + 31) // 32), -1, dtype=torch.int32, device=self.device)
+        if self.allowed is not None:
+            self.allowed[row] = -1  # (a constrained row's caller writes its mask before each choice)
         (self.temperature[row], self.top_k[row], self.top_p[row], self.penalty[row],
          self.min_p[row]) = self.rules[row][:5]
         if logprobs and self.chosen_logprob is None:
@@ -141,14 +152,14 @@ class Picker:
         v.batch, v.vocab, v.device = stop - start, self.vocab, self.device
         v.rules, v.generator, v.generators = self.rules[start:stop], self.generator, self.generators[start:stop]
         for name in ("temperature", "top_k", "top_p", "penalty", "min_p", "seen", "noise", "chosen_logprob",
-                     "top_logprob", "top_id"):
+                     "top_logprob", "top_id", "allowed"):
             t = getattr(self, name)
             setattr(v, name, None if t is None else t[start:stop])
         v._flags()
         return v
 
     def buffers(self) -> list[torch.Tensor]:
-        return [t for t in (self.seen, self.noise, self.chosen_logprob, self.top_logprob, self.top_id)
+        return [t for t in (self.seen, self.noise, self.chosen_logprob, self.top_logprob, self.top_id, self.allowed)
                 if t is not None]
 
     def draw(self) -> None:
@@ -173,6 +184,9 @@ class Picker:
         return ids
 
     def _choose(self, logits: torch.Tensor, fed: torch.Tensor | None) -> torch.Tensor:
+        if self.constraining:  # (a free row's words are all ones)
+            bits = (self.allowed[:, :, None] >> torch.arange(32, dtype=torch.int32, device=logits.device)) & 1
+            logits = logits.masked_fill(bits.reshape(logits.shape[0], -1)[:, :logits.shape[1]] == 0, -math.inf)
         if self.seen is not None:
             if fed is not None:
                 self.seen.scatter_(1, fed, True)

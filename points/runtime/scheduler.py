@@ -70,6 +70,7 @@ class Request:
     # the cfg.logprobs most likely), the model's own distribution (points.runtime.sampling)
     logprobs: list = field(default_factory=list)
     share_prompt: bool = False  # its prompt's K/V go to the prefix cache once prefilled (siblings: n > 1)
+    constraint: object = None  # points.runtime.grammar.Constraint, for a cfg.response_format
     images_encoded: int = 0  # images the vision encoder ran for (those of the cached prefix are not)
     vision_seconds: float = 0.0  # the vision encoder's time for them
     submitted_at: float = field(default_factory=time.perf_counter)  # perf_counter() times
@@ -178,6 +179,7 @@ class Scheduler:
         self._admitting: Request | None = None
         self._in_step = False
         self._recorded: dict = {}  # the last choice's log-probabilities, by row (_read_logprobs)
+        self._grammars = None
 
     def use_engine(self, engine: Engine) -> None:
         """Run the steps on another engine (eager or compiled) from the next request on."""
@@ -195,12 +197,27 @@ class Scheduler:
         prefilled (not only when the request ends), so requests for the same prompt queued after it (several
         choices of one question) restore it instead of prefilling it and encoding its images again."""
         request = Request(prompt, list(ids), cfg, self, on_event, share_prompt=share_prompt)
+        if cfg.response_format is not None:  # (compiled here: a grammar the library refuses raises now)
+            from points.runtime.grammar import GrammarError
+
+            try:
+                request.constraint = self.grammars().constraint(cfg.response_format)
+            except GrammarError as e:
+                raise GrammarError(f"response_format: {e}") from None
         with self._work:
             if self.max_queue is not None and len(self.waiting) >= self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (max_queue {self.max_queue})")
             self.waiting.append(request)
             self._work.notify_all()
         return request
+
+    def grammars(self):
+        """The grammar library's view of this tokenizer (points.runtime.grammar), built on first use."""
+        if self._grammars is None:
+            from points.runtime.grammar import Grammars
+
+            self._grammars = Grammars(self.tokenizer, self.model.decoder.cfg.vocab_size)
+        return self._grammars
 
     @property
     def busy(self) -> int:
@@ -355,7 +372,10 @@ class Scheduler:
         if request.share_prompt and self.prefix is not None:
             self._keep(key[:len(ids)], row, "a prompt to share")
         self.pick.set_row(i, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, min_p=cfg.min_p,
-                          penalty=cfg.repetition_penalty, seed=cfg.seed, logprobs=cfg.logprobs is not None)
+                          penalty=cfg.repetition_penalty, seed=cfg.seed, logprobs=cfg.logprobs is not None,
+                          constrained=request.constraint is not None)
+        if request.constraint is not None:
+            request.constraint.allowed(self.pick.allowed[i])
         pick = self.pick.view(i, i + 1)
         pick.draw()
         first = int(pick(logits)[0])
@@ -392,6 +412,9 @@ class Scheduler:
         if idle:  # a free row writes its dummy token at its own position 0, never beyond the cache
             view.pos[idle] = 0
         pick = self.pick if n == self.max_batch else self.pick.view(0, n)
+        for i in busy:
+            if self.rows[i].request.constraint is not None:
+                self.rows[i].request.constraint.allowed(self.pick.allowed[i])
         pick.draw()
         chosen = self.engine.step(self.next_input[:n, None], view, pick)
         self.next_input[:n] = chosen
@@ -421,6 +444,8 @@ class Scheduler:
         recorded = self._recorded.get(i)
         if recorded is not None and token not in self.stop_ids:
             row.request.logprobs.append((token, recorded[0], recorded[1][:row.request.cfg.logprobs]))
+        if row.request.constraint is not None and token not in self.stop_ids:
+            row.request.constraint.consume(token)
         last = len(row.chosen) >= row.request.cfg.max_new_tokens
         piece = row.reply.push(token, token in self.stop_ids, last)
         if piece:

@@ -284,7 +284,7 @@ FIELDS = {
     "frequency_penalty": Field("a number", only=(0,)),
     "presence_penalty": Field("a number", only=(0,)),
     "logit_bias": Field("an object", only=({},)),
-    "response_format": Field("an object", only=({"type": "text"},)),
+    "response_format": Field("an object", "response_format"),  # (text, json_object, json_schema: a grammar)
     "tools": Field("a list", only=([],)),
     "tool_choice": Field("a string or an object", only=("none",)),
     "parallel_tool_calls": Field("a boolean"),  # (without tools nothing is called)
@@ -304,14 +304,15 @@ FIELDS = {
     "max_new_tokens": Field("an integer", "max_new_tokens"),
     "do_sample": Field("a boolean"),  # (false: greedy; true: the temperature given, the preset's, else 1)
     "preset": Field("a string"),  # (one of the model's presets, read by the route)
-    # vLLM's structured-output extensions: they change the reply, so refused until served (never ignored)
-    "guided_json": Field("a string or an object", only=()),
-    "guided_regex": Field("a string", only=()),
-    "guided_choice": Field("a list", only=()),
+    # vLLM's structured-output extensions (read after the loop, into response_format); its grammar form is refused
+    "guided_json": Field("a string or an object"),
+    "guided_regex": Field("a string"),
+    "guided_choice": Field("a list"),
     "guided_grammar": Field("a string", only=()),
     "structured_outputs": Field("an object", only=()),
 }
 N_MAX = 16  # choices per request
+GUIDED = ("guided_json", "guided_regex", "guided_choice")  # vLLM's names for a response_format
 OFFICIAL_FIELDS = {name: FIELDS[name] for name in ("messages", "max_tokens", "temperature", "top_p", "top_k")}
 STOP_LIMIT = (4, 256)  # stop strings per request, characters each (OpenAI's bound: each is scanned every token)
 
@@ -343,6 +344,23 @@ def generation_of(body: dict, fields: dict[str, Field] = FIELDS, defaults: dict 
             if field.keyword in gen and gen[field.keyword] != value:
                 raise _bad(name, f"{value!r:.40} disagrees with {named[field.keyword]} = {gen[field.keyword]!r:.40}")
             gen[field.keyword], named[field.keyword] = value, name
+    guided = [name for name in GUIDED if body.get(name) is not None and name in fields]
+    if guided:
+        name = guided[0]
+        if len(guided) > 1 or "response_format" in gen:
+            other = guided[1] if len(guided) > 1 else "response_format"
+            raise _bad(name, f"asks for a second structure beside {other}; give one")
+        value = body[name]
+        if name == "guided_json":
+            try:
+                schema = json.loads(value) if isinstance(value, str) else value
+            except ValueError:
+                raise _bad(name, "expected a JSON schema (an object, or its JSON text)") from None
+            gen["response_format"] = {"type": "json_schema", "json_schema": {"name": "guided_json", "schema": schema}}
+        else:
+            kind = "regex" if name == "guided_regex" else "choice"
+            gen["response_format"] = {"type": kind, kind: value}
+        named["response_format"] = name
     if "logprobs" in fields:
         top = body.get("top_logprobs")
         if body.get("logprobs") is True:
@@ -558,8 +576,11 @@ class Server:
 
         try:
             await run_in_threadpool(prepare)
-        except ValueError as e:  # the conversation or an image, named by the prompt builder
+        except ValueError as e:  # the conversation or an image, named by the prompt builder; a grammar refused
             text = str(e)
+            if text.startswith("response_format:"):  # (named by the field that asked for it)
+                param = next((name for name in GUIDED if body.get(name) is not None), "response_format")
+                raise ApiError(400, param + text.removeprefix("response_format"), param) from None
             param = text.split(":", 1)[0] if text.startswith("messages") else "messages"
             raise ApiError(400, text, param) from None
         finally:
