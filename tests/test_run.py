@@ -453,3 +453,18 @@ def test_items_carry_their_own_generation_fields(e2e_dir, pipe, tmp_path, capsys
     err = capsys.readouterr().err
     assert f"{bad}, line 2: \"top_p\" = 3: expected a number in (0, 1]" in err
     assert not (tmp_path / "o2.jsonl").exists()
+
+
+def test_a_line_can_ask_for_structured_output(e2e_dir, tmp_path):
+    """A line's own response_format (points.runtime.grammar) holds its reply; a line whose grammar cannot be
+    compiled is that item's error, the run goes on."""
+    pytest.importorskip("llguidance")
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    ask = [{"role": "user", "content": "Paid?"}]
+    lines = [{"id": "a", "messages": ask, "response_format": {"type": "choice", "choice": ["yes", "no"]}},
+             {"id": "b", "messages": ask, "response_format": {"type": "regex", "regex": "(unclosed"}},
+             {"id": "c", "messages": ask}]
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert run.main(_text_args(e2e_dir, inp, out)) == 0
+    got = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert got["a"]["reply"] in ("yes", "no") and "response_format" in got["b"]["error"] and "reply" in got["c"]

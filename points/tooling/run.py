@@ -41,7 +41,7 @@ Scheduling: a rank's items run on the continuous-batching scheduler (points.runt
 order, at most --batch-size at a time: an item joins the batch as soon as a row is free and leaves it when
 its reply ends, and its record is journaled then; each reply equals (greedy, float32) the item run alone.
 A line may carry its own generation fields (max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty,
-seed, stop) over the command's: {"id": "a", "messages": [...], "max_new_tokens": 16}.
+seed, stop, response_format: a grammar, points.runtime.grammar) over the command's: {"id": "a", "messages": [...], "max_new_tokens": 16}.
 
 Presets: --preset NAME asks every item with one of the checkpoint's presets (POINTS-Reader's "reader",
 POINTS-GUI-G's "gui": its system turn, its prompt for a user turn of images only, its decoding settings as the
@@ -69,7 +69,8 @@ from points.tooling.options import (GENERATION_OPTIONS, add_generation_options, 
                                     exit_code, generation_kwargs)
 
 # generation fields an input line may carry for itself, over the command's (--max-new-tokens etc.)
-ITEM_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop")
+ITEM_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
+               "response_format")
 RESULTS = ("reply",)  # a result record: {"id", "reply"} (or {"id", "error"})
 
 
