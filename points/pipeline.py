@@ -41,7 +41,7 @@ class CardModel(POINTSModel):
         Takes the card's dict (`max_new_tokens`, `temperature`, `top_p`, `num_beams=1`); temperature 0 or
         absent means greedy, as the reference (which never sets do_sample) always decodes."""
         cfg = GenerationConfig.from_card(generation_config)
-        prompt, ids = prepare(tokenizer, image_processor, messages, cfg, self.decoder.cfg.max_seq_len)
+        prompt, ids, cfg = prepare(tokenizer, image_processor, messages, cfg, self.decoder.cfg.max_seq_len)
         return Scheduler(self, tokenizer, max_batch=1).submit(prompt, ids, cfg).text()
 
 
@@ -91,21 +91,25 @@ class Pipeline:
         return Encoded(ids, prompt.pixel_values, prompt.grid_thw)
 
     def submit(self, messages: list[dict], name: str = "conversation", *, preset: str | None = None,
-               on_event=None, **gen):
+               on_event=None, share_prompt: bool = False, **gen):
         """A conversation queued on the scheduler -> its `Request` (iterate it for the text pieces; `cancel()`).
         The prompt is built and checked here: a bad message or image raises now, naming `name`. on_event:
-        called with (request, piece or the end) from the thread that runs the steps.
+        called with (request, piece or the end) from the thread that runs the steps. max_new_tokens not given:
+        as many as the context leaves, up to 1024 (or the preset's). share_prompt: the prompt goes into the
+        prefix cache as soon as it is prefilled, for more requests of the same prompt (several choices).
 
         `preset`: one of this model's presets (`pipe.member.presets`; another is a PresetError naming them):
         its system turn goes first when the conversation has none, its prompt becomes the text of a user turn
         that carries only images (points.io.chat.with_preset), and its decoding settings are the defaults that
         the keywords given here override."""
+        fit = "max_new_tokens" not in gen  # (the caller's: a preset's is a default, fitted like 1024)
         if preset is not None:
             chosen = self.preset(preset)
             messages, gen = with_preset(messages, chosen), dict(chosen.generation) | gen
         cfg = GenerationConfig.from_kwargs(**gen)
-        prompt, ids = prepare(self.tokenizer, self.processor, messages, cfg, self.model.decoder.cfg.max_seq_len, name)
-        return self.scheduler.submit(prompt, ids, cfg, on_event)
+        prompt, ids, cfg = prepare(self.tokenizer, self.processor, messages, cfg, self.model.decoder.cfg.max_seq_len,
+                                   name, fit=fit)
+        return self.scheduler.submit(prompt, ids, cfg, on_event, share_prompt=share_prompt)
 
     def chat(self, messages: list[dict], *, stream: bool = False, preset: str | None = None,
              **gen) -> str | Iterator[str]:

@@ -15,7 +15,7 @@ A reply stops at <|im_end|> (the reference) or <|endoftext|> (an extension), at 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from points.io.chat import build_prompt
 from points.runtime.grammar import GrammarError, check_response_format
@@ -118,13 +118,18 @@ class GenerationConfig:
         return cls.from_kwargs(**d)
 
 
-def prepare(tokenizer, processor, messages: list, cfg: GenerationConfig, limit: int, name: str = "conversation"):
-    """One conversation -> (prompt, token ids), checked against the context: raises ValueError naming
-    `name` (an unreadable image, a prompt that leaves no room for max_new_tokens)."""
+def prepare(tokenizer, processor, messages: list, cfg: GenerationConfig, limit: int, name: str = "conversation",
+            fit: bool = False):
+    """One conversation -> (prompt, token ids, cfg), checked against the context: raises ValueError naming
+    `name` (an unreadable image, a prompt that leaves no room for max_new_tokens). fit=True (max_new_tokens was
+    not given): max_new_tokens becomes as many as the context leaves, up to cfg's (the one policy of every
+    entry point: Pipeline.chat / submit, points run, points serve), at least 1."""
     prompt = build_prompt(messages, processor)
     ids = prompt.token_ids(tokenizer)
+    if fit:
+        cfg = replace(cfg, max_new_tokens=max(1, min(cfg.max_new_tokens, limit - len(ids))))
     check_room(len(ids), cfg.max_new_tokens, limit, name)
-    return prompt, ids
+    return prompt, ids, cfg
 
 
 def check_room(prompt_tokens: int, max_new_tokens: int, limit: int, name: str = "conversation") -> None:

@@ -49,7 +49,6 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import dataclasses
 import hmac
 import json
 import os
@@ -554,25 +553,12 @@ class Server:
         jobs = [_Job(loop, self.jobs, lambda request, name=(ident if n == 1 else f"{ident}/{k}"):
                      self._ended(name, route, request)) for k in range(n)]
 
-        def prepare():
-            from points.io.chat import build_prompt, with_preset
-            from points.runtime.generation import GenerationConfig, check_room
-
+        def prepare():  # (Pipeline.submit builds and checks the prompt: one policy for every entry point)
             messages = messages_of(body, self.images, self.pipe.processor.max_pixels)
-            defaults = dict(preset.generation) if preset is not None else {}
-            settings = defaults | gen
-            prompt = build_prompt(with_preset(messages, preset) if preset is not None else messages,
-                                  self.pipe.processor)
-            ids = prompt.token_ids(self.pipe.tokenizer)
-            limit = self.pipe.model.decoder.cfg.max_seq_len
-            if "max_new_tokens" not in gen:  # as many as the context leaves, up to the default (the preset's)
-                most = defaults.get("max_new_tokens", GenerationConfig.max_new_tokens)
-                settings["max_new_tokens"] = max(1, min(most, limit - len(ids)))
-            cfg = GenerationConfig.from_kwargs(**settings)
-            check_room(len(ids), cfg.max_new_tokens, limit, "messages")
             for k, job in enumerate(jobs):
-                seeded = cfg if cfg.seed is None or k == 0 else dataclasses.replace(cfg, seed=(cfg.seed + k) % 2**64)
-                job.request = self.scheduler.submit(prompt, ids, seeded, job.event, share_prompt=n > 1 and k == 0)
+                settings = gen if gen.get("seed") is None or k == 0 else gen | {"seed": (gen["seed"] + k) % 2**64}
+                job.request = self.pipe.submit(messages, "messages", preset=preset.name if preset else None,
+                                               on_event=job.event, share_prompt=n > 1 and k == 0, **settings)
 
         try:
             await run_in_threadpool(prepare)
