@@ -18,7 +18,7 @@ from points.model.family import Member, Preset, member
 from points.model.vlm import POINTSModel
 from points.runtime.attention import use_triton
 from points.runtime.engine import Engine
-from points.runtime.generation import GenerationConfig, prepare
+from points.runtime.generation import GenerationConfig, check_room, fitted, prepare
 from points.runtime.look import Look, look
 from points.runtime.prefix import PrefixCache
 from points.runtime.scheduler import Scheduler
@@ -41,7 +41,7 @@ class CardModel(POINTSModel):
         Takes the card's dict (`max_new_tokens`, `temperature`, `top_p`, `num_beams=1`); temperature 0 or
         absent means greedy, as the reference (which never sets do_sample) always decodes."""
         cfg = GenerationConfig.from_card(generation_config)
-        prompt, ids, cfg = prepare(tokenizer, image_processor, messages, cfg, self.decoder.cfg.max_seq_len)
+        prompt, ids = prepare(tokenizer, image_processor, messages, cfg, self.decoder.cfg.max_seq_len)
         return Scheduler(self, tokenizer, max_batch=1).submit(prompt, ids, cfg).text()
 
 
@@ -106,9 +106,12 @@ class Pipeline:
         if preset is not None:
             chosen = self.preset(preset)
             messages, gen = with_preset(messages, chosen), dict(chosen.generation) | gen
-        cfg = GenerationConfig.from_kwargs(**gen)
-        prompt, ids, cfg = prepare(self.tokenizer, self.processor, messages, cfg, self.model.decoder.cfg.max_seq_len,
-                                   name, fit=fit)
+        cfg, limit = GenerationConfig.from_kwargs(**gen), self.model.decoder.cfg.max_seq_len
+        prompt = build_prompt(messages, self.processor)
+        ids = prompt.token_ids(self.tokenizer)
+        if fit:
+            cfg = fitted(cfg, len(ids), limit)
+        check_room(len(ids), cfg.max_new_tokens, limit, name)
         return self.scheduler.submit(prompt, ids, cfg, on_event, share_prompt=share_prompt)
 
     def chat(self, messages: list[dict], *, stream: bool = False, preset: str | None = None,

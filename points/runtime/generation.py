@@ -118,18 +118,19 @@ class GenerationConfig:
         return cls.from_kwargs(**d)
 
 
-def prepare(tokenizer, processor, messages: list, cfg: GenerationConfig, limit: int, name: str = "conversation",
-            fit: bool = False):
-    """One conversation -> (prompt, token ids, cfg), checked against the context: raises ValueError naming
-    `name` (an unreadable image, a prompt that leaves no room for max_new_tokens). fit=True (max_new_tokens was
-    not given): max_new_tokens becomes as many as the context leaves, up to cfg's (the one policy of every
-    entry point: Pipeline.chat / submit, points run, points serve), at least 1."""
+def prepare(tokenizer, processor, messages: list, cfg: GenerationConfig, limit: int, name: str = "conversation"):
+    """One conversation -> (prompt, token ids), checked against the context: raises ValueError naming
+    `name` (an unreadable image, a prompt that leaves no room for max_new_tokens)."""
     prompt = build_prompt(messages, processor)
     ids = prompt.token_ids(tokenizer)
-    if fit:
-        cfg = replace(cfg, max_new_tokens=max(1, min(cfg.max_new_tokens, limit - len(ids))))
     check_room(len(ids), cfg.max_new_tokens, limit, name)
-    return prompt, ids, cfg
+    return prompt, ids
+
+
+def fitted(cfg: GenerationConfig, prompt_tokens: int, limit: int) -> GenerationConfig:
+    """cfg whose max_new_tokens was not given: as many as the context leaves, up to cfg's (1024, or a preset's),
+    at least 1 (the one policy of every entry point: Pipeline.chat / submit, points run, points serve)."""
+    return replace(cfg, max_new_tokens=max(1, min(cfg.max_new_tokens, limit - prompt_tokens)))
 
 
 def check_room(prompt_tokens: int, max_new_tokens: int, limit: int, name: str = "conversation") -> None:
