@@ -23,6 +23,7 @@ from points.runtime.look import Look, look
 from points.runtime.prefix import PrefixCache
 from points.runtime.scheduler import Scheduler
 from points.runtime.scoring import Score, score_batch
+from points.runtime.vision import FeatureCache
 
 
 @dataclass
@@ -51,11 +52,14 @@ class Pipeline:
     `points.runtime.scheduler`)."""
 
     def __init__(self, model: POINTSModel, tokenizer: Tokenizer, processor: ImageProcessor,
-                 engine: Engine | None = None, prefix_cache: bool | PrefixCache = True, max_batch: int = 8):
+                 engine: Engine | None = None, prefix_cache: bool | PrefixCache = True, max_batch: int = 8,
+                 vision_cache: bool | FeatureCache = True):
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
         prefix = prefix_cache if isinstance(prefix_cache, PrefixCache) else PrefixCache() if prefix_cache else None
+        features = (vision_cache if isinstance(vision_cache, FeatureCache) else FeatureCache() if vision_cache
+                    else None)
         self.scheduler = Scheduler(model, tokenizer, engine or Engine(model.decoder), max_batch=max_batch,
-                                   prefix=prefix)
+                                   prefix=prefix, vision_cache=features)
 
     @property
     def engine(self) -> Engine:
@@ -65,6 +69,12 @@ class Pipeline:
     @engine.setter
     def engine(self, engine: Engine) -> None:
         self.scheduler.use_engine(engine)
+
+    @property
+    def vision_cache(self) -> FeatureCache | None:
+        """Image features by content (points.runtime.vision.FeatureCache; `clear()` after changing the vision
+        weights in place)."""
+        return self.scheduler.vision_cache
 
     @property
     def prefix(self) -> PrefixCache | None:
@@ -194,7 +204,7 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
          progress: bool | None = None, attn: str = "auto", compile: bool = False, quantize: str | None = None,
          quantize_lm_head: bool | None = None, prefix_cache: bool = True, max_batch: int = 8,
-         adapter: str | Path | None = None) -> Pipeline:
+         adapter: str | Path | None = None, vision_cache_mb: float = 256) -> Pipeline:
     """A POINTS-1.5 checkpoint directory (released layout or ours) -> Pipeline, on `device` in `dtype`
     (None keeps the checkpoint's dtype).
 
@@ -213,7 +223,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     `prefix_cache=True` (default): every request leaves its K/V in a cache of recent ones (an LRU bounded
     to 16384 tokens, points.runtime.prefix) and a request that starts like an earlier one (the same
     conversation continued, a shared system text, the same images) prefills only what is new;
-    `pipe.prefix.clear()` forgets it, `prefix_cache=False` turns it off. `max_batch`: rows the scheduler
+    `pipe.prefix.clear()` forgets it, `prefix_cache=False` turns it off. `vision_cache_mb` (default 256; 0 turns
+    it off): image features kept by the image's content and pixels (points.runtime.vision.FeatureCache), so an
+    image asked about again, in any conversation, skips the vision encoder. `max_batch`: rows the scheduler
     decodes at once (requests beyond it wait for a free row).
 
     `adapter`: a LoRA adapter directory (`points finetune`'s output) applied on top (points.runtime.lora: the
@@ -222,6 +234,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     was trained on another one: its adapters train, the base is frozen (peft's rule). Without one every float
     parameter trains as in any nn.Module (`pipe.model.train()`, then autograd); generation, scoring and `look`
     run under inference_mode, and a direct `pipe.model(...)` for inference belongs under `torch.no_grad()`."""
+    if not (isinstance(vision_cache_mb, (int, float)) and not isinstance(vision_cache_mb, bool)
+            and 0 <= vision_cache_mb < 1 << 30):
+        raise ValueError(f"vision_cache_mb = {vision_cache_mb!r}: expected a number of MiB >= 0 (0: no cache)")
     device = resolve_device(device)
     path = checkpoint_dir(path)
     use_triton(attn, device)  # a forced backend that cannot run fails here, before any loading
@@ -237,5 +252,6 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         from points.runtime.lora import load_adapter
 
         load_adapter(model, adapter, (path / "config.json").read_bytes())  # base frozen, adapters trainable
+    vision = FeatureCache(int(vision_cache_mb * (1 << 20))) if vision_cache_mb > 0 else False
     return Pipeline(model, tokenizer, processor, Engine(model.decoder, compile=compile, attn=attn),
-                    prefix_cache=prefix_cache, max_batch=max_batch)
+                    prefix_cache=prefix_cache, max_batch=max_batch, vision_cache=vision)

@@ -378,6 +378,7 @@ def test_cached_tokens_metrics_and_one_log_line_per_request(server, client, pipe
     assert samples[("points_time_to_first_token_seconds_count", ())] >= 2
     assert samples[("points_vision_encoder_seconds_count", ())] >= 1  # (the first; the second's image was cached)
     assert ("points_rows_busy", ()) in samples and ("points_requests_waiting", ()) in samples
+    assert ("points_vision_cache_hits_total", ()) in samples
     for got in (first, second):
         assert _within(10, lambda: any(line.startswith(f"points serve: {got.id} /v1/chat/completions length ")
                                        for line in server.lines)), got.id

@@ -2,6 +2,9 @@
 padding image changes no real feature; device segment bounds with trailing empty segments give the host
 bounds' result on the Triton kernel; CUDA graphs replay the eager result (on a GPU)."""
 
+from pathlib import Path
+
+import matplotlib
 import pytest
 import torch
 
@@ -83,3 +86,31 @@ def test_cuda_graphs_replay_the_eager_features():
         torch.testing.assert_close(got.float(), eager(pixels, grid).float(), rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(got.float(), model.image_features(pixels, grid).float(), rtol=2e-2, atol=2e-2)
     assert set(runner._graphs) == {64}
+
+
+def test_the_vision_cache_skips_the_encoder_for_an_image_seen_before(e2e_dir, pipe):
+    """The same picture in two different conversations (no shared prefix): the second takes its features from
+    the cache (one hit, no encoding) and its reply is the pipeline's without a cache; a bounded cache drops the
+    oldest; vision_cache_mb=0 is none and a bad value is named."""
+    import pytest
+
+    import points
+    from points.runtime.vision import FeatureCache
+
+    photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    fresh = points.load(e2e_dir, prefix_cache=False)
+    first = [{"role": "user", "content": [{"type": "image", "image": photo}, {"type": "text", "text": "Who?"}]}]
+    second = [{"role": "system", "content": "Be brief."}] + [
+        {"role": "user", "content": [{"type": "text", "text": "Describe:"}, {"type": "image", "image": photo}]}]
+    plain = points.load(e2e_dir, prefix_cache=False, vision_cache_mb=0)
+    assert plain.vision_cache is None
+    a = fresh.submit(first, max_new_tokens=6)
+    assert a.text() == plain.chat(first, max_new_tokens=6) and (a.images_encoded, a.images_cached) == (1, 0)
+    b = fresh.submit(second, max_new_tokens=6)
+    assert b.text() == plain.chat(second, max_new_tokens=6) and (b.images_encoded, b.images_cached) == (0, 1)
+    assert fresh.vision_cache.hits == 1 and fresh.vision_cache.misses == 1
+    small = FeatureCache(budget_bytes=3 * 4)
+    small.put(-1, torch.zeros(2)), small.put(-2, torch.zeros(2))  # 8 + 8 bytes > 12: the first goes
+    assert list(small.entries) == [-2] and small.bytes == 8 and small.get(-1) is None
+    with pytest.raises(ValueError, match=r"^vision_cache_mb = -1: expected a number of MiB >= 0"):
+        points.load(e2e_dir, vision_cache_mb=-1)

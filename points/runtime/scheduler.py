@@ -40,7 +40,7 @@ from points.runtime.engine import Engine
 from points.runtime.generation import GenerationConfig, Reply
 from points.runtime.prefix import PrefixCache, prompt_key
 from points.runtime.sampling import Picker
-from points.runtime.vision import image_features
+from points.runtime.vision import FeatureCache, image_features
 
 _END = object()  # the last event of a request
 
@@ -71,7 +71,8 @@ class Request:
     logprobs: list = field(default_factory=list)
     share_prompt: bool = False  # its prompt's K/V go to the prefix cache once prefilled (siblings: n > 1)
     constraint: object = None  # points.runtime.grammar.Constraint, for a cfg.response_format
-    images_encoded: int = 0  # images the vision encoder ran for (those of the cached prefix are not)
+    images_encoded: int = 0  # images the vision encoder ran for (not those of the cached prefix, nor cached ones)
+    images_cached: int = 0  # images whose features came from the vision cache
     vision_seconds: float = 0.0  # the vision encoder's time for them
     submitted_at: float = field(default_factory=time.perf_counter)  # perf_counter() times
     first_token_at: float | None = None
@@ -160,12 +161,14 @@ class _Row:
 
 class Scheduler:
     def __init__(self, model, tokenizer, engine: Engine | None = None, *, max_batch: int = 8,
-                 prefix: PrefixCache | None = None, max_queue: int | None = None):
+                 prefix: PrefixCache | None = None, max_queue: int | None = None,
+                 vision_cache: FeatureCache | None = None):
         if not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch = {max_batch!r}: expected an integer >= 1")
         self.model, self.tokenizer = model, tokenizer
         self.engine = engine or Engine(model.decoder)
         self.max_batch, self.prefix, self.max_queue = max_batch, prefix, max_queue
+        self.vision_cache = vision_cache
         self.stop_ids = {tokenizer.im_end_id, tokenizer.eos_id}
         self.waiting: list[Request] = []
         self.rows: list[_Row | None] = [None] * max_batch
@@ -359,14 +362,7 @@ class Scheduler:
         if entry is not None:
             self.prefix.restore(entry, reused, row)
         later = [im for im in images if im[0] >= reused]  # the images before `reused` are in the cache already
-        features = None
-        if later:
-            start = time.perf_counter()
-            features = image_features(model, torch.cat([prompt.pixel_values[r:r + n] for _, _, r, n in later]),
-                                      torch.stack([prompt.grid_thw[images.index(im)] for im in later]), engine.attn)
-            if features.is_cuda:  # (the time the encoder took, not the time to queue it)
-                torch.cuda.synchronize(features.device)
-            request.images_encoded, request.vision_seconds = len(later), time.perf_counter() - start
+        features = self._features(request, images, later, key) if later else None
         embeds = model.embed(torch.tensor([ids[reused:]], device=engine.device), features)
         logits = engine.prefill(row, embeds=embeds)
         if request.share_prompt and self.prefix is not None:
@@ -386,6 +382,31 @@ class Scheduler:
             self._admitting = None
         self.next_input[i] = first
         return first
+
+    def _features(self, request: Request, images: list, later: list, key: list[int]) -> torch.Tensor:
+        """The features of the prompt's images `later` (prompt_key's), in order: from the vision cache where it
+        holds them (keyed by the image's content and grid), the others encoded in one call and kept."""
+        prompt, got, todo = request.prompt, {}, []
+        for im in later:
+            found = self.vision_cache.get(key[im[0]]) if self.vision_cache is not None else None
+            if found is None:
+                todo.append(im)
+            else:
+                got[im[0]] = found
+        request.images_cached = len(later) - len(todo)
+        if todo:
+            start = time.perf_counter()
+            encoded = image_features(self.model, torch.cat([prompt.pixel_values[r:r + n] for _, _, r, n in todo]),
+                                     torch.stack([prompt.grid_thw[images.index(im)] for im in todo]),
+                                     self.engine.attn)
+            if encoded.is_cuda:  # (the time the encoder took, not the time to queue it)
+                torch.cuda.synchronize(encoded.device)
+            request.images_encoded, request.vision_seconds = len(todo), time.perf_counter() - start
+            for im, part in zip(todo, encoded.split([im[1] for im in todo])):
+                got[im[0]] = part
+                if self.vision_cache is not None:
+                    self.vision_cache.put(key[im[0]], part if len(todo) == 1 else part.clone())  # (not a view)
+        return torch.cat([got[im[0]] for im in later])
 
     def _reserve(self, positions: int) -> None:
         """A cache of at least `positions` positions per row, the busy rows' K/V carried over."""

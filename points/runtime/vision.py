@@ -25,6 +25,8 @@ computation eagerly (what the CPU tests check against the unpadded encoder).
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from points.model.attention import Packing
@@ -40,6 +42,42 @@ def image_features(model, pixel_values: torch.Tensor, grid_thw: torch.Tensor, at
     grid = [tuple(row) for row in grid_thw.tolist()]
     kernel = vision_kernel(attn, model.vision.patch_embed.weight.device, frame_bounds(grid))
     return model.image_features(pixel_values, grid_thw, kernel)
+
+
+class FeatureCache:
+    """Image features by image (`points.runtime.prefix.image_key`: the processed pixels and grid, so one image
+    at two resolutions is two entries), least recently used first out, at most `budget_bytes` held: a request
+    whose image was encoded before, for any prompt, skips the vision encoder for it. `hits` / `misses` count
+    images."""
+
+    def __init__(self, budget_bytes: int = 256 << 20):
+        if not isinstance(budget_bytes, int) or budget_bytes < 0:
+            raise ValueError(f"vision cache: budget_bytes must be an integer >= 0, got {budget_bytes!r}")
+        self.budget = budget_bytes
+        self.entries: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.bytes = self.hits = self.misses = 0
+
+    def get(self, key: int) -> torch.Tensor | None:
+        features = self.entries.get(key)
+        if features is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.entries.move_to_end(key)
+        return features
+
+    def put(self, key: int, features: torch.Tensor) -> None:
+        if features.nbytes > self.budget or key in self.entries:
+            return
+        self.entries[key] = features
+        self.bytes += features.nbytes
+        while self.bytes > self.budget:
+            _, old = self.entries.popitem(last=False)
+            self.bytes -= old.nbytes
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.bytes = 0
 
 
 def padded_embeds(model, rows: list[list[int]], prompts: list, pad_id: int, attn: str = "auto") -> torch.Tensor:

@@ -9,7 +9,8 @@ The metrics (names as vLLM's, prefixed `points_`; times in seconds, `time.perf_c
 - `points_requests_waiting`, `points_rows_busy`: the scheduler's queue and its busy rows, read at the scrape;
 - `points_requests_total{finish_reason}`: requests ended ("stop", "length", "cancelled", "error");
 - `points_prompt_tokens_total`, `points_generation_tokens_total`, `points_prefix_cache_hit_tokens_total`
-  (prompt tokens restored from the prefix cache instead of prefilled);
+  (prompt tokens restored from the prefix cache instead of prefilled), `points_vision_cache_hits_total` (images
+  whose features the vision cache held);
 - histograms `points_time_to_first_token_seconds` (queued to first token), `points_time_per_output_token_seconds`
   (first to last token over the tokens after the first), `points_request_seconds` (queued to end) and
   `points_vision_encoder_seconds` (the encoder's time for a request's images not in the prefix cache).
@@ -40,6 +41,8 @@ class Metrics:
         self.tpot = Histogram("points_time_per_output_token_seconds", "Per token after the first.",
                               buckets=PER_TOKEN, registry=r)
         self.e2e = Histogram("points_request_seconds", "From queued to the end.", buckets=SECONDS, registry=r)
+        self.vision_hits = Counter("points_vision_cache_hits", "Images whose features came from the vision cache.",
+                                   registry=r)
         self.vision = Histogram("points_vision_encoder_seconds", "The vision encoder's time for a request's images.",
                                 buckets=SECONDS, registry=r)
 
@@ -49,6 +52,7 @@ class Metrics:
         self.prompt_tokens.inc(request.prompt_tokens)
         self.generation_tokens.inc(request.completion_tokens)
         self.cached_tokens.inc(request.cached_tokens)
+        self.vision_hits.inc(request.images_cached)
         if request.images_encoded:
             self.vision.observe(request.vision_seconds)
         if request.finished_at is not None:

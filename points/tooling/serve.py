@@ -99,6 +99,9 @@ def parser() -> argparse.ArgumentParser:
                    help="SIGTERM: how long running requests may take to finish; then they are ended, finish_reason "
                         "\"length\" (default: %(default)s)")
     p.add_argument("--no-prefix-cache", action="store_true", help="prefill every request from scratch")
+    p.add_argument("--vision-cache-mb", type=float, default=256,
+                   help="image features kept by the image's content, shared by every request (0: none; default "
+                        "%(default)s)")
     add_preset_option(p, "; the preset of every request whose \"preset\" field names none")
     p.add_argument("--replicas", type=int, default=None,
                    help="N model replicas under Ray Serve (one per GPU on CUDA; pip install 'points[ray]'), routed "
@@ -116,6 +119,8 @@ def main(argv=None) -> int:
                              ("--port", args.port, 0), ("--replicas", args.replicas, 1)):
         if value is not None and value < low:
             p.error(f"{flag} {value}: expected an integer >= {low}")
+    if not 0 <= args.vision_cache_mb < 1 << 30:
+        p.error(f"--vision-cache-mb {args.vision_cache_mb:g}: expected a number of MiB >= 0 (0: no cache)")
     if not args.max_body_mb > 0 or (args.max_image_mb is not None and not args.max_image_mb > 0):
         p.error("--max-body-mb and --max-image-mb must be > 0")
     if args.allow_local_images is not None and not args.allow_local_images.is_dir():
@@ -153,7 +158,8 @@ def build(options: dict) -> Server:
     check_preset(o.model, o.preset)  # (before the weights load)
     pipe = points.load(o.model, device=o.device, dtype=o.dtype, quantize=o.quantize,
                        quantize_lm_head=o.quantize_lm_head or None, compile=o.compile,
-                       prefix_cache=not o.no_prefix_cache, max_batch=o.max_batch)
+                       prefix_cache=not o.no_prefix_cache, max_batch=o.max_batch,
+                       vision_cache_mb=o.vision_cache_mb)
     body = int(o.max_body_mb * MIB)
     images = Images(int(o.max_image_mb * MIB) if o.max_image_mb else body, o.allow_remote_images,
                     o.allow_local_images, o.remote_timeout)
