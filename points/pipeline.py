@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -18,7 +18,7 @@ from points.model.family import Member, Preset, member
 from points.model.vlm import POINTSModel
 from points.runtime.attention import use_triton
 from points.runtime.engine import Engine
-from points.runtime.generation import GenerationConfig, check_room, fitted, prepare
+from points.runtime.generation import GenerationConfig, fitted, prepare
 from points.runtime.look import Look, look
 from points.runtime.prefix import PrefixCache
 from points.runtime.scheduler import Scheduler
@@ -117,11 +117,11 @@ class Pipeline:
             chosen = self.preset(preset)
             messages, gen = with_preset(messages, chosen), dict(chosen.generation) | gen
         cfg, limit = GenerationConfig.from_kwargs(**gen), self.model.decoder.cfg.max_seq_len
-        prompt = build_prompt(messages, self.processor)
-        ids = prompt.token_ids(self.tokenizer)
+        # (fitted, max_new_tokens is at least 1: the room checked for the prompt is that one token's)
+        prompt, ids = prepare(self.tokenizer, self.processor, messages, replace(cfg, max_new_tokens=1) if fit else cfg,
+                              limit, name)
         if fit:
             cfg = fitted(cfg, len(ids), limit)
-        check_room(len(ids), cfg.max_new_tokens, limit, name)
         return self.scheduler.submit(prompt, ids, cfg, on_event, share_prompt=share_prompt)
 
     def chat(self, messages: list[dict], *, stream: bool = False, preset: str | None = None,

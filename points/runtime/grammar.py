@@ -72,13 +72,12 @@ def _grammar(spec: dict) -> str:
 class Grammars:
     """The library's view of one tokenizer (built once: ~1 s for Qwen's 151,665 tokens) and compiled grammars."""
 
-    def __init__(self, tokenizer, vocab_size: int):
+    def __init__(self, tokenizer):
         try:
             from llguidance import LLTokenizer
         except ImportError:
             raise GrammarError("structured output needs the structured extra (llguidance is missing): pip install "
                                "'points[structured]'") from None
-        self.vocab_size = vocab_size
         self.tokenizer = LLTokenizer(tokenizer.to_json(), eos_token=tokenizer.im_end_id)
         self.words = (self.tokenizer.vocab_size + 31) // 32  # the mask's int32 words
         self.compiled: OrderedDict[str, str] = OrderedDict()

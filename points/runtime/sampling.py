@@ -20,6 +20,7 @@ reads after the step (`chosen_logprob`, `top_logprob`, `top_id`), so the step ke
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -68,6 +69,18 @@ def filtered_probs(logits: torch.Tensor, temperature, top_k=0, top_p=1.0, min_p=
     return logits.softmax(-1)
 
 
+class Rule(NamedTuple):
+    """One row's rule, as the host holds it (the Picker's tensors are its device copies)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    penalty: float = 1.0
+    min_p: float = 0.0
+    logprobs: bool = False  # record the chosen token's log-probability and the most likely ones
+    constrained: bool = False  # the caller writes the row's allowed tokens before each choice
+
+
 class Picker:
     """The next-token rules of up to `batch` rows.
 
@@ -82,9 +95,8 @@ class Picker:
                  top_k: int = 0, top_p: float = 1.0, penalty: float = 1.0, seed: int | None = None,
                  min_p: float = 0.0, logprobs: bool = False):
         self.batch, self.vocab, self.device = batch, vocab, torch.device(device)
-        # host copies of each row's rule (the last: constrained by a grammar, `set_row` only)
-        self.rules = [(float(temperature), int(top_k), float(top_p), float(penalty), float(min_p), bool(logprobs),
-                       False)] * batch
+        self.rules = [Rule(float(temperature), int(top_k), float(top_p), float(penalty), float(min_p),
+                           bool(logprobs))] * batch  # (constrained: `set_row` only)
         # [B, ceil(V / 32)] int32, bit t % 32 of word t // 32: may a row choose token t (filled by the caller for a
         # constrained row, before each choice; all ones for a free row): a grammar library's own bitmask layout
         self.allowed = None
@@ -105,15 +117,15 @@ class Picker:
 
     def _flags(self) -> None:
         """What the rows need, from the host copies: constants of the compiled step (a change recompiles)."""
-        self.sampling = any(r[0] > 0 for r in self.rules)
-        k_max = max((r[1] for r in self.rules if r[0] > 0), default=0)
+        self.sampling = any(r.temperature > 0 for r in self.rules)
+        k_max = max((r.top_k for r in self.rules if r.temperature > 0), default=0)
         # rounded up to a power of two (rows with a smaller k gather their own): few distinct compiled graphs
         self.k_max = 0 if k_max == 0 else min(1 << (k_max - 1).bit_length(), self.vocab)
-        self.p_any = any(r[0] > 0 and r[2] < 1 for r in self.rules)
-        self.penalizing = any(r[3] != 1.0 for r in self.rules)
-        self.min_any = any(r[0] > 0 and r[4] > 0 for r in self.rules)
-        self.recording = any(r[5] for r in self.rules)
-        self.constraining = any(r[6] for r in self.rules)
+        self.p_any = any(r.temperature > 0 and r.top_p < 1 for r in self.rules)
+        self.penalizing = any(r.penalty != 1.0 for r in self.rules)
+        self.min_any = any(r.temperature > 0 and r.min_p > 0 for r in self.rules)
+        self.recording = any(r.logprobs for r in self.rules)
+        self.constraining = any(r.constrained for r in self.rules)
 
     def _record_buffers(self) -> None:
         k = min(TOP_LOGPROBS, self.vocab)
@@ -126,14 +138,14 @@ class Picker:
                 constrained: bool = False) -> None:
         """Row `row` gets a new request's rule: its generator seeded with `seed` (random without one), nothing
         seen yet."""
-        self.rules[row] = (float(temperature), int(top_k), float(top_p), float(penalty), float(min_p), bool(logprobs),
-                           bool(constrained))
+        rule = self.rules[row] = Rule(float(temperature), int(top_k), float(top_p), float(penalty), float(min_p),
+                                      bool(logprobs), bool(constrained))
         if constrained and self.allowed is None:
             self.allowed = torch.full((self.batch, (self.vocab + 31) // 32), -1, dtype=torch.int32, device=self.device)
         if self.allowed is not None:
             self.allowed[row] = -1  # (a constrained row's caller writes its mask before each choice)
-        (self.temperature[row], self.top_k[row], self.top_p[row], self.penalty[row],
-         self.min_p[row]) = self.rules[row][:5]
+        self.temperature[row], self.top_k[row], self.top_p[row] = rule.temperature, rule.top_k, rule.top_p
+        self.penalty[row], self.min_p[row] = rule.penalty, rule.min_p
         if logprobs and self.chosen_logprob is None:
             self._record_buffers()
         if temperature > 0:
@@ -169,7 +181,7 @@ class Picker:
         if self.generator is not None:
             self.noise.exponential_(generator=self.generator)
         for row, g in enumerate(self.generators):
-            if g is not None and self.rules[row][0] > 0:
+            if g is not None and self.rules[row].temperature > 0:
                 self.noise[row].exponential_(generator=g)
 
     def __call__(self, logits: torch.Tensor, fed: torch.Tensor | None = None) -> torch.Tensor:

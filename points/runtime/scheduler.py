@@ -219,7 +219,7 @@ class Scheduler:
         if self._grammars is None:
             from points.runtime.grammar import Grammars
 
-            self._grammars = Grammars(self.tokenizer, self.model.decoder.cfg.vocab_size)
+            self._grammars = Grammars(self.tokenizer)
         return self._grammars
 
     @property
@@ -450,7 +450,7 @@ class Scheduler:
     def _read_logprobs(pick: Picker, rows: list[int], offset: int = 0) -> dict:
         """Row (`offset` + its index in `pick`) -> (log-probability of its token, [(id, log-probability)] of the
         most likely), for the `rows` of `pick` whose request asked (one host read of the recorded buffers)."""
-        asking = [r for r in rows if pick.rules[r][5]]
+        asking = [r for r in rows if pick.rules[r].logprobs]
         if not asking:
             return {}
         chosen = pick.chosen_logprob.tolist()

@@ -43,11 +43,11 @@ class Images:
         if url.startswith(("http://", "https://")):
             if not self.remote:
                 raise invalid(param, "remote image URLs are refused (start the server with --allow-remote-images); "
-                                  "send the image as a data:image/...;base64 URL")
+                                     "send the image as a data:image/...;base64 URL")
             return self._fetch(url, param)
         if self.local_dir is None:
             raise invalid(param, "local image paths are refused (start the server with --allow-local-images DIR); "
-                              "send the image as a data:image/...;base64 URL")
+                                 "send the image as a data:image/...;base64 URL")
         path = Path(url.removeprefix("file://"))
         path = (path if path.is_absolute() else self.local_dir / path).resolve()
         if not path.is_relative_to(self.local_dir):

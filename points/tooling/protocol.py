@@ -70,7 +70,7 @@ def messages_of(body: dict, images, max_pixels: int | None = None) -> list[dict]
                 parts.append(item | {"image": images.read(url, f"{at}.image_url.url")})
             else:
                 raise invalid(at, "expected {\"type\": \"text\", \"text\"} or {\"type\": \"image_url\", "
-                               "\"image_url\": {\"url\"}}")
+                                  "\"image_url\": {\"url\"}}")
         out.append({"role": m["role"], "content": parts})
     return out
 
@@ -91,11 +91,11 @@ def pixel_bounds(image_url: dict, where: str, most: int | None) -> dict:
         top = most if most is not None else value
         if not JSON_TYPES["an integer"](value) or not ITEM_PIXELS_MIN <= value <= top:
             raise invalid(f"{where}.{key}", f"expected an integer from {ITEM_PIXELS_MIN} (28 x 28) to {top} (the "
-                                         f"model's max_pixels), got {value!r:.40}")
+                                            f"model's max_pixels), got {value!r:.40}")
         bounds[key] = value
     if bounds.get("min_pixels", 0) > bounds.get("max_pixels", most or bounds.get("min_pixels", 0)):
         raise invalid(f"{where}.min_pixels", f"{bounds['min_pixels']} is over max_pixels "
-                                          f"({bounds.get('max_pixels', most)})")
+                                             f"({bounds.get('max_pixels', most)})")
     return bounds
 
 
@@ -251,7 +251,7 @@ def generation_of(body: dict, fields: dict[str, Field] = FIELDS, defaults: dict 
     if stop is not None and (stops is None or not 0 < len(stops) <= STOP_LIMIT[0]
                              or not all(is_text(x) and 0 < len(x) <= STOP_LIMIT[1] for x in stops)):
         raise invalid("stop", f"expected a string or a list of at most {STOP_LIMIT[0]} strings of 1-{STOP_LIMIT[1]} "
-                           f"characters, got {stop!r:.40}")
+                              f"characters, got {stop!r:.40}")
     try:  # (max_new_tokens, when absent, is set from the prompt's length later: any valid value checks the rest)
         GenerationConfig.from_kwargs(**({"max_new_tokens": 1} | gen))
     except GenerationError as e:
