@@ -21,8 +21,9 @@ from points.runtime.engine import Engine
 from points.runtime.generation import GenerationConfig, fitted, prepare
 from points.runtime.look import Look, look
 from points.runtime.prefix import PrefixCache
-from points.runtime.scheduler import Scheduler
+from points.runtime.scheduler import MAX_PREFILL_TOKENS, Scheduler
 from points.runtime.scoring import Score, score_batch
+from points.runtime.speculative import drafter
 from points.runtime.vision import FeatureCache
 
 
@@ -53,13 +54,15 @@ class Pipeline:
 
     def __init__(self, model: POINTSModel, tokenizer: Tokenizer, processor: ImageProcessor,
                  engine: Engine | None = None, prefix_cache: bool | PrefixCache = True, max_batch: int = 8,
-                 vision_cache: bool | FeatureCache = True):
+                 vision_cache: bool | FeatureCache = True, max_prefill_tokens: int = MAX_PREFILL_TOKENS,
+                 speculative=None):
         self.model, self.tokenizer, self.processor = model, tokenizer, processor
         prefix = prefix_cache if isinstance(prefix_cache, PrefixCache) else PrefixCache() if prefix_cache else None
         features = (vision_cache if isinstance(vision_cache, FeatureCache) else FeatureCache() if vision_cache
                     else None)
         self.scheduler = Scheduler(model, tokenizer, engine or Engine(model.decoder), max_batch=max_batch,
-                                   prefix=prefix, vision_cache=features)
+                                   prefix=prefix, vision_cache=features, max_prefill_tokens=max_prefill_tokens,
+                                   speculative=speculative)
 
     @property
     def engine(self) -> Engine:
@@ -204,7 +207,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
          progress: bool | None = None, attn: str = "auto", compile: bool = False, quantize: str | None = None,
          quantize_lm_head: bool | None = None, prefix_cache: bool = True, max_batch: int = 8,
-         adapter: str | Path | None = None, vision_cache_mb: float = 256) -> Pipeline:
+         adapter: str | Path | None = None, vision_cache_mb: float = 256,
+         max_prefill_tokens: int = MAX_PREFILL_TOKENS, speculative: str | None = None) -> Pipeline:
     """A POINTS-1.5 checkpoint directory (released layout or ours) -> Pipeline, on `device` in `dtype`
     (None keeps the checkpoint's dtype).
 
@@ -226,7 +230,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     `pipe.prefix.clear()` forgets it, `prefix_cache=False` turns it off. `vision_cache_mb` (default 256; 0 turns
     it off): image features kept by the image's content and pixels (points.runtime.vision.FeatureCache), so an
     image asked about again, in any conversation, skips the vision encoder. `max_batch`: rows the scheduler
-    decodes at once (requests beyond it wait for a free row).
+    decodes at once (requests beyond it wait for a free row). `max_prefill_tokens` (default 512): prompt tokens
+    one scheduler step prefills, prompts admitted together in one forward; a longer prompt is prefilled in
+    chunks between the running rows' tokens (points.runtime.scheduler). `speculative="ngram"` (or "ngram:K"):
+    every request's default (`pipe.chat(..., speculative=)` overrides it, "off" too) drafts K tokens (4)
+    from n-gram matches in its prompt and its output, verified in one forward (points.runtime.speculative):
+    greedy output is the same, sampled output has the same distribution.
 
     `adapter`: a LoRA adapter directory (`points finetune`'s output) applied on top (points.runtime.lora: the
     base weights stay as loaded, each adapted projection adds its low-rank update); it is checked against this
@@ -234,6 +243,9 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     was trained on another one: its adapters train, the base is frozen (peft's rule). Without one every float
     parameter trains as in any nn.Module (`pipe.model.train()`, then autograd); generation, scoring and `look`
     run under inference_mode, and a direct `pipe.model(...)` for inference belongs under `torch.no_grad()`."""
+    drafter(speculative)  # (a bad value fails before any loading)
+    if not (isinstance(max_prefill_tokens, int) and not isinstance(max_prefill_tokens, bool) and max_prefill_tokens >= 1):
+        raise ValueError(f"max_prefill_tokens = {max_prefill_tokens!r}: expected an integer >= 1")
     if not (isinstance(vision_cache_mb, (int, float)) and not isinstance(vision_cache_mb, bool)
             and 0 <= vision_cache_mb < 1 << 30):
         raise ValueError(f"vision_cache_mb = {vision_cache_mb!r}: expected a number of MiB >= 0 (0: no cache)")
@@ -254,4 +266,5 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
         load_adapter(model, adapter, (path / "config.json").read_bytes())  # base frozen, adapters trainable
     vision = FeatureCache(int(vision_cache_mb * (1 << 20))) if vision_cache_mb > 0 else False
     return Pipeline(model, tokenizer, processor, Engine(model.decoder, compile=compile, attn=attn),
-                    prefix_cache=prefix_cache, max_batch=max_batch, vision_cache=vision)
+                    prefix_cache=prefix_cache, max_batch=max_batch, vision_cache=vision,
+                    max_prefill_tokens=max_prefill_tokens, speculative=speculative)

@@ -63,8 +63,12 @@ class AttentionMeta:
     kernel: "sdpa" or "triton" for a prefill (T > 1); one-token steps always run SDPA.
     query_chunk: queries per masked SDPA call.
     record: an AttentionRecord, or None (the layers it wants run the eager path).
-    segments: bounds (0, end of sequence 1, ..., T) of sequences packed into one row (training): each attends
-        causally within itself only (its positions restarting at 0 is the caller's: `positions`); no cache.
+    segments: bounds (0, end of sequence 1, ..., T) of sequences packed into one row. Without a cache
+        (training) each attends causally within itself only (its positions restarting at 0 is the caller's:
+        `positions`). With a cache (`KVCache.pack`: prompt chunks, decode tokens and drafts of several rows in
+        one forward) segment s belongs to cache row rows[s], starts at position starts[s], and attends to
+        that row's slots up to each token's own position.
+    rows, starts: per segment, with a cache (above). write_rows [1, T]: the cache row of every token.
     """
 
     positions: torch.Tensor
@@ -75,15 +79,22 @@ class AttentionMeta:
     query_chunk: int = QUERY_CHUNK
     record: Any = None
     segments: tuple[int, ...] | None = None
+    rows: tuple[int, ...] | None = None
+    starts: tuple[int, ...] | None = None
+    write_rows: torch.Tensor | None = None
 
     def __post_init__(self):
         check_kernel(self.kernel)
         if self.segments is not None:
             b = self.segments
-            if (self.cache is not None or self.positions.shape[0] != 1 or len(b) < 2 or b[0] != 0
-                    or b[-1] != self.positions.shape[1] or any(x >= y for x, y in zip(b[:-1], b[1:]))):
+            cached = self.cache is not None
+            if (self.positions.shape[0] != 1 or len(b) < 2 or b[0] != 0 or b[-1] != self.positions.shape[1]
+                    or any(x >= y for x, y in zip(b[:-1], b[1:]))
+                    or cached != (self.rows is not None and self.starts is not None and self.write_rows is not None)
+                    or cached and not len(self.rows) == len(self.starts) == len(b) - 1):
                 raise ValueError(f"AttentionMeta.segments {b}: expected increasing bounds from 0 to the row's "
-                                 f"{self.positions.shape[1]} tokens, one row and no cache")
+                                 f"{self.positions.shape[1]} tokens in one row, and with a cache each segment's "
+                                 "row and first position")
 
     @staticmethod
     def no_cache(batch_size: int, n_tokens: int, device: torch.device, kernel: str = "sdpa") -> "AttentionMeta":
@@ -98,32 +109,40 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: At
                      layer: int) -> torch.Tensor:
     """The new tokens' q [B, T, Hq, D], k/v [B, T, Hkv, D] -> [B, T, Hq, D].
 
-    With a cache, k/v are first stored at `meta.positions` of layer `layer`; then each query attends to every
-    key at a position <= its own (the cache's first `meta.kv_len` slots). Query head h uses KV head
-    h // (Hq / Hkv), as transformers' repeat_kv. Scale 1/sqrt(D); the softmax accumulates in float32. A
-    prefill (T > 1) runs on the Triton kernel when `meta.kernel` says so; one-token steps stay on SDPA.
+    With a cache, k/v are first stored at `meta.positions` of layer `layer` (here, once, whatever runs
+    next); then each query attends to every key at a position <= its own. Query head h uses KV head
+    h // (Hq / Hkv), as transformers' repeat_kv. Scale 1/sqrt(D); the softmax accumulates in float32.
+    One path is then chosen: the eager one for a recorded layer, per segment for a packed sequence, the
+    Triton kernel for a prefill (T > 1) when `meta.kernel` says so, SDPA otherwise (one-token steps always).
     """
     cache = meta.cache
-    T = q.shape[1]
+    if cache is not None:
+        cache.store(layer, meta, k, v)
     if meta.segments is not None:
-        return packed_causal(q, k, v, meta.segments)
+        return packed_causal(q, k, v, meta.segments) if cache is None else _packed_cached(q, meta, layer)
     if meta.record is not None and meta.record.wants("decoder", layer):
-        if cache is None:
-            k, v = k.transpose(1, 2), v.transpose(1, 2)
-        else:
-            k, v = cache.write(layer, meta.positions, k, v, meta.kv_len)
+        k, v = (k.transpose(1, 2), v.transpose(1, 2)) if cache is None else cache.keys(layer, meta.kv_len)
         y, probs = eager_causal(q.transpose(1, 2), k, v, meta.positions)
         meta.record.keep("decoder", layer, probs)
         return y.transpose(1, 2)
-    if T > 1 and meta.kernel == "triton":
-        if cache is not None:
-            cache.write(layer, meta.positions, k, v, meta.kv_len)
+    if q.shape[1] > 1 and meta.kernel == "triton":
         return _triton_prefill(q, k, v, meta, layer)
-    if cache is None:
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, Hkv, T, D]
-    else:
-        k, v = cache.write(layer, meta.positions, k, v, meta.kv_len)  # [B, Hkv, kv_len, D]
+    # [B, Hkv, T, D] new ones, or [B, Hkv, kv_len, D] views of the cache
+    k, v = (k.transpose(1, 2), v.transpose(1, 2)) if cache is None else cache.keys(layer, meta.kv_len)
     return sdpa_causal(q.transpose(1, 2), k, v, meta.positions, meta.fresh, meta.query_chunk).transpose(1, 2)
+
+
+def _packed_cached(q: torch.Tensor, meta: AttentionMeta, layer: int) -> torch.Tensor:
+    """q [1, T, Hq, D] of segments packed by `KVCache.pack` (K/V stored already) -> [1, T, Hq, D]: each
+    segment's queries against its own row's slots up to its last position (SDPA, one call per segment)."""
+    out = []
+    b = meta.segments
+    for s, (start, end) in enumerate(zip(b[:-1], b[1:])):
+        first = meta.starts[s]
+        k, v = meta.cache.keys(layer, first + end - start, meta.rows[s])
+        out.append(sdpa_causal(q[:, start:end].transpose(1, 2), k, v, meta.positions[:, start:end],
+                               fresh=first == 0, query_chunk=meta.query_chunk))
+    return (out[0] if len(out) == 1 else torch.cat(out, dim=2)).transpose(1, 2)
 
 
 def packed_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bounds: tuple[int, ...]) -> torch.Tensor:

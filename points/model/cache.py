@@ -9,6 +9,12 @@ returns the `AttentionMeta` the decoder's layers share; `decoder(tokens, meta=me
 A batch of prompts of different lengths is prefilled right-padded in one call (`n_new` gives each row's
 real length). The padding writes garbage K/V past a row's end, but those slots are never visible (keys are
 masked by position, j <= p) and are overwritten by the row's next tokens.
+
+Several rows' new tokens packed into one sequence (the scheduler's step: prompt chunks, decode tokens,
+speculative drafts, each a segment at its own row and first position): `meta = cache.pack(segments)`.
+Whoever runs the model tells the cache where each row stands (`arrange`, `restore`); only the cache
+changes its own fields. Attention stores K/V through `store` (once per layer and forward) and reads them
+through `keys`.
 """
 
 from __future__ import annotations
@@ -57,12 +63,68 @@ class KVCache:
         v.rows, v.span, v.max_len, v.block = self.rows[:stop - start], self.span, self.max_len, self.block
         return v
 
-    def write(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
-        """Store k/v [B, T, Hkv, D] at positions [B, T]; return this layer's K, V for the first kv_len
-        slots as [B, Hkv, kv_len, D] views."""
-        self.k[layer][self.rows, :, positions] = k
-        self.v[layer][self.rows, :, positions] = v
-        return self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
+    def pack(self, segments: list[tuple[int, int, int]]) -> AttentionMeta:
+        """Segments (row, first position, tokens) of one packed forward (a sequence of one row holding them
+        all, in this order) -> the AttentionMeta its layers share: each segment's tokens are stored in its
+        row at its positions and attend causally to that row's slots up to their own position. Rows'
+        positions (`pos`) are left as they were: the caller says where rows stand (`arrange`)."""
+        rows, starts, bounds, positions, owner = [], [], [0], [], []
+        for row, start, n in segments:
+            if not 0 <= row < self.batch_size or start < 0 or n < 1 or start + n > self.max_len:
+                raise ValueError(f"KV cache: segment (row {row}, positions {start}..{start + n - 1}) outside "
+                                 f"{self.batch_size} rows of {self.max_len} positions")
+            rows.append(row)
+            starts.append(start)
+            bounds.append(bounds[-1] + n)
+            positions.extend(range(start, start + n))
+            owner.extend([row] * n)
+        device = self.pos.device
+        both = torch.tensor([positions, owner], device=device)  # (one copy to the device)
+        self.span = max(self.span, max(s + n for _, s, n in segments))
+        return AttentionMeta(both[0][None], max(s + n for _, s, n in segments), fresh=False, cache=self,
+                             segments=tuple(bounds), rows=tuple(rows), starts=tuple(starts),
+                             write_rows=both[1][None])
+
+    def store(self, layer: int, meta: AttentionMeta, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store a forward's new k/v [B, T, Hkv, D] at meta.positions [B, T] of layer `layer` (row b of the
+        batch in row b of the cache, or a packed sequence's tokens in their segments' rows)."""
+        rows = self.rows if meta.write_rows is None else meta.write_rows
+        self.k[layer][rows, :, meta.positions] = k
+        self.v[layer][rows, :, meta.positions] = v
+
+    def keys(self, layer: int, kv_len: int, row: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer `layer`'s K, V over the first kv_len slots, [B, Hkv, kv_len, D] views (one row's: [1, ...])."""
+        k, v = self.k[layer, :, :, :kv_len], self.v[layer, :, :, :kv_len]
+        return (k, v) if row is None else (k[row:row + 1], v[row:row + 1])
+
+    def arrange(self, lengths: list[int]) -> "KVCache":
+        """Rows [0, len(lengths)) as a cache of their own (this one's memory, see view_rows) whose row i holds
+        lengths[i] positions: where the next one-token step of each row writes (a free row: its own slot 0;
+        a row between prompt chunks: the slot its next chunk overwrites)."""
+        n = len(lengths)
+        view = self if n == self.batch_size else self.view_rows(0, n)
+        view.pos.copy_(torch.tensor(lengths, device=self.pos.device))
+        view.span = max(lengths)
+        return view
+
+    def restore(self, row: int, k: torch.Tensor, v: torch.Tensor, n: int) -> None:
+        """Row `row` holds the first n positions of k/v ([n_layers, 1, n_kv_heads, >= n, head_dim]) and
+        nothing after them."""
+        self.k[:, row:row + 1, :, :n] = k[:, :, :, :n]
+        self.v[:, row:row + 1, :, :n] = v[:, :, :, :n]
+        self.pos[row] = n
+        self.span = max(self.span, n)
+
+    def copy_row(self, row: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first n positions of row `row`, copied out: [n_layers, 1, n_kv_heads, n, head_dim] each."""
+        return self.k[:, row:row + 1, :, :n].clone(), self.v[:, row:row + 1, :, :n].clone()
+
+    def carry(self, old: "KVCache") -> None:
+        """Take every row of a smaller cache (the same rows, heads and layers): grown without losing K/V."""
+        self.k[:, :, :, :old.max_len] = old.k
+        self.v[:, :, :, :old.max_len] = old.v
+        self.pos.copy_(old.pos)
+        self.span = old.span
 
     def trim(self, length: int) -> None:
         """Forget every position >= length in every row (e.g. to reuse a shared prompt prefix)."""

@@ -90,6 +90,15 @@ class Engine:
         return self.decoder(tokens, embeds=embeds, meta=meta, last=last)
 
     @torch.inference_mode()
+    def packed(self, cache: KVCache, segments: list[tuple[int, int, int]], embeds: torch.Tensor,
+               want: list[int]) -> torch.Tensor:
+        """One forward of several rows' new tokens packed in one sequence: segments (row, first position,
+        tokens) in order, embeds [sum of tokens, H] -> the logits [len(want), vocab] (float32) at the packed
+        indices `want` (KVCache.pack: each segment attends to its own row)."""
+        meta = cache.pack(segments)
+        return self.decoder(embeds=embeds[None], meta=meta, last=torch.tensor([want], dtype=torch.long, device=self.device))[0]
+
+    @torch.inference_mode()
     def step(self, tokens: torch.Tensor, cache: KVCache, pick: Picker | None = None) -> torch.Tensor:
         """One token per row: tokens [B, 1] -> the next ids [B] chosen by `pick`, or without one the logits
         [B, vocab] (float32)."""

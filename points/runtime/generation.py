@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from points.io.chat import build_prompt
 from points.runtime.grammar import GrammarError, check_response_format
+from points.runtime.speculative import drafter
 
 
 class GenerationError(ValueError):
@@ -61,6 +62,9 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None  # None: off; n in 0-20: each token's log-probability and the n most likely's
     response_format: dict | None = field(default=None, hash=False)  # a grammar (points.runtime.grammar); None: free
+    # None: the scheduler's default; "off"; "ngram" / "ngram:K": drafts from the text so far, K at a time
+    # (points.runtime.speculative), or a drafter object (tests' and benchmarks' oracles)
+    speculative: object = field(default=None, hash=False)
 
     def __post_init__(self):
         def bad(name, want):
@@ -90,6 +94,10 @@ class GenerationConfig:
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or not 0 <= self.logprobs <= 20):
             bad("logprobs", "None (off) or an integer from 0 to 20 (the most likely tokens listed beside each)")
+        try:
+            drafter(self.speculative)
+        except ValueError as e:
+            raise GenerationError("speculative", self.speculative, str(e).split(": expected ", 1)[-1]) from None
         try:
             object.__setattr__(self, "response_format", check_response_format(self.response_format))
         except GrammarError as e:

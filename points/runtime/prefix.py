@@ -117,25 +117,20 @@ class PrefixCache:
             self.reused_tokens += best_n
         return best, best_n
 
-    def put(self, key: list[int], cache: KVCache) -> None:
-        """Keep the first len(key) positions of row 0 of `cache` under `key`, then drop what the budget and
+    def put(self, key: list[int], cache: KVCache, row: int = 0) -> None:
+        """Keep the first len(key) positions of row `row` of `cache` under `key`, then drop what the budget and
         the entry limit cannot hold (oldest first) and every entry the new one covers."""
         n = len(key)
         if n == 0 or n > self.budget:
             return
         for slot in [s for s, e in self.entries.items() if len(e.key) <= n and e.key == key[:len(e.key)]]:
             del self.entries[slot]
-        entry = Entry(list(key), cache.k[:, :1, :, :n].clone(), cache.v[:, :1, :, :n].clone())
+        entry = Entry(list(key), *cache.copy_row(row, n))
         self.entries[self._next] = entry
         self._next += 1
         while self.entries and (self.tokens > self.budget or len(self.entries) > self.max_entries):
             self.entries.popitem(last=False)
 
-    def restore(self, entry: Entry, n: int, cache: KVCache) -> None:
-        """Copy the entry's first n positions into row 0 of an empty `cache` and mark them used."""
-        if cache.span != 0 or cache.batch_size != 1:
-            raise ValueError("prefix cache: restore needs an empty cache of one row")
-        cache.k[:, :1, :, :n] = entry.k[:, :, :, :n]
-        cache.v[:, :1, :, :n] = entry.v[:, :, :, :n]
-        cache.pos.fill_(n)
-        cache.span = n
+    def restore(self, entry: Entry, n: int, cache: KVCache, row: int = 0) -> None:
+        """The entry's first n positions into row `row` of `cache` (which then holds those alone)."""
+        cache.restore(row, entry.k, entry.v, n)

@@ -347,26 +347,26 @@ class _Job:
         self.loop.call_soon_threadsafe(self._arrived, request, event, len(request.logprobs))
 
     def _arrived(self, request, event, upto: int) -> None:
-        from points.runtime.scheduler import _END
+        from points.runtime.request import END
 
-        if event is _END:
+        if event is END:
             self.jobs.discard(self)
             if self.on_end is not None:  # (the request may end before `submit`'s answer reaches the loop)
                 self.on_end(request)
         self.queue.put_nowait((event, upto))
 
     async def pieces(self):
-        from points.runtime.scheduler import _END
+        from points.runtime.request import END
 
         while True:
             event, upto = await self.queue.get()
-            if event is _END:
+            if event is END:
                 return
             yield event, upto
 
     async def text(self, http_request) -> str:
         """The whole reply; the request is cancelled if the client goes away meanwhile."""
-        from points.runtime.scheduler import _END
+        from points.runtime.request import END
 
         gone = asyncio.ensure_future(_disconnected(http_request))
         try:
@@ -376,7 +376,7 @@ class _Job:
                 if not get.done():  # the client went away: nobody will read the answer
                     get.cancel()
                     break
-                if get.result()[0] is _END:
+                if get.result()[0] is END:
                     break
         finally:
             gone.cancel()

@@ -37,7 +37,8 @@ def check_weight_options(p: argparse.ArgumentParser, args) -> None:
         p.error("--quantize-lm-head needs --quantize int8")
 
 
-GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed")
+GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",
+                      "speculative")
 
 
 def add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -51,6 +52,9 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                                                "one (default: 0.0 = off)")
     p.add_argument("--repetition-penalty", type=float, help="default: 1.0 = off")
     p.add_argument("--seed", type=int, default=None, help="for sampling (default: none)")
+    p.add_argument("--speculative", default=None, metavar="ngram[:K]",
+                   help="speculative decoding: K tokens (default 4) drafted from n-gram matches in the prompt and "
+                        "the output, verified in one forward; the same output (default: off)")
 
 
 def add_preset_option(p: argparse.ArgumentParser, text: str = "") -> None:

@@ -176,6 +176,7 @@ FIELDS = {
     "max_new_tokens": Field("an integer", "max_new_tokens"),
     "do_sample": Field("a boolean"),  # (false: greedy; true: the temperature given, the preset's, else 1)
     "preset": Field("a string"),  # (one of the model's presets, read by the route)
+    "speculative": Field("a string", "speculative"),  # (points': "ngram", "ngram:K" or "off", over --speculative)
     # vLLM's structured-output extensions (read after the loop, into response_format); its grammar form is refused
     "guided_json": Field("a string or an object"),
     "guided_regex": Field("a string"),

@@ -154,6 +154,8 @@ def parser() -> argparse.ArgumentParser:
     add_dataset_options(p, '{"id", "messages"}')
     p.add_argument("--batch-size", type=int, default=8,
                    help="rows decoded at once; items join as rows come free (default: %(default)s)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="prompt tokens one step prefills, items admitted together in one forward (default: %(default)s)")
     add_generation_options(p)
     add_preset_option(p, "; a line's own \"preset\" replaces it")
     add_weight_options(p, device_help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) ")
@@ -165,8 +167,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     p = parser()
     args = p.parse_args(argv)
-    if args.batch_size < 1:
-        p.error(f"--batch-size {args.batch_size}: expected an integer >= 1")
+    for flag, value in (("--batch-size", args.batch_size), ("--max-prefill-tokens", args.max_prefill_tokens)):
+        if value < 1:
+            p.error(f"{flag} {value}: expected an integer >= 1")
     check_weight_options(p, args)
     from points.runtime.generation import GenerationConfig, GenerationError
 
@@ -200,7 +203,7 @@ def main(argv=None) -> int:
 
         return points.load(args.model, device=dist.device, dtype=args.dtype, quantize=args.quantize,
                            quantize_lm_head=args.quantize_lm_head or None, compile=args.compile,
-                           max_batch=args.batch_size)
+                           max_batch=args.batch_size, max_prefill_tokens=args.max_prefill_tokens)
 
     def work(pipe, share, journal, progress):
         process(pipe, share, generation_kwargs(args), journal, progress, args.preset)

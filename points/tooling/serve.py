@@ -102,6 +102,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-cache-mb", type=float, default=256,
                    help="image features kept by the image's content, shared by every request (0: none; default "
                         "%(default)s)")
+    p.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="prompt tokens one step prefills: prompts arriving together share one forward, a longer one "
+                        "is prefilled in chunks between the running requests' tokens (default: %(default)s)")
+    p.add_argument("--speculative", default=None, metavar="ngram[:K]",
+                   help="speculative decoding for every request: K tokens (default 4) drafted from n-gram matches "
+                        "in its prompt and output, verified in one forward; greedy output unchanged (a request's "
+                        "\"speculative\" field overrides it; default: off)")
     add_preset_option(p, "; the preset of every request whose \"preset\" field names none")
     p.add_argument("--replicas", type=int, default=None,
                    help="N model replicas under Ray Serve (one per GPU on CUDA; pip install 'points[ray]'), routed "
@@ -116,9 +123,16 @@ def main(argv=None) -> int:
 
     check_weight_options(p, args)
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 1),
-                             ("--port", args.port, 0), ("--replicas", args.replicas, 1)):
+                             ("--port", args.port, 0), ("--replicas", args.replicas, 1),
+                             ("--max-prefill-tokens", args.max_prefill_tokens, 1)):
         if value is not None and value < low:
             p.error(f"{flag} {value}: expected an integer >= {low}")
+    from points.runtime.speculative import drafter  # (imports torch: after --help)
+
+    try:
+        drafter(args.speculative)
+    except ValueError as e:
+        p.error(f"--speculative {args.speculative}: {str(e).split(': ', 1)[-1]}")
     if not 0 <= args.vision_cache_mb < 1 << 30:
         p.error(f"--vision-cache-mb {args.vision_cache_mb:g}: expected a number of MiB >= 0 (0: no cache)")
     if not args.max_body_mb > 0 or (args.max_image_mb is not None and not args.max_image_mb > 0):
@@ -159,7 +173,8 @@ def build(options: dict) -> Server:
     pipe = points.load(o.model, device=o.device, dtype=o.dtype, quantize=o.quantize,
                        quantize_lm_head=o.quantize_lm_head or None, compile=o.compile,
                        prefix_cache=not o.no_prefix_cache, max_batch=o.max_batch,
-                       vision_cache_mb=o.vision_cache_mb)
+                       vision_cache_mb=o.vision_cache_mb, max_prefill_tokens=o.max_prefill_tokens,
+                       speculative=o.speculative)
     body = int(o.max_body_mb * MIB)
     images = Images(int(o.max_image_mb * MIB) if o.max_image_mb else body, o.allow_remote_images,
                     o.allow_local_images, o.remote_timeout)
