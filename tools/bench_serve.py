@@ -137,6 +137,10 @@ def main(argv=None) -> int:
     p.add_argument("--requests", type=int, default=4, help="requests per client (default: %(default)s)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=16, help="the batched server's rows (default: %(default)s)")
+    p.add_argument("--no-baseline", action="store_true",
+                   help="only the batched server (not the --max-batch 1 one beside it)")
+    p.add_argument("--server-flags", default="", help="more flags for the batched server, e.g. "
+                   "\"--max-prefill-tokens 256\" (default: none)")
     p.add_argument("--soak", type=float, default=None, metavar="SECONDS",
                    help="instead: the batched server under --clients[0] clients for SECONDS")
     p.add_argument("--workdir", type=Path, default=None)
@@ -190,8 +194,11 @@ def main(argv=None) -> int:
               f"greedy; matmul rate {rate / 1e9:.0f} GFLOP/s")
         print(f"{'server':16} {'clients':>7} {'tok/s':>8} {'req/s':>7} {'TTFT p50':>9} {'TTFT p95':>9} "
               f"{'prefill floor':>13}  status")
-        for label, batch in ((f"--max-batch {args.max_batch}", args.max_batch), ("--max-batch 1", 1)):
-            proc, url = start(model, *serve_flags, "--max-batch", str(batch), "--max-queue", "256")
+        servers = [(f"--max-batch {args.max_batch}", args.max_batch)] + ([] if args.no_baseline else
+                                                                         [("--max-batch 1", 1)])
+        for label, batch in servers:
+            extra = args.server_flags.split() if batch == args.max_batch else []
+            proc, url = start(model, *serve_flags, "--max-batch", str(batch), "--max-queue", "256", *extra)
             try:
                 clients_run(url, model.name, 1, 1, None, 4, 99)  # warm-up
                 for c in args.clients:

@@ -27,9 +27,9 @@ request gets alone (up to float summation order: equal in float32, tested) and a
 Speculative decoding (a request's cfg.speculative, or the scheduler's `speculative` default): rows that
 decode greedily or sample without a repetition penalty, a grammar or log-probabilities get drafts
 (points.runtime.speculative); the others decode one token a step in the same forward. A row's number of
-drafts adapts: halved when none was kept, doubled (up to the drafter's k) when all were; at 0 the row
-decodes SPECULATIVE_PAUSE steps without drafts before it tries one again, so drafts that are never right
-cost little more than plain decoding.
+drafts adapts: doubled (up to the drafter's k) when all were kept; when none was, halved, and the row
+decodes n x SPECULATIVE_PAUSE steps without drafts (n: such misses in a row) before it tries again, so
+drafts that are never right cost little more than plain decoding.
 
 The cache grows (to the next power of two, rows copied) when an admitted request needs more positions than
 it has. A failure while admitting a request (its image, its prefix) fails that request only; a failure inside
@@ -61,7 +61,7 @@ __all__ = ["MAX_PREFILL_TOKENS", "QueueFull", "Request", "Scheduler", "Stream"] 
 
 MAX_PREFILL_TOKENS = 512  # prompt tokens one step prefills (the rest of a longer prompt at the next steps)
 SPECULATIVE_K = 4  # drafts per step of a drafter that names no k
-SPECULATIVE_PAUSE = 16  # steps a row decodes without drafts once halving has brought its k to 0
+SPECULATIVE_PAUSE = 8  # steps a row decodes without drafts after n verifications in a row kept none: n x this
 
 
 @dataclass
@@ -74,7 +74,8 @@ class _Row:
     chosen: list[int] = field(default_factory=list)  # every token chosen for it, in order
     draft: object = None  # its drafter's state (points.runtime.speculative), when it drafts
     k: int = 0  # drafts it asks for now (halved when none is kept, doubled back when all are)
-    pause: int = 0  # steps left without drafts (after k fell to 0: drafts that keep failing cost a forward each)
+    pause: int = 0  # steps left without drafts (drafts that keep failing would cost a wider forward each step)
+    misses: int = 0  # verifications in a row that kept no draft
 
     @property
     def prefilling(self) -> bool:
@@ -339,11 +340,10 @@ class Scheduler:
                 d.request.accepted_tokens += kept[d.row]
                 full = getattr(d.request.speculative, "k", SPECULATIVE_K)
                 if kept[d.row] == len(d.drafts):
-                    row.k = min(full, 2 * row.k)
-                elif kept[d.row] == 0:
-                    row.k //= 2
-                    if row.k == 0:
-                        row.k, row.pause = 1, SPECULATIVE_PAUSE
+                    row.k, row.misses = min(full, 2 * row.k), 0
+                elif kept[d.row] == 0:  # nothing kept: fewer drafts, after a longer pause each time in a row
+                    row.k, row.misses = max(1, row.k // 2), row.misses + 1
+                    row.pause = SPECULATIVE_PAUSE * row.misses
         self._push_all(tokens, recorded)
 
     def _drafting(self, request: Request) -> bool:
