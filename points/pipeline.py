@@ -21,7 +21,7 @@ from points.runtime.engine import Engine
 from points.runtime.generation import GenerationConfig, fitted, prepare
 from points.runtime.look import Look, look
 from points.runtime.prefix import PrefixCache
-from points.runtime.scheduler import MAX_PREFILL_TOKENS, Scheduler
+from points.runtime.scheduler import MAX_PREFILL_TOKENS, Scheduler, check_prefill_budget
 from points.runtime.scoring import Score, score_batch
 from points.runtime.speculative import drafter
 from points.runtime.vision import FeatureCache
@@ -244,8 +244,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     parameter trains as in any nn.Module (`pipe.model.train()`, then autograd); generation, scoring and `look`
     run under inference_mode, and a direct `pipe.model(...)` for inference belongs under `torch.no_grad()`."""
     drafter(speculative)  # (a bad value fails before any loading)
-    if not (isinstance(max_prefill_tokens, int) and not isinstance(max_prefill_tokens, bool) and max_prefill_tokens >= 1):
-        raise ValueError(f"max_prefill_tokens = {max_prefill_tokens!r}: expected an integer >= 1")
+    check_prefill_budget(max_prefill_tokens)
     if not (isinstance(vision_cache_mb, (int, float)) and not isinstance(vision_cache_mb, bool)
             and 0 <= vision_cache_mb < 1 << 30):
         raise ValueError(f"vision_cache_mb = {vision_cache_mb!r}: expected a number of MiB >= 0 (0: no cache)")

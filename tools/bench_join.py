@@ -6,7 +6,7 @@ step (--max-prefill-tokens at least its length: what the scheduler did before ch
     python tools/bench_join.py --preset tiny --words 300
 
 Request A (a short prompt) decodes; after a few of its tokens request B (a long text prompt) arrives. The
-steps are driven here one by one (A gets one token per step, tested in tests/test_chunked_prefill.py), so A's
+steps are driven here one by one (A gets one token per step, tested in tests/test_scheduler.py), so A's
 longest pause is the longest step from B's arrival to B's first token. Printed beside it: A's steady step
 before B arrived, B's time to first token, and B's prefill alone (on an idle scheduler, one step), whose
 0.25x is the goal for the pause; the floor of that prefill is 2 x parameters x tokens over the matmul rate

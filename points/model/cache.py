@@ -78,10 +78,10 @@ class KVCache:
             bounds.append(bounds[-1] + n)
             positions.extend(range(start, start + n))
             owner.extend([row] * n)
-        device = self.pos.device
-        both = torch.tensor([positions, owner], device=device)  # (one copy to the device)
-        self.span = max(self.span, max(s + n for _, s, n in segments))
-        return AttentionMeta(both[0][None], max(s + n for _, s, n in segments), fresh=False, cache=self,
+        both = torch.tensor([positions, owner], device=self.pos.device)  # (one copy to the device)
+        end = max(s + n for _, s, n in segments)
+        self.span = max(self.span, end)
+        return AttentionMeta(both[0][None], end, fresh=False, cache=self,
                              segments=tuple(bounds), rows=tuple(rows), starts=tuple(starts),
                              write_rows=both[1][None])
 

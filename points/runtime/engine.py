@@ -95,8 +95,8 @@ class Engine:
         """One forward of several rows' new tokens packed in one sequence: segments (row, first position,
         tokens) in order, embeds [sum of tokens, H] -> the logits [len(want), vocab] (float32) at the packed
         indices `want` (KVCache.pack: each segment attends to its own row)."""
-        meta = cache.pack(segments)
-        return self.decoder(embeds=embeds[None], meta=meta, last=torch.tensor([want], dtype=torch.long, device=self.device))[0]
+        last = torch.tensor([want], dtype=torch.long, device=self.device)
+        return self.decoder(embeds=embeds[None], meta=cache.pack(segments), last=last)[0]
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor, cache: KVCache, pick: Picker | None = None) -> torch.Tensor:

@@ -75,7 +75,7 @@ class Runner:
         entry, reused = prefix.match(key, len(ids) - 1) if prefix is not None else (None, 0)
         self.reserve(positions)
         if entry is not None:
-            self.cache.restore(i, entry.k, entry.v, reused)
+            prefix.restore(entry, reused, self.cache, i)
         later = [im for im in images if im[0] >= reused]  # the images before `reused` are in the cache already
         features = self._features(request, images, later, key) if later else None
         self.pending[i] = model.embed(torch.tensor([ids[reused:]], device=self.device), features)[0]
@@ -144,19 +144,19 @@ class Runner:
         self.next_input[:n] = chosen
         return chosen.tolist(), self._read_logprobs(pick, range(n))
 
-    def mixed(self, decoding: list[Decoding], chunks: list[Chunk], width: int) -> tuple[dict, dict, dict]:
-        """One packed forward of the generating rows' tokens (and drafts) and the prompt chunks; `width`: rows
-        [0, width) cover every generating row. Returns (row -> its new tokens: one, or the drafts kept and
-        the one after them; row -> recorded log-probabilities; row -> drafts kept)."""
-        embed = self.model.decoder.embed
-        segments, parts, want = [], [], []
+    def mixed(self, decoding: list[Decoding], chunks: list[Chunk]) -> tuple[dict, dict, dict]:
+        """One packed forward of the generating rows' tokens (and drafts) and the prompt chunks. Returns (row ->
+        its new tokens: one, or the drafts kept and the one after them; row -> recorded log-probabilities;
+        row -> drafts kept)."""
+        segments, parts, want, firsts = [], [], [], []  # firsts: each generating row's first index in `want`
         at = 0
         if decoding:
             fed = [t for d in decoding for t in [d.token, *d.drafts]]
-            parts.append(embed(torch.tensor(fed, device=self.device)))
+            parts.append(self.model.decoder.embed(torch.tensor(fed, device=self.device)))
         for d in decoding:
             n = 1 + len(d.drafts)
             segments.append((d.row, d.pos, n))
+            firsts.append(at)
             want.extend(range(at, at + n))
             at += n
         for c in chunks:
@@ -167,14 +167,10 @@ class Runner:
                 want.append(at - 1)
         logits = self.engine.packed(self.cache, segments, torch.cat(parts), want)  # [len(want), V]
         tokens, recorded, kept = {}, {}, {}
-        if decoding:
-            n = width
+        if decoding:  # the choice for rows [0, last generating row], as a decode step makes it
+            n = decoding[-1].row + 1
             view = self.pick if n == self.max_batch else self.pick.view(0, n)
             rows = torch.zeros(n, logits.shape[-1], device=self.device)
-            firsts, j = [], 0
-            for d in decoding:
-                firsts.append(j)
-                j += 1 + len(d.drafts)
             index = torch.tensor([d.row for d in decoding], device=self.device)
             rows[index] = logits[torch.tensor(firsts, device=self.device)]
             for d in decoding:
@@ -194,7 +190,7 @@ class Runner:
         j = len(want) - sum(c.last for c in chunks)
         for c in chunks:
             self.pending[c.row] = self.pending[c.row][c.n:]
-            if c.last:
+            if c.last:  # (after the generating rows' choice: set_row clears what it wrote into this row)
                 del self.pending[c.row]
                 tokens[c.row] = [self._first(c.row, c.request, logits[j:j + 1], recorded)]
                 j += 1

@@ -64,6 +64,24 @@ SPECULATIVE_K = 4  # drafts per step of a drafter that names no k
 SPECULATIVE_PAUSE = 8  # steps a row decodes without drafts after n verifications in a row kept none: n x this
 
 
+def check_prefill_budget(value) -> int:
+    """`max_prefill_tokens`, checked: an integer >= 1 (ValueError naming it otherwise)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"max_prefill_tokens = {value!r}: expected an integer >= 1")
+    return value
+
+
+def _drafting(request: Request) -> bool:
+    """Whether a row's rule lets `verify` choose its tokens (the others decode one token a step)."""
+    cfg = request.cfg
+    return cfg.repetition_penalty == 1.0 and request.constraint is None and cfg.logprobs is None
+
+
+def _full_k(request: Request) -> int:
+    """The most drafts its drafter proposes a step (SPECULATIVE_K for one that names no k)."""
+    return getattr(request.speculative, "k", SPECULATIVE_K)
+
+
 @dataclass
 class _Row:
     request: Request
@@ -89,8 +107,7 @@ class Scheduler:
                  speculative=None):
         if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1:
             raise ValueError(f"max_batch = {max_batch!r}: expected an integer >= 1")
-        if not isinstance(max_prefill_tokens, int) or isinstance(max_prefill_tokens, bool) or max_prefill_tokens < 1:
-            raise ValueError(f"max_prefill_tokens = {max_prefill_tokens!r}: expected an integer >= 1")
+        check_prefill_budget(max_prefill_tokens)
         self.model, self.tokenizer = model, tokenizer
         self.runner = Runner(model, engine or Engine(model.decoder), max_batch, vision_cache)
         self.max_batch, self.prefix, self.max_queue = max_batch, prefix, max_queue
@@ -320,8 +337,7 @@ class Scheduler:
                     for i in generating]
         if not chunks and not any(d.drafts for d in decoding):
             return self._decode(generating)
-        width = generating[-1] + 1 if generating else 0
-        tokens, recorded, kept = self.runner.mixed(decoding, chunks, width)
+        tokens, recorded, kept = self.runner.mixed(decoding, chunks)
         for c in chunks:
             row = self.rows[c.row]
             row.pos += c.n
@@ -329,27 +345,25 @@ class Scheduler:
                 row.request.first_token_at = time.perf_counter()
                 if row.request.share_prompt and self.prefix is not None:
                     self._keep(row.key[:len(row.request.ids)], c.row, "a prompt to share")
-                if row.request.speculative is not None and self._drafting(row.request):
-                    row.draft = row.request.speculative.start(row.request.ids)
-                    row.k = getattr(row.request.speculative, "k", SPECULATIVE_K)
+                if row.request.speculative is not None and _drafting(row.request):
+                    row.draft, row.k = row.request.speculative.start(row.request.ids), _full_k(row.request)
         for d in decoding:
-            row = self.rows[d.row]
-            row.pos += 1 + kept.get(d.row, 0)
+            self.rows[d.row].pos += 1 + kept.get(d.row, 0)
             if d.drafts:
-                d.request.drafted_tokens += len(d.drafts)
-                d.request.accepted_tokens += kept[d.row]
-                full = getattr(d.request.speculative, "k", SPECULATIVE_K)
-                if kept[d.row] == len(d.drafts):
-                    row.k, row.misses = min(full, 2 * row.k), 0
-                elif kept[d.row] == 0:  # nothing kept: fewer drafts, after a longer pause each time in a row
-                    row.k, row.misses = max(1, row.k // 2), row.misses + 1
-                    row.pause = SPECULATIVE_PAUSE * row.misses
+                self._adapt(self.rows[d.row], len(d.drafts), kept[d.row])
         self._push_all(tokens, recorded)
 
-    def _drafting(self, request: Request) -> bool:
-        """Whether a row's rule lets `verify` choose its tokens (the others decode one token a step)."""
-        cfg = request.cfg
-        return cfg.repetition_penalty == 1.0 and request.constraint is None and cfg.logprobs is None
+    @staticmethod
+    def _adapt(row: _Row, drafted: int, kept: int) -> None:
+        """A verification's outcome counted, and the row's next k: doubled (up to its drafter's) when every
+        draft was kept; when none was, halved, after a pause longer with each such miss in a row."""
+        row.request.drafted_tokens += drafted
+        row.request.accepted_tokens += kept
+        if kept == drafted:
+            row.k, row.misses = min(_full_k(row.request), 2 * row.k), 0
+        elif kept == 0:
+            row.k, row.misses = max(1, row.k // 2), row.misses + 1
+            row.pause = SPECULATIVE_PAUSE * row.misses
 
     def _drafts(self, i: int) -> list[int]:
         """Row i's drafts for this step: at most its current k, and no more than its max_new_tokens leave room

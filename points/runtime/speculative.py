@@ -115,9 +115,7 @@ def verify(logits: torch.Tensor, drafts: list[int], rule: Rule, generator: torch
     rejected = (u >= p_draft).tolist()
     kept = rejected.index(True) if True in rejected else k
     p = probs[kept]
-    if kept < k:
+    if kept < k:  # (rejected: p(d) < 1, so mass is left once d is removed)
         p = p.clone()
         p[drafts[kept]] = 0
-        if float(p.sum()) <= 0:  # (the draft held all the mass: u >= 1 cannot happen; kept for safety)
-            return kept, drafts[kept]
     return kept, int(torch.multinomial(p, 1, generator=generator))

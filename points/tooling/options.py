@@ -57,6 +57,14 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
                         "the output, verified in one forward; the same output (default: off)")
 
 
+def add_prefill_option(p: argparse.ArgumentParser) -> None:
+    """--max-prefill-tokens, `points serve`'s and `points run`'s (the default is the scheduler's
+    MAX_PREFILL_TOKENS, written out: --help runs without importing torch)."""
+    p.add_argument("--max-prefill-tokens", type=int, default=512,
+                   help="prompt tokens one step prefills: prompts admitted together share one forward, a longer one "
+                        "is prefilled in chunks between the running requests' tokens (default: %(default)s)")
+
+
 def add_preset_option(p: argparse.ArgumentParser, text: str = "") -> None:
     """--preset NAME: one of the checkpoint's member's presets (points.model.family); `check_preset` checks it."""
     p.add_argument("--preset", default=None, metavar="NAME",

@@ -64,7 +64,7 @@ from points.tooling.jobs import (Item, Job, Journal, RunError, add_dataset_optio
 from points.tooling.jobs import check_meta  # noqa: F401 (one of the names tests and tools use from here)
 from points.tooling.jobs import read_items as _read_items
 from points.tooling.jobs import read_records as _read_records
-from points.tooling.options import (GENERATION_OPTIONS, add_generation_options, add_preset_option,
+from points.tooling.options import (GENERATION_OPTIONS, add_generation_options, add_prefill_option, add_preset_option,
                                     add_progress_option, add_weight_options, check_preset, check_weight_options,
                                     exit_code, generation_kwargs)
 
@@ -154,8 +154,7 @@ def parser() -> argparse.ArgumentParser:
     add_dataset_options(p, '{"id", "messages"}')
     p.add_argument("--batch-size", type=int, default=8,
                    help="rows decoded at once; items join as rows come free (default: %(default)s)")
-    p.add_argument("--max-prefill-tokens", type=int, default=512,
-                   help="prompt tokens one step prefills, items admitted together in one forward (default: %(default)s)")
+    add_prefill_option(p)
     add_generation_options(p)
     add_preset_option(p, "; a line's own \"preset\" replaces it")
     add_weight_options(p, device_help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) ")

@@ -70,7 +70,7 @@ _pixel_bounds = pixel_bounds
 
 
 def parser() -> argparse.ArgumentParser:
-    from points.tooling.options import add_preset_option, add_weight_options
+    from points.tooling.options import add_prefill_option, add_preset_option, add_weight_options
 
     p = argparse.ArgumentParser(prog="points serve", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -102,9 +102,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-cache-mb", type=float, default=256,
                    help="image features kept by the image's content, shared by every request (0: none; default "
                         "%(default)s)")
-    p.add_argument("--max-prefill-tokens", type=int, default=512,
-                   help="prompt tokens one step prefills: prompts arriving together share one forward, a longer one "
-                        "is prefilled in chunks between the running requests' tokens (default: %(default)s)")
+    add_prefill_option(p)
     p.add_argument("--speculative", default=None, metavar="ngram[:K]",
                    help="speculative decoding for every request: K tokens (default 4) drafted from n-gram matches "
                         "in its prompt and output, verified in one forward; greedy output unchanged (a request's "
