@@ -7,6 +7,7 @@ import torch
 import points
 from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
+from points.tooling.measure import engine_decode, engine_generate
 
 
 def test_decode_step_has_no_graph_breaks(official_dir):
@@ -32,7 +33,7 @@ def _generate(engine, prompt, steps, max_len, **rule):
     that returns logits."""
     cache = engine.new_cache(1, max_len)
     pick = Picker(1, engine.decoder.cfg.vocab_size, torch.device("cpu"), **rule)
-    out = [t.item() for t in engine.decode(cache, engine.prefill(cache, tokens=prompt), pick, steps)]
+    out = [t.item() for t in engine_decode(engine, cache, engine.prefill(cache, tokens=prompt), pick, steps)]
     return out, engine.step(torch.tensor([[out[-1]]]), cache)
 
 
@@ -73,8 +74,8 @@ def test_compiled_ragged_batches_one_graph_per_batch_size_and_key_block(official
         lengths = torch.randint(230, 250, (batch,), generator=g)
         lengths[0] = 249
         prompts = torch.randint(0, 1000, (batch, 249), generator=g)
-        runs = [[t.tolist() for t in e.generate(Picker(batch, 1000, torch.device("cpu")), 12, tokens=prompts,
-                                                 lengths=lengths)] for e in (eager, compiled)]
+        runs = [[t.tolist() for t in engine_generate(e, Picker(batch, 1000, torch.device("cpu")), 12,
+                                                     tokens=prompts, lengths=lengths)] for e in (eager, compiled)]
         assert runs[1] == runs[0], batch
     assert counter.frame_count == 10  # dynamo alone would stop at 8 and run the rest eagerly
 

@@ -7,6 +7,7 @@ import torch
 import points
 from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
+from points.tooling.measure import engine_decode, engine_generate
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,7 @@ def _no_cache_greedy(decoder, prompt, steps):
 def test_greedy_tokens_identical_with_and_without_cache(decoder):
     prompt = _tokens(11, 1)
     engine = Engine(decoder)
-    got = [t.item() for t in engine.generate(Picker(1, 1000, torch.device("cpu")), 20, tokens=prompt)]
+    got = [t.item() for t in engine_generate(engine, Picker(1, 1000, torch.device("cpu")), 20, tokens=prompt)]
     assert got == _no_cache_greedy(decoder, prompt, 20)
 
 
@@ -58,7 +59,7 @@ def test_ragged_batch_rows_each_equal_their_single_run(decoder):
     cache = engine.new_cache(3, 40)
     logits = engine.prefill(cache, tokens=padded, lengths=torch.tensor(lengths))  # [3, V]
     assert cache.pos.tolist() == lengths
-    tokens = torch.stack(list(engine.decode(cache, logits, Picker(3, 1000, torch.device("cpu")), 8)), dim=1)
+    tokens = torch.stack(list(engine_decode(engine, cache, logits, Picker(3, 1000, torch.device("cpu")), 8)), dim=1)
     assert cache.pos.tolist() == [n + 7 for n in lengths]  # 8 tokens chosen, 7 of them fed back
     for i, p in enumerate(prompts):  # each row alone, no cache: the same greedy continuation
         assert tokens[i].tolist() == _no_cache_greedy(decoder, p[None], 8)

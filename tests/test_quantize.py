@@ -15,6 +15,7 @@ from points.kernels import cpu_int8
 from points.runtime import quantize as qz
 from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
+from points.tooling.measure import engine_generate
 from test_loading import _file_maps, _mapped, needs_proc_maps
 
 # Measured on this parity model (official_dir's decoder, fp32): the largest logit error of the int8 decoder
@@ -290,8 +291,8 @@ def test_compiled_int8_step_equals_eager(official_dir, kernel):
     for engine in (Engine(decoder), Engine(decoder, compile=True, backend=backend)):
         torch._dynamo.reset()
         steps = 12 if kernel == "auto" else 2  # (the interpreter runs each product in Python)
-        runs.append([t.tolist() for t in engine.generate(Picker(2, 1000, torch.device("cpu")), steps, tokens=prompt,
-                                                         lengths=lengths)])
+        runs.append([t.tolist() for t in engine_generate(engine, Picker(2, 1000, torch.device("cpu")), steps,
+                                                         tokens=prompt, lengths=lengths)])
     assert runs[1] == runs[0]
 
 

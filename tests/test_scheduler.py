@@ -387,3 +387,21 @@ def test_budget_is_checked(pipe, e2e_dir):
     # the commands' flag writes the scheduler's default out (their --help imports no torch)
     assert run.parser().get_default("max_prefill_tokens") == MAX_PREFILL_TOKENS
     assert serve.parser().get_default("max_prefill_tokens") == MAX_PREFILL_TOKENS
+
+
+def test_ignore_eos_runs_every_step(pipe):
+    """With ignore_eos a stop token ends no reply (`points bench` times every step this way): the same tokens as
+    a reply that does not meet one, all max_new_tokens of them; without it the reply ends there."""
+    s = _scheduler(pipe, max_batch=2)
+    plain = _submit(pipe, s, _conv(1), max_new_tokens=8)
+    plain.text()
+    s.stop_ids = {plain.token_ids[2]}  # (a token this reply meets, made a stop token)
+    stopped = _submit(pipe, s, _conv(1), max_new_tokens=8)
+    kept = _submit(pipe, s, _conv(1), max_new_tokens=8, ignore_eos=True)
+    while s.step():
+        pass
+    first = plain.token_ids.index(plain.token_ids[2]) + 1
+    assert stopped.finish_reason == "stop" and stopped.token_ids == plain.token_ids[:first]
+    assert kept.finish_reason == "length" and kept.token_ids == plain.token_ids and kept.completion_tokens == 8
+    with pytest.raises(ValueError, match="ignore_eos = 'yes'"):
+        GenerationConfig(ignore_eos="yes")

@@ -38,6 +38,7 @@ from points.runtime.vision import padded_embeds
 from points.tooling import run as runner
 from points.tooling.measure import machine, matmul_rate
 from points.tooling.synthetic import SHAPES, checkpoint_in
+from points.tooling.measure import engine_generate
 
 WORDS = ("river mountain light question answer window garden music paper story city water stone "
          "morning evening journey number colour").split()
@@ -78,8 +79,9 @@ def fixed_batches(pipe, its: list[runner.Item], batch_size: int) -> tuple[dict, 
             embeds = padded_embeds(model, [p[5] for p in batch], [p[4] for p in batch], tok.eos_id, engine.attn)
         rows = [Reply(tok, ()) for _ in batch]
         most = max(p[3].max_new_tokens for p in batch)
-        for step, chosen in enumerate(engine.generate(Picker(len(batch), model.decoder.cfg.vocab_size, engine.device),
-                                                      most, embeds=embeds, lengths=torch.tensor(lengths))):
+        pick = Picker(len(batch), model.decoder.cfg.vocab_size, engine.device)
+        for step, chosen in enumerate(engine_generate(engine, pick, most, embeds=embeds,
+                                                      lengths=torch.tensor(lengths))):
             for row, t, p in zip(rows, chosen.tolist(), batch):
                 row.push(t, t in stop, step == p[3].max_new_tokens - 1)
             if all(r.done for r in rows):

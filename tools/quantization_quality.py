@@ -26,6 +26,7 @@ from points.runtime.quantize import quantize_decoder
 from points.runtime.sampling import Picker
 from points.tooling import reference
 from points.tooling.synthetic import SHAPES, random_decoder
+from points.tooling.measure import engine_generate
 
 PRESETS = {"tiny": (reference.TINY_LLM, reference.TINY_VISION), "small": SHAPES["small"]}
 
@@ -37,7 +38,7 @@ def compare(ref: Decoder, other: Decoder, prompts: torch.Tensor, new: int) -> di
     for model in (ref, other):
         engine = Engine(model)
         pick = Picker(prompts.shape[0], model.cfg.vocab_size, torch.device("cpu"))
-        gens.append(torch.stack(list(engine.generate(pick, new, tokens=prompts)), dim=1))
+        gens.append(torch.stack(list(engine_generate(engine, pick, new, tokens=prompts)), dim=1))
     same = gens[0] == gens[1]
     prefix = torch.where(same.all(1), torch.tensor(new), (~same).int().argmax(1))
     return {"max_abs_err": (a - b).abs().max().item(), "max_abs_logit": a.abs().max().item(),

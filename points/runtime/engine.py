@@ -1,9 +1,11 @@
-"""Running the decoder for generation, apart from its math: caches, prefill, the one-token step, the loop.
+"""Running the decoder for generation, apart from its math: caches, prefill, the packed forward, the one-token
+step. The loop over steps is the scheduler's (points.runtime.scheduler), the one under chat, run, serve and
+`points bench`.
 
     engine = Engine(model.decoder, compile=True)      # or Engine(decoder): eager
-    pick = Picker(batch, vocab, device, temperature=0.7, seed=0)
-    for ids in engine.generate(pick, 128, tokens=prompts, lengths=lengths):   # ids [B] on the device
-        ...
+    cache = engine.new_cache(batch, max_len)
+    logits = engine.prefill(cache, tokens=prompts, lengths=lengths)      # [B, vocab] at each row's last token
+    ids = engine.step(ids[:, None], cache, pick)                          # one token per row, chosen inside
 
 - `new_cache` allocates the static KV cache. For a compiled step its length is rounded up to a power of two
   (>= 256) and attention reads it in 256-slot blocks, so that generating a few hundred tokens needs only a
@@ -15,15 +17,14 @@
   `mode="reduce-overhead"`). A compiled step holds one graph per batch size (a ragged batch too) and key
   block; while it runs, dynamo's recompile limit is COMPILED_GRAPHS (a patch around the call, not a change
   to the process) so that none of them falls back to eager.
-- `decode` / `generate` are the token loop: step t + 1 is queued before token t is handed to the caller, so
-  the host's read of a token (the one sync per step) overlaps the device's work on the next.
-This is the one prefill/decode loop of the project: generation, `points bench`, tools/ and tests use it.
+- `packed` runs several rows' new tokens as one sequence (prompt chunks, decode tokens, drafts:
+  `KVCache.pack`), each segment attending to its own row.
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -119,23 +120,3 @@ class Engine:
     def _forward_step(self, tokens: torch.Tensor, meta: AttentionMeta, pick: Picker | None) -> torch.Tensor:
         logits = self.decoder(tokens, meta=meta)[:, -1]
         return logits if pick is None else pick(logits, tokens)
-
-    def decode(self, cache: KVCache, logits: torch.Tensor, pick: Picker, max_new: int) -> Iterator[torch.Tensor]:
-        """Yield max_new chosen ids [B] (device tensors): the first from the prefill's `logits`, each next one
-        from a step. max_new - 1 steps run; the next step is queued before a token is yielded."""
-        pick.draw()
-        nxt = pick(logits)
-        for i in range(max_new):
-            chosen = nxt.clone()  # (a CUDA-graph step's output is overwritten by its next run)
-            if i < max_new - 1:
-                pick.draw()
-                nxt = self.step(chosen[:, None], cache, pick)
-            yield chosen
-
-    def generate(self, pick: Picker, max_new: int, *, tokens: torch.Tensor | None = None,
-                 embeds: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-        """A fresh cache, the prefill of the right-padded prompts (see `prefill`), then `decode`."""
-        B, T = (tokens if tokens is not None else embeds).shape[:2]
-        cache = self.new_cache(B, T + max_new)
-        yield from self.decode(cache, self.prefill(cache, tokens=tokens, embeds=embeds, lengths=lengths), pick,
-                               max_new)

@@ -8,8 +8,8 @@ official call applies it: points.runtime.sampling). A member's preset (`Pipeline
 defaults that the settings given override.
 The choice of the next token (points.runtime.sampling.Picker) runs inside the decode step, so a compiled
 engine does step + choice in one graph.
-A reply stops at <|im_end|> (the reference) or <|endoftext|> (an extension), at an extra stop string
-(the reply is cut before it), or after max_new_tokens.
+A reply stops at <|im_end|> (the reference) or <|endoftext|> (an extension; neither with ignore_eos), at an
+extra stop string (the reply is cut before it), or after max_new_tokens.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ class GenerationConfig:
     # None: the scheduler's default; "off"; "ngram" / "ngram:K": drafts from the text so far, K at a time
     # (points.runtime.speculative), or a drafter object (tests' and benchmarks' oracles)
     speculative: object = field(default=None, hash=False)
+    ignore_eos: bool = False  # <|im_end|> / <|endoftext|> do not end the reply (vLLM's; benchmarks run every step)
 
     def __post_init__(self):
         def bad(name, want):
@@ -94,6 +95,8 @@ class GenerationConfig:
         if self.logprobs is not None and (not isinstance(self.logprobs, int) or isinstance(self.logprobs, bool)
                                           or not 0 <= self.logprobs <= 20):
             bad("logprobs", "None (off) or an integer from 0 to 20 (the most likely tokens listed beside each)")
+        if not isinstance(self.ignore_eos, bool):
+            bad("ignore_eos", "true or false")
         try:
             drafter(self.speculative)
         except ValueError as e:

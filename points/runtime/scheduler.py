@@ -399,12 +399,13 @@ class Scheduler:
         max_new_tokens, or when the cache is full."""
         row = self.rows[i]
         row.chosen.append(token)
-        if recorded is not None and token not in self.stop_ids:
+        ended = token in self.stop_ids and not row.request.cfg.ignore_eos
+        if recorded is not None and not ended:
             row.request.logprobs.append((token, recorded[0], recorded[1][:row.request.cfg.logprobs]))
-        if row.request.constraint is not None and token not in self.stop_ids:
+        if row.request.constraint is not None and not ended:
             row.request.constraint.consume(token)
         last = len(row.chosen) >= row.request.cfg.max_new_tokens
-        piece = row.reply.push(token, token in self.stop_ids, last)
+        piece = row.reply.push(token, ended, last)
         if piece:
             row.request._emit(piece)
         if row.reply.done:

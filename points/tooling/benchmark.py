@@ -21,7 +21,6 @@ import torch
 from points.io.processor import RELEASE_MAX_PIXELS, ImageProcessor
 from points.model.family import member
 from points.runtime.engine import Engine
-from points.runtime.sampling import Picker
 from points.runtime.vision import image_features
 from points.tooling.measure import (BURSTS, Timing, copy_stats, decode_bytes, load_probe, machine, matmul_rate,
                                     ours_decode, prefill_flops, projector_flops, sync, theirs_decode, timed,
@@ -61,6 +60,7 @@ class Bench:
     """One run's setting: our model and engine, transformers' two sides on the same tensors (None without
     transformers), the machine's floors, and the result the rows are added to."""
     model: torch.nn.Module
+    tokenizer: object  # points.io.tokenizer.Tokenizer: the scheduler's decode rows push text like a request
     engine: Engine
     processor: ImageProcessor
     llm: torch.nn.Module | None
@@ -98,11 +98,11 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
 
         ckpt = checkpoint_in(workdir, preset, dtype, tokenizer="bytes")
         pipe = points.load(ckpt, device=device, dtype=dtype, progress=False, attn=attn)
-        model, processor, engine = pipe.model, pipe.processor, pipe.engine
+        model, processor, engine, tokenizer = pipe.model, pipe.processor, pipe.engine, pipe.tokenizer
     else:  # the same random weights drawn straight into memory (no 17 GB written and read back at 7B)
-        from points.tooling.synthetic import random_model
-
+        from points.io.tokenizer import Tokenizer
         from points.runtime.cpu_linear import use_cpu_kernels
+        from points.tooling.synthetic import bytes_tokenizer_json, random_model
 
         model = random_model(preset, device, dtype)
         if device.type == "cpu":  # what points.load does on the CPU (points.loading.build)
@@ -110,6 +110,8 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
         # the processor write_checkpoint writes, under the member's rules (as points.load reads it)
         processor = ImageProcessor(max_pixels=RELEASE_MAX_PIXELS, rules=member(model.cfg.member).processor)
         engine = Engine(model.decoder, attn=attn)
+        (workdir / "bytes-tokenizer").mkdir(parents=True, exist_ok=True)  # (the stand-in checkpoint_in writes)
+        tokenizer = Tokenizer(bytes_tokenizer_json(workdir / "bytes-tokenizer" / "tokenizer.json").parent)
     weights = weight_bytes(model)
     try:
         from points.tooling import reference
@@ -132,7 +134,7 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
               "copy_median_bytes_per_s": copies.median, "copy_spread": copies.spread, "copy_bursts": copies.bursts,
               "copy_probe_bytes": sizes.copy,
               "matmul_flops_per_s": {"decoder": rate_llm, "vision": rate_vis}, "rows": []}
-    b = Bench(model, engine, processor, llm, vision, device, dtype, repeat, attn, sizes, bw, rate_llm, rate_vis, result)
+    b = Bench(model, tokenizer, engine, processor, llm, vision, device, dtype, repeat, attn, sizes, bw, rate_llm, rate_vis, result)
     print(_header(result), flush=True)
     g = torch.Generator().manual_seed(0)
     if "vision" in rows:
@@ -142,7 +144,7 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
     if "decode" in rows:
         decode_rows(b, g, compile_step, compile_backend, transposed)
     if profile:
-        result["profile"] = profile_decode(engine)
+        result["profile"] = profile_decode(b)
         print(result["profile"])
     if "load" in rows:
         hf_dir = None
@@ -210,12 +212,14 @@ def vision_rows(b: Bench, g: torch.Generator) -> None:
 
 
 def prefill_rows(b: Bench, g: torch.Generator) -> None:
-    """One prompt's prefill (last position's logits) against transformers' forward with logits_to_keep=1."""
+    """One prompt's prefill (last position's logits) as the scheduler's runner runs it (its embeddings, one
+    segment of the packed forward) against transformers' forward with logits_to_keep=1."""
     d = b.model.cfg.decoder
     for T in b.sizes.prefill:
         tokens = torch.randint(0, d.vocab_size, (1, T), generator=g).to(b.device)
         with torch.inference_mode():
-            mine = b.timed(lambda: b.engine.prefill(b.engine.new_cache(1, T + 1), tokens=tokens))
+            mine = b.timed(lambda: b.engine.packed(b.engine.new_cache(1, T + 1), [(0, 0, T)],
+                                                   b.model.decoder.embed(tokens[0]), [T - 1]))
             ref = None if b.llm is None else b.timed(lambda: b.llm(tokens, use_cache=True, logits_to_keep=1))
         b.add(f"prefill {T} tokens", "s", mine, ref, prefill_flops(d, T) / b.rate_llm, kind="prefill", tokens=T)
 
@@ -231,21 +235,21 @@ def decode_rows(b: Bench, g: torch.Generator, compile_step: bool, compile_backen
         prompts = torch.randint(0, d.vocab_size, (batch, max(lengths)), generator=g).to(b.device)
         floor = decode_bytes(b.model.decoder, max(lengths) + new // 2, batch) / b.bandwidth
         label = f"decode batch {batch}" + (" (ragged)" if batch > 1 else "") + f", {new} tokens"
-        mine = b.timed(ours_decode(b.engine, prompts, lengths_t, new))
+        mine = b.timed(ours_decode(b.model, b.tokenizer, b.engine, prompts, lengths_t, new))
         ref = None if b.llm is None else b.timed(theirs_decode(b.llm, prompts, lengths_t, new))
         fields = dict(kind="decode", batch=batch, prompts=list(lengths), tokens=new)
         b.add(label, "s/step", mine, ref, floor, per=batch, **fields, compiled=False)
         timings.append((label, prompts, lengths_t, floor, batch, ref, fields))
         if compile_step:
             compiled = compiled or Engine(b.model.decoder, compile=True, backend=compile_backend, attn=b.attn)
-            mine = b.timed(ours_decode(compiled, prompts, lengths_t, new))
+            mine = b.timed(ours_decode(b.model, b.tokenizer, compiled, prompts, lengths_t, new))
             b.add(label + ", compiled", "s/step", mine, ref, floor, per=batch, **fields, compiled=True)
     if transposed:  # the opt-in CPU layout (points.runtime.layout), the same transformers runs
         from points.runtime.layout import transpose_tall_linears
 
         transpose_tall_linears(b.model.decoder)
         for label, prompts, lengths_t, floor, batch, ref, fields in timings:
-            mine = b.timed(ours_decode(b.engine, prompts, lengths_t, new))
+            mine = b.timed(ours_decode(b.model, b.tokenizer, b.engine, prompts, lengths_t, new))
             b.add(label + ", transposed tall weights", "s/step", mine, ref, floor, per=batch, **fields, compiled=False,
                   transposed=True)
 
@@ -304,21 +308,24 @@ def load():
     return rows
 
 
-def profile_decode(engine: Engine, steps: int = 16) -> str:
-    """The top ops of `steps` decode steps (batch 1, after a 512-token prompt), by self time; the prefill and
-    as many warm-up steps run before the profiler starts."""
+def profile_decode(b: Bench, steps: int = 16) -> str:
+    """The top ops of `steps` decode steps through the scheduler (batch 1, after a 512-token prompt), by self
+    time; the prefill and as many warm-up steps run before the profiler starts."""
     from torch.profiler import ProfilerActivity, profile
 
-    device = engine.device
-    vocab = engine.decoder.cfg.vocab_size
-    prompts = torch.randint(0, vocab, (1, DECODE_PROMPT), device=device)
+    from points.io.chat import Prompt
+    from points.runtime.generation import GenerationConfig
+    from points.runtime.scheduler import Scheduler
+
+    device = b.engine.device
+    ids = torch.randint(0, b.model.decoder.cfg.vocab_size, (DECODE_PROMPT,)).tolist()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    cache = engine.new_cache(1, DECODE_PROMPT + 2 * steps + 1)
-    tokens = engine.decode(cache, engine.prefill(cache, tokens=prompts), Picker(1, vocab, device), 2 * steps + 1)
-    for _ in range(steps):  # warm-up
-        next(tokens)
+    s = Scheduler(b.model, b.tokenizer, b.engine, max_batch=1, max_prefill_tokens=DECODE_PROMPT)
+    s.submit(Prompt([], None, None), ids, GenerationConfig(max_new_tokens=2 * steps + 1, ignore_eos=True))
+    for _ in range(steps + 1):  # the prefill, then the warm-up steps
+        s.step()
     with profile(activities=activities) as prof:
-        for _ in tokens:
+        while s.step():
             pass
         sync(device)
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"

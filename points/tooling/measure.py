@@ -1,5 +1,10 @@
 """Measuring, for `points bench` and tools/: timings, the machine's floors (copy bandwidth, matmul rate), the
-work of each row (FLOPs, bytes), and both sides' decode loops timed the same way. Importing it runs nothing.
+work of each row (FLOPs, bytes), and both sides' decode loops timed the same way (ours: the scheduler, the loop
+chat, run and serve use). Importing it runs nothing.
+
+`engine_generate` / `engine_decode` drive the engine alone (prefill, then one step per token, no scheduler):
+for tests of the engine's math and for baselines that are not the product (tools/bench_run.py's fixed batches,
+tools/quantization_quality.py's greedy agreement between two decoders).
 """
 
 from __future__ import annotations
@@ -17,8 +22,11 @@ from dataclasses import dataclass, field
 import torch
 
 from points.kernels import cpu_build
+from points.io.chat import Prompt
 from points.runtime.engine import Engine
+from points.runtime.generation import GenerationConfig
 from points.runtime.sampling import Picker
+from points.runtime.scheduler import Scheduler
 
 
 # --------------------------------------------------------------------------- measuring
@@ -194,20 +202,48 @@ class _Clock:
         pass
 
 
-def ours_decode(engine: Engine, prompts: torch.Tensor, lengths: torch.Tensor, new: int):
-    """Seconds per step of `new` greedy steps (the choice of the next token inside the step), after an untimed
-    prefill of the right-padded prompts."""
+def ours_decode(model, tokenizer, engine: Engine, prompts: torch.Tensor, lengths: torch.Tensor, new: int):
+    """Seconds per step of `new` greedy steps through the scheduler (what chat, run and serve run: the step with
+    the choice inside it, the tokens read and pushed to their requests), after an untimed step that prefills
+    the prompts (rows of the right-padded `prompts`, `lengths` real tokens each) and chooses their first
+    tokens. Stop tokens end no row (ignore_eos): every row takes every step."""
+    rows = [prompts[i, :n].tolist() for i, n in enumerate(lengths.tolist())]
+    cfg = GenerationConfig(max_new_tokens=new + 1, ignore_eos=True)  # new + 1 tokens: `new` steps
+
     def run() -> float:
-        cache = engine.new_cache(prompts.shape[0], prompts.shape[1] + new + 1)
-        pick = Picker(prompts.shape[0], engine.decoder.cfg.vocab_size, prompts.device)
-        logits = engine.prefill(cache, tokens=prompts, lengths=lengths)
+        s = Scheduler(model, tokenizer, engine, max_batch=len(rows), max_prefill_tokens=sum(map(len, rows)))
+        for ids in rows:
+            s.submit(Prompt([], None, None), ids, cfg)  # (token ids given: the prompt's text is not read)
+        s.step()
         sync(prompts.device)
         t0 = time.perf_counter()
-        for _ in engine.decode(cache, logits, pick, new + 1):  # new + 1 tokens: `new` steps
+        while s.step():
             pass
         sync(prompts.device)
         return (time.perf_counter() - t0) / new
     return run
+
+
+def engine_decode(engine: Engine, cache, logits: torch.Tensor, pick: Picker, max_new: int):
+    """The engine alone: max_new chosen ids [B] (device tensors), the first from the prefill's `logits`, each
+    next one from a step (max_new - 1 steps; step t + 1 is queued before token t is yielded)."""
+    pick.draw()
+    nxt = pick(logits)
+    for i in range(max_new):
+        chosen = nxt.clone()  # (a CUDA-graph step's output is overwritten by its next run)
+        if i < max_new - 1:
+            pick.draw()
+            nxt = engine.step(chosen[:, None], cache, pick)
+        yield chosen
+
+
+def engine_generate(engine: Engine, pick: Picker, max_new: int, *, tokens: torch.Tensor | None = None,
+                    embeds: torch.Tensor | None = None, lengths: torch.Tensor | None = None):
+    """The engine alone: a fresh cache, the prefill of the right-padded prompts, then `engine_decode`."""
+    B, T = (tokens if tokens is not None else embeds).shape[:2]
+    cache = engine.new_cache(B, T + max_new)
+    logits = engine.prefill(cache, tokens=tokens, embeds=embeds, lengths=lengths)
+    yield from engine_decode(engine, cache, logits, pick, max_new)
 
 
 def theirs_decode(llm, prompts: torch.Tensor, lengths: torch.Tensor, new: int):
