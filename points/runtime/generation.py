@@ -9,7 +9,7 @@ defaults that the settings given override.
 The choice of the next token (points.runtime.sampling.Picker) runs inside the decode step, so a compiled
 engine does step + choice in one graph.
 A reply stops at <|im_end|> (the reference) or <|endoftext|> (an extension; neither with ignore_eos), at an
-extra stop string (the reply is cut before it), or after max_new_tokens.
+extra stop string (the reply is cut before it), after max_new_tokens, or (repetition_guard) once it loops.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, replace
 
 from points.io.chat import build_prompt
 from points.runtime.grammar import GrammarError, check_response_format
+from points.runtime.loops import LoopGuard
 from points.runtime.speculative import drafter
 
 
@@ -66,6 +67,9 @@ class GenerationConfig:
     # (points.runtime.speculative), or a drafter object (tests' and benchmarks' oracles)
     speculative: object = field(default=None, hash=False)
     ignore_eos: bool = False  # <|im_end|> / <|endoftext|> do not end the reply (vLLM's; benchmarks run every step)
+    # 0: off; N: the reply ends (finish_reason "repetition") once its last N tokens are one block repeated
+    # (points.runtime.loops: at least 3 copies, not one token differing)
+    repetition_guard: int = 0
 
     def __post_init__(self):
         def bad(name, want):
@@ -97,6 +101,11 @@ class GenerationConfig:
             bad("logprobs", "None (off) or an integer from 0 to 20 (the most likely tokens listed beside each)")
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", "true or false")
+        if self.repetition_guard != 0:
+            try:
+                LoopGuard(self.repetition_guard)
+            except ValueError as e:
+                bad("repetition_guard", str(e).split(": expected ", 1)[-1])
         try:
             drafter(self.speculative)
         except ValueError as e:

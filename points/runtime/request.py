@@ -30,7 +30,7 @@ class Request:
     cfg: GenerationConfig
     scheduler: object  # the points.runtime.scheduler.Scheduler it was submitted to
     on_event: Callable[["Request", object], None] | None = None  # called from the generating thread
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "repetition" | "cancelled" | "error"
     error: BaseException | None = None
     completion_tokens: int = 0
     cancelled: bool = False
@@ -45,6 +45,8 @@ class Request:
     accepted_tokens: int = 0
     share_prompt: bool = False  # its prompt's K/V go to the prefix cache once prefilled (siblings: n > 1)
     constraint: object = None  # points.runtime.grammar.Constraint, for a cfg.response_format
+    # finish_reason "repetition": (the index in token_ids where the loop starts, its period in tokens)
+    repetition: tuple[int, int] | None = None
     images_encoded: int = 0  # images the vision encoder ran for (not those of the cached prefix, nor cached ones)
     images_cached: int = 0  # images whose features came from the vision cache
     vision_seconds: float = 0.0  # the vision encoder's time for them

@@ -20,9 +20,9 @@ never a tensor. At every step:
    than one chunk; prompts admitted together are prefilled together); otherwise the engine's one-token step
    over rows [0, last generating row] (compiled: that many rounded up to a power of two). A row whose last
    chunk ran gets its first token; a row with drafts keeps the ones `verify` accepts and one more.
-Every row has its own settings (temperature, top-p/k, penalty, seed, stop strings, max tokens) in the
-per-row `Picker`; a row's tokens depend only on its own prompt and noise, so a greedy reply is the one the
-request gets alone (up to float summation order: equal in float32, tested) and a seeded one repeats.
+Every row has its own settings (temperature, top-p/k, penalty, seed, stop strings, max tokens, a loop guard:
+points.runtime.loops) in the per-row `Picker`; a row's tokens depend only on its own prompt and noise, so a
+greedy reply is the one the request gets alone (up to float summation order: equal in float32, tested) and a seeded one repeats.
 
 Speculative decoding (a request's cfg.speculative, or the scheduler's `speculative` default): rows that
 decode greedily or sample without a repetition penalty, a grammar or log-probabilities get drafts
@@ -51,6 +51,7 @@ import torch
 
 from points.runtime.engine import Engine
 from points.runtime.generation import GenerationConfig, Reply
+from points.runtime.loops import LoopGuard
 from points.runtime.prefix import PrefixCache
 from points.runtime.request import END, QueueFull, Request, Stream
 from points.runtime.runner import Chunk, Decoding, Runner
@@ -94,6 +95,7 @@ class _Row:
     k: int = 0  # drafts it asks for now (halved when none is kept, doubled back when all are)
     pause: int = 0  # steps left without drafts (drafts that keep failing would cost a wider forward each step)
     misses: int = 0  # verifications in a row that kept no draft
+    guard: LoopGuard | None = None  # its cfg.repetition_guard, watching the tokens chosen
 
     @property
     def prefilling(self) -> bool:
@@ -319,7 +321,9 @@ class Scheduler:
         request.cached_tokens = reused
         with self._work:  # (in a row and no longer admitting at once: load() counts it once)
             self._admitted += 1
-            self.rows[i] = _Row(request, Reply(self.tokenizer, request.cfg.stop), key, reused, self._admitted)
+            guard = LoopGuard(request.cfg.repetition_guard) if request.cfg.repetition_guard else None
+            self.rows[i] = _Row(request, Reply(self.tokenizer, request.cfg.stop), key, reused, self._admitted,
+                                guard=guard)
             self._admitting = None
 
     def _run(self) -> None:
@@ -396,7 +400,7 @@ class Scheduler:
 
     def _push(self, i: int, token: int, recorded=None) -> None:
         """Token `token` chosen for row i: its text to the request; the row ends at a stop, a stop string,
-        max_new_tokens, or when the cache is full."""
+        max_new_tokens, or when its guard sees a loop (finish_reason "repetition", request.repetition set)."""
         row = self.rows[i]
         row.chosen.append(token)
         ended = token in self.stop_ids and not row.request.cfg.ignore_eos
@@ -405,11 +409,14 @@ class Scheduler:
         if row.request.constraint is not None and not ended:
             row.request.constraint.consume(token)
         last = len(row.chosen) >= row.request.cfg.max_new_tokens
-        piece = row.reply.push(token, ended, last)
+        looped = row.guard is not None and not ended and row.guard.push(token)
+        piece = row.reply.push(token, ended, last or looped)
         if piece:
             row.request._emit(piece)
         if row.reply.done:
-            self._finish(i, "stop" if row.reply.stopped else "length")
+            if looped and not row.reply.stopped:
+                row.request.repetition = row.guard.found
+            self._finish(i, "stop" if row.reply.stopped else "repetition" if looped else "length")
 
     def _finish(self, i: int, reason: str) -> None:
         row = self.rows[i]

@@ -299,6 +299,10 @@ class Job:
     results: tuple[str, ...]  # the keys of a result record besides "id" ("error" is always one)
     outputs: tuple[tuple[str, Path], ...] = ()  # other files written at the end, checked first: (flag, path)
     before: Callable[[list[Item], list[dict]], None] | None = None  # writes them, before OUT (rank 0)
+    sources: dict | None = None  # the inputs OUT must not be, {flag: path} (None: {"--input": args.input})
+    unit: str = "items"  # what an item is called in the progress line and the last line ("pages")
+    every: int | None = None  # without a terminal, the progress written as a line every this many items
+    per_minute: bool = False  # the progress line's rate per minute (pages/min), not per second
 
 
 def add_dataset_options(p, line: str) -> None:
@@ -320,9 +324,10 @@ def drive(job: Job) -> int:
         with sigterm_raises():
             # everything that can be checked is checked before any file is written
             items = job.read()
-            check_output(out, sources={"--input": args.input})
+            sources = job.sources if job.sources is not None else {"--input": args.input}
+            check_output(out, sources=sources)
             for flag, path in job.outputs:
-                check_output(path, sources={"--input": args.input}, flag=flag)
+                check_output(path, sources=sources, flag=flag)
                 if path.resolve() == Path(out).resolve():
                     raise OutputError(f"{flag} {path}: is also --output; choose another path")
             read_config(args.model)
@@ -345,7 +350,8 @@ def drive(job: Job) -> int:
                         forget_meta(out)
                     raise
                 journal = Journal(out.with_name(f"{out.name}.journal.{dist.rank}"))
-                progress = Progress(label, len(share), unit="items", enabled=progress_enabled(args))
+                progress = Progress(label, len(share), unit=job.unit, enabled=progress_enabled(args), every=job.every,
+                                    per_minute=job.per_minute)
                 try:
                     job.work(model, share, journal, progress)
                 finally:
@@ -356,11 +362,11 @@ def drive(job: Job) -> int:
                 before = None if job.before is None else (lambda records: job.before(items, records))
                 missing = finish(out, items, job.results, before)
                 if missing:
-                    print(f"{job.name}: {missing} item(s) have no result in the journals of {out}; run again to "
+                    print(f"{job.name}: {missing} {job.unit} have no result in the journals of {out}; run again to "
                           f"finish them", file=sys.stderr)
                     return 1
                 errors = sum("error" in r for r in read_records(out, job.results))
-                print(f"{job.name}: {len(items)} items -> {out} ({len(items) - len(remaining)} from an earlier "
+                print(f"{job.name}: {len(items)} {job.unit} -> {out} ({len(items) - len(remaining)} from an earlier "
                       f"run, {errors} with an error)", file=sys.stderr)
             return 0
     except KeyboardInterrupt:
