@@ -184,16 +184,29 @@ def test_auto_kernel_rule_on_cuda_and_its_notice(monkeypatch):
 
 
 def test_auto_kernel_rule(monkeypatch):
-    """CPU: the C++ kernel up to GEMV_ROWS rows where it is available; else int8pack (bf16 / fp16, input
-    sizes that are multiples of 8) or the dequantization; without it (POINTS_CPU_KERNELS=0, no compiler) the
-    same fallbacks."""
+    """CPU: the C++ kernel up to GEMV_ROWS rows where it is available; more rows in bf16 / fp16 (input sizes
+    that are multiples of 8) the many-row kernel this machine measured faster, in float32 the dequantization;
+    without the C++ kernel (POINTS_CPU_KERNELS=0, no compiler) int8pack or the dequantization for few rows."""
     x1, x100 = torch.zeros(1, 8), torch.zeros(100, 8)
-    monkeypatch.setattr(cpu_int8, "available", lambda: True)
-    assert qz._auto_kernel(x1) == "gemv" and qz._auto_kernel(x1.bfloat16()) == "gemv"
-    assert qz._auto_kernel(x100) == "dequantize" and qz._auto_kernel(x100.bfloat16()) == "int8pack"
-    monkeypatch.setattr(cpu_int8, "available", lambda: False)
-    assert qz._auto_kernel(x1) == "dequantize" and qz._auto_kernel(x1.bfloat16()) == "int8pack"
-    assert qz._auto_kernel(torch.zeros(1, 77).bfloat16()) == "dequantize"  # int8pack needs a multiple of 8
+    for measured in ("int8pack", "dequantize"):
+        monkeypatch.setattr(qz, "_MANY_ROWS", {torch.bfloat16: measured})
+        monkeypatch.setattr(cpu_int8, "available", lambda: True)
+        assert qz._auto_kernel(x1) == "gemv" and qz._auto_kernel(x1.bfloat16()) == "gemv"
+        assert qz._auto_kernel(x100) == "dequantize" and qz._auto_kernel(x100.bfloat16()) == measured
+        monkeypatch.setattr(cpu_int8, "available", lambda: False)
+        assert qz._auto_kernel(x1) == "dequantize" and qz._auto_kernel(x1.bfloat16()) == "int8pack"
+        assert qz._auto_kernel(x100.bfloat16()) == measured
+        assert qz._auto_kernel(torch.zeros(100, 77).bfloat16()) == "dequantize"  # int8pack needs a multiple of 8
+
+
+def test_the_many_row_kernel_is_measured_once_per_dtype(monkeypatch):
+    monkeypatch.setattr(qz, "_MANY_ROWS", {})
+    calls = []
+    real = qz.int8_linear
+    monkeypatch.setattr(qz, "int8_linear", lambda *a: calls.append(a[-1]) or real(*a))
+    chosen = qz.many_rows_kernel(torch.bfloat16)
+    assert chosen in ("int8pack", "dequantize") and calls == ["int8pack"] * 4 + ["dequantize"] * 4
+    assert qz.many_rows_kernel(torch.bfloat16) == chosen and len(calls) == 8  # (kept: not measured again)
 
 
 def test_cpu_kernel_can_be_turned_off(tmp_path):

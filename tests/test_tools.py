@@ -116,6 +116,20 @@ def test_bench_run_tool_tiny(workdir, tmp_path, tokenizer_built_once):
                and r["prefill_vision_floor_s"] > 0 for r in rows)
 
 
+def test_bench_ocr_tool_tiny(workdir, tmp_path, tokenizer_built_once):
+    """tools/bench_ocr.py on a tiny Reader in float32: every row timed against a positive floor, the official
+    path writing exactly --new tokens a page, and greedy pages with n-gram drafts the very tokens of those
+    without (float32)."""
+    out = tmp_path / "ocr.json"
+    assert _tool("bench_ocr", "--size", "reader-tiny", "--dtype", "float32", "--pages", 3, "--baseline-pages", 1,
+                 "--new", 6, "--max-pixels", 20000, "--rows", "bf16", "speculative", "--bursts", 1, "--workdir", workdir,
+                 "--json", out) == 0
+    result = json.loads(out.read_text())
+    timed = [v for v in result.values() if isinstance(v, dict) and "pages_per_min" in v]
+    assert len(timed) == 4 and all(v["pages_per_min"] > 0 and v["of_floor"] > 0 for v in timed)
+    assert result["ratio_bf16"] > 0 and result["speculative"]["same_pages"] == 3
+
+
 def test_bench_prefix_tool_tiny(workdir, tmp_path):
     """tools/bench_prefix.py on the tiny preset: the cached second turn reuses turn 1 (all of its prompt)."""
     out = tmp_path / "prefix.json"

@@ -16,9 +16,14 @@ docs/benchmarks.md has the figures):
   own AVX2 kernel (compiled on first use where a C++ compiler is found; one sequential stream per thread,
   float32 accumulation). On the project's AMD EPYC it reads int8 at 2x the rate of PyTorch's
   `_weight_int8pack_mm` at one row, 2.0x the bf16 product and 5.8x the float32 one;
-- CPU, more rows, or where that kernel is not available: `torch.ops.aten._weight_int8pack_mm` for bf16 /
-  fp16 activations; for float32 the dequantization (`F.linear(x, W8.to(x.dtype)) * scale`), which measured
-  faster there than the int8pack kernel;
+- CPU, more rows (prefills) in bf16 / fp16: whichever of `torch.ops.aten._weight_int8pack_mm` and the
+  dequantization (`F.linear(x, W8.to(x.dtype)) * scale`) is faster on this machine, measured once per process
+  and dtype at the first such product (`many_rows_kernel`: 256 rows of a [2048, 4096] weight, best of 3, ~0.2
+  s): on the AMD EPYC without AMX the int8pack kernel (bf16 products there run at ~22 GFLOP/s), on an Intel
+  Xeon with AMX the dequantization (613-643 GFLOP/s against 175-186 for int8pack at 360 rows of the 3B
+  Reader's MLP shapes, 2026-12-07), where the static rule made an int8 prefill 3.5x slower than it needs;
+- CPU, up to 64 rows where that kernel is not available: int8pack for bf16 / fp16 activations; for float32
+  (any rows) the dequantization, which measured faster there than the int8pack kernel;
 - CUDA, up to TRITON_ROWS rows, where Triton is installed: `points.kernels.triton_int8`, this project's
   Triton kernel (int8 rows read once, scaled in registers, K split where N alone leaves the GPU idle; the
   custom op `points::int8_mm` in the compiled step). Not yet measured on a GPU: the last GPU run (H200,
@@ -32,6 +37,7 @@ docs/benchmarks.md has the figures):
 from __future__ import annotations
 
 import importlib.util
+import time
 import warnings
 
 import torch
@@ -53,7 +59,36 @@ def choose_kernel(device_type: str, rows: int, dtype: torch.dtype, inner: int) -
         return "triton" if device_type == "cuda" and HAS_TRITON and rows <= TRITON_ROWS else "dequantize"
     if rows <= GEMV_ROWS and cpu_int8.available():
         return "gemv"
-    return "dequantize" if dtype == torch.float32 or inner % 8 else "int8pack"
+    if dtype == torch.float32 or inner % 8:
+        return "dequantize"
+    return many_rows_kernel(dtype) if rows > GEMV_ROWS else "int8pack"
+
+
+_MANY_ROWS: dict = {}  # activation dtype -> the faster many-row kernel here, measured once per process
+
+
+def many_rows_kernel(dtype: torch.dtype) -> str:
+    """"int8pack" or "dequantize", whichever multiplies 256 rows by an int8 [2048, 4096] weight faster on this
+    machine in `dtype` (best of 3 each, measured the first time it is asked; inside a torch.compile trace,
+    int8pack unmeasured)."""
+    if dtype not in _MANY_ROWS:
+        if torch.compiler.is_compiling():
+            return "int8pack"
+        g = torch.Generator().manual_seed(0)
+        w = torch.randint(-127, 128, (2048, 4096), dtype=torch.int8, generator=g)
+        scale, x = torch.rand(2048, generator=g).to(dtype), torch.randn(256, 4096, generator=g).to(dtype)
+        best = {}
+        with torch.inference_mode():
+            for kernel in ("int8pack", "dequantize"):
+                int8_linear(x, w, scale, None, kernel)  # (first call: allocations, packing)
+                times = []
+                for _ in range(3):
+                    start = time.perf_counter()
+                    int8_linear(x, w, scale, None, kernel)
+                    times.append(time.perf_counter() - start)
+                best[kernel] = min(times)
+        _MANY_ROWS[dtype] = min(best, key=best.get)
+    return _MANY_ROWS[dtype]
 
 
 def _auto_kernel(x: torch.Tensor) -> str:

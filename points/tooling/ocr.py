@@ -11,7 +11,8 @@ them (walked recursively, in sorted order; hidden files skipped). PDFs are rende
 Output, in the --output folder (made if missing; an input folder is refused): one `NAME.md` per document, its
 pages in order, each after a marker line `<!-- page N -->` (N counts from 1 in the document; a page that
 failed gets `<!-- page N: error: ... -->` and no text, one stopped as a loop `<!-- page N: stopped: the reply
-repeated itself -->` and the text up to the loop's first repeat). NAME is a file's stem, or for a folder's file
+repeated itself -->` and the text up to the loop's first repeat, one that reached --max-new-tokens `<!-- page N:
+stopped at max_new_tokens: the text may be cut -->`). NAME is a file's stem, or for a folder's file
 its path under that folder without the suffix (`scans/2024/a.pdf` -> `out/2024/a.md`); two documents that
 would share a name keep their suffixes (`a.pdf.md`, `a.png.md`). And `pages.jsonl`, one line per page in
 order: {"id", "document" (its path), "page", "status" ("ok": the reply ended; "length": it reached
@@ -274,6 +275,9 @@ def markdown(records: list[dict]) -> str:
             parts.append(f"<!-- page {r['page']}: error: {_comment(r['error'])} -->\n")
         elif r["status"] == "repetition":
             parts.append(f"<!-- page {r['page']}: stopped: the reply repeated itself -->\n\n{r['text'].strip()}\n")
+        elif r["status"] == "length":
+            parts.append(f"<!-- page {r['page']}: stopped at max_new_tokens: the text may be cut -->\n\n"
+                         f"{r['text'].strip()}\n")
         else:
             parts.append(f"<!-- page {r['page']} -->\n\n{r['text'].strip()}\n")
     return "\n".join(parts)
