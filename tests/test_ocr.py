@@ -25,7 +25,7 @@ import points
 from points.io import documents
 from points.io.documents import Document, DocumentError, Pages, Resolution, pages_of, select_pages
 from points.io.progress import Progress
-from points.model.family import READER_PROMPT
+from points.model.family import READER, READER_PROMPT
 from points.runtime.generation import GenerationConfig, GenerationError
 from points.runtime.loops import LoopGuard
 from points.tooling import ocr, synthetic
@@ -175,13 +175,69 @@ def test_pages_are_chosen_per_document(reader_dir, files, tmp_path, capsys):
     assert f"{files / 'scans' / 'a.png'}: --pages 2-3,9: the document has 1 page(s), none of those" in err
 
 
+def test_what_folders_hold_links_odd_names_animations_and_bombs(reader_dir, tmp_path, capsys):
+    """A link to a sibling is read once, a link to nowhere and a loop of links are their documents' errors, a
+    file name that is not UTF-8 is written escaped, an animated GIF is one page (a TIFF's frames are pages), an
+    image declaring more pixels than the processor's limit is refused before decoding, and two folders'
+    files of one name are named by their folders."""
+    d1, d2 = tmp_path / "in" / "d1", tmp_path / "in" / "d2"
+    d1.mkdir(parents=True)
+    d2.mkdir()
+    _page(0).save(d1 / "a.png")
+    _page(1).save(d2 / "a.png")
+    (d1 / "latest.png").symlink_to(d1 / "a.png")
+    (d1 / "gone.pdf").symlink_to(d1 / "missing.pdf")
+    (d1 / "loop.pdf").symlink_to(d1 / "loop.pdf")
+    frames = [_page(i, (80, 60)) for i in range(3)]
+    frames[0].save(d2 / "anim.gif", save_all=True, append_images=frames[1:])
+    Image.new("1", (10_000, 9_000)).save(d2 / "huge.png")  # (90 million pixels, 1 bit each: small to write)
+    odd = os.fsencode(d2) + b"/caf\xe9.png"
+    _page(2).save(odd)
+    out = tmp_path / "out"
+    assert ocr.main(["--model", str(reader_dir), str(d1), str(d2), "--output", str(out), *_greedy()]) == 0
+    records = {r["id"]: r for r in _read(out / "pages.jsonl")}
+    assert sorted(records) == sorted(["d1/a#page1", "d2/a#page1", "gone#document", "loop#document", "anim#page1",
+                                      "huge#page1", os.fsdecode(b"caf\xe9") + "#page1"])
+    assert records["gone#document"]["error"].startswith(f"{d1 / 'gone.pdf'}: cannot be read")
+    assert records["loop#document"]["error"].startswith(f"{d1 / 'loop.pdf'}: cannot be read")
+    assert records["huge#page1"]["error"] == (f"{d2 / 'huge.png'}: page 1 declares 10000x9000 = 90,000,000 pixels, "
+                                             "over the limit of 89,478,485 pixels (a decompression bomb?); refused "
+                                             "before decoding")
+    assert records["anim#page1"]["status"] != "error" and (out / "d1" / "a.md").exists() and (out / "d2" / "a.md").exists()
+    assert os.path.exists(os.fsencode(out) + b"/caf\xe9.md")
+
+
+def test_markdown_files_that_cannot_be_written_are_refused_before_work(reader_dir, tmp_path, capsys):
+    folder = tmp_path / "in"
+    (folder / "a.md").mkdir(parents=True)
+    _page(0).save(folder / "a.png")
+    _page(1).save(folder / "a.md" / "x.png")
+    (folder / "pages.jsonl").mkdir()
+    _page(2).save(folder / "pages.jsonl" / "y.png")
+    out = tmp_path / "out"
+    assert ocr.main(["--model", str(reader_dir), str(folder / "a.png"), str(folder / "a.md"), "--output", str(out),
+                     *_greedy()]) == 0  # (given apart: a.md and x.md, no clash)
+    capsys.readouterr()
+    for inputs, reason in [([folder], f"{out / 'a.md'} is {folder / 'a.png'}'s Markdown file"),
+                           ([folder / "pages.jsonl"], None)]:
+        shutil.rmtree(out, ignore_errors=True)
+        code = ocr.main(["--model", str(reader_dir), *map(str, inputs), "--output", str(out), *_greedy()])
+        err = capsys.readouterr().err
+        if reason is None:
+            assert code == 0  # (a folder given by itself: its files are named under it)
+            continue
+        assert code == 2 and reason in err and err.count("\n") == 1, err
+        assert not out.exists() or not any(out.iterdir())
+
+
 def test_page_selections_and_resolutions():
     assert select_pages("1-3,7") == [1, 2, 3, 7] and select_pages("7, 2") == [2, 7] and select_pages(None) is None
     assert pages_of(select_pages("2,5-"), 7) == [2, 5, 6, 7] and pages_of(select_pages("4-"), 2) == []
     assert pages_of(None, 3) == [1, 2, 3] and pages_of([1, 9], 3) == [1]
-    for bad in ("0", "3-1", "a", "", "1,,2", "-2", "2-x"):
+    for bad in ("0", "3-1", "a", "", "1,,2", "-2", "2-x", "1_0", "+1", "1-10000000000"):
         with pytest.raises(ValueError, match=r"^--pages "):
             select_pages(bad)
+    assert ocr.READER_DECODING == dict(READER.presets["reader"].generation)  # (--help's copy)
     r = Resolution(200, 1000, 100, 3000)
     assert r.higher(1000) == Resolution(200 * 2 ** 0.5, 2000, 100, 3000, 2 ** 0.5)
     assert r.higher(2000).max_pixels == 3000 and r.higher(2500) is None  # (less than 1.25x left: none)
@@ -196,10 +252,12 @@ def test_bad_arguments_and_outputs_that_would_replace_an_input_are_refused_befor
                                                                                      capsys):
     model = ["--model", str(reader_dir)]
     (tmp_path / "taken").write_text("a file")
+    (tmp_path / "bare").mkdir()
     cases = [([str(files / "scans"), "--output", str(files / "scans")], "is the input directory"),
              ([str(files / "doc.pdf"), "--output", str(tmp_path / "taken")], "is a file"),
              ([str(files / "nowhere.pdf"), "--output", str(tmp_path / "o")], "no such file or folder"),
-             ([str(files / "doc.pdf"), str(files / "." / "doc.pdf"), "--output", str(tmp_path / "o")], "given twice"),
+             ([str(files / "scans" / "sub" / "c.jpg"), str(tmp_path / "bare"), "--output", str(tmp_path / "o")],
+              "a folder with no PDF or image in it"),
              ([str(files / "doc.pdf"), "--output", str(tmp_path / "o"), "--max-pixels", "10"],
               "--max-pixels 10: expected a value from the model's min_pixels")]
     for args, reason in cases:
@@ -212,7 +270,7 @@ def test_bad_arguments_and_outputs_that_would_replace_an_input_are_refused_befor
         with pytest.raises(SystemExit) as e:
             ocr.main(model + [str(files / "doc.pdf"), "--output", str(tmp_path / "o"), *args])
         assert e.value.code == 2 and reason in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare", "taken"]
     assert sorted(p.name for p in (files / "scans").iterdir()) == [".hidden.png", "README.txt", "a.png", "b.tif", "sub"]
 
 

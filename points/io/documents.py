@@ -32,6 +32,7 @@ from PIL import Image
 PDF_SUFFIXES = (".pdf",)
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".gif", ".jp2", ".ppm", ".pgm", ".pbm")
 DPI = 200  # a PDF page's default render (MinerU's; a Letter page is then 1700 x 2200 = 3.7 million pixels)
+MAX_SELECTED = 100_000  # pages --pages may name one by one (an open range "5-" has no limit)
 MAX_RENDER_PIXELS = 200_000_000  # a page asked to render larger than this is an error (a bogus page size)
 
 
@@ -62,11 +63,13 @@ def kind_of(path: Path) -> str | None:
 
 def find_documents(inputs: list[Path], flag: str = "INPUT") -> list[Document]:
     """The documents of the command's inputs, in the order given (a folder's: its PDFs and images, walked
-    recursively, sorted by path; hidden files and folders skipped). A missing input, the same file twice, or a
-    folder with no document is a ValueError naming it; a file given by name that is neither a PDF nor an image
-    by its suffix is a Document of kind None (`Pages` refuses it: that document's error). Output names: a
-    file's stem, a folder's file's path under the folder without its suffix; where two documents would share a
-    name, each keeps its suffix as well ("a.pdf", "a.png")."""
+    recursively, sorted by path; hidden files and folders skipped, links to folders not followed; a file reached
+    twice, through a link or a second argument, is read once). A missing input or a folder with no document is
+    a ValueError naming it; a file given by name that is neither a PDF nor an image by its suffix is a Document
+    of kind None (`Pages` refuses it: that document's error). Output names: a file's stem, a folder's file's
+    path under the folder without its suffix; where two documents would share a name, each is named by its path
+    under the folder they share (`2023/report.pdf`, `2024/report.pdf`: "2023/report", "2024/report"), and where
+    they still would (one folder's a.pdf and a.png), each keeps its suffix ("a.pdf", "a.png")."""
     found: list[tuple[Path, Path]] = []  # (file, its name's path)
     for given in inputs:
         if given.is_dir():
@@ -75,23 +78,31 @@ def find_documents(inputs: list[Path], flag: str = "INPUT") -> list[Document]:
                 raise ValueError(f"{flag} {given}: a folder with no PDF or image in it (suffixes "
                                  f"{', '.join(PDF_SUFFIXES + IMAGE_SUFFIXES)})")
             found += [(p, p.relative_to(given)) for p in files]
-        elif given.is_file():  # (one that is no document by its name is that document's error, when opened)
+        elif given.is_file() or given.is_symlink():  # (unreadable or no document by its name: its own error)
             found.append((given, Path(given.name)))
         else:
             raise ValueError(f"{flag} {given}: no such file or folder")
-    seen, documents = set(), []
-    for path, _ in found:
-        key = os.path.realpath(path)
-        if key in seen:
-            raise ValueError(f"{flag} {path}: given twice (the same file)")
-        seen.add(key)
-    stems: dict[str, int] = {}
-    for _, rel in found:
-        stems[str(rel.with_suffix(""))] = stems.get(str(rel.with_suffix("")), 0) + 1
+    seen, unique = set(), []
     for path, rel in found:
-        stem = str(rel.with_suffix(""))
-        documents.append(Document(path, stem if stems[stem] == 1 else str(rel), kind_of(path)))
-    return documents
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append((path, rel))
+    names = [str(rel.with_suffix("")) for _, rel in unique]
+    for n in {n for n in names if names.count(n) > 1}:  # named by their folders under the one they share
+        twins = [i for i, m in enumerate(names) if m == n]
+        base = os.path.commonpath([os.path.dirname(os.path.abspath(unique[i][0])) for i in twins])
+        for i in twins:
+            names[i] = os.path.splitext(os.path.relpath(os.path.abspath(unique[i][0]), base))[0]
+    for n in {n for n in names if names.count(n) > 1}:  # (one folder's a.pdf and a.png: their suffixes)
+        for i in [i for i, m in enumerate(names) if m == n]:
+            names[i] += unique[i][0].suffix
+    for n in names:
+        if names.count(n) > 1:
+            same = [str(p) for (p, _), m in zip(unique, names) if m == n]
+            raise ValueError(f"{flag}: {' and '.join(same)} would both be written as {n}.md; rename one or give them "
+                             "to separate runs")
+    return [Document(path, name, kind_of(path)) for (path, _), name in zip(unique, names)]
 
 
 def _walk(folder: Path):
@@ -102,34 +113,28 @@ def _walk(folder: Path):
 
 def select_pages(spec: str | None, flag: str = "--pages") -> list[int] | None:
     """"1-3,7" -> [1, 2, 3, 7]; "5-" -> [5, ...] as [-5] (from 5 on: `pages_of` reads it); None -> None (every
-    page). Pages count from 1; a bad piece is a ValueError naming the flag."""
+    page). Pages count from 1 (digits only); a bad piece, or more than MAX_SELECTED pages named one by one, is
+    a ValueError naming the flag."""
     if spec is None:
         return None
     chosen: set[int] = set()
     open_from = None
     for piece in spec.split(","):
         piece = piece.strip()
-        try:
-            if piece.endswith("-") and piece[:-1].strip().isdigit():
-                start = int(piece[:-1])
-                if start < 1:
-                    raise ValueError
-                open_from = start if open_from is None else min(open_from, start)
-            elif "-" in piece:
-                a, b = (int(x) for x in piece.split("-", 1))
-                if not 1 <= a <= b:
-                    raise ValueError
-                chosen.update(range(a, b + 1))
-            else:
-                n = int(piece)
-                if n < 1:
-                    raise ValueError
-                chosen.add(n)
-        except ValueError:
-            raise ValueError(f"{flag} {spec}: {piece!r} is not a page (1, 2, ...), a range (1-3) or an open range "
-                             f"(5-); pages count from 1") from None
-    if len(chosen) > 1_000_000:
-        raise ValueError(f"{flag} {spec}: more than a million pages")
+        bad = ValueError(f"{flag} {spec}: {piece!r} is not a page (1, 2, ...), a range (1-3) or an open range (5-); "
+                         "pages count from 1")
+        found = re.fullmatch(r"(\d+)(?:\s*(-)\s*(\d*))?", piece)
+        if found is None or int(found[1]) < 1 or (found[3] and int(found[3]) < int(found[1])):
+            raise bad
+        first = int(found[1])
+        if found[2] and not found[3]:
+            open_from = first if open_from is None else min(open_from, first)
+            continue
+        last = int(found[3]) if found[3] else first
+        if last - first + 1 + len(chosen) > MAX_SELECTED:
+            raise ValueError(f"{flag} {spec}: more than {MAX_SELECTED:,} pages; name an open range (5-) for "
+                             "\"to the end\"")
+        chosen.update(range(first, last + 1))
     return sorted(chosen) + ([-open_from] if open_from is not None else [])
 
 
@@ -181,6 +186,8 @@ class Pages:
                     self._pdf = pdfium.PdfDocument(str(path))
                 except pdfium.PdfiumError as e:
                     raise DocumentError(f"{path}: {_pdf_reason(path, e)}") from None
+                except (OSError, RuntimeError) as e:  # (a link to nowhere, a loop of links, a file gone meanwhile)
+                    raise DocumentError(f"{path}: cannot be read ({getattr(e, 'strerror', None) or e})") from None
                 self.count = len(self._pdf)
             else:
                 try:
@@ -189,9 +196,11 @@ class Pages:
                         self._image = Image.open(path)
                 except FileNotFoundError:
                     raise DocumentError(f"{path}: file not found") from None
-                except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                except (OSError, SyntaxError, ValueError, RuntimeError, Image.DecompressionBombError) as e:
                     raise DocumentError(f"{path}: not a readable image ({e})") from None
-                self.count = getattr(self._image, "n_frames", 1)
+                # a TIFF's frames are a scan's pages; any other format's later frames (an animation, the second
+                # picture of a camera's MPO JPEG) are not
+                self.count = getattr(self._image, "n_frames", 1) if self._image.format == "TIFF" else 1
             if self.count < 1:
                 raise DocumentError(f"{path}: the document has no pages")
         except BaseException:
@@ -205,12 +214,18 @@ class Pages:
             raise DocumentError(f"{path}: no page {n} (it has {self.count})")
         if self._pdf is not None:
             return self._render(n, resolution)
-        from points.io.processor import open_image
+        from points.io.processor import MAX_IMAGE_PIXELS, open_image
 
         try:
             self._image.seek(n - 1)
+            w, h = self._image.size
+            if w * h > MAX_IMAGE_PIXELS:  # (checked before decoding, as the processor checks a file)
+                raise DocumentError(f"{path}: page {n} declares {w}x{h} = {w * h:,} pixels, over the limit of "
+                                    f"{MAX_IMAGE_PIXELS:,} pixels (a decompression bomb?); refused before decoding")
             frame = self._image.copy()
             picture = open_image(frame)  # (the processor's own checks: size limit, modes)
+        except DocumentError:
+            raise
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise DocumentError(f"{path}: page {n} is not a readable image ({str(e).removeprefix('image: ')})") \
                 from None

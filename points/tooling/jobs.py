@@ -118,6 +118,17 @@ def read_records(path: Path, results: tuple[str, ...]) -> list[dict]:
     return records
 
 
+def record_line(record: dict) -> str:
+    """One JSON line: text as it is (UTF-8), unless it holds what UTF-8 cannot (a file name's undecodable bytes,
+    kept by Python as lone surrogates): then that line is escaped ASCII, which reads back the same."""
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode()
+    except UnicodeEncodeError:
+        line = json.dumps(record)
+    return line + "\n"
+
+
 class Journal:
     """This rank's append-only journal: one JSON line per finished item, durable when `append` returns. A
     failed append (a full disk) is cut off again, so the journal only ever holds whole records."""
@@ -134,7 +145,7 @@ class Journal:
             raise WriteError(path, e) from None
 
     def append(self, records: list[dict]) -> None:
-        data = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in records)
+        data = b"".join(record_line(r).encode() for r in records)
         size = os.fstat(self.fd).st_size
         try:
             view = memoryview(data)
@@ -277,7 +288,7 @@ def finish(out: Path, items: list[Item], results: tuple[str, ...],
     try:
         if before is not None:
             before(records)
-        write_text_atomically(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+        write_text_atomically(out, "".join(record_line(r) for r in records))
     except WriteError as e:
         raise WriteError(e.path, e, f"; every result is kept in {kept}: the same command writes it once there "
                                     "is room") from None

@@ -4,17 +4,20 @@ resumable, across processes with torchrun.
     points ocr --model POINTS-Reader report.pdf scans/ --output out/ [--pages 1-3,7] [--max-pixels 2000000]
     torchrun --nproc-per-node 2 -m points ocr --model POINTS-Reader archive/ --output out/
 
-Inputs: PDF files, images (PNG, JPEG, TIFF (each frame a page), BMP, WebP, GIF, JPEG 2000, PNM), and folders of
-them (walked recursively, in sorted order; hidden files skipped). PDFs are rendered through pdfium (the
-`pypdfium2` package: `pip install "points[ocr]"`).
+Inputs: PDF files, images (PNG, JPEG, TIFF (each frame a page; other formats' later frames are ignored), BMP,
+WebP, GIF, JPEG 2000, PNM), and folders of them (walked recursively, in sorted order; hidden files skipped).
+PDFs are rendered through pdfium (the `pypdfium2` package: `pip install "points[ocr]"`).
 
 Output, in the --output folder (made if missing; an input folder is refused): one `NAME.md` per document, its
 pages in order, each after a marker line `<!-- page N -->` (N counts from 1 in the document; a page that
 failed gets `<!-- page N: error: ... -->` and no text, one stopped as a loop `<!-- page N: stopped: the reply
 repeated itself -->` and the text up to the loop's first repeat, one that reached --max-new-tokens `<!-- page N:
 stopped at max_new_tokens: the text may be cut -->`). NAME is a file's stem, or for a folder's file
-its path under that folder without the suffix (`scans/2024/a.pdf` -> `out/2024/a.md`); two documents that
-would share a name keep their suffixes (`a.pdf.md`, `a.png.md`). And `pages.jsonl`, one line per page in
+its path under that folder without the suffix (`scans/2024/a.pdf` -> `out/2024/a.md`); documents that would
+share a name are named by their paths under the folder they share (`2023/report.pdf` and `2024/report.pdf` ->
+`out/2023/report.md`, `out/2024/report.md`), one folder's `a.pdf` and `a.png` keep their suffixes (`a.pdf.md`,
+`a.png.md`); a file reached twice (a link beside it, two arguments) is read once, links to folders are not
+followed, and a Markdown file that could not be written where its name puts it is refused before any work. And `pages.jsonl`, one line per page in
 order: {"id", "document" (its path), "page", "status" ("ok": the reply ended; "length": it reached
 --max-new-tokens, the text may be cut; "repetition": stopped as a loop; "error"), "tokens", "seconds" (from
 its render to its last token, waiting in the batch included), "width", "height" (the image the model saw),
@@ -53,6 +56,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -68,6 +72,8 @@ from points.tooling.options import (GENERATION_OPTIONS, add_generation_options, 
 RESULTS = ("document", "page", "status", "tokens", "seconds", "width", "height", "attempts", "text")
 OUT_NAME = "pages.jsonl"
 REPETITION_GUARD = 512
+# POINTS-Reader's README's decoding (points.model.family's "reader" preset), written out: --help imports no torch
+READER_DECODING = {"max_new_tokens": 2048, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.05}
 STATUS = {"stop": "ok", "length": "length", "repetition": "repetition"}  # a request's finish_reason -> a page's
 
 
@@ -98,10 +104,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default=None, help="the text after each page (default: POINTS-Reader's prompt)")
     p.add_argument("--repetition-guard", type=int, default=REPETITION_GUARD, metavar="TOKENS",
                    help="stop a reply whose last TOKENS tokens repeat one block, then retry the page at twice the "
-                        "pixels (0: off; default: %(default)s)")
+                        "pixels (0: off; a reply shorter than TOKENS is never stopped; default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=8, help="pages decoded at once (default: %(default)s)")
     add_prefill_option(p)
     add_generation_options(p)
+    for action in p._actions:  # (the defaults are Reader's, not GenerationConfig's)
+        if action.dest in READER_DECODING:
+            action.help = f"default: {READER_DECODING[action.dest]} (POINTS-Reader's README)"
     add_weight_options(p, device_help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) ")
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     add_progress_option(p)
@@ -170,6 +179,28 @@ def page_items(documents, selection: list[int] | None, resolution: Resolution, s
     return items, skipped
 
 
+def check_targets(out_dir: Path, documents) -> None:
+    """Every document's Markdown file can be written where its name puts it: not onto a folder, not under a file
+    (another document's Markdown, the run's own pages.jsonl and its journals, or a file already there);
+    otherwise a RunError naming the document, before any work."""
+    targets = {out_dir / f"{d.name}.md": d for d in documents}
+    for target, doc in targets.items():
+        rel = target.relative_to(out_dir)
+        problem = None
+        if rel.parts[0].startswith(OUT_NAME):
+            problem = f"its folder {rel.parts[0]} is this run's own file's name"
+        elif target.is_dir():
+            problem = "a folder of that name is there"
+        for parent in list(rel.parents)[:-1]:
+            if out_dir / parent in targets:
+                problem = f"{out_dir / parent} is {targets[out_dir / parent].path}'s Markdown file"
+            elif (out_dir / parent).exists() and not (out_dir / parent).is_dir():
+                problem = f"{out_dir / parent} is a file"
+        if problem:
+            raise RunError(f"INPUT {doc.path}: its Markdown would be {target}, but {problem}; rename it or choose "
+                           "another --output")
+
+
 def document_error(item: Item, documents) -> dict:
     return {"id": item.id, "document": str(documents[item.fields["document"]].path), "page": None,
             "status": "error", "error": item.fields["error"]}
@@ -178,8 +209,8 @@ def document_error(item: Item, documents) -> dict:
 def page_text(pipe, request) -> str:
     """The reply; for a loop, its tokens up to the end of the repeated block's first copy."""
     if request.finish_reason == "repetition" and request.repetition is not None:
-        start, period = request.repetition
-        return pipe.tokenizer.decode(request.token_ids[:start + period])
+        start, period = request.repetition  # (a cut inside a character's bytes leaves a replacement character)
+        return pipe.tokenizer.decode(request.token_ids[:start + period]).rstrip("\ufffd")
     return request.reply
 
 
@@ -208,7 +239,7 @@ def process(pipe, documents, items: list[Item], gen: dict, prompt: str, journal:
                                                              {"type": "text", "text": prompt}]}]
                     live[pipe.submit(messages, f"{doc.path} page {n}", **gen)] = page
                 except item_errors() as e:  # (a DocumentError is a ValueError)
-                    records.append(_record(page, {"status": "error", "error": str(e)}))
+                    records.append(_record(page, _failed(page, doc, n, e)))
             if live:
                 try:
                     scheduler.step()
@@ -225,7 +256,8 @@ def process(pipe, documents, items: list[Item], gen: dict, prompt: str, journal:
                     continue
                 generated += request.completion_tokens
                 if request.error is not None:
-                    records.append(_record(page, {"status": "error", "error": str(request.error)}))
+                    doc = documents[page.item.fields["document"]]
+                    records.append(_record(page, _failed(page, doc, page.item.fields["page"], request.error)))
                     continue
                 attempt = _attempt(page, request)
                 if request.finish_reason == "repetition" and not page.earlier:
@@ -247,6 +279,18 @@ def process(pipe, documents, items: list[Item], gen: dict, prompt: str, journal:
         for request in live:
             request.cancel()
     return tokens
+
+
+def _failed(page: _Page, doc, n: int, e: BaseException) -> dict:
+    """The attempt of a page that failed: its error named by the document and page (an image the processor
+    refused: its reason, not the place in the conversation it had), its size when it was read."""
+    from points.io.chat import ImageError
+
+    reason = e.reason if isinstance(e, ImageError) else str(e)
+    name = f"{doc.path}: "
+    reason = reason if reason.startswith(name) else f"{name}page {n}: {reason.removeprefix(f'{doc.path} page {n}: ')}"
+    sized = {"width": page.size[0], "height": page.size[1]} if page.size != (0, 0) else {}
+    return sized | {"status": "error", "error": reason}
 
 
 def _attempt(page: _Page, request) -> dict:
@@ -274,13 +318,18 @@ def markdown(records: list[dict]) -> str:
         if r["status"] == "error":
             parts.append(f"<!-- page {r['page']}: error: {_comment(r['error'])} -->\n")
         elif r["status"] == "repetition":
-            parts.append(f"<!-- page {r['page']}: stopped: the reply repeated itself -->\n\n{r['text'].strip()}\n")
+            parts.append(f"<!-- page {r['page']}: stopped: the reply repeated itself -->\n\n{_body(r['text'])}\n")
         elif r["status"] == "length":
             parts.append(f"<!-- page {r['page']}: stopped at max_new_tokens: the text may be cut -->\n\n"
-                         f"{r['text'].strip()}\n")
+                         f"{_body(r['text'])}\n")
         else:
-            parts.append(f"<!-- page {r['page']} -->\n\n{r['text'].strip()}\n")
+            parts.append(f"<!-- page {r['page']} -->\n\n{_body(r['text'])}\n")
     return "\n".join(parts)
+
+
+def _body(text: str) -> str:
+    """A page's text between the markers: blank lines around it dropped, the first line's indentation kept."""
+    return text.strip("\n").rstrip()
 
 
 def _comment(text: str) -> str:
@@ -334,6 +383,7 @@ def main(argv=None) -> int:
                            f"{processor.min_pixels} to its max_pixels {processor.max_pixels}")
         resolution = Resolution(dpi=args.dpi or DPI, max_pixels=args.max_pixels or processor.max_pixels,
                                 min_pixels=processor.min_pixels, model_max_pixels=processor.max_pixels)
+        check_targets(out_dir, documents)
         items, skipped = page_items(documents, selection, resolution, args.pages)
         for line in skipped:
             print(f"points ocr: {line}", file=sys.stderr)
@@ -342,7 +392,7 @@ def main(argv=None) -> int:
         return items
 
     def key(items: list[Item]) -> dict:
-        files = [[str(d.path.resolve()), *_stamp(d.path)] for d in state["documents"]]
+        files = [[os.path.abspath(d.path), *_stamp(d.path)] for d in state["documents"]]
         digest = hashlib.sha256(json.dumps(files).encode()).hexdigest()
         defaults = {name: getattr(GenerationConfig, name) for name in GENERATION_OPTIONS}
         return {"model": str(Path(args.model).resolve()), "documents_sha256": digest, "pages": args.pages,
@@ -361,6 +411,7 @@ def main(argv=None) -> int:
         process(pipe, state["documents"], share, settings(args), prompt, journal, progress)
 
     def before(items: list[Item], records: list[dict]) -> None:
+        from points.errors import WriteError
         from points.io.atomic import write_text_atomically
 
         by_doc: dict[int, list[dict]] = {}
@@ -373,7 +424,10 @@ def main(argv=None) -> int:
                 failed.append(f"{pages[0]['error']}")
                 continue
             target = out_dir / f"{doc.name}.md"
-            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise WriteError(target.parent, e) from None
             write_text_atomically(target, markdown(pages))
         for line in failed:
             print(f"points ocr: {line}", file=sys.stderr)
