@@ -173,6 +173,7 @@ COMMANDS = {
     "demo": ("demo", "the whole pipeline offline on a generated checkpoint (random weights)"),
     "bench": ("bench", "benchmark against transformers on the same random weights"),
     "run": ("run", "a checkpoint over a JSONL dataset: batched, resumable, torchrun-aware"),
+    "eval": ("evaluate", "a VLMEvalKit benchmark TSV asked as its POINTS wrapper asks, predictions in its format, scored"),
     "ocr": ("ocr", "PDFs and scans into Markdown with POINTS-Reader: every page batched, resumable (points[ocr])"),
     "score": ("score", "each JSONL line's reply scored (log-probability, perplexity); keep the most likely"),
     "explain": ("explain", "where the model looked in an image while answering, drawn over it (attention)"),

@@ -102,12 +102,14 @@ def run_key(args, items: list[Item]) -> dict:
 
 
 def process(pipe, items: list[Item], gen: dict, journal: Journal, progress: Progress | None,
-            preset: str | None = None) -> int:
+            preset: str | None = None, build=None) -> int:
     """Run `items` (this rank's share) on the pipeline's scheduler, each with the command's generation
     settings `gen` and `preset` under its own fields, and append every result to the journal as soon as it
     finishes; return the number of tokens generated. Prompts are built (and their images read) as rows come free,
     a few ahead, so that only those items' images are held. An item's failure is that item's error record,
-    never the run's; an item caught in a failed step (memory for the whole batch) runs again once."""
+    never the run's; an item caught in a failed step (memory for the whole batch) runs again once. `build`: an
+    item -> its messages, made when it is submitted (`points eval`: a row's image decoded then), instead of
+    `item.messages`."""
     scheduler = pipe.scheduler
     pending, live, tokens, retried = list(reversed(items)), {}, 0, set()
     while pending or live:
@@ -116,7 +118,8 @@ def process(pipe, items: list[Item], gen: dict, journal: Journal, progress: Prog
             it = pending.pop()
             chosen, settings = item_settings(it, gen, preset)
             try:
-                live[pipe.submit(it.messages, f"item {it.id!r}", preset=chosen, **settings)] = it
+                messages = it.messages if build is None else build(it)
+                live[pipe.submit(messages, f"item {it.id!r}", preset=chosen, **settings)] = it
             except item_errors() as e:
                 failed.append(item_error(it, e))
         if failed:
