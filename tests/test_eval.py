@@ -187,7 +187,7 @@ def test_points_eval_asks_each_row_as_the_wrapper_and_writes_vlmevalkit_s_files(
     assert (report["score"], report["scores"], report["rows"], report["failed"]) == (hand["score"], hand, 3, 0)
     assert report["scores"]["n"] == 2 and report["scores"]["unscored"] == 1
     assert report["command"] == "points eval " + " ".join(args)
-    assert "| MMStar (MCQ) |" in (out / "POINTSV15-Qwen-2.5-7B-Chat_MMStar_score.md").read_text()
+    assert "| MMStar (MCQ) | dev |" in (out / "POINTSV15-Qwen-2.5-7B-Chat_MMStar_score.md").read_text()
     b = tmp_path / "b.json"
     b.write_text(json.dumps(report | {"score": report["score"] + 10, "quantize": "int8"}))
     assert evaluate.main(["--compare", str(out / "POINTSV15-Qwen-2.5-7B-Chat_MMStar_score.json"), str(b)]) == 0

@@ -130,6 +130,16 @@ def test_bench_ocr_tool_tiny(workdir, tmp_path, tokenizer_built_once):
     assert result["ratio_bf16"] > 0 and result["speculative"]["same_pages"] == 3
 
 
+def test_bench_eval_tool_tiny(workdir, tmp_path, tokenizer_built_once, capsys):
+    """tools/bench_eval.py on the tiny preset: points eval and points run timed on the same items, the same
+    replies."""
+    out = tmp_path / "eval.json"
+    assert _tool("bench_eval", "--preset", "tiny", "--dtype", "float32", "--rows", 3, "--new", 3, "--repeat", 1,
+                 "--workdir", workdir, "--json", out) == 0
+    result = json.loads(out.read_text())
+    assert result["same"] and result["ratio"] > 0 and all(len(v) == 1 for v in result["seconds"].values())
+
+
 def test_bench_prefix_tool_tiny(workdir, tmp_path):
     """tools/bench_prefix.py on the tiny preset: the cached second turn reuses turn 1 (all of its prompt)."""
     out = tmp_path / "prefix.json"

@@ -162,8 +162,10 @@ def _flat(scores: dict, prefix: str = "") -> dict[str, float]:
 
 def markdown(report: dict) -> str:
     quant = report["quantize"] or "none"
-    head = (f"| benchmark | score | n | model | dtype | quantization |\n|---|---|---|---|---|---|\n"
-            f"| {report['benchmark']} ({report['kind']}) | "
+    overall = (report["scores"] or {}).get("Overall")
+    splits = ", ".join(overall) if report["kind"] == "MCQ" and isinstance(overall, dict) else "-"
+    head = (f"| benchmark | split | score | n | model | dtype | quantization |\n|---|---|---|---|---|---|---|\n"
+            f"| {report['benchmark']} ({report['kind']}) | {splits} | "
             f"{'-' if report['score'] is None else format(report['score'], '.2f')} | "
             f"{(report['scores'] or {}).get('n', report['rows'])} | {report['model_name']} ({os.path.basename(report['model'])}) | "
             f"{report['dtype'] or 'checkpoint'} | {quant} |\n")
