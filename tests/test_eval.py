@@ -206,3 +206,47 @@ def test_bad_eval_input_is_named_before_any_work(e2e_dir, tmp_path, capsys):
         evaluate.main(["--model", str(e2e_dir), "--data", str(data), "--output", str(tmp_path / "o")])
     assert "--benchmark Odd: not one" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_points_eval_resumes_from_its_journal_and_splits_across_torchrun(e2e_dir, pipe, tmp_path, capsys,
+                                                                        monkeypatch):
+    """Ctrl-C after the first row keeps its journal; the same command then takes that row from it as it is (its
+    record, edited meanwhile to "A", reaches the prediction file) and asks only the others; two processes under
+    torchrun write what one process writes."""
+    import os
+    import subprocess
+    import sys
+
+    from points.tooling import run
+
+    rows = [[str(i), _b64((40 * i, 90, 160)), f"Figure {i}?", "", "a chart", "a photo", "", "", "AB"[i % 2], "c", "l",
+             "dev"] for i in range(4)]
+    data = _write(tmp_path / "MMStar.tsv", rows)
+    stem = "POINTSV15-Qwen-2.5-7B-Chat_MMStar"
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    args = ["--model", str(e2e_dir), "--data", str(data), "--max-new-tokens", "3", "--batch-size", "2"]
+    assert evaluate.main([*args, "--output", str(one)]) == 0
+    real = run.process
+
+    def first_row_then_ctrl_c(pipe, items, gen, journal, progress, preset=None, build=None):
+        real(pipe, items[:1], gen, journal, progress, preset, build)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run, "process", first_row_then_ctrl_c)
+    assert evaluate.main([*args, "--output", str(resumed)]) == 130
+    monkeypatch.setattr(run, "process", real)
+    journal = resumed / f"{stem}.jsonl.journal.0"
+    assert [json.loads(line)["id"] for line in journal.read_text().splitlines()] == ["0"]
+    journal.write_text(json.dumps({"id": "0", "reply": "A"}) + "\n")
+    capsys.readouterr()
+    assert evaluate.main([*args, "--output", str(resumed)]) == 0
+    assert "(1 from an earlier run" in capsys.readouterr().err
+    mine, theirs = pd.read_csv(resumed / f"{stem}.tsv", sep="\t"), pd.read_csv(one / f"{stem}.tsv", sep="\t")
+    assert str(mine["prediction"][0]) == "A" and list(mine["prediction"][1:]) == list(theirs["prediction"][1:])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "points",
+           "eval", *args, "--output", str(two)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (two / f"{stem}.tsv").read_text() == (one / f"{stem}.tsv").read_text()
+    assert json.loads((two / f"{stem}_score.json").read_text())["scores"] == \
+        json.loads((one / f"{stem}_score.json").read_text())["scores"]

@@ -34,8 +34,7 @@ import sys
 from pathlib import Path
 
 from points.tooling.jobs import Item, Job, drive
-from points.tooling.options import (add_prefill_option, add_progress_option, add_weight_options,
-                                    check_weight_options, exit_code)
+from points.tooling.options import add_job_options, add_prefill_option, check_weight_options, exit_code
 
 MODEL_NAME = "POINTSV15-Qwen-2.5-7B-Chat"  # vlmeval/config.py: points_series
 RESULTS = ("reply",)
@@ -56,9 +55,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: 2048 (the wrapper's)")
     p.add_argument("--batch-size", type=int, default=8, help="rows decoded at once (default: %(default)s)")
     add_prefill_option(p)
-    add_weight_options(p, device_help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) ")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    add_progress_option(p)
+    add_job_options(p)
     return p
 
 

@@ -65,9 +65,8 @@ from points.io.documents import (DPI, DocumentError, Pages, Resolution, find_doc
 from points.io.progress import Progress
 from points.tooling.jobs import Item, Job, Journal, RunError, drive, item_errors
 from points.tooling.jobs import read_records as _read_records
-from points.tooling.options import (GENERATION_OPTIONS, add_generation_options, add_prefill_option,
-                                    add_progress_option, add_weight_options, check_weight_options, exit_code,
-                                    generation_kwargs)
+from points.tooling.options import (GENERATION_OPTIONS, add_generation_options, add_job_options,
+                                    add_prefill_option, check_weight_options, exit_code, generation_kwargs)
 
 RESULTS = ("document", "page", "status", "tokens", "seconds", "width", "height", "attempts", "text")
 OUT_NAME = "pages.jsonl"
@@ -111,9 +110,7 @@ def parser() -> argparse.ArgumentParser:
     for action in p._actions:  # (the defaults are Reader's, not GenerationConfig's)
         if action.dest in READER_DECODING:
             action.help = f"default: {READER_DECODING[action.dest]} (POINTS-Reader's README)"
-    add_weight_options(p, device_help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) ")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    add_progress_option(p)
+    add_job_options(p)
     p.add_argument("--progress-every", type=int, default=10, metavar="N",
                    help="without a terminal, a progress line every N pages (default: %(default)s)")
     return p

@@ -87,6 +87,14 @@ def check_preset(model: str, name: str | None):
         raise ValueError(f"--preset {e.name}: {e.reason}") from None
 
 
+def add_job_options(p: argparse.ArgumentParser) -> None:
+    """What every command on the dataset machinery takes after its own options (`points run`, `ocr`, `eval`):
+    the weight options with a device per torchrun process, --compile and --progress."""
+    add_weight_options(p, device_help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) ")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    add_progress_option(p)
+
+
 def add_progress_option(p: argparse.ArgumentParser) -> None:
     """--progress auto|on|off (`points run`, `score`, `soup`); `progress_enabled` reads it."""
     p.add_argument("--progress", choices=["auto", "on", "off"], default="auto",

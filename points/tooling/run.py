@@ -64,9 +64,9 @@ from points.tooling.jobs import (Item, Job, Journal, RunError, add_dataset_optio
 from points.tooling.jobs import check_meta  # noqa: F401 (one of the names tests and tools use from here)
 from points.tooling.jobs import read_items as _read_items
 from points.tooling.jobs import read_records as _read_records
-from points.tooling.options import (GENERATION_OPTIONS, add_generation_options, add_prefill_option, add_preset_option,
-                                    add_progress_option, add_weight_options, check_preset, check_weight_options,
-                                    exit_code, generation_kwargs)
+from points.tooling.options import (GENERATION_OPTIONS, add_generation_options, add_job_options, add_prefill_option,
+                                    add_preset_option, check_preset, check_weight_options, exit_code,
+                                    generation_kwargs)
 
 # generation fields an input line may carry for itself, over the command's (--max-new-tokens etc.)
 ITEM_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
@@ -160,9 +160,7 @@ def parser() -> argparse.ArgumentParser:
     add_prefill_option(p)
     add_generation_options(p)
     add_preset_option(p, "; a line's own \"preset\" replaces it")
-    add_weight_options(p, device_help="cpu or cuda (under torchrun: cuda:LOCAL_RANK) ")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
-    add_progress_option(p)
+    add_job_options(p)
     return p
 
 
