@@ -80,10 +80,13 @@ def test_the_wrapper_s_prompts_and_pixel_bounds():
     text, images = vlmeval.ask(mcq, vlmeval.BENCHMARKS["MMStar"])
     assert text == ("Look.\nWhat is shown?\n\nA. a cat\nB. a dog\nD. a fish\n"
                     "Answer with the option's letter from the given choices directly.")
-    # only the first image, as VLMEvalKit writes it to "5.jpg": RGBA converted to RGB, pillow's JPEG
+    # only the first image, as VLMEvalKit writes it to "5.png": RGBA converted to RGB, saved as PNG (the same
+    # pixels); a file with an image_path column names the file, and its suffix the format
     expected = io.BytesIO()
-    Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB").save(expected, format="JPEG")
-    assert images == [expected.getvalue()] and images[0][:2] == b"\xff\xd8"
+    Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB").save(expected, format="PNG")
+    assert images == [expected.getvalue()] and images[0][:4] == b"\x89PNG"
+    named = Row("5", 2, dict(mcq.fields, image_path="5.jpg"), mcq.image_data)
+    assert vlmeval.ask(named, vlmeval.BENCHMARKS["MMStar"])[1][0][:2] == b"\xff\xd8"
     cn = Row("6", 2, {"question": "这是什么？", "A": "猫", "B": "狗"})
     assert vlmeval.ask(cn, vlmeval.BENCHMARKS["MMBench_TEST_CN_V11"])[0] == "这是什么？\nA. 猫\nB. 狗\n请直接回答选项字母。"
     open_q = Row("7", 2, {"question": "How many?"})
@@ -101,9 +104,15 @@ def test_the_wrapper_s_prompts_and_pixel_bounds():
     assert bounds("OCRBench") == {"min_pixels": 280 * 280} and bounds("MathVista_MINI") == {"min_pixels": 56 * 56}
     assert bounds("HallusionBench") == bounds("MMBench_TEST_EN_V11") == {"min_pixels": 1280 * 28 * 28}
     assert bounds("AI2D_TEST") == bounds("MMStar") == {"min_pixels": 840 * 840}
-    assert vlmeval.benchmark("MyBench", "MCQ") == vlmeval.Benchmark("MyBench", "MCQ")
-    with pytest.raises(ValueError, match="^--benchmark MyBench: not one"):
-        vlmeval.benchmark("MyBench")
+    # a name the table lacks: VLMEvalKit's default, MCQ (VQA with "openended" in it); --kind overrides
+    assert vlmeval.benchmark("MyBench") == vlmeval.Benchmark("MyBench", "MCQ")
+    assert vlmeval.benchmark("My_OpenEnded") == vlmeval.Benchmark("My_OpenEnded", "VQA")
+    assert vlmeval.benchmark("MyBench", "Y/N") == vlmeval.Benchmark("MyBench", "Y/N")
+    assert vlmeval.ask(yn, vlmeval.benchmark("MyBench"))[0] == "Is it red?\nAnswer the question directly."
+    assert vlmeval.ask(yn, vlmeval.BENCHMARKS["AMBER"])[0] == "Is it red?\nPlease answer yes or no."
+    for bad in ("", "a/b", " x"):
+        with pytest.raises(ValueError, match="^--benchmark "):
+            vlmeval.benchmark(bad)
 
 
 def test_multiple_choice_scores_worked_by_hand():
@@ -112,11 +121,13 @@ def test_multiple_choice_scores_worked_by_hand():
             _row(3, "D", "y", **options), _row(4, "A", "y", **options), _row(5, None, "y", split="test", **options)]
     replies = {"0": "A", "1": "The answer is B.", "2": "(C) a bird", "3": "a cat", "4": "I think A or B", "5": "A"}
     # 0: the letter; 1: one letter among the words; 2: "C" among the words; 3: no letter, the text of option A (a
-    # miss: the answer is D); 4: two letters, no option's text: Z; 5: no answer, not scored -> 3 of 5
+    # miss: the answer is D); 4: two letters, no option's text: Z; 5 (split test): no answer, a miss -> dev 3 of 5
     result = scorers.score("MMStar", "MCQ", rows, replies)
-    assert result["Overall"] == {"dev": 60.0} and result["score"] == 60.0
-    assert result["category"] == {"x": {"dev": 100.0}, "y": {"dev": pytest.approx(100 / 3)}}
-    assert (result["n"], result["unscored"]) == (5, 1)
+    assert result["Overall"] == {"dev": 60.0, "test": 0.0} and result["score"] == 0.0  # (test first, as VLMEvalKit)
+    assert result["category"] == {"x": {"dev": 100.0}, "y": {"dev": pytest.approx(100 / 3), "test": 0.0}}
+    assert (result["n"], result["unanswered"]) == (6, 1)
+    # an empty reply is read back from the prediction file as "nan", a numeric column typed ("007" -> "7")
+    assert scorers.score("MMStar", "MCQ", [_row(0, "A", A="nan", B="x")], {"0": ""})["score"] == 100.0
     # MMBench: circular; question 0 in three rotations (the third wrong), question 1 in two (both right) -> 50
     rows = [_row(i, a, "x", **options) for i, a in ((0, "A"), (1_000_000, "B"), (2_000_000, "C"), (1, "D"),
                                                    (1_000_001, "A"))]
@@ -124,9 +135,13 @@ def test_multiple_choice_scores_worked_by_hand():
     result = scorers.score("MMBench_DEV_EN_V11", "MCQ", rows, replies)
     assert (result["score"], result["n"]) == (50.0, 2)
     # MMMU: an open question becomes A = its answer, B = "Other Answers"
-    rows = [_row(0, "42"), _row(1, "42"), _row(2, "B", A="3", B="4")]
-    result = scorers.score("MMMU_DEV_VAL", "MCQ", rows, {"0": "42", "1": "43", "2": "B"})
-    assert result["score"] == pytest.approx(200 / 3)
+    # (an answer that is not one letter, "AB" too, counts as A)
+    rows = [_row(0, "42"), _row(1, "42"), _row(2, "B", A="3", B="4"), _row(3, "AB", A="x", B="y")]
+    result = scorers.score("MMMU_DEV_VAL", "MCQ", rows, {"0": "42", "1": "43", "2": "B", "3": "A"})
+    assert result["score"] == 75.0
+    # the headline of dev and validation: validation's (VLMEvalKit's primary metric), not their mean
+    rows = [_row(0, "A", split="dev", A="x", B="y"), _row(1, "A", split="validation", A="x", B="y")]
+    assert scorers.score("MMMU_DEV_VAL", "MCQ", rows, {"0": "A", "1": "B"})["score"] == 0.0
 
 
 def test_yes_no_scores_worked_by_hand():
@@ -141,12 +156,13 @@ def test_yes_no_scores_worked_by_hand():
                                                            rows[2].index: "yes"})
     assert result["Overall"] == {"aAcc": pytest.approx(200 / 3), "fAcc": 50.0, "qAcc": 50.0}
     assert result["chart"] == result["VD"] == result["Overall"]
-    # POPE: (answer, reply) = (Yes, Yes) x2, (Yes, No), (No, Yes), (No, No): tp 2, fp 1, fn 1 -> F1 2/3, acc 3/5
+    # POPE: (answer, reply) = (Yes, Yes) x2, (Yes, No), (No, Yes), (No, No), the first row in two categories: it
+    # counts twice, overall too (VLMEvalKit explodes the categories first): tp 3, fp 1, fn 1 -> F1 3/4, acc 4/6
     pairs = [("Yes", "Yes"), ("Yes", "No"), ("No", "Yes"), ("No", "No"), ("Yes", "Yes")]
     rows = [_row(i, a, "adversarial,popular" if i == 0 else "adversarial") for i, (a, _) in enumerate(pairs)]
     result = scorers.score("POPE", "Y/N", rows, {str(i): p for i, (_, p) in enumerate(pairs)})
-    assert result["Overall"]["F1"] == pytest.approx(200 / 3) and result["Overall"]["acc"] == 60.0
-    assert result["popular"]["acc"] == 100.0 and result["adversarial"] == result["Overall"]
+    assert result["Overall"]["F1"] == 75.0 and result["Overall"]["acc"] == pytest.approx(400 / 6)
+    assert result["popular"]["acc"] == 100.0 and result["adversarial"]["F1"] == pytest.approx(200 / 3)
     # MME: OCR, image a, both right: 100 + 100; code_reasoning, image b, one of two: 50 + 0
     rows = [_row(0, "Yes", "OCR", image_path="a"), _row(1, "No", "OCR", image_path="a"),
             _row(2, "Yes", "code_reasoning", image_path="b"), _row(3, "No", "code_reasoning", image_path="b")]
@@ -185,9 +201,9 @@ def test_points_eval_asks_each_row_as_the_wrapper_and_writes_vlmevalkit_s_files(
     report = json.loads((out / "POINTSV15-Qwen-2.5-7B-Chat_MMStar_score.json").read_text())
     hand = scorers.score("MMStar", "MCQ", read_tsv(data), expected)
     assert (report["score"], report["scores"], report["rows"], report["failed"]) == (hand["score"], hand, 3, 0)
-    assert report["scores"]["n"] == 2 and report["scores"]["unscored"] == 1
+    assert report["scores"]["n"] == 3 and report["scores"]["unanswered"] == 1
     assert report["command"] == "points eval " + " ".join(args)
-    assert "| MMStar (MCQ) | dev |" in (out / "POINTSV15-Qwen-2.5-7B-Chat_MMStar_score.md").read_text()
+    assert "| MMStar (MCQ) | dev, test |" in (out / "POINTSV15-Qwen-2.5-7B-Chat_MMStar_score.md").read_text()
     b = tmp_path / "b.json"
     b.write_text(json.dumps(report | {"score": report["score"] + 10, "quantize": "int8"}))
     assert evaluate.main(["--compare", str(out / "POINTSV15-Qwen-2.5-7B-Chat_MMStar_score.json"), str(b)]) == 0
@@ -202,9 +218,21 @@ def test_bad_eval_input_is_named_before_any_work(e2e_dir, tmp_path, capsys):
     assert evaluate.main(["--model", str(e2e_dir), "--data", str(data), "--output", str(tmp_path / "o"),
                           "--kind", "VQA"]) == 2
     assert "line 3, column index: '0' already used on line 2" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        evaluate.main(["--model", str(e2e_dir), "--data", str(data), "--output", str(tmp_path / "o")])
-    assert "--benchmark Odd: not one" in capsys.readouterr().err
+    assert evaluate.main(["--model", str(e2e_dir), "--data", str(data), "--output", str(tmp_path / "o"),
+                          "--benchmark", ""]) == 2
+    assert capsys.readouterr().err == "error: --benchmark '': expected a benchmark's name (VLMEvalKit's, e.g. MMStar)\n"
+    plain = _write(tmp_path / "Plain.tsv", [["0", "q"]], ["index", "question"])
+    ocr = _write(tmp_path / "OCRBench.tsv", [["0", _b64("red"), "q", "['ok'", "Doc-oriented VQA"]],
+                 ["index", "image", "question", "answer", "category"])
+    for data, message in ((plain, "no \"image\" column"), (ocr, "line 2, column answer: expected a list of strings")):
+        assert evaluate.main(["--model", str(e2e_dir), "--data", str(data), "--output", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+    assert evaluate.main(["--model", str(tmp_path), "--data", str(ocr), "--output", str(tmp_path / "o")]) == 2
+    capsys.readouterr()
+    (tmp_path / "w.json").write_text(json.dumps({"benchmark": "x", "score": 1, "scores": [1, 2]}))
+    assert evaluate.main(["--compare", str(tmp_path / "w.json"), str(tmp_path / "w.json")]) == 2
+    assert "not a points eval report" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

@@ -7,11 +7,11 @@
 The rows: a multiple-choice TSV in VLMEvalKit's format (base64 PNGs of 448 x 336, four options, a hint on half
 of them) named MMStar, so `points eval` asks them with the wrapper's prompt and its 840 x 840 minimum. The same
 items for `points run`: a JSONL whose messages are exactly what `points eval` submits (the wrapper's text, the
-JPEG VLMEvalKit would write, the same pixel bounds), the images as files. Both commands run whole (their
+image as VLMEvalKit writes it, the same pixel bounds), the images as files. Both commands run whole (their
 `main`, model load included: the same checkpoint each time) with the same batch size and max_new_tokens,
 greedy; the replies must be equal. What differs is `points eval`'s own work: the TSV parsed, each image
-decoded from base64 and re-encoded as VLMEvalKit's JPEG when its row is asked, the prediction file and the
-score written. A benchmark, not a test: compare within one run.
+decoded from base64 and written as VLMEvalKit writes it (a PNG) when its row is asked, the prediction file and
+the score written. A benchmark, not a test: compare within one run.
 """
 
 import argparse
@@ -51,7 +51,7 @@ def write_rows(folder: Path, n: int) -> tuple[Path, Path]:
     lines = []
     for r in read_tsv(tsv):
         messages = vlmeval.messages(r, vlmeval.BENCHMARKS["MMStar"])
-        image = folder / f"{r.index}.jpg"
+        image = folder / f"{r.index}.png"
         image.write_bytes(messages[0]["content"][0]["image"])
         messages[0]["content"][0]["image"] = str(image)
         lines.append(json.dumps({"id": r.index, "messages": messages}))

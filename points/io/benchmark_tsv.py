@@ -26,6 +26,7 @@ import base64
 import binascii
 import csv
 import io
+import re
 import string
 import sys
 from dataclasses import dataclass, field
@@ -82,40 +83,59 @@ class Row:
         return out
 
 
-def _number(text: str):
-    """pandas' reading of one field: an int, a float, or the text."""
-    try:
-        return int(text)
-    except ValueError:
-        pass
-    try:
-        return float(text)
-    except ValueError:
-        return text
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?|[+-]?(?:inf|Inf|INF|infinity|Infinity)")
+TRUE_VALUES, FALSE_VALUES = ("True", "TRUE", "true"), ("False", "FALSE", "false")  # pandas' C parser's
+INT64 = (-2**63, 2**63 - 1)
+
+
+def _column(values: list[str]) -> list:
+    """One column as pandas' read_csv types it: missing values None; all booleans (True / TRUE / true, False /
+    ...) bool, gaps or not; all integers within int64 int (float when one is missing, as pandas needs NaN); all numbers
+    (ASCII digits, a point, an exponent) float; anything else, an integer out of int64 among them, text."""
+    present = [v for v in values if v not in NA_VALUES]
+    kind = "text"
+    if present and all(v in TRUE_VALUES + FALSE_VALUES for v in present):
+        kind = "bool"  # (with a gap pandas holds objects, the same True / False beside NaN)
+    elif present and all(_INT.fullmatch(v) for v in present):
+        if all(INT64[0] <= int(v) <= INT64[1] for v in present):
+            kind = "int" if len(present) == len(values) else "float"
+    elif present and all(_INT.fullmatch(v) or _FLOAT.fullmatch(v) for v in present):
+        if all(not _INT.fullmatch(v) or INT64[0] <= int(v) <= INT64[1] for v in present):
+            kind = "float"
+    out = []
+    for v in values:
+        if v in NA_VALUES:
+            out.append(None)
+        elif kind == "bool":
+            out.append(v in TRUE_VALUES)
+        elif kind == "int":
+            out.append(int(v))
+        elif kind == "float":
+            out.append(float(v))
+        else:
+            out.append(v)
+    return out
 
 
 def _columns_as_pandas(header: list[str], raw: list[list[str]]) -> list[dict]:
-    """Each column typed as pandas' read_csv types it: missing values None; a column of numbers only (the missing
-    aside) as ints (floats if one is missing, as pandas needs NaN) or floats; any other column as text."""
+    """Each column typed as pandas' read_csv types it (`_column`)."""
     typed = [{} for _ in raw]
     for c, name in enumerate(header):
-        values = [r[c] for r in raw]
-        present = [v for v in values if v not in NA_VALUES]
-        numbers = [_number(v) for v in present]
-        kind = "text"
-        if present and all(not isinstance(n, str) for n in numbers):
-            ints = all(isinstance(n, int) for n in numbers)
-            kind = "int" if ints and len(present) == len(values) else "float"
-        for r, v in zip(typed, values):
-            if v in NA_VALUES:
-                r[name] = None
-            elif kind == "int":
-                r[name] = int(v)
-            elif kind == "float":
-                r[name] = float(v)
-            else:
-                r[name] = v
+        for r, v in zip(typed, _column([row[c] for row in raw])):
+            r[name] = v
     return typed
+
+
+def read_back(values: list[str]) -> list[str]:
+    """Replies as VLMEvalKit's evaluator sees them: written to the prediction TSV, read back by pandas, then
+    `str()` (an empty reply, "NA" or "None" is "nan"; a column of numbers is typed: "007" is "7")."""
+    return ["nan" if v is None else _text(v) for v in _column(values)]
+
+
+def _text(value) -> str:
+    """str() of a value as pandas holds it (a float column's whole numbers print as 1.0)."""
+    return str(value)
 
 
 def read_tsv(path: Path, flag: str = "--data") -> list[Row]:
@@ -123,7 +143,7 @@ def read_tsv(path: Path, flag: str = "--data") -> list[Row]:
     fields as the header; indices used once; an image reference naming a row that holds an image."""
     csv.field_size_limit(sys.maxsize)  # (a base64 image is megabytes in one field)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark, as pandas takes it)
     except (OSError, UnicodeDecodeError) as e:
         raise BenchmarkFileError(f"{flag} {path}: cannot read ({e})") from None
     reader = csv.reader(io.StringIO(text, newline=""), delimiter="\t")
@@ -212,5 +232,5 @@ def _field(value) -> str:
 
 def header_of(path: Path) -> list[str]:
     """The header line's columns."""
-    with path.open(encoding="utf-8", newline="") as f:
+    with path.open(encoding="utf-8-sig", newline="") as f:
         return next(csv.reader(f, delimiter="\t"))

@@ -72,13 +72,16 @@ def main(argv=None) -> int:
         if value < 1:
             p.error(f"{flag} {value}: expected an integer >= 1")
     check_weight_options(p, args)
+    return exit_code(lambda: _evaluate(args, argv))
+
+
+def _evaluate(args, argv) -> int:
     from points.tooling import vlmeval
 
-    name = args.benchmark or args.data.stem
-    try:
-        bench = vlmeval.benchmark(name, args.kind)
-    except ValueError as e:
-        p.error(str(e))
+    name = args.data.stem if args.benchmark is None else args.benchmark
+    bench = vlmeval.benchmark(name, args.kind)
+    if not args.model_name or "/" in args.model_name:
+        raise ValueError(f"--model-name {args.model_name!r}: expected a name (VLMEvalKit's, e.g. {MODEL_NAME})")
     stem = f"{args.model_name}_{name}"
     out_dir = args.output
     job_args = argparse.Namespace(**vars(args))
@@ -89,13 +92,34 @@ def main(argv=None) -> int:
 
     def read() -> list[Item]:
         from points.io.benchmark_tsv import header_of, read_tsv
+        from points.io.config import read_config
         from points.io.outputs import check_output_dir
+        from points.pipeline import resolve_device
+        from points.tooling.scorers import check_rows
 
         rows = read_tsv(args.data)
+        header = header_of(args.data)
+        for column in ("image", "question"):
+            if column not in header:
+                raise ValueError(f"--data {args.data}: no \"{column}\" column (VLMEvalKit's benchmark files have "
+                                 "index, image, question, ...)")
+        asked = [r for r in rows if r.image_data]  # (VLMEvalKit drops the rows without an image: skip_noimg)
+        if not asked:
+            raise ValueError(f"--data {args.data}: no row has an image")
+        try:
+            check_rows(name, bench.kind, asked)
+        except ValueError as e:
+            raise ValueError(f"--data {args.data}, {e}" if str(e).startswith("line") else f"--data {args.data}: {e}") \
+                from None
         check_output_dir(out_dir, sources={"--data": args.data})
+        read_config(args.model)
+        resolve_device(args.device)
         out_dir.mkdir(parents=True, exist_ok=True)
-        state["rows"], state["header"] = {r.index: r for r in rows}, header_of(args.data)
-        return [Item(k, r.index, [], r.line) for k, r in enumerate(rows)]
+        if len(asked) < len(rows):
+            print(f"points eval: {len(rows) - len(asked)} row(s) without an image left out, as VLMEvalKit leaves "
+                  "them", file=sys.stderr)
+        state["rows"], state["header"] = {r.index: r for r in asked}, header
+        return [Item(k, r.index, [], r.line) for k, r in enumerate(asked)]
 
     def key(items: list[Item]) -> dict:
         import hashlib
@@ -141,9 +165,9 @@ def main(argv=None) -> int:
         write_text_atomically(report_md, markdown(report))
         print(markdown(report), file=sys.stderr)
 
-    return exit_code(lambda: drive(Job("points eval", job_args, read, key, load, work, RESULTS,
-                                       outputs=(("predictions", tsv), ("score", report_json), ("score", report_md)),
-                                       before=before, unit="rows")))
+    return drive(Job("points eval", job_args, read, key, load, work, RESULTS, before=before, unit="rows",
+                     outputs=(("--output", tsv), ("--output", report_json), ("--output", report_md)),
+                     sources={"--data": args.data}))
 
 
 def _flat(scores: dict, prefix: str = "") -> dict[str, float]:
@@ -177,11 +201,14 @@ def compare(a: Path, b: Path) -> int:
     reports = []
     for path in (a, b):
         try:
-            reports.append(json.loads(path.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
+            reports.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"--compare {path}: not a points eval report ({e})") from None
-        if not isinstance(reports[-1], dict) or "benchmark" not in reports[-1]:
-            raise ValueError(f"--compare {path}: not a points eval report (no \"benchmark\")")
+        r = reports[-1]
+        if not isinstance(r, dict) or "benchmark" not in r or not isinstance(r.get("scores") or {}, dict) \
+                or not isinstance(r.get("score"), (int, float, type(None))):
+            raise ValueError(f"--compare {path}: not a points eval report (expected its \"benchmark\", \"score\" "
+                             "and \"scores\")")
     ra, rb = reports
     label = lambda r, p: f"{p.stem} ({r.get('dtype') or 'checkpoint'}, {r.get('quantize') or 'no quantization'})"  # noqa: E731
     out = [f"| figure | {label(ra, a)} | {label(rb, b)} | B - A |", "|---|---|---|---|"]

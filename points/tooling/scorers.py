@@ -26,8 +26,10 @@ open-compass/VLMEvalKit e8e78f05) so that `points eval` reports what `run.py --m
 Benchmarks that need a judge model (MMVet, MathVista's answer extraction, MMMU's open questions beyond the rule
 above, anything free-form) are not scored here: their predictions file goes to VLMEvalKit (README).
 
-Every score is a percentage like VLMEvalKit's tables (OCRBench's final score normalised to 100 as well);
-rows without an answer (a test split) are left out and counted apart.
+Every score is a percentage like VLMEvalKit's tables (OCRBench's final score normalised to 100 as well); a row
+without an answer (a test split) is a miss, as in VLMEvalKit's local evaluation, and counted (`unanswered`); the
+headline of a table of splits is VLMEvalKit's primary metric (test, else validation, val, dev). Replies are
+scored as VLMEvalKit reads them back from the prediction file.
 """
 
 from __future__ import annotations
@@ -98,12 +100,22 @@ def is_circular(name: str) -> bool:
     return any(k in name.lower() for k in ("mmbench", "ccbench", "circular", "mmcr"))
 
 
+def _lowered(fields: dict) -> dict:
+    """VLMEvalKit's evaluator lower-cases every column name but the option letters."""
+    return {k if k in string.ascii_uppercase else k.lower(): v for k, v in fields.items()}
+
+
+def _split(r: dict) -> str:
+    return "none" if r.get("split") is None else str(r["split"])
+
+
 def _accuracy(hits: list[tuple[dict, float]]) -> dict:
     """`report_acc`: the mean hit per split, then per l2-category and category within each split (x 100)."""
-    splits = sorted({str(r.get("split") or "none") for r, _ in hits})
+    hits = [(_lowered(r), h) for r, h in hits]
+    splits = sorted({_split(r) for r, _ in hits})
     out = {"Overall": {}, "l2-category": defaultdict(dict), "category": defaultdict(dict)}
     for sp in splits:
-        in_split = [(r, h) for r, h in hits if str(r.get("split") or "none") == sp]
+        in_split = [(r, h) for r, h in hits if _split(r) == sp]
         out["Overall"][sp] = 100 * sum(h for _, h in in_split) / len(in_split)
         for group in ("l2-category", "category"):
             values = sorted({str(r[group]) for r, _ in in_split if r.get(group) is not None})
@@ -114,38 +126,43 @@ def _accuracy(hits: list[tuple[dict, float]]) -> dict:
 
 
 def score_mcq(name: str, rows, predictions: dict) -> dict:
-    """Multiple-choice accuracy (see the module docstring); `rows`: points.io.benchmark_tsv.Row."""
-    scored = [r for r in rows if r.answer is not None]
+    """Multiple-choice accuracy (see the module docstring); `rows`: points.io.benchmark_tsv.Row. A row without
+    an answer (a test split) is a miss, as in VLMEvalKit's local evaluation (`unanswered` counts them)."""
     mmmu = "MMMU" in name
     items = []
-    for r in scored:
-        choices = r.options
-        gt = r.answer
+    for r in rows:
+        choices, gt = r.options, r.answer
         if mmmu:
             if "A" not in choices:
                 choices = {"A": r.answer, "B": "Other Answers"} | {k: v for k, v in choices.items() if k not in "AB"}
-            gt = gt if gt in string.ascii_uppercase else "A"
-        pred = can_infer(predictions[r.index], dict(choices))
+            gt = gt if gt is not None and len(gt) == 1 and gt in string.ascii_uppercase else "A"
+        pred = can_infer(predictions[r.index], {k: v for k, v in choices.items() if v is not None})
         items.append((r, pred or "Z", gt))
     if not is_circular(name):
-        hits = [(r.fields, float(p == g)) for r, p, g in items]
+        hits = [(r.fields, float(gt is not None and p == gt)) for r, p, gt in items]
     else:
+        group = lambda r: int(r.fields["g_index"]) if r.fields.get("g_index") is not None \
+            else int(r.index) % 1_000_000  # noqa: E731
         groups = defaultdict(list)
         for r, p, g in items:
-            groups[int(r.index) % 1_000_000].append((p, g))
-        heads = [(r, int(r.index)) for r, _, _ in items if int(r.index) == int(r.index) % 1_000_000]
-        hits = [(r.fields, float(all(p == g for p, g in groups[i]))) for r, i in heads]
+            groups[group(r)].append((p, g))
+        hits = [(r.fields, float(all(g is not None and p == g for p, g in groups[int(r.index)])))
+                for r, _, _ in items if int(r.index) == group(r)]
     result = _accuracy(hits) if hits else {}
     result["n"] = len(hits)
-    result["unscored"] = len(rows) - len(scored)
+    result["unanswered"] = sum(r.answer is None for r in rows)
     if hits:
         result["score"] = _headline(result["Overall"])
     return result
 
 
 def _headline(overall: dict) -> float:
-    """One number: the overall accuracy of the split when there is one, else of the rows of every split."""
-    return next(iter(overall.values())) if len(overall) == 1 else sum(overall.values()) / len(overall)
+    """VLMEvalKit's primary metric of a split table (`_choose_primary_metric_key`): the overall accuracy of the
+    test split, else validation, val, dev, else the first split by name."""
+    for split in ("test", "validation", "val", "dev"):
+        if split in overall:
+            return overall[split]
+    return overall[sorted(overall)[0]]
 
 
 # ------------------------------------------------------------------------------------------- yes / no
@@ -172,17 +189,20 @@ def yes_or_no(reply: str) -> str:
 
 
 def score_yes_no(name: str, rows, predictions: dict) -> dict:
-    scored = [r for r in rows if r.answer is not None]
-    marked = [(r, yes_or_no(predictions[r.index])) for r in scored]
-    marked = [(r, e, float(r.answer == e)) for r, e in marked]
+    """Yes / no (see the module docstring); a row without an answer is a miss."""
+    marked = [(r, yes_or_no(predictions[r.index])) for r in rows]
+    if "AMBER" in name:
+        marked = [(r, e, float(r.answer is not None and r.answer.lower() == e.lower())) for r, e in marked]
+    else:
+        marked = [(r, e, float(r.answer == e)) for r, e in marked]
     if not marked:
         result = {}
+    elif "MME" in name:
+        result = _mme(marked)
     elif "Hallusion" in name:
         result = _hallusion(marked)
     elif "POPE" in name:
         result = _pope(marked)
-    elif "MME" in name:
-        result = _mme(marked)
     else:
         result = {"Overall": 100 * sum(s for *_, s in marked) / len(marked)}
         for group in ("category", "l2-category"):
@@ -191,7 +211,7 @@ def score_yes_no(name: str, rows, predictions: dict) -> dict:
                 result[v] = 100 * sum(sub) / len(sub)
         result["score"] = result["Overall"]
     result["n"] = len(marked)
-    result["unscored"] = len(rows) - len(scored)
+    result["unanswered"] = sum(r.answer is None for r in rows)
     return result
 
 
@@ -219,6 +239,7 @@ def _hallusion(marked) -> dict:
 
 
 def _pope(marked) -> dict:
+    """`POPE_rating`: a row of several comma-separated categories counts once per category, overall too."""
     def f1(sub):
         tp = sum(r.answer == "Yes" and e == "Yes" for r, e, _ in sub)
         fp = sum(r.answer != "Yes" and e == "Yes" for r, e, _ in sub)
@@ -229,9 +250,10 @@ def _pope(marked) -> dict:
         return {"F1": 100 * f, "acc": 100 * sum(s for *_, s in sub) / len(sub), "precision": 100 * precision,
                 "recall": 100 * recall}
 
-    out = {"Overall": f1(marked)}
-    exploded = [(c, m) for m in marked for c in (m[0].text("category") or "").split(",") if c]
-    for c in sorted({c for c, _ in exploded}):
+    exploded = [(c, m) for m in marked
+                for c in (m[0].text("category").split(",") if m[0].text("category") is not None else [None])]
+    out = {"Overall": f1([m for _, m in exploded])}
+    for c in sorted({c for c, _ in exploded if c is not None}):
         out[c] = f1([m for k, m in exploded if k == c])
     out["score"] = out["Overall"]["F1"]
     return out
@@ -259,7 +281,7 @@ def score_ocrbench(rows, predictions: dict) -> dict:
     points = {c: 0 for cats in OCRBENCH_GROUPS.values() for c in cats}
     for r in rows:
         predict = str(predictions[r.index])
-        answers = ast.literal_eval(r.answer) if r.answer and r.answer.startswith("[") else [r.answer or ""]
+        answers = ocrbench_answers(r)
         category = r.text("category")
         for a in answers:
             a = str(a)
@@ -275,8 +297,19 @@ def score_ocrbench(rows, predictions: dict) -> dict:
     out["Final Score Norm"] = out["Final Score"] / 10
     out["score"] = out["Final Score Norm"]
     out["n"] = len(rows)
-    out["unscored"] = 0
     return out
+
+
+def ocrbench_answers(row) -> list[str]:
+    """A row's answers: its `answer` field, a Python list of strings (ValueError otherwise)."""
+    try:
+        answers = ast.literal_eval(row.answer or "")
+    except (ValueError, SyntaxError):
+        answers = None
+    if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"line {row.line}, column answer: expected a list of strings as OCRBench writes it "
+                         f"(['...']), got {row.answer!r:.60}")
+    return answers
 
 
 # ------------------------------------------------------------------------------------------- dispatch
@@ -284,9 +317,47 @@ def score_ocrbench(rows, predictions: dict) -> dict:
 JUDGED = ("MMVet", "MathVista", "LLaVABench", "MathVision", "MathVerse")  # free-form: a judge model decides
 
 
+def check_rows(name: str, kind: str, rows) -> None:
+    """What the scorer of `name` needs of the rows, checked before any work (a ValueError naming the line):
+    OCRBench's answers are lists; MME's images carry two questions each; HallusionBench's indices hold set,
+    figure and question; a circular benchmark's indices are integers."""
+    if name.startswith("OCRBench"):
+        for r in rows:
+            ocrbench_answers(r)
+    elif kind == "Y/N" and "MME" in name:
+        if any(r.text("image_path") is None for r in rows):
+            raise ValueError("MME is scored per image: every row needs its \"image_path\"")
+        count = defaultdict(list)
+        for r in rows:
+            count[(r.text("category"), r.text("image_path"))].append(r.line)
+        for (category, image), lines in count.items():
+            if len(lines) != 2:
+                raise ValueError(f"line {lines[0]}: MME scores an image by its two questions; {image!r} "
+                                 f"({category}) has {len(lines)}")
+    elif kind == "Y/N" and "Hallusion" in name:
+        for r in rows:
+            if len(r.index.split("_")) < 6:
+                raise ValueError(f"line {r.line}, column index: HallusionBench's indices hold category, set, figure "
+                                 f"and question (a_b_c_set_figure_question), got {r.index!r}")
+    if kind == "MCQ" and is_circular(name):
+        for r in rows:
+            for column in ("index", "g_index"):
+                value = r.text(column)
+                if value is not None and not re.fullmatch(r"-?[0-9]+", value):
+                    raise ValueError(f"line {r.line}, column {column}: a circular benchmark's rows are grouped by "
+                                     f"integer indices, got {value!r}")
+
+
 def score(name: str, kind: str, rows, predictions: dict) -> dict | None:
-    """The benchmark's scores, or None where VLMEvalKit needs a judge model for it."""
-    if name == "OCRBench":
+    """The benchmark's scores, or None where VLMEvalKit needs a judge model for it. The replies are scored as
+    VLMEvalKit reads them back from the prediction file (`benchmark_tsv.read_back`: "" and "None" are "nan")."""
+    from points.io.benchmark_tsv import read_back
+
+    if not name.startswith("OCRBench") and kind not in ("MCQ", "Y/N"):
+        return None
+    keys = [r.index for r in rows]
+    predictions = dict(zip(keys, read_back([predictions[k] for k in keys])))
+    if name.startswith("OCRBench"):
         return score_ocrbench(rows, predictions)
     if kind == "MCQ":
         return score_mcq(name, rows, predictions)

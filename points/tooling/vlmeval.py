@@ -15,14 +15,18 @@ dataset classes (`build_prompt`, `TYPE`), `vlmeval/smp/misc.py` (`cn_string`).
   choices directly."; with no option, "\\n请直接回答问题。" or "\\nAnswer the question directly.".
 - Any other benchmark gets its dataset's prompt (`ImageBaseDataset.build_prompt`: the question; the
   ImageVQADataset family appends "\\nAnswer the question using a single word or phrase.").
-- The image as the wrapper reads it: written by VLMEvalKit to "{index}.jpg" (`dump_image`,
-  `decode_base64_to_image_file`: RGBA / P / LA converted to RGB, saved with pillow's JPEG defaults), so a PNG
-  in the TSV reaches the model re-encoded as a quality-75 JPEG; `as_dumped` does the same.
+- The image as the wrapper reads it: written by VLMEvalKit to "{index}.png", or to the row's `image_path`
+  name when the file has that column, "{index}_{i}.png" for a list (`ImageBaseDataset.dump_image`,
+  `decode_base64_to_image_file`: RGBA / P / LA converted to RGB, saved by pillow in the name's format);
+  `as_dumped` does the same, so a JPEG in the TSV reaches the model as its decoded pixels.
+- A benchmark the table lacks is what VLMEvalKit makes of an unknown name (`DATASET_TYPE`'s default): MCQ,
+  so the wrapper's multiple-choice prompt ("Answer the question directly." without options), unless the
+  name holds "openended" (VQA); `--kind` overrides that (then the prompt is no longer VLMEvalKit's).
 - Then the wrapper's `generate_inner`: the message's texts joined with "\\n" and only its FIRST image
-  (`BaseModel.message_to_promptimg`; BLINK aside, a sample's other images are dropped); HallusionBench appends
-  " Please answer yes or no. Answer the question using a single word or phrase.", MMVet " Answer this question
-  in detail."; every "<image N>" becomes "\\n"; one user turn: the image, then the text; greedy, 2,048 new
-  tokens (`generation_config`).
+  (`BaseModel.message_to_promptimg`, called without the dataset's name: a sample's other images are
+  dropped); HallusionBench appends " Please answer yes or no. Answer the question using a single word or
+  phrase.", MMVet " Answer this question in detail."; every "<image N>" becomes "\\n"; one user turn: the
+  image, then the text; greedy, 2,048 new tokens (`generation_config`).
 - The image processor's bounds (`POINTSV15.set_image_processor`): OCRBench min_pixels 280 x 280; MMMU_DEV_VAL
   min 1280 x 28 x 28 and max 16384 x 28 x 28; MathVista_MINI min 56 x 56; MMVet, HallusionBench,
   MMBench_TEST_EN_V11 and MMBench_TEST_CN_V11 min 1280 x 28 x 28; every other benchmark min 840 x 840. The max
@@ -57,6 +61,7 @@ class Benchmark:
     max_pixels: int | None = None  # None: the checkpoint's
     suffix: str = ""  # the wrapper's own addition after the prompt
     vqa_suffix: bool = False  # the dataset's prompt ends with VQA_SUFFIX (ImageVQADataset)
+    dataset_suffix: str = ""  # another dataset's own addition to the question (AMBER's)
 
 
 def _table(*entries: Benchmark) -> dict[str, Benchmark]:
@@ -88,24 +93,30 @@ BENCHMARKS = _table(
     Benchmark("DocVQA_VAL", "VQA", vqa_suffix=True),
     Benchmark("ChartQA_TEST", "VQA", vqa_suffix=True),
     Benchmark("InfoVQA_VAL", "VQA", vqa_suffix=True),
+    Benchmark("InfoVQA_TEST", "VQA", vqa_suffix=True),
+    Benchmark("DocVQA_TEST", "VQA", vqa_suffix=True),
+    Benchmark("OCRVQA_TEST", "VQA", vqa_suffix=True),
+    Benchmark("OCRVQA_TESTCORE", "VQA", vqa_suffix=True),
+    Benchmark("GQA_TestDev_Balanced", "VQA", vqa_suffix=True),
+    Benchmark("OCRBench_MINI", "VQA"),  # image_vqa.py OCRBench (set_image_processor names "OCRBench" only)
+    Benchmark("AMBER", "Y/N", dataset_suffix="\nPlease answer yes or no."),  # image_yorn.py build_prompt
 )
 KINDS = ("MCQ", "Y/N", "VQA")
 
 
 def benchmark(name: str, kind: str | None = None) -> Benchmark:
-    """The table's entry for `name`; a name it lacks needs its `kind` (then 840 x 840 and no suffix, as the
-    wrapper treats any other benchmark). A ValueError names the flag otherwise."""
+    """The table's entry for `name`; a name it lacks is MCQ (VQA with "openended" in it) as VLMEvalKit makes it,
+    or `kind`, with 840 x 840 and no suffix as the wrapper treats any other benchmark."""
+    if not name or "/" in name or name != name.strip():
+        raise ValueError(f"--benchmark {name!r}: expected a benchmark's name (VLMEvalKit's, e.g. MMStar)")
     if name in BENCHMARKS:
         found = BENCHMARKS[name]
         if kind is not None and kind != found.kind:
             raise ValueError(f"--kind {kind}: {name} is {found.kind} in VLMEvalKit")
         return found
-    if kind is None:
-        raise ValueError(f"--benchmark {name}: not one VLMEvalKit's POINTS wrapper is known to run here; name one "
-                         f"of {', '.join(BENCHMARKS)}, or say its kind with --kind {'|'.join(KINDS)}")
-    if kind not in KINDS:
+    if kind is not None and kind not in KINDS:
         raise ValueError(f"--kind {kind}: expected one of {', '.join(KINDS)}")
-    return Benchmark(name, kind)
+    return Benchmark(name, kind or ("VQA" if "openended" in name.lower() else "MCQ"))
 
 
 def cn_string(text: str) -> bool:
@@ -127,7 +138,7 @@ def ask(row: Row, bench: Benchmark) -> tuple[str, list[bytes]]:
         else:
             prompt += OPEN_SUFFIX_CN if cn_string(prompt) else OPEN_SUFFIX
     else:
-        prompt = row.question + (VQA_SUFFIX if bench.vqa_suffix else "")
+        prompt = row.question + (VQA_SUFFIX if bench.vqa_suffix else "") + bench.dataset_suffix
     prompt += bench.suffix
     prompt = re.sub(r"<image \d+>", "\n", prompt)
     images = [as_dumped(image, _dump_suffix(row)) for image in row.images()[:1]]
@@ -135,19 +146,20 @@ def ask(row: Row, bench: Benchmark) -> tuple[str, list[bytes]]:
 
 
 def _dump_suffix(row: Row) -> str:
-    """The suffix of the file VLMEvalKit writes the image to (`dump_image`): "{index}.jpg" for one image, the
-    row's own `image_path` names for a list."""
-    if len(row.image_data) > 1 and row.text("image_path"):
-        names = row.text("image_path")
-        first = names.strip("[]").split(",")[0].strip().strip("'\"")
-        return "." + first.rsplit(".", 1)[-1].lower() if "." in first else ".jpg"
-    return ".jpg"
+    """The suffix of the file VLMEvalKit writes the (first) image to (`dump_image`): the row's `image_path`
+    name's when the file has that column, else ".png"."""
+    names = row.text("image_path")
+    if names:
+        first = names.strip("[]").split(",")[0].strip().strip("'\"") if names.startswith("[") else names
+        if "." in first:
+            return "." + first.rsplit(".", 1)[-1].lower()
+    return ".png"
 
 
-def as_dumped(data: bytes, suffix: str = ".jpg") -> bytes:
+def as_dumped(data: bytes, suffix: str = ".png") -> bytes:
     """The image as the wrapper reads it back: VLMEvalKit decodes the base64, converts RGBA / P / LA to RGB, and
-    saves it under a name ending in `suffix` with pillow's defaults for that format (`decode_base64_to_image_file`:
-    a PNG in the TSV reaches the model as a JPEG of quality 75)."""
+    saves it under a name ending in `suffix` with pillow's defaults for that format (`decode_base64_to_image_file`;
+    a PNG keeps the decoded pixels, a name ending in .jpg would re-encode them)."""
     from PIL import Image
 
     try:
@@ -155,7 +167,7 @@ def as_dumped(data: bytes, suffix: str = ".jpg") -> bytes:
         if image.mode in ("RGBA", "P", "LA"):
             image = image.convert("RGB")
         out = io.BytesIO()
-        image.save(out, format=Image.registered_extensions().get(suffix, "JPEG"))
+        image.save(out, format=Image.registered_extensions().get(suffix, "PNG"))
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"image: not a readable image ({e})") from None
     return out.getvalue()
