@@ -371,3 +371,42 @@ def test_load_time_quantization_is_the_module_swap(official_dir, tmp_path, membe
         assert read.lm_head.weight is read.embed.weight
     tokens = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(4))
     assert torch.equal(read(tokens), swapped(tokens))
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("shape", [(7, 77), (3, 128), (4, 300)])
+def test_int4_groups_round_to_nearest_within_half_a_step(group, symmetric, shape):
+    """int4 (points.io.quantized, the format alone): in float64, every dequantized value is q * s (+ m) of the
+    stored scale and offset and within half a step of the weight (float32 scales), rows of any length (the last
+    group padded with its last value and cut again); a group of one value comes back exactly."""
+    from points.io.quantized import dequantize_int4, quantize_int4
+
+    g = torch.Generator().manual_seed(sum(shape) + group)
+    w = torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g) * 3
+    w[0] = 0.25  # (a row of one value)
+    packed, scale, offset = quantize_int4(w, group, symmetric=symmetric)
+    groups = -(-shape[1] // group)
+    assert packed.dtype == torch.uint8 and packed.shape == (shape[0], groups * group // 2)
+    assert scale.shape == (shape[0], groups) and (offset is None) == symmetric
+    back = dequantize_int4(packed, scale, offset, shape[1], torch.float64)
+    step = scale.double().repeat_interleave(group, dim=1)[:, :shape[1]]
+    assert back.shape == shape and ((back - w.double()).abs() <= step / 2 * (1 + 1e-6)).all()
+    assert torch.equal(back[0], w[0].double()) or symmetric  # (asymmetric: the offset is the value)
+    assert (back[0] - 0.25).abs().max() <= step[0].max() / 2
+
+
+def test_int4_packs_two_values_a_byte_low_nibble_first():
+    from points.io.quantized import dequantize_int4, quantize_int4
+
+    w = torch.arange(32, dtype=torch.float32)[None] * 15 / 31  # one group: offset 0, step 1, q = round(w)
+    packed, scale, offset = quantize_int4(w, 32)
+    q = torch.arange(32).mul(15 / 31).round().to(torch.uint8)
+    assert (scale.item(), offset.item()) == (1.0, 0.0)
+    assert packed[0].tolist() == (q[0::2] | (q[1::2] << 4)).tolist()
+    assert torch.equal(dequantize_int4(packed, scale, offset, 32), q[None].float())
+    symmetric = quantize_int4(torch.zeros(2, 64), 64, symmetric=True)
+    assert symmetric[0].unique().tolist() == [0x88] and torch.equal(
+        dequantize_int4(*symmetric, 64), torch.zeros(2, 64))  # (zero rows: q = 8, scale 1)
+    with pytest.raises(ValueError, match=r"^group_size = 48: expected one of \(32, 64, 128\)$"):
+        quantize_int4(w, 48)

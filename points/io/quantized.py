@@ -4,6 +4,14 @@ the config reader (points.io.config) and the module swap that runs it (points.ru
 
 Scheme "int8": symmetric, one scale per output channel: scale[o] = max_i |W[o, i]| / 127 (kept in the model
 dtype), W8 = round(W / scale) in [-127, 127]; the layer computes x @ (W8 * scale)^T + bias.
+
+int4 (the format only, `quantize_int4` / `dequantize_int4`: not yet a scheme that loading or the layers take):
+groups of `group_size` inputs (32, 64 or 128) along each row, each with its scale and, asymmetric, its offset
+(both kept in the model dtype): asymmetric, s = (max - min) / 15 and m = min, q = round((w - m) / s) in 0..15,
+w ~ q * s + m; symmetric, s = max |w| / 7, q = round(w / s) in -8..7 stored as q + 8, w ~ (q - 8) * s. Two
+values a byte: the even input in the low nibble, the odd one in the high nibble. A row whose length is no
+multiple of the group is padded with its last value (which leaves the last group's range as it is) and the
+padding dropped again on the way back.
 """
 
 from __future__ import annotations
@@ -55,3 +63,57 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | N
     """int8 [out, in] and scale [out] -> the weight in `dtype` (default float32)."""
     w = q.float() * scale.float()[:, None]
     return w if dtype is None else w.to(dtype)
+
+
+INT4_GROUPS = (32, 64, 128)
+
+
+def quantize_int4(weight: torch.Tensor, group_size: int = 128, *, symmetric: bool = False,
+                  scale_dtype: torch.dtype | None = None):
+    """weight [out, in] -> (packed uint8 [out, groups * group_size / 2], scale [out, groups], offset [out, groups]
+    or None when symmetric), scale and offset in `scale_dtype` (default the weight's). Both are rounded to their
+    dtype before the weight is divided, so that the dequantized weight is exactly what a layer computes with. A
+    group of one value throughout gets scale 1 (asymmetric: its offset holds the value)."""
+    import torch
+
+    if group_size not in INT4_GROUPS:
+        raise ValueError(f"group_size = {group_size!r}: expected one of {INT4_GROUPS}")
+    scale_dtype = scale_dtype or weight.dtype
+    out, n = weight.shape
+    groups = -(-n // group_size)
+    w = weight.detach().to(torch.float32)
+    if groups * group_size != n:  # (the last value repeated: the last group's range unchanged)
+        w = torch.cat([w, w[:, -1:].expand(out, groups * group_size - n)], dim=1)
+    g = w.reshape(out, groups, group_size)
+    if symmetric:
+        amax = g.abs().amax(dim=2)
+        scale = torch.where(amax > 0, amax / 7, torch.ones_like(amax)).to(scale_dtype)
+        q = (g / scale.float()[..., None]).round_().clamp_(-8, 7).add_(8)
+        offset = None
+    else:
+        lo, hi = g.amin(dim=2), g.amax(dim=2)
+        scale = torch.where(hi > lo, (hi - lo) / 15, torch.ones_like(hi)).to(scale_dtype)
+        offset = lo.to(scale_dtype)
+        q = ((g - offset.float()[..., None]) / scale.float()[..., None]).round_().clamp_(0, 15)
+    q = q.to(torch.uint8).reshape(out, groups * group_size)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed, scale, offset
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, in_features: int,
+                    dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The weight [out, in_features] back from `quantize_int4`'s three (float32 unless `dtype`; float64 gives
+    the exact value of q * s + m in the stored scale and offset)."""
+    import torch
+
+    work = dtype if dtype in (torch.float64,) else torch.float32
+    out = packed.shape[0]
+    q = torch.stack([packed & 0x0F, packed >> 4], dim=2).reshape(out, -1).to(work)
+    groups = scale.shape[1]
+    q = q.reshape(out, groups, -1)
+    if offset is None:
+        w = (q - 8) * scale.to(work)[..., None]
+    else:
+        w = q * scale.to(work)[..., None] + offset.to(work)[..., None]
+    w = w.reshape(out, -1)[:, :in_features]
+    return w if dtype is None or dtype == work else w.to(dtype)
