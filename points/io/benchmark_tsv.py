@@ -130,12 +130,7 @@ def _columns_as_pandas(header: list[str], raw: list[list[str]]) -> list[dict]:
 def read_back(values: list[str]) -> list[str]:
     """Replies as VLMEvalKit's evaluator sees them: written to the prediction TSV, read back by pandas, then
     `str()` (an empty reply, "NA" or "None" is "nan"; a column of numbers is typed: "007" is "7")."""
-    return ["nan" if v is None else _text(v) for v in _column(values)]
-
-
-def _text(value) -> str:
-    """str() of a value as pandas holds it (a float column's whole numbers print as 1.0)."""
-    return str(value)
+    return ["nan" if v is None else str(v) for v in _column(values)]
 
 
 def read_tsv(path: Path, flag: str = "--data") -> list[Row]:

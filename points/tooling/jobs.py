@@ -271,6 +271,66 @@ def item_error(it: Item, e: Exception) -> dict:
     return {"id": it.id, "error": str(e) if str(e).startswith(name) else name + str(e)}
 
 
+def on_scheduler(pipe, work: list, journal: Journal, progress: Progress | None, submit: Callable,
+                 finish: Callable, fail: Callable) -> int:
+    """The loop of every generating dataset command (`points run`, `eval`, `ocr`): `work` (this rank's share)
+    on the pipeline's scheduler, submitted as rows come free (a few ahead, so that only those items' images are
+    held), each result appended to the journal as soon as it finishes; returns the tokens generated.
+    `submit(w)` -> a Request, or a record at once (nothing to generate); `finish(w, request)` -> its record, or
+    another piece of work to run next (a retry); `fail(w, e)` -> the error record of what an item can raise
+    (`item_errors`: an item's failure is its record, never the run's). Work caught in a failed step (memory for
+    the whole batch) runs again once."""
+    scheduler = pipe.scheduler
+    pending, live, tokens, retried = list(reversed(work)), {}, 0, set()
+    try:
+        while pending or live:
+            early = []
+            while pending and len(live) < 2 * scheduler.max_batch:
+                w = pending.pop()
+                try:
+                    request = submit(w)
+                except item_errors() as e:
+                    early.append(fail(w, e))
+                    continue
+                if isinstance(request, dict):
+                    early.append(request)
+                else:
+                    live[request] = w
+            if early:
+                journal.append(early)
+                if progress:
+                    progress.update(len(early))
+            if live:
+                try:
+                    scheduler.step()
+                except item_errors():  # a whole step failed (memory): its requests ended with step_failed
+                    pass
+            records, generated = [], 0
+            for request in [r for r in live if r.done]:
+                w = live.pop(request)
+                if request.error is not None and not isinstance(request.error, item_errors()):
+                    raise request.error
+                if request.step_failed and id(w) not in retried:
+                    retried.add(id(w))  # a step of the whole batch failed: once more, in another batch
+                    pending.append(w)
+                    continue
+                generated += request.completion_tokens
+                done = fail(w, request.error) if request.error is not None else finish(w, request)
+                if isinstance(done, dict):
+                    records.append(done)
+                else:
+                    pending.append(done)  # (next in line)
+            tokens += generated
+            if records:
+                journal.append(records)
+                if progress:
+                    progress.update(len(records), tokens=generated)
+        return tokens
+    finally:
+        for request in live:  # (an interrupt: what still runs leaves the scheduler)
+            request.cancel()
+
+
 def finish(out: Path, items: list[Item], results: tuple[str, ...],
            before: Callable[[list[dict]], None] | None = None) -> int:
     """Rank 0, after every rank is done: OUT in input order from the journals, atomically (after

@@ -63,7 +63,7 @@ from pathlib import Path
 
 from points.io.documents import (DPI, DocumentError, Pages, Resolution, find_documents, pages_of, select_pages)
 from points.io.progress import Progress
-from points.tooling.jobs import Item, Job, Journal, RunError, drive, item_errors
+from points.tooling.jobs import Item, Job, Journal, RunError, drive, on_scheduler
 from points.tooling.jobs import read_records as _read_records
 from points.tooling.options import (GENERATION_OPTIONS, add_generation_options, add_job_options,
                                     add_prefill_option, check_weight_options, exit_code, generation_kwargs)
@@ -213,69 +213,38 @@ def page_text(pipe, request) -> str:
 
 def process(pipe, documents, items: list[Item], gen: dict, prompt: str, journal: Journal,
             progress: Progress | None) -> int:
-    """This rank's pages on the pipeline's scheduler, each journaled as it finishes; the tokens generated.
-    Pages are rendered as rows come free (a few ahead); a page that loops runs once more at twice the pixels."""
-    scheduler, opened = pipe.scheduler, _Open(documents)
-    pending = [_Page(it, it.fields.get("resolution")) for it in reversed(items)]
-    live, tokens, retried = {}, 0, set()
+    """This rank's pages on the pipeline's scheduler (`jobs.on_scheduler`), each journaled as it finishes; the
+    tokens generated. Pages are rendered as rows come free; a page that loops runs once more at twice the pixels."""
+    opened = _Open(documents)
+
+    def submit(page: _Page):
+        it = page.item
+        if "error" in it.fields:
+            return document_error(it, documents)
+        n = it.fields["page"]
+        page.start = time.perf_counter()
+        image, page.dpi = opened.image(it.fields["document"], n, page.resolution)
+        page.size = image.size
+        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": prompt}]}]
+        return pipe.submit(messages, f"{documents[it.fields['document']].path} page {n}", **gen)
+
+    def finish(page: _Page, request):
+        attempt = _attempt(page, request)
+        if request.finish_reason == "repetition" and not page.earlier:
+            higher = page.resolution.higher(page.size[0] * page.size[1])
+            if higher is not None:  # once more at twice the pixels, next in line
+                return _Page(page.item, higher, [attempt])
+            attempt["retry"] = "none: the page is at the model's max_pixels already"
+        return _record(page, attempt, page_text(pipe, request))
+
+    def fail(page: _Page, e: BaseException) -> dict:
+        return _record(page, _failed(page, documents[page.item.fields["document"]], page.item.fields["page"], e))
+
     try:
-        while pending or live:
-            records = []
-            while pending and len(live) < 2 * scheduler.max_batch:
-                page = pending.pop()
-                it = page.item
-                if "error" in it.fields:
-                    records.append(document_error(it, documents))
-                    continue
-                doc, n = documents[it.fields["document"]], it.fields["page"]
-                page.start = time.perf_counter()
-                try:
-                    image, page.dpi = opened.image(it.fields["document"], n, page.resolution)
-                    page.size = image.size
-                    messages = [{"role": "user", "content": [{"type": "image", "image": image},
-                                                             {"type": "text", "text": prompt}]}]
-                    live[pipe.submit(messages, f"{doc.path} page {n}", **gen)] = page
-                except item_errors() as e:  # (a DocumentError is a ValueError)
-                    records.append(_record(page, _failed(page, doc, n, e)))
-            if live:
-                try:
-                    scheduler.step()
-                except item_errors():  # a whole step failed (memory): its requests ended with step_failed
-                    pass
-            generated = 0
-            for request in [r for r in live if r.done]:
-                page = live.pop(request)
-                if request.error is not None and not isinstance(request.error, item_errors()):
-                    raise request.error
-                if request.step_failed and page.item.id not in retried:
-                    retried.add(page.item.id)  # a step of the whole batch failed: once more, in another batch
-                    pending.append(page)
-                    continue
-                generated += request.completion_tokens
-                if request.error is not None:
-                    doc = documents[page.item.fields["document"]]
-                    records.append(_record(page, _failed(page, doc, page.item.fields["page"], request.error)))
-                    continue
-                attempt = _attempt(page, request)
-                if request.finish_reason == "repetition" and not page.earlier:
-                    higher = page.resolution.higher(page.size[0] * page.size[1])
-                    if higher is not None:  # once more at twice the pixels, next in line
-                        pending.append(_Page(page.item, higher, [attempt]))
-                        continue
-                    attempt["retry"] = "none: the page is at the model's max_pixels already"
-                records.append(_record(page, attempt, page_text(pipe, request)))
-            if records:
-                journal.append(records)
-                tokens += generated
-                if progress:
-                    progress.update(len(records), tokens=generated)
-            elif generated:
-                tokens += generated
+        return on_scheduler(pipe, [_Page(it, it.fields.get("resolution")) for it in items], journal, progress,
+                            submit, finish, fail)
     finally:
         opened.close()
-        for request in live:
-            request.cancel()
-    return tokens
 
 
 def _failed(page: _Page, doc, n: int, e: BaseException) -> dict:

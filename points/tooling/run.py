@@ -60,7 +60,7 @@ from pathlib import Path
 
 from points.io.progress import Progress
 from points.tooling.jobs import (Item, Job, Journal, RunError, add_dataset_options, drive, item_error,
-                                 item_errors)
+                                 on_scheduler)
 from points.tooling.jobs import check_meta  # noqa: F401 (one of the names tests and tools use from here)
 from points.tooling.jobs import read_items as _read_items
 from points.tooling.jobs import read_records as _read_records
@@ -103,52 +103,20 @@ def run_key(args, items: list[Item]) -> dict:
 
 def process(pipe, items: list[Item], gen: dict, journal: Journal, progress: Progress | None,
             preset: str | None = None, build=None) -> int:
-    """Run `items` (this rank's share) on the pipeline's scheduler, each with the command's generation
-    settings `gen` and `preset` under its own fields, and append every result to the journal as soon as it
-    finishes; return the number of tokens generated. Prompts are built (and their images read) as rows come free,
-    a few ahead, so that only those items' images are held. An item's failure is that item's error record,
-    never the run's; an item caught in a failed step (memory for the whole batch) runs again once. `build`: an
-    item -> its messages, made when it is submitted (`points eval`: a row's image decoded then), instead of
-    `item.messages`."""
-    scheduler = pipe.scheduler
-    pending, live, tokens, retried = list(reversed(items)), {}, 0, set()
-    while pending or live:
-        failed = []
-        while pending and len(live) < 2 * scheduler.max_batch:
-            it = pending.pop()
-            chosen, settings = item_settings(it, gen, preset)
-            try:
-                messages = it.messages if build is None else build(it)
-                live[pipe.submit(messages, f"item {it.id!r}", preset=chosen, **settings)] = it
-            except item_errors() as e:
-                failed.append(item_error(it, e))
-        if failed:
-            journal.append(failed)
-            if progress:
-                progress.update(len(failed))
-        if live:
-            try:
-                scheduler.step()
-            except item_errors():  # a whole step failed (memory): its requests ended with step_failed, retried below
-                pass
-        records, generated = [], 0
-        for request in [r for r in live if r.done]:
-            it = live.pop(request)
-            if request.error is not None and not isinstance(request.error, item_errors()):
-                raise request.error
-            if request.step_failed and it.id not in retried:
-                retried.add(it.id)  # a step of the whole batch failed: once more, in another batch
-                pending.append(it)
-                continue
-            records.append(item_error(it, request.error) if request.error is not None
-                           else {"id": it.id, "reply": request.reply})
-            generated += request.completion_tokens
-        if records:
-            journal.append(records)
-            tokens += generated
-            if progress:
-                progress.update(len(records), tokens=generated)
-    return tokens
+    """Run `items` (this rank's share) on the pipeline's scheduler (`jobs.on_scheduler`), each with the
+    command's generation settings `gen` and `preset` under its own fields, every result journaled as it
+    finishes; return the number of tokens generated. `build`: an item -> its messages, made when it is
+    submitted (`points eval`: a row's image decoded then), instead of `item.messages`."""
+
+    def submit(it):
+        chosen, settings = item_settings(it, gen, preset)
+        messages = it.messages if build is None else build(it)
+        return pipe.submit(messages, f"item {it.id!r}", preset=chosen, **settings)
+
+    def finish(it, request):
+        return {"id": it.id, "reply": request.reply}
+
+    return on_scheduler(pipe, items, journal, progress, submit, finish, item_error)
 
 
 def parser() -> argparse.ArgumentParser:
