@@ -33,7 +33,7 @@ import os
 import sys
 from pathlib import Path
 
-from points.tooling.jobs import Item, Job, drive
+from points.tooling.jobs import Item, Job, drive, generating_pipeline
 from points.tooling.options import add_job_options, add_prefill_option, check_weight_options, exit_code
 
 MODEL_NAME = "POINTSV15-Qwen-2.5-7B-Chat"  # vlmeval/config.py: points_series
@@ -132,12 +132,7 @@ def _evaluate(args, argv) -> int:
                 "kind": bench.kind, "dtype": args.dtype, "quantize": args.quantize,
                 "quantize_lm_head": args.quantize_lm_head, "gen": gen}
 
-    def load(dist):
-        import points
-
-        return points.load(args.model, device=dist.device, dtype=args.dtype, quantize=args.quantize,
-                           quantize_lm_head=args.quantize_lm_head or None, compile=args.compile,
-                           max_batch=args.batch_size, max_prefill_tokens=args.max_prefill_tokens)
+    load = generating_pipeline(args)
 
     def work(pipe, share, journal, progress):
         from points.tooling.run import process

@@ -376,6 +376,18 @@ class Job:
     per_minute: bool = False  # the progress line's rate per minute (pages/min), not per second
 
 
+def generating_pipeline(args):
+    """Job.load of the generating commands (`points run`, `eval`, `ocr`): the checkpoint on this rank's device
+    with their weight options, --compile, --batch-size and --max-prefill-tokens."""
+    def load(dist):
+        import points
+
+        return points.load(args.model, device=dist.device, dtype=args.dtype, quantize=args.quantize,
+                           quantize_lm_head=args.quantize_lm_head or None, compile=args.compile,
+                           max_batch=args.batch_size, max_prefill_tokens=args.max_prefill_tokens)
+    return load
+
+
 def add_dataset_options(p, line: str) -> None:
     """--model, --input (a JSONL of `line` objects) and --output: what every command on `drive` reads."""
     p.add_argument("--model", required=True, help="checkpoint directory (released layout or ours)")

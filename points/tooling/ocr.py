@@ -63,7 +63,7 @@ from pathlib import Path
 
 from points.io.documents import (DPI, DocumentError, Pages, Resolution, find_documents, pages_of, select_pages)
 from points.io.progress import Progress
-from points.tooling.jobs import Item, Job, Journal, RunError, drive, on_scheduler
+from points.tooling.jobs import Item, Job, Journal, RunError, drive, generating_pipeline, on_scheduler
 from points.tooling.jobs import read_records as _read_records
 from points.tooling.options import (GENERATION_OPTIONS, add_generation_options, add_job_options,
                                     add_prefill_option, check_weight_options, exit_code, generation_kwargs)
@@ -366,12 +366,7 @@ def main(argv=None) -> int:
                 "quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head,
                 "gen": defaults | settings(args)}
 
-    def load(dist):
-        import points
-
-        return points.load(args.model, device=dist.device, dtype=args.dtype, quantize=args.quantize,
-                           quantize_lm_head=args.quantize_lm_head or None, compile=args.compile,
-                           max_batch=args.batch_size, max_prefill_tokens=args.max_prefill_tokens)
+    load = generating_pipeline(args)
 
     def work(pipe, share, journal, progress):
         process(pipe, state["documents"], share, settings(args), prompt, journal, progress)

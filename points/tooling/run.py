@@ -59,8 +59,8 @@ import json
 from pathlib import Path
 
 from points.io.progress import Progress
-from points.tooling.jobs import (Item, Job, Journal, RunError, add_dataset_options, drive, item_error,
-                                 on_scheduler)
+from points.tooling.jobs import (Item, Job, Journal, RunError, add_dataset_options, drive, generating_pipeline,
+                                 item_error, on_scheduler)
 from points.tooling.jobs import check_meta  # noqa: F401 (one of the names tests and tools use from here)
 from points.tooling.jobs import read_items as _read_items
 from points.tooling.jobs import read_records as _read_records
@@ -166,12 +166,7 @@ def main(argv=None) -> int:
                 raise RunError(f"{args.input}, line {it.line}: \"preset\" = {e.name!r:.60}: {e.reason}") from None
         return items
 
-    def load(dist):
-        import points
-
-        return points.load(args.model, device=dist.device, dtype=args.dtype, quantize=args.quantize,
-                           quantize_lm_head=args.quantize_lm_head or None, compile=args.compile,
-                           max_batch=args.batch_size, max_prefill_tokens=args.max_prefill_tokens)
+    load = generating_pipeline(args)
 
     def work(pipe, share, journal, progress):
         process(pipe, share, generation_kwargs(args), journal, progress, args.preset)
