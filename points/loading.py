@@ -3,8 +3,9 @@
 
     the files, read and checked and mapped into our names (points.io.checkpoint.load_state_dict)
       -> the modules built on the meta device (nothing allocated, no random init) and given those tensors
-      -> a decoder stored in int8, or asked for in int8 (quantize="int8": its weights quantized as they are
-         read, so the float weights are never held whole), gets Int8Linear skeletons (points.runtime.quantize)
+      -> a decoder stored quantized, or asked for quantized (quantize="int8" / "int4": its weights quantized
+         as they are read, so the float weights are never held whole), gets empty Int8Linear / Int4Linear
+         layers to take those tensors (points.runtime.quantize.quantized_skeleton)
       -> on the CPU, the decoder's float nn.Linear layers become GemvLinear (points.runtime.cpu_linear): the
          same parameters, few-row products on the kernel measured fastest on this machine
 
@@ -23,13 +24,13 @@ from torch.overrides import TorchFunctionMode
 from points.errors import CheckpointError
 from points.io.checkpoint import load_state_dict
 from points.io.config import CheckpointConfig, read_config
-from points.io.quantized import check_scheme
+from points.io.quantized import describe_asked
 from points.model.config import ModelConfig
 from points.model.decoder import Decoder
 from points.model.projector import PatchMerger
 from points.model.vision import VisionEncoder
 from points.runtime.cpu_linear import use_cpu_kernels
-from points.runtime.quantize import cuda_notice, int8_skeleton
+from points.runtime.quantize import cuda_notice, quantized_skeleton
 
 
 class _SkipInit(TorchFunctionMode):
@@ -75,49 +76,49 @@ def _aliases(module: torch.nn.Module) -> dict[str, str]:
     return out
 
 
-def quantization_steps(config: CheckpointConfig, quantize: str | None, quantize_lm_head: bool | None):
-    """(how the checkpoint stores its decoder, what to quantize after loading) for `points.load`'s
-    quantize / quantize_lm_head arguments. A checkpoint stored quantized loads as it is: asking for another
-    scheme, or for lm_head other than it is stored, is an error (convert again from the float checkpoint)."""
-    if quantize is not None:
-        check_scheme(quantize)
+def quantization_steps(config: CheckpointConfig, quantize: str | None, quantize_lm_head: bool | None,
+                       group_size: int | None = None, symmetric: bool | None = None):
+    """(how the checkpoint stores its decoder, what to quantize while loading) for `points.load`'s quantize
+    arguments. A checkpoint stored quantized loads as it is: asking for another scheme, or for lm_head, a group
+    size or symmetry other than it is stored, is an error (convert again from the float checkpoint)."""
     stored, directory = config.quantization, config.directory
     if stored is None:
-        if quantize_lm_head and quantize is None:
-            raise ValueError("quantize_lm_head=True needs quantize (e.g. quantize='int8')")
-        return None, ({"scheme": quantize, "lm_head": bool(quantize_lm_head)} if quantize else None)
+        return None, describe_asked(quantize, quantize_lm_head, group_size, symmetric)
     if quantize is not None and quantize != stored["scheme"]:
         raise CheckpointError(f"{directory}: stored quantized as {stored['scheme']!r}, asked for {quantize!r}; "
                               "convert the float checkpoint with that scheme instead")
-    if quantize_lm_head is not None and quantize_lm_head != stored["lm_head"]:
-        raise CheckpointError(f"{directory}: lm_head is stored {'in int8' if stored['lm_head'] else 'unquantized'}; "
-                              f"quantize_lm_head={quantize_lm_head} would need converting the float checkpoint again")
+    asked = {"lm_head": quantize_lm_head, "group_size": group_size, "symmetric": symmetric}
+    for key, value in asked.items():
+        if value is not None and value != stored.get(key):
+            raise CheckpointError(f"{directory}: stored with {key} = {stored.get(key)}; quantize_{key}={value} "
+                                  "would need converting the float checkpoint again")
     return stored, None
 
 
 def build(source: str | Path | CheckpointConfig, make: Callable[[ModelConfig], torch.nn.Module], *,
           parts: tuple[str, ...],
           prefix: str, dtype=None, device="cpu", progress: bool | None = None, quantize: str | None = None,
-          quantize_lm_head: bool | None = None) -> torch.nn.Module:
+          quantize_lm_head: bool | None = None, quantize_group_size: int | None = None,
+          quantize_symmetric: bool | None = None) -> torch.nn.Module:
     """`make(cfg)` (a module holding a `decoder`, or a Decoder itself) with the checkpoint's tensors of
     `parts` (names after `prefix`): the one sequence every loader runs. `source`: the checkpoint directory, or
     its config.json already read (points.io.config.read_config)."""
     config = source if isinstance(source, CheckpointConfig) else read_config(source)
-    stored, after = quantization_steps(config, quantize, quantize_lm_head)
+    stored, after = quantization_steps(config, quantize, quantize_lm_head, quantize_group_size, quantize_symmetric)
     cfg, state = load_state_dict(config, parts=parts, dtype=dtype, device=device, progress=progress,
                                  quantize=after)  # (quantized as read: the float weights are never whole)
-    int8 = stored or after
+    quantization = stored or after
 
     def skeleton():
         module = make(cfg)
-        if int8 is not None:
-            int8_skeleton(getattr(module, "decoder", module), lm_head=int8["lm_head"])
+        if quantization is not None:
+            quantized_skeleton(getattr(module, "decoder", module), quantization)
         return module
 
     module = materialize(skeleton, state, prefix)
     del state
     decoder = getattr(module, "decoder", module)
-    if int8 is not None:
+    if quantization is not None:
         cuda_notice(device)
     if isinstance(decoder, Decoder) and torch.device(device).type == "cpu":
         use_cpu_kernels(decoder)  # few-row products on the measured fastest kernel (the same parameters)
@@ -125,10 +126,12 @@ def build(source: str | Path | CheckpointConfig, make: Callable[[ModelConfig], t
 
 
 def load_decoder(directory: str | Path, *, dtype=None, device="cpu", progress: bool | None = None,
-                 quantize: str | None = None, quantize_lm_head: bool | None = None) -> Decoder:
-    """The language model alone, from any supported checkpoint layout (`quantize`: as in `points.load`)."""
+                 quantize: str | None = None, quantize_lm_head: bool | None = None,
+                 quantize_group_size: int | None = None, quantize_symmetric: bool | None = None) -> Decoder:
+    """The language model alone, from any supported checkpoint layout (`quantize*`: as in `points.load`)."""
     return build(directory, lambda cfg: Decoder(cfg.decoder), parts=("decoder",), prefix="decoder.", dtype=dtype,
-                 device=device, progress=progress, quantize=quantize, quantize_lm_head=quantize_lm_head)
+                 device=device, progress=progress, quantize=quantize, quantize_lm_head=quantize_lm_head,
+                 quantize_group_size=quantize_group_size, quantize_symmetric=quantize_symmetric)
 
 
 def load_vision(directory: str | Path, *, dtype=None, device="cpu",

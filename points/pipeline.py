@@ -206,7 +206,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
          progress: bool | None = None, attn: str = "auto", compile: bool = False, quantize: str | None = None,
-         quantize_lm_head: bool | None = None, prefix_cache: bool = True, max_batch: int = 8,
+         quantize_lm_head: bool | None = None, quantize_group_size: int | None = None,
+         quantize_symmetric: bool | None = None, prefix_cache: bool = True, max_batch: int = 8,
          adapter: str | Path | None = None, vision_cache_mb: float = 256,
          max_prefill_tokens: int = MAX_PREFILL_TOKENS, speculative: str | None = None) -> Pipeline:
     """A POINTS-1.5 checkpoint directory (released layout or ours) -> Pipeline, on `device` in `dtype`
@@ -220,9 +221,11 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
     torch.compile (CUDA graphs on CUDA).
 
     `quantize="int8"`: the decoder's projections become weight-only int8 (one scale per output channel;
-    points.runtime.quantize), `quantize_lm_head=True` the output projection too; the vision encoder and
-    projector stay in `dtype`. A checkpoint written by `points convert --quantize int8` loads quantized
-    without these arguments (memory-mapped, nothing re-quantized).
+    points.runtime.quantize); `quantize="int4"`: weight-only int4 in groups of `quantize_group_size` inputs
+    (32, 64 or 128, default 128) with a scale and an offset per group (`quantize_symmetric=True`: a scale
+    only); `quantize_lm_head=True` the output projection too. The vision encoder and projector stay in
+    `dtype`. Quantized while read: the float weights are never held whole. A checkpoint written by `points
+    convert --quantize ...` loads quantized without these arguments (memory-mapped, nothing re-quantized).
 
     `prefix_cache=True` (default): every request leaves its K/V in a cache of recent ones (an LRU bounded
     to 16384 tokens, points.runtime.prefix) and a request that starts like an earlier one (the same
@@ -258,7 +261,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtyp
                                         item_max_pixels=config.member.item_max_pixels)
     model = build(config, CardModel, parts=("decoder", "vision", "projector"),
                   prefix="", dtype=dtype, device=device, progress=progress, quantize=quantize,
-                  quantize_lm_head=quantize_lm_head)
+                  quantize_lm_head=quantize_lm_head, quantize_group_size=quantize_group_size,
+                  quantize_symmetric=quantize_symmetric)
     if adapter is not None:
         from points.runtime.lora import load_adapter
 

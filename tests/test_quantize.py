@@ -310,15 +310,21 @@ def test_compiled_int8_step_equals_eager(official_dir, kernel):
 
 
 def test_errors(official_dir, tmp_path):
-    with pytest.raises(ValueError, match="quantize = 'int4': unknown scheme; expected one of"):
-        points.load_decoder(official_dir, quantize="int4")
-    with pytest.raises(ValueError, match="quantize_lm_head=True needs quantize"):
+    with pytest.raises(ValueError, match="quantize = 'int3': unknown scheme; expected one of"):
+        points.load_decoder(official_dir, quantize="int3")
+    with pytest.raises(ValueError, match="quantize_lm_head needs quantize"):
         points.load_decoder(official_dir, quantize_lm_head=True)
+    with pytest.raises(ValueError, match="quantize_group_size needs quantize"):
+        points.load_decoder(official_dir, quantize_group_size=64)
+    with pytest.raises(ValueError, match="group_size = 48: expected one of .32, 64, 128."):
+        points.load_decoder(official_dir, quantize="int4", quantize_group_size=48)
+    with pytest.raises(ValueError, match="'int8': one scale per output channel; group_size and symmetric are int4's"):
+        points.load_decoder(official_dir, quantize="int8", quantize_symmetric=True)
     out = points.convert(official_dir, tmp_path / "q8", quantize="int8")
     with pytest.raises(CheckpointError, match="already quantized .int8.; convert from the float checkpoint"):
         points.convert(out, tmp_path / "again", quantize="int8")
     assert not (tmp_path / "again").exists()
-    with pytest.raises(CheckpointError, match="lm_head is stored unquantized"):
+    with pytest.raises(CheckpointError, match="stored with lm_head = False; quantize_lm_head=True would need"):
         points.load_decoder(out, quantize_lm_head=True)
     with pytest.raises(ValueError, match="already quantized"):
         qz.quantize_decoder(points.load_decoder(out))
@@ -342,7 +348,46 @@ def test_errors(official_dir, tmp_path):
     tensors["decoder.layers.0.attn.out.weight"] = tensors["decoder.layers.0.attn.out.weight"].float()
     save_file(tensors, shard)
     with pytest.raises(CheckpointError, match="decoder.layers.0.attn.out.weight is F32; config.json says it is "
-                                              "quantized, so it must be int8"):
+                                              "quantized, so it must be int8 .I8."):
+        points.load_decoder(out)
+
+
+def test_int4_errors(official_dir, tmp_path):
+    """A stored int4 checkpoint: loaded as it is stored (another scheme, group size or symmetry refused, naming
+    it), its config.json's quantization checked field by field, its codes' dtype checked from the header."""
+    out = points.convert(official_dir, tmp_path / "q4", quantize="int4", quantize_group_size=64)
+    assert json.loads((out / "config.json").read_text())["quantization"] == {
+        "scheme": "int4", "lm_head": False, "group_size": 64, "symmetric": False}
+    with pytest.raises(CheckpointError, match="stored quantized as 'int4', asked for 'int8'"):
+        points.load_decoder(out, quantize="int8")
+    with pytest.raises(CheckpointError, match="stored with group_size = 64; quantize_group_size=128 would need"):
+        points.load_decoder(out, quantize="int4", quantize_group_size=128)
+    with pytest.raises(CheckpointError, match="stored with symmetric = False; quantize_symmetric=True would need"):
+        points.load_decoder(out, quantize_symmetric=True)
+    assert points.load_decoder(out, quantize="int4", quantize_group_size=64).quantization["group_size"] == 64
+    config = json.loads((out / "config.json").read_text())
+    for bad in ({"scheme": "int4", "lm_head": False, "group_size": 48, "symmetric": False},
+                {"scheme": "int4", "lm_head": False, "group_size": 64},
+                {"scheme": "int4", "lm_head": False, "group_size": 64, "symmetric": "no"},
+                {"scheme": "int8", "lm_head": False, "group_size": 64, "symmetric": False}):
+        (out / "config.json").write_text(json.dumps(config | {"quantization": bad}))
+        with pytest.raises(CheckpointError, match="quantization .* is not supported; expected"):
+            points.load_decoder(out)
+    (out / "config.json").write_text(json.dumps(config | {"quantization": config["quantization"] | {"symmetric": True}}))
+    with pytest.raises(CheckpointError, match="unexpected tensor.*attn.qkv.offset"):  # offsets, config says none
+        points.load_decoder(out)
+    (out / "config.json").write_text(json.dumps(config | {"quantization": config["quantization"] | {"group_size": 32}}))
+    with pytest.raises(CheckpointError, match="attn.qkv.weight has shape .* expected"):  # packed for groups of 64
+        points.load_decoder(out)
+    from safetensors.torch import load_file, save_file
+
+    (out / "config.json").write_text(json.dumps(config))
+    shard = next(out.glob("*.safetensors"))
+    tensors = load_file(shard)
+    tensors["decoder.layers.0.attn.out.weight"] = tensors["decoder.layers.0.attn.out.weight"].to(torch.int8)
+    save_file(tensors, shard)
+    with pytest.raises(CheckpointError, match="attn.out.weight is I8; config.json says it is quantized, so it must "
+                                              "be uint8 .U8."):
         points.load_decoder(out)
 
 

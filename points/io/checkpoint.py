@@ -26,7 +26,7 @@ from points.io.atomic import MAX_SHARD_BYTES, partial_dir, write_shards, writing
 from points.io.config import DTYPE_NAMES, CheckpointConfig, read_config, to_dict
 from points.io.names import Entry, Same, check, plan, quantized_weights, unread
 from points.io.progress import Progress
-from points.io.quantized import check_scheme, quantize_int8
+from points.io.quantized import check_scheme, describe_asked, quantize_weight
 from points.io.tensors import INDEX, TensorFiles, forget_pages
 from points.model.config import ModelConfig
 from points.model.family import member
@@ -63,15 +63,17 @@ def _open(config: CheckpointConfig) -> tuple[TensorFiles, list[Entry]]:
 
 
 def _built(entries: list[Entry], files: TensorFiles, dtype: torch.dtype, device: torch.device,
-           to_quantize: frozenset[str] = frozenset()) -> Iterator[tuple[Entry, torch.Tensor, torch.Tensor | None]]:
+           quantization: dict | None = None,
+           to_quantize: frozenset[str] = frozenset()) -> Iterator[tuple[Entry, dict[str, torch.Tensor]]]:
     """Our tensor for each entry, in `dtype` on `device`, in order. On the CPU a tensor that is its source
     unchanged (same dtype, no re-layout) is the mapped source itself; every other tensor is written once
     into fresh memory, after which the map's pages of its sources are dropped (they would otherwise stay
     resident beside the copy for as long as the map lives). A second entry built the same way from the same
     source (a tied head: the embedding) gets the very tensor the first got, no copy. A file's handle is let go
-    after the last entry that reads it. An entry named in `to_quantize` comes as int8 with its scale
-    (points.io.quantized; the third item, None for the others): its float tensor is let go at once (a
-    view's pages dropped), so a model quantized while it is read never holds its float weights whole."""
+    after the last entry that reads it. Each entry comes with {our name: tensor}: itself, or, for a weight
+    named in `to_quantize` (a float checkpoint quantized as it is read), the tensors `quantization` stores it as
+    (points.io.quantized.quantize_weight: codes, scale, offset); its float tensor is let go at once (a view's
+    pages dropped), so a model quantized while it is read never holds its float weights whole."""
     last = {}
     for i, e in enumerate(entries):
         for name in e.sources:
@@ -80,7 +82,7 @@ def _built(entries: list[Entry], files: TensorFiles, dtype: torch.dtype, device:
     made = {}  # (sources, shape, dtype) of a plain (`Same`) entry -> the tensor it got
     for i, e in enumerate(entries):
         want = e.dtype or dtype
-        stored = torch.int8 if e.dtype == torch.int8 else files.dtype(e.sources[0])  # (check() saw I8 there)
+        stored = e.dtype or files.dtype(e.sources[0])  # (check() saw the codes' dtype there)
         key = (e.sources, e.shape, want) if isinstance(e.layout, Same) else None
         quantized = e.target in to_quantize
         if key in made:
@@ -88,7 +90,7 @@ def _built(entries: list[Entry], files: TensorFiles, dtype: torch.dtype, device:
         elif e.layout.view and device.type == "cpu" and stored == want and e.sources[0] not in viewed:
             t = files.get(e.sources[0]).reshape(e.shape)
             if quantized:  # (its float numbers are read once, here: drop the pages after)
-                yield e, *quantize_int8(t)
+                yield e, _stored_as(e.target, t, quantization)
                 forget_pages(t)
                 t = None
             else:
@@ -105,11 +107,16 @@ def _built(entries: list[Entry], files: TensorFiles, dtype: torch.dtype, device:
             if key is not None and not quantized:
                 made[key] = t
         if t is not None:
-            yield (e, *quantize_int8(t)) if quantized else (e, t, None)
+            yield e, (_stored_as(e.target, t, quantization) if quantized else {e.target: t})
         del t
         for f, end in last.items():
             if end == i:
                 files.release(f)
+
+
+def _stored_as(target: str, weight: torch.Tensor, quantization: dict) -> dict[str, torch.Tensor]:
+    module = target.removesuffix("weight")
+    return {module + suffix: t for suffix, t in quantize_weight(weight, quantization).items()}
 
 
 # --------------------------------------------------------------------------- load and convert
@@ -135,8 +142,9 @@ def load_state_dict(source: str | Path | CheckpointConfig, *, parts: tuple[str, 
     tensors already in our layout and in `dtype` are views of the mapped files (zero copy); the rest is
     written once into its final dtype on `device` and the map's pages it came from are dropped, so the
     peak is the model plus one tensor's sources in flight. `source`: the directory, or its config already read.
-    quantize ({"scheme": "int8", "lm_head": bool}, of a float checkpoint): the scheme's weights come quantized
-    as they are read (`<name>.weight` int8 and `<name>.scale`, as a checkpoint stored quantized gives them)."""
+    quantize (points.io.quantized.describe's dict, of a float checkpoint): the scheme's weights come quantized
+    as they are read (`<name>.weight` codes, `<name>.scale`, int4's `<name>.offset`, as a checkpoint stored
+    quantized gives them)."""
     config = source if isinstance(source, CheckpointConfig) else read_config(source)
     files, entries = _open(config)
     dtype = resolve_dtype(dtype, files, entries)
@@ -151,10 +159,8 @@ def load_state_dict(source: str | Path | CheckpointConfig, *, parts: tuple[str, 
             raise CheckpointError(f"{config.directory}: already quantized ({config.quantization['scheme']})")
     to_quantize = frozenset(quantized_weights(config.model, quantize))
     state = {}
-    for e, t, scale in _built(chosen, files, dtype, device, to_quantize):
-        state[e.target] = t
-        if scale is not None:
-            state[e.target.removesuffix("weight") + "scale"] = scale
+    for e, tensors in _built(chosen, files, dtype, device, quantize, to_quantize):
+        state.update(tensors)
         bar.update(nbytes=_nbytes(e.shape, e.dtype or dtype))
     bar.close()
     return config.model, state
@@ -188,13 +194,16 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
 
 def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | str | None = None,
             max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool | None = None, quantize: str | None = None,
-            quantize_lm_head: bool = False) -> Path:
+            quantize_lm_head: bool = False, quantize_group_size: int | None = None,
+            quantize_symmetric: bool | None = None) -> Path:
     """Write the checkpoint at `src` (any supported layout) into our layout at `dst`: safetensors shards
     of at most `max_shard_bytes`, their index, our config.json, and the tokenizer / processor files.
 
-    quantize="int8": the decoder's projections (and lm_head with quantize_lm_head) are written as int8 with a
-    `.scale` beside each (points.io.quantized), the scheme recorded in config.json; loading maps them as
-    they are. A checkpoint that is already quantized is refused (quantize once, from float weights).
+    quantize="int8" or "int4": the decoder's projections (and lm_head with quantize_lm_head) are written in
+    that scheme (points.io.quantized: int8 with a `.scale` per output; int4 in groups of quantize_group_size,
+    32 / 64 / 128, default 128, with a `.scale` and, unless quantize_symmetric, an `.offset` per group), the
+    scheme recorded in config.json; loading maps them as they are. A checkpoint that is already quantized is
+    refused (quantize once, from float weights).
 
     Atomic: everything is written into a temporary sibling directory that is renamed to `dst` only when
     complete; on any failure it is removed and `dst` does not exist."""
@@ -203,17 +212,14 @@ def convert(src: str | Path, dst: str | Path, *, dtype: torch.dtype | str | None
         raise CheckpointError(f"{dst}: already exists; converting never overwrites (remove it or pick another DST)")
     if not isinstance(max_shard_bytes, int) or isinstance(max_shard_bytes, bool) or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes = {max_shard_bytes!r}: expected an integer >= 1")
-    if quantize is not None:
-        check_scheme(quantize)
-    elif quantize_lm_head:
-        raise ValueError("quantize_lm_head=True needs quantize (e.g. quantize='int8')")
+    asked = describe_asked(quantize, quantize_lm_head, quantize_group_size, quantize_symmetric)
     config = read_config(src)
     cfg, stored = config.model, config.quantization
     files, entries = _open(config)
     if quantize and stored:
         raise CheckpointError(f"{src}: already quantized ({stored['scheme']}); convert from the float checkpoint "
                               "instead (quantizing twice would only add error)")
-    quantization = {"scheme": quantize, "lm_head": quantize_lm_head} if quantize else stored
+    quantization = asked or stored
     to_quantize = set(quantized_weights(cfg, quantization)) if quantize else set()
     tmp = None
     try:
@@ -243,16 +249,14 @@ def _write_converted(src: Path, tmp: Path, config: CheckpointConfig, files: Tens
     with writing(tmp):
         tmp.mkdir(parents=True)
     bar = Progress(f"converting {src.name}", len(entries), unit="tensors", total_bytes=total, enabled=progress)
-    built = _built(entries, files, dtype, torch.device("cpu"), frozenset(to_quantize))
+    built = _built(entries, files, dtype, torch.device("cpu"), quantization, frozenset(to_quantize))
 
     def tensors_of(shard):  # one shard's tensors in memory at a time
         tensors = {}
         for _ in shard:
-            e, t, scale = next(built)
+            e, made = next(built)
             bar.update(nbytes=_nbytes(e.shape, e.dtype or dtype))
-            if scale is not None:
-                tensors[e.target.removesuffix("weight") + "scale"] = scale
-            tensors[e.target] = t
+            tensors.update(made)
         return tensors
 
     weight_map = write_shards((tensors_of(shard) for shard in shards), tmp, len(shards), {"format": "pt"})

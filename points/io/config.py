@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from points.errors import CheckpointError
-from points.io.quantized import SCHEMES
+from points.io.quantized import INT4_GROUPS, describe
 from points.model.config import ConfigError, DecoderConfig, ModelConfig, VisionConfig
 from points.model.family import POINTS15, Member, member, member_of
 
@@ -279,15 +279,20 @@ def _absent_shape_fields(d: dict, naming: str) -> tuple[str, ...]:
 
 
 def _quantization(d: dict, path: Path) -> dict | None:
-    """Our layout's {"scheme": "int8", "lm_head": bool}, checked; None for float weights."""
+    """Our layout's stored quantization (points.io.quantized.describe's dict), checked; None for float weights."""
     q = d.get("quantization")
     if q is None:
         return None
-    if (not isinstance(q, dict) or q.get("scheme") not in SCHEMES or not isinstance(q.get("lm_head"), bool)
-            or set(q) != {"scheme", "lm_head"}):
-        raise CheckpointError(f"{path}: quantization {q!r} is not supported; expected {{\"scheme\": one of "
-                              f"{list(SCHEMES)}, \"lm_head\": true or false}}")
-    return q
+    fields = {"int8": {"scheme", "lm_head"}, "int4": {"scheme", "lm_head", "group_size", "symmetric"}}
+    try:
+        if (not isinstance(q, dict) or set(q) != fields.get(q.get("scheme"))
+                or not all(isinstance(q[k], bool) for k in ("lm_head", "symmetric") if k in q)):
+            raise ValueError("its fields")
+        return describe(q["scheme"], q["lm_head"], q.get("group_size"), q.get("symmetric"))
+    except ValueError:
+        raise CheckpointError(f"{path}: quantization {q!r} is not supported; expected {{\"scheme\": \"int8\", "
+                              "\"lm_head\": true or false}, or {\"scheme\": \"int4\", \"lm_head\": true or false, "
+                              f"\"group_size\": one of {list(INT4_GROUPS)}, \"symmetric\": true or false}}") from None
 
 
 def checkpoint_dir(directory: str | Path) -> Path:

@@ -24,7 +24,8 @@ import torch
 from einops import rearrange
 
 from points.errors import CheckpointError
-from points.io.quantized import quantized_modules
+from points.io.atomic import SAFETENSORS_DTYPE
+from points.io.quantized import quantized_modules, stored_tensors
 from points.io.tensors import TensorFiles
 from points.model.config import ModelConfig
 
@@ -100,7 +101,7 @@ class Entry:
     sources: tuple[str, ...]  # checkpoint tensor names
     source_shapes: tuple[tuple[int, ...], ...]
     layout: Layout
-    dtype: torch.dtype | None = None  # stored and kept in this dtype (int8 weights); None: the model's dtype
+    dtype: torch.dtype | None = None  # stored and kept in this dtype (quantized codes); None: the model's dtype
 
 
 def _linear(target: str, in_dim: int, sources: list[tuple[str, int]], bias: bool,
@@ -208,18 +209,18 @@ def _vision_plan(cfg: ModelConfig) -> list[Entry]:
 def plan(cfg: ModelConfig, naming: str, quantization: dict | None = None) -> list[Entry]:
     """Every parameter of the composed model, in module order, with its checkpoint sources.
 
-    naming: 'points' or a key of NAMINGS. `quantization` (our layout only): the quantized projections' weights
-    are int8 and each has a `.scale` [out] beside it (points.io.quantized). A tied decoder's head is its
-    embedding in every layout, ours too (stored once), unless it is stored quantized (then it is a tensor of its
-    own)."""
+    naming: 'points' or a key of NAMINGS. `quantization` (our layout only): each quantized projection stores
+    the tensors points.io.quantized.stored_tensors lists (its integer `weight` codes, a `scale`, for int4 an
+    `offset`). A tied decoder's head is its embedding in every layout, ours too (stored once), unless it is
+    stored quantized (then it is a tensor of its own)."""
     if naming == "points":
         quantized = set(quantized_weights(cfg, quantization))
         out = []
         for e in _decoder_plan(cfg, QWEN) + _vision_plan(cfg):  # (any naming with every part gives our targets)
             if e.target in quantized:
-                out.append(Entry(e.target, e.shape, (e.target,), (e.shape,), Same(), torch.int8))
-                scale = e.target.removesuffix("weight") + "scale"
-                out.append(_same(scale, scale, e.shape[:1]))
+                module = e.target.removesuffix("weight")
+                for suffix, (shape, dtype) in stored_tensors(quantization, *e.shape).items():
+                    out.append(Entry(module + suffix, shape, (module + suffix,), (shape,), Same(), dtype))
             elif e.target == "decoder.lm_head.weight" and cfg.decoder.tied:  # stored once, as the embedding
                 out.append(_same(e.target, "decoder.embed.weight", e.shape))
             else:
@@ -233,7 +234,7 @@ def plan(cfg: ModelConfig, naming: str, quantization: dict | None = None) -> lis
 
 
 def quantized_weights(cfg: ModelConfig, quantization: dict | None) -> list[str]:
-    """The weight names an int8 checkpoint stores as int8 (with a scale): the scheme's projections
+    """The weights a quantized checkpoint stores as integer codes (with a scale): the scheme's projections
     (points.io.quantized), lm_head when the checkpoint says so."""
     if not quantization:
         return []
@@ -264,11 +265,11 @@ def check(entries: list[Entry], files: TensorFiles, absent: tuple[str, ...] = ()
         return (f"; config.json leaves out {_few(list(absent))}, so the class defaults shaped what was expected"
                 if absent else "")
 
-    wanted, integer = {}, set()
+    wanted, integer = {}, {}
     for e in entries:
         wanted.update(zip(e.sources, e.source_shapes))
-        if e.dtype == torch.int8:
-            integer.update(e.sources)
+        if e.dtype is not None:
+            integer.update(dict.fromkeys(e.sources, e.dtype))
     missing = [n for n in wanted if n not in names]
     if missing:
         raise CheckpointError(f"{files.directory}: missing tensor(s) {_few(missing)}; expected e.g. {missing[0]} "
@@ -283,9 +284,10 @@ def check(entries: list[Entry], files: TensorFiles, absent: tuple[str, ...] = ()
             raise CheckpointError(f"{files.where(name)}: tensor {name} has shape {list(found)}, "
                                   f"expected {list(shape)} from config.json{note()}")
         if name in integer:
-            if files.dtype_name(name) != "I8":
+            kind = str(integer[name]).removeprefix("torch.")
+            if files.dtype_name(name) != SAFETENSORS_DTYPE[kind]:
                 raise CheckpointError(f"{files.where(name)}: tensor {name} is {files.dtype_name(name)}; config.json "
-                                      "says it is quantized, so it must be int8 (I8)")
+                                      f"says it is quantized, so it must be {kind} ({SAFETENSORS_DTYPE[kind]})")
         elif files.dtype(name) is None:
             raise CheckpointError(f"{files.where(name)}: tensor {name} is not a floating tensor "
                                   f"({files.dtype_name(name)}); expected float32, float16 or bfloat16")

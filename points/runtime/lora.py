@@ -112,16 +112,25 @@ class LoraLinear(nn.Module):
 
     def merged_weight(self) -> torch.Tensor:
         """The base weight with the update folded in: W[part] + scale * B_p A_p, computed in float32 and
-        rounded once to the weight's dtype (a new tensor; the base's is not written)."""
-        w = self.base.weight.detach().float().clone()
+        rounded once to the weight's dtype (a new tensor; the base's is not written). A quantized base (QLoRA):
+        its dequantized weight, the result in float32."""
+        if _quantized(self.base):
+            w = self.base.dequantized(torch.float32)
+        else:
+            w = self.base.weight.detach().float().clone()
         r, row = self.rank, 0
         for p, (a, b) in enumerate(self.parts):
             w[a:b] += self.scale * (self.lora_b.detach()[row:row + b - a].float() @ self.lora_a.detach()[p * r:(p + 1) * r].float())
             row += b - a
-        return w.to(self.base.weight.dtype)
+        return w if _quantized(self.base) else w.to(self.base.weight.dtype)
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}, parts={self.parts}"
+
+
+def _quantized(layer: nn.Module) -> bool:
+    """An Int8Linear / Int4Linear (points.runtime.quantize): integer codes and a `dequantized()` weight."""
+    return hasattr(layer, "dequantized") and not layer.weight.is_floating_point()
 
 
 def _sites(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, list[tuple[int, int]]]]:
@@ -170,10 +179,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig, *, seed: int | None = None) -> l
         if seed is not None:
             torch.manual_seed(seed)
         for name, parts in _sites(model, cfg.targets):
-            base = model.get_submodule(name)
-            if type(base).__name__ == "Int8Linear":
-                raise ValueError(f"add_lora: {name} is int8-quantized; LoRA needs the float weights "
-                                 "(load without quantize)")
+            base = model.get_submodule(name)  # (a quantized one too: QLoRA, the base frozen in its codes)
             _set(model, name, LoraLinear(base, parts or [(0, base.out_features)], cfg.rank, cfg.alpha, cfg.dropout))
             names.append(name)
     model.lora = cfg
@@ -204,6 +210,10 @@ def merge_lora(model: nn.Module) -> int:
     """Fold every adapter into its base weight and put the plain layer back (in place); returns how many.
     The folded weight is a new tensor (a memory-mapped base file is never written)."""
     layers = lora_layers(model)
+    quantized = [name for name, layer in layers.items() if _quantized(layer.base)]
+    if quantized:
+        raise ValueError(f"merge_lora: {quantized[0]} is quantized ({getattr(model, 'decoder', model).quantization['scheme']}); "
+                         "folding an update into its codes would round it away: merge into the float model")
     for name, layer in layers.items():
         base = layer.base
         base.weight = nn.Parameter(layer.merged_weight(), requires_grad=False)

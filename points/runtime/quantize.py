@@ -1,7 +1,14 @@
-"""Weight-only int8 quantization of the decoder: a module swap on the canonical model, nothing in the math.
+"""Weight-only int8 and int4 quantization of the decoder: a module swap on the canonical model, nothing in the math.
 
-    quantize_decoder(pipe.model.decoder)                 # q/k/v, out, up/gate, down of every layer
+    quantize_decoder(pipe.model.decoder)                 # int8: q/k/v, out, up/gate, down of every layer
     quantize_decoder(pipe.model.decoder, lm_head=True)   # and the output projection
+    quantize_decoder(pipe.model.decoder, "int4")         # int4, groups of 128 with offsets (group_size=, symmetric=)
+
+Scheme "int4" (points.io.quantized): each quantized `nn.Linear` becomes an `Int4Linear` (state `weight`, the
+uint8 codes two a byte, `scale` and `offset` per group, `bias`); its product (`int4_linear`) is, for up to
+INT4_GEMV_ROWS rows on a CPU, this project's kernel `points.kernels.cpu_int4` (the activations rounded to int8
+per 32 inputs, as llama.cpp's q4_0 product does: tools/quantization_quality.py measures what that costs), and
+otherwise the weight dequantized to the activations' dtype and PyTorch's product.
 
 Scheme "int8" (points.io.quantized: what is stored, and which projections): one scale per output channel,
 the layer computes x @ (W8 * scale)^T + bias, i.e. (x @ W8^T) * scale + bias. Activations, norms, rotary and softmax are untouched (float32 where they were);
@@ -44,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from points.io.quantized import check_scheme, quantize_int8, quantized_modules
-from points.kernels import cpu_int8
+from points.io.quantized import dequantize_int4, dequantize_int8, describe, quantize_weight, quantized_modules, stored_tensors
+from points.kernels import cpu_int4, cpu_int8
 
 GEMV_ROWS = 64  # up to this many rows the CPU kernel beats the others (bench_int8: 1.0x int8pack at 64 in bf16)
 TRITON_ROWS = 16  # one tile of the Triton kernel's rows (decode batches); prefills take the dequantize-multiply
@@ -130,20 +137,12 @@ class Int8Linear(nn.Module):
         self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, kernel: str = "auto") -> "Int8Linear":
-        w = linear.weight
-        out = cls(linear.in_features, linear.out_features, linear.bias is not None, w.dtype, device="meta",
-                  kernel=kernel)
-        q, scale = quantize_int8(w)
-        out.weight = nn.Parameter(q, requires_grad=False)
-        out.scale = nn.Parameter(scale, requires_grad=False)
-        if linear.bias is not None:
-            out.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
-        return out
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.weight, self.scale, self.bias, self.kernel)
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight [out, in] it computes with (float32 unless `dtype`)."""
+        return dequantize_int8(self.weight, self.scale, dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
@@ -167,6 +166,80 @@ def cuda_notice(device: torch.device) -> None:
         warnings.warn(CUDA_NOTICE, stacklevel=3)
 
 
+# ----------------------------------------------------------------------------------------------- int4
+
+INT4_KERNELS = ("auto", "gemv", "dequantize")  # auto: the rule of int4_linear; the others force one
+INT4_GEMV_ROWS = 16  # up to this many rows the CPU kernel (tools/bench_int4.py: past them a float product wins)
+
+
+def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                bias: torch.Tensor | None, group_size: int, kernel: str = "auto") -> torch.Tensor:
+    """x [..., in] @ W^T + bias -> [..., out] in x's dtype, W the int4 weight of points.io.quantized (weight:
+    the packed codes). kernel "gemv": points.kernels.cpu_int4 (activations rounded to int8 per 32 inputs);
+    "dequantize": W in x's dtype, then PyTorch's product (what inductor fuses under torch.compile); "auto":
+    gemv for up to INT4_GEMV_ROWS rows on a CPU where it is built, else dequantize."""
+    if kernel == "auto":
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        kernel = "gemv" if x.device.type == "cpu" and rows <= INT4_GEMV_ROWS and cpu_int4.available() else "dequantize"
+    if kernel == "gemv":
+        return cpu_int4.planned(x, weight, scale, offset, bias, group_size, cpu_int4.isa())
+    w = dequantize_int4(weight, scale, offset, x.shape[-1], x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+class Int4Linear(nn.Module):
+    """A Linear whose weight is int4 in groups of `group_size` inputs, with a scale (and, asymmetric, an
+    offset) per group (scheme "int4"). State: `weight` (uint8 codes, two a byte), `scale`, `offset` (None when
+    symmetric), `bias`."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, dtype: torch.dtype = torch.float32,
+                 device=None, *, group_size: int = 128, symmetric: bool = False, kernel: str = "auto"):
+        super().__init__()
+        if kernel not in INT4_KERNELS:
+            raise ValueError(f"int4 kernel {kernel!r}: expected one of {INT4_KERNELS}")
+        self.in_features, self.out_features = in_features, out_features
+        self.group_size, self.symmetric, self.kernel = group_size, symmetric, kernel
+        stored = stored_tensors(describe("int4", group_size=group_size, symmetric=symmetric), out_features, in_features)
+        for name, (shape, dt) in stored.items():
+            setattr(self, name, nn.Parameter(torch.empty(shape, dtype=dt or dtype, device=device), requires_grad=False))
+        if "offset" not in stored:
+            self.register_parameter("offset", None)
+        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return int4_linear(x, self.weight, self.scale, self.offset, self.bias, self.group_size, self.kernel)
+
+    def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight [out, in] it computes with (float32 unless `dtype`)."""
+        return dequantize_int4(self.weight, self.scale, self.offset, self.in_features, dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"int4, group_size={self.group_size}, {'symmetric' if self.symmetric else 'asymmetric'}, "
+                f"kernel={self.kernel}")
+
+
+# ----------------------------------------------------------------------------------------------- the swap
+
+def quantized_layer(quantization: dict, linear: nn.Module, kernel: str = "auto", *, empty: bool = False) -> nn.Module:
+    """The quantized layer `quantization` (points.io.quantized.describe's dict) makes of `linear`: its weight
+    quantized, or (`empty`) the layer's structure only, on the weight's device, to load stored tensors into."""
+    w = linear.weight
+    args = (linear.in_features, linear.out_features, linear.bias is not None, w.dtype)
+    if quantization["scheme"] == "int8":
+        out = Int8Linear(*args, device=w.device if empty else "meta", kernel=kernel)
+    else:
+        out = Int4Linear(*args, device=w.device if empty else "meta", group_size=quantization["group_size"],
+                         symmetric=quantization["symmetric"], kernel=kernel)
+    if not empty:
+        for name, t in quantize_weight(w, quantization).items():
+            setattr(out, name, nn.Parameter(t, requires_grad=False))
+        if linear.bias is not None:
+            out.bias = nn.Parameter(linear.bias.detach(), requires_grad=False)
+    return out
+
+
 def quantized_linears(decoder, lm_head: bool = False) -> list[tuple[nn.Module, str]]:
     """(parent module, attribute) of every projection the scheme quantizes (points.io.quantized), in order."""
     out = []
@@ -176,26 +249,26 @@ def quantized_linears(decoder, lm_head: bool = False) -> list[tuple[nn.Module, s
     return out
 
 
-def quantize_decoder(decoder, scheme: str = "int8", *, lm_head: bool = False, kernel: str = "auto"):
-    """Swap the decoder's projections (and lm_head when asked) for their int8 versions, in place; return the
-    decoder. The float weights are let go one layer at a time (a mapped file's pages are not read twice).
-    kernel: the product's, "auto" (the rule above) or one of KERNELS forced."""
-    check_scheme(scheme)
-    if isinstance(decoder.layers[0].attn.qkv, Int8Linear):
+def quantize_decoder(decoder, scheme: str = "int8", *, lm_head: bool = False, kernel: str = "auto",
+                     group_size: int | None = None, symmetric: bool | None = None):
+    """Swap the decoder's projections (and lm_head when asked) for their quantized versions (scheme "int8", or
+    "int4" with group_size 32 / 64 / 128, default 128, and symmetric), in place; return the decoder. The float
+    weights are let go one layer at a time (a mapped file's pages are not read twice). kernel: the product's,
+    "auto" or one of the scheme's kernels forced."""
+    quantization = describe(scheme, lm_head, group_size, symmetric)
+    if isinstance(decoder.layers[0].attn.qkv, (Int8Linear, Int4Linear)):
         raise ValueError("quantize_decoder: this decoder is already quantized")
     cuda_notice(decoder.embed.weight.device)
     for parent, name in quantized_linears(decoder, lm_head):
-        setattr(parent, name, Int8Linear.from_linear(getattr(parent, name), kernel))
-    decoder.quantization = {"scheme": scheme, "lm_head": lm_head}
+        setattr(parent, name, quantized_layer(quantization, getattr(parent, name), kernel))
+    decoder.quantization = quantization
     return decoder
 
 
-def int8_skeleton(decoder, *, lm_head: bool = False):
+def quantized_skeleton(decoder, quantization: dict):
     """The module structure of a quantized decoder without computing anything (on the meta device, for
-    loading a quantized checkpoint's tensors into): every quantized Linear becomes an empty Int8Linear."""
-    for parent, name in quantized_linears(decoder, lm_head):
-        lin = getattr(parent, name)
-        setattr(parent, name, Int8Linear(lin.in_features, lin.out_features, lin.bias is not None, lin.weight.dtype,
-                                         device=lin.weight.device))
-    decoder.quantization = {"scheme": "int8", "lm_head": lm_head}
+    loading a quantized checkpoint's tensors into): every quantized Linear becomes an empty quantized layer."""
+    for parent, name in quantized_linears(decoder, quantization["lm_head"]):
+        setattr(parent, name, quantized_layer(quantization, getattr(parent, name), empty=True))
+    decoder.quantization = quantization
     return decoder

@@ -11,7 +11,7 @@ import time
 
 from points.errors import Terminated
 from points.tooling.options import (add_generation_options, add_preset_option, add_weight_options, check_image,
-                                    check_preset, check_weight_options, exit_code, generation_kwargs)
+                                    check_preset, check_weight_options, exit_code, generation_kwargs, quantize_options)
 
 
 class _StopOnInterrupt:
@@ -152,8 +152,8 @@ def _chat(args) -> int:
     preset = check_preset(args.model, args.preset)
     # --image with a preset that has a prompt (reader) and no --prompt: one reply, to the images and that prompt
     prompt_only = args.prompt is None and bool(images) and preset is not None and preset.prompt is not None
-    pipe = points.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                       quantize_lm_head=args.quantize_lm_head or None, prefix_cache=not args.no_prefix_cache,
+    pipe = points.load(args.model, device=args.device, dtype=args.dtype,
+                       **quantize_options(args), prefix_cache=not args.no_prefix_cache,
                        compile=args.compile)
     session = _Session(pipe, gen, images, preset=args.preset, interactive=args.prompt is None and not prompt_only,
                        verbose=args.verbose)

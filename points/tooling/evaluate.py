@@ -34,7 +34,8 @@ import sys
 from pathlib import Path
 
 from points.tooling.jobs import Item, Job, drive, generating_pipeline
-from points.tooling.options import add_job_options, add_prefill_option, check_weight_options, exit_code
+from points.tooling.options import (add_job_options, add_prefill_option, check_weight_options, exit_code,
+                                    quantize_record)
 
 MODEL_NAME = "POINTSV15-Qwen-2.5-7B-Chat"  # vlmeval/config.py: points_series
 RESULTS = ("reply",)
@@ -129,8 +130,8 @@ def _evaluate(args, argv) -> int:
             for block in iter(lambda: f.read(1 << 20), b""):
                 digest.update(block)
         return {"model": str(Path(args.model).resolve()), "data_sha256": digest.hexdigest(), "benchmark": name,
-                "kind": bench.kind, "dtype": args.dtype, "quantize": args.quantize,
-                "quantize_lm_head": args.quantize_lm_head, "gen": gen}
+                "kind": bench.kind, "dtype": args.dtype, **quantize_record(args),
+                "gen": gen}
 
     load = generating_pipeline(args)
 
@@ -151,7 +152,7 @@ def _evaluate(args, argv) -> int:
         report = {"benchmark": name, "kind": bench.kind, "score": None if result is None else result.get("score"),
                   "scores": result, "rows": len(rows), "failed": sum("error" in r for r in records),
                   "model": str(Path(args.model).resolve()), "model_name": args.model_name, "dtype": args.dtype,
-                  "quantize": args.quantize, "quantize_lm_head": bool(args.quantize_lm_head),
+                  **quantize_record(args),
                   "predictions": str(tsv), "command": " ".join(["points", "eval", *(argv or sys.argv[2:])])}
         if result is None:
             report["note"] = (f"{name} is scored by a judge model in VLMEvalKit: run its evaluator on {tsv.name} "

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 
 from points.io.atomic import write_bytes_atomically
 from points.io.outputs import check_output
-from points.tooling.options import add_weight_options, check_image, check_weight_options, exit_code
+from points.tooling.options import add_weight_options, check_image, check_weight_options, exit_code, quantize_options
 
 if TYPE_CHECKING:  # (imported where they run: `points explain --help` and a bad flag answer without them)
     import numpy as np
@@ -170,8 +170,8 @@ def explain(args, layers) -> int:
     import points
     from points.io.processor import open_image
 
-    pipe = points.load(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
-                       quantize_lm_head=args.quantize_lm_head or None)
+    pipe = points.load(args.model, device=args.device, dtype=args.dtype,
+                       **quantize_options(args))
     messages = [{"role": "user", "content": [{"type": "image", "image": args.image},
                                              {"type": "text", "text": args.prompt}]}]
     request = pipe.submit(messages, max_new_tokens=args.max_new_tokens)

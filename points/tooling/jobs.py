@@ -21,7 +21,7 @@ from points.errors import Terminated, WriteError
 from points.io.atomic import sigterm_raises, write_text_atomically
 from points.io.outputs import OutputError, OutputLock, check_output
 from points.io.progress import Progress
-from points.tooling.options import progress_enabled
+from points.tooling.options import progress_enabled, quantize_options
 
 if TYPE_CHECKING:  # (torch is imported where it runs: the commands' --help reads this module first)
     import torch
@@ -382,8 +382,8 @@ def generating_pipeline(args):
     def load(dist):
         import points
 
-        return points.load(args.model, device=dist.device, dtype=args.dtype, quantize=args.quantize,
-                           quantize_lm_head=args.quantize_lm_head or None, compile=args.compile,
+        return points.load(args.model, device=dist.device, dtype=args.dtype,
+                           **quantize_options(args), compile=args.compile,
                            max_batch=args.batch_size, max_prefill_tokens=args.max_prefill_tokens)
     return load
 

@@ -66,7 +66,8 @@ from points.io.progress import Progress
 from points.tooling.jobs import Item, Job, Journal, RunError, drive, generating_pipeline, on_scheduler
 from points.tooling.jobs import read_records as _read_records
 from points.tooling.options import (GENERATION_OPTIONS, add_generation_options, add_job_options,
-                                    add_prefill_option, check_weight_options, exit_code, generation_kwargs)
+                                    add_prefill_option, check_weight_options, exit_code, generation_kwargs,
+                                    quantize_record)
 
 RESULTS = ("document", "page", "status", "tokens", "seconds", "width", "height", "attempts", "text")
 OUT_NAME = "pages.jsonl"
@@ -363,7 +364,7 @@ def main(argv=None) -> int:
         defaults = {name: getattr(GenerationConfig, name) for name in GENERATION_OPTIONS}
         return {"model": str(Path(args.model).resolve()), "documents_sha256": digest, "pages": args.pages,
                 "dpi": args.dpi or DPI, "max_pixels": args.max_pixels, "prompt": prompt, "dtype": args.dtype,
-                "quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head,
+                **quantize_record(args),
                 "gen": defaults | settings(args)}
 
     load = generating_pipeline(args)

@@ -1,7 +1,7 @@
 """The command-line options several commands share, declared once (`points chat`, `run`, `convert`,
 `bench`), and the checks that go with them.
 
-    add_weight_options(p)             # --dtype, --quantize, --quantize-lm-head (and --device unless device=None)
+    add_weight_options(p)             # --dtype, --quantize, --quantize-lm-head, --group-size, --symmetric (and --device)
     add_generation_options(p)         # --max-new-tokens, --temperature, --top-p, --top-k, --repetition-penalty, --seed
     add_preset_option(p)              # --preset NAME (a preset of the checkpoint's family member)
     args = p.parse_args(argv); check_weight_options(p, args)
@@ -15,7 +15,7 @@ from typing import Callable
 
 from points.errors import WriteError
 from points.io.config import DTYPE_NAMES
-from points.io.quantized import SCHEMES
+from points.io.quantized import INT4_GROUP, INT4_GROUPS, SCHEMES
 
 
 def add_weight_options(p: argparse.ArgumentParser, *, device: str | None = "cpu", dtype: str | None = None,
@@ -27,14 +27,34 @@ def add_weight_options(p: argparse.ArgumentParser, *, device: str | None = "cpu"
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=dtype,
                    help="default: %(default)s" if dtype else "default: the checkpoint's")
     p.add_argument("--quantize", choices=list(SCHEMES), default=None,
-                   help="weight-only int8 decoder projections (per-channel scales; a checkpoint converted with "
-                        "--quantize is quantized already)")
+                   help="weight-only decoder projections: int8 (a scale per output channel) or int4 (a scale and "
+                        "an offset per group of inputs); a checkpoint converted with --quantize is quantized already")
     p.add_argument("--quantize-lm-head", action="store_true", help="with --quantize: lm_head too")
+    p.add_argument("--group-size", type=int, choices=list(INT4_GROUPS), default=None,
+                   help=f"with --quantize int4: inputs per scale (default {INT4_GROUP})")
+    p.add_argument("--symmetric", action="store_true", default=None,
+                   help="with --quantize int4: a scale per group and no offset")
 
 
 def check_weight_options(p: argparse.ArgumentParser, args) -> None:
     if args.quantize_lm_head and not args.quantize:
-        p.error("--quantize-lm-head needs --quantize int8")
+        p.error("--quantize-lm-head needs --quantize int8 or int4")
+    for flag, value in (("--group-size", args.group_size), ("--symmetric", args.symmetric)):
+        if value is not None and args.quantize != "int4":
+            p.error(f"{flag} needs --quantize int4")
+
+
+def quantize_record(args) -> dict:
+    """The weight options as a journal's or a report's settings record them (int4's only where given, so that
+    a journal written before they existed still matches)."""
+    extra = {k: v for k, v in (("group_size", args.group_size), ("symmetric", args.symmetric)) if v is not None}
+    return {"quantize": args.quantize, "quantize_lm_head": bool(args.quantize_lm_head)} | extra
+
+
+def quantize_options(args) -> dict:
+    """The weight options as `points.load` / `points.convert` keywords (None where not given)."""
+    return {"quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head or None,
+            "quantize_group_size": args.group_size, "quantize_symmetric": args.symmetric}
 
 
 GENERATION_OPTIONS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed",

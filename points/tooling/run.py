@@ -66,7 +66,7 @@ from points.tooling.jobs import read_items as _read_items
 from points.tooling.jobs import read_records as _read_records
 from points.tooling.options import (GENERATION_OPTIONS, add_generation_options, add_job_options, add_prefill_option,
                                     add_preset_option, check_preset, check_weight_options, exit_code,
-                                    generation_kwargs)
+                                    generation_kwargs, quantize_record)
 
 # generation fields an input line may carry for itself, over the command's (--max-new-tokens etc.)
 ITEM_FIELDS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "seed", "stop",
@@ -97,8 +97,7 @@ def run_key(args, items: list[Item]) -> dict:
     digest = hashlib.sha256(json.dumps([[it.id, it.messages, it.fields] for it in items], sort_keys=True).encode()).hexdigest()
     defaults = {name: getattr(GenerationConfig, name) for name in GENERATION_OPTIONS}
     return {"model": str(Path(args.model).resolve()), "input_sha256": digest, "dtype": args.dtype,
-            "quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head,
-            "gen": defaults | generation_kwargs(args), "preset": args.preset}
+            **quantize_record(args), "gen": defaults | generation_kwargs(args), "preset": args.preset}
 
 
 def process(pipe, items: list[Item], gen: dict, journal: Journal, progress: Progress | None,

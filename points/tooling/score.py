@@ -36,7 +36,8 @@ from points.io.atomic import write_text_atomically
 from points.io.progress import Progress
 from points.tooling.jobs import (Item, Job, Journal, RunError, add_dataset_options, drive, item_error, item_errors,
                                  read_items)
-from points.tooling.options import add_progress_option, add_weight_options, check_weight_options, exit_code
+from points.tooling.options import (add_progress_option, add_weight_options, check_weight_options, exit_code,
+                                    quantize_options, quantize_record)
 
 RESULTS = ("tokens", "logprob", "perplexity")
 
@@ -57,7 +58,7 @@ def run_key(args, items: list[Item]) -> dict:
     digest = hashlib.sha256(json.dumps([[it.id, it.messages, it.fields["reply"]] for it in items],
                                        sort_keys=True).encode()).hexdigest()
     return {"command": "score", "model": str(Path(args.model).resolve()), "input_sha256": digest,
-            "dtype": args.dtype, "quantize": args.quantize, "quantize_lm_head": args.quantize_lm_head, "end": True}
+            "dtype": args.dtype, **quantize_record(args), "end": True}
 
 
 def _record(it: Item, s) -> dict:
@@ -127,8 +128,8 @@ def main(argv=None) -> int:
     def load(dist):
         import points
 
-        return points.load(args.model, device=dist.device, dtype=args.dtype, quantize=args.quantize,
-                           quantize_lm_head=args.quantize_lm_head or None)
+        return points.load(args.model, device=dist.device, dtype=args.dtype,
+                           **quantize_options(args))
 
     def work(pipe, share, journal, progress):
         process(pipe, share, args.batch_size, journal, progress)

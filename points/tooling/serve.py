@@ -164,12 +164,12 @@ def build(options: dict) -> Server:
     """The pipeline and the app's state from `points serve`'s options (as a dict: it travels to Ray replicas)."""
     import points
 
-    from points.tooling.options import check_preset
+    from points.tooling.options import check_preset, quantize_options
 
     o = argparse.Namespace(**options)
     check_preset(o.model, o.preset)  # (before the weights load)
-    pipe = points.load(o.model, device=o.device, dtype=o.dtype, quantize=o.quantize,
-                       quantize_lm_head=o.quantize_lm_head or None, compile=o.compile,
+    pipe = points.load(o.model, device=o.device, dtype=o.dtype,
+                       **quantize_options(o), compile=o.compile,
                        prefix_cache=not o.no_prefix_cache, max_batch=o.max_batch,
                        vision_cache_mb=o.vision_cache_mb, max_prefill_tokens=o.max_prefill_tokens,
                        speculative=o.speculative)

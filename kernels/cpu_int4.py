@@ -1,0 +1,151 @@
+"""The int4 weight-only product for a few rows on the CPU (`int4_gemv.cpp`), compiled on first use, through ctypes.
+
+    from points.kernels import cpu_int4
+    if cpu_int4.available():
+        y = cpu_int4.int4_gemv(x, packed, scale, offset, group_size=128)   # points.io.quantized's int4 format
+
+x [..., K] float32 / bfloat16 / float16 on the CPU; packed uint8 [N, groups * group_size / 2], scale and
+offset [N, groups] (offset None: the symmetric scheme). The activations are rounded to int8 per block of 32
+inputs inside the call (`quantize_activations` is that rounding, in PyTorch, for tests and tools), as
+llama.cpp's q4_0 x q8_0 product does; the sums are exact in int32 within a block, float32 across blocks.
+
+Optional, as `cpu_int8` (the same build: `cpu_build`). The instruction set follows the CPU's flags, a rule
+and not a timing (no busy moment can spoil it): AVX-512 VNNI (vpdpbusd) where the CPU has it, AVX-512BW
+where it has that, AVX2 elsewhere (`isa()`; `POINTS_INT4_ISA=avx2|avx512|avx512_vnni` forces a lower one,
+for tests and benchmarks; tools/bench_int4.py times each). Registered as the custom op `points::int4_gemv`,
+one opaque call in a compiled step.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import torch
+
+from points.kernels import cpu_build
+
+SOURCE = Path(__file__).with_name("int4_gemv.cpp")
+ISAS = ("avx2", "avx512", "avx512_vnni")
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+BLOCK = 32  # inputs per activation scale
+
+
+def _setup(lib: ctypes.CDLL) -> None:
+    fn = lib.points_int4_gemv
+    fn.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p]
+                   + [ctypes.c_int] * 2 + [ctypes.c_int64] * 4)
+    fn.restype = ctypes.c_int
+
+
+_library = cpu_build.Library(SOURCE, _setup)
+
+
+def available() -> bool:
+    return _library.available()
+
+
+def reason() -> str | None:
+    """Why the kernel is not available (None when it is)."""
+    return _library.reason()
+
+
+def isa() -> str:
+    """The instruction set the products run on: the best the CPU reports, or POINTS_INT4_ISA (a lower one)."""
+    flags = cpu_build.cpu_flags()
+    best = ("avx512_vnni" if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags else
+            "avx512" if {"avx512f", "avx512bw", "avx512vl"} <= flags else "avx2")
+    forced = os.environ.get("POINTS_INT4_ISA")
+    if forced in ISAS and ISAS.index(forced) <= ISAS.index(best):
+        return forced
+    return best
+
+
+def isas() -> tuple[str, ...]:
+    """Every instruction set this CPU can run the kernel on (tests run each)."""
+    return ISAS[:ISAS.index(isa()) + 1]
+
+
+def _run(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+         bias: torch.Tensor | None, group_size: int, which: str) -> torch.Tensor:
+    lib = _library.get()
+    if lib is None:
+        raise RuntimeError(f"points::int4_gemv is not available: {reason()}")
+    n, k = packed.shape[0], x.shape[-1]
+    # bound to names, so that a copy lives until the call returns
+    x2, packed, scale = x.reshape(-1, k).contiguous(), packed.contiguous(), scale.contiguous()
+    offset = None if offset is None else offset.to(scale.dtype).contiguous()
+    bias = None if bias is None else bias.to(scale.dtype).contiguous()
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    lib.points_int4_gemv(x2.data_ptr(), DTYPE_CODES[x.dtype], packed.data_ptr(), scale.data_ptr(),
+                         None if offset is None else offset.data_ptr(), None if bias is None else bias.data_ptr(),
+                         DTYPE_CODES[scale.dtype], y.data_ptr(), DTYPE_CODES[y.dtype], ISAS.index(which),
+                         x2.shape[0], n, k, group_size)
+    return y.view(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("points::int4_gemv", mutates_args=())
+def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+                  bias: torch.Tensor | None, group_size: int, which: str) -> torch.Tensor:
+    return _run(x, packed, scale, offset, bias, group_size, which)
+
+
+@_int4_gemv_op.register_fake
+def _(x, packed, scale, offset, bias, group_size, which):
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+def check_int4_args(name: str, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                    offset: torch.Tensor | None, bias: torch.Tensor | None, group_size: int) -> None:
+    """One-line ValueErrors naming the product and what it expected (the int4 format of points.io.quantized)."""
+    k = x.shape[-1]
+    groups = -(-k // group_size) if group_size in (32, 64, 128) else 0
+    if not groups:
+        raise ValueError(f"{name}: group_size must be 32, 64 or 128, got {group_size!r}")
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != groups * group_size // 2:
+        raise ValueError(f"{name}: packed uint8 [N, {groups * group_size // 2}] expected for {k} inputs in groups "
+                         f"of {group_size}, got {packed.dtype} {list(packed.shape)}")
+    want = (packed.shape[0], groups)
+    if scale.shape != want or (offset is not None and offset.shape != want):
+        raise ValueError(f"{name}: scale and offset {list(want)} expected, got {list(scale.shape)} and "
+                         f"{None if offset is None else list(offset.shape)}")
+    if bias is not None and bias.shape != (packed.shape[0],):
+        raise ValueError(f"{name}: bias [{packed.shape[0]}] expected, got {list(bias.shape)}")
+    if x.dtype not in DTYPE_CODES or scale.dtype not in DTYPE_CODES:
+        raise ValueError(f"{name}: x and scale in float32, bfloat16 or float16, got {x.dtype} and {scale.dtype}")
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
+              bias: torch.Tensor | None = None, *, group_size: int = 128, which: str | None = None) -> torch.Tensor:
+    """x [..., K] @ W^T + bias -> [..., N] in x's dtype, W the int4 weight (q * scale + offset, or
+    (q - 8) * scale without offsets) and x rounded to int8 per 32 inputs (see the module). `which`: one of
+    `isas()` (default `isa()`). Under torch.compile it is the custom op `points::int4_gemv`, unchecked."""
+    which = which or isa()
+    if torch.compiler.is_compiling():
+        return torch.ops.points.int4_gemv(x, packed, scale, offset, bias, group_size, which)
+    if x.device.type != "cpu" or packed.device.type != "cpu":
+        raise ValueError(f"int4_gemv: CPU tensors expected, got x on {x.device}, weights on {packed.device}")
+    check_int4_args("int4_gemv", x, packed, scale, offset, bias, group_size)
+    if which not in isas():
+        raise ValueError(f"int4_gemv: which = {which!r}, expected one of {isas()} (what this CPU has)")
+    return _run(x, packed, scale, offset, bias, group_size, which)
+
+
+def planned(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
+            bias: torch.Tensor | None, group_size: int, which: str) -> torch.Tensor:
+    """int4_gemv without its checks, for a layer that made them once (Int4Linear: shapes fixed at the swap)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.points.int4_gemv(x, packed, scale, offset, bias, group_size, which)
+    return _run(x, packed, scale, offset, bias, group_size, which)
+
+
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] as the kernel sees it, in float64: per block of 32 inputs (zero-padded to a whole block),
+    xs = max |x| / 127 in float32 and round(x / xs) (half to even), times xs. For tests and tools."""
+    k = x.shape[-1]
+    pad = -k % BLOCK
+    v = torch.nn.functional.pad(x.float(), (0, pad)).reshape(*x.shape[:-1], -1, BLOCK)
+    xs = v.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(xs > 0, torch.round(v / torch.where(xs > 0, xs, 1)), 0)
+    return (q.double() * xs.double()).reshape(*x.shape[:-1], -1)[..., :k]
