@@ -51,8 +51,18 @@ def reason() -> str | None:
     return _library.reason()
 
 
+_ISA: list[str] = []  # isa(), decided once per process
+
+
 def isa() -> str:
-    """The instruction set the products run on: the best the CPU reports, or POINTS_INT4_ISA (a lower one)."""
+    """The instruction set the products run on: the best the CPU reports, or POINTS_INT4_ISA (a lower one);
+    decided on the first call (before any torch.compile trace: `points.runtime.quantize` asks at the swap)."""
+    if not _ISA:
+        _ISA.append(_best_isa())
+    return _ISA[0]
+
+
+def _best_isa() -> str:
     flags = cpu_build.cpu_flags()
     best = ("avx512_vnni" if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags else
             "avx512" if {"avx512f", "avx512bw", "avx512vl"} <= flags else "avx2")
@@ -64,7 +74,7 @@ def isa() -> str:
 
 def isas() -> tuple[str, ...]:
     """Every instruction set this CPU can run the kernel on (tests run each)."""
-    return ISAS[:ISAS.index(isa()) + 1]
+    return ISAS[:ISAS.index(_best_isa()) + 1]
 
 
 def _run(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,

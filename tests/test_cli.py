@@ -82,6 +82,18 @@ def test_convert_and_chat_quantized(official_dir, e2e_dir, tmp_path):
     assert run.returncode == 2 and "already quantized" in run.stderr
     run = _run("chat", "--model", str(e2e_dir), "--prompt", "Hi", "--max-new-tokens", "4", "--quantize", "int8")
     assert run.returncode == 0, run.stderr
+    run = _run("convert", str(official_dir), str(tmp_path / "q4"), "--quantize", "int4", "--group-size", "64",
+               "--symmetric")
+    assert run.returncode == 0, run.stderr
+    assert json.loads((tmp_path / "q4" / "config.json").read_text())["quantization"] == {
+        "scheme": "int4", "lm_head": False, "group_size": 64, "symmetric": True}
+    for flags, error in ((["--quantize", "int8", "--group-size", "64"], "--group-size needs --quantize int4"),
+                         (["--symmetric"], "--symmetric needs --quantize int4"),
+                         (["--quantize", "int4", "--group-size", "48"], "argument --group-size: invalid choice: 48")):
+        run = _run("convert", str(official_dir), str(tmp_path / "z"), *flags)
+        assert run.returncode == 2 and error in run.stderr, run.stderr
+    run = _run("chat", "--model", str(e2e_dir), "--prompt", "Hi", "--max-new-tokens", "4", "--quantize", "int4")
+    assert run.returncode == 0, run.stderr
 
 
 def test_console_script_entry_point_resolves():

@@ -253,31 +253,39 @@ def test_quantized_decoder_within_the_measured_bound(official_dir, lm_head):
     assert 0 < err <= LOGIT_BOUND[lm_head], err
 
 
+SCHEMES = {"int8": {"quantize": "int8"}, "int4": {"quantize": "int4", "quantize_group_size": 32},
+           "int4-symmetric": {"quantize": "int4", "quantize_symmetric": True}}
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
 @torch.no_grad()
-def test_convert_then_load_equals_load_time_quantization(official_dir, tmp_path):
-    out = points.convert(official_dir, tmp_path / "q8", quantize="int8")
+def test_convert_then_load_equals_load_time_quantization(official_dir, tmp_path, scheme):
+    asked = SCHEMES[scheme]
+    out = points.convert(official_dir, tmp_path / "q", **asked)
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization"] == {"scheme": "int8", "lm_head": False}
+    assert config["quantization"] == quantized.describe(asked["quantize"], False, asked.get("quantize_group_size"),
+                                                        asked.get("quantize_symmetric"))
     loaded = points.load_decoder(out)
-    quantized = points.load_decoder(official_dir, quantize="int8")
-    assert loaded.state_dict().keys() == quantized.state_dict().keys()
-    for name, t in quantized.state_dict().items():
+    quantized_ = points.load_decoder(official_dir, **asked)
+    assert loaded.state_dict().keys() == quantized_.state_dict().keys()
+    for name, t in quantized_.state_dict().items():
         assert torch.equal(loaded.state_dict()[name], t), name
     tokens = torch.randint(0, 1000, (2, 17), generator=torch.Generator().manual_seed(3))
-    assert torch.equal(loaded(tokens), quantized(tokens))
+    assert torch.equal(loaded(tokens), quantized_(tokens))
     # the same scheme asked again is what is stored: fine
-    assert torch.equal(points.load_decoder(out, quantize="int8")(tokens), quantized(tokens))
+    assert torch.equal(points.load_decoder(out, **asked)(tokens), quantized_(tokens))
 
 
 @needs_proc_maps
-def test_quantized_checkpoint_is_mapped_not_copied(official_dir, tmp_path):
-    """Loaded on the CPU in its stored dtype, every int8 weight and scale is the file's bytes."""
-    out = points.convert(official_dir, tmp_path / "q8", quantize="int8", quantize_lm_head=True)
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_checkpoint_is_mapped_not_copied(official_dir, tmp_path, scheme):
+    """Loaded on the CPU in its stored dtype, every quantized weight, scale and offset is the file's bytes."""
+    out = points.convert(official_dir, tmp_path / "q", quantize_lm_head=True, **SCHEMES[scheme])
     decoder = points.load_decoder(out)
     maps = _file_maps(out)
     assert maps and all(_mapped(p, maps) for p in decoder.parameters())
-    int8 = sum(p.nbytes for p in decoder.parameters() if p.dtype == torch.int8)
-    assert int8 > 0.5 * sum(p.nbytes for p in decoder.parameters())
+    codes = sum(p.nbytes for p in decoder.parameters() if p.dtype in (torch.int8, torch.uint8))
+    assert codes > (0.5 if scheme == "int8" else 0.25) * sum(p.nbytes for p in decoder.parameters())
 
 
 def test_quantized_weights_take_a_quarter_of_fp32_on_disk(official_dir, tmp_path):
@@ -392,10 +400,11 @@ def test_int4_errors(official_dir, tmp_path):
 
 
 @pytest.mark.parametrize("member", ["points-1.5", "reader-tiny"])
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("lm_head", [False, True])
 @pytest.mark.parametrize("dtype", [None, torch.bfloat16])
 @torch.no_grad()
-def test_load_time_quantization_is_the_module_swap(official_dir, tmp_path, member, lm_head, dtype):
+def test_load_time_quantization_is_the_module_swap(official_dir, tmp_path, member, scheme, lm_head, dtype):
     """`quantize="int8"` quantizes each weight as it is read (the float weights are never whole): the same
     int8 rows, scales and float tensors as loading the float decoder and swapping its modules afterwards
     (`quantize_decoder`), for the released layout (a view of the map, or a cast when `dtype` differs) and a
@@ -404,10 +413,13 @@ def test_load_time_quantization_is_the_module_swap(official_dir, tmp_path, membe
 
     d = official_dir if member == "points-1.5" else write_checkpoint(tmp_path / "reader", member,
                                                                     dtype=torch.float32, tokenizer="bytes")
-    swapped = qz.quantize_decoder(points.load_decoder(d, dtype=dtype), lm_head=lm_head)
-    read = points.load_decoder(d, dtype=dtype, quantize="int8", quantize_lm_head=lm_head)
-    assert read.quantization == swapped.quantization == {"scheme": "int8", "lm_head": lm_head}
-    assert isinstance(read.lm_head, qz.Int8Linear) is lm_head and isinstance(read.layers[0].attn.qkv, qz.Int8Linear)
+    asked = SCHEMES[scheme]
+    swapped = qz.quantize_decoder(points.load_decoder(d, dtype=dtype), asked["quantize"], lm_head=lm_head,
+                                  group_size=asked.get("quantize_group_size"), symmetric=asked.get("quantize_symmetric"))
+    read = points.load_decoder(d, dtype=dtype, quantize_lm_head=lm_head, **asked)
+    assert read.quantization == swapped.quantization and read.quantization["scheme"] == asked["quantize"]
+    layer = qz.Int8Linear if scheme == "int8" else qz.Int4Linear
+    assert isinstance(read.lm_head, layer) is lm_head and isinstance(read.layers[0].attn.qkv, layer)
     a, b = swapped.state_dict(), read.state_dict()
     assert a.keys() == b.keys()
     for name, t in a.items():

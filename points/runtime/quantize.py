@@ -259,15 +259,24 @@ def quantize_decoder(decoder, scheme: str = "int8", *, lm_head: bool = False, ke
     if isinstance(decoder.layers[0].attn.qkv, (Int8Linear, Int4Linear)):
         raise ValueError("quantize_decoder: this decoder is already quantized")
     cuda_notice(decoder.embed.weight.device)
+    _decide_kernels(quantization)
     for parent, name in quantized_linears(decoder, lm_head):
         setattr(parent, name, quantized_layer(quantization, getattr(parent, name), kernel))
     decoder.quantization = quantization
     return decoder
 
 
+def _decide_kernels(quantization: dict) -> None:
+    """Build (or find in the cache) the CPU kernel and decide its instruction set now, outside any
+    torch.compile trace of the step that will call it."""
+    if quantization["scheme"] == "int4" and cpu_int4.available():
+        cpu_int4.isa()
+
+
 def quantized_skeleton(decoder, quantization: dict):
     """The module structure of a quantized decoder without computing anything (on the meta device, for
     loading a quantized checkpoint's tensors into): every quantized Linear becomes an empty quantized layer."""
+    _decide_kernels(quantization)
     for parent, name in quantized_linears(decoder, quantization["lm_head"]):
         setattr(parent, name, quantized_layer(quantization, getattr(parent, name), empty=True))
     decoder.quantization = quantization

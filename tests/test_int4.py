@@ -1,0 +1,172 @@
+"""Weight-only int4 (points.io.quantized, points.runtime.quantize.Int4Linear, points.kernels.cpu_int4): the CPU
+kernel on every instruction set this CPU has against the float64 product of the dequantized weights and the
+int8-rounded activations, and against the float activations; the layer's kernels against each other; the
+compiled step against the eager one; an engine batch against its rows alone; LoRA on an int4 base (QLoRA).
+The scheme's loading and converting share tests/test_quantize.py's, parametrized by scheme."""
+
+import pytest
+import torch
+
+import points
+from points.io.quantized import dequantize_int4, quantize_int4
+from points.kernels import cpu_int4
+from points.runtime import quantize as qz
+from points.runtime.engine import Engine
+from points.runtime.sampling import Picker
+from points.tooling.measure import engine_generate
+
+needs_kernel = pytest.mark.skipif(not cpu_int4.available(), reason=f"points.kernels.cpu_int4: {cpu_int4.reason()}")
+ISAS = cpu_int4.isas() if cpu_int4.available() else ()
+
+
+def _case(rows, n, k, group, symmetric, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    x = (torch.randn(rows, k, generator=g) * 3).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    packed, scale, offset = quantize_int4(w, group, symmetric=symmetric)
+    return x, packed, scale, offset, b, dequantize_int4(packed, scale, offset, k, torch.float64)
+
+
+@needs_kernel
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows,n,k,group,symmetric,bias", [
+    (1, 37, 200, 32, False, True), (3, 64, 256, 64, True, False), (5, 17, 1000, 128, False, True),
+    (4, 33, 77, 32, True, True), (1, 8, 7, 128, False, False), (9, 50, 640, 64, False, True),
+    (2, 300, 384, 128, True, True)])
+def test_kernel_equals_the_float64_product_of_what_it_rounds(isa, dtype, rows, n, k, group, symmetric, bias):
+    """y = round_once( quantize_activations(x) @ W^T + b ), W dequantized in float64: within float32 summation
+    and one rounding to the output dtype. Odd sizes (7, 77 inputs: padding inside the last group; 37, 17
+    outputs), both schemes, 1-9 rows (the four-row blocks and each remainder)."""
+    x, packed, scale, offset, b, w64 = _case(rows, n, k, group, symmetric, dtype, bias)
+    y = cpu_int4.int4_gemv(x, packed, scale, offset, b, group_size=group, which=isa)
+    assert y.dtype == dtype and y.shape == (rows, n)
+    xq = cpu_int4.quantize_activations(x)
+    ref = xq @ w64.T + (0 if b is None else b.double())
+    magnitude = xq.abs() @ w64.abs().T
+    tol = torch.finfo(dtype).eps * ref.abs() + 1e-6 * magnitude + 1e-30
+    assert ((y.double() - ref).abs() <= tol).all(), (y.double() - ref).abs().max().item()
+
+
+@needs_kernel
+def test_kernel_error_against_the_float_activations_is_the_activation_rounding():
+    """Against float x, the only other error is x's rounding: per block of 32 at most half of max|x| / 127,
+    so |y - x @ W^T| <= sum over k of that half step * |W|."""
+    x, packed, scale, offset, b, w64 = _case(3, 40, 256, 128, False, torch.float32, False, seed=5)
+    y = cpu_int4.int4_gemv(x, packed, scale, offset, group_size=128)
+    step = x.reshape(3, -1, 32).abs().amax(-1, keepdim=True).double() / 127 / 2
+    bound = step.expand(3, 8, 32).reshape(3, 256) @ w64.abs().T
+    err = (y.double() - x.double() @ w64.T).abs()
+    assert (err <= bound * 1.0001 + 1e-5).all() and err.max() > 0
+
+
+@needs_kernel
+def test_kernel_checks_its_arguments():
+    x, packed, scale, offset, b, _ = _case(2, 16, 128, 64, False, torch.float32, True)
+    with pytest.raises(ValueError, match=r"int4_gemv: packed uint8 \[N, 64\] expected for 128 inputs in groups of 64"):
+        cpu_int4.int4_gemv(x, packed[:, :32], scale, offset, group_size=64)
+    with pytest.raises(ValueError, match="int4_gemv: group_size must be 32, 64 or 128, got 48"):
+        cpu_int4.int4_gemv(x, packed, scale, offset, group_size=48)
+    with pytest.raises(ValueError, match=r"int4_gemv: scale and offset \[16, 2\] expected"):
+        cpu_int4.int4_gemv(x, packed, scale[:, :1], offset, group_size=64)
+    with pytest.raises(ValueError, match=r"int4_gemv: bias \[16\] expected"):
+        cpu_int4.int4_gemv(x, packed, scale, offset, b[:3], group_size=64)
+    with pytest.raises(ValueError, match="int4_gemv: x and scale in float32, bfloat16 or float16"):
+        cpu_int4.int4_gemv(x.double(), packed, scale, offset, group_size=64)
+    with pytest.raises(ValueError, match="int4_gemv: which = 'sse'"):
+        cpu_int4.int4_gemv(x, packed, scale, offset, group_size=64, which="sse")
+
+
+@pytest.mark.parametrize("kernel", [pytest.param("gemv", marks=needs_kernel), "dequantize"])
+@torch.no_grad()
+def test_layer_kernels_against_the_dequantized_weight(kernel):
+    """Int4Linear's products: "dequantize" is the float product of the dequantized weight (to the last bit of
+    F.linear in float32), "gemv" that with the activations rounded to int8 (within the rounding's bound)."""
+    linear = torch.nn.Linear(96, 50)
+    layer = qz.quantized_layer({"scheme": "int4", "lm_head": False, "group_size": 32, "symmetric": False}, linear,
+                               kernel)
+    x = torch.randn(2, 3, 96)
+    y = layer(x)
+    w = layer.dequantized()
+    if kernel == "dequantize":
+        assert torch.equal(y, torch.nn.functional.linear(x, w, linear.bias))
+    else:
+        ref = cpu_int4.quantize_activations(x) @ w.double().T + linear.bias.double()
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    assert layer.state_dict().keys() == {"weight", "scale", "offset", "bias"}
+
+
+@needs_kernel
+@torch.no_grad()
+def test_decode_kernel_adds_little_to_the_int4_error(official_dir):
+    """On the parity model: the gemv kernel's logits (activations rounded to int8) against the dequantized
+    product's (float activations) differ by a tenth of what int4 itself moves them from the float model."""
+    ref = points.load_decoder(official_dir)
+    q = points.load_decoder(official_dir, quantize="int4")
+    tokens = torch.randint(0, 1000, (1, 12), generator=torch.Generator().manual_seed(2))
+    fast = q(tokens)  # 12 rows: the kernel
+    for parent, name in qz.quantized_linears(q):
+        getattr(parent, name).kernel = "dequantize"
+    slow = q(tokens)
+    int4_err = (ref(tokens) - slow).abs().max()
+    assert 0 < (fast - slow).abs().max() < 0.1 * int4_err
+
+
+def test_compiled_int4_step_equals_eager(official_dir):
+    decoder = points.load_decoder(official_dir, quantize="int4", quantize_group_size=32)
+    prompt = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(4))
+    lengths = torch.tensor([9, 6])
+    runs = []
+    for engine in (Engine(decoder), Engine(decoder, compile=True)):
+        torch._dynamo.reset()
+        runs.append([t.tolist() for t in engine_generate(engine, Picker(2, 1000, torch.device("cpu")), 8,
+                                                         tokens=prompt, lengths=lengths)])
+    assert runs[1] == runs[0]
+
+
+def test_scheduler_batch_equals_each_request_alone(e2e_dir):
+    """The whole pipeline on int4 (scheduler, prefix cache, speculative drafts): a batch's greedy replies
+    are each request's reply alone."""
+    pipe = points.load(e2e_dir, quantize="int4", quantize_group_size=32)
+    chats = [[{"role": "user", "content": text}] for text in ("Hello there", "Count to five", "Hello there again")]
+    alone = [pipe.chat(c, max_new_tokens=8) for c in chats]
+    assert pipe.chat_batch(chats, max_new_tokens=8) == alone
+    assert pipe.chat(chats[0], max_new_tokens=8, speculative="ngram") == alone[0]
+
+
+def test_lora_on_an_int4_base_trains_the_adapters_only(e2e_dir, tmp_path):
+    """QLoRA: the base stays in its codes (frozen, untouched by a step), a fresh adapter changes nothing, the
+    adapters get gradients and move, save -> load onto a fresh int4 base gives the same outputs; folding into
+    the codes is refused."""
+    from points.runtime.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
+
+    pipe = points.load(e2e_dir, quantize="int4", quantize_group_size=32)
+    model = pipe.model
+    tokens = torch.randint(0, 1000, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model.decoder(tokens)
+    codes = model.decoder.layers[0].attn.qkv.weight.clone()
+    add_lora(model, LoraConfig(rank=4, targets=("q", "v", "down")), seed=0)
+    with torch.no_grad():
+        assert torch.equal(model.decoder(tokens), before)
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    assert adapters and all(p.dtype == torch.float32 for p in adapters)
+    opt = torch.optim.AdamW(adapters, lr=1e-2)
+    for _ in range(2):
+        loss = model.decoder(tokens).logsumexp(-1).mean()
+        loss.backward()
+        assert all(p.grad is not None for p in adapters)
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(model.decoder.layers[0].attn.qkv.base.weight, codes)
+    with torch.no_grad():
+        after = model.decoder(tokens)
+    assert not torch.equal(after, before)
+    save_adapter(model, tmp_path / "adapter")
+    fresh = points.load(e2e_dir, quantize="int4", quantize_group_size=32).model
+    load_adapter(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(fresh.decoder(tokens), after)
+    with pytest.raises(ValueError, match="merge_lora: decoder.layers.0.attn.qkv is quantized .int4.; folding"):
+        merge_lora(model)
