@@ -397,3 +397,21 @@ def test_the_help_names_every_lora_target():
 
     names = TARGETS_HELP.split("of ", 1)[1]
     assert all(t in names.replace(",", " ").split() for t in TARGETS) and len(DECODER_TARGETS) == 7
+
+
+def test_qlora_on_an_int4_checkpoint(e2e_dir, tmp_path, capsys):
+    """`points finetune` on a checkpoint converted to int4: LoRA trains on the frozen codes (its loss falls, the
+    adapter loads back onto that checkpoint), full fine-tuning is refused with the reason."""
+    from points.tooling import finetune
+
+    q4 = points.convert(e2e_dir, tmp_path / "q4", quantize="int4", quantize_group_size=32)
+    data = _write_data(tmp_path / "train.jsonl", 8)
+    run = _finetune_here("--model", q4, "--data", data, "--lora-rank", 4, "--epochs", 2, "--batch-tokens", 64,
+                         "--lr", 6e-3, "--output", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    log = _log(tmp_path / "run")
+    assert log[-1]["loss"] < 0.9 * log[0]["loss"], [r["loss"] for r in log]
+    tuned = points.load(q4, adapter=tmp_path / "run")
+    assert tuned.model.decoder.layers[0].attn.qkv.base.weight.dtype == torch.uint8
+    assert finetune.main(["--model", str(q4), "--data", str(data), "--output", str(tmp_path / "full"), "--full"]) == 2
+    assert "int4-quantized; full fine-tuning needs the float checkpoint" in capsys.readouterr().err

@@ -11,7 +11,9 @@ per kernel that could run a quantized decode step:
   tests/test_quantize.py, not timed there),
 - the same dequantize-multiply under `torch.compile` (inductor fuses the cast into the product),
 - int4, group-wise (128 inputs per scale and zero point): `aten._weight_int4pack_mm_for_cpu` on the CPU,
-  `aten._weight_int4pack_mm` on CUDA (bf16 activations; measured only: points does not offer int4 yet).
+  `aten._weight_int4pack_mm` on CUDA (bf16 activations; the comparison), and on the CPU this project's
+  `points.kernels.cpu_int4` on each instruction set this CPU has (`--int4-group`, default 128; any dtype),
+  and the dequantize-then-product path Int4Linear takes for many rows.
 
     python tools/bench_int8.py                                  # small preset, CPU, fp32 and bf16, 1 and 4 rows
     python tools/bench_int8.py --preset 7b --device cuda --dtype bfloat16
@@ -31,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from points.io.checkpoint import DTYPES
-from points.kernels import cpu_int8
-from points.io.quantized import quantize_int8
+from points.kernels import cpu_int4, cpu_int8
+from points.io.quantized import dequantize_int4, quantize_int4, quantize_int8
 from points.runtime.quantize import HAS_TRITON
 from points.tooling.measure import BURSTS, copy_bandwidth, machine
 from points.tooling.synthetic import SHAPES, hf_config
@@ -103,6 +105,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=list(DTYPES), nargs="+", default=None)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 4])
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--int4-group", type=int, choices=[32, 64, 128], default=128)
     p.add_argument("--bursts", type=int, default=BURSTS, help=f"copy-bandwidth bursts (default {BURSTS}; 1: a quick look)")
     p.add_argument("--no-compile", action="store_true")
     p.add_argument("--compile-backend", choices=["inductor", "aot_eager", "eager"], default="inductor",
@@ -156,6 +159,16 @@ def main(argv=None) -> int:
                         lambda: [int4_mm(xs[w.shape[1]], p_, z) for w, (p_, z) in zip(weights, packed4)], b4)
                 except Exception as e:  # noqa: BLE001
                     print(f"  int4 packing not available: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            if device.type == "cpu" and cpu_int4.available():
+                ours4 = [quantize_int4(w, args.int4_group) for w in weights]
+                b4 = sum(q.nbytes + s.nbytes + o.nbytes for q, s, o in ours4)
+                for which in cpu_int4.isas():
+                    variants[f"int4 (group {args.int4_group}), cpu_int4 {which}"] = (
+                        lambda which=which: [cpu_int4.int4_gemv(xs[w.shape[1]], q, s, o, group_size=args.int4_group,
+                                                                which=which) for w, (q, s, o) in zip(weights, ours4)], b4)
+                variants[f"int4 (group {args.int4_group}), dequantized"] = (
+                    lambda: [F.linear(xs[w.shape[1]], dequantize_int4(q, s, o, w.shape[1], dtype))
+                             for w, (q, s, o) in zip(weights, ours4)], b4)
             if not args.no_compile:
                 backend = "" if args.compile_backend == "inductor" else f" ({args.compile_backend} backend)"
                 variants["int8, compiled dequantize-multiply" + backend] = (

@@ -166,8 +166,10 @@ def _setup_model(args, device):
     load_dtype = torch.float32 if args.full else DTYPES[args.dtype]
     pipe = points.load(args.model, device=device, dtype=load_dtype, progress=False, prefix_cache=False)
     model = pipe.model
-    if getattr(model.decoder, "quantization", None):
-        raise RunError(f"--model {args.model}: int8-quantized; fine-tuning needs the float checkpoint")
+    quantized = getattr(model.decoder, "quantization", None)
+    if quantized and args.full:  # (LoRA trains on top of the codes: QLoRA)
+        raise RunError(f"--model {args.model}: {quantized['scheme']}-quantized; full fine-tuning needs the float "
+                       "checkpoint (LoRA trains on a quantized one)")
     model.train()
     if args.full:
         model.requires_grad_(True)
