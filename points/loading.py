@@ -3,11 +3,13 @@
 
     the files, read and checked and mapped into our names (points.io.checkpoint.load_state_dict)
       -> the modules built on the meta device (nothing allocated, no random init) and given those tensors
-      -> a decoder stored quantized, or asked for quantized (quantize="int8" / "int4": its weights quantized
-         as they are read, so the float weights are never held whole), gets empty Int8Linear / Int4Linear
-         layers to take those tensors (points.runtime.quantize.quantized_skeleton)
-      -> on the CPU, the decoder's float nn.Linear layers become GemvLinear (points.runtime.cpu_linear): the
-         same parameters, few-row products on the kernel measured fastest on this machine
+      -> the decoder's linear plan (points.runtime.linears.LinearPlan, the one place that decides what each
+         linear layer becomes, in its order): a decoder stored quantized, or asked for quantized
+         (quantize="int8" / "int4": its weights quantized as they are read, so the float weights are never held
+         whole), gets empty Int8Linear / Int4Linear layers to take those tensors (`plan.skeleton`) before
+         they are adopted; after, on the CPU, its float layers become GemvLinear (`plan.apply`: the same
+         parameters, few-row products on the kernel measured fastest on this machine)
+      -> (pipeline.load) a LoRA adapter, when asked, wraps whatever the plan made
 
 Reading and validating files is points.io's; this module is the only one that puts files and modules
 together, so io never imports the runtime.
@@ -29,8 +31,7 @@ from points.model.config import ModelConfig
 from points.model.decoder import Decoder
 from points.model.projector import PatchMerger
 from points.model.vision import VisionEncoder
-from points.runtime.cpu_linear import use_cpu_kernels
-from points.runtime.quantize import cuda_notice, quantized_skeleton
+from points.runtime.linears import LinearPlan
 
 
 class _SkipInit(TorchFunctionMode):
@@ -107,21 +108,19 @@ def build(source: str | Path | CheckpointConfig, make: Callable[[ModelConfig], t
     stored, after = quantization_steps(config, quantize, quantize_lm_head, quantize_group_size, quantize_symmetric)
     cfg, state = load_state_dict(config, parts=parts, dtype=dtype, device=device, progress=progress,
                                  quantize=after)  # (quantized as read: the float weights are never whole)
-    quantization = stored or after
+    plan = LinearPlan(stored or after, cpu_kernels=torch.device(device).type == "cpu")
 
     def skeleton():
         module = make(cfg)
-        if quantization is not None:
-            quantized_skeleton(getattr(module, "decoder", module), quantization)
+        if plan.quantization is not None:
+            plan.skeleton(getattr(module, "decoder", module))
         return module
 
     module = materialize(skeleton, state, prefix)
     del state
     decoder = getattr(module, "decoder", module)
-    if quantization is not None:
-        cuda_notice(device)
-    if isinstance(decoder, Decoder) and torch.device(device).type == "cpu":
-        use_cpu_kernels(decoder)  # few-row products on the measured fastest kernel (the same parameters)
+    if isinstance(decoder, Decoder):
+        plan.apply(decoder)
     return module
 
 

@@ -102,7 +102,7 @@ def test_transposed_cpu_layout_keeps_the_numbers_and_a_canonical_state(official_
     state_dict() still hands out contiguous [out, in] tensors equal to the originals."""
     from safetensors.torch import save_file
 
-    from points.runtime.layout import transpose_tall_linears
+    from points.runtime.linears import transpose_tall_linears
 
     decoder = points.load_decoder(official_dir)
     before = {k: v.clone() for k, v in decoder.state_dict().items()}

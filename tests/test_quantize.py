@@ -13,6 +13,7 @@ from points.errors import CheckpointError
 from points.io import quantized
 from points.kernels import cpu_int8
 from points.runtime import quantize as qz
+from points.runtime.linears import quantize_decoder
 from points.runtime.engine import Engine
 from points.runtime.sampling import Picker
 from points.tooling.measure import engine_generate
@@ -335,7 +336,7 @@ def test_errors(official_dir, tmp_path):
     with pytest.raises(CheckpointError, match="stored with lm_head = False; quantize_lm_head=True would need"):
         points.load_decoder(out, quantize_lm_head=True)
     with pytest.raises(ValueError, match="already quantized"):
-        qz.quantize_decoder(points.load_decoder(out))
+        quantize_decoder(points.load_decoder(out))
     config = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps(config | {"quantization": {"scheme": "int3", "lm_head": False}}))
     with pytest.raises(CheckpointError, match="quantization .* is not supported"):
@@ -414,7 +415,7 @@ def test_load_time_quantization_is_the_module_swap(official_dir, tmp_path, membe
     d = official_dir if member == "points-1.5" else write_checkpoint(tmp_path / "reader", member,
                                                                     dtype=torch.float32, tokenizer="bytes")
     asked = SCHEMES[scheme]
-    swapped = qz.quantize_decoder(points.load_decoder(d, dtype=dtype), asked["quantize"], lm_head=lm_head,
+    swapped = quantize_decoder(points.load_decoder(d, dtype=dtype), asked["quantize"], lm_head=lm_head,
                                   group_size=asked.get("quantize_group_size"), symmetric=asked.get("quantize_symmetric"))
     read = points.load_decoder(d, dtype=dtype, quantize_lm_head=lm_head, **asked)
     assert read.quantization == swapped.quantization and read.quantization["scheme"] == asked["quantize"]

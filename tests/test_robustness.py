@@ -240,7 +240,7 @@ for argv in [["--version"], ["--help"], ["chat", "--help"], ["chat", "--bogus"]]
     assert "torch" not in sys.modules, argv
 import points
 assert "torch" not in sys.modules
-points.runtime.layout.transpose_tall_linears  # README's call after `import points`
+points.runtime.linears.transpose_tall_linears  # README's call after `import points`
 assert "torch" in sys.modules and not hasattr(points, "no_such_name")
 print("ok")
 """

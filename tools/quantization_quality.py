@@ -26,7 +26,8 @@ import torch
 
 from points.model.decoder import Decoder
 from points.runtime.engine import Engine
-from points.runtime.quantize import quantize_decoder, quantized_linears
+from points.runtime.linears import quantize_decoder
+from points.runtime.quantize import quantized_linears
 from points.runtime.sampling import Picker
 from points.tooling import reference
 from points.tooling.synthetic import SHAPES, random_decoder

@@ -1,5 +1,7 @@
-"""Weight-only int8 and int4 quantization of the decoder: a module swap on the canonical model, nothing in the math.
+"""Weight-only int8 and int4 quantization of the decoder: the layers, their products and kernels. The swap
+itself is the linear plan's (points.runtime.linears: a quantization is one of the things a layer becomes):
 
+    from points.runtime.linears import quantize_decoder
     quantize_decoder(pipe.model.decoder)                 # int8: q/k/v, out, up/gate, down of every layer
     quantize_decoder(pipe.model.decoder, lm_head=True)   # and the output projection
     quantize_decoder(pipe.model.decoder, "int4")         # int4, groups of 128 with offsets (group_size=, symmetric=)
@@ -249,35 +251,8 @@ def quantized_linears(decoder, lm_head: bool = False) -> list[tuple[nn.Module, s
     return out
 
 
-def quantize_decoder(decoder, scheme: str = "int8", *, lm_head: bool = False, kernel: str = "auto",
-                     group_size: int | None = None, symmetric: bool | None = None):
-    """Swap the decoder's projections (and lm_head when asked) for their quantized versions (scheme "int8", or
-    "int4" with group_size 32 / 64 / 128, default 128, and symmetric), in place; return the decoder. The float
-    weights are let go one layer at a time (a mapped file's pages are not read twice). kernel: the product's,
-    "auto" or one of the scheme's kernels forced."""
-    quantization = describe(scheme, lm_head, group_size, symmetric)
-    if isinstance(decoder.layers[0].attn.qkv, (Int8Linear, Int4Linear)):
-        raise ValueError("quantize_decoder: this decoder is already quantized")
-    cuda_notice(decoder.embed.weight.device)
-    _decide_kernels(quantization)
-    for parent, name in quantized_linears(decoder, lm_head):
-        setattr(parent, name, quantized_layer(quantization, getattr(parent, name), kernel))
-    decoder.quantization = quantization
-    return decoder
-
-
-def _decide_kernels(quantization: dict) -> None:
-    """Build (or find in the cache) the CPU kernel and decide its instruction set now, outside any
-    torch.compile trace of the step that will call it."""
-    if quantization["scheme"] == "int4" and cpu_int4.available():
+def decide_kernels(quantization: dict | None) -> None:
+    """Build (or find in the cache) the CPU kernel a quantization's layers call and decide its instruction set
+    now, outside any torch.compile trace of the step that will call it."""
+    if quantization and quantization["scheme"] == "int4" and cpu_int4.available():
         cpu_int4.isa()
-
-
-def quantized_skeleton(decoder, quantization: dict):
-    """The module structure of a quantized decoder without computing anything (on the meta device, for
-    loading a quantized checkpoint's tensors into): every quantized Linear becomes an empty quantized layer."""
-    _decide_kernels(quantization)
-    for parent, name in quantized_linears(decoder, quantization["lm_head"]):
-        setattr(parent, name, quantized_layer(quantization, getattr(parent, name), empty=True))
-    decoder.quantization = quantization
-    return decoder

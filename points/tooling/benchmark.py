@@ -101,7 +101,7 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
         model, processor, engine, tokenizer = pipe.model, pipe.processor, pipe.engine, pipe.tokenizer
     else:  # the same random weights drawn straight into memory (no 17 GB written and read back at 7B)
         from points.io.tokenizer import Tokenizer
-        from points.runtime.cpu_linear import use_cpu_kernels
+        from points.runtime.linears import use_cpu_kernels
         from points.tooling.synthetic import bytes_tokenizer_json, random_model
 
         model = random_model(preset, device, dtype)
@@ -120,7 +120,7 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
         llm = vision = None
         print("transformers is not installed: points' side only", file=sys.stderr)
     if quantize:  # ours quantized; transformers keeps the float tensors it already shares
-        from points.runtime.quantize import quantize_decoder
+        from points.runtime.linears import quantize_decoder
 
         quantize_decoder(model.decoder, quantize, lm_head=quantize_lm_head)
         weights = weight_bytes(model)
@@ -245,7 +245,7 @@ def decode_rows(b: Bench, g: torch.Generator, compile_step: bool, compile_backen
             mine = b.timed(ours_decode(b.model, b.tokenizer, compiled, prompts, lengths_t, new))
             b.add(label + ", compiled", "s/step", mine, ref, floor, per=batch, **fields, compiled=True)
     if transposed:  # the opt-in CPU layout (points.runtime.layout), the same transformers runs
-        from points.runtime.layout import transpose_tall_linears
+        from points.runtime.linears import transpose_tall_linears
 
         transpose_tall_linears(b.model.decoder)
         for label, prompts, lengths_t, floor, batch, ref, fields in timings:
