@@ -37,6 +37,9 @@ def _setup(lib: ctypes.CDLL) -> None:
     fn.argtypes = ([ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_void_p]
                    + [ctypes.c_int] * 2 + [ctypes.c_int64] * 4)
     fn.restype = ctypes.c_int
+    fn = lib.points_int4_dequantize
+    fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_void_p, ctypes.c_int] + [ctypes.c_int64] * 4
+    fn.restype = ctypes.c_int
 
 
 _library = cpu_build.Library(SOURCE, _setup)
@@ -148,6 +151,22 @@ def planned(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: 
     if torch.compiler.is_compiling():
         return torch.ops.points.int4_gemv(x, packed, scale, offset, bias, group_size, which)
     return _run(x, packed, scale, offset, bias, group_size, which)
+
+
+def dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None, in_features: int,
+                    group_size: int, first: int, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """Weight rows [first, first + rows) as float32 or bfloat16 [rows, in_features] (q * s + o in float32, one
+    rounding): the block a many-row product multiplies before the next one is made. No checks (the layer's)."""
+    lib = _library.get()
+    if lib is None:
+        raise RuntimeError(f"points::int4_gemv is not available: {reason()}")
+    packed, scale = packed.contiguous(), scale.contiguous()
+    offset = None if offset is None else offset.to(scale.dtype).contiguous()
+    out = torch.empty(rows, in_features, dtype=dtype)
+    lib.points_int4_dequantize(packed.data_ptr(), scale.data_ptr(), None if offset is None else offset.data_ptr(),
+                               DTYPE_CODES[scale.dtype], out.data_ptr(), DTYPE_CODES[dtype], first, rows,
+                               in_features, group_size)
+    return out
 
 
 def quantize_activations(x: torch.Tensor) -> torch.Tensor:

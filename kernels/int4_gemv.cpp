@@ -72,6 +72,23 @@ inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// count values of p from `first` as float32 into out (the dtype branch outside the loops, which vectorise).
+inline void widen(const void* p, int64_t first, int64_t count, int dtype, float* out) {
+  if (dtype == kFloat32) {
+    const float* f = static_cast<const float*>(p) + first;
+    for (int64_t i = 0; i < count; i++) out[i] = f[i];
+  } else if (dtype == kBFloat16) {
+    const uint16_t* h = static_cast<const uint16_t*>(p) + first;
+    for (int64_t i = 0; i < count; i++) {
+      const uint32_t bits = static_cast<uint32_t>(h[i]) << 16;
+      __builtin_memcpy(out + i, &bits, 4);
+    }
+  } else {
+    const uint16_t* h = static_cast<const uint16_t*>(p) + first;
+    for (int64_t i = 0; i < count; i++) out[i] = _cvtsh_ss(h[i]);
+  }
+}
+
 // The activations as the kernels read them, for M rows of K_pad inputs (K real ones, zeros after).
 struct Acts {
   int64_t blocks, groups;
@@ -251,9 +268,11 @@ extern "C" int points_int4_gemv(const void* x, int xdtype, const uint8_t* w, con
     float* o = so.data() + groups;
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < N; n++) {
-      for (int64_t g = 0; g < groups; g++) {
-        s[g] = to_float(scale, n * groups + g, sdtype);
-        o[g] = offset ? to_float(offset, n * groups + g, sdtype) : -8.0f * s[g];
+      widen(scale, n * groups, groups, sdtype, s);
+      if (offset) {
+        widen(offset, n * groups, groups, sdtype, o);
+      } else {
+        for (int64_t g = 0; g < groups; g++) o[g] = -8.0f * s[g];
       }
       const uint8_t* wn = w + n * (K_pad / 2);
       const float b = bias ? to_float(bias, n, sdtype) : 0.0f;
@@ -268,6 +287,49 @@ extern "C" int points_int4_gemv(const void* x, int xdtype, const uint8_t* w, con
       if (rest == 2) rows<2>(isa, a, m, K_pad, G, wn, s, o, out);
       if (rest == 1) rows<1>(isa, a, m, K_pad, G, wn, s, o, out);
       for (int i = 0; i < rest; i++) store(y, (m + i) * N + n, out[i] + b, ydtype);
+    }
+  }
+  return 0;
+}
+
+// The weight rows [first, first + rows) dequantized, w = q * s + o (o = -8 s without offsets), into out
+// [rows, K] (odtype: float32 or bfloat16, rounded once): for many-row products, a block at a time, so that the
+// whole float weight never exists. Returns 0; 1 for a dtype or group it does not know.
+extern "C" int points_int4_dequantize(const uint8_t* w, const void* scale, const void* offset, int sdtype, void* out,
+                                      int odtype, int64_t first, int64_t rows, int64_t K, int64_t G) {
+  if ((odtype != kFloat32 && odtype != kBFloat16) || (sdtype != kFloat32 && sdtype != kBFloat16 && sdtype != kFloat16) ||
+      (G != 32 && G != 64 && G != 128))
+    return 1;
+  const int64_t K_pad = (K + G - 1) / G * G, groups = K_pad / G;
+#pragma omp parallel if (rows * K >= (int64_t{1} << 16))
+  {
+    std::vector<float> so(2 * groups), row(K_pad);
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+      const int64_t n = first + r;
+      float* s = so.data();
+      float* o = so.data() + groups;
+      widen(scale, n * groups, groups, sdtype, s);
+      if (offset) {
+        widen(offset, n * groups, groups, sdtype, o);
+      } else {
+        for (int64_t g = 0; g < groups; g++) o[g] = -8.0f * s[g];
+      }
+      const uint8_t* wn = w + n * (K_pad / 2);
+      for (int64_t g = 0; g < groups; g++) {
+        const float sg = s[g], og = o[g];
+        float* dst = row.data() + g * G;
+        const uint8_t* src = wn + g * G / 2;
+        for (int64_t i = 0; i < G / 2; i++) {  // (vectorised by the compiler)
+          dst[2 * i] = static_cast<float>(src[i] & 0x0F) * sg + og;
+          dst[2 * i + 1] = static_cast<float>(src[i] >> 4) * sg + og;
+        }
+      }
+      if (odtype == kFloat32) {
+        __builtin_memcpy(static_cast<float*>(out) + r * K, row.data(), K * sizeof(float));
+      } else {
+        for (int64_t k = 0; k < K; k++) store(out, r * K + k, row[k], kBFloat16);
+      }
     }
   }
   return 0;

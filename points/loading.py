@@ -7,8 +7,9 @@
          linear layer becomes, in its order): a decoder stored quantized, or asked for quantized
          (quantize="int8" / "int4": its weights quantized as they are read, so the float weights are never held
          whole), gets empty Int8Linear / Int4Linear layers to take those tensors (`plan.skeleton`) before
-         they are adopted; after, on the CPU, its float layers become GemvLinear (`plan.apply`: the same
-         parameters, few-row products on the kernel measured fastest on this machine)
+         they are adopted; after, on the CPU, the float layers of every part become GemvLinear (`plan.apply`:
+         the same parameters, few-row products on the kernel measured fastest on this machine, many-row
+         bfloat16 ones in float32 blocks where that is faster here)
       -> (pipeline.load) a LoRA adapter, when asked, wraps whatever the plan made
 
 Reading and validating files is points.io's; this module is the only one that puts files and modules
@@ -118,9 +119,8 @@ def build(source: str | Path | CheckpointConfig, make: Callable[[ModelConfig], t
 
     module = materialize(skeleton, state, prefix)
     del state
-    decoder = getattr(module, "decoder", module)
-    if isinstance(decoder, Decoder):
-        plan.apply(decoder)
+    if isinstance(getattr(module, "decoder", module), Decoder):
+        plan.apply(module)  # (every part: the vision encoder's many-row products too)
     return module
 
 

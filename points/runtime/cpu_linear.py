@@ -5,8 +5,9 @@
 A `GemvLinear` is an nn.Linear (the same weight and bias Parameters, the same state_dict) whose forward
 sends inputs of a few rows (decode steps, short prefills) to the kernel the machine's measured plan chooses
 for that dtype and row count (`cpu_gemv.plan`: PyTorch's product, or the kernel on AVX2 / AVX-512 /
-AVX-512 BF16, whichever was fastest here), and everything else (more rows, autograd, other devices or
-dtypes) to F.linear. `points.load`'s linear plan makes one of each float32 / bfloat16 Linear of a CPU decoder
+AVX-512 BF16, whichever was fastest here); more rows of bfloat16 (prefills, the vision encoder) in float32
+blocks where this CPU multiplies bfloat16 slower (points.runtime.cpu_blocks); everything else (autograd, other
+devices or dtypes) to F.linear. `points.load`'s linear plan makes one of each float32 / bfloat16 Linear of a CPU decoder
 where the kernel can be built ("gemv"); POINTS_CPU_KERNELS=0 turns it off.
 """
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from points.kernels import cpu_gemv
+from points.runtime.cpu_blocks import blocked_linear, compute_dtype
 
 
 class GemvLinear(nn.Linear):
@@ -30,6 +32,10 @@ class GemvLinear(nn.Linear):
         if (which is not None and x.is_cpu and x.dtype == self.weight.dtype
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return cpu_gemv.planned(x, self.weight, self.bias, which)
+        if (which is None and x.is_cpu and x.dtype == self.weight.dtype == torch.bfloat16
+                and compute_dtype(torch.bfloat16) == torch.float32 and not torch.is_grad_enabled()):
+            return blocked_linear(x, lambda a, b, dt: self.weight[a:b].to(dt), self.out_features, self.bias,
+                                  torch.float32)
         return F.linear(x, self.weight, self.bias)
 
 

@@ -12,9 +12,10 @@ Kinds, decided per layer by `kind()` in this order (the only place the order is 
    `apply` on a float decoder quantizes the weights it finds.
 2. "transposed" (opt-in, float32 on the CPU, `transposed=True`): a tall Linear keeps its class with its weight
    stored column-major (points.runtime.layout; `state_dict()` stays row-major).
-3. "gemv" (`cpu_kernels=True`, what `points.load` asks on the CPU): a float32 / bfloat16 Linear becomes a
-   GemvLinear, the same Parameters with few-row products on this machine's measured kernel
-   (points.runtime.cpu_linear), where that kernel is built.
+3. "gemv" (`cpu_kernels=True`, what `points.load` asks on the CPU, for every part of the model): a float32 /
+   bfloat16 Linear becomes a GemvLinear, the same Parameters with few-row products on this machine's measured
+   kernel (points.runtime.cpu_linear) and many-row bfloat16 ones in float32 blocks where this CPU multiplies
+   bfloat16 slower (points.runtime.cpu_blocks), where that kernel is built.
 4. "float": everything else stays the nn.Linear it is.
 
 LoRA adapters come last and on top of whatever the plan made (points.runtime.lora wraps the layer, a
@@ -31,6 +32,7 @@ import torch
 from torch import nn
 
 from points.io.quantized import describe, quantized_modules
+from points.runtime.cpu_blocks import compute_dtype
 from points.runtime.cpu_linear import gemv_linear
 from points.runtime.layout import transposed_linear
 from points.runtime.lora import LoraLinear
@@ -47,10 +49,13 @@ class LinearPlan:
     kernel: str = "auto"  # the quantized layers' product (points.runtime.quantize)
 
     def quantized_names(self, module: nn.Module) -> set[str]:
-        """The names (inside `module`, a Decoder) of the layers the quantization makes quantized."""
-        if not self.quantization:
+        """The names (inside `module`: a Decoder, or a model holding one as `decoder`) of the layers the
+        quantization makes quantized."""
+        decoder = getattr(module, "decoder", module)
+        if not self.quantization or not hasattr(decoder, "layers"):
             return set()
-        return set(quantized_modules(len(module.layers), self.quantization["lm_head"]))
+        prefix = "decoder." if decoder is not module else ""
+        return {prefix + n for n in quantized_modules(len(decoder.layers), self.quantization["lm_head"])}
 
     def kind(self, name: str, linear: nn.Module, quantized: set[str]) -> str:
         """What the layer `name` becomes (see the module's order)."""
@@ -78,7 +83,7 @@ class LinearPlan:
 
     def table(self, module: nn.Module) -> dict[str, str]:
         """{module name: kind, with " + lora" where an adapter wraps it} as the layers are now."""
-        quantized = self.quantized_names(module) if hasattr(module, "layers") else set()
+        quantized = self.quantized_names(module)
         return {name: self.kind(name, layer, quantized)
                 + (" + lora" if isinstance(module.get_submodule(name), LoraLinear) else "")
                 for name, layer in self.layers(module)}
@@ -89,15 +94,16 @@ class LinearPlan:
         decide_kernels(self.quantization)
         for name in sorted(self.quantized_names(module)):
             _set(module, name, quantized_layer(self.quantization, module.get_submodule(name), empty=True))
-        module.quantization = self.quantization
+        getattr(module, "decoder", module).quantization = self.quantization
         return module
 
     def apply(self, module: nn.Module) -> nn.Module:
         """Every linear layer of `module` made what `kind` says, in one walk (layers under a LoRA adapter are
         left as they are); returns `module`."""
-        quantized = self.quantized_names(module) if self.quantization else set()
+        quantized = self.quantized_names(module)
+        decoder = getattr(module, "decoder", module)
         if quantized:
-            cuda_notice(module.embed.weight.device)
+            cuda_notice(decoder.embed.weight.device)
             decide_kernels(self.quantization)
         for name, layer in self.layers(module):
             if isinstance(module.get_submodule(name), LoraLinear):
@@ -111,8 +117,12 @@ class LinearPlan:
             elif kind == "transposed" and isinstance(layer, nn.Linear) and layer.weight.is_contiguous():
                 _set(module, name, transposed_linear(name, _plain(layer)))  # (a GemvLinear's kernel reads rows)
         if quantized:
-            module.quantization = self.quantization
-        module.linear_plan = self
+            decoder.quantization = self.quantization
+        decoder.linear_plan = self
+        if self.cpu_kernels or quantized:  # (decided now: not inside a compiled step's trace)
+            for layer in dict(self.layers(module)).values():
+                if layer.weight.device.type == "cpu" and layer.weight.dtype != torch.float32:
+                    compute_dtype(getattr(layer, "scale", layer.weight).dtype)
         return module
 
 

@@ -55,6 +55,7 @@ from torch import nn
 
 from points.io.quantized import dequantize_int4, dequantize_int8, describe, quantize_weight, quantized_modules, stored_tensors
 from points.kernels import cpu_int4, cpu_int8
+from points.runtime.cpu_blocks import blocked_linear, compute_dtype
 
 GEMV_ROWS = 64  # up to this many rows the CPU kernel beats the others (bench_int8: 1.0x int8pack at 64 in bf16)
 TRITON_ROWS = 16  # one tile of the Triton kernel's rows (decode batches); prefills take the dequantize-multiply
@@ -178,13 +179,20 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offs
                 bias: torch.Tensor | None, group_size: int, kernel: str = "auto") -> torch.Tensor:
     """x [..., in] @ W^T + bias -> [..., out] in x's dtype, W the int4 weight of points.io.quantized (weight:
     the packed codes). kernel "gemv": points.kernels.cpu_int4 (activations rounded to int8 per 32 inputs);
-    "dequantize": W in x's dtype, then PyTorch's product (what inductor fuses under torch.compile); "auto":
-    gemv for up to INT4_GEMV_ROWS rows on a CPU where it is built, else dequantize."""
+    "dequantize": W in float, then PyTorch's product: on the CPU a block of rows at a time in the dtype
+    points.runtime.cpu_blocks measured faster (x's, or float32), elsewhere W whole in x's dtype (what inductor
+    fuses under torch.compile); "auto": gemv for up to INT4_GEMV_ROWS rows on a CPU where it is built, else
+    dequantize."""
     if kernel == "auto":
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         kernel = "gemv" if x.device.type == "cpu" and rows <= INT4_GEMV_ROWS and cpu_int4.available() else "dequantize"
     if kernel == "gemv":
         return cpu_int4.planned(x, weight, scale, offset, bias, group_size, cpu_int4.isa())
+    if x.device.type == "cpu" and cpu_int4.available() and not torch.compiler.is_compiling():
+        k = x.shape[-1]
+        return blocked_linear(x, lambda a, b, dt: cpu_int4.dequantize_rows(weight, scale, offset, k, group_size, a,
+                                                                          b - a, dt),
+                              weight.shape[0], bias, compute_dtype(x.dtype))
     w = dequantize_int4(weight, scale, offset, x.shape[-1], x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
 
