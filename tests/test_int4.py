@@ -167,3 +167,60 @@ def test_lora_on_an_int4_base_trains_the_adapters_only(e2e_dir, tmp_path):
         assert torch.equal(fresh.decoder(tokens), after)
     with pytest.raises(ValueError, match="merge_lora: decoder.layers.0.attn.qkv is quantized .int4.; folding"):
         merge_lora(model)
+
+
+needs_triton = pytest.mark.skipif(not qz.HAS_TRITON, reason="Triton is not installed")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_kernel_rounds_once_with_k_split(dtype):
+    """points.kernels.triton_int4 (on CUDA when there is one, else in Triton's interpreter) against float64 of
+    x and the weight dequantized to x's dtype: ragged tiles of outputs and inputs (77: padding inside the last
+    group), K split 1 to 3 ways, 1 to 17 rows, both schemes, with and without a bias."""
+    from points.kernels.triton_int4 import int4_mm
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for rows, n, k, group, symmetric, split, bias in ((1, 37, 200, 32, False, 1, True), (3, 64, 256, 64, True, 2, False),
+                                                      (17, 20, 77, 32, False, 3, True)):
+        x, packed, scale, offset, b, _ = _case(rows, n, k, group, symmetric, dtype, bias, seed=rows)
+        w = dequantize_int4(packed, scale, offset, k, dtype).double()
+        ref = x.double() @ w.T + (0 if b is None else b.double())
+        to = lambda t: None if t is None else t.to(device)  # noqa: E731
+        y = int4_mm(to(x), to(packed), to(scale), to(offset), to(b), group_size=group, block_n=16, block_k=32,
+                    split_k=split).cpu()
+        assert y.dtype == dtype and y.shape == (rows, n)
+        tol = torch.finfo(dtype).eps * ref.abs() + 1e-5 * (x.double().abs() @ w.abs().T)
+        assert ((y.double() - ref).abs() <= tol).all(), (y.double() - ref).abs().max().item()
+
+
+@needs_triton
+def test_triton_kernel_compiles_as_one_op():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from points.kernels.triton_int4 import int4_mm
+
+    x, packed, scale, offset, _, _ = _case(2, 16, 64, 32, False, torch.float32, False)
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(lambda x: int4_mm(x, packed, scale, offset, group_size=32) * 2, fullgraph=True,
+                             backend=counter)
+    torch.testing.assert_close(compiled(x), int4_mm(x, packed, scale, offset, group_size=32) * 2, rtol=0, atol=0)
+    op = torch.ops.points.int4_mm
+    assert counter.frame_count == 1 and any(n.target in (op, op.default) for gm in counter.graphs
+                                            for n in gm.graph.nodes)
+
+
+def test_auto_kernel_rule(monkeypatch):
+    """CPU: the kernel up to INT4_GEMV_ROWS rows where it is built, then the blocks; CUDA: Triton up to
+    TRITON_ROWS rows where it is installed, then the dequantized product."""
+    monkeypatch.setattr(qz.cpu_int4, "available", lambda: True)
+    assert [qz.int4_kernel("cpu", r) for r in (1, qz.INT4_GEMV_ROWS, qz.INT4_GEMV_ROWS + 1)] == [
+        "gemv", "gemv", "dequantize"]
+    monkeypatch.setattr(qz.cpu_int4, "available", lambda: False)
+    assert qz.int4_kernel("cpu", 1) == "dequantize"
+    monkeypatch.setattr(qz, "HAS_TRITON", True)
+    assert [qz.int4_kernel("cuda", r) for r in (1, qz.TRITON_ROWS, qz.TRITON_ROWS + 1)] == [
+        "triton", "triton", "dequantize"]
+    monkeypatch.setattr(qz, "HAS_TRITON", False)
+    assert qz.int4_kernel("cuda", 1) == "dequantize"

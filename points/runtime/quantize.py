@@ -171,23 +171,34 @@ def cuda_notice(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------------------------- int4
 
-INT4_KERNELS = ("auto", "gemv", "dequantize")  # auto: the rule of int4_linear; the others force one
+INT4_KERNELS = ("auto", "gemv", "dequantize", "triton")  # auto: the rule of int4_linear; the others force one
 INT4_GEMV_ROWS = 16  # up to this many rows the CPU kernel (tools/bench_int4.py: past them a float product wins)
+
+
+def int4_kernel(device_type: str, rows: int) -> str:
+    """The kernel "auto" takes for `rows` rows on a device (int4_linear's rule)."""
+    if device_type == "cpu":
+        return "gemv" if rows <= INT4_GEMV_ROWS and cpu_int4.available() else "dequantize"
+    return "triton" if device_type == "cuda" and HAS_TRITON and rows <= TRITON_ROWS else "dequantize"
 
 
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
                 bias: torch.Tensor | None, group_size: int, kernel: str = "auto") -> torch.Tensor:
     """x [..., in] @ W^T + bias -> [..., out] in x's dtype, W the int4 weight of points.io.quantized (weight:
     the packed codes). kernel "gemv": points.kernels.cpu_int4 (activations rounded to int8 per 32 inputs);
+    "triton": points.kernels.triton_int4 (W dequantized in registers to x's dtype, float32 sums);
     "dequantize": W in float, then PyTorch's product: on the CPU a block of rows at a time in the dtype
     points.runtime.cpu_blocks measured faster (x's, or float32), elsewhere W whole in x's dtype (what inductor
-    fuses under torch.compile); "auto": gemv for up to INT4_GEMV_ROWS rows on a CPU where it is built, else
-    dequantize."""
+    fuses under torch.compile); "auto": gemv for up to INT4_GEMV_ROWS rows on a CPU where it is built, triton
+    for up to TRITON_ROWS rows on CUDA where Triton is installed, else dequantize."""
     if kernel == "auto":
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        kernel = "gemv" if x.device.type == "cpu" and rows <= INT4_GEMV_ROWS and cpu_int4.available() else "dequantize"
+        kernel = int4_kernel(x.device.type, x.numel() // x.shape[-1] if x.shape[-1] else 0)
     if kernel == "gemv":
         return cpu_int4.planned(x, weight, scale, offset, bias, group_size, cpu_int4.isa())
+    if kernel == "triton":
+        from points.kernels.triton_int4 import int4_mm
+
+        return int4_mm(x, weight, scale, offset, bias, group_size=group_size)
     if x.device.type == "cpu" and cpu_int4.available() and not torch.compiler.is_compiling():
         k = x.shape[-1]
         return blocked_linear(x, lambda a, b, dt: cpu_int4.dequantize_rows(weight, scale, offset, k, group_size, a,

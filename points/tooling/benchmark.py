@@ -90,7 +90,7 @@ class Bench:
 
 def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, workdir: Path, rows: set[str], *,
         compile_step: bool = False, profile: bool = False, transposed: bool = False, attn: str = "auto",
-        quantize: str | None = None, quantize_lm_head: bool = False, compile_backend: str = "inductor",
+        quantize: dict | None = None, compile_backend: str = "inductor",
         sizes: Sizes = SIZES) -> dict:
     if "load" in rows:  # the load rows need files: a random checkpoint on disk, loaded as a user would
         import points
@@ -122,14 +122,15 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
     if quantize:  # ours quantized; transformers keeps the float tensors it already shares
         from points.runtime.linears import quantize_decoder
 
-        quantize_decoder(model.decoder, quantize, lm_head=quantize_lm_head)
+        quantize_decoder(model.decoder, quantize["scheme"], lm_head=quantize["lm_head"],
+                         group_size=quantize.get("group_size"), symmetric=quantize.get("symmetric"))
         weights = weight_bytes(model)
 
     copies, rate_llm, rate_vis = _machine_rates(model.cfg, sizes, device, dtype)
     bw = copies.best
     result = {"preset": preset, "member": model.cfg.member, "device": str(device),
               "dtype": str(dtype).removeprefix("torch."), "repeat": repeat,
-              "quick": sizes is QUICK, "quantize": quantize and {"scheme": quantize, "lm_head": quantize_lm_head},
+              "quick": sizes is QUICK, "quantize": quantize,
               "machine": machine(device), "weights_bytes": weights, "copy_bytes_per_s": bw,
               "copy_median_bytes_per_s": copies.median, "copy_spread": copies.spread, "copy_bursts": copies.bursts,
               "copy_probe_bytes": sizes.copy,
@@ -157,7 +158,7 @@ def run(preset: str, device: torch.device, dtype: torch.dtype, repeat: int, work
         del pipe, model, engine, llm, vision, b
         gc.collect()
         result["rows"] += load_rows(ckpt, hf_dir, workdir, device, dtype, sum(weights.values()), bw,
-                                    quantize, quantize_lm_head, runs=repeat)
+                                    quantize, runs=repeat)
     return result
 
 
@@ -255,8 +256,7 @@ def decode_rows(b: Bench, g: torch.Generator, compile_step: bool, compile_backen
 
 
 def load_rows(ckpt: Path, hf_dir: Path | None, workdir: Path, device: torch.device, dtype: torch.dtype,
-              total: int, bw: float, quantize: str | None = None, quantize_lm_head: bool = False,
-              runs: int = 3) -> list[dict]:
+              total: int, bw: float, quantize: dict | None = None, runs: int = 3) -> list[dict]:
     """`points.load` of the released layout and of the same weights converted into ours, against
     transformers' `from_pretrained` of the same weights (saved under hf_dir): fresh processes, alternating,
     `runs` each (the first pass also brings every side's files into the page cache: take 2 or more for a
@@ -265,13 +265,15 @@ def load_rows(ckpt: Path, hf_dir: Path | None, workdir: Path, device: torch.devi
     it is."""
     import points
 
-    suffix = f"-{quantize}" + ("-lm" if quantize_lm_head else "") if quantize else ""
+    q = quantize or {}
+    kwargs = {"quantize": q.get("scheme"), "quantize_lm_head": q.get("lm_head"),
+              "quantize_group_size": q.get("group_size"), "quantize_symmetric": q.get("symmetric")}
+    suffix = "".join(f"-{v}" for v in q.values())
     converted = workdir / f"converted-{ckpt.name.removeprefix('points-')}{suffix}"
     if not converted.exists():
-        points.convert(ckpt, converted, progress=False, quantize=quantize, quantize_lm_head=quantize_lm_head)
+        points.convert(ckpt, converted, progress=False, **kwargs)
     dt = str(dtype).removeprefix("torch.")
-    asked = {"released": f", quantize={quantize!r}, quantize_lm_head={quantize_lm_head}" if quantize else "",
-             "converted": ""}
+    asked = {"released": "".join(f", {k}={v!r}" for k, v in kwargs.items()) if quantize else "", "converted": ""}
     probes = {side: f"import points\nload = lambda: points.load({str(path)!r}, device={str(device)!r}, "
                     f"dtype=torch.{dt}, progress=False{asked[side]})"
               for side, path in (("released", ckpt), ("converted", converted))}
@@ -336,7 +338,8 @@ def _header(r: dict) -> str:
     m = r["machine"]
     where = m.get("gpu") or f"{m['cpu']}, {m['threads']} threads"
     q = r.get("quantize")
-    ours = f" (ours: decoder {q['scheme']}{' with lm_head' if q['lm_head'] else ''})" if q else ""
+    scheme = q and q["scheme"] + (f" g{q['group_size']}{' symmetric' if q['symmetric'] else ''}" if "group_size" in q else "")
+    ours = f" (ours: decoder {scheme}{' with lm_head' if q['lm_head'] else ''})" if q else ""
     return (f"points bench, preset {r['preset']} ({member(r['member']).title}), {r['dtype']}{ours} on {r['device']} "
             f"({where}), torch {m['torch']}, "
             f"transformers {m.get('transformers', 'absent')}; min/median of {r['repeat']} runs after a warm-up\n"
