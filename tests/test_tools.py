@@ -66,9 +66,10 @@ def test_gpu_check_dry_run(tmp_path):
     assert sorted(r["images"] for r in bench if r["kind"] == "vision") == [1, 1, 4]
     assert {r["kernel"] for r in record["int8_products"]["rows"]} >= {
         "F.linear", "int8, _weight_int8pack_mm", "int8, compiled dequantize-multiply (eager backend)"}
-    int8 = record["bench_int8"]
-    assert int8["quantize"]["scheme"] == "int8" and {(r["batch"], r["compiled"]) for r in int8["rows"]} == {
-        (1, False), (1, True), (4, False), (4, True)}
+    for scheme in ("int8", "int4"):
+        run = record[f"bench_{scheme}"]
+        assert run["quantize"]["scheme"] == scheme and {(r["batch"], r["compiled"]) for r in run["rows"]} == {
+            (1, False), (1, True), (4, False), (4, True)}
 
 
 def test_points_bench_load_rows(workdir, tmp_path, capsys):

@@ -159,6 +159,14 @@ def main(argv=None) -> int:
                         lambda: [int4_mm(xs[w.shape[1]], p_, z) for w, (p_, z) in zip(weights, packed4)], b4)
                 except Exception as e:  # noqa: BLE001
                     print(f"  int4 packing not available: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            if HAS_TRITON and device.type == "cuda":
+                from points.kernels.triton_int4 import int4_mm as triton_int4_mm
+
+                ours4 = [quantize_int4(w, args.int4_group) for w in weights]
+                b4 = sum(q.nbytes + s.nbytes + o.nbytes for q, s, o in ours4)
+                variants[f"int4 (group {args.int4_group}), points.kernels.triton_int4"] = (
+                    lambda: [triton_int4_mm(xs[w.shape[1]], q, s, o, group_size=args.int4_group)
+                             for w, (q, s, o) in zip(weights, ours4)], b4)
             if device.type == "cpu" and cpu_int4.available():
                 ours4 = [quantize_int4(w, args.int4_group) for w in weights]
                 b4 = sum(q.nbytes + s.nbytes + o.nbytes for q, s, o in ours4)

@@ -7,8 +7,9 @@
 # Steps: pytest on CUDA; tools/precision.py (7B widths, 2 layers); tools/tune_attention.py (SDPA vs the Triton
 # kernel per tile configuration, the data behind CONFIGS and attn="auto"); `points bench --preset 7b --compile`
 # (decode, prefill, vision against transformers on the same weights) with attn auto and with attn triton;
-# weight-only int8: the products (tools/bench_int8.py, this project's Triton kernel among them) and the
-# compiled int8 decode step (`--quantize int8`); `points serve` under 1 / 8 / 16 clients (tools/bench_serve.py).
+# weight-only int8 and int4: the products (tools/bench_int8.py, this project's Triton kernels among them) and
+# the compiled int8 and int4 decode steps (`--quantize int8`, `--quantize int4`); `points serve` under 1 / 8 /
+# 16 clients (tools/bench_serve.py).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-/tmp/points-gpu-check}"
@@ -25,14 +26,14 @@ if [ "$mode" = "--dry-run" ]; then
     bench_args=(--preset tiny --device cpu --dtype float32 --repeat 1 --quick)
     compile_args=(--compile --compile-backend eager)  # dynamo traces the step; inductor's CPU build is not the GPU's
     # (and so in the int8 products' compiled row: --compile-backend eager below)
-    limits=(600 600 600 600 600 600 600 600)
+    limits=(600 600 600 600 600 600 600 600 600)
 else
     device=cuda preset=7b-width tune_args=()
     pytest_args=(-q -rs --continue-on-collection-errors tests)
     "$py" -c "import xdist" 2>/dev/null && pytest_args+=(-n 8)
     bench_args=(--preset 7b --device cuda --dtype bfloat16 --repeat 2)
     compile_args=(--compile)
-    limits=(180 45 60 210 40 40 90 100)  # seconds: pytest, precision, tune, bench, bench_triton, int8 products, int8 decode, serve
+    limits=(170 40 55 200 40 45 80 70 90)  # seconds: pytest, precision, tune, bench, bench_triton, int8/int4 products, int8 decode, int4 decode, serve
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
     # the machine has its own torch, Triton and transformers and no network: install the project alone
     # (points.kernels exists only once installed: the package maps kernels/ to it)
@@ -55,14 +56,15 @@ step bench "${limits[3]}" "$py" -m points bench "${bench_args[@]}" --rows decode
 [ "$mode" = "--dry-run" ] || step bench_triton "${limits[4]}" "$py" -m points bench "${bench_args[@]}" --rows prefill vision --attn triton --json "$out/bench_triton.json"
 step int8_products "${limits[5]}" "$py" tools/bench_int8.py --preset "$( [ "$device" = cuda ] && echo 7b || echo tiny )" --device "$device" --dtype "$( [ "$device" = cuda ] && echo bfloat16 || echo float32 )" --rows 1 4 --repeat 2 $( [ "$mode" = "--dry-run" ] && echo --bursts 1 --compile-backend eager ) --json "$out/int8_products.json"
 step int8_decode "${limits[6]}" "$py" -m points bench "${bench_args[@]}" --rows decode "${compile_args[@]}" --quantize int8 --json "$out/bench_int8.json"
+step int4_decode "${limits[7]}" "$py" -m points bench "${bench_args[@]}" --rows decode "${compile_args[@]}" --quantize int4 --json "$out/bench_int4.json"
 # points serve under 1 / 8 / 16 clients, the small preset as in the CPU rows (a 7B checkpoint would be written
 # to disk first); not in the dry run (two servers' start-up), run by hand on the CPU with --preset tiny
-[ "$mode" = "--dry-run" ] || step serve "${limits[7]}" "$py" tools/bench_serve.py --preset small --device cuda --dtype bfloat16 --clients 1 8 16 --requests 2 --workdir /tmp/points-serve-work --json "$out/serve.json"
+[ "$mode" = "--dry-run" ] || step serve "${limits[8]}" "$py" tools/bench_serve.py --preset small --device cuda --dtype bfloat16 --clients 1 8 16 --requests 2 --workdir /tmp/points-serve-work --json "$out/serve.json"
 
 echo
 echo "== points gpu_check ($device) =="
 echo "tests: $(tail -n 1 "$out/pytest.log")"
-for name in precision tune bench bench_triton int8_products int8_decode serve; do [ -f "$out/$name.log" ] && cat "$out/$name.log"; done
+for name in precision tune bench bench_triton int8_products int8_decode int4_decode serve; do [ -f "$out/$name.log" ] && cat "$out/$name.log"; done
 cat "$out/times.txt"
 if [ "$mode" = "--record" ] || [ "$mode" = "--dry-run" ]; then
     "$py" tools/gpu_record.py "$out" --write "$( [ "$mode" = "--record" ] && echo docs/gpu || echo "$out" )" || status=1

@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     record = {"device": device, "torch": (tune or bench["machine"])["torch"], "date": date, "bench": bench,
               "bench_attn_triton": triton_rows, "kernels": kernel_ratios(tune) if tune else None,
               "int8_products": read("int8_products.json"), "bench_int8": read("bench_int8.json"),
+              "bench_int4": read("bench_int4.json"),
               "serve": read("serve.json"),
               "missing": [n for n, v in (("bench.json", bench), ("tune.json", tune)) if v is None]}
     slug = re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-")
