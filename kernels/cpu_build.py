@@ -1,6 +1,7 @@
-"""Building this project's C++ CPU kernels on first use (`int8_gemv.cpp`, `float_gemv.cpp`) and loading them.
+"""Building this project's C++ CPU kernels on first use (`float_gemv.cpp`, `int8_gemv.cpp`, `int4_gemv.cpp`, each
+including `cpu_common.h`) and loading them.
 
-A library is built once per source text, compiler and flags into `$POINTS_CACHE/kernels` (default
+A library is built once per source text (with the headers beside it), compiler and flags into `$POINTS_CACHE/kernels` (default
 `~/.cache/points/kernels`), written under a temporary name and renamed, so concurrent first uses do not see
 half a file. `load(source, flags, setup)` returns the library with `setup` having declared its functions, or
 None and the reason (no x86-64 CPU with AVX2/FMA/F16C, no compiler, a failed build, `POINTS_CPU_KERNELS=0`);
@@ -63,7 +64,8 @@ def compiler() -> str | None:
 
 
 def build(source: Path, cxx: str, flags: list[str] = FLAGS) -> Path:
-    text = source.read_bytes()
+    # the source and the headers beside it (cpu_common.h): a change to either builds again
+    text = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256(text + repr((version, flags)).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{key}.so"

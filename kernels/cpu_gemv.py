@@ -38,13 +38,8 @@ def _setup(lib: ctypes.CDLL) -> None:
 _library = cpu_build.Library(SOURCE, _setup)
 
 
-def available() -> bool:
-    return _library.available()
-
-
-def reason() -> str | None:
-    """Why the kernel is not available (None when it is)."""
-    return _library.reason()
+available = _library.available  # () -> bool: built (or found in the cache) and loaded
+reason = _library.reason  # () -> why it is not available (None when it is)
 
 
 def isa() -> str:
@@ -120,9 +115,35 @@ TUNE_SHAPE = (4864, 896)  # [N, K] of the weights the choice is measured on (a Q
 TUNE_BYTES = 160 << 20  # weights streamed per measurement: beyond any last-level cache
 
 
+MARGIN = 1.1  # a kernel must beat PyTorch's product by this much to be chosen over it
+ROUNDS = 5
+
+
+BUSY_LOAD = 0.5  # load average per CPU above which a measured plan is not kept in the cache
+
+
+def machine_busy() -> bool:
+    """Whether other work is running here (the 1-minute load average above BUSY_LOAD per CPU)."""
+    try:
+        return os.getloadavg()[0] > BUSY_LOAD * (os.cpu_count() or 1)
+    except OSError:
+        return False
+
+
+def choose(median: dict) -> str | None:
+    """From the median seconds of each candidate (None: PyTorch's product): the fastest ISA when it beats
+    PyTorch's by MARGIN, else PyTorch's."""
+    best = min((c for c in median if c is not None), key=median.get, default=None)
+    return best if best is not None and median[None] >= MARGIN * median[best] else None
+
+
 def _tune(dtype: torch.dtype) -> dict[int, str | None]:
     """For each row count of ROWS: the fastest of PyTorch's product and each ISA of the kernel, streamed over
-    distinct weights (TUNE_BYTES of them), best of 3 passes. None = PyTorch's."""
+    distinct weights (TUNE_BYTES of them). Made to survive a busy moment: the candidates alternate, ROUNDS
+    passes each, medians compared, and the kernel is taken only when it beats PyTorch's product by MARGIN (a
+    load that comes and goes during the measurement slows every candidate alike, and a near-tie keeps the
+    default). None = PyTorch's."""
+    import statistics
     import time
 
     import torch.nn.functional as F
@@ -137,26 +158,26 @@ def _tune(dtype: torch.dtype) -> dict[int, str | None]:
     with torch.inference_mode():
         for rows in ROWS:
             x = torch.randn(rows, k, generator=g).to(dtype)
-            times = {}
-            for choice in choices:
-                product = F.linear if choice is None else (lambda x, w, c=choice: _run(x, w, None, c))
+            products = {c: F.linear if c is None else (lambda x, w, c=c: _run(x, w, None, c)) for c in choices}
+            for product in products.values():
                 for w in weights[:2]:
                     product(x, w)
-                best = float("inf")
-                for _ in range(3):
+            times = {c: [] for c in choices}
+            for _ in range(ROUNDS):
+                for choice, product in products.items():
                     t0 = time.perf_counter()
                     for w in weights:
                         product(x, w)
-                    best = min(best, time.perf_counter() - t0)
-                times[choice] = best
-            plan[rows] = min(times, key=times.get)
+                    times[choice].append(time.perf_counter() - t0)
+            plan[rows] = choose({c: statistics.median(v) for c, v in times.items()})
     return plan
 
 
 def plan(dtype: torch.dtype) -> dict[int, str | None]:
     """Which product runs `rows` rows of `dtype` on this machine: {rows: ISA or None (PyTorch's)} for ROWS,
     measured once per CPU, flags, thread count, torch version and kernel source, and kept in the kernel
-    cache (`cpu_plan-*.json`); {} where the kernel is not available."""
+    cache (`cpu_plan-*.json`), unless the machine was busy before or after the measurement (`machine_busy`):
+    such a plan serves this process only; {} where the kernel is not available."""
     import hashlib
     import json
 
@@ -169,15 +190,19 @@ def plan(dtype: torch.dtype) -> dict[int, str | None]:
         if key in _state:
             return _state[key]
         ident = json.dumps([cpu_build.cpu_model(), sorted(cpu_build.cpu_flags()), torch.get_num_threads(),
-                            torch.__version__, str(dtype), SOURCE.read_text(), ROWS, TUNE_SHAPE, isa()])
+                            torch.__version__, str(dtype), SOURCE.read_text(), ROWS, TUNE_SHAPE, isa(), MARGIN,
+                            ROUNDS])
         path = cpu_build.cache_dir() / f"cpu_plan-{hashlib.sha256(ident.encode()).hexdigest()[:16]}.json"
         try:
             found = {int(r): c for r, c in json.loads(path.read_text()).items()}
         except (OSError, ValueError, AttributeError):
             found = None
         if found is None or set(found) != set(ROWS):
+            busy = machine_busy()
             found = _tune(dtype)
             try:
+                if busy or machine_busy():  # (used now, kept for no later process: measured again next time)
+                    raise OSError("measured on a busy machine")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_name(f".{path.name}.{os.getpid()}")
                 tmp.write_text(json.dumps(found))

@@ -45,13 +45,8 @@ def _setup(lib: ctypes.CDLL) -> None:
 _library = cpu_build.Library(SOURCE, _setup)
 
 
-def available() -> bool:
-    return _library.available()
-
-
-def reason() -> str | None:
-    """Why the kernel is not available (None when it is)."""
-    return _library.reason()
+available = _library.available  # () -> bool: built (or found in the cache) and loaded
+reason = _library.reason  # () -> why it is not available (None when it is)
 
 
 _ISA: list[str] = []  # isa(), decided once per process

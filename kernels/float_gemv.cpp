@@ -23,44 +23,13 @@
 
 #include <vector>
 
+#include "cpu_common.h"
+
 namespace {
 
+using namespace points_cpu;
+
 constexpr int64_t kPrefetch = 1024;  // bytes ahead of the weight stream
-enum Dtype { kFloat32 = 0, kBFloat16 = 1 };
-
-inline float bf16_to_float(uint16_t h) {
-  const uint32_t bits = static_cast<uint32_t>(h) << 16;
-  float f;
-  __builtin_memcpy(&f, &bits, 4);
-  return f;
-}
-
-inline uint16_t float_to_bf16(float v) {
-  uint32_t bits;
-  __builtin_memcpy(&bits, &v, 4);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits | 0x00400000u) >> 16);  // NaN
-  bits += 0x7fffu + ((bits >> 16) & 1u);
-  return static_cast<uint16_t>(bits >> 16);
-}
-
-inline void store(void* y, int64_t i, float v, int dtype) {
-  if (dtype == kFloat32)
-    static_cast<float*>(y)[i] = v;
-  else
-    static_cast<uint16_t*>(y)[i] = float_to_bf16(v);
-}
-
-inline float load(const void* p, int64_t i, int dtype) {
-  return dtype == kFloat32 ? static_cast<const float*>(p)[i] : bf16_to_float(static_cast<const uint16_t*>(p)[i]);
-}
-
-inline float hsum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // ---------------------------------------------------------------- AVX2 (8 float32 lanes)
 
 // The weight vector of 8 elements at w (bf16 or float32) as float32.
@@ -93,7 +62,7 @@ inline void row_avx2(const float* x, int64_t ldx, const void* w, int64_t K, floa
     __m256 a = acc[m][0];
     for (int u = 1; u < U; u++) a = _mm256_add_ps(a, acc[m][u]);
     float s = hsum256(a);
-    for (int64_t kk = k; kk < K; kk++) s += load(w, kk, DT) * x[m * ldx + kk];
+    for (int64_t kk = k; kk < K; kk++) s += to_float(w, kk, DT) * x[m * ldx + kk];
     out[m * ldo] = s;
   }
 }
@@ -131,7 +100,7 @@ __attribute__((target("avx512f,avx512bw"))) void row_avx512(const float* x, int6
     __m512 a = acc[m][0];
     for (int u = 1; u < U; u++) a = _mm512_add_ps(a, acc[m][u]);
     float s = _mm512_reduce_add_ps(a);
-    for (int64_t kk = k; kk < K; kk++) s += load(w, kk, DT) * x[m * ldx + kk];
+    for (int64_t kk = k; kk < K; kk++) s += to_float(w, kk, DT) * x[m * ldx + kk];
     out[m * ldo] = s;
   }
 }
@@ -230,7 +199,7 @@ extern "C" int points_float_gemv(const void* x, const void* w, const void* bias,
 #pragma omp parallel for schedule(static) if (N * K * esize >= (int64_t{1} << 16))
   for (int64_t n = 0; n < N; n++) {
     const void* wn = static_cast<const char*>(w) + n * K * esize;
-    const float b = bias ? load(bias, n, dtype) : 0.0f;
+    const float b = bias ? to_float(bias, n, dtype) : 0.0f;
     if (dtype == kFloat32)
       weight_row<kFloat32>(isa, xf, xh, M, wn, K, b, y, n, N);
     else

@@ -22,49 +22,15 @@
 
 #include <vector>
 
+#include "cpu_common.h"
+
 namespace {
 
+using namespace points_cpu;
+
 constexpr int64_t kPrefetch = 512;
-enum Dtype { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
-inline float to_float(const void* p, int64_t i, int dtype) {
-  if (dtype == kFloat32) return static_cast<const float*>(p)[i];
-  const uint16_t h = static_cast<const uint16_t*>(p)[i];
-  if (dtype == kBFloat16) {
-    const uint32_t bits = static_cast<uint32_t>(h) << 16;
-    float f;
-    __builtin_memcpy(&f, &bits, 4);
-    return f;
-  }
-  return _cvtsh_ss(h);
-}
-
-inline void store(void* p, int64_t i, float v, int dtype) {
-  if (dtype == kFloat32) {
-    static_cast<float*>(p)[i] = v;
-  } else if (dtype == kBFloat16) {
-    uint32_t bits;
-    __builtin_memcpy(&bits, &v, 4);
-    if ((bits & 0x7fffffffu) > 0x7f800000u) {  // NaN stays NaN
-      bits |= 0x00400000u;
-    } else {
-      bits += 0x7fffu + ((bits >> 16) & 1u);
-    }
-    static_cast<uint16_t*>(p)[i] = static_cast<uint16_t>(bits >> 16);
-  } else {
-    static_cast<uint16_t*>(p)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
-  }
-}
-
 inline __m256 load8(const int8_t* p) {
   return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
 }
 
 // One weight row `w` against MB activation rows x[0..MB), U accumulators of 8 lanes per activation row.
@@ -90,7 +56,7 @@ inline void row(const float* x, int64_t ldx, const int8_t* w, int64_t K, float s
   for (int m = 0; m < MB; m++) {
     __m256 a = acc[m][0];
     for (int u = 1; u < U; u++) a = _mm256_add_ps(a, acc[m][u]);
-    float s = hsum(a);
+    float s = hsum256(a);
     for (int64_t kk = k; kk < K; kk++) s += static_cast<float>(w[kk]) * x[m * ldx + kk];
     store(y, iy + m * ldy, s * scale + bias, ydtype);
   }

@@ -59,3 +59,25 @@ def test_one_opaque_op_under_torch_compile():
     x = torch.randn(2, 96).bfloat16()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(x), f(x))
+
+
+def test_the_plan_leaves_pytorchs_product_only_by_a_margin():
+    """A near-tie keeps the default (a busy moment cannot tip it); a clear win takes the fastest ISA."""
+    assert cpu_gemv.choose({None: 1.0, "avx2": 0.95, "avx512": 0.97}) is None
+    assert cpu_gemv.choose({None: 1.0, "avx2": 0.8, "avx512": 0.6}) == "avx512"
+    assert cpu_gemv.choose({None: 0.5, "avx2": 0.8}) is None
+
+
+def test_a_plan_measured_on_a_busy_machine_is_not_kept(monkeypatch, tmp_path):
+    monkeypatch.setenv("POINTS_CACHE", str(tmp_path))
+    monkeypatch.setattr(cpu_gemv, "_state", {})
+    monkeypatch.setattr(cpu_gemv, "_tune", lambda dtype: {r: None for r in cpu_gemv.ROWS})
+    monkeypatch.setattr(cpu_gemv, "machine_busy", lambda: True)
+    if not cpu_gemv.available():
+        pytest.skip(f"points.kernels.cpu_gemv: {cpu_gemv.reason()}")
+    assert cpu_gemv.plan(torch.float32) == {r: None for r in cpu_gemv.ROWS}
+    assert not list((tmp_path / "kernels").glob("cpu_plan-*.json"))
+    monkeypatch.setattr(cpu_gemv, "_state", {})
+    monkeypatch.setattr(cpu_gemv, "machine_busy", lambda: False)
+    cpu_gemv.plan(torch.float32)
+    assert len(list((tmp_path / "kernels").glob("cpu_plan-*.json"))) == 1
