@@ -13,7 +13,7 @@ per kernel that could run a quantized decode step:
 - int4, group-wise (128 inputs per scale and zero point): `aten._weight_int4pack_mm_for_cpu` on the CPU,
   `aten._weight_int4pack_mm` on CUDA (bf16 activations; the comparison), and on the CPU this project's
   `points.kernels.cpu_int4` on each instruction set this CPU has (`--int4-group`, default 128; any dtype),
-  and the dequantize-then-product path Int4Linear takes for many rows.
+  and the dequantized blocks Int4Linear takes for many rows (points.runtime.cpu_blocks).
 
     python tools/bench_int8.py                                  # small preset, CPU, fp32 and bf16, 1 and 4 rows
     python tools/bench_int8.py --preset 7b --device cuda --dtype bfloat16
@@ -34,8 +34,8 @@ import torch.nn.functional as F
 
 from points.io.checkpoint import DTYPES
 from points.kernels import cpu_int4, cpu_int8
-from points.io.quantized import dequantize_int4, quantize_int4, quantize_int8
-from points.runtime.quantize import HAS_TRITON
+from points.io.quantized import quantize_int4, quantize_int8
+from points.runtime.quantize import HAS_TRITON, int4_linear
 from points.tooling.measure import BURSTS, copy_bandwidth, machine
 from points.tooling.synthetic import SHAPES, hf_config
 from points.io.config import from_hf_dict
@@ -174,8 +174,8 @@ def main(argv=None) -> int:
                     variants[f"int4 (group {args.int4_group}), cpu_int4 {which}"] = (
                         lambda which=which: [cpu_int4.int4_gemv(xs[w.shape[1]], q, s, o, group_size=args.int4_group,
                                                                 which=which) for w, (q, s, o) in zip(weights, ours4)], b4)
-                variants[f"int4 (group {args.int4_group}), dequantized"] = (
-                    lambda: [F.linear(xs[w.shape[1]], dequantize_int4(q, s, o, w.shape[1], dtype))
+                variants[f"int4 (group {args.int4_group}), dequantized blocks"] = (  # (Int4Linear's many-row path)
+                    lambda: [int4_linear(xs[w.shape[1]], q, s, o, None, args.int4_group, "dequantize")
                              for w, (q, s, o) in zip(weights, ours4)], b4)
             if not args.no_compile:
                 backend = "" if args.compile_backend == "inductor" else f" ({args.compile_backend} backend)"
