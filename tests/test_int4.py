@@ -34,11 +34,12 @@ def _case(rows, n, k, group, symmetric, dtype, bias, seed=0):
 @pytest.mark.parametrize("rows,n,k,group,symmetric,bias", [
     (1, 37, 200, 32, False, True), (3, 64, 256, 64, True, False), (5, 17, 1000, 128, False, True),
     (4, 33, 77, 32, True, True), (1, 8, 7, 128, False, False), (9, 50, 640, 64, False, True),
-    (2, 300, 384, 128, True, True)])
+    (2, 300, 384, 128, True, True), (6, 39, 192, 64, False, True)])  # (39: steps of 4 weight rows and 3 left)
 def test_kernel_equals_the_float64_product_of_what_it_rounds(isa, dtype, rows, n, k, group, symmetric, bias):
     """y = round_once( quantize_activations(x) @ W^T + b ), W dequantized in float64: within float32 summation
-    and one rounding to the output dtype. Odd sizes (7, 77 inputs: padding inside the last group; 37, 17
-    outputs), both schemes, 1-9 rows (the four-row blocks and each remainder)."""
+    and one rounding to the output dtype. Odd sizes (7, 77 inputs: padding inside the last group; 37, 17, 39
+    outputs: every remainder of the weight-row steps), both schemes, 1-9 rows (the four-row blocks and each
+    remainder)."""
     x, packed, scale, offset, b, w64 = _case(rows, n, k, group, symmetric, dtype, bias)
     y = cpu_int4.int4_gemv(x, packed, scale, offset, b, group_size=group, which=isa)
     assert y.dtype == dtype and y.shape == (rows, n)
