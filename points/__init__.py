@@ -3,8 +3,9 @@
     points/model/     the math: config dataclasses, rope, attention and its metadata, the KV cache, decoder,
                       vision encoder, projector, POINTSModel
     points/io/        files: config.json, checkpoints (read, checked, the one name mapping, convert), image
-                      processor, tokenizer, chat template, atomic writes, the stored int8 format
-    points/runtime/   running it: which attention kernel, sampling, the engine, generation, int8 modules
+                      processor, tokenizer, chat template, atomic writes, the stored int8 / int4 formats
+    points/runtime/   running it: which attention kernel, sampling, the engine, generation, the linear plan
+                      (int8 / int4 layers, CPU kernels)
     points/loading.py   the model built from a checkpoint (points.load, load_decoder, load_vision)
     points/pipeline.py  points.load -> Pipeline
     points/tooling/   the command line, benchmarks, random checkpoints, the transformers reference, demo
