@@ -56,6 +56,24 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def alternated_medians(ways: dict, rounds: int = 5) -> dict:
+    """{name: median seconds of `rounds` calls} of each zero-argument callable in `ways`, after one warm-up call
+    each, the ways alternated round by round, so that a load that comes and goes during the measurement slows
+    every way alike (the kernel choices' timing: cpu_gemv's plan, and points.runtime's)."""
+    import statistics
+    import time
+
+    for fn in ways.values():
+        fn()
+    times = {name: [] for name in ways}
+    for _ in range(rounds):
+        for name, fn in ways.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(runs) for name, runs in times.items()}
+
+
 def compiler() -> str | None:
     for name in (os.environ.get("CXX"), "g++", "c++"):
         if name and shutil.which(name):

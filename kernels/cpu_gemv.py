@@ -143,9 +143,6 @@ def _tune(dtype: torch.dtype) -> dict[int, str | None]:
     passes each, medians compared, and the kernel is taken only when it beats PyTorch's product by MARGIN (a
     load that comes and goes during the measurement slows every candidate alike, and a near-tie keeps the
     default). None = PyTorch's."""
-    import statistics
-    import time
-
     import torch.nn.functional as F
 
     n, k = TUNE_SHAPE
@@ -159,17 +156,8 @@ def _tune(dtype: torch.dtype) -> dict[int, str | None]:
         for rows in ROWS:
             x = torch.randn(rows, k, generator=g).to(dtype)
             products = {c: F.linear if c is None else (lambda x, w, c=c: _run(x, w, None, c)) for c in choices}
-            for product in products.values():
-                for w in weights[:2]:
-                    product(x, w)
-            times = {c: [] for c in choices}
-            for _ in range(ROUNDS):
-                for choice, product in products.items():
-                    t0 = time.perf_counter()
-                    for w in weights:
-                        product(x, w)
-                    times[choice].append(time.perf_counter() - t0)
-            plan[rows] = choose({c: statistics.median(v) for c, v in times.items()})
+            passes = {c: (lambda p=p: [p(x, w) for w in weights]) for c, p in products.items()}
+            plan[rows] = choose(cpu_build.alternated_medians(passes, ROUNDS))
     return plan
 
 

@@ -92,14 +92,6 @@ def quantize_weight(weight: torch.Tensor, quantization: dict) -> dict[str, torch
     return {"weight": packed, "scale": scale} | ({} if offset is None else {"offset": offset})
 
 
-def dequantize_weight(stored: dict[str, torch.Tensor], quantization: dict, in_features: int,
-                      dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The weight [out, in_features] back from `quantize_weight`'s tensors (float32 unless `dtype`)."""
-    if quantization["scheme"] == "int8":
-        return dequantize_int8(stored["weight"], stored["scale"], dtype)
-    return dequantize_int4(stored["weight"], stored["scale"], stored.get("offset"), in_features, dtype)
-
-
 def quantized_modules(n_layers: int, lm_head: bool) -> list[str]:
     """The decoder's modules (names inside `Decoder`) a scheme quantizes, in module order."""
     return [f"layers.{i}.{m}" for i in range(n_layers) for m in PROJECTIONS] + (["lm_head"] if lm_head else [])

@@ -20,8 +20,6 @@ applied). POINTS_BLOCKS=native|float32 forces one.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from typing import Callable
 
 import torch
@@ -59,16 +57,9 @@ def measure(dtype: torch.dtype, rows: int = 128, shape: tuple[int, int] = (2048,
     x = torch.randn(rows, shape[1], generator=g).to(dtype)
     ways = {"native": lambda: F.linear(x, w),
             "float32": lambda: blocked_linear(x, lambda a, b, dt: w[a:b].to(dt), shape[0], None, torch.float32)}
-    times = {k: [] for k in ways}
     with torch.inference_mode():
-        for fn in ways.values():
-            fn()
-        for _ in range(rounds):
-            for name, fn in ways.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return statistics.median(times["native"]) / statistics.median(times["float32"])
+        median = cpu_build.alternated_medians(ways, rounds)
+    return median["native"] / median["float32"]
 
 
 def blocked_linear(x: torch.Tensor, rows_of: Callable[[int, int, torch.dtype], torch.Tensor], out_features: int,

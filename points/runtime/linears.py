@@ -32,14 +32,12 @@ import torch
 from torch import nn
 
 from points.io.quantized import describe, quantized_modules
+from points.kernels import cpu_gemv
 from points.runtime.cpu_blocks import compute_dtype
 from points.runtime.cpu_linear import gemv_linear
 from points.runtime.layout import transposed_linear
 from points.runtime.lora import LoraLinear
 from points.runtime.quantize import Int4Linear, Int8Linear, cuda_notice, decide_kernels, quantized_layer
-
-KINDS = ("float", "gemv", "transposed", "int8", "int4")
-
 
 @dataclass(frozen=True)
 class LinearPlan:
@@ -67,7 +65,7 @@ class LinearPlan:
             return "float"
         if self.transposed and linear.out_features > linear.in_features:
             return "transposed"
-        if self.cpu_kernels and linear.weight.dtype in (torch.float32, torch.bfloat16) and _gemv_available():
+        if self.cpu_kernels and linear.weight.dtype in (torch.float32, torch.bfloat16) and cpu_gemv.available():
             return "gemv"
         return "float"
 
@@ -149,12 +147,6 @@ def transpose_tall_linears(module: nn.Module) -> nn.Module:
     """Store the weights of `module`'s tall Linears transposed in memory (float32 CPU weights only; the opt-in
     layout of points.runtime.layout): LinearPlan(transposed=True)."""
     return LinearPlan(transposed=True).apply(module)
-
-
-def _gemv_available() -> bool:
-    from points.kernels import cpu_gemv
-
-    return cpu_gemv.available()
 
 
 def _plain(linear: nn.Linear) -> nn.Linear:

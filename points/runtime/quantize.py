@@ -27,8 +27,8 @@ docs/benchmarks.md has the figures):
   `_weight_int8pack_mm` at one row, 2.0x the bf16 product and 5.8x the float32 one;
 - CPU, more rows (prefills) in bf16 / fp16: whichever of `torch.ops.aten._weight_int8pack_mm` and the
   dequantization (`F.linear(x, W8.to(x.dtype)) * scale`) is faster on this machine, measured once per process
-  and dtype at the first such product (`many_rows_kernel`: 256 rows of a [2048, 4096] weight, best of 3, ~0.2
-  s): on the AMD EPYC without AMX the int8pack kernel (bf16 products there run at ~22 GFLOP/s), on an Intel
+  and dtype at the first such product (`many_rows_kernel`: 256 rows of a [2048, 4096] weight, the two
+  alternated five times, medians, dequantize only when 1.25x faster; ~0.3 s): on the AMD EPYC without AMX the int8pack kernel (bf16 products there run at ~22 GFLOP/s), on an Intel
   Xeon with AMX the dequantization (613-643 GFLOP/s against 175-186 for int8pack at 360 rows of the 3B
   Reader's MLP shapes, 2026-12-07), where the static rule made an int8 prefill 3.5x slower than it needs;
 - CPU, up to 64 rows where that kernel is not available: int8pack for bf16 / fp16 activations; for float32
@@ -46,8 +46,6 @@ docs/benchmarks.md has the figures):
 from __future__ import annotations
 
 import importlib.util
-import statistics
-import time
 import warnings
 
 import torch
@@ -55,7 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from points.io.quantized import dequantize_int4, dequantize_int8, describe, quantize_weight, quantized_modules, stored_tensors
-from points.kernels import cpu_int4, cpu_int8
+from points.kernels import cpu_build, cpu_int4, cpu_int8
 from points.runtime.cpu_blocks import blocked_linear, compute_dtype
 
 GEMV_ROWS = 64  # up to this many rows the CPU kernel beats the others (bench_int8: 1.0x int8pack at 64 in bf16)
@@ -89,17 +87,10 @@ def many_rows_kernel(dtype: torch.dtype) -> str:
         g = torch.Generator().manual_seed(0)
         w = torch.randint(-127, 128, (2048, 4096), dtype=torch.int8, generator=g)
         scale, x = torch.rand(2048, generator=g).to(dtype), torch.randn(256, 4096, generator=g).to(dtype)
-        times = {"int8pack": [], "dequantize": []}
         with torch.inference_mode():
-            for kernel in times:
-                int8_linear(x, w, scale, None, kernel)  # (first call: allocations, packing)
-            for _ in range(5):
-                for kernel, runs in times.items():
-                    start = time.perf_counter()
-                    int8_linear(x, w, scale, None, kernel)
-                    runs.append(time.perf_counter() - start)
-        faster = statistics.median(times["int8pack"]) >= 1.25 * statistics.median(times["dequantize"])
-        _MANY_ROWS[dtype] = "dequantize" if faster else "int8pack"
+            median = cpu_build.alternated_medians({k: (lambda k=k: int8_linear(x, w, scale, None, k))
+                                                   for k in ("int8pack", "dequantize")})
+        _MANY_ROWS[dtype] = "dequantize" if median["int8pack"] >= 1.25 * median["dequantize"] else "int8pack"
     return _MANY_ROWS[dtype]
 
 
@@ -136,11 +127,7 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.kernel = check_kernel(kernel)
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.int8, device=device),
-                                   requires_grad=False)
-        self.scale = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-                     if bias else None)
+        _stored_parameters(self, describe("int8"), bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_linear(x, self.weight, self.scale, self.bias, self.kernel)
@@ -222,13 +209,9 @@ class Int4Linear(nn.Module):
             raise ValueError(f"int4 kernel {kernel!r}: expected one of {INT4_KERNELS}")
         self.in_features, self.out_features = in_features, out_features
         self.group_size, self.symmetric, self.kernel = group_size, symmetric, kernel
-        stored = stored_tensors(describe("int4", group_size=group_size, symmetric=symmetric), out_features, in_features)
-        for name, (shape, dt) in stored.items():
-            setattr(self, name, nn.Parameter(torch.empty(shape, dtype=dt or dtype, device=device), requires_grad=False))
-        if "offset" not in stored:
+        _stored_parameters(self, describe("int4", group_size=group_size, symmetric=symmetric), bias, dtype, device)
+        if self.symmetric:
             self.register_parameter("offset", None)
-        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-                     if bias else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int4_linear(x, self.weight, self.scale, self.offset, self.bias, self.group_size, self.kernel)
@@ -241,6 +224,15 @@ class Int4Linear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"int4, group_size={self.group_size}, {'symmetric' if self.symmetric else 'asymmetric'}, "
                 f"kernel={self.kernel}")
+
+
+def _stored_parameters(layer: nn.Module, quantization: dict, bias: bool, dtype: torch.dtype, device) -> None:
+    """The layer's frozen, empty Parameters: the tensors points.io.quantized.stored_tensors lists for its shape
+    (codes in their own dtype, scales and offsets in `dtype`), then `bias` (or None)."""
+    for name, (shape, dt) in stored_tensors(quantization, layer.out_features, layer.in_features).items():
+        setattr(layer, name, nn.Parameter(torch.empty(shape, dtype=dt or dtype, device=device), requires_grad=False))
+    layer.bias = (nn.Parameter(torch.empty(layer.out_features, dtype=dtype, device=device), requires_grad=False)
+                  if bias else None)
 
 
 # ----------------------------------------------------------------------------------------------- the swap
