@@ -9,7 +9,7 @@ products and sums in float32 (float32 inputs in the exact "ieee" precision), the
 sums, one rounding. Each program owns BLOCK_N output channels and reads their packed rows once, BLOCK_K codes
 at a time (each byte read for its two codes, the second time from cache), dequantized in registers; the rows
 of x (decode: 1 to a few) are one padded BLOCK_M tile. K is split over programs where N alone leaves the GPU
-idle, as in triton_int8 (float32 partial sums added in a fixed order by a second kernel).
+idle, as in triton_int8 (float32 partial sums added in a fixed order by its second kernel, shared).
 
 Registered as the custom op `points::int4_mm` (one opaque call in a compiled step and its CUDA graph).
 Importing this module imports Triton; `points.runtime.quantize` imports it only when the kernel is chosen.
@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 
 from points.kernels.cpu_int4 import check_int4_args
-from points.kernels.triton_int8 import BLOCK_M, INTERPRETED, _rounded, split_k_for
+from points.kernels.triton_int8 import BLOCK_M, INTERPRETED, _finish_kernel, _rounded, split_k_for
 
 
 @triton.jit
@@ -69,21 +69,6 @@ def _int4_mm_kernel(x_ptr, w_ptr, s_ptr, o_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, k
         tl.store(y_ptr + rm[:, None] * sym + rn[None, :], _rounded(acc, y_ptr.dtype.element_ty, BY_BITS), mask=ok)
 
 
-@triton.jit
-def _finish_kernel(ws_ptr, b_ptr, y_ptr, M, N, sym, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                   BY_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """The split-K partial sums [SPLIT_K, M, N] added in order, biased, rounded once."""
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = i < M * N
-    m, n = i // N, i % N
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in tl.static_range(SPLIT_K):
-        acc += tl.load(ws_ptr + s * M * N + i, mask=ok, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + n, mask=ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m * sym + n, _rounded(acc, y_ptr.dtype.element_ty, BY_BITS), mask=ok)
-
-
 def _launch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
             bias: torch.Tensor | None, group_size: int, block_n: int | None = None, block_k: int | None = None,
             split_k: int | None = None) -> torch.Tensor:
@@ -112,9 +97,9 @@ def _launch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: 
                           BY_BITS=by_bits, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
     if split > 1:
         block = 1024
-        _finish_kernel[(triton.cdiv(m * n, block),)](ws, scale if bias is None else bias, y, m, n, y.stride(0),
-                                                     HAS_BIAS=bias is not None, SPLIT_K=split, BY_BITS=by_bits,
-                                                     BLOCK=block)
+        _finish_kernel[(triton.cdiv(m * n, block),)](ws, scale, scale if bias is None else bias, y, m, n,
+                                                     y.stride(0), HAS_SCALE=False, HAS_BIAS=bias is not None,
+                                                     SPLIT_K=split, BY_BITS=by_bits, BLOCK=block)
     return y.reshape(*x.shape[:-1], n)
 
 

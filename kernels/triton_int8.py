@@ -80,16 +80,19 @@ def _int8_mm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, M, N, K, k_per_sp
 
 
 @triton.jit
-def _finish_kernel(ws_ptr, s_ptr, b_ptr, y_ptr, M, N, sym, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                   BY_BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """The split-K partial sums [SPLIT_K, M, N] added in order, scaled, biased, rounded once."""
+def _finish_kernel(ws_ptr, s_ptr, b_ptr, y_ptr, M, N, sym, HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   SPLIT_K: tl.constexpr, BY_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """The split-K partial sums [SPLIT_K, M, N] added in order, scaled per output (HAS_SCALE: int8's scale;
+    triton_int4 scales inside its sums), biased, rounded once."""
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = i < M * N
     m, n = i // N, i % N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
         acc += tl.load(ws_ptr + s * M * N + i, mask=ok, other=0.0)
-    y = acc * tl.load(s_ptr + n, mask=ok, other=0.0).to(tl.float32)
+    y = acc
+    if HAS_SCALE:
+        y = acc * tl.load(s_ptr + n, mask=ok, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y += tl.load(b_ptr + n, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * sym + n, _rounded(y, y_ptr.dtype.element_ty, BY_BITS), mask=ok)
@@ -137,8 +140,9 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: to
                           BY_BITS=by_bits, BLOCK_M=BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k)
     if split > 1:
         block = 1024
-        _finish_kernel[(triton.cdiv(m * n, block),)](ws, scale, b, y, m, n, y.stride(0), HAS_BIAS=bias is not None,
-                                                     SPLIT_K=split, BY_BITS=by_bits, BLOCK=block)
+        _finish_kernel[(triton.cdiv(m * n, block),)](ws, scale, b, y, m, n, y.stride(0), HAS_SCALE=True,
+                                                     HAS_BIAS=bias is not None, SPLIT_K=split, BY_BITS=by_bits,
+                                                     BLOCK=block)
     return y.reshape(*x.shape[:-1], n)
 
 
