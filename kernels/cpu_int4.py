@@ -5,9 +5,10 @@
         y = cpu_int4.int4_gemv(x, packed, scale, offset, group_size=128)   # points.io.quantized's int4 format
 
 x [..., K] float32 / bfloat16 / float16 on the CPU; packed uint8 [N, groups * group_size / 2], scale and
-offset [N, groups] (offset None: the symmetric scheme). The activations are rounded to int8 per block of 32
-inputs inside the call (`quantize_activations` is that rounding, in PyTorch, for tests and tools), as
-llama.cpp's q4_0 x q8_0 product does; the sums are exact in int32 within a block, float32 across blocks.
+offset [N, groups] (offset None: the symmetric scheme). The activations are rounded to int8 per group of
+group_size inputs, the weights' groups, inside the call (`quantize_activations` is that rounding, in PyTorch,
+for tests and tools), as llama.cpp's q4 x q8 products do per block; the sums are exact in int32 within a
+group, float32 across groups.
 
 Optional, as `cpu_int8` (the same build: `cpu_build`). The instruction set follows the CPU's flags, a rule
 and not a timing (no busy moment can spoil it): AVX-512 VNNI (vpdpbusd) where the CPU has it, AVX-512BW
@@ -29,7 +30,6 @@ from points.kernels import cpu_build
 SOURCE = Path(__file__).with_name("int4_gemv.cpp")
 ISAS = ("avx2", "avx512", "avx512_vnni")
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-BLOCK = 32  # inputs per activation scale
 
 
 def _setup(lib: ctypes.CDLL) -> None:
@@ -127,7 +127,7 @@ def check_int4_args(name: str, x: torch.Tensor, packed: torch.Tensor, scale: tor
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None,
               bias: torch.Tensor | None = None, *, group_size: int = 128, which: str | None = None) -> torch.Tensor:
     """x [..., K] @ W^T + bias -> [..., N] in x's dtype, W the int4 weight (q * scale + offset, or
-    (q - 8) * scale without offsets) and x rounded to int8 per 32 inputs (see the module). `which`: one of
+    (q - 8) * scale without offsets) and x rounded to int8 per group (see the module). `which`: one of
     `isas()` (default `isa()`). Under torch.compile it is the custom op `points::int4_gemv`, unchecked."""
     which = which or isa()
     if torch.compiler.is_compiling():
@@ -164,12 +164,12 @@ def dequantize_rows(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     return out
 
 
-def quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    """x [..., K] as the kernel sees it, in float64: per block of 32 inputs (zero-padded to a whole block),
-    xs = max |x| / 127 in float32 and round(x / xs) (half to even), times xs. For tests and tools."""
+def quantize_activations(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x [..., K] as the kernel sees it, in float64: per group of `group_size` inputs (zero-padded to a whole
+    group), xs = max |x| / 127 in float32 and round(x / xs) (half to even), times xs. For tests and tools."""
     k = x.shape[-1]
-    pad = -k % BLOCK
-    v = torch.nn.functional.pad(x.float(), (0, pad)).reshape(*x.shape[:-1], -1, BLOCK)
+    pad = -k % group_size
+    v = torch.nn.functional.pad(x.float(), (0, pad)).reshape(*x.shape[:-1], -1, group_size)
     xs = v.abs().amax(-1, keepdim=True) / 127
     q = torch.where(xs > 0, torch.round(v / torch.where(xs > 0, xs, 1)), 0)
     return (q.double() * xs.double()).reshape(*x.shape[:-1], -1)[..., :k]

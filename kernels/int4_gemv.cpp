@@ -7,20 +7,22 @@
 // (the symmetric scheme has no offsets: o = -8 s). x [M, K], y [M, N], s, o, bias in float32, bfloat16 or
 // float16 (dtype codes below).
 //
-// The activations are rounded to int8 once per call, per block of 32 inputs (xs = max |x| / 127, xq =
-// round(x / xs), half to even), as llama.cpp's q4_0 x q8_0 dot product does; so the product is the float
-// product of the dequantized weights with the dequantized activations, summed exactly in int32 within a
-// block and in float32 across blocks. That is what makes it fast: the codes are multiplied as bytes
-// (vpmaddubsw + vpmaddwd, or vpdpbusd with VNNI: 32 or 64 products an instruction) instead of being widened
-// to float32 one by one, so that a 4-bit weight costs fewer instructions than an int8 one does in
-// int8_gemv.cpp. Error: the activations' rounding is at most 1/254 of each block's largest value, far
-// below the weights' 1/30 of a group's range (tools/quantization_quality.py measures both).
+// The activations are rounded to int8 once per call, per group of G inputs, the weights' own groups (xs =
+// max |x| / 127, xq = round(x / xs), half to even), as llama.cpp's q4 x q8 dot products do with their
+// blocks; so the product is the float product of the dequantized weights with the dequantized activations,
+// summed exactly in int32 within a group and in float32 across groups. That is what makes it fast: the codes
+// are multiplied as bytes (vpmaddubsw + vpmaddwd, or vpdpbusd with VNNI: 32 or 64 products an instruction)
+// into int32 sums that stay integers for the whole group, so that a group of 128 weights costs one conversion
+// and one multiply-add in float32, however many instructions its bytes take. Error: the activations' rounding
+// is at most 1/254 of each group's largest value, far below the weights' 1/30 of a group's range
+// (tools/quantization_quality.py measures both).
 //
-// Layout of the work: the activations are prepared once per call (codes with each block's even inputs
-// first, then its odd ones, to match the nibbles as they come out of a byte; scales per block; and per group
-// xs * sum(xq), the factor of the group's offset). Each weight row is streamed once, two or four rows at a time
-// by one thread (OpenMP, static), each unpacked weight vector shared by up to four activation rows and each
-// activation vector by those weight rows, a prefetch 1 KiB ahead of each stream (measured best of 256 B - 4 KiB).
+// Layout of the work: the activations are prepared once per call (codes in chunks of C inputs, the chunk's
+// even inputs first, then its odd ones, to match the nibbles as they come out of C / 2 bytes; a scale per
+// group; and per group xs * sum(xq), the factor of the group's offset). Each weight row is streamed once, two
+// or four rows at a time by one thread (OpenMP, static), each unpacked weight vector shared by up to four
+// activation rows and each activation vector by those weight rows, a prefetch 8 KiB ahead of each stream
+// (kPrefetch).
 //
 // Built by kernels/cpu_int4.py through kernels/cpu_build.py (g++ -O3 -mavx2 -mfma -mf16c -fopenmp; the
 // AVX-512 paths carry target attributes and are chosen by the caller's `isa`), plain C ABI through ctypes.
@@ -37,8 +39,10 @@ namespace {
 
 using namespace points_cpu;
 
-constexpr int64_t kBlock = 32;       // activation block (inputs per activation scale)
-constexpr int64_t kPrefetch = 1024;  // bytes ahead of the weight stream (512: 0.86x, 2048: 0.97x, 4096: 0.86x)
+// Bytes ahead of each weight row's stream, fetched into L2 (the small preset's products, one token, 2 threads,
+// Xeon with AMX, medians against 1 KiB into L1: 8 KiB into L2 1.13x; 16-32 KiB 1.07x; 8 KiB into L1 1.03x;
+// 512 B into L1 0.82x).
+constexpr int64_t kPrefetch = 8192;
 // count values of p from `first` as float32 into out (the dtype branch outside the loops, which vectorise).
 inline void widen(const void* p, int64_t first, int64_t count, int dtype, float* out) {
   if (dtype == kFloat32) {
@@ -58,169 +62,186 @@ inline void widen(const void* p, int64_t first, int64_t count, int dtype, float*
 
 // The activations as the kernels read them, for M rows of K_pad inputs (K real ones, zeros after).
 struct Acts {
-  int64_t blocks, groups;
-  std::vector<int8_t> q;     // [M, K_pad]: per block of 32, its 16 even inputs, then its 16 odd ones
-  std::vector<float> scale;  // [M, blocks * 8]: each block's scale, 8 times (one per int32 lane of its sums)
-  std::vector<float> gsum;   // [M, groups]: sum over the group's blocks of xs * sum(xq)
+  int64_t groups;
+  std::vector<int8_t> q;     // [M, K_pad]: per chunk of C inputs, its C / 2 even inputs, then its odd ones
+  std::vector<float> scale;  // [M, groups]: each group's xs
+  std::vector<float> gsum;   // [M, groups]: xs * sum(xq) over the group
 };
 
-void prepare(const void* x, int xdtype, int64_t M, int64_t K, int64_t K_pad, int64_t G, Acts& a) {
-  a.blocks = K_pad / kBlock;
+void prepare(const void* x, int xdtype, int64_t M, int64_t K, int64_t K_pad, int64_t G, int64_t C, Acts& a) {
   a.groups = K_pad / G;
   a.q.assign(M * K_pad, 0);
-  a.scale.assign(M * a.blocks * 8, 0.0f);
+  a.scale.assign(M * a.groups, 0.0f);
   a.gsum.assign(M * a.groups, 0.0f);
-  float v[kBlock];
+  std::vector<float> v(G);
   for (int64_t m = 0; m < M; m++) {
-    for (int64_t b = 0; b < a.blocks; b++) {
+    for (int64_t g = 0; g < a.groups; g++) {
+      const int64_t k0 = g * G, real = K - k0 < G ? K - k0 : G;
+      widen(x, m * K + k0, real, xdtype, v.data());
       float amax = 0.0f;
-      for (int64_t i = 0; i < kBlock; i++) {
-        const int64_t k = b * kBlock + i;
-        v[i] = k < K ? to_float(x, m * K + k, xdtype) : 0.0f;
-        amax = fmaxf(amax, fabsf(v[i]));
-      }
+      for (int64_t i = 0; i < real; i++) amax = fmaxf(amax, fabsf(v[i]));
       const float xs = amax / 127.0f;
-      int8_t* q = a.q.data() + m * K_pad + b * kBlock;
+      int8_t* q = a.q.data() + m * K_pad + k0;
       int sum = 0;
-      for (int64_t i = 0; i < kBlock; i++) {
+      for (int64_t i = 0; i < real; i++) {
         const int c = xs > 0.0f ? static_cast<int>(nearbyintf(v[i] / xs)) : 0;  // (half to even: the default mode)
-        q[(i & 1) * 16 + i / 2] = static_cast<int8_t>(c);
+        const int64_t j = i % C;
+        q[i - j + (j & 1) * (C / 2) + j / 2] = static_cast<int8_t>(c);
         sum += c;
       }
-      for (int l = 0; l < 8; l++) a.scale[(m * a.blocks + b) * 8 + l] = xs;
-      a.gsum[m * a.groups + b * kBlock / G] += xs * static_cast<float>(sum);
+      a.scale[m * a.groups + g] = xs;
+      a.gsum[m * a.groups + g] = xs * static_cast<float>(sum);
     }
   }
-}
-
-// ---------------------------------------------------------------- 256 bits: 32 weights (one block) a step
-
-// The 32 codes of a block (16 bytes at p) as bytes: the low nibbles (even inputs), then the high ones.
-inline __m256i codes32(const uint8_t* p) {
-  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  const __m128i m4 = _mm_set1_epi8(0x0F);
-  return _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
-}
-
-inline __m256i dot_avx2(__m256i w, __m256i x) {  // 8 int32 lanes, each the sum of 4 products
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
 }
 
 #define VNNI_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 #define BW_TARGET __attribute__((target("avx512f,avx512bw,avx512vl")))
 
-VNNI_TARGET inline __m256i dot_vnni256(__m256i w, __m256i x) {
-  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+// ---------------------------------------------------------------- the steps: one chunk of a weight row's bytes
+// Each UNPACK turns one chunk of CB bytes (2 CB codes) into P byte vectors whose lanes line up with the
+// activations' chunk layout; DOT adds the products of bytes (codes, unsigned) and activations (signed) into
+// int32 lanes.
+
+// 256 bits, G = 32 (CB = 16, P = 1): the 32 codes as one vector, the low nibbles (even inputs), then the high.
+inline void unpack16(const uint8_t* p, __m256i* v) {
+  const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  const __m128i m4 = _mm_set1_epi8(0x0F);
+  v[0] = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(b, 4), m4), _mm_and_si128(b, m4));
 }
 
+// 256 bits, G >= 64 (CB = 32, P = 2): the low nibbles of 32 bytes, then the high ones.
+inline void unpack32(const uint8_t* p, __m256i* v) {
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  const __m256i m4 = _mm256_set1_epi8(0x0F);
+  v[0] = _mm256_and_si256(b, m4);
+  v[1] = _mm256_and_si256(_mm256_srli_epi16(b, 4), m4);
+}
+
+// 512 bits, G = 128 (CB = 64, P = 2).
+BW_TARGET inline void unpack64(const uint8_t* p, __m512i* v) {
+  const __m512i b = _mm512_loadu_si512(p);
+  const __m512i m4 = _mm512_set1_epi8(0x0F);
+  v[0] = _mm512_and_si512(b, m4);
+  v[1] = _mm512_and_si512(_mm512_srli_epi16(b, 4), m4);
+}
+
+inline __m256i dot_avx2(__m256i acc, __m256i w, __m256i x) {  // each int32 lane += the sum of 4 products
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)));
+}
+VNNI_TARGET inline __m256i dot_vnni256(__m256i acc, __m256i w, __m256i x) { return _mm256_dpbusd_epi32(acc, w, x); }
+BW_TARGET inline __m512i dot512_bw(__m512i acc, __m512i w, __m512i x) {
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1)));
+}
+VNNI_TARGET inline __m512i dot512_vnni(__m512i acc, __m512i w, __m512i x) { return _mm512_dpbusd_epi32(acc, w, x); }
+
 // NR weight rows (codes from w, ldw bytes apart; scales s and offsets o [NR][groups] in float32) against MB
-// activation rows from m0: their sums in out[r * MB + m]. Per step each weight vector is unpacked once and each
-// activation vector loaded once for all NR x MB products; the scale of a product is the activation block's
-// times the weight group's (one multiply), so that nothing is left to do at a group's end; the offsets'
-// share, sum over groups of o * (xs * sum xq), is a dot product over the groups after the loop. The body is
-// written once, as a macro, and compiled once per instruction set (a function carrying a target attribute
-// cannot share an inlined body with one that does not, and the AVX2 one must carry none).
-#define ROWS_BODY(VEC, ZERO, FMA, MUL, CVT, SET1, LOADF, LOADI, WQ, DOT, LANES, STEP, REDUCE)                 \
+// activation rows from m0: their sums in out[r * M + m]. Per chunk each weight vector is unpacked once and
+// each activation vector loaded once for all NR x MB products, summed in int32 over the group; at a group's
+// end one conversion and one multiply-add by the activations' scale times the weights', and the offset's
+// share, o * (xs * sum xq), added to a float32 sum of its own. The body is written
+// once, as a macro, and compiled once per instruction set (a function carrying a target attribute cannot
+// share an inlined body with one that does not, and the AVX2 one must carry none).
+#define ROWS_BODY(VEC, IVEC, ZERO, IZERO, FMA, CVT, SET1, LOADI, UNPACK, CB, P, DOT, REDUCE)        \
   VEC tot[NR][MB];                                                                                           \
+  float off[NR][MB];                                                                                         \
   for (int r = 0; r < NR; r++)                                                                               \
-    for (int m = 0; m < MB; m++) tot[r][m] = ZERO;                                                          \
-  const int64_t per_group = G / STEP;                                                                        \
+    for (int m = 0; m < MB; m++) tot[r][m] = ZERO, off[r][m] = 0.0f;                                        \
+  const int64_t chunks = G / (2 * CB);                                                                       \
   for (int64_t g = 0; g < a.groups; g++) {                                                                   \
-    VEC sg[NR];                                                                                              \
-    for (int r = 0; r < NR; r++) sg[r] = SET1(s[r * a.groups + g]);                                          \
-    for (int64_t j = 0; j < per_group; j++) {                                                                \
-      const int64_t b = (g * per_group + j) * (STEP / kBlock);                                               \
-      WQ wq[NR];                                                                                             \
+    IVEC acc[NR][MB];                                                                                        \
+    for (int r = 0; r < NR; r++)                                                                             \
+      for (int m = 0; m < MB; m++) acc[r][m] = IZERO;                                                       \
+    for (int64_t j = 0; j < chunks; j++) {                                                                   \
+      const int64_t byte = g * (G / 2) + j * CB;                                                             \
+      IVEC wq[NR][P];                                                                                        \
       for (int r = 0; r < NR; r++) {                                                                        \
-        _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + b * 16) + kPrefetch, _MM_HINT_T0);          \
-        wq[r] = UNPACK(w + r * ldw + b * 16);                                                                \
+        _mm_prefetch(reinterpret_cast<const char*>(w + r * ldw + byte) + kPrefetch, _MM_HINT_T1);            \
+        UNPACK(w + r * ldw + byte, wq[r]);                                                                   \
       }                                                                                                      \
       for (int m = 0; m < MB; m++) {                                                                         \
-        const WQ xq = LOADI(a.q.data() + (m0 + m) * K_pad + b * kBlock);                                     \
-        const VEC xs = LOADF(a.scale.data() + ((m0 + m) * a.blocks + b) * 8);                                \
-        for (int r = 0; r < NR; r++) tot[r][m] = FMA(CVT(DOT(wq[r], xq)), MUL(xs, sg[r]), tot[r][m]);        \
+        const int8_t* xq = a.q.data() + (m0 + m) * K_pad + 2 * byte;                                         \
+        for (int p = 0; p < P; p++) {                                                                        \
+          const IVEC xv = LOADI(xq + p * (2 * CB / P));                                                      \
+          for (int r = 0; r < NR; r++) acc[r][m] = DOT(acc[r][m], wq[r][p], xv);                             \
+        }                                                                                                    \
+      }                                                                                                      \
+    }                                                                                                        \
+    for (int m = 0; m < MB; m++) {                                                                           \
+      const float xs = a.scale[(m0 + m) * a.groups + g], gs = a.gsum[(m0 + m) * a.groups + g];              \
+      for (int r = 0; r < NR; r++) {                                                                         \
+        tot[r][m] = FMA(CVT(acc[r][m]), SET1(xs * s[r * a.groups + g]), tot[r][m]);                          \
+        off[r][m] += o[r * a.groups + g] * gs;                                                               \
       }                                                                                                      \
     }                                                                                                        \
   }                                                                                                          \
   for (int r = 0; r < NR; r++)                                                                               \
-    for (int m = 0; m < MB; m++) {                                                                           \
-      const float* gs = a.gsum.data() + (m0 + m) * a.groups;                                                 \
-      const float* orow = o + r * a.groups;                                                                  \
-      VEC offv = ZERO;                                                                                       \
-      int64_t g = 0;                                                                                         \
-      for (; g + LANES <= a.groups; g += LANES) offv = FMA(LOADF(orow + g), LOADF(gs + g), offv);            \
-      float off = REDUCE(offv);                                                                              \
-      for (; g < a.groups; g++) off += orow[g] * gs[g];                                                      \
-      out[r * MB + m] = REDUCE(tot[r][m]) + off;                                                             \
-    }
+    for (int m = 0; m < MB; m++) out[r * M + m0 + m] = REDUCE(tot[r][m]) + off[r][m];
 
-#define ROW_ARGS const Acts &a, int64_t m0, int64_t K_pad, int64_t G, const uint8_t *w, int64_t ldw, \
+#define ROW_ARGS const Acts &a, int64_t m0, int64_t M, int64_t K_pad, int64_t G, const uint8_t *w, int64_t ldw, \
                  const float *s, const float *o, float *out
 
 #define LOADI256(p) _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
-#define BODY256(DOT) ROWS_BODY(__m256, _mm256_setzero_ps(), _mm256_fmadd_ps, _mm256_mul_ps, _mm256_cvtepi32_ps, \
-                               _mm256_set1_ps, _mm256_loadu_ps, LOADI256, __m256i, DOT, 8, 32, hsum256)
-#define UNPACK codes32
-template <int NR, int MB>
-void row256_avx2(ROW_ARGS) { BODY256(dot_avx2) }
+#define BODY256(UNPACK, CB, P, DOT)                                                                           \
+  ROWS_BODY(__m256, __m256i, _mm256_setzero_ps(), _mm256_setzero_si256(), _mm256_fmadd_ps, _mm256_cvtepi32_ps, \
+            _mm256_set1_ps, LOADI256, UNPACK, CB, P, DOT, hsum256)
+#define BODY512(DOT)                                                                                          \
+  ROWS_BODY(__m512, __m512i, _mm512_setzero_ps(), _mm512_setzero_si512(), _mm512_fmadd_ps, _mm512_cvtepi32_ps, \
+            _mm512_set1_ps, _mm512_loadu_si512, unpack64, 64, 2, DOT, _mm512_reduce_add_ps)
 
-template <int NR, int MB>
-VNNI_TARGET void row256_vnni(ROW_ARGS) { BODY256(dot_vnni256) }
-#undef UNPACK
+template <int NR, int MB> void row_avx2_g32(ROW_ARGS) { BODY256(unpack16, 16, 1, dot_avx2) }
+template <int NR, int MB> void row_avx2(ROW_ARGS) { BODY256(unpack32, 32, 2, dot_avx2) }
+template <int NR, int MB> VNNI_TARGET void row_vnni256_g32(ROW_ARGS) { BODY256(unpack16, 16, 1, dot_vnni256) }
+template <int NR, int MB> VNNI_TARGET void row_vnni256(ROW_ARGS) { BODY256(unpack32, 32, 2, dot_vnni256) }
+template <int NR, int MB> BW_TARGET void row512_bw(ROW_ARGS) { BODY512(dot512_bw) }
+template <int NR, int MB> VNNI_TARGET void row512_vnni(ROW_ARGS) { BODY512(dot512_vnni) }
 
-// ---------------------------------------------------------------- 512 bits: 64 weights (two blocks) a step, G >= 64
+// Inputs per chunk of the activations' layout: 128 where the step is 512 bits (AVX-512, G = 128), 64 for the
+// 256-bit steps at G >= 64, 32 at G = 32.
+inline int64_t chunk_inputs(int isa, int64_t G) { return G == 32 ? 32 : isa >= 1 && G == 128 ? 128 : 64; }
 
-BW_TARGET inline __m512i dot512_bw(__m512i w, __m512i x) {
-  return _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1));
-}
-
-VNNI_TARGET inline __m512i dot512_vnni(__m512i w, __m512i x) {
-  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
-}
-
-// Two blocks' 32 code bytes: [lo(b) | lo(b+1)] and [hi(b) | hi(b+1)] (128-bit halves) reordered to
-// lo(b), hi(b), lo(b+1), hi(b+1), each block's bytes as its activations are.
-BW_TARGET inline __m512i codes64(const uint8_t* p) {
-  const __m256i m4 = _mm256_set1_epi8(0x0F);
-  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  return _mm512_permutexvar_epi64(_mm512_set_epi64(7, 6, 3, 2, 5, 4, 1, 0),
-                                  _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, m4)),
-                                                     _mm256_and_si256(_mm256_srli_epi16(b, 4), m4), 1));
-}
-
-#define LOADI512(p) _mm512_loadu_si512(p)
-#define BODY512(DOT) ROWS_BODY(__m512, _mm512_setzero_ps(), _mm512_fmadd_ps, _mm512_mul_ps, _mm512_cvtepi32_ps, \
-                               _mm512_set1_ps, _mm512_loadu_ps, LOADI512, __m512i, DOT, 16, 64, _mm512_reduce_add_ps)
-#define UNPACK codes64
-template <int NR, int MB>
-BW_TARGET void row512_bw(ROW_ARGS) { BODY512(dot512_bw) }
-
-template <int NR, int MB>
-VNNI_TARGET void row512_vnni(ROW_ARGS) { BODY512(dot512_vnni) }
-#undef UNPACK
-
-// NR weight rows against up to four activation rows from m0 (MB of them).
+// NR weight rows against MB activation rows from m0.
+#define ROW_CALL(FN) FN<NR, MB>(a, m0, M, K_pad, G, w, ldw, s, o, out)
 template <int NR, int MB>
 inline void rows(int isa, ROW_ARGS) {
-  if (isa >= 1 && G >= 2 * kBlock) {
-    if (isa == 2) row512_vnni<NR, MB>(a, m0, K_pad, G, w, ldw, s, o, out);
-    else row512_bw<NR, MB>(a, m0, K_pad, G, w, ldw, s, o, out);
+  if (G == 32) {
+    if (isa == 2) ROW_CALL(row_vnni256_g32);
+    else ROW_CALL(row_avx2_g32);
+  } else if (G == 64) {
+    if (isa == 2) ROW_CALL(row_vnni256);
+    else ROW_CALL(row_avx2);  // (AVX-512BW without VNNI below G = 128: the AVX2 step)
   } else if (isa == 2) {
-    row256_vnni<NR, MB>(a, m0, K_pad, G, w, ldw, s, o, out);
+    ROW_CALL(row512_vnni);
+  } else if (isa == 1) {
+    ROW_CALL(row512_bw);
   } else {
-    row256_avx2<NR, MB>(a, m0, K_pad, G, w, ldw, s, o, out);  // (AVX-512BW without VNNI at G = 32: the AVX2 step)
+    ROW_CALL(row_avx2);
   }
 }
+#undef ROW_CALL
 
-template <int NR>
+// NR weight rows against every activation row, MBMAX at a time.
+template <int NR, int MBMAX>
 inline void all_rows(int isa, const Acts& a, int64_t M, int64_t K_pad, int64_t G, const uint8_t* w, int64_t ldw,
                      const float* s, const float* o, float* out) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) rows<NR, 4>(isa, a, m, K_pad, G, w, ldw, s, o, out + m * NR);
+  for (; m + MBMAX <= M; m += MBMAX) rows<NR, MBMAX>(isa, a, m, M, K_pad, G, w, ldw, s, o, out);
   const int rest = static_cast<int>(M - m);
-  if (rest == 3) rows<NR, 3>(isa, a, m, K_pad, G, w, ldw, s, o, out + m * NR);
-  if (rest == 2) rows<NR, 2>(isa, a, m, K_pad, G, w, ldw, s, o, out + m * NR);
-  if (rest == 1) rows<NR, 1>(isa, a, m, K_pad, G, w, ldw, s, o, out + m * NR);
+  if (MBMAX > 3 && rest == 3) rows<NR, (MBMAX > 3 ? 3 : 1)>(isa, a, m, M, K_pad, G, w, ldw, s, o, out);
+  if (MBMAX > 2 && rest == 2) rows<NR, (MBMAX > 2 ? 2 : 1)>(isa, a, m, M, K_pad, G, w, ldw, s, o, out);
+  if (rest == 1) rows<NR, 1>(isa, a, m, M, K_pad, G, w, ldw, s, o, out);
+}
+
+// The rows of one step (nr of them, at most NR) against every activation row.
+template <int NR, int MBMAX>
+inline void step_rows(int64_t nr, int isa, const Acts& a, int64_t M, int64_t K_pad, int64_t G, const uint8_t* w,
+                      int64_t ldw, const float* s, const float* o, float* out) {
+  switch (nr) {
+    case 4: all_rows<(NR > 3 ? 4 : 1), MBMAX>(isa, a, M, K_pad, G, w, ldw, s, o, out); break;
+    case 3: all_rows<(NR > 3 ? 3 : 1), MBMAX>(isa, a, M, K_pad, G, w, ldw, s, o, out); break;
+    case 2: all_rows<2, MBMAX>(isa, a, M, K_pad, G, w, ldw, s, o, out); break;
+    default: all_rows<1, MBMAX>(isa, a, M, K_pad, G, w, ldw, s, o, out); break;
+  }
 }
 
 }  // namespace
@@ -237,42 +258,34 @@ extern "C" int points_int4_gemv(const void* x, int xdtype, const uint8_t* w, con
   if (M <= 0 || N <= 0 || K <= 0) return 0;
   const int64_t K_pad = (K + G - 1) / G * G, groups = K_pad / G;
   Acts a;
-  prepare(x, xdtype, M, K, K_pad, G, a);
-  // Weight rows `step` at a time, each step's rows by one thread: four with 512-bit vectors (32 registers:
-  // measured 1.03x at one activation row, 1.10x at 4 and 8), two on AVX2 (16 registers: four spilled, 0.92x at
-  // 4 rows). Below about 64 KiB of weights the fork/join costs more than it saves.
-  const int step = isa >= 1 && G >= 2 * kBlock ? 4 : 2;
+  prepare(x, xdtype, M, K, K_pad, G, chunk_inputs(isa, G), a);
+  // Weight rows `step` at a time, each step's rows by one thread. Registers decide: each product of a weight
+  // row and an activation row holds an int32 sum and a float32 one, so with AVX-512's 32 registers four weight
+  // rows by two activation rows, or two by four; with AVX2's 16, two by two.
+  const bool wide = isa >= 1, four = wide && M <= 2;
+  const int step = four ? 4 : 2;
   const int64_t steps = (N + step - 1) / step;
 #pragma omp parallel if (N * K_pad / 2 >= (int64_t{1} << 16))
   {
-    std::vector<float> so(2 * step * groups), sums(step * (M + 3));  // (the step's scales, offsets, sums)
+    std::vector<float> so(2 * step * groups), sums(step * M);  // (the step's scales, offsets, sums [r][m])
     float* s = so.data();
     float* o = so.data() + step * groups;
 #pragma omp for schedule(static)
     for (int64_t p = 0; p < steps; p++) {
       const int64_t n = p * step, nr = N - n < step ? N - n : step;
-      for (int64_t r = 0; r < nr; r++) {
-        widen(scale, (n + r) * groups, groups, sdtype, s + r * groups);
-        if (offset) {
-          widen(offset, (n + r) * groups, groups, sdtype, o + r * groups);
-        } else {
-          for (int64_t g = 0; g < groups; g++) o[r * groups + g] = -8.0f * s[r * groups + g];
-        }
+      widen(scale, n * groups, nr * groups, sdtype, s);  // (the step's rows are consecutive)
+      if (offset) {
+        widen(offset, n * groups, nr * groups, sdtype, o);
+      } else {
+        for (int64_t i = 0; i < nr * groups; i++) o[i] = -8.0f * s[i];
       }
       const uint8_t* wn = w + n * (K_pad / 2);
-      // sums: for each block of up to four activation rows from m, [r][m - m0] at (m0 * NR) + r * MB + (m - m0)
-      switch (nr) {
-        case 4: all_rows<4>(isa, a, M, K_pad, G, wn, K_pad / 2, s, o, sums.data()); break;
-        case 3: all_rows<3>(isa, a, M, K_pad, G, wn, K_pad / 2, s, o, sums.data()); break;
-        case 2: all_rows<2>(isa, a, M, K_pad, G, wn, K_pad / 2, s, o, sums.data()); break;
-        default: all_rows<1>(isa, a, M, K_pad, G, wn, K_pad / 2, s, o, sums.data()); break;
-      }
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t mb = M - m0 < 4 ? M - m0 : 4;
-        for (int64_t r = 0; r < nr; r++) {
-          const float b = bias ? to_float(bias, n + r, sdtype) : 0.0f;
-          for (int64_t i = 0; i < mb; i++) store(y, (m0 + i) * N + n + r, sums[m0 * nr + r * mb + i] + b, ydtype);
-        }
+      if (four) step_rows<4, 2>(nr, isa, a, M, K_pad, G, wn, K_pad / 2, s, o, sums.data());
+      else if (wide) step_rows<2, 4>(nr, isa, a, M, K_pad, G, wn, K_pad / 2, s, o, sums.data());
+      else step_rows<2, 2>(nr, isa, a, M, K_pad, G, wn, K_pad / 2, s, o, sums.data());
+      for (int64_t r = 0; r < nr; r++) {
+        const float b = bias ? to_float(bias, n + r, sdtype) : 0.0f;
+        for (int64_t m = 0; m < M; m++) store(y, m * N + n + r, sums[r * M + m] + b, ydtype);
       }
     }
   }
