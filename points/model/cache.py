@@ -32,6 +32,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.rows = torch.arange(batch_size, device=device)[:, None]  # [B, 1] for row-wise writes
+        self.layers = torch.arange(n_layers, device=device)[:, None, None]  # [n_layers, 1, 1]: see store
         self.span = 0
         self.max_len = max_len
         self.block = block  # attention reads whole blocks of slots: fewer distinct shapes for compiled steps
@@ -61,6 +62,7 @@ class KVCache:
         v = object.__new__(KVCache)
         v.k, v.v, v.pos = self.k[:, start:stop], self.v[:, start:stop], self.pos[start:stop]
         v.rows, v.span, v.max_len, v.block = self.rows[:stop - start], self.span, self.max_len, self.block
+        v.layers = self.layers
         return v
 
     def pack(self, segments: list[tuple[int, int, int]]) -> AttentionMeta:
@@ -89,8 +91,12 @@ class KVCache:
         """Store a forward's new k/v [B, T, Hkv, D] at meta.positions [B, T] of layer `layer` (row b of the
         batch in row b of the cache, or a packed sequence's tokens in their segments' rows)."""
         rows = self.rows if meta.write_rows is None else meta.write_rows
-        self.k[layer][rows, :, meta.positions] = k
-        self.v[layer][rows, :, meta.positions] = v
+        # one index_put_ on the whole buffer (the layer an index too, not a view taken first): under
+        # torch.compile that is written in place, where a write into a view of the buffer was functionalised
+        # into a copy of the layer's whole cache, and back, every step
+        at = (self.layers[layer], rows, slice(None), meta.positions)
+        self.k[at] = k
+        self.v[at] = v
 
     def keys(self, layer: int, kv_len: int, row: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer `layer`'s K, V over the first kv_len slots, [B, Hkv, kv_len, D] views (one row's: [1, ...])."""
