@@ -69,14 +69,8 @@ def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, which
     return y.view(*x.shape[:-1], n)
 
 
-@torch.library.custom_op("points::float_gemv", mutates_args=())
-def _float_gemv_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, which: str) -> torch.Tensor:
-    return _run(x, weight, bias, which)
-
-
-@_float_gemv_op.register_fake
-def _(x, weight, bias, which):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+cpu_build.cpu_op("float_gemv", "(Tensor x, Tensor weight, Tensor? bias, str which) -> Tensor", _run,
+                  lambda x, weight, bias, which: x.new_empty(*x.shape[:-1], weight.shape[0]))
 
 
 def float_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

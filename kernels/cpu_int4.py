@@ -13,7 +13,7 @@ group, float32 across groups.
 Optional, as `cpu_int8` (the same build: `cpu_build`). The instruction set follows the CPU's flags, a rule
 and not a timing (no busy moment can spoil it): AVX-512 VNNI (vpdpbusd) where the CPU has it, AVX-512BW
 where it has that, AVX2 elsewhere (`isa()`; `POINTS_INT4_ISA=avx2|avx512|avx512_vnni` forces a lower one,
-for tests and benchmarks; tools/bench_int4.py times each). Registered as the custom op `points::int4_gemv`,
+for tests and benchmarks; tools/bench_int8.py times each). Registered as the custom op `points::int4_gemv`,
 one opaque call in a compiled step.
 """
 
@@ -93,15 +93,9 @@ def _run(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: tor
     return y.view(*x.shape[:-1], n)
 
 
-@torch.library.custom_op("points::int4_gemv", mutates_args=())
-def _int4_gemv_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
-                  bias: torch.Tensor | None, group_size: int, which: str) -> torch.Tensor:
-    return _run(x, packed, scale, offset, bias, group_size, which)
-
-
-@_int4_gemv_op.register_fake
-def _(x, packed, scale, offset, bias, group_size, which):
-    return x.new_empty(*x.shape[:-1], packed.shape[0])
+cpu_build.cpu_op("int4_gemv", "(Tensor x, Tensor packed, Tensor scale, Tensor? offset, Tensor? bias, int group_size, "
+                  "str which) -> Tensor", _run,
+                  lambda x, packed, scale, offset, bias, group_size, which: x.new_empty(*x.shape[:-1], packed.shape[0]))
 
 
 def check_int4_args(name: str, x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
