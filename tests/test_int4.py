@@ -226,3 +226,20 @@ def test_auto_kernel_rule(monkeypatch):
         "triton", "triton", "dequantize"]
     monkeypatch.setattr(qz, "HAS_TRITON", False)
     assert qz.int4_kernel("cuda", 1) == "dequantize"
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_few_rows_that_need_a_gradient_take_a_differentiable_product(scheme):
+    """QLoRA trains adapters through frozen quantized products: a few rows (where "auto" would take a kernel
+    without a backward) still carry x's gradient, equal to the dequantized weight's."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 24)
+    q = ({"scheme": "int4", "lm_head": False, "group_size": 32, "symmetric": False} if scheme == "int4" else
+         {"scheme": "int8", "lm_head": False})
+    layer = qz.quantized_layer(q, linear, "auto")
+    x = torch.randn(3, 64, requires_grad=True)
+    layer(x).square().sum().backward()
+    w = layer.dequantized().float()
+    x2 = x.detach().clone().requires_grad_()
+    torch.nn.functional.linear(x2, w, linear.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)

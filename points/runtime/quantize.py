@@ -9,7 +9,8 @@ itself is the linear plan's (points.runtime.linears: a quantization is one of th
 Scheme "int4" (points.io.quantized): each quantized `nn.Linear` becomes an `Int4Linear` (state `weight`, the
 uint8 codes two a byte, `scale` and `offset` per group, `bias`); its product (`int4_linear`) is, for up to
 INT4_GEMV_ROWS rows on a CPU, this project's kernel `points.kernels.cpu_int4` (the activations rounded to int8
-per 32 inputs, as llama.cpp's q4_0 product does: tools/quantization_quality.py measures what that costs), and
+per weight group, as llama.cpp's q4 x q8 products do per block: tools/quantization_quality.py measures what that
+costs), and
 otherwise the weight dequantized to the activations' dtype and PyTorch's product.
 
 Scheme "int8" (points.io.quantized: what is stored, and which projections): one scale per output channel,
@@ -40,7 +41,10 @@ docs/benchmarks.md has the figures):
   compiled dequantize-multiply) of the bf16 products, so until a run says otherwise int8 on CUDA warns once
   that bfloat16 may be faster (`cuda_notice`);
 - CUDA, more rows or without Triton: the dequantize-multiply written out, which inductor fuses into the
-  product under torch.compile; in eager it materialises W (the portable fallback, slow).
+  product under torch.compile; in eager it materialises W (the portable fallback, slow);
+- anywhere, when the input needs a gradient (LoRA on a quantized base: the codes frozen, gradients flowing
+  through them to earlier layers' adapters): the dequantize-multiply, whose backward PyTorch has; the kernels
+  have none. The same holds for int4.
 """
 
 from __future__ import annotations
@@ -94,7 +98,15 @@ def many_rows_kernel(dtype: torch.dtype) -> str:
     return _MANY_ROWS[dtype]
 
 
+def _needs_grad(x: torch.Tensor) -> bool:
+    """Whether a product of x must carry a gradient to x (QLoRA: the base frozen, its input not): the kernels
+    (CPU through ctypes, Triton's custom ops) have no backward, so "auto" then takes the dequantized product."""
+    return torch.is_grad_enabled() and x.requires_grad
+
+
 def _auto_kernel(x: torch.Tensor) -> str:
+    if _needs_grad(x):
+        return "dequantize"
     return choose_kernel(x.device.type, x.numel() // x.shape[-1], x.dtype, x.shape[-1])
 
 
@@ -161,7 +173,10 @@ def cuda_notice(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------- int4
 
 INT4_KERNELS = ("auto", "gemv", "dequantize", "triton")  # auto: the rule of int4_linear; the others force one
-INT4_GEMV_ROWS = 16  # up to this many rows the CPU kernel (tools/bench_int4.py: past them a float product wins)
+# Up to this many rows the CPU kernel, past them blocks of dequantized rows (tools/bench_int8.py --rows 16 32 64,
+# small preset, bf16, Xeon with AMX: the kernel 1.67x the blocks at 16 rows, 1.08x at 32, 0.66x at 64; where bf16
+# products are not native the blocks compute in float32 and the kernel's lead only grows).
+INT4_GEMV_ROWS = 32
 
 
 def int4_kernel(device_type: str, rows: int) -> str:
@@ -174,14 +189,16 @@ def int4_kernel(device_type: str, rows: int) -> str:
 def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None,
                 bias: torch.Tensor | None, group_size: int, kernel: str = "auto") -> torch.Tensor:
     """x [..., in] @ W^T + bias -> [..., out] in x's dtype, W the int4 weight of points.io.quantized (weight:
-    the packed codes). kernel "gemv": points.kernels.cpu_int4 (activations rounded to int8 per 32 inputs);
+    the packed codes). kernel "gemv": points.kernels.cpu_int4 (activations rounded to int8 per weight group);
     "triton": points.kernels.triton_int4 (W dequantized in registers to x's dtype, float32 sums);
     "dequantize": W in float, then PyTorch's product: on the CPU a block of rows at a time in the dtype
     points.runtime.cpu_blocks measured faster (x's, or float32), elsewhere W whole in x's dtype (what inductor
     fuses under torch.compile); "auto": gemv for up to INT4_GEMV_ROWS rows on a CPU where it is built, triton
-    for up to TRITON_ROWS rows on CUDA where Triton is installed, else dequantize."""
+    for up to TRITON_ROWS rows on CUDA where Triton is installed, else (and whenever x needs a gradient)
+    dequantize."""
     if kernel == "auto":
-        kernel = int4_kernel(x.device.type, x.numel() // x.shape[-1] if x.shape[-1] else 0)
+        kernel = ("dequantize" if _needs_grad(x) else
+                  int4_kernel(x.device.type, x.numel() // x.shape[-1] if x.shape[-1] else 0))
     if kernel == "gemv":
         return cpu_int4.planned(x, weight, scale, offset, bias, group_size, cpu_int4.isa())
     if kernel == "triton":
