@@ -68,27 +68,44 @@ struct Acts {
   std::vector<float> gsum;   // [M, groups]: xs * sum(xq) over the group
 };
 
+// (AVX2, eight inputs at a time: the exact division and the round-half-to-even of the scalar definition)
 void prepare(const void* x, int xdtype, int64_t M, int64_t K, int64_t K_pad, int64_t G, int64_t C, Acts& a) {
   a.groups = K_pad / G;
   a.q.assign(M * K_pad, 0);
   a.scale.assign(M * a.groups, 0.0f);
   a.gsum.assign(M * a.groups, 0.0f);
   std::vector<float> v(G);
+  std::vector<int32_t> c(G);
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   for (int64_t m = 0; m < M; m++) {
     for (int64_t g = 0; g < a.groups; g++) {
       const int64_t k0 = g * G, real = K - k0 < G ? K - k0 : G;
       widen(x, m * K + k0, real, xdtype, v.data());
-      float amax = 0.0f;
-      for (int64_t i = 0; i < real; i++) amax = fmaxf(amax, fabsf(v[i]));
-      const float xs = amax / 127.0f;
-      int8_t* q = a.q.data() + m * K_pad + k0;
-      int sum = 0;
-      for (int64_t i = 0; i < real; i++) {
-        const int c = xs > 0.0f ? static_cast<int>(nearbyintf(v[i] / xs)) : 0;  // (half to even: the default mode)
-        const int64_t j = i % C;
-        q[i - j + (j & 1) * (C / 2) + j / 2] = static_cast<int8_t>(c);
-        sum += c;
+      for (int64_t i = real; i < G; i++) v[i] = 0.0f;
+      __m256 top = _mm256_setzero_ps();
+      for (int64_t i = 0; i < G; i += 8) top = _mm256_max_ps(top, _mm256_and_ps(_mm256_loadu_ps(v.data() + i), magnitude));
+      __m128 t = _mm_max_ps(_mm256_castps256_ps128(top), _mm256_extractf128_ps(top, 1));
+      t = _mm_max_ps(t, _mm_movehl_ps(t, t));
+      const float xs = _mm_cvtss_f32(_mm_max_ss(t, _mm_movehdup_ps(t))) / 127.0f;
+      __m256i sums = _mm256_setzero_si256();
+      const __m256 d = _mm256_set1_ps(xs > 0.0f ? xs : 1.0f);
+      for (int64_t i = 0; i < G; i += 8) {
+        const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(v.data() + i), d),
+                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256i ci = _mm256_cvtps_epi32(r);  // (0 everywhere when xs is 0: every v is)
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(c.data() + i), ci);
+        sums = _mm256_add_epi32(sums, ci);
       }
+      int8_t* q = a.q.data() + m * K_pad + k0;
+      for (int64_t b = 0; b < G; b += C)  // each chunk: its even inputs, then its odd ones
+        for (int64_t j = 0; j < C / 2; j++) {
+          q[b + j] = static_cast<int8_t>(c[b + 2 * j]);
+          q[b + C / 2 + j] = static_cast<int8_t>(c[b + 2 * j + 1]);
+        }
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sums);
+      int sum = 0;
+      for (int l = 0; l < 8; l++) sum += lanes[l];
       a.scale[m * a.groups + g] = xs;
       a.gsum[m * a.groups + g] = xs * static_cast<float>(sum);
     }
