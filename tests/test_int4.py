@@ -136,9 +136,11 @@ def test_scheduler_batch_equals_each_request_alone(e2e_dir):
 
 def test_lora_on_an_int4_base_trains_the_adapters_only(e2e_dir, tmp_path):
     """QLoRA: the base stays in its codes (frozen, untouched by a step), a fresh adapter changes nothing, the
-    adapters get gradients and move, save -> load onto a fresh int4 base gives the same outputs; folding into
-    the codes is refused."""
-    from points.runtime.lora import LoraConfig, add_lora, load_adapter, merge_lora, save_adapter
+    adapters get gradients and move, save -> load onto a fresh int4 base gives the same outputs, and the
+    adapter loads onto the float base too; folding into the codes is refused."""
+    from points.errors import CheckpointError
+    from points.runtime.lora import (LoraConfig, adapter_state, add_lora, base_identity, load_adapter, merge_lora,
+                                     save_adapter)
 
     pipe = points.load(e2e_dir, quantize="int4", quantize_group_size=32)
     model = pipe.model
@@ -162,11 +164,23 @@ def test_lora_on_an_int4_base_trains_the_adapters_only(e2e_dir, tmp_path):
     with torch.no_grad():
         after = model.decoder(tokens)
     assert not torch.equal(after, before)
-    save_adapter(model, tmp_path / "adapter")
+    config = (e2e_dir / "config.json").read_bytes()
+    save_adapter(model, tmp_path / "adapter", base=base_identity(model, config))
     fresh = points.load(e2e_dir, quantize="int4", quantize_group_size=32).model
-    load_adapter(fresh, tmp_path / "adapter")
+    load_adapter(fresh, tmp_path / "adapter", config)
     with torch.no_grad():
         assert torch.equal(fresh.decoder(tokens), after)
+    # onto the float base it was quantized from (and another quantization of it): the tensors a quantization
+    # leaves untouched are compared; one of those changed is refused
+    saved = adapter_state(model)
+    for other in (points.load(e2e_dir, adapter=tmp_path / "adapter"), points.load(e2e_dir, quantize="int8",
+                                                                                   adapter=tmp_path / "adapter")):
+        assert adapter_state(other.model).keys() == saved.keys()
+        assert all(torch.equal(adapter_state(other.model)[k], v) for k, v in saved.items())
+    changed = points.load(e2e_dir).model
+    changed.decoder.norm.weight.data[0] += 1.0
+    with pytest.raises(CheckpointError, match="its weights differ"):
+        load_adapter(changed, tmp_path / "adapter", config)
     with pytest.raises(ValueError, match="merge_lora: decoder.layers.0.attn.qkv is quantized .int4.; folding"):
         merge_lora(model)
 

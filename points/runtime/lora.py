@@ -226,17 +226,36 @@ def merge_lora(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------------------------- files
 
 def base_identity(model: nn.Module, config_json: bytes | None = None) -> dict:
-    """What an adapter records of the model it was trained on: config.json's sha256 (when given) and a
-    fingerprint of the base tensors (names, shapes and each one's first 64 values rounded to bfloat16, so
-    that the same checkpoint loaded in float32 or bfloat16 has one fingerprint)."""
-    h = hashlib.sha256()
-    for name, t in sorted(_base_tensors(model).items()):
-        h.update(f"{name}:{tuple(t.shape)};".encode())
-        h.update(t.detach().reshape(-1)[:64].to(torch.bfloat16).float().cpu().numpy().tobytes())
-    ident = {"tensors_sha256": h.hexdigest()}
+    """What an adapter records of the model it was trained on: config.json's sha256 (when given), the base's
+    weight-only quantization (`quantization`: points.io.quantized.describe's dict, None for float weights) and
+    two fingerprints of the base tensors (names, shapes and each one's first 64 values rounded to bfloat16, so
+    that the same checkpoint loaded in float32 or bfloat16 has one fingerprint): `tensors_sha256` of every
+    tensor as the model holds it, `untouched_sha256` of every tensor a quantization leaves as it was (the
+    decoder's projections by name and [out, in] only). `load_adapter` compares the first between bases of one
+    kind and the second between a float base and a quantized one (QLoRA's adapter onto the float model)."""
+    tensors = _base_tensors(model)
+    projections = _projection_shapes(model)
+    every, untouched = hashlib.sha256(), hashlib.sha256()
+    for name, t in sorted(tensors.items()):
+        every.update(f"{name}:{tuple(t.shape)};".encode())
+        every.update(_head(t))
+        module, _, leaf = name.rpartition(".")
+        if module in projections and leaf != "bias":
+            if leaf == "weight":  # (a quantized layer's scale and offset: the float layer has none)
+                untouched.update(f"{name}:{projections[module]};".encode())
+            continue
+        untouched.update(f"{name}:{tuple(t.shape)};".encode())
+        untouched.update(_head(t))
+    plan = getattr(getattr(model, "decoder", model), "linear_plan", None)
+    ident = {"tensors_sha256": every.hexdigest(), "untouched_sha256": untouched.hexdigest(),
+             "quantization": getattr(plan, "quantization", None)}
     if config_json is not None:
         ident["config_sha256"] = hashlib.sha256(config_json).hexdigest()
     return ident
+
+
+def _head(t: torch.Tensor) -> bytes:
+    return t.detach().reshape(-1)[:64].to(torch.bfloat16).float().cpu().numpy().tobytes()
 
 
 def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -245,6 +264,24 @@ def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if ".lora_" in name:
             continue
         out[name.replace(".base.", ".")] = t
+    return out
+
+
+def _projection_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """The decoder's projections that a quantization may turn into codes (points.io.quantized.quantized_modules,
+    lm_head included) by their state names, each with its [out, in]."""
+    from points.io.quantized import quantized_modules
+
+    decoder = getattr(model, "decoder", model)
+    if not hasattr(decoder, "layers"):
+        return {}
+    prefix = "decoder." if decoder is not model else ""
+    names = {prefix + m for m in quantized_modules(len(decoder.layers), lm_head=True)}
+    out = {}
+    for name, module in model.named_modules():
+        name = name.removesuffix(".base")
+        if name in names and hasattr(module, "out_features"):
+            out[name] = (module.out_features, module.in_features)
     return out
 
 
@@ -299,14 +336,17 @@ def read_adapter_config(directory: str | Path) -> AdapterFile:
 
 def load_adapter(model: nn.Module, directory: str | Path, config_json: bytes | None = None) -> list[str]:
     """Add the adapters of `directory` to `model` (a fresh base) with their saved values. Checked: the base's
-    identity where the adapter recorded it (config.json, the tensors' fingerprint), then every tensor's
+    identity where the adapter recorded it (config.json, the tensors' fingerprint: every tensor's between a
+    float base and a float one or between bases quantized alike, those a quantization leaves untouched between a
+    float base and a quantized one, `base_identity`), then every tensor's
     name and shape, none missing, none left over. Raises CheckpointError naming the file and what differs."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
     meta = read_adapter_config(directory)
     want, here = meta.base, base_identity(model, config_json)
-    for key in ("config_sha256", "tensors_sha256"):
+    across = "untouched_sha256" in want and want.get("quantization") != here["quantization"]
+    for key in ("config_sha256", "untouched_sha256" if across else "tensors_sha256"):
         if key in want and key in here and want[key] != here[key]:
             what = "config.json" if key == "config_sha256" else "weights"
             raise CheckpointError(f"{directory / CONFIG_FILE}: the adapter was trained on another base model (its "
