@@ -415,3 +415,28 @@ def test_qlora_on_an_int4_checkpoint(e2e_dir, tmp_path, capsys):
     assert tuned.model.decoder.layers[0].attn.qkv.base.weight.dtype == torch.uint8
     assert finetune.main(["--model", str(q4), "--data", str(data), "--output", str(tmp_path / "full"), "--full"]) == 2
     assert "int4-quantized; full fine-tuning needs the float checkpoint" in capsys.readouterr().err
+
+
+def test_qlora_from_the_float_checkpoint(e2e_dir, tmp_path, capsys):
+    """`points finetune --quantize int4` quantizes the float checkpoint's projections as it reads them and trains
+    LoRA on the frozen codes; the adapter loads onto the float checkpoint and onto its int4 copy alike. --full
+    with --quantize, and --group-size without it, are refused."""
+    from points.tooling import finetune
+
+    data = _write_data(tmp_path / "train.jsonl", 8)
+    run = _finetune_here("--model", e2e_dir, "--data", data, "--quantize", "int4", "--group-size", 32,
+                         "--lora-rank", 4, "--epochs", 2, "--batch-tokens", 64, "--lr", 6e-3, "--output", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    log = _log(tmp_path / "run")
+    assert log[-1]["loss"] < 0.9 * log[0]["loss"], [r["loss"] for r in log]
+    meta = json.loads((tmp_path / "run" / "adapter.json").read_text())
+    assert meta["base"]["quantization"] == {"scheme": "int4", "lm_head": False, "group_size": 32, "symmetric": False}
+    on_float = points.load(e2e_dir, adapter=tmp_path / "run")
+    on_int4 = points.load(e2e_dir, quantize="int4", quantize_group_size=32, adapter=tmp_path / "run")
+    assert on_float.model.decoder.layers[0].attn.qkv.base.weight.dtype == torch.float32
+    assert on_int4.model.decoder.layers[0].attn.qkv.base.weight.dtype == torch.uint8
+    for args, said in ((["--quantize", "int4", "--full"], "--quantize goes with LoRA"),
+                       (["--group-size", "32"], "--group-size needs --quantize int4")):
+        with pytest.raises(SystemExit) as e:
+            finetune.main(["--model", str(e2e_dir), "--data", str(data), "--output", str(tmp_path / "x"), *args])
+        assert e.value.code == 2 and said in capsys.readouterr().err

@@ -246,9 +246,8 @@ def base_identity(model: nn.Module, config_json: bytes | None = None) -> dict:
             continue
         untouched.update(f"{name}:{tuple(t.shape)};".encode())
         untouched.update(_head(t))
-    plan = getattr(getattr(model, "decoder", model), "linear_plan", None)
     ident = {"tensors_sha256": every.hexdigest(), "untouched_sha256": untouched.hexdigest(),
-             "quantization": getattr(plan, "quantization", None)}
+             "quantization": getattr(getattr(model, "decoder", model), "quantization", None)}
     if config_json is not None:
         ident["config_sha256"] = hashlib.sha256(config_json).hexdigest()
     return ident

@@ -1,6 +1,7 @@
 """`points finetune`: LoRA (default) or full fine-tuning on conversations; packed, resumable, torchrun-aware.
 
     points finetune --model DIR --data TRAIN.jsonl --output OUT                      # LoRA rank 8, q k v out up gate down
+    points finetune --model DIR --data TRAIN.jsonl --output OUT --quantize int4        # QLoRA: the base in int4
     points finetune --model DIR --data TRAIN.jsonl --output OUT --full --freeze vision,projector
     torchrun --nproc-per-node 2 -m points finetune ...                               # data parallel (gloo / nccl)
 
@@ -20,6 +21,11 @@ backward; a tied head, POINTS-Reader's, is its embedding's Parameter, so the two
 with --parallel ddp. Either way the gradients are summed, not averaged, so a step's loss is the same mean over all
 of its target tokens as on one process.
 
+With --quantize (int8 or int4, `--group-size`, `--symmetric`, `--quantize-lm-head` as for every command) the
+decoder's projections are quantized as they are read and stay frozen in their codes while the float adapters
+train (QLoRA); a checkpoint converted with `points convert --quantize` trains the same way without the flag.
+An adapter from a quantized base loads onto the float DIR as well (points.runtime.lora.load_adapter).
+
 OUT holds, at the end, the adapter (adapter.safetensors + adapter.json: `points.load(DIR, adapter=OUT)`,
 `points merge DIR OUT MERGED`) or, with --full, a whole checkpoint in the model's layout (`points.load(OUT)`;
 a tied decoder trains and writes one matrix for its embedding and head, as the official model does),
@@ -36,7 +42,7 @@ import argparse
 import math
 from pathlib import Path
 
-from points.tooling.options import add_progress_option, exit_code
+from points.tooling.options import add_progress_option, add_quantize_options, check_weight_options, exit_code
 
 PARTS = ("vision", "projector", "decoder")
 
@@ -76,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype: bfloat16 runs under autocast, trainable weights stay float32 (default: "
                         "%(default)s)")
+    add_quantize_options(p)  # (QLoRA from the float checkpoint: its projections quantized as read)
     add_progress_option(p)
     return p
 
@@ -115,6 +122,9 @@ def _check(p: argparse.ArgumentParser, args) -> None:
     if args.full and len(set(freeze)) == len(PARTS):
         p.error(f"--freeze {args.freeze}: every part frozen leaves nothing to train")
     args.freeze = tuple(freeze)
+    check_weight_options(p, args)
+    if args.quantize and args.full:
+        p.error("--quantize goes with LoRA (the codes stay frozen: QLoRA); --full trains the float weights")
     if args.parallel == "fsdp" and not args.full:
         p.error("--parallel fsdp goes with --full (LoRA's adapters are small: DDP, the default, replicates them)")
     if args.parallel is None:

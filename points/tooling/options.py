@@ -21,11 +21,16 @@ from points.io.quantized import INT4_GROUP, INT4_GROUPS, SCHEMES
 def add_weight_options(p: argparse.ArgumentParser, *, device: str | None = "cpu", dtype: str | None = None,
                        device_help: str = "") -> None:
     """--device (default `device`; None: no such option), --dtype (default `dtype`, None = the checkpoint's),
-    --quantize and --quantize-lm-head."""
+    and the quantize options (`add_quantize_options`)."""
     if device is not None:
         p.add_argument("--device", default=device, help=f"{device_help}(default: %(default)s)")
     p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=dtype,
                    help="default: %(default)s" if dtype else "default: the checkpoint's")
+    add_quantize_options(p)
+
+
+def add_quantize_options(p: argparse.ArgumentParser) -> None:
+    """--quantize, --quantize-lm-head, --group-size, --symmetric (checked by check_weight_options)."""
     p.add_argument("--quantize", choices=list(SCHEMES), default=None,
                    help="weight-only decoder projections: int8 (a scale per output channel) or int4 (a scale and "
                         "an offset per group of inputs); a checkpoint converted with --quantize is quantized already")

@@ -33,7 +33,10 @@ def _key(args, data_sha: str) -> dict:
     """What a resumed run must share with the one that wrote the checkpoint."""
     keep = ("lora_rank", "full", "lora_alpha", "lora_dropout", "lora_targets", "freeze", "epochs", "max_steps", "lr",
             "warmup", "weight_decay", "batch_tokens", "grad_accum", "seed", "dtype", "parallel")
-    return {"model": str(args.model.resolve()), "data_sha256": data_sha,
+    from points.tooling.options import quantize_record
+
+    quantize = quantize_record(args) if getattr(args, "quantize", None) else {}  # (a run before the flags: {})
+    return {"model": str(args.model.resolve()), "data_sha256": data_sha, **quantize,
             **{k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k in keep}}
 
 
@@ -164,7 +167,10 @@ def _setup_model(args, device):
     from points.runtime.lora import LoraConfig, add_lora
 
     load_dtype = torch.float32 if args.full else DTYPES[args.dtype]
-    pipe = points.load(args.model, device=device, dtype=load_dtype, progress=False, prefix_cache=False)
+    from points.tooling.options import quantize_options
+
+    pipe = points.load(args.model, device=device, dtype=load_dtype, progress=False, prefix_cache=False,
+                       **(quantize_options(args) if getattr(args, "quantize", None) else {}))
     model = pipe.model
     quantized = getattr(model.decoder, "quantization", None)
     if quantized and args.full:  # (LoRA trains on top of the codes: QLoRA)
