@@ -153,13 +153,18 @@ class Library:
 
 # The operators the CPU kernels register for torch.compile (points::float_gemv, int8_gemv, int4_gemv), kept
 # alive here. torch.library's plain registration rather than torch.library.custom_op: a call through it costs
-# about 3 us where a custom_op's costs 10 (its autograd and aliasing wrappers), ~0.7 ms of a compiled
-# small-preset decode step's 97 products.
-_OPS = torch.library.Library("points", "FRAGMENT")
+# about 3 us where a custom_op's costs 10 (its autograd and aliasing wrappers), ~1 ms of a compiled small-preset
+# decode step's 97 products. Defined once per process: a module reloaded (importlib.reload, a notebook's
+# autoreload) swaps the functions behind the registered ones instead of defining the operator again.
+_OPS = globals().get("_OPS") or torch.library.Library("points", "FRAGMENT")
+_IMPLS: dict[str, tuple[Callable, Callable]] = globals().get("_IMPLS") or {}
 
 
 def cpu_op(name: str, schema: str, impl: Callable, fake: Callable) -> None:
     """Define points::`name`(`schema`) with `impl` as its CPU kernel and `fake` its shape function (tracing)."""
-    _OPS.define(f"{name}{schema}")
-    _OPS.impl(name, impl, "CPU")
-    torch.library.register_fake(f"points::{name}", fake, lib=_OPS)
+    first = name not in _IMPLS
+    _IMPLS[name] = (impl, fake)
+    if first:
+        _OPS.define(f"{name}{schema}")
+        _OPS.impl(name, lambda *args: _IMPLS[name][0](*args), "CPU")
+        torch.library.register_fake(f"points::{name}", lambda *args: _IMPLS[name][1](*args), lib=_OPS)

@@ -90,8 +90,9 @@ void prepare(const void* x, int xdtype, int64_t M, int64_t K, int64_t K_pad, int
       __m256i sums = _mm256_setzero_si256();
       const __m256 d = _mm256_set1_ps(xs > 0.0f ? xs : 1.0f);
       for (int64_t i = 0; i < G; i += 8) {
-        const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(v.data() + i), d),
-                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(v.data() + i), d),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        r = _mm256_max_ps(_mm256_min_ps(r, _mm256_set1_ps(127.0f)), _mm256_set1_ps(-127.0f));  // (subnormal xs)
         const __m256i ci = _mm256_cvtps_epi32(r);  // (0 everywhere when xs is 0: every v is)
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(c.data() + i), ci);
         sums = _mm256_add_epi32(sums, ci);
@@ -277,9 +278,10 @@ extern "C" int points_int4_gemv(const void* x, int xdtype, const uint8_t* w, con
   Acts a;
   prepare(x, xdtype, M, K, K_pad, G, chunk_inputs(isa, G), a);
   // Weight rows `step` at a time, each step's rows by one thread. Registers decide: each product of a weight
-  // row and an activation row holds an int32 sum and a float32 one, so with AVX-512's 32 registers four weight
-  // rows by two activation rows, or two by four; with AVX2's 16, two by two.
-  const bool wide = isa >= 1, four = wide && M <= 2;
+  // row and an activation row holds an int32 sum and a float32 one, so with AVX-512's 32 registers (VNNI's
+  // bodies, and BW's at G = 128) four weight rows by two activation rows, or two by four; with AVX2's 16
+  // (AVX2, and BW's bodies below G = 128, which are AVX2's), two by two.
+  const bool wide = isa == 2 || (isa == 1 && G == 128), four = wide && M <= 2;  // (BW below 128: AVX2's body)
   const int step = four ? 4 : 2;
   const int64_t steps = (N + step - 1) / step;
 #pragma omp parallel if (N * K_pad / 2 >= (int64_t{1} << 16))

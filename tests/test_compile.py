@@ -115,29 +115,34 @@ def test_compiled_pipeline_chat_equals_eager(e2e_dir, pipe):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_compiled_cache_write_touches_its_slots_not_the_whole_cache():
-    """A one-token step's K/V write under inductor is an in-place scatter into the cache. Written into a view
-    of one layer first, it was functionalised into a copy of that layer's whole cache (a loop over
-    n_kv_heads * max_len * head_dim values) and back, every layer of every step: no loop of the generated
-    code may run over max_len slots."""
+@pytest.mark.parametrize("rows", [1, 2])
+def test_compiled_cache_write_touches_its_slots_not_the_whole_cache(rows):
+    """A step's K/V write under inductor is an in-place scatter into the cache. Written into a view of one layer
+    first, it was functionalised into a copy of that layer's whole cache (a loop over n_kv_heads * max_len *
+    head_dim values) and back, every layer of every step: no loop of the generated code may run over max_len
+    slots. One row from a fresh cache, and two rows of a three-row cache at their own lengths (`arrange`: the
+    scheduler's view of its first rows)."""
     import re
 
     from torch._inductor.utils import run_and_get_code
 
     from points.model.cache import KVCache
 
-    cache = KVCache(3, 1, 2, 8, 4096, dtype=torch.float32, device="cpu")
-    meta = cache.reserve(5)
-    k, v = torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8)
+    cache = KVCache(3, 3 if rows > 1 else 1, 2, 8, 4096, dtype=torch.float32, device="cpu")
+    view = cache.arrange([3, 5]) if rows > 1 else cache
+    meta = view.reserve(1 if rows > 1 else 5)
+    k, v = torch.randn(rows, meta.positions.shape[1], 2, 8), torch.randn(rows, meta.positions.shape[1], 2, 8)
 
     def step(k, v):
-        cache.store(1, meta, k, v)
-        return cache.keys(1, 16)[0].sum()
+        view.store(1, meta, k, v)
+        return view.keys(1, 16)[0].sum()
 
     torch._dynamo.reset()
     _, code = run_and_get_code(torch.compile(step, backend="inductor", fullgraph=True), k, v)
     bounds = [int(b) for b in re.findall(r"x\d+<static_cast<int64_t>\((\d+)L\)", "\n".join(code))]
     assert bounds and max(bounds) < 4096, bounds
-    torch.testing.assert_close(cache.k[1, 0, :, :5], k[0].transpose(0, 1), rtol=0, atol=0)
-    torch.testing.assert_close(cache.v[1, 0, :, :5], v[0].transpose(0, 1), rtol=0, atol=0)
-    assert not cache.k[0].any() and not cache.k[2].any()
+    for row, first in enumerate([3, 5] if rows > 1 else [0]):
+        n = k.shape[1]
+        torch.testing.assert_close(cache.k[1, row, :, first:first + n], k[row].transpose(0, 1), rtol=0, atol=0)
+        torch.testing.assert_close(cache.v[1, row, :, first:first + n], v[row].transpose(0, 1), rtol=0, atol=0)
+    assert not cache.k[0].any() and not cache.k[2].any() and not cache.k[1, rows:].any()

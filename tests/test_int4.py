@@ -242,18 +242,37 @@ def test_auto_kernel_rule(monkeypatch):
     assert qz.int4_kernel("cuda", 1) == "dequantize"
 
 
+@pytest.mark.parametrize("kernel", ["auto", pytest.param("gemv", marks=needs_kernel)])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
-def test_few_rows_that_need_a_gradient_take_a_differentiable_product(scheme):
+def test_few_rows_that_need_a_gradient_take_a_differentiable_product(scheme, kernel):
     """QLoRA trains adapters through frozen quantized products: a few rows (where "auto" would take a kernel
-    without a backward) still carry x's gradient, equal to the dequantized weight's."""
+    without a backward, or the kernel is forced) still carry x's gradient, equal to the dequantized weight's."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 24)
     q = ({"scheme": "int4", "lm_head": False, "group_size": 32, "symmetric": False} if scheme == "int4" else
          {"scheme": "int8", "lm_head": False})
-    layer = qz.quantized_layer(q, linear, "auto")
+    layer = qz.quantized_layer(q, linear, kernel)
     x = torch.randn(3, 64, requires_grad=True)
     layer(x).square().sum().backward()
     w = layer.dequantized().float()
     x2 = x.detach().clone().requires_grad_()
     torch.nn.functional.linear(x2, w, linear.bias.detach()).square().sum().backward()
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_the_operator_survives_a_reload():
+    """points::int4_gemv is defined once per process: reloading its modules (a notebook's autoreload) keeps it
+    callable instead of failing to define it again or dropping it."""
+    import gc
+    import importlib
+
+    from points.kernels import cpu_build
+
+    x, packed, scale, offset, b, _ = _case(2, 16, 128, 64, False, torch.float32, True)
+    want = cpu_int4.int4_gemv(x, packed, scale, offset, b, group_size=64)
+    importlib.reload(cpu_int4)  # (its operator defined again)
+    assert torch.equal(torch.ops.points.int4_gemv(x, packed, scale, offset, b, 64, cpu_int4.isa()), want)
+    importlib.reload(cpu_build)  # (the library holding the definitions replaced)
+    gc.collect()
+    assert torch.equal(torch.ops.points.int4_gemv(x, packed, scale, offset, b, 64, cpu_int4.isa()), want)

@@ -98,22 +98,23 @@ def many_rows_kernel(dtype: torch.dtype) -> str:
     return _MANY_ROWS[dtype]
 
 
-def _needs_grad(x: torch.Tensor) -> bool:
-    """Whether a product of x must carry a gradient to x (QLoRA: the base frozen, its input not): the kernels
-    (CPU through ctypes, Triton's custom ops) have no backward, so "auto" then takes the dequantized product."""
-    return torch.is_grad_enabled() and x.requires_grad
+def _needs_grad(x: torch.Tensor, *floats: torch.Tensor | None) -> bool:
+    """Whether a product must carry a gradient (QLoRA: the codes frozen, the input not; or a float part of the
+    layer set to train): the kernels (CPU through ctypes, Triton's custom ops) have no backward, so such a
+    product is the dequantized one, whatever kernel was asked."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in floats))
 
 
 def _auto_kernel(x: torch.Tensor) -> str:
-    if _needs_grad(x):
-        return "dequantize"
     return choose_kernel(x.device.type, x.numel() // x.shape[-1], x.dtype, x.shape[-1])
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                 kernel: str = "auto") -> torch.Tensor:
     """x [..., in] @ (weight * scale)^T + bias -> [..., out] in x's dtype, on `kernel` (one of KERNELS)."""
-    if kernel == "auto":
+    if _needs_grad(x, scale, bias):
+        kernel = "dequantize"
+    elif kernel == "auto":
         kernel = _auto_kernel(x)
     if kernel == "gemv":
         return cpu_int8.int8_gemv(x, weight, scale, bias)
@@ -174,8 +175,9 @@ def cuda_notice(device: torch.device) -> None:
 
 INT4_KERNELS = ("auto", "gemv", "dequantize", "triton")  # auto: the rule of int4_linear; the others force one
 # Up to this many rows the CPU kernel, past them blocks of dequantized rows (tools/bench_int8.py --rows 16 32 64,
-# small preset, bf16, Xeon with AMX: the kernel 1.67x the blocks at 16 rows, 1.08x at 32, 0.66x at 64; where bf16
-# products are not native the blocks compute in float32 and the kernel's lead only grows).
+# small preset, bf16, Xeon with AMX, the VNNI path it takes: the kernel 1.67x the blocks at 16 rows, 1.08x at 32,
+# 0.66x at 64). Not measured on CPUs whose bf16 products are not native: there the blocks compute in float32,
+# 3-6x slower than AMX's bf16 here, which should leave the AVX2 / AVX-512BW paths ahead at 32 rows as well.
 INT4_GEMV_ROWS = 32
 
 
@@ -194,11 +196,12 @@ def int4_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, offs
     "dequantize": W in float, then PyTorch's product: on the CPU a block of rows at a time in the dtype
     points.runtime.cpu_blocks measured faster (x's, or float32), elsewhere W whole in x's dtype (what inductor
     fuses under torch.compile); "auto": gemv for up to INT4_GEMV_ROWS rows on a CPU where it is built, triton
-    for up to TRITON_ROWS rows on CUDA where Triton is installed, else (and whenever x needs a gradient)
-    dequantize."""
-    if kernel == "auto":
-        kernel = ("dequantize" if _needs_grad(x) else
-                  int4_kernel(x.device.type, x.numel() // x.shape[-1] if x.shape[-1] else 0))
+    for up to TRITON_ROWS rows on CUDA where Triton is installed, else dequantize. A product that must carry a
+    gradient is the dequantized one whatever the kernel (the others have no backward)."""
+    if _needs_grad(x, scale, offset, bias):
+        kernel = "dequantize"
+    elif kernel == "auto":
+        kernel = int4_kernel(x.device.type, x.numel() // x.shape[-1] if x.shape[-1] else 0)
     if kernel == "gemv":
         return cpu_int4.planned(x, weight, scale, offset, bias, group_size, cpu_int4.isa())
     if kernel == "triton":
