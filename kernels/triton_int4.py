@@ -73,7 +73,7 @@ def _launch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: 
             bias: torch.Tensor | None, group_size: int, block_n: int | None = None, block_k: int | None = None,
             split_k: int | None = None) -> torch.Tensor:
     block_n = block_n or (128 if INTERPRETED else 64)
-    block_k = block_k or (128 if INTERPRETED else 128)
+    block_k = block_k or 128
     n, k = packed.shape[0], x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:

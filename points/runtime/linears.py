@@ -31,13 +31,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from points.io.quantized import describe, quantized_modules
+from points.io.quantized import describe
 from points.kernels import cpu_gemv
 from points.runtime.cpu_blocks import compute_dtype
 from points.runtime.cpu_linear import gemv_linear
 from points.runtime.layout import transposed_linear
 from points.runtime.lora import LoraLinear
-from points.runtime.quantize import Int4Linear, Int8Linear, cuda_notice, decide_kernels, quantized_layer
+from points.runtime.quantize import (Int4Linear, Int8Linear, cuda_notice, decide_kernels, projection_names,
+                                     quantized_layer)
+
 
 @dataclass(frozen=True)
 class LinearPlan:
@@ -49,11 +51,7 @@ class LinearPlan:
     def quantized_names(self, module: nn.Module) -> set[str]:
         """The names (inside `module`: a Decoder, or a model holding one as `decoder`) of the layers the
         quantization makes quantized."""
-        decoder = getattr(module, "decoder", module)
-        if not self.quantization or not hasattr(decoder, "layers"):
-            return set()
-        prefix = "decoder." if decoder is not module else ""
-        return {prefix + n for n in quantized_modules(len(decoder.layers), self.quantization["lm_head"])}
+        return set(projection_names(module, self.quantization["lm_head"])) if self.quantization else set()
 
     def kind(self, name: str, linear: nn.Module, quantized: set[str]) -> str:
         """What the layer `name` becomes (see the module's order)."""
@@ -91,7 +89,7 @@ class LinearPlan:
         quantized checkpoint's tensors are loaded into (points.loading)."""
         decide_kernels(self.quantization)
         for name in sorted(self.quantized_names(module)):
-            _set(module, name, quantized_layer(self.quantization, module.get_submodule(name), empty=True))
+            module.set_submodule(name, quantized_layer(self.quantization, module.get_submodule(name), empty=True))
         getattr(module, "decoder", module).quantization = self.quantization
         return module
 
@@ -109,11 +107,11 @@ class LinearPlan:
             kind = self.kind(name, layer, quantized)
             if kind in ("int8", "int4"):
                 if not isinstance(layer, (Int8Linear, Int4Linear)):
-                    _set(module, name, quantized_layer(self.quantization, layer, self.kernel))
+                    module.set_submodule(name, quantized_layer(self.quantization, layer, self.kernel))
             elif kind == "gemv" and type(layer) is nn.Linear:
-                _set(module, name, gemv_linear(layer))
+                module.set_submodule(name, gemv_linear(layer))
             elif kind == "transposed" and isinstance(layer, nn.Linear) and layer.weight.is_contiguous():
-                _set(module, name, transposed_linear(name, _plain(layer)))  # (a GemvLinear's kernel reads rows)
+                module.set_submodule(name, transposed_linear(name, _plain(layer)))  # (a GemvLinear's kernel reads rows)
         if quantized:
             decoder.quantization = self.quantization
         decoder.linear_plan = self
@@ -156,8 +154,3 @@ def _plain(linear: nn.Linear) -> nn.Linear:
     plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
     plain.weight, plain.bias = linear.weight, linear.bias
     return plain
-
-
-def _set(module: nn.Module, name: str, layer: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(module.get_submodule(parent) if parent else module, attr, layer)

@@ -162,11 +162,6 @@ def _sites(model: nn.Module, targets: tuple[str, ...]) -> list[tuple[str, list[t
     return sites
 
 
-def _set(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, module)
-
-
 def add_lora(model: nn.Module, cfg: LoraConfig, *, seed: int | None = None) -> list[str]:
     """Swap the projections `cfg.targets` name for LoraLinear layers (in place); every other parameter of
     `model` is frozen. Returns the adapted modules' names. seed: draws A from its own generator (else from
@@ -180,7 +175,8 @@ def add_lora(model: nn.Module, cfg: LoraConfig, *, seed: int | None = None) -> l
             torch.manual_seed(seed)
         for name, parts in _sites(model, cfg.targets):
             base = model.get_submodule(name)  # (a quantized one too: QLoRA, the base frozen in its codes)
-            _set(model, name, LoraLinear(base, parts or [(0, base.out_features)], cfg.rank, cfg.alpha, cfg.dropout))
+            model.set_submodule(name, LoraLinear(base, parts or [(0, base.out_features)], cfg.rank, cfg.alpha,
+                                                 cfg.dropout))
             names.append(name)
     model.lora = cfg
     return names
@@ -200,7 +196,7 @@ def remove_lora(model: nn.Module) -> int:
     """Put every base layer back unchanged, dropping the adapters (in place); returns how many."""
     layers = lora_layers(model)
     for name, layer in layers.items():
-        _set(model, name, layer.base)
+        model.set_submodule(name, layer.base)
     if hasattr(model, "lora"):
         del model.lora
     return len(layers)
@@ -217,7 +213,7 @@ def merge_lora(model: nn.Module) -> int:
     for name, layer in layers.items():
         base = layer.base
         base.weight = nn.Parameter(layer.merged_weight(), requires_grad=False)
-        _set(model, name, base)
+        model.set_submodule(name, base)
     if hasattr(model, "lora"):
         del model.lora
     return len(layers)
@@ -267,15 +263,11 @@ def _base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _projection_shapes(model: nn.Module) -> dict[str, tuple[int, int]]:
-    """The decoder's projections that a quantization may turn into codes (points.io.quantized.quantized_modules,
-    lm_head included) by their state names, each with its [out, in]."""
-    from points.io.quantized import quantized_modules
+    """The decoder's projections that a quantization may turn into codes (lm_head included) by their state
+    names, each with its [out, in]."""
+    from points.runtime.quantize import projection_names
 
-    decoder = getattr(model, "decoder", model)
-    if not hasattr(decoder, "layers"):
-        return {}
-    prefix = "decoder." if decoder is not model else ""
-    names = {prefix + m for m in quantized_modules(len(decoder.layers), lm_head=True)}
+    names = set(projection_names(model, lm_head=True))
     out = {}
     for name, module in model.named_modules():
         name = name.removesuffix(".base")

@@ -275,6 +275,16 @@ def quantized_layer(quantization: dict, linear: nn.Module, kernel: str = "auto",
     return out
 
 
+def projection_names(module: nn.Module, lm_head: bool) -> list[str]:
+    """The names inside `module` (a Decoder, or a model holding one as `decoder`) of the projections a scheme
+    quantizes (points.io.quantized.quantized_modules), in order; [] for a module without decoder layers."""
+    decoder = getattr(module, "decoder", module)
+    if not hasattr(decoder, "layers"):
+        return []
+    prefix = "decoder." if decoder is not module else ""
+    return [prefix + n for n in quantized_modules(len(decoder.layers), lm_head)]
+
+
 def quantized_linears(decoder, lm_head: bool = False) -> list[tuple[nn.Module, str]]:
     """(parent module, attribute) of every projection the scheme quantizes (points.io.quantized), in order."""
     out = []

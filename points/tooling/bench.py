@@ -36,8 +36,8 @@ from pathlib import Path
 
 from points.io.atomic import write_text_atomically
 from points.io.outputs import check_output, check_output_dir
-from points.model.family import size_names
 from points.io.quantized import describe_asked
+from points.model.family import size_names
 from points.tooling.options import add_weight_options, check_weight_options, exit_code
 
 
@@ -101,7 +101,8 @@ def _bench(args) -> int:
     if args.transposed and (device.type != "cpu" or dtype != torch.float32):
         raise ValueError("--transposed: the transposed layout is for float32 on the CPU")
     options = dict(compile_step=args.compile, profile=args.profile, transposed=args.transposed, attn=args.attn,
-                   quantize=describe_asked(args.quantize, args.quantize_lm_head, args.group_size, args.symmetric), compile_backend=args.compile_backend,
+                   quantize=describe_asked(args.quantize, args.quantize_lm_head, args.group_size, args.symmetric),
+                   compile_backend=args.compile_backend,
                    sizes=QUICK if args.quick else SIZES)
     if args.prefill is not None:
         options["sizes"] = dataclasses.replace(options["sizes"], prefill=tuple(args.prefill))
